@@ -1,0 +1,83 @@
+"""The DPFAH objective (method notes, Eq. 15): L = L1 + eta * L2 + zeta * L3."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["DPFAHLoss", "LossParts", "similarity"]
+
+
+class LossParts(NamedTuple):
+    total: torch.Tensor
+    l1: torch.Tensor  # pairwise likelihood
+    l2: torch.Tensor  # quantisation band (unweighted)
+    l3: torch.Tensor  # classification (unweighted)
+
+
+def similarity(labels_a: torch.Tensor, labels_b: torch.Tensor) -> torch.Tensor:
+    """s_ij = 1 when label vectors i and j share at least one label, else 0."""
+    return (labels_a.double() @ labels_b.double().T) > 0
+
+
+class DPFAHLoss(nn.Module):
+    """Pairwise likelihood + quantisation band + classification.
+
+    * L1: mean over pairs of softplus(theta_ij) - s_ij * theta_ij, theta_ij = <u_i, u_j> / 2.
+      Without a bank the pairs are the ordered pairs (i, j), i != j, of the batch. With a
+      bank (``bank_u``, ``bank_labels``: the latest u and labels of every training image,
+      DPSH style) the pairs are the batch against every bank entry; the bank is a constant
+      (no gradient flows into it) and holds the batch's own codes too, as in DPSH.
+    * L2: per sample, the sum over bits of ReLU(-delta - u) + ReLU(u - delta); mean over
+      samples.
+    * L3: per sample, the sigmoid cross-entropy of the logits against the label vector
+      summed over classes (Eq. 14); mean over samples. Multi-hot labels work.
+
+    Labels are 0/1 label vectors (N, classes); similar = share at least one label.
+    ``forward`` returns ``LossParts(total, l1, l2, l3)`` with total = l1 + eta l2 + zeta l3.
+    """
+
+    def __init__(self, eta: float = 10.0, zeta: float = 0.1, delta: float = 1.1) -> None:
+        super().__init__()
+        for name, value in (("eta", eta), ("zeta", zeta), ("delta", delta)):
+            if not value >= 0:
+                raise ValueError(f"{name} must be >= 0, got {value}")
+        self.eta, self.zeta, self.delta = float(eta), float(zeta), float(delta)
+
+    def pairwise(self, u, labels, bank_u=None, bank_labels=None) -> torch.Tensor:
+        if (bank_u is None) != (bank_labels is None):
+            raise ValueError("bank_u and bank_labels must be given together")
+        if bank_u is None:
+            n = u.shape[0]
+            if n < 2:
+                raise ValueError("the in-batch pairwise loss needs a batch of at least 2")
+            theta = 0.5 * (u @ u.T)
+            s = similarity(labels, labels).to(u.dtype)
+            off_diag = ~torch.eye(n, dtype=torch.bool, device=u.device)
+            return (F.softplus(theta) - s * theta)[off_diag].mean()
+        theta = 0.5 * (u @ bank_u.detach().to(u.dtype).T)
+        s = similarity(labels, bank_labels).to(u.dtype)
+        return (F.softplus(theta) - s * theta).mean()
+
+    def quantization(self, u: torch.Tensor) -> torch.Tensor:
+        return (F.relu(-self.delta - u) + F.relu(u - self.delta)).sum(dim=1).mean()
+
+    @staticmethod
+    def classification(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        ce = F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype), reduction="none")
+        return ce.sum(dim=1).mean()
+
+    def forward(self, u, logits, labels, bank_u=None, bank_labels=None) -> LossParts:
+        if u.dim() != 2 or logits.dim() != 2 or labels.dim() != 2:
+            raise ValueError("u, logits and labels must be 2-D (batch, ...)")
+        if not (u.shape[0] == logits.shape[0] == labels.shape[0]):
+            raise ValueError(f"batch sizes differ: u {u.shape[0]}, logits {logits.shape[0]}, labels {labels.shape[0]}")
+        if labels.shape[1] != logits.shape[1]:
+            raise ValueError(f"labels have {labels.shape[1]} classes but logits {logits.shape[1]}")
+        l1 = self.pairwise(u, labels, bank_u, bank_labels)
+        l2 = self.quantization(u)
+        l3 = self.classification(logits, labels)
+        return LossParts(l1 + self.eta * l2 + self.zeta * l3, l1, l2, l3)

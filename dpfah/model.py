@@ -1,0 +1,104 @@
+"""The DPFAH network: ResNet-18 trunk, PFA after the stem, hashing and classification heads."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import nn
+from torchvision.models import resnet18
+
+from .attention import ParameterFreeAttention
+from .codes import binarize
+
+__all__ = ["DPFAH", "load_backbone_state_dict"]
+
+FEATURE_DIM = 512
+
+
+def load_backbone_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Read a torchvision ResNet-18 state dict from a local file (never downloads).
+
+    The file is what ``torch.save(torchvision.models.resnet18(weights=...).state_dict(), path)``
+    writes. The ImageNet classifier (``fc.*``) is dropped: DPFAH has its own heads.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"backbone weights file not found: {path}")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise ValueError(f"{path}: expected a ResNet-18 state dict, got {type(state).__name__}")
+    return {k: v for k, v in state.items() if not k.startswith("fc.")}
+
+
+class DPFAH(nn.Module):
+    """Deep parameter-free attention hashing network.
+
+    ``forward(x)`` returns ``(u, logits)``: the real-valued hash layer output u (N, bits)
+    and the classification logits (N, num_classes). ``codes(x)`` gives sign(u) in {-1, +1}.
+
+    ``pfa=False`` gives the paper's plain ResNet-18 ablation. ``backbone_weights`` is a path
+    to a local torchvision ResNet-18 state dict; without it the trunk starts from scratch.
+    Any input size works whose stem output is at least 1x1 (224x224 and 32x32 included).
+    """
+
+    def __init__(
+        self,
+        bits: int,
+        num_classes: int,
+        pfa: bool = True,
+        lam: float = 1e-4,
+        backbone_weights: str | os.PathLike | None = None,
+        init_std: float = 0.01,
+    ) -> None:
+        super().__init__()
+        if bits < 1:
+            raise ValueError(f"bits must be >= 1, got {bits}")
+        if num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        self.bits = int(bits)
+        self.num_classes = int(num_classes)
+
+        trunk = resnet18(weights=None)
+        if backbone_weights is not None:
+            state = load_backbone_state_dict(backbone_weights)
+            missing, unexpected = trunk.load_state_dict(state, strict=False)
+            missing = [k for k in missing if not k.startswith("fc.")]
+            if missing or unexpected:
+                raise ValueError(
+                    f"{os.fspath(backbone_weights)} is not a ResNet-18 state dict: "
+                    f"missing {missing[:5]}, unexpected {list(unexpected)[:5]}"
+                )
+        self.stem = nn.Sequential(trunk.conv1, trunk.bn1, trunk.relu, trunk.maxpool)
+        self.attention = ParameterFreeAttention(lam) if pfa else None
+        self.layers = nn.Sequential(trunk.layer1, trunk.layer2, trunk.layer3, trunk.layer4)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+
+        # u = W^T phi(x) + v, W and v drawn from a Gaussian (paper, Eq. 16).
+        self.hash_head = nn.Linear(FEATURE_DIM, self.bits)
+        self.cls_head = nn.Linear(FEATURE_DIM, self.num_classes)
+        for head in (self.hash_head, self.cls_head):
+            nn.init.normal_(head.weight, std=init_std)
+            nn.init.normal_(head.bias, std=init_std)
+
+    @property
+    def uses_pfa(self) -> bool:
+        return self.attention is not None
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        f = self.stem(x)
+        if self.attention is not None:
+            f = f + self.attention(f)  # element-wise sum (paper, Fig. 1)
+        return torch.flatten(self.pool(self.layers(f)), 1)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        phi = self.features(x)
+        return self.hash_head(phi), self.cls_head(phi)
+
+    @torch.no_grad()
+    def codes(self, x: torch.Tensor) -> torch.Tensor:
+        """Binary codes sign(u) in {-1, +1} (sign(0) = +1), as float tensors."""
+        u, _ = self.forward(x)
+        return binarize(u)
