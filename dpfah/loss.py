@@ -70,6 +70,48 @@ class DPFAHLoss(nn.Module):
         ce = F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype), reduction="none")
         return ce.sum(dim=1).mean()
 
+    def sharded(
+        self,
+        u: torch.Tensor,
+        logits: torch.Tensor,
+        labels: torch.Tensor,
+        pair_u: torch.Tensor,
+        pair_labels: torch.Tensor,
+        *,
+        world_size: int,
+        offset: int | None,
+        num_pairs: int,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The objective for one data-parallel shard of a global batch.
+
+        ``u``, ``logits``, ``labels`` are this rank's rows; ``pair_u``/``pair_labels`` are the
+        columns: the whole global batch gathered from every rank (``offset`` = the global
+        position of this rank's first row, so self-pairs are skipped), or the memory bank
+        (``offset=None``). Columns are treated as constants. ``num_pairs`` is the number of
+        pairs in the whole global objective.
+
+        Returns ``(surrogate, pair_sum, l2, l3)``. ``surrogate`` is what to back-propagate: once
+        DDP averages gradients over ``world_size`` ranks, they equal the gradients of the
+        single-process objective on the global batch. For in-batch pairs the columns are
+        the same codes as the rows (theta is symmetric), so the constant-column gradient is
+        half the true one, hence the factor 2. ``pair_sum`` is this rank's sum of
+        softplus(theta) - s theta, to be summed over ranks and divided by ``num_pairs`` for
+        the reported L1; ``l2`` and ``l3`` are this rank's (detached) means.
+        """
+        theta = 0.5 * (u @ pair_u.detach().to(u.dtype).T)
+        s = similarity(labels, pair_labels).to(u.dtype)
+        terms = F.softplus(theta) - s * theta
+        factor = 1.0
+        if offset is not None:
+            rows = torch.arange(u.shape[0], device=u.device)
+            terms = terms.index_put((rows, rows + offset), torch.zeros((), dtype=terms.dtype, device=terms.device))
+            factor = 2.0
+        pair_sum = terms.sum()
+        l2 = self.quantization(u)
+        l3 = self.classification(logits, labels)
+        surrogate = world_size * factor * pair_sum / num_pairs + self.eta * l2 + self.zeta * l3
+        return surrogate, pair_sum.detach(), l2.detach(), l3.detach()
+
     def forward(self, u, logits, labels, bank_u=None, bank_labels=None) -> LossParts:
         if u.dim() != 2 or logits.dim() != 2 or labels.dim() != 2:
             raise ValueError("u, logits and labels must be 2-D (batch, ...)")

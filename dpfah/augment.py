@@ -1,0 +1,107 @@
+"""Decoding and augmentation on the device where the model runs.
+
+The hashing code zoos decode and resize every image with PIL in DataLoader workers, which
+caps a GPU at a few thousand images per second. Here the readers hand over the original
+encoded bytes; this module decodes them (nvJPEG on a GPU, libjpeg on the CPU), brings them
+to one size, and augments whole batches at once with one affine warp per batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torchvision.io import ImageReadMode, decode_image, decode_jpeg
+
+__all__ = ["decode_batch", "DeviceAugment", "IMAGENET_MEAN", "IMAGENET_STD"]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+_JPEG_MAGIC = b"\xff\xd8"
+
+
+def _as_byte_tensor(data) -> torch.Tensor:
+    if isinstance(data, torch.Tensor):
+        return data.reshape(-1).to(torch.uint8)
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8)
+
+
+def decode_batch(encoded: Sequence, size: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Decode encoded images (JPEG, PNG, ...) to a uint8 batch (N, 3, size, size) on ``device``.
+
+    Images of another size are resized (bilinear, antialiased) on the device; an image that
+    is already ``size`` x ``size`` is left untouched.
+    """
+    device = torch.device(device)
+    raw = [_as_byte_tensor(e) for e in encoded]
+    if device.type == "cuda" and all(bytes(r[:2].tolist()) == _JPEG_MAGIC for r in raw):
+        images = decode_jpeg(raw, mode=ImageReadMode.RGB, device=device)
+    else:
+        images = [decode_image(r, mode=ImageReadMode.RGB).to(device, non_blocking=True) for r in raw]
+    out = torch.empty((len(images), 3, size, size), dtype=torch.uint8, device=device)
+    for i, img in enumerate(images):
+        if img.shape[-2:] == (size, size):
+            out[i] = img
+        else:
+            resized = F.interpolate(img[None].float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+            out[i] = resized.round_().clamp_(0, 255).to(torch.uint8)[0]
+    return out
+
+
+class DeviceAugment:
+    """Batched training augmentation and normalisation of uint8 (N, 3, H, W) images.
+
+    Training: a random scaled crop (area fraction in ``scale``, aspect ratio kept) and a
+    horizontal flip, done as one ``affine_grid`` + ``grid_sample`` for the whole batch.
+    Evaluation: only the normalisation. The output is float (or ``dtype``), normalised with
+    the ImageNet statistics, in ``memory_format``.
+    """
+
+    def __init__(
+        self,
+        scale: tuple[float, float] = (0.5, 1.0),
+        flip: bool = True,
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
+    ) -> None:
+        lo, hi = scale
+        if not 0 < lo <= hi <= 1:
+            raise ValueError(f"scale must satisfy 0 < lo <= hi <= 1, got {scale}")
+        self.scale = (float(lo), float(hi))
+        self.flip = bool(flip)
+        self.mean = torch.tensor(mean).view(1, 3, 1, 1) * 255
+        self.std = torch.tensor(std).view(1, 3, 1, 1) * 255
+
+    def normalize(self, images: torch.Tensor, dtype=torch.float32, memory_format=torch.contiguous_format) -> torch.Tensor:
+        x = (images.float() - self.mean.to(images.device)) / self.std.to(images.device)
+        return x.to(dtype=dtype, memory_format=memory_format)
+
+    def __call__(
+        self,
+        images: torch.Tensor,
+        train: bool,
+        generator: torch.Generator | None = None,
+        dtype=torch.float32,
+        memory_format=torch.contiguous_format,
+    ) -> torch.Tensor:
+        if images.dim() != 4 or images.shape[1] != 3:
+            raise ValueError(f"expected uint8 images of shape (N, 3, H, W), got {tuple(images.shape)}")
+        x = self.normalize(images)
+        if train:
+            n = x.shape[0]
+            rand = torch.rand(n, 4, generator=generator, device="cpu" if generator is None else generator.device)
+            rand = rand.to(x.device)
+            lo, hi = self.scale
+            side = torch.sqrt(lo + (hi - lo) * rand[:, 0])  # crop side as a fraction of the image
+            tx = (1 - side) * (2 * rand[:, 1] - 1)  # crop centre, kept inside the image
+            ty = (1 - side) * (2 * rand[:, 2] - 1)
+            mirrored = (rand[:, 3] < 0.5) if self.flip else torch.zeros(n, dtype=torch.bool, device=x.device)
+            sx = side * torch.where(mirrored, -1.0, 1.0)
+            theta = torch.zeros(n, 2, 3, device=x.device)
+            theta[:, 0, 0], theta[:, 0, 2] = sx, tx
+            theta[:, 1, 1], theta[:, 1, 2] = side, ty
+            grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+            x = F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+        return x.to(dtype=dtype, memory_format=memory_format)
