@@ -1,0 +1,475 @@
+"""``params.yaml``, read once into typed, frozen config objects.
+
+Every stage gets its parameters the same way::
+
+    parser = argparse.ArgumentParser(...)
+    add_config_args(parser)                 # --params FILE, --set dotted.key=value
+    args = parser.parse_args(argv)
+    params = config_from_args(args)         # -> Params, or ConfigError naming the key
+
+``--set`` values are read as YAML scalars (``--set seed=3``, ``--set datasets.x.images=null``,
+``--set prepare.datasets=[cifar10,imagenet100]``); a key that is not a parameter is an error
+that names it, as is a value of the wrong type or out of range.
+
+Adding a stage's section is one frozen dataclass (fields with types and defaults; optional
+``metadata={"check": ...}`` per field and a ``validate()`` method raising :class:`Invalid`
+for rules across fields) plus one field in :class:`Params`, e.g.
+``train: TrainConfig = field(default_factory=TrainConfig)``. Unknown top-level sections
+and unknown keys inside a section are errors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import re
+import types
+import typing
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from .errors import ConfigError
+
+__all__ = [
+    "DEFAULT_PARAMS",
+    "CIFAR10_URL",
+    "CIFAR10_MD5",
+    "CIFAR10_PROTOCOLS",
+    "Invalid",
+    "DataConfig",
+    "PrepareConfig",
+    "Cifar10Dataset",
+    "ListsDataset",
+    "CustomDataset",
+    "DatasetConfig",
+    "TrainConfig",
+    "MlflowConfig",
+    "Params",
+    "load_params",
+    "parse_params",
+    "read_params_file",
+    "apply_overrides",
+    "add_config_args",
+    "config_from_args",
+]
+
+DEFAULT_PARAMS = "params.yaml"
+PROFILES_DIR = "profiles"
+CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"
+# name -> (query per class, train per class, database includes the training images)
+CIFAR10_PROTOCOLS = {"cifar10-59k": (100, 500, True), "cifar10-54k": (100, 500, False)}
+NAME_RE = re.compile(r"^[A-Za-z0-9_-]+$")
+
+
+class Invalid(Exception):
+    """Raised by a section's ``validate()``: ``key`` is relative to the section."""
+
+    def __init__(self, key: str, message: str):
+        super().__init__(key, message)
+        self.key = key
+        self.message = message
+
+
+# ----------------------------------------------------------------------------- field checks
+
+
+def at_least(low: int | float) -> Callable[[Any], str | None]:
+    return lambda v: None if v is None or v >= low else f"must be >= {low}, got {v!r}"
+
+
+def matches(pattern: str, what: str) -> Callable[[Any], str | None]:
+    rx = re.compile(pattern)
+    return lambda v: None if v is None or rx.match(v) else f"{v!r} is not {what}"
+
+
+def _check(fn: Callable[[Any], str | None], **extra: Any) -> dict[str, Any]:
+    return {"check": fn, **extra}
+
+
+# ----------------------------------------------------------------------------- sections
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    root: str = field(default="data", metadata=_check(matches(r".+", "a path")))
+
+
+@dataclass(frozen=True)
+class PrepareConfig:
+    # The datasets `dvc repro` prepares (dvc.yaml's foreach reads this list).
+    datasets: tuple[str, ...] = ("cifar10",)
+
+
+OnBadImage = Literal["skip", "fail"]
+
+
+@dataclass(frozen=True)
+class _DatasetBase:
+    kind: str = ""
+    validation: int = field(default=0, metadata=_check(at_least(0)))
+    shard_size: int = field(default=1000, metadata=_check(at_least(1)))
+    on_bad_image: OnBadImage = "fail"
+
+
+@dataclass(frozen=True)
+class Cifar10Dataset(_DatasetBase):
+    """CIFAR-10 from the official python archive (URL or file) or an image folder/.tar.gz."""
+
+    kind: Literal["cifar10"] = "cifar10"
+    source: str = field(default=CIFAR10_URL, metadata=_check(matches(r".+", "a path or URL")))
+    md5: str | None = field(default=CIFAR10_MD5, metadata=_check(matches(r"^[0-9a-f]{32}$", "an md5 (32 hex digits)")))
+    protocol: Literal["cifar10-59k", "cifar10-54k"] = field(default="cifar10-59k", metadata={"noun": "protocol"})
+    validation: int = field(default=500, metadata=_check(at_least(0)))
+    shard_size: int = field(default=5000, metadata=_check(at_least(1)))
+
+
+@dataclass(frozen=True)
+class ListsDataset(_DatasetBase):
+    """Fixed split lists (`<path> <0/1 vector>` per line, plain or .gz) over an image root."""
+
+    kind: Literal["lists"] = "lists"
+    protocol: str = field(default="lists", metadata=_check(matches(r".+", "a name")))
+    images: str | None = None
+    num_classes: int | None = field(default=None, metadata=_check(at_least(1)))
+    class_names: tuple[str, ...] | None = None
+    train_list: str | None = None
+    query_list: str | None = None
+    database_list: str | None = None
+    all_list: str | None = None
+
+    def validate(self) -> None:
+        if self.num_classes is None:
+            raise Invalid("num_classes", "missing (the length of the label vectors)")
+        if self.class_names is not None and len(self.class_names) != self.num_classes:
+            raise Invalid("class_names", f"{len(self.class_names)} names for num_classes {self.num_classes}")
+        if self.database_list is not None and self.all_list is not None:
+            raise Invalid("all_list", "give database_list or all_list, not both")
+
+
+@dataclass(frozen=True)
+class CustomDataset(_DatasetBase):
+    """A user's labelled images; splits drawn per class: one folder per class, or a list file."""
+
+    kind: Literal["custom"] = "custom"
+    protocol: str = field(default="custom", metadata=_check(matches(r".+", "a name")))
+    images: str | None = None
+    labels_list: str | None = None
+    num_classes: int | None = field(default=None, metadata=_check(at_least(1)))
+    class_names: tuple[str, ...] | None = None
+    query_per_class: int = field(default=100, metadata=_check(at_least(1)))
+    train_per_class: int = field(default=500, metadata=_check(at_least(1)))
+    database_includes_train: bool = True
+
+    def validate(self) -> None:
+        if self.labels_list is None:
+            for key in ("num_classes", "class_names"):
+                if getattr(self, key) is not None:
+                    raise Invalid(key, "only with labels_list (otherwise the class folders name the classes)")
+            return
+        if self.num_classes is None:
+            raise Invalid("num_classes", "missing (the length of the label vectors in labels_list)")
+        if self.class_names is not None and len(self.class_names) != self.num_classes:
+            raise Invalid("class_names", f"{len(self.class_names)} names for num_classes {self.num_classes}")
+
+
+DatasetConfig = Cifar10Dataset | ListsDataset | CustomDataset
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The `train` stage. Defaults: the CPU profile (small images, few epochs, one worker)."""
+
+    bits: tuple[int, ...] = field(default=(64,), metadata=_check(lambda v: None if v and all(b >= 1 for b in v) else "must list code lengths >= 1"))
+    epochs: int = field(default=8, metadata=_check(at_least(1)))
+    batch_size: int = field(default=64, metadata=_check(at_least(2)))  # global, over all workers
+    image_size: int = field(default=32, metadata=_check(at_least(8)))
+    optimizer: Literal["rmsprop", "adamw", "sgd"] = field(default="adamw", metadata={"noun": "optimizer"})
+    lr: float = field(default=1e-3, metadata=_check(lambda v: None if v > 0 else f"must be > 0, got {v!r}"))
+    weight_decay: float = field(default=1e-5, metadata=_check(at_least(0)))
+    momentum: float = field(default=0.9, metadata=_check(at_least(0)))
+    schedule: Literal["constant", "cosine", "onecycle"] = field(default="onecycle", metadata={"noun": "schedule"})
+    eta: float = field(default=10.0, metadata=_check(at_least(0)))
+    zeta: float = field(default=0.1, metadata=_check(at_least(0)))
+    delta: float = field(default=1.1, metadata=_check(at_least(0)))
+    pairs: Literal["batch", "bank"] = field(default="batch", metadata={"noun": "pair set"})
+    pfa: bool = True
+    lam: float = field(default=1e-4, metadata=_check(lambda v: None if v > 0 else f"must be > 0, got {v!r}"))
+    backbone_weights: str | None = None
+    freeze_bn: bool = False
+    sync_bn: bool = True
+    precision: Literal["auto", "fp32", "bf16"] = field(default="auto", metadata={"noun": "precision"})
+    crop_scale: tuple[float, ...] = (0.5, 1.0)
+    num_workers: int = field(default=1, metadata=_check(at_least(1)))
+    use_gpu: bool = False
+    loader_workers: int = field(default=1, metadata=_check(at_least(0)))
+    eval_batch_size: int = field(default=256, metadata=_check(at_least(1)))
+    max_failures: int = field(default=2, metadata=_check(at_least(0)))
+    collective_timeout_s: int = field(default=600, metadata=_check(at_least(10)))
+    storage_path: str = "ray_results"
+    fail_at_epoch: int | None = None  # fault injection for tests: the last rank dies once after this epoch
+
+    def validate(self) -> None:
+        if len(self.crop_scale) != 2 or not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
+            raise Invalid("crop_scale", f"must be [lo, hi] with 0 < lo <= hi <= 1, got {list(self.crop_scale)}")
+        if self.batch_size % self.num_workers:
+            raise Invalid("batch_size", f"{self.batch_size} is not divisible by num_workers {self.num_workers}")
+
+
+@dataclass(frozen=True)
+class MlflowConfig:
+    # Default: an SQLite file in the repository. MLFLOW_TRACKING_URI, when set, wins.
+    tracking_uri: str = "sqlite:///mlflow.db"
+    experiment: str = "dpfah"
+
+
+@dataclass(frozen=True)
+class Params:
+    """All of params.yaml. A stage's section is one more field here."""
+
+    seed: int = field(default=0, metadata=_check(at_least(0)))
+    profile: str = "default"
+    data: DataConfig = field(default_factory=DataConfig)
+    prepare: PrepareConfig = field(default_factory=PrepareConfig)
+    datasets: dict[str, DatasetConfig] = field(default_factory=dict)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    mlflow: MlflowConfig = field(default_factory=MlflowConfig)
+
+    def validate(self) -> None:
+        for name in self.datasets:
+            if not NAME_RE.match(name):
+                raise Invalid("datasets", f"dataset name {name!r} must match {NAME_RE.pattern} (it names files and DVC stages)")
+        for name in self.prepare.datasets:
+            if name not in self.datasets:
+                raise Invalid("prepare.datasets", f"unknown dataset {name!r} (defined: {', '.join(self.datasets) or 'none'})")
+
+    def dataset(self, name: str) -> DatasetConfig:
+        try:
+            return self.datasets[name]
+        except KeyError:
+            raise ConfigError(f"datasets.{name}: no such dataset (defined: {', '.join(self.datasets) or 'none'})") from None
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+def read_params_file(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: not found (give the parameters file with --params FILE)") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read ({e.strerror})") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+        raise ConfigError(f"{where}: not valid YAML ({getattr(e, 'problem', None) or e})") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    return raw
+
+
+def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """A copy of ``raw`` with each ``dotted.key=value`` set (value parsed as YAML)."""
+    import copy
+
+    out = copy.deepcopy(raw)
+    for item in overrides:
+        key, eq, text = item.partition("=")
+        parts = key.strip().split(".")
+        if not eq or not all(parts):
+            raise ConfigError(f"--set {item!r}: expected dotted.key=value")
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError:
+            raise ConfigError(f"--set {item!r}: value is not valid YAML") from None
+        node = out
+        for i, part in enumerate(parts[:-1]):
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            elif not isinstance(child, dict):
+                raise ConfigError(f"--set {key}: {'.'.join(parts[: i + 1])} is a value, not a section")
+            node = child
+        node[parts[-1]] = value
+    return out
+
+
+def parse_params(raw: Mapping[str, Any]) -> Params:
+    """Typed, validated :class:`Params` from a parsed params mapping."""
+    return _build(Params, raw, "")
+
+
+def _merge(base: dict[str, Any], overlay: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in overlay.items():
+        out[key] = _merge(out[key], value) if isinstance(value, Mapping) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def load_params(path: str | Path = DEFAULT_PARAMS, overrides: Sequence[str] = ()) -> Params:
+    """params.yaml, then the selected profile's overlay, then the ``--set`` overrides.
+
+    ``profile: NAME`` (other than ``default``) merges ``profiles/NAME.yaml`` beside the
+    parameters file over it, so one switch (``--set profile=paper`` or
+    ``dvc exp run -S profile=paper``) selects a whole set of settings.
+    """
+    base = read_params_file(path)
+    raw = apply_overrides(base, overrides)
+    profile = raw.get("profile", "default")
+    if profile not in (None, "default"):
+        if not isinstance(profile, str) or not NAME_RE.match(profile):
+            raise ConfigError(f"profile: {profile!r} is not a profile name")
+        overlay_path = Path(path).parent / PROFILES_DIR / f"{profile}.yaml"
+        if not overlay_path.is_file():
+            known = sorted(p.stem for p in overlay_path.parent.glob("*.yaml"))
+            raise ConfigError(f"profile: unknown profile {profile!r} (no {overlay_path}; known: default{''.join(', ' + k for k in known)})")
+        overlay = read_params_file(overlay_path)
+        overlay.pop("profile", None)
+        raw = apply_overrides(_merge(base, overlay), overrides)
+    return parse_params(raw)
+
+
+def add_config_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("parameters")
+    group.add_argument(
+        "--params",
+        metavar="FILE",
+        default=DEFAULT_PARAMS,
+        help=f"parameters file (default: {DEFAULT_PARAMS} in the current directory)",
+    )
+    group.add_argument(
+        "--set",
+        metavar="KEY=VALUE",
+        action="append",
+        default=[],
+        dest="overrides",
+        help="override one parameter by its dotted key, the value read as YAML; repeatable "
+        "(e.g. --set datasets.cifar10.source=/data/cifar10-jpg.tar.gz --set seed=1)",
+    )
+
+
+def config_from_args(args: argparse.Namespace) -> Params:
+    return load_params(args.params, args.overrides)
+
+
+# ----------------------------------------------------------------------------- typed building
+
+
+def _choices(options: Sequence[Any]) -> str:
+    shown = [str(o) for o in options]
+    if not shown:
+        return "none"
+    return shown[0] if len(shown) == 1 else f"{', '.join(shown[:-1])} or {shown[-1]}"
+
+
+def _dotted(prefix: str, key: str) -> str:
+    return f"{prefix}.{key}" if prefix else key
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is tuple:
+        return "a list"
+    if origin is dict:
+        return "a mapping"
+    if origin is Literal:
+        return f"one of {_choices(typing.get_args(tp))}"
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(tp, getattr(tp, "__name__", str(tp)))
+
+
+def _build(tp: Any, value: Any, key: str, meta: Mapping[str, Any] | None = None) -> Any:
+    where = key or "params"
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        members = [a for a in args if a is not type(None)]
+        if value is None and len(members) < len(args):
+            return None
+        if all(dataclasses.is_dataclass(a) for a in members) and len(members) > 1:
+            return _build_tagged(members, value, key)
+        if len(members) == 1:
+            return _build(members[0], value, key, meta)
+        raise TypeError(f"unsupported config type {tp}")
+    if value is None and tp is not type(None) and not dataclasses.is_dataclass(tp):
+        raise ConfigError(f"{where}: missing value (expected {_type_name(tp)})")
+    if dataclasses.is_dataclass(tp):
+        return _build_dataclass(tp, {} if value is None else value, key)
+    if origin is Literal:
+        if value not in args:
+            noun = (meta or {}).get("noun", "value")
+            raise ConfigError(f"{where}: unknown {noun} {value!r} (choose {_choices(args)})")
+        return value
+    if origin is tuple:
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return tuple(_build(args[0], v, f"{key}[{i}]") for i, v in enumerate(value))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return {str(k): _build(args[1], v, _dotted(key, str(k))) for k, v in value.items()}
+    if tp is bool:
+        ok = isinstance(value, bool)
+    elif tp is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif tp is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif tp is str:
+        ok = isinstance(value, str)
+    else:
+        raise TypeError(f"unsupported config type {tp}")
+    if not ok:
+        raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r}")
+    return value
+
+
+def _build_tagged(members: Sequence[type], value: Any, key: str) -> Any:
+    by_kind = {typing.get_args(typing.get_type_hints(m)["kind"])[0]: m for m in members}
+    if not isinstance(value, dict):
+        raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+    kind = value.get("kind")
+    if kind is None:
+        raise ConfigError(f"{_dotted(key, 'kind')}: missing (choose {_choices(list(by_kind))})")
+    if kind not in by_kind:
+        raise ConfigError(f"{_dotted(key, 'kind')}: unknown kind {kind!r} (choose {_choices(list(by_kind))})")
+    return _build_dataclass(by_kind[kind], value, key)
+
+
+def _build_dataclass(cls: type, value: Any, key: str) -> Any:
+    if not isinstance(value, dict):
+        raise ConfigError(f"{key or 'params'}: expected a mapping, got {value!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = [k for k in value if k not in fields]
+    if unknown:
+        what = "section" if not key else "key"
+        raise ConfigError(f"{_dotted(key, str(unknown[0]))}: unknown {what} (known: {', '.join(fields)})")
+    kwargs = {}
+    for name, f in fields.items():
+        if name not in value:
+            continue
+        sub = _dotted(key, name)
+        v = _build(hints[name], value[name], sub, f.metadata)
+        check = f.metadata.get("check")
+        problem = check(v) if check else None
+        if problem:
+            raise ConfigError(f"{sub}: {problem}")
+        kwargs[name] = v
+    obj = cls(**kwargs)
+    validate = getattr(obj, "validate", None)
+    if validate is not None:
+        try:
+            validate()
+        except Invalid as e:
+            raise ConfigError(f"{_dotted(key, e.key)}: {e.message}") from None
+    return obj

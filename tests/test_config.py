@@ -1,0 +1,137 @@
+"""pipeline.config: params.yaml into typed objects; every error names its dotted key."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import (
+    CIFAR10_MD5,
+    CIFAR10_URL,
+    Cifar10Dataset,
+    CustomDataset,
+    ListsDataset,
+    Params,
+    add_config_args,
+    config_from_args,
+    load_params,
+    parse_params,
+)
+from pipeline.errors import ConfigError, run_main
+
+REPO = Path(__file__).resolve().parents[1]
+PARAMS = REPO / "params.yaml"
+
+
+def test_repository_params_load():
+    p = load_params(PARAMS)
+    assert p.seed == 0 and p.data.root == "data"
+    assert p.prepare.datasets == ("cifar10",)
+    c = p.datasets["cifar10"]
+    assert isinstance(c, Cifar10Dataset)
+    assert (c.source, c.md5, c.protocol, c.validation) == (CIFAR10_URL, CIFAR10_MD5, "cifar10-59k", 500)
+    assert isinstance(p.datasets["nuswide21"], ListsDataset) and p.datasets["nuswide21"].images is None
+    assert isinstance(p.datasets["imagenet100"], ListsDataset) and p.datasets["imagenet100"].num_classes == 100
+    for d in p.datasets.values():
+        for attr in ("train_list", "query_list", "database_list"):
+            if getattr(d, attr, None):
+                assert (REPO / getattr(d, attr)).is_file(), f"shipped list {getattr(d, attr)}"
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        p.seed = 1
+
+
+def test_overrides_are_yaml_scalars_and_can_add_entries():
+    p = load_params(
+        PARAMS,
+        [
+            "seed=7",
+            "datasets.cifar10.source=/data/c.tar.gz",
+            "datasets.cifar10.md5=null",
+            "prepare.datasets=[cifar10, mine]",
+            "datasets.mine.kind=custom",
+            "datasets.mine.images=/data/mine",
+            "datasets.mine.database_includes_train=false",
+        ],
+    )
+    assert p.seed == 7
+    assert p.datasets["cifar10"].source == "/data/c.tar.gz" and p.datasets["cifar10"].md5 is None
+    assert p.prepare.datasets == ("cifar10", "mine")
+    mine = p.datasets["mine"]
+    assert isinstance(mine, CustomDataset) and mine.images == "/data/mine" and mine.database_includes_train is False
+    assert mine.query_per_class == 100  # defaults fill what is not given
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("datasets.cifar10.protocol=x", "datasets.cifar10.protocol: unknown protocol 'x' (choose cifar10-59k or cifar10-54k)"),
+        ("datasets.cifar10.sorce=/x", "datasets.cifar10.sorce: unknown key"),
+        ("train.epochs=3", "train: unknown section"),
+        ("seed=-1", "seed: must be >= 0"),
+        ("seed=abc", "seed: expected an integer, got 'abc'"),
+        ("datasets.cifar10.shard_size=0", "datasets.cifar10.shard_size: must be >= 1"),
+        ("datasets.cifar10.on_bad_image=ignore", "datasets.cifar10.on_bad_image: unknown value 'ignore' (choose skip or fail)"),
+        ("datasets.cifar10.md5=xyz", "datasets.cifar10.md5: 'xyz' is not an md5"),
+        ("datasets.cifar10.kind=folder", "datasets.cifar10.kind: unknown kind 'folder' (choose cifar10, lists or custom)"),
+        ("datasets.imagenet100.all_list=/x", "datasets.imagenet100.all_list: give database_list or all_list, not both"),
+        ("datasets.imagenet100.num_classes=null", "datasets.imagenet100.num_classes: missing"),
+        ("datasets.nuswide21.class_names=[a, b]", "datasets.nuswide21.class_names: 2 names for num_classes 21"),
+        ("datasets.mine.images=/x", "datasets.mine.kind: missing (choose cifar10, lists or custom)"),
+        ("prepare.datasets=[cifar10, nope]", "prepare.datasets: unknown dataset 'nope' (defined: cifar10, nuswide21, imagenet100)"),
+        ("prepare.datasets=cifar10", "prepare.datasets: expected a list"),
+        ("datasets.cifar10.source.x=1", "--set datasets.cifar10.source.x: datasets.cifar10.source is a value, not a section"),
+        ("seed", "--set 'seed': expected dotted.key=value"),
+        ("data.root=", "data.root: missing value (expected a string)"),
+    ],
+)
+def test_errors_name_the_key(override, message):
+    with pytest.raises(ConfigError) as e:
+        load_params(PARAMS, [override])
+    assert message in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_dataset_names_must_be_file_and_stage_safe():
+    with pytest.raises(ConfigError, match=r"datasets: dataset name 'a b' must match"):
+        parse_params({"datasets": {"a b": {"kind": "custom"}}, "prepare": {"datasets": []}})
+
+
+def test_custom_labels_list_needs_num_classes():
+    with pytest.raises(ConfigError, match=r"datasets.x.num_classes: missing"):
+        parse_params({"prepare": {"datasets": []}, "datasets": {"x": {"kind": "custom", "labels_list": "l.txt"}}})
+    with pytest.raises(ConfigError, match=r"datasets.x.num_classes: only with labels_list"):
+        parse_params({"prepare": {"datasets": []}, "datasets": {"x": {"kind": "custom", "num_classes": 3}}})
+
+
+def test_file_errors(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_params(tmp_path / "none.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("seed: 0\ndata:\n  root: [unclosed\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml:\d+: not valid YAML"):
+        load_params(bad)
+    bad.write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="mapping of sections"):
+        load_params(bad)
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("prepare:\n  datasets: []\n")
+    p = load_params(empty)
+    assert p.datasets == {} and p.prepare.datasets == () and p == Params(prepare=dataclasses.replace(Params().prepare, datasets=()))
+
+
+def test_argparse_helper_and_exit_status(capsys):
+    parser = argparse.ArgumentParser()
+    add_config_args(parser)
+    args = parser.parse_args(["--params", str(PARAMS), "--set", "seed=4", "--set", "data.root=/tmp/x"])
+    p = config_from_args(args)
+    assert (p.seed, p.data.root) == (4, "/tmp/x")
+
+    def main(argv):
+        config_from_args(parser.parse_args(argv))
+
+    assert run_main(main, ["--params", str(PARAMS), "--set", "datasets.cifar10.protocol=x"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: datasets.cifar10.protocol: unknown protocol 'x'") and err.count("\n") == 1
