@@ -10,11 +10,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 
-__all__ = ["decode_batch", "DeviceAugment", "IMAGENET_MEAN", "IMAGENET_STD"]
+__all__ = ["decode_batch", "DeviceAugment", "sample_uniforms", "IMAGENET_MEAN", "IMAGENET_STD"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -50,11 +51,33 @@ def decode_batch(encoded: Sequence, size: int, device: torch.device | str = "cpu
     return out
 
 
+def _splitmix64(x: np.ndarray) -> np.ndarray:
+    x = x + np.uint64(0x9E3779B97F4A7C15)
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def sample_uniforms(index, seed: int, epoch: int, k: int = 4) -> torch.Tensor:
+    """k uniform [0, 1) numbers per sample, a pure function of (seed, epoch, sample index).
+
+    Augmentation drawn this way does not depend on which rank or DataLoader worker a
+    sample lands on, so N workers see exactly the images one worker would.
+    """
+    idx = np.asarray(index, dtype=np.uint64).reshape(-1, 1)
+    with np.errstate(over="ignore"):
+        stream = _splitmix64(np.uint64(seed) * np.uint64(0x100000001B3) + np.uint64(epoch))
+        counter = idx * np.uint64(k) + np.arange(k, dtype=np.uint64)[None, :]
+        bits = _splitmix64(counter ^ stream)
+    return torch.from_numpy(((bits >> np.uint64(11)).astype(np.float64) * 2.0**-53).astype(np.float32))
+
+
 class DeviceAugment:
     """Batched training augmentation and normalisation of uint8 (N, 3, H, W) images.
 
     Training: a random scaled crop (area fraction in ``scale``, aspect ratio kept) and a
     horizontal flip, done as one ``affine_grid`` + ``grid_sample`` for the whole batch.
+    ``rand`` (N, 4) uniforms drive it (see :func:`sample_uniforms`); fresh ones otherwise.
     Evaluation: only the normalisation. The output is float (or ``dtype``), normalised with
     the ImageNet statistics, in ``memory_format``.
     """
@@ -82,7 +105,7 @@ class DeviceAugment:
         self,
         images: torch.Tensor,
         train: bool,
-        generator: torch.Generator | None = None,
+        rand: torch.Tensor | None = None,
         dtype=torch.float32,
         memory_format=torch.contiguous_format,
     ) -> torch.Tensor:
@@ -91,7 +114,9 @@ class DeviceAugment:
         x = self.normalize(images)
         if train:
             n = x.shape[0]
-            rand = torch.rand(n, 4, generator=generator, device="cpu" if generator is None else generator.device)
+            rand = torch.rand(n, 4) if rand is None else rand
+            if rand.shape != (n, 4):
+                raise ValueError(f"rand must have shape ({n}, 4), got {tuple(rand.shape)}")
             rand = rand.to(x.device)
             lo, hi = self.scale
             side = torch.sqrt(lo + (hi - lo) * rand[:, 0])  # crop side as a fraction of the image

@@ -1,0 +1,157 @@
+"""The train stage for real: Ray Train workers (CPU, gloo), DDP, checkpoints, MLflow."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from tests.conftest import toy_params
+
+pytestmark = pytest.mark.slow
+
+
+def _global_batch_source(steps: int, global_batch: int, classes: int):
+    """Deterministic global batches, each rank taking its slice: any worker count sees
+    exactly the same global batch at every step."""
+
+    def source(epoch: int, rank: int, world_size: int):
+        from dpfah.data import Batch
+
+        local = global_batch // world_size
+        for step in range(steps):
+            rng = np.random.default_rng([epoch, step])
+            y = rng.integers(0, classes, size=global_batch)
+            images = rng.integers(0, 256, size=(global_batch, 3, 32, 32), dtype=np.uint8)
+            labels = np.eye(classes, dtype=np.uint8)[y]
+            rows = slice(rank * local, (rank + 1) * local)
+            index = np.arange(step * global_batch, (step + 1) * global_batch)[rows]
+            yield Batch(torch.from_numpy(images[rows]), torch.from_numpy(labels[rows]), torch.from_numpy(index))
+
+    return source
+
+
+def _final_model_state(outcome) -> dict:
+    return torch.load(f"{outcome.checkpoint}/state.pt", map_location="cpu", weights_only=False)["model"]
+
+
+def test_two_workers_match_one_worker_on_the_same_global_batch(ray_local, toy_dataset, tmp_path):
+    """DDP with the pairwise loss over the gathered global batch = one process, same batch.
+
+    BatchNorm statistics are frozen (eval-mode BN): per-rank BN would differ by design on
+    CPUs, where SyncBatchNorm is unavailable (see the stack notes)."""
+    from pipeline.train import run_training
+
+    work, images = toy_dataset
+    states = {}
+    for workers in (1, 2):
+        params = toy_params(
+            work,
+            images,
+            f"train.num_workers={workers}",
+            "train.epochs=1",
+            "train.freeze_bn=true",
+            "train.optimizer=sgd",
+            "train.lr=0.001",
+            "train.schedule=constant",
+            f"train.storage_path={tmp_path / 'ray'}",
+            f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
+        )
+        outcome = run_training(
+            params,
+            "toy",
+            16,
+            write_run_file=False,
+            batch_source=_global_batch_source(steps=3, global_batch=8, classes=3),
+            steps_per_epoch=3,
+            validate=False,
+            log_model=False,
+        )
+        states[workers] = _final_model_state(outcome)
+    moved = 0
+    for key, one in states[1].items():
+        two = states[2][key]
+        torch.testing.assert_close(two, one, rtol=1e-4, atol=1e-5, msg=lambda m: f"{key}: {m}")
+        moved += 1
+    assert moved > 100
+    for key, value in states[1].items():
+        assert torch.isfinite(value.float()).all(), key
+    # Training did change the weights (so the agreement is not trivial).
+    from dpfah.train import TrainSettings, build_model
+
+    start = build_model(TrainSettings(bits=16, num_classes=3, seed=0)).state_dict()
+    assert not torch.allclose(start["hash_head.weight"], states[1]["hash_head.weight"])
+
+
+@pytest.fixture(scope="module")
+def resumed_run(ray_local, toy_dataset, tmp_path_factory):
+    """A 2-worker run on the toy shards whose last worker is killed after epoch 1."""
+    from pipeline.train import run_training
+
+    work, images = toy_dataset
+    out = tmp_path_factory.mktemp("resume")
+    params = toy_params(
+        work,
+        images,
+        "train.num_workers=2",
+        "train.epochs=3",
+        "train.fail_at_epoch=1",
+        "train.max_failures=1",
+        f"train.storage_path={out / 'ray'}",
+        f"mlflow.tracking_uri=sqlite:///{out / 'mlflow.db'}",
+    )
+    import os
+
+    cwd = os.getcwd()
+    os.chdir(out)  # the run record goes to ./runs/
+    try:
+        outcome = run_training(params, "toy", 16, run_name="resume-test")
+    finally:
+        os.chdir(cwd)
+    return params, outcome, out
+
+
+def test_killed_worker_resumes_from_checkpoint(resumed_run):
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    params, outcome, out = resumed_run
+    marker = out / "ray" / "resume-test" / ".fault-injected"
+    assert marker.exists(), "the fault was not injected"
+    assert outcome.epochs == 3
+    state = torch.load(f"{outcome.checkpoint}/state.pt", map_location="cpu", weights_only=False)
+    assert [h["epoch"] for h in state["history"]] == [0, 1, 2]  # each epoch once, none lost
+
+    client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
+    run = client.get_run(outcome.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["protocol"] == "custom" and len(run.data.tags["manifest_sha256"]) == 64
+    history = client.get_metric_history(outcome.run_id, "val_map")
+    assert sorted({m.step for m in history}) == [0, 1, 2]
+    for name in ("loss", "loss_l1", "loss_l2", "loss_l3", "images_per_s"):
+        assert client.get_metric_history(outcome.run_id, name), name
+    record = json.loads((out / "runs" / "toy-16.json").read_text())
+    assert record["run_id"] == outcome.run_id and record["model_uri"] == outcome.model_uri
+    del mlflow
+
+
+def test_logged_model_reloads_as_dpfah_with_the_same_codes(resumed_run):
+    import mlflow.pytorch
+
+    from dpfah.model import DPFAH
+
+    params, outcome, out = resumed_run
+    mlflow.set_tracking_uri(f"sqlite:///{out / 'mlflow.db'}")
+    loaded = mlflow.pytorch.load_model(outcome.model_uri)
+    assert isinstance(loaded, DPFAH) and loaded.bits == 16
+
+    state = torch.load(f"{outcome.checkpoint}/state.pt", map_location="cpu", weights_only=False)
+    in_memory = DPFAH(16, 3)
+    in_memory.load_state_dict(state["best_model"])
+    x = torch.rand(5, 3, 32, 32)
+    loaded.eval(), in_memory.eval()
+    codes = loaded.codes(x)
+    assert set(codes.unique().tolist()) <= {-1.0, 1.0}
+    torch.testing.assert_close(codes, in_memory.codes(x), rtol=0, atol=0)
