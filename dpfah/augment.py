@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 
-__all__ = ["decode_batch", "DeviceAugment", "sample_uniforms", "IMAGENET_MEAN", "IMAGENET_STD"]
+__all__ = ["decode_batch", "resize_uint8", "DeviceAugment", "sample_uniforms", "IMAGENET_MEAN", "IMAGENET_STD"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -43,12 +43,16 @@ def decode_batch(encoded: Sequence, size: int, device: torch.device | str = "cpu
         images = [decode_image(r, mode=ImageReadMode.RGB).to(device, non_blocking=True) for r in raw]
     out = torch.empty((len(images), 3, size, size), dtype=torch.uint8, device=device)
     for i, img in enumerate(images):
-        if img.shape[-2:] == (size, size):
-            out[i] = img
-        else:
-            resized = F.interpolate(img[None].float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-            out[i] = resized.round_().clamp_(0, 255).to(torch.uint8)[0]
+        out[i] = resize_uint8(img[None], size)[0]
     return out
+
+
+def resize_uint8(images: torch.Tensor, size: int) -> torch.Tensor:
+    """uint8 (N, 3, H, W) -> uint8 (N, 3, size, size), bilinear with antialiasing, on their device."""
+    if images.shape[-2:] == (size, size):
+        return images
+    x = F.interpolate(images.float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    return x.round_().clamp_(0, 255).to(torch.uint8)
 
 
 def _splitmix64(x: np.ndarray) -> np.ndarray:

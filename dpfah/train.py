@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .augment import DeviceAugment, decode_batch, sample_uniforms
+from .augment import DeviceAugment, decode_batch, resize_uint8, sample_uniforms
 from .codes import binarize
 from .data import Batch
 from .loss import DPFAHLoss
@@ -177,15 +177,10 @@ def _autocast(device: torch.device, precision: str):
 
 
 def _to_images(batch_images, size: int, device: torch.device) -> torch.Tensor:
+    """A reader's images (encoded bytes, or a uint8 batch) as uint8 (N, 3, size, size) on ``device``."""
     if isinstance(batch_images, torch.Tensor):
-        images = batch_images.to(device, non_blocking=True)
-        return images if images.shape[-2:] == (size, size) else _resize_uint8(images, size)
+        return resize_uint8(batch_images.to(device, non_blocking=True), size)
     return decode_batch(batch_images, size, device)
-
-
-def _resize_uint8(images: torch.Tensor, size: int) -> torch.Tensor:
-    x = nn.functional.interpolate(images.float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-    return x.round_().clamp_(0, 255).to(torch.uint8)
 
 
 @torch.no_grad()

@@ -139,7 +139,7 @@ def _worker_loop(config: dict[str, Any]) -> None:
     if batch_source is None:
         stream = TrainStream(shards, local_batch, seed=settings.seed, rank=rank, world_size=size)
         loader = DataLoader(stream, batch_size=None, num_workers=loader_workers, pin_memory=device.type == "cuda")
-        steps = len(stream)
+        steps = len(stream) if not config.get("steps_cap") else min(len(stream), config["steps_cap"])
 
         def train_batches(epoch: int):
             stream.set_epoch(epoch)
@@ -268,7 +268,13 @@ def run_training(
     shards = shards_dir(params, dataset)
     manifest = read_manifest(shards)  # a clear error when prepare has not run
     manifest_sha = manifest_sha256(manifest)
-    settings = settings_for(params, bits, manifest.num_classes, **(settings_changes or {}))
+    changes, tuned_tags = dict(settings_changes or {}), {}
+    if t.use_tuned:  # eta and zeta from the tune stage's best.json; explicit settings_changes still win
+        from .tune import tuned_settings
+
+        tuned, tuned_tags = tuned_settings(dataset, bits)
+        changes = {**tuned, **changes}
+    settings = settings_for(params, bits, manifest.num_classes, **changes)
     if settings.batch_size % t.num_workers:
         raise ConfigError(f"train.batch_size {settings.batch_size} must be divisible by train.num_workers {t.num_workers}")
 
@@ -276,6 +282,9 @@ def run_training(
     storage = resolve_uri(t.storage_path)
     name = run_name or f"{dataset}-{bits}b-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
 
+    # mlflow.set_tracking_uri also exports MLFLOW_TRACKING_URI, which would outrank the
+    # parameters of every later stage called in this process: put it back when done.
+    env_before = os.environ.get("MLFLOW_TRACKING_URI")
     mlflow.set_tracking_uri(tracking_uri)  # created here, once, before any worker touches it
     experiment = mlflow.set_experiment(f"{params.mlflow.experiment}-{dataset}")
     run = mlflow.start_run(run_name=name, parent_run_id=parent_run_id, experiment_id=experiment.experiment_id)
@@ -291,6 +300,7 @@ def run_training(
                 "manifest_sha256": manifest_sha,
                 "split_seed": str(manifest.seed),
                 "ray_run_name": name,
+                **tuned_tags,
             }
         )
         _ensure_ray()
@@ -304,6 +314,7 @@ def run_training(
             "fail_at_epoch": t.fail_at_epoch,
             "fault_marker": os.path.join(storage, name, ".fault-injected") if "://" not in storage else None,
             "validate": validate,
+            "steps_cap": t.steps_per_epoch,
         }
         if batch_source is not None:
             config.update(batch_source=batch_source, steps_per_epoch=steps_per_epoch, bank_size=manifest.split("train").count)
@@ -349,6 +360,11 @@ def run_training(
     except BaseException:
         mlflow.end_run("FAILED" if not isinstance(sys.exc_info()[1], KeyboardInterrupt) else "KILLED")
         raise
+    finally:
+        if env_before is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = env_before
 
     outcome = TrainOutcome(run_id, model_uri, best_val_map, best_epoch, len(history), None, checkpoint_path)
     if write_run_file:

@@ -70,3 +70,14 @@ def toy_dataset(tmp_path_factory):
     params = toy_params(work, images)
     prepare(params, "toy", progress=False)
     return work, images
+
+
+@pytest.fixture(scope="session")
+def cifar10_source() -> str:
+    """The real CIFAR-10 (official archive or image-folder .tar.gz) from DPFAH_CIFAR10_SOURCE."""
+    source = os.environ.get("DPFAH_CIFAR10_SOURCE")
+    if not source:
+        pytest.skip("DPFAH_CIFAR10_SOURCE is not set (path to CIFAR-10: the official archive or an image-folder .tar.gz)")
+    if not Path(source).exists():
+        pytest.skip(f"DPFAH_CIFAR10_SOURCE={source} does not exist")
+    return source

@@ -69,7 +69,10 @@ def test_overrides_are_yaml_scalars_and_can_add_entries():
     [
         ("datasets.cifar10.protocol=x", "datasets.cifar10.protocol: unknown protocol 'x' (choose cifar10-59k or cifar10-54k)"),
         ("datasets.cifar10.sorce=/x", "datasets.cifar10.sorce: unknown key"),
-        ("train.epochs=3", "train: unknown section"),
+        ("trian.epochs=3", "trian: unknown section"),
+            ("train.optimizer=adam", "train.optimizer: unknown optimizer 'adam' (choose rmsprop, adamw or sgd)"),
+            ("train.crop_scale=[0.9, 0.5]", "train.crop_scale: must be [lo, hi] with 0 < lo <= hi <= 1"),
+            ("profile=nope", "profile: unknown profile 'nope'"),
         ("seed=-1", "seed: must be >= 0"),
         ("seed=abc", "seed: expected an integer, got 'abc'"),
         ("datasets.cifar10.shard_size=0", "datasets.cifar10.shard_size: must be >= 1"),

@@ -472,35 +472,41 @@ def test_cli_subprocess_and_dvc_stage(tmp_path):
     repo.mkdir()
     for name in ("dvc.yaml", "params.yaml", ".gitignore"):
         shutil.copy(REPO / name, repo / name)
-    for pkg in ("pipeline", "dpfah"):
+    for pkg in ("pipeline", "dpfah", "profiles"):
         shutil.copytree(REPO / pkg, repo / pkg, ignore=shutil.ignore_patterns("__pycache__", "*.so", "*.c"))
     images = tmp_path / "imgs"
     make_folder(images, per_class=8)
-    with open(repo / "params.yaml", "a") as f:
-        f.write(
-            f"  toy:\n    kind: custom\n    images: {images}\n    query_per_class: 2\n    train_per_class: 4\n"
-            "    validation: 3\n    shard_size: 5\n    on_bad_image: fail\n"
-        )
-    text = (repo / "params.yaml").read_text().replace("datasets: [cifar10]", "datasets: [toy]")
+    toy = (
+        f"  toy:\n    kind: custom\n    images: {images}\n    query_per_class: 2\n    train_per_class: 4\n"
+        "    validation: 3\n    shard_size: 5\n    on_bad_image: fail\n"
+    )
+    text = (repo / "params.yaml").read_text()
+    assert "\ndatasets:\n" in text
+    text = text.replace("\ndatasets:\n", "\ndatasets:\n" + toy, 1).replace("datasets: [cifar10]", "datasets: [toy]")
     (repo / "params.yaml").write_text(text)
     env = {**os.environ, "PATH": f"{dvc.parent}{os.pathsep}{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1", "GIT_AUTHOR_NAME": "t",
            "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
-    sh = lambda *cmd: subprocess.run(cmd, cwd=repo, env=env, check=True, capture_output=True, text=True).stdout  # noqa: E731
+    def sh(*cmd):
+        proc = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True)
+        assert proc.returncode == 0, f"{cmd} failed:\n{proc.stdout}\n{proc.stderr}"
+        return proc.stdout
+
     sh("git", "init", "-q")
     sh(str(dvc), "init", "-q")
-    out = sh(str(dvc), "repro")
+    # Only this stage: the rest of the DAG (train, ...) has its own end-to-end test.
+    out = sh(str(dvc), "repro", "prepare@toy")
     assert "prepare@toy" in out
     manifest = json.loads((repo / "data" / "shards" / "toy" / "manifest.json").read_text())
     assert manifest["splits"]["query"]["count"] == 6
     lock = (repo / "dvc.lock").read_text()
     assert "prepare@toy:" in lock and "datasets.toy:" in lock
     assert "cifar10" not in lock, "inactive datasets are not stages, and params are per dataset"
-    assert "didn't change" in sh(str(dvc), "repro")
+    assert "didn't change" in sh(str(dvc), "repro", "prepare@toy")
     # another dataset's parameters do not touch this stage; its own do
     for old, new, stale in (("validation: 500  # 50 per class", "validation: 400", False), ("    shard_size: 5\n", "    shard_size: 4\n", True)):
         assert old in text
         (repo / "params.yaml").write_text(text.replace(old, new))
-        assert ("prepare@toy" in sh(str(dvc), "status")) is stale
+        assert ("prepare@toy" in sh(str(dvc), "status", "prepare@toy")) is stale
     # errors from the stage reach the user as one line, status 2
     proc = subprocess.run([sys.executable, "-m", "pipeline.prepare", "--dataset", "toy", "--set", "datasets.toy.images=/nonexistent"],
                           cwd=repo, env=env, capture_output=True, text=True)
