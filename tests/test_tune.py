@@ -1,0 +1,377 @@
+"""The tune stage: the search space, the summary, the best-configuration file, the DVC stage,
+and one real search on a local Ray cluster (2-worker trials, ASHA stopping one early)."""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import dataclasses
+import io
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline.errors import ConfigError
+from tests.conftest import toy_params
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@contextlib.contextmanager
+def _tracking(uri: str):
+    """mlflow.set_tracking_uri also sets MLFLOW_TRACKING_URI, which outranks params in the
+    stages: put both back afterwards so no later test writes to this database."""
+    import mlflow
+
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+        if before is not None:
+            mlflow.set_tracking_uri(before)
+
+
+def _row(eta, zeta, bits, val_map, status="completed", epochs=4, trial="t"):
+    from pipeline.tune import TrialRow
+
+    return TrialRow(f"{trial}-{eta}-{zeta}-{bits}", eta, zeta, bits, val_map, 1, epochs, status, f"run-{eta}-{zeta}-{bits}", "name")
+
+
+# ----------------------------------------------------------------------------- config and space
+
+
+def test_tune_section_defaults_and_errors_name_the_key():
+    from pipeline.config import load_params
+
+    p = load_params(ROOT / "params.yaml")
+    assert p.tune.search == "grid" and p.tune.scheduler == "asha" and p.train.use_tuned is False
+    assert p.tune.datasets == ()  # opt in: no tune@ stage by default
+    for override, key in [
+        ("tune.eta_range=[1,10]", "tune.eta_range"),  # ranges are for random search
+        ("tune.reduction_factor=1", "tune.reduction_factor"),
+        ("tune.bits=[0]", "tune.bits"),
+        ("tune.zeta=[]", "tune.zeta"),
+        ("tune.scheduler=hyperband", "tune.scheduler"),
+        ("tune.max_concurrent_trials=0", "tune.max_concurrent_trials"),
+        ("tune.budget=3", "tune.budget"),
+        ("tune.num_samples=2", "tune.num_samples"),  # a seeded grid point twice is the same run
+    ]:
+        with pytest.raises(ConfigError, match=rf"^{key}"):
+            load_params(ROOT / "params.yaml", [override])
+    with pytest.raises(ConfigError, match="^tune.zeta_range"):
+        load_params(ROOT / "params.yaml", ["tune.search=random", "tune.zeta_range=[1,0.1]"])
+
+
+def test_search_space_grid_and_random():
+    from ray.tune.search.sample import Categorical, Float
+
+    from pipeline.config import load_params
+    from pipeline.tune import search_space
+
+    grid = load_params(ROOT / "params.yaml", ["tune.eta=[1,5]", "tune.zeta=[0.1]", "tune.bits=[16,32,64]"])
+    space, alg, n = search_space(grid, max_concurrent=3)
+    assert space == {"eta": {"grid_search": [1.0, 5.0]}, "zeta": {"grid_search": [0.1]}, "bits": {"grid_search": [16, 32, 64]}}
+    assert n == 1 and alg.max_concurrent == 3
+
+    rnd = load_params(ROOT / "params.yaml", ["tune.search=random", "tune.eta_range=[0.5,20]", "tune.num_samples=7"])
+    space, alg, n = search_space(rnd)
+    assert isinstance(space["eta"], Float) and (space["eta"].lower, space["eta"].upper) == (0.5, 20.0)
+    assert "LogUniform" in type(space["eta"].get_sampler()).__name__
+    assert isinstance(space["zeta"], Categorical) and list(space["zeta"].categories) == list(rnd.tune.zeta)
+    assert isinstance(space["bits"], Categorical) and n == 7
+
+
+def test_concurrency_is_bounded_by_gpus_or_cpus_per_trial():
+    from pipeline.config import load_params
+    from pipeline.tune import max_concurrency
+
+    def params(*o):
+        return load_params(ROOT / "params.yaml", list(o))
+
+    assert max_concurrency(params("train.num_workers=2"), {"CPU": 2.0}) == 1
+    assert max_concurrency(params("train.num_workers=2"), {"CPU": 16.0}) == 8
+    gpu = params("train.use_gpu=true", "train.num_workers=4")
+    assert max_concurrency(gpu, {"CPU": 96.0, "GPU": 8.0}) == 2
+    assert max_concurrency(gpu, {"CPU": 4.0}) == 1  # an autoscaling cluster with no GPU node yet
+    assert max_concurrency(params("tune.max_concurrent_trials=5"), {"CPU": 2.0}) == 5
+
+
+# ----------------------------------------------------------------------------- summary and best
+
+
+def test_summary_tables_like_the_papers_tables_3_and_4():
+    from pipeline.tune import _select_best, summary_csv, summary_markdown
+
+    rows = [
+        _row(1.0, 0.1, 16, 0.50),
+        _row(1.0, 1.0, 16, 0.60),
+        _row(10.0, 0.1, 16, 0.70),
+        _row(10.0, 1.0, 16, 0.40, status="stopped", epochs=1),
+        _row(1.0, 0.1, 64, 0.55),
+        _row(1.0, 1.0, 64, 0.80, status="stopped", epochs=2),
+        _row(10.0, 0.1, 64, 0.75),
+        _row(10.0, 1.0, 64, math.nan, status="error", epochs=0),
+    ]
+    best = _select_best(rows)
+    assert (best.eta, best.zeta, best.bits) == (10.0, 0.1, 64)  # 0.80 was stopped early: completed trials win
+    meta = {"name": "s", "dataset": "d", "protocol": "p", "search": "grid", "scheduler": "asha", "epochs": 4, "image_size": 32, "num_workers": 2}
+    md = summary_markdown(rows, meta, best)
+    by_eta = md.split("## Validation mAP by eta")[1].split("##")[0]
+    assert "| eta | 16 bits | 64 bits |" in by_eta
+    assert "| 1 | 0.6000 | 0.8000* |" in by_eta  # best over zeta; * = stopped early
+    assert "| 10 | 0.7000 | 0.7500 |" in by_eta
+    by_zeta = md.split("## Validation mAP by zeta")[1].split("##")[0]
+    assert "| 0.1 | 0.7000 | 0.7500 |" in by_zeta and "| 1 | 0.6000 | 0.8000* |" in by_zeta
+    assert "| 10, 1 | 0.4000* | failed |" in md
+    assert "Best: eta 10, zeta 0.1, 64 bits: 0.7500" in md
+
+    table = list(csv.DictReader(io.StringIO(summary_csv(rows))))
+    assert len(table) == 8 and table[7]["val_map"] == "" and table[7]["status"] == "error"
+    assert float(table[0]["val_map"]) == 0.5 and table[0]["eta"] == "1.0" and table[0]["bits"] == "16"
+
+
+def test_tuned_settings_prefers_the_same_code_length(tmp_path):
+    from pipeline.tune import best_file, tuned_settings
+
+    with pytest.raises(ConfigError, match=r"^train.use_tuned: .*best.json not found"):
+        tuned_settings("toy", 16, root=tmp_path)
+    path = best_file("toy", tmp_path)
+    path.parent.mkdir(parents=True)
+    record = {
+        "eta": 10.0, "zeta": 0.1, "bits": 64, "run_id": "r64", "search_run_id": "parent",
+        "by_bits": {"16": {"eta": 1.0, "zeta": 1.0, "bits": 16, "run_id": "r16"}, "64": {"eta": 10.0, "zeta": 0.1, "bits": 64, "run_id": "r64"}},
+    }
+    path.write_text(json.dumps(record))
+    changes, tags = tuned_settings("toy", 16, root=tmp_path)
+    assert changes == {"eta": 1.0, "zeta": 1.0} and tags["tuned_trial_run_id"] == "r16" and tags["tuned_search_run_id"] == "parent"
+    changes, tags = tuned_settings("toy", 32, root=tmp_path)  # not searched at 32 bits: the overall best
+    assert changes == {"eta": 10.0, "zeta": 0.1} and tags["tuned_bits"] == "64"
+    path.write_text("{not json")
+    with pytest.raises(ConfigError, match="^train.use_tuned: .* is not a tune result"):
+        tuned_settings("toy", 16, root=tmp_path)
+
+
+def test_train_uses_the_tuned_settings_when_asked(toy_dataset, tmp_path, monkeypatch):
+    """train.use_tuned=true: run_training logs the tuned eta/zeta and where they came from
+    (stopped right before Ray starts: the fit itself is the train stage's tests' business)."""
+    import pipeline.train as train
+    from mlflow.tracking import MlflowClient
+
+    work, images = toy_dataset
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)  # restored afterwards (run_training sets it too)
+    params = toy_params(work, images, "train.use_tuned=true", f"mlflow.tracking_uri={uri}")
+    with pytest.raises(ConfigError, match="^train.use_tuned"):
+        train.run_training(params, "toy", 16, write_run_file=False)
+
+    best = tmp_path / "tune" / "toy" / "best.json"
+    best.parent.mkdir(parents=True)
+    best.write_text(json.dumps({"eta": 3.0, "zeta": 0.5, "bits": 16, "run_id": "trial", "search_run_id": "search", "by_bits": {}}))
+
+    class Stop(Exception):
+        pass
+
+    def stop():
+        raise Stop
+
+    monkeypatch.setattr(train, "_ensure_ray", stop)
+    with pytest.raises(Stop):
+        train.run_training(params, "toy", 16, run_name="tuned", write_run_file=False)
+    run = MlflowClient(uri).search_runs([MlflowClient(uri).get_experiment_by_name("dpfah-toy").experiment_id])[0]
+    assert run.data.params["train.eta"] == "3.0" and run.data.params["train.zeta"] == "0.5"
+    assert run.data.tags["tuned_search_run_id"] == "search" and run.data.tags["tuned_trial_run_id"] == "trial"
+
+
+def test_search_rejects_a_grace_period_that_leaves_nothing_to_stop(toy_dataset):
+    from pipeline.tune import run_search
+
+    work, images = toy_dataset
+    params = toy_params(work, images, "train.epochs=2", "tune.grace_period=2")
+    with pytest.raises(ConfigError, match=r"^tune.grace_period: 2 must be < train.epochs 2"):
+        run_search(params, "toy")
+    with pytest.raises(ConfigError, match=r"^datasets.nope"):
+        run_search(params, "nope")
+
+
+def test_cli_help_and_user_errors(tmp_path):
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    out = subprocess.run([sys.executable, "-m", "pipeline.tune", "--help"], cwd=ROOT, capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0 and "validation mAP" in out.stdout and "--dataset" in out.stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "pipeline.tune", "--dataset", "nope", "--set", f"data.root={tmp_path}"],
+        cwd=ROOT, capture_output=True, text=True, env=env, timeout=120,
+    )
+    assert out.returncode == 2 and out.stderr.strip().splitlines()[-1].startswith("error: datasets.nope")
+
+
+# ----------------------------------------------------------------------------- the DVC stage
+
+
+def test_dvc_tune_stage_tracks_every_train_key_but_use_tuned_and_the_searched_ones(tmp_path):
+    from pipeline.config import TrainConfig, TuneConfig
+
+    stage = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["tune"]
+    assert stage["foreach"] == "${tune.datasets}"
+    do = stage["do"]
+    assert do["cmd"] == "python -m pipeline.tune --dataset ${item}"
+    params = do["params"]
+    train_keys = {p.split(".", 1)[1] for p in params if p.startswith("train.")}
+    expected = {f.name for f in dataclasses.fields(TrainConfig)} - {"use_tuned", "bits", "eta", "zeta"}
+    assert train_keys == expected, f"add to dvc.yaml's tune params: {sorted(expected - train_keys)}; drop: {sorted(train_keys - expected)}"
+    assert {"seed", "profile", "tune", "mlflow"} <= set(params) and "train" not in params
+    assert "${data.root}/shards/${item}" in do["deps"] and "pipeline/tune.py" in do["deps"]
+    outs = {next(iter(o)) if isinstance(o, dict) else o for o in do["outs"]}
+    assert outs == {"tune/${item}/best.json", "tune/${item}/summary.md", "tune/${item}/summary.csv"}
+    assert {f.name for f in dataclasses.fields(TuneConfig)} >= {"datasets", "eta", "zeta", "bits"}
+
+    # DVC itself resolves the stage once a dataset is listed.
+    for name in ("dvc.yaml", "params.yaml"):
+        (tmp_path / name).write_text((ROOT / name).read_text())
+    (tmp_path / "params.yaml").write_text((ROOT / "params.yaml").read_text().replace("  datasets: []  ", "  datasets: [cifar10]  "))
+    dvc = str(Path(sys.executable).with_name("dvc"))
+    subprocess.run([dvc, "init", "--no-scm", "-q"], cwd=tmp_path, check=True, timeout=120)
+    out = subprocess.run([dvc, "stage", "list"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "tune@cifar10" in out.stdout
+
+
+# ----------------------------------------------------------------------------- a real search
+
+
+@pytest.fixture(scope="module")
+def search(ray_local, toy_dataset, tmp_path_factory):
+    """3 trials of 2 epochs, 2 CPU workers each, one at a time. The grid runs 16 bits first,
+    then 1 and 2 bits: a 1-bit code can't separate 3 classes (2 codes), so ASHA (rung at
+    epoch 1, reduction factor 2) stops the 1-bit trial, whose validation mAP at epoch 1 is
+    below the 16-bit trial's."""
+    from pipeline.tune import run_search
+
+    work, images = toy_dataset
+    out = tmp_path_factory.mktemp("tune")
+    params = toy_params(
+        work,
+        images,
+        "train.num_workers=2",
+        "train.epochs=2",
+        f"train.storage_path={out / 'ray'}",
+        f"mlflow.tracking_uri=sqlite:///{out / 'mlflow.db'}",
+        "tune.eta=[1]",
+        "tune.zeta=[1]",
+        "tune.bits=[16,1,2]",
+        "tune.grace_period=1",
+        "tune.reduction_factor=2",
+        "tune.max_failures=0",
+    )
+    live_before = _live_placement_groups()
+    cwd, uri = os.getcwd(), os.environ.pop("MLFLOW_TRACKING_URI", None)  # it would outrank params
+    os.chdir(out)
+    try:
+        outcome = run_search(params, "toy", out_dir=out / "tune" / "toy", verbose=0)
+    finally:
+        os.chdir(cwd)
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+        if uri is not None:
+            os.environ["MLFLOW_TRACKING_URI"] = uri
+    return outcome, out, live_before
+
+
+def _live_placement_groups() -> set[str]:
+    import ray
+
+    return {pg_id for pg_id, pg in ray.util.placement_group_table().items() if pg["state"] != "REMOVED"}
+
+
+@pytest.mark.slow
+def test_search_stops_a_trial_early_and_finishes_the_others(search):
+    outcome, out, _ = search
+    rows = {r.bits: r for r in outcome.rows}
+    assert sorted(rows) == [1, 2, 16]
+    assert all(r.eta == 1.0 and r.zeta == 1.0 for r in rows.values())
+    assert rows[16].status == "completed" and rows[16].epochs == 2
+    assert rows[1].status == "stopped" and rows[1].epochs == 1
+    assert not [r for r in outcome.rows if r.status == "error"]
+    assert rows[16].val_map > rows[1].val_map
+    assert outcome.best.bits == 16
+
+
+@pytest.mark.slow
+def test_search_is_one_mlflow_parent_with_a_child_run_per_trial(search):
+    from mlflow.tracking import MlflowClient
+
+    outcome, out, _ = search
+    client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
+    parent = client.get_run(outcome.parent_run_id)
+    assert parent.info.status == "FINISHED" and parent.data.tags["kind"] == "tune-search"
+    assert parent.data.params["tune.bits"] == "[16, 1, 2]"
+    assert parent.data.metrics["best_val_map"] == pytest.approx(outcome.best.val_map)
+    assert parent.data.metrics["trials_stopped"] >= 1
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "summary")}
+    assert artifacts == {"summary/summary.md", "summary/summary.csv", "summary/best.json"}
+
+    experiment = parent.info.experiment_id
+    children = client.search_runs([experiment], filter_string=f"tags.mlflow.parentRunId = '{outcome.parent_run_id}'")
+    assert len(children) == len(outcome.rows) == 3
+    expected_status = {"completed": "FINISHED", "stopped": "KILLED"}
+    for row in outcome.rows:
+        run = client.get_run(row.run_id)
+        assert run.data.tags["mlflow.parentRunId"] == outcome.parent_run_id
+        assert run.info.status == expected_status[row.status], (row, run.info.status)
+        assert run.data.tags["tune.status"] == row.status and run.data.tags["tune.trial_id"] == row.trial_id
+        assert run.data.params["train.eta"] == "1.0" and run.data.params["train.zeta"] == "1.0"
+        assert run.data.params["bits"] == str(row.bits) and run.data.params["num_workers"] == "2"
+        steps = sorted(m.step for m in client.get_metric_history(row.run_id, "val_map"))
+        assert steps == list(range(row.epochs))  # per-epoch metrics, one per epoch it ran
+        assert max(m.value for m in client.get_metric_history(row.run_id, "val_map")) == pytest.approx(row.val_map)
+    # Nothing of the search is left RUNNING.
+    assert not client.search_runs([experiment], filter_string="attributes.status = 'RUNNING'")
+
+
+@pytest.mark.slow
+def test_best_configuration_file_and_summary(search):
+    import mlflow.pytorch
+
+    from dpfah.model import DPFAH
+    from pipeline.tune import tuned_settings
+
+    outcome, out, _ = search
+    best = json.loads(Path(outcome.best_file).read_text())
+    top = outcome.best
+    assert (best["eta"], best["zeta"], best["bits"], best["run_id"]) == (1.0, 1.0, 16, top.run_id)
+    assert best["val_map"] == pytest.approx(top.val_map) and best["search_run_id"] == outcome.parent_run_id
+    assert set(best["by_bits"]) == {"1", "2", "16"} and best["by_bits"]["1"]["status"] == "stopped"
+    assert best["dataset"] == "toy" and len(best["manifest_sha256"]) == 64
+    # The train stage reads it (train.use_tuned).
+    changes, tags = tuned_settings("toy", 16, root=out)
+    assert changes == {"eta": 1.0, "zeta": 1.0} and tags["tuned_trial_run_id"] == top.run_id
+    # The best trial's model is in MLflow.
+    with _tracking(f"sqlite:///{out / 'mlflow.db'}"):
+        model = mlflow.pytorch.load_model(best["model_uri"])
+    assert isinstance(model, DPFAH) and model.bits == 16
+
+    table = list(csv.DictReader(open(outcome.summary_csv)))
+    assert {(int(r["bits"]), r["status"]) for r in table} == {(r.bits, r.status) for r in outcome.rows}
+    md = Path(outcome.summary_md).read_text()
+    assert "| eta | 1 bits | 2 bits | 16 bits |" in md
+    assert f"{outcome.rows[0].val_map:.4f}*" in md  # the 1-bit trial, stopped early
+
+
+@pytest.mark.slow
+def test_search_leaves_no_placement_group_behind(search):
+    """Stopped trials' worker groups are released (the next trial could start), and nothing
+    of the search holds CPUs afterwards."""
+    import time
+
+    live_before = search[2]
+    deadline = time.time() + 30
+    while time.time() < deadline and _live_placement_groups() - live_before:
+        time.sleep(1)
+    assert not _live_placement_groups() - live_before
