@@ -48,6 +48,9 @@ __all__ = [
     "DatasetConfig",
     "TrainConfig",
     "MlflowConfig",
+    "TuneConfig",
+    "EvaluateConfig",
+    "PromoteConfig",
     "Params",
     "load_params",
     "parse_params",
@@ -186,6 +189,7 @@ class TrainConfig:
 
     bits: tuple[int, ...] = field(default=(64,), metadata=_check(lambda v: None if v and all(b >= 1 for b in v) else "must list code lengths >= 1"))
     epochs: int = field(default=8, metadata=_check(at_least(1)))
+    steps_per_epoch: int | None = field(default=None, metadata=_check(at_least(1)))  # cap; None: the whole split
     batch_size: int = field(default=64, metadata=_check(at_least(2)))  # global, over all workers
     image_size: int = field(default=32, metadata=_check(at_least(8)))
     optimizer: Literal["rmsprop", "adamw", "sgd"] = field(default="adamw", metadata={"noun": "optimizer"})
@@ -212,12 +216,98 @@ class TrainConfig:
     collective_timeout_s: int = field(default=600, metadata=_check(at_least(10)))
     storage_path: str = "ray_results"
     fail_at_epoch: int | None = None  # fault injection for tests: the last rank dies once after this epoch
+    use_tuned: bool = False  # take eta and zeta from the tune stage's tune/<dataset>/best.json
 
     def validate(self) -> None:
         if len(self.crop_scale) != 2 or not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
             raise Invalid("crop_scale", f"must be [lo, hi] with 0 < lo <= hi <= 1, got {list(self.crop_scale)}")
         if self.batch_size % self.num_workers:
             raise Invalid("batch_size", f"{self.batch_size} is not divisible by num_workers {self.num_workers}")
+
+
+def _value_list(low: float, what: str) -> Callable[[Any], str | None]:
+    return lambda v: None if v and all(x >= low for x in v) else f"must list one or more {what} >= {low}"
+
+
+def _log_range(v: tuple[float, ...] | None) -> str | None:
+    if v is None or (len(v) == 2 and 0 < v[0] <= v[1]):
+        return None
+    return f"must be [low, high] with 0 < low <= high (sampled log-uniformly), got {list(v)}"
+
+
+@dataclass(frozen=True)
+class TuneConfig:
+    """The `tune` stage: a Ray Tune search over eta, zeta and the code length."""
+
+    datasets: tuple[str, ...] = ()  # dvc.yaml's tune@<dataset> stages; none by default (opt in)
+    search: Literal["grid", "random"] = field(default="grid", metadata={"noun": "search"})
+    eta: tuple[float, ...] = field(default=(1.0, 10.0), metadata=_check(_value_list(0, "values")))
+    zeta: tuple[float, ...] = field(default=(0.1, 1.0), metadata=_check(_value_list(0, "values")))
+    bits: tuple[int, ...] = field(default=(16, 64), metadata=_check(_value_list(1, "code lengths")))
+    eta_range: tuple[float, ...] | None = field(default=None, metadata=_check(_log_range))
+    zeta_range: tuple[float, ...] | None = field(default=None, metadata=_check(_log_range))
+    num_samples: int = field(default=1, metadata=_check(at_least(1)))
+    scheduler: Literal["asha", "none"] = field(default="asha", metadata={"noun": "scheduler"})
+    grace_period: int = field(default=1, metadata=_check(at_least(1)))
+    reduction_factor: float = field(default=2.0, metadata=_check(lambda v: None if v > 1 else f"must be > 1, got {v!r}"))
+    max_concurrent_trials: int | None = field(default=None, metadata=_check(at_least(1)))
+    max_failures: int = field(default=1, metadata=_check(at_least(0)))
+
+    def validate(self) -> None:
+        if self.search == "grid":
+            for key in ("eta_range", "zeta_range"):
+                if getattr(self, key) is not None:
+                    raise Invalid(key, "only with search: random (a grid takes the eta and zeta lists)")
+            if self.num_samples != 1:
+                raise Invalid("num_samples", "a grid runs each point once (training is seeded: repeats would be identical); use search: random")
+
+
+def _map_at(v: dict[str, int | None]) -> str | None:
+    bad = {k: r for k, r in v.items() if r is not None and r < 1}
+    return f"R must be >= 1 or null (ALL), got {bad}" if bad else None
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    """The `evaluate` stage: retrieval metrics of a trained model on the query and database splits."""
+
+    # mAP@R per dataset (the protocol's R); a dataset not listed, or null: R = ALL.
+    map_at: dict[str, int | None] = field(
+        default_factory=lambda: {"cifar10": None, "nuswide21": 5000, "imagenet100": 1000}, metadata=_check(_map_at)
+    )
+    radius: int = field(default=2, metadata=_check(at_least(0)))  # P@H<=radius
+    max_n: int = field(default=1000, metadata=_check(at_least(1)))  # the P@N curve, N = 1..max_n
+    pr_rank_points: int = field(default=100, metadata=_check(at_least(2)))  # PR curve by rank
+    batch_size: int = field(default=256, metadata=_check(at_least(1)))
+    loader_workers: int = field(default=2, metadata=_check(at_least(0)))
+    device: Literal["auto", "cpu", "cuda"] = field(default="auto", metadata={"noun": "device"})
+    precision: Literal["auto", "fp32", "bf16"] = field(default="auto", metadata={"noun": "precision"})
+    grid_queries: int = field(default=6, metadata=_check(at_least(0)))  # rows of the retrieval grid
+    grid_topk: int = field(default=10, metadata=_check(at_least(1)))
+
+    def r_for(self, dataset: str) -> int | None:
+        """R of mAP@R for ``dataset`` (None: ALL)."""
+        return self.map_at.get(dataset)
+
+
+_ALIAS_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*$")
+
+
+@dataclass(frozen=True)
+class PromoteConfig:
+    """The `promote` stage: register the model; move the alias only to a better one."""
+
+    model_name: str = field(default="dpfah-{dataset}-{bits}b", metadata=_check(matches(r".+", "a name")))
+    alias: str = "champion"
+    metric: Literal["query_map", "query_map_tie_aware"] = field(default="query_map", metadata={"noun": "metric"})
+
+    def validate(self) -> None:
+        try:
+            self.model_name.format(dataset="d", bits=1)
+        except (KeyError, IndexError, ValueError) as e:
+            raise Invalid("model_name", f"{self.model_name!r} may use only {{dataset}} and {{bits}} ({type(e).__name__}: {e})") from None
+        if not _ALIAS_RE.match(self.alias) or self.alias == "latest" or re.match(r"^v\d+$", self.alias):
+            raise Invalid("alias", f"{self.alias!r} is not a usable MLflow alias (letters, digits, _ and -; not 'latest' or v<N>)")
 
 
 @dataclass(frozen=True)
@@ -238,6 +328,9 @@ class Params:
     datasets: dict[str, DatasetConfig] = field(default_factory=dict)
     train: TrainConfig = field(default_factory=TrainConfig)
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    promote: PromoteConfig = field(default_factory=PromoteConfig)
 
     def validate(self) -> None:
         for name in self.datasets:

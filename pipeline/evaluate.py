@@ -1,0 +1,551 @@
+"""Stage `evaluate`: retrieval metrics of a trained model, for DVC and for its MLflow run.
+
+    python -m pipeline.evaluate --dataset cifar10 --bits 64 [--run-id ID] [--params FILE] [--set key=value ...]
+
+Loads the model that ``pipeline.train`` logged (the run named by ``runs/<dataset>-<bits>.json``,
+or ``--run-id``), checks that the run was trained on these very shards (dataset, code length,
+the manifest's sha256), encodes the query and database splits once (batched, on the GPU when
+there is one) and computes with :func:`dpfah.metrics.retrieval_report`: mAP@R (R per dataset,
+``evaluate.map_at``) with index tie-breaking and tie-aware, P@H<=radius with the share of
+empty balls, the P@N curve and the PR curves by Hamming radius and by rank.
+
+Writes (atomically; the metrics file last, so a failed evaluation never leaves new metrics):
+
+* ``metrics/<dataset>-<bits>.json``: DVC metrics (the numbers under ``metrics``, plus the
+  run, the data and the settings they belong to);
+* ``plots/<dataset>-<bits>/{pr_radius,pr_rank,p_at_n}.csv``: DVC plots;
+
+and logs to the training's MLflow run the same metrics (same names, same values), tags
+``eval.*`` describing the evaluation, and under ``evaluation/`` the metrics file, the curve
+data, figures (PR curves, P@N, a top-k retrieval grid with wrong results marked) and the
+packed codes (``codes/database.parquet``, ``codes/query.parquet``; see :func:`load_codes`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .config import Params, add_config_args, config_from_args
+from .errors import ConfigError, DataError, run_main
+from .registry import (
+    MismatchError,
+    check_training_run,
+    connect,
+    get_run,
+    mlflow_errors,
+    read_run_record,
+    run_model_uri,
+    tracking_uri,
+    using_tracking_uri,
+    write_json_atomic,
+)
+from .train import git_commit, manifest_sha256, shards_dir
+
+__all__ = [
+    "METRICS_DIR",
+    "PLOTS_DIR",
+    "Evaluation",
+    "evaluate",
+    "metrics_file",
+    "plots_dir",
+    "flat_metrics",
+    "metric_values",
+    "load_codes",
+    "read_samples",
+    "main",
+]
+
+METRICS_DIR = "metrics"
+PLOTS_DIR = "plots"
+ARTIFACT_DIR = "evaluation"
+METRIC_PREFIX = "query_"
+P_AT = (10, 100, 500, 1000)  # P@N values reported as scalars (those within the curve)
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    doc: dict[str, Any]  # the metrics file's content
+    report: dict[str, Any]  # dpfah.metrics.retrieval_report (numpy arrays inside)
+    metrics_file: Path
+    plots_dir: Path
+    seconds: dict[str, float]
+
+    @property
+    def metrics(self) -> dict[str, float]:
+        """The metrics logged to MLflow (the ``query_*`` numbers of the metrics file)."""
+        return metric_values(self.doc)
+
+
+def metric_values(doc: dict[str, Any]) -> dict[str, float]:
+    """The metrics (``query_*``) of a metrics file, as logged to MLflow under the same names."""
+    return {k: v for k, v in doc.items() if k.startswith(METRIC_PREFIX)}
+
+
+def metrics_file(dataset: str, bits: int, root: str | os.PathLike = ".") -> Path:
+    return Path(root) / METRICS_DIR / f"{dataset}-{bits}.json"
+
+
+def plots_dir(dataset: str, bits: int, root: str | os.PathLike = ".") -> Path:
+    return Path(root) / PLOTS_DIR / f"{dataset}-{bits}"
+
+
+def map_at_label(r: int | None) -> str | int:
+    return "ALL" if r is None else int(r)
+
+
+# ----------------------------------------------------------------------------- checks
+
+
+def _read_manifest(shards: str):
+    from dpfah.data import ShardError, read_manifest
+
+    try:
+        return read_manifest(shards)
+    except ShardError as e:
+        raise DataError(str(e)) from None
+
+
+def _device(choice: str):
+    import torch
+
+    if choice == "cpu":
+        return torch.device("cpu")
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("evaluate.device: cuda, but torch sees no GPU here (use auto or cpu)")
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+# ----------------------------------------------------------------------------- encoding
+
+
+def _encode_split(model, shards: str, split: str, params: Params, device, image_size: int, progress: bool | None):
+    from torch.utils.data import DataLoader
+    from tqdm import tqdm
+
+    from dpfah.data import EvalStream, ShardError
+    from dpfah.train import encode
+
+    e = params.evaluate
+    try:
+        stream = EvalStream(shards, split, batch_size=e.batch_size, rank=0, world_size=1)
+        loader = DataLoader(stream, batch_size=None, num_workers=e.loader_workers, pin_memory=device.type == "cuda")
+        total = stream.num_samples
+        with tqdm(total=total, desc=f"encode {split}", unit="img", disable=False if progress else None if progress is None else True) as bar:
+
+            def batches() -> Iterator[Any]:
+                for batch in loader:
+                    bar.update(len(batch.index))
+                    yield batch
+
+            codes, labels, index = encode(model, batches(), device, image_size, e.precision)
+    except ShardError as err:
+        raise DataError(str(err)) from None
+    if len(index) != total or not np.array_equal(index, np.arange(total)):
+        raise DataError(f"{shards}: split {split!r} yielded {len(index)} samples with indices not 0..{total - 1}")
+    return codes, labels, index
+
+
+def read_samples(manifest, split: str, indices: Sequence[int]) -> dict[int, bytes]:
+    """The encoded image bytes of a few samples of a split, by their index in it."""
+    from dpfah.data import tar_members
+
+    info = manifest.split(split)
+    paths = manifest.shard_paths(split)
+    starts = np.concatenate([[0], np.cumsum([s.count for s in info.shards])])
+    wanted: dict[int, set[int]] = {}
+    for i in sorted(set(int(i) for i in indices)):
+        s = int(np.searchsorted(starts, i, side="right") - 1)
+        wanted.setdefault(s, set()).add(i - int(starts[s]))
+    out: dict[int, bytes] = {}
+    for s, offsets in wanted.items():
+        path, last = paths[s], max(offsets)
+        opened = _open(path)
+        with opened as f:
+            position, key, image = -1, None, None
+            for name, _, read in tar_members(f, path):
+                base, _, ext = name.partition(".")
+                if base != key:
+                    position, key, image = position + 1, base, None
+                    if position > last:
+                        break
+                if position not in offsets:
+                    continue
+                if ext == "index":
+                    stored = int(read())
+                    if stored != int(starts[s]) + position or image is None:
+                        raise DataError(f"{path}: sample {base!r} is malformed or out of place (index {stored})")
+                    out[stored] = image
+                elif ext != "labels.npy":
+                    image = read()
+    missing = sorted(set(int(i) for i in indices) - set(out))
+    if missing:
+        raise DataError(f"{manifest.directory}: split {split!r} has no samples {missing[:5]}")
+    return out
+
+
+def _open(path: str):
+    if "://" in path:
+        import fsspec
+
+        return fsspec.open(path, "rb").open()
+    return open(path, "rb")
+
+
+# ----------------------------------------------------------------------------- metrics
+
+
+def flat_metrics(report: dict[str, Any]) -> dict[str, float]:
+    """The scalar metrics, named as they are in the metrics file and in MLflow."""
+    out = {
+        "query_map": float(report["map"]),
+        "query_map_tie_aware": float(report["map_tie_aware"]),
+        "query_zero_relevant_share": float(report["zero_relevant_share"]),
+        "query_precision_within_radius": float(report["precision_within_radius"]),
+        "query_empty_ball_share": float(report["empty_share"]),
+    }
+    ns, precision = report["p_at_n"]["n"], report["p_at_n"]["precision"]
+    for n in P_AT:
+        if n <= len(ns):
+            out[f"query_p_at_{n}"] = float(precision[n - 1])
+    return out
+
+
+def _csv(path: Path, header: Sequence[str], columns: Sequence[np.ndarray]) -> None:
+    lines = [",".join(header)]
+    for row in zip(*columns):
+        lines.append(",".join(repr(float(v)) if isinstance(v, (float, np.floating)) else str(int(v)) for v in row))
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("\n".join(lines) + "\n")
+    tmp.replace(path)
+
+
+def _write_plots(directory: Path, report: dict[str, Any]) -> list[Path]:
+    directory.mkdir(parents=True, exist_ok=True)
+    pr, pn, rank = report["pr_by_radius"], report["p_at_n"], report["pr_by_rank"]
+    files = {
+        "pr_radius.csv": (("radius", "precision", "recall"), (pr["radius"], pr["precision"], pr["recall"])),
+        "pr_rank.csv": (("rank", "precision", "recall"), (rank["ranks"], rank["precision"], rank["recall"])),
+        "p_at_n.csv": (("n", "precision"), (pn["n"], pn["precision"])),
+    }
+    for name, (header, columns) in files.items():
+        _csv(directory / name, header, columns)
+    return [directory / name for name in files]
+
+
+def codes_table(codes: np.ndarray, labels: np.ndarray, index: np.ndarray, meta: dict[str, str]):
+    """A pyarrow table: ``index`` int64, ``code`` packed uint64 words, ``labels`` uint8 vector."""
+    import pyarrow as pa
+
+    from dpfah.codes import pack_codes
+
+    packed = pack_codes(codes)
+    code = pa.FixedSizeListArray.from_arrays(pa.array(packed.reshape(-1), pa.uint64()), packed.shape[1])
+    lab = pa.FixedSizeListArray.from_arrays(pa.array(np.ascontiguousarray(labels).reshape(-1), pa.uint8()), labels.shape[1])
+    table = pa.table({"index": pa.array(index, pa.int64()), "code": code, "labels": lab})
+    return table.replace_schema_metadata({k.encode(): str(v).encode() for k, v in meta.items()})
+
+
+def load_codes(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, str]]:
+    """Read a codes Parquet file: packed codes (n, words) uint64, labels (n, classes) uint8,
+    indices (n,) int64 and the metadata (bits, dataset, split, run_id, manifest_sha256)."""
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(path)
+    n = table.num_rows
+    code = table.column("code").combine_chunks()
+    lab = table.column("labels").combine_chunks()
+    packed = np.asarray(code.values.to_numpy(zero_copy_only=False), dtype=np.uint64).reshape(n, code.type.list_size)
+    labels = np.asarray(lab.values.to_numpy(zero_copy_only=False), dtype=np.uint8).reshape(n, lab.type.list_size)
+    index = table.column("index").to_numpy()
+    meta = {k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items()}
+    return packed, labels, index, meta
+
+
+# ----------------------------------------------------------------------------- figures
+
+
+def _figure(width: float, height: float):
+    from matplotlib.figure import Figure  # Agg canvas; no pyplot state, no display needed
+
+    return Figure(figsize=(width, height), dpi=110, layout="constrained")
+
+
+def _plot_pr(path: Path, report: dict[str, Any], title: str) -> None:
+    fig = _figure(9.0, 4.0)
+    left, right = fig.subplots(1, 2)
+    pr = report["pr_by_radius"]
+    left.plot(pr["recall"], pr["precision"], marker="o", markersize=3)
+    for r in range(min(len(pr["radius"]), 5)):
+        left.annotate(f"r={r}", (pr["recall"][r], pr["precision"][r]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    left.set(xlabel="recall", ylabel="precision", title="by Hamming radius", xlim=(0, 1.02), ylim=(0, 1.02))
+    rank = report["pr_by_rank"]
+    right.plot(rank["recall"], rank["precision"], marker=".", markersize=3)
+    right.set(xlabel="recall", ylabel="precision", title="by rank (top-k lists)", xlim=(0, 1.02), ylim=(0, 1.02))
+    for ax in (left, right):
+        ax.grid(alpha=0.3)
+    fig.suptitle(title)
+    fig.savefig(path)
+
+
+def _plot_p_at_n(path: Path, report: dict[str, Any], title: str) -> None:
+    fig = _figure(5.0, 4.0)
+    ax = fig.subplots()
+    ax.plot(report["p_at_n"]["n"], report["p_at_n"]["precision"])
+    ax.set(xlabel="N (top-N returned)", ylabel="precision", title=title, ylim=(0, 1.02))
+    ax.grid(alpha=0.3)
+    fig.savefig(path)
+
+
+def _thumbnail(data: bytes, size: int = 96) -> np.ndarray:
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as im:
+        im = im.convert("RGB")
+        im.thumbnail((size, size))
+        return np.asarray(im)
+
+
+def _class_name(labels: np.ndarray, classes: Sequence[str]) -> str:
+    names = [classes[i] for i in np.flatnonzero(labels)]
+    return "+".join(names[:2]) + ("+..." if len(names) > 2 else "") if names else "(none)"
+
+
+def _plot_grid(path: Path, rows: list[dict[str, Any]], title: str) -> None:
+    """Top-k retrieval grid (the paper's Fig. 15): a query per row, its results by rank;
+    correct results framed green, wrong ones red with an X."""
+    k = max(len(r["results"]) for r in rows)
+    fig = _figure(1.05 * (k + 1) + 0.6, 1.25 * len(rows) + 0.5)
+    axes = np.atleast_2d(fig.subplots(len(rows), k + 1, squeeze=False))
+    for i, row in enumerate(rows):
+        cells = [(row["query"], None, None, f"query: {row['name']}")] + [
+            (img, ok, d, f"d={d}") for img, ok, d in row["results"]
+        ]
+        for j in range(k + 1):
+            ax = axes[i, j]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if j >= len(cells):
+                ax.axis("off")
+                continue
+            img, ok, _, label = cells[j]
+            ax.imshow(img)
+            colour = "black" if ok is None else ("#2ca02c" if ok else "#d62728")
+            for spine in ax.spines.values():
+                spine.set_color(colour)
+                spine.set_linewidth(1 if ok is None else 3)
+            ax.set_xlabel(label, fontsize=6, color=colour)
+            if ok is False:
+                ax.text(0.5, 0.5, "X", transform=ax.transAxes, ha="center", va="center", color="#d62728", fontsize=22, fontweight="bold", alpha=0.8)
+            if i == 0 and j > 0:
+                ax.set_title(str(j), fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    fig.savefig(path)
+
+
+def _grid_rows(manifest, q_codes, d_codes, q_labels, d_labels, n_queries: int, topk: int) -> list[dict[str, Any]]:
+    from dpfah.codes import pack_codes, topk_hamming
+
+    nq, ndb = len(q_codes), len(d_codes)
+    if n_queries == 0 or nq == 0 or ndb == 0:
+        return []
+    chosen = np.unique(np.linspace(0, nq - 1, min(n_queries, nq)).round().astype(np.int64))
+    idx, dist = topk_hamming(pack_codes(q_codes[chosen]), pack_codes(d_codes), k=min(topk, ndb))
+    q_bytes = read_samples(manifest, "query", chosen)
+    d_bytes = read_samples(manifest, "database", np.unique(idx))
+    rows = []
+    for row, q in enumerate(chosen):
+        results = []
+        for j, d in zip(idx[row], dist[row]):
+            relevant = bool(np.any(q_labels[q].astype(bool) & d_labels[j].astype(bool)))
+            results.append((_thumbnail(d_bytes[int(j)]), relevant, int(d)))
+        rows.append({"query": _thumbnail(q_bytes[int(q)]), "name": _class_name(q_labels[q], manifest.classes), "results": results})
+    return rows
+
+
+# ----------------------------------------------------------------------------- the stage
+
+
+def evaluate(
+    params: Params,
+    dataset: str,
+    bits: int,
+    *,
+    run_id: str | None = None,
+    progress: bool | None = None,
+    root: str | os.PathLike = ".",
+) -> Evaluation:
+    """Evaluate the model of ``runs/<dataset>-<bits>.json`` (or of ``run_id``) on the
+    dataset's query and database splits; write the DVC files under ``root`` and log
+    everything to the model's MLflow run."""
+    import mlflow.pytorch
+    from mlflow.entities import Metric, RunTag
+
+    from dpfah.metrics import retrieval_report
+
+    t0 = time.perf_counter()
+    seconds: dict[str, float] = {}
+    params.dataset(dataset)  # a clear error for an unknown name
+    if bits < 1:
+        raise ConfigError(f"--bits {bits}: must be >= 1")
+    record: dict[str, Any] | None = None
+    if run_id is None:
+        record, record_path = read_run_record(dataset, bits, root)
+        run_id, source = record["run_id"], str(record_path)
+    else:
+        source = "--run-id"
+    uri = tracking_uri(params)
+    client = connect(uri)
+    run = get_run(client, run_id, uri, source)
+    check_training_run(run, dataset, bits, source)
+
+    shards = shards_dir(params, dataset)
+    manifest = _read_manifest(shards)
+    sha = manifest_sha256(manifest)
+    trained_on = run.data.tags.get("manifest_sha256")
+    if trained_on != sha:
+        raise MismatchError(
+            f"the shards at {shards} (manifest sha256 {sha[:12]}, {manifest.dataset}/{manifest.protocol}) are not the ones "
+            f"MLflow run {run_id} was trained on (sha256 {str(trained_on)[:12]}): re-run train, or point data.root at its data"
+        )
+    if record is not None and record.get("manifest_sha256") not in (None, sha):
+        raise MismatchError(f"{source}: manifest_sha256 {str(record['manifest_sha256'])[:12]} does not match the shards at {shards} ({sha[:12]})")
+
+    model_uri = run_model_uri(client, run, uri, record.get("model_uri") if record else None)
+    device = _device(params.evaluate.device)
+    with mlflow_errors(f"loading model {model_uri}", uri), using_tracking_uri(uri):
+        model = mlflow.pytorch.load_model(model_uri, map_location=device)
+    if getattr(model, "bits", None) != bits or getattr(model, "num_classes", None) != manifest.num_classes:
+        raise MismatchError(
+            f"model {model_uri} has {getattr(model, 'bits', '?')} bits and {getattr(model, 'num_classes', '?')} classes; "
+            f"the {dataset} shards need {bits} bits and {manifest.num_classes} classes"
+        )
+    model.to(device)
+    image_size = int(run.data.params.get("train.image_size", params.train.image_size))
+    seconds["load"] = time.perf_counter() - t0
+
+    t = time.perf_counter()
+    q_codes, q_labels, q_index = _encode_split(model, shards, "query", params, device, image_size, progress)
+    d_codes, d_labels, d_index = _encode_split(model, shards, "database", params, device, image_size, progress)
+    seconds["encode"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    e = params.evaluate
+    r = e.r_for(dataset)
+    n_db = len(d_codes)
+    ranks = np.unique(np.linspace(1, max(n_db, 1), e.pr_rank_points).round().astype(np.int64))
+    report = retrieval_report(q_codes, d_codes, q_labels, d_labels, topk=r, radius=e.radius, max_n=e.max_n, pr_ranks=ranks)
+    metrics = flat_metrics(report)
+    seconds["metrics"] = time.perf_counter() - t
+
+    # The DVC metrics file: the numbers at the top level (so `dvc metrics show` and `dvc exp
+    # show` list them by name) and the few facts that say what they measure and for which run.
+    doc = {
+        **metrics,
+        "dataset": dataset,
+        "bits": bits,
+        "run_id": run_id,
+        "map_at": map_at_label(r),
+        "topk": int(report["topk"]),
+        "radius": e.radius,
+        "n_queries": int(report["n_queries"]),
+        "n_db": int(report["n_db"]),
+    }
+    details = {**doc, "model_uri": model_uri, "protocol": manifest.protocol, "manifest_sha256": sha, "ties": "index"}
+    label = f"{dataset}, {bits} bits, run {run_id[:8]}"
+    t = time.perf_counter()
+    plot_dir = plots_dir(dataset, bits, root)
+    curve_files = _write_plots(plot_dir, report)
+    with tempfile.TemporaryDirectory(prefix="dpfah-eval-") as tmp:
+        art = Path(tmp)
+        for f in curve_files:
+            (art / f.name).write_bytes(f.read_bytes())
+        write_json_atomic(art / "metrics.json", details)
+        _plot_pr(art / "pr_curves.png", report, f"PR curves: {label}")
+        _plot_p_at_n(art / "p_at_n.png", report, f"P@N: {label}")
+        rows = _grid_rows(manifest, q_codes, d_codes, q_labels, d_labels, e.grid_queries, e.grid_topk)
+        if rows:
+            _plot_grid(art / "retrieval_grid.png", rows, f"top-{e.grid_topk} by Hamming distance (ties by index): {label}")
+        meta = {"bits": bits, "dataset": dataset, "run_id": run_id, "manifest_sha256": sha}
+        (art / "codes").mkdir()
+        import pyarrow.parquet as pq
+
+        pq.write_table(codes_table(d_codes, d_labels, d_index, {**meta, "split": "database"}), art / "codes" / "database.parquet")
+        pq.write_table(codes_table(q_codes, q_labels, q_index, {**meta, "split": "query"}), art / "codes" / "query.parquet")
+        now = int(time.time() * 1000)
+        tags = {
+            "eval.map_at": str(doc["map_at"]),
+            "eval.radius": str(e.radius),
+            "eval.manifest_sha256": sha,
+            "eval.n_queries": str(doc["n_queries"]),
+            "eval.n_db": str(doc["n_db"]),
+            "eval.git_commit": git_commit(),
+        }
+        with mlflow_errors(f"logging the evaluation to run {run_id}", uri):
+            client.log_batch(
+                run_id,
+                metrics=[Metric(k, v, now, 0) for k, v in metrics.items()],
+                tags=[RunTag(k, v) for k, v in tags.items()],
+            )
+            client.log_artifacts(run_id, tmp, ARTIFACT_DIR)
+    seconds["outputs"] = time.perf_counter() - t
+    path = write_json_atomic(metrics_file(dataset, bits, root), doc)  # last: only a complete evaluation counts
+    seconds["total"] = time.perf_counter() - t0
+    return Evaluation(doc, report, path, plot_dir, seconds)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m pipeline.evaluate",
+        description=(
+            "Evaluate a trained DPFAH model for retrieval: encode the query and database splits once and\n"
+            "compute mAP@R (index ties and tie-aware), P@H<=2 with the share of empty balls, the P@N\n"
+            "curve and PR curves. Writes metrics/<dataset>-<bits>.json and plots/<dataset>-<bits>/*.csv\n"
+            "and logs the metrics, figures and packed codes to the model's MLflow run."
+        ),
+        epilog=(
+            "examples:\n"
+            "  python -m pipeline.evaluate --dataset cifar10 --bits 64\n"
+            "  python -m pipeline.evaluate --dataset cifar10 --bits 64 --run-id 0123abcd...   # no run record\n"
+            "  python -m pipeline.evaluate --dataset nuswide21 --bits 32 --set evaluate.map_at.nuswide21=5000\n"
+            "The model comes from runs/<dataset>-<bits>.json (written by pipeline.train) unless --run-id is\n"
+            "given; the run must have been trained on the same shards. Errors print one line and exit 2."
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--dataset", required=True, metavar="NAME", help="dataset name from params.yaml (its shards must be prepared)")
+    parser.add_argument("--bits", type=int, required=True, metavar="L", help="code length of the trained model")
+    parser.add_argument("--run-id", metavar="ID", help="evaluate this MLflow run's model instead of the run record's (e.g. after `ray job submit`)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_config_args(parser)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    params = config_from_args(args)
+    result = evaluate(params, args.dataset, args.bits, run_id=args.run_id, progress=False if args.quiet else None)
+    d = m = result.doc
+    p_at = max((n for n in P_AT if f"query_p_at_{n}" in m), default=None)
+    extra = f", P@{p_at} {m[f'query_p_at_{p_at}']:.4f}" if p_at else ""
+    print(
+        f"evaluated {d['dataset']} {d['bits']} bits (run {d['run_id']}, {d['n_queries']:,} queries x {d['n_db']:,}): "
+        f"mAP@{d['map_at']} {m['query_map']:.4f} (tie-aware {m['query_map_tie_aware']:.4f}), "
+        f"P@H<={d['radius']} {m['query_precision_within_radius']:.4f} ({m['query_empty_ball_share']:.0%} empty balls){extra}; "
+        f"wrote {result.metrics_file} and {result.plots_dir}/ in {result.seconds['total']:.1f} s"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(main))

@@ -1,0 +1,330 @@
+"""Stage `promote`: register an evaluated model; the `champion` alias goes only to a better one.
+
+    python -m pipeline.promote --dataset cifar10 --bits 64 [--run-id ID] [--params FILE] [--set key=value ...]
+
+Registers the model of the run named by ``runs/<dataset>-<bits>.json`` (or ``--run-id``) as
+``promote.model_name`` (default ``dpfah-<dataset>-<bits>b``) and moves ``promote.alias``
+(default ``champion``) to the new version only when its query metric (``promote.metric``,
+default ``query_map``) is strictly higher than the current holder's, or nothing holds it.
+The decision and both numbers go to the run's tags, the version's tags and
+``promotions/<dataset>-<bits>.json``.
+
+Refuses (exit 2, nothing registered, no alias moved) when the run has no evaluation, when
+``metrics/<dataset>-<bits>.json`` is missing or belongs to another run or other settings,
+or when the two numbers were not measured the same way (another R or other shards).
+
+Idempotent: a run is registered once (its version is found again by run id) and a decision
+already recorded on the version is reused as long as nothing it depended on has changed, so
+running the stage twice changes neither the registry nor the promotion file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .config import Params, add_config_args, config_from_args
+from .errors import ConfigError, PipelineError, run_main
+from .evaluate import map_at_label, metric_values, metrics_file
+from .registry import (
+    MismatchError,
+    check_training_run,
+    connect,
+    get_run,
+    mlflow_errors,
+    read_run_record,
+    run_model_uri,
+    tracking_uri,
+    using_tracking_uri,
+    write_json_atomic,
+)
+
+__all__ = ["PROMOTIONS_DIR", "EvaluationMissing", "Promotion", "promote", "promotion_file", "model_name", "main"]
+
+PROMOTIONS_DIR = "promotions"
+RECORD_TAG = "promote.record"
+
+
+class EvaluationMissing(PipelineError):
+    """The run has not been evaluated (or its metrics file is missing or unreadable)."""
+
+
+@dataclass(frozen=True)
+class Promotion:
+    record: dict[str, Any]
+    path: Path
+    registered: bool  # a new model version was created
+    moved: bool  # the alias was moved
+
+
+def promotion_file(dataset: str, bits: int, root: str | os.PathLike = ".") -> Path:
+    return Path(root) / PROMOTIONS_DIR / f"{dataset}-{bits}.json"
+
+
+def model_name(params: Params, dataset: str, bits: int) -> str:
+    name = params.promote.model_name.format(dataset=dataset, bits=bits)
+    if "'" in name or '"' in name:
+        raise ConfigError(f"promote.model_name: {name!r} must not contain quotes")
+    return name
+
+
+def _read_metrics(dataset: str, bits: int, root) -> tuple[dict[str, Any], Path]:
+    path = metrics_file(dataset, bits, root)
+    try:
+        doc = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise EvaluationMissing(
+            f"{path}: no evaluation metrics (run python -m pipeline.evaluate --dataset {dataset} --bits {bits} first)"
+        ) from None
+    except (OSError, json.JSONDecodeError) as e:
+        raise EvaluationMissing(f"{path}: unreadable metrics ({type(e).__name__}: {e})") from None
+    if not isinstance(doc, dict) or not metric_values(doc):
+        raise EvaluationMissing(f"{path}: not an evaluation metrics file (no query_* metrics)")
+    return doc, path
+
+
+def _alias_holder(client, name: str, alias: str) -> int | None:
+    aliases = client.get_registered_model(name).aliases or {}
+    held = aliases.get(alias)
+    return None if held is None else int(held)
+
+
+def _find_version(client, name: str, run_id: str):
+    """The run's model version (lowest, if registered twice by hand), or None; creates the
+    registered model when it does not exist yet."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.get_registered_model(name)
+    except MlflowException as e:
+        if e.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
+        try:
+            client.create_registered_model(name, description="DPFAH hashing models; the alias marks the best by query mAP")
+        except MlflowException as e2:
+            if e2.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+        return None
+    found = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
+    return min(found, key=lambda v: int(v.version)) if found else None
+
+
+def _decide(client, name: str, version: int | None, run_id: str, value: float, holder: int | None, metric: str, map_at, sha: str, uri: str):
+    """(decision, previous holder or None) for the candidate against the alias's holder."""
+    if holder is not None and holder == version:
+        return "unchanged", {"version": version, "run_id": run_id, "value": value}
+    if holder is None:
+        return "promoted", None
+    champion = client.get_model_version(name, str(holder))
+    champ_run = get_run(client, champion.run_id, uri, f"{name} version {holder}")
+    champ_value = champ_run.data.metrics.get(metric)
+    previous = {"version": holder, "run_id": champion.run_id, "value": champ_value}
+    if champ_value is None:
+        raise EvaluationMissing(
+            f"{name} version {holder} holds the alias but its run {champion.run_id} has no {metric}: evaluate it "
+            f"(python -m pipeline.evaluate --run-id {champion.run_id} ...) or remove the alias by hand"
+        )
+    tags = champ_run.data.tags
+    if tags.get("eval.map_at") != str(map_at) or tags.get("eval.manifest_sha256") != sha:
+        raise MismatchError(
+            f"{name} version {holder} (run {champion.run_id}) was evaluated at mAP@{tags.get('eval.map_at')} on shards "
+            f"{str(tags.get('eval.manifest_sha256'))[:12]}, this run at mAP@{map_at} on {sha[:12]}: not comparable; "
+            f"re-evaluate the champion's run with the same settings"
+        )
+    return ("promoted" if value > champ_value else "kept"), previous
+
+
+def promote(
+    params: Params,
+    dataset: str,
+    bits: int,
+    *,
+    run_id: str | None = None,
+    root: str | os.PathLike = ".",
+) -> Promotion:
+    """Register the evaluated model of ``runs/<dataset>-<bits>.json`` (or ``run_id``) and move
+    the alias to it when it beats the holder; write ``promotions/<dataset>-<bits>.json``."""
+    import mlflow
+    from mlflow.entities import RunTag
+
+    params.dataset(dataset)
+    cfg = params.promote
+    metric, alias = cfg.metric, cfg.alias
+    map_at = map_at_label(params.evaluate.r_for(dataset))
+    name = model_name(params, dataset, bits)
+
+    record: dict[str, Any] | None = None
+    doc: dict[str, Any] | None = None
+    if run_id is None:  # the DVC way: the run record and the metrics file must agree
+        record, record_path = read_run_record(dataset, bits, root)
+        run_id, source = record["run_id"], str(record_path)
+        doc, doc_path = _read_metrics(dataset, bits, root)
+        if doc.get("run_id") != run_id:
+            raise MismatchError(
+                f"{doc_path}: metrics of run {doc.get('run_id')}, but {record_path} names run {run_id} "
+                f"(evaluate that run first: python -m pipeline.evaluate --dataset {dataset} --bits {bits})"
+            )
+        if (doc.get("dataset"), doc.get("bits")) != (dataset, bits):
+            raise MismatchError(f"{doc_path}: metrics of {doc.get('dataset')!r} at {doc.get('bits')} bits, not {dataset!r} at {bits}")
+        if doc.get("map_at") != map_at:
+            raise MismatchError(f"{doc_path}: evaluated at mAP@{doc.get('map_at')} but evaluate.map_at gives mAP@{map_at} now: re-run evaluate")
+        if metric not in doc:
+            raise EvaluationMissing(f"{doc_path}: no {metric}")
+    else:
+        source = "--run-id"
+
+    uri = tracking_uri(params)
+    client = connect(uri)
+    run = get_run(client, run_id, uri, source)
+    check_training_run(run, dataset, bits, source)
+    value = run.data.metrics.get(metric)
+    tags = run.data.tags
+    if value is None or "eval.map_at" not in tags:
+        raise EvaluationMissing(
+            f"MLflow run {run_id} (from {source}) has no evaluation ({metric}): run python -m pipeline.evaluate "
+            f"--dataset {dataset} --bits {bits}{' --run-id ' + run_id if record is None else ''} first"
+        )
+    if doc is not None and doc[metric] != value:
+        raise MismatchError(
+            f"{metrics_file(dataset, bits, root)}: {metric} {doc[metric]!r} differs from MLflow run {run_id}'s "
+            f"{value!r} (another evaluation was logged since): re-run evaluate"
+        )
+    if tags.get("eval.map_at") != str(map_at):
+        raise MismatchError(f"MLflow run {run_id} was evaluated at mAP@{tags.get('eval.map_at')}, but evaluate.map_at gives mAP@{map_at}: re-run evaluate")
+    sha = tags.get("eval.manifest_sha256", "")
+    if sha != tags.get("manifest_sha256"):
+        raise MismatchError(f"MLflow run {run_id} was evaluated on other shards ({sha[:12]}) than it was trained on: re-run evaluate")
+    model_uri = run_model_uri(client, run, uri, record.get("model_uri") if record else None)
+
+    with mlflow_errors(f"registering run {run_id} as {name}", uri):
+        version_tags = {
+            "dataset": dataset,
+            "bits": str(bits),
+            "protocol": tags.get("protocol", ""),
+            "manifest_sha256": sha,
+            "map_at": str(map_at),
+            metric: repr(value),
+            "git_commit": tags.get("git_commit", ""),
+        }
+        found = _find_version(client, name, run_id)
+        version = None if found is None else int(found.version)
+        holder = _alias_holder(client, name, alias)
+        stored = None if version is None else _stored(client, name, version)
+        reuse = (
+            stored is not None
+            and stored.get("value") == value
+            and stored.get("metric") == metric
+            and stored.get("map_at") == map_at
+            and stored.get("alias") == alias
+            and stored.get("alias_version") == holder
+        )
+        registered = moved = False
+        if reuse:
+            out = stored
+        else:
+            # Decide first: a refusal (nothing comparable) registers nothing.
+            decision, previous = _decide(client, name, version, run_id, value, holder, metric, map_at, sha, uri)
+            if version is None:
+                with using_tracking_uri(uri):
+                    version = int(mlflow.register_model(model_uri, name, tags=version_tags).version)
+                registered = True
+            if decision == "promoted":
+                client.set_registered_model_alias(name, alias, str(version))
+                moved = True
+            out = {
+                "dataset": dataset,
+                "bits": bits,
+                "model_name": name,
+                "alias": alias,
+                "metric": metric,
+                "map_at": map_at,
+                "run_id": run_id,
+                "version": version,
+                "value": value,
+                "previous": previous,
+                "decision": decision,
+                "alias_version": version if decision == "promoted" else holder,
+            }
+            client.set_model_version_tag(name, str(version), RECORD_TAG, json.dumps(out, sort_keys=True))
+        prev = out["previous"] or {}
+        run_tags = {
+            "promote.decision": out["decision"],
+            "promote.model_name": name,
+            "promote.version": str(version),
+            "promote.alias": alias,
+            "promote.alias_version": str(out["alias_version"]),
+            f"promote.{metric}": repr(value),
+            f"promote.champion_{metric}": "" if prev.get("value") is None else repr(prev["value"]),
+            "promote.champion_version": "" if prev.get("version") is None else str(prev["version"]),
+        }
+        if any(tags.get(k) != v for k, v in run_tags.items()):
+            client.log_batch(run_id, tags=[RunTag(k, v) for k, v in run_tags.items()])
+    path = write_json_atomic(promotion_file(dataset, bits, root), out)
+    return Promotion(out, path, registered, moved)
+
+
+def _stored(client, name: str, version: int) -> dict[str, Any] | None:
+    text = (client.get_model_version(name, str(version)).tags or {}).get(RECORD_TAG)
+    try:
+        return json.loads(text) if text else None
+    except json.JSONDecodeError:
+        return None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m pipeline.promote",
+        description=(
+            "Register an evaluated DPFAH model in the MLflow model registry as dpfah-<dataset>-<bits>b\n"
+            "(promote.model_name) and move the `champion` alias (promote.alias) to it only when its query\n"
+            "mAP (promote.metric) beats the current champion's. Writes promotions/<dataset>-<bits>.json\n"
+            "and tags the run with the decision. Running it again changes nothing."
+        ),
+        epilog=(
+            "examples:\n"
+            "  python -m pipeline.promote --dataset cifar10 --bits 64\n"
+            "  python -m pipeline.promote --dataset cifar10 --bits 64 --run-id 0123abcd...   # after evaluate --run-id\n"
+            "Load the champion with mlflow.pytorch.load_model('models:/dpfah-cifar10-64b@champion').\n"
+            "Refuses (one line, exit 2; no alias moves) when the run has no evaluation or the metrics file\n"
+            "belongs to another run."
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--dataset", required=True, metavar="NAME", help="dataset name from params.yaml")
+    parser.add_argument("--bits", type=int, required=True, metavar="L", help="code length of the model")
+    parser.add_argument(
+        "--run-id",
+        metavar="ID",
+        help="promote this evaluated MLflow run instead of the run record's (its evaluation is read from MLflow)",
+    )
+    add_config_args(parser)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    params = config_from_args(args)
+    result = promote(params, args.dataset, args.bits, run_id=args.run_id)
+    r = result.record
+    prev = r["previous"]
+    versus = f"version {prev['version']} has {prev['value']:.4f}" if prev and prev.get("value") is not None else "no champion before"
+    what = {
+        "promoted": f"{r['alias']} -> version {r['version']}" if result.moved else f"{r['alias']} on version {r['version']} (decided before)",
+        "kept": f"{r['alias']} stays on version {r['alias_version']}",
+        "unchanged": f"version {r['version']} already holds {r['alias']}",
+    }[r["decision"]]
+    print(
+        f"{r['model_name']} version {r['version']}{' (new)' if result.registered else ''}: {r['metric']} {r['value']:.4f} "
+        f"({versus}): {what}; wrote {result.path}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(main))

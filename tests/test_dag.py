@@ -1,0 +1,321 @@
+"""End to end: the whole DAG under `dvc repro` in a temporary git repository, and the train
+stage as a `ray job submit` job against a local Ray head.
+
+Both run the stages as a user would, in subprocesses, on a copy of the project files; the
+Ray Train fit inside `train` starts its own Ray (never the test session's)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent  # the venv's bin: python, dvc, ray
+PROJECT = ["dvc.yaml", "params.yaml", "profiles", "pipeline", "dpfah", ".gitignore", ".dvcignore"]
+BITS = 8
+
+
+def copy_project(dst: Path) -> Path:
+    """The files the stages need (dpfah/*.so included: the compiled kernels)."""
+    dst.mkdir(parents=True, exist_ok=True)
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+    for name in PROJECT:
+        src = REPO / name
+        if src.is_dir():
+            shutil.copytree(src, dst / name, ignore=ignore)
+        elif src.exists():
+            shutil.copy2(src, dst / name)
+    return dst
+
+
+def stage_env(**extra: str) -> dict[str, str]:
+    """The environment of a stage subprocess: the venv first on PATH (dvc.yaml says `python`),
+    no outside Ray cluster, no token auth, no MLflow URI from the test session."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI", "PYTHONPATH")}
+    env.update(
+        PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}",
+        RAY_AUTH_MODE="disabled",
+        # Ray's address "local" always starts a new local instance: never the test session's
+        # Ray, nor a cluster some other process started on this machine.
+        RAY_ADDRESS="local",
+        DVC_NO_ANALYTICS="1",
+        PYTHONUNBUFFERED="1",
+    )
+    env.update(extra)
+    return env
+
+
+def run(cmd: list[str], cwd: Path, env: dict[str, str], timeout: float = 400) -> str:
+    t = time.monotonic()
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    out = proc.stdout + proc.stderr
+    print(f"{time.monotonic() - t:6.1f} s  {' '.join(Path(c).name if i == 0 else c for i, c in enumerate(cmd[:4]))}")
+    assert proc.returncode == 0, f"{' '.join(cmd)} exited {proc.returncode}:\n{out[-6000:]}"
+    return out
+
+
+def toy_settings(work: Path, images: Path) -> dict:
+    """The tiny configuration: a 3-class custom dataset, one epoch at 8 bits, CPU."""
+    return {
+        "prepare.datasets": ["toy"],
+        "datasets.toy": {
+            "kind": "custom",
+            "images": str(images),
+            "query_per_class": 4,
+            "train_per_class": 16,
+            "validation": 6,
+            "shard_size": 10,
+        },
+        "train.bits": [BITS],
+        "train.epochs": 1,
+        "train.batch_size": 8,
+        "train.image_size": 32,
+        "train.loader_workers": 0,
+        "train.eval_batch_size": 32,
+        "train.collective_timeout_s": 60,
+        "train.storage_path": str(work / "ray_results"),
+        "mlflow.tracking_uri": f"sqlite:///{work / 'mlflow.db'}",
+        "evaluate.loader_workers": 0,
+        "evaluate.batch_size": 32,
+        "evaluate.grid_queries": 2,
+    }
+
+
+def edit_params(path: Path, settings: dict) -> None:
+    raw = yaml.safe_load(path.read_text())
+    for dotted, value in settings.items():
+        node = raw
+        *parents, last = dotted.split(".")
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[last] = value
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+
+
+def ran_stages(output: str) -> set[str]:
+    return {line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage '")}
+
+
+# ----------------------------------------------------------------------------- dvc repro
+
+
+def test_dvc_repro_runs_the_dag_then_nothing_then_only_what_a_parameter_touches(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.evaluate import metric_values
+    from tests.conftest import make_class_folder
+
+    images = make_class_folder(tmp_path / "images")
+    repo = copy_project(tmp_path / "repo")
+    edit_params(repo / "params.yaml", toy_settings(tmp_path, images))
+    env = stage_env()
+    git = ["git", "-c", "user.name=test", "-c", "user.email=test@example.com"]
+    run(["git", "init", "-q"], repo, env)
+    run([str(BIN / "dvc"), "init", "-q"], repo, env)
+    run([*git, "add", "-A"], repo, env)
+    run([*git, "commit", "-qm", "project"], repo, env)
+
+    # 1. The whole DAG.
+    first = run([str(BIN / "dvc"), "repro", "promote"], repo, env)
+    assert ran_stages(first) == {"prepare@toy", f"train@toy-{BITS}", f"evaluate@toy-{BITS}", f"promote@toy-{BITS}"}, first
+    record = json.loads((repo / "runs" / f"toy-{BITS}.json").read_text())
+    metrics = json.loads((repo / "metrics" / f"toy-{BITS}.json").read_text())
+    promotion = json.loads((repo / "promotions" / f"toy-{BITS}.json").read_text())
+    assert metrics["run_id"] == record["run_id"] == promotion["run_id"]
+    assert (promotion["decision"], promotion["version"], promotion["model_name"]) == ("promoted", 1, f"dpfah-toy-{BITS}b")
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run_data = client.get_run(record["run_id"]).data
+    for name, value in metric_values(metrics).items():
+        assert run_data.metrics[name] == value, name
+    assert run_data.tags["promote.decision"] == "promoted"
+    assert client.get_model_version_by_alias(f"dpfah-toy-{BITS}b", "champion").run_id == record["run_id"]
+    for name in ("pr_radius.csv", "pr_rank.csv", "p_at_n.csv"):
+        assert (repo / "plots" / f"toy-{BITS}" / name).is_file()
+    shown = run([str(BIN / "dvc"), "metrics", "show", "--json"], repo, env)
+    assert repr(metrics["query_map"]) in shown and f"metrics/toy-{BITS}.json" in shown, shown
+    plots = run([str(BIN / "dvc"), "plots", "show", "--json"], repo, env)
+    for name in ("pr_radius.csv", "pr_rank.csv", "p_at_n.csv"):
+        assert f"plots/toy-{BITS}/{name}" in plots, plots[-2000:]
+    run([*git, "add", "-A"], repo, env)
+    run([*git, "commit", "-qm", "first repro"], repo, env)
+
+    # 2. Nothing changed: nothing runs.
+    again = run([str(BIN / "dvc"), "repro", "promote"], repo, env)
+    assert ran_stages(again) == set(), again
+    assert "Data and pipelines are up to date." in again, again
+
+    # 3. An evaluation parameter: evaluate and promote rerun, prepare and train do not.
+    promotion_bytes = (repo / "promotions" / f"toy-{BITS}.json").read_bytes()
+    exp = run([str(BIN / "dvc"), "exp", "run", "-S", "evaluate.radius=1", "promote"], repo, env)
+    assert ran_stages(exp) == {f"evaluate@toy-{BITS}", f"promote@toy-{BITS}"}, exp
+    assert "Stage 'prepare@toy' didn't change, skipping" in exp and f"Stage 'train@toy-{BITS}' didn't change, skipping" in exp
+    metrics2 = json.loads((repo / "metrics" / f"toy-{BITS}.json").read_text())
+    assert metrics2["radius"] == 1 and metrics2["run_id"] == record["run_id"]
+    run_data = client.get_run(record["run_id"]).data
+    for name, value in metric_values(metrics2).items():
+        assert run_data.metrics[name] == value, name
+    # The same run promoted again: no new version, the recorded decision stands.
+    assert (repo / "promotions" / f"toy-{BITS}.json").read_bytes() == promotion_bytes
+    assert [int(v.version) for v in client.search_model_versions(f"name = 'dpfah-toy-{BITS}b'")] == [1]
+
+
+# ----------------------------------------------------------------------------- ray job submit
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _our_processes(marker: str) -> list[int]:
+    """Pids of processes whose command line names ``marker`` (our head's temp dir)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and int(entry.name) != os.getpid():
+            try:
+                if marker in (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"):
+                    pids.append(int(entry.name))
+            except OSError:
+                pass
+    return pids
+
+
+@pytest.fixture(scope="module")
+def ray_head():
+    """A Ray head on loopback with the dashboard (the job server), in its own temp dir so
+    that no other process on this machine finds it through /tmp/ray/ray_current_cluster.
+
+    Stopped by signalling the processes it started (its process group, then anything left
+    that names its temp dir), not with `ray stop`, which would stop every Ray instance on
+    the machine, the test session's included."""
+    temp = tempfile.mkdtemp(prefix="rj", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
+    port, dash = free_port(), free_port()
+    env = stage_env()
+    env.pop("RAY_ADDRESS")
+    log = open(Path(temp) / "head.log", "w")
+    proc = subprocess.Popen(
+        [
+            str(BIN / "ray"), "start", "--head", "--block",
+            "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=2",
+            "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
+            f"--temp-dir={temp}", "--disable-usage-stats",
+        ],
+        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )  # fmt: skip
+    address = f"http://127.0.0.1:{dash}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"{address}/api/version", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the Ray head did not start:\n{(Path(temp) / 'head.log').read_text()[-3000:]}")
+            time.sleep(0.5)
+        yield address
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)  # `ray start --block` cleans up its processes on Ctrl-C
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                pass
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # the group we started (new session)
+        except ProcessLookupError:
+            pass
+        proc.wait()
+        for pid in _our_processes(temp):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        log.close()
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def test_train_stage_runs_as_a_ray_job(ray_head, toy_dataset, tmp_path, monkeypatch):
+    """`ray job submit --working-dir <project> -- python -m pipeline.train ...`: the job gets
+    no .git and none of the .gitignore'd files, so the shards come from an absolute URL
+    (file://, read through fsspec as s3:// would be) and the commit from DPFAH_GIT_COMMIT.
+    The job's run record dies with its working dir: evaluate and promote take --run-id."""
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.config import load_params
+    from pipeline.evaluate import evaluate
+    from pipeline.promote import promote
+
+    work, images = toy_dataset
+    project = copy_project(tmp_path / "project")
+    db = tmp_path / "mlflow.db"
+    sets = {
+        "data.root": f"file://{work / 'data'}",
+        "prepare.datasets": "[toy]",
+        "datasets.toy.kind": "custom",
+        "datasets.toy.images": str(images),
+        "train.epochs": "1",
+        "train.batch_size": "8",
+        "train.image_size": "32",
+        "train.loader_workers": "0",
+        "train.eval_batch_size": "32",
+        "train.collective_timeout_s": "60",
+        "train.storage_path": str(tmp_path / "ray_results"),
+        "mlflow.tracking_uri": f"sqlite:///{db}",
+    }
+    runtime_env = {"env_vars": {"DPFAH_GIT_COMMIT": "0123abc-test", "RAY_AUTH_MODE": "disabled"}}
+    cmd = [
+        str(BIN / "ray"), "job", "submit", "--address", ray_head, "--working-dir", str(project),
+        "--runtime-env-json", json.dumps(runtime_env), "--",
+        "python", "-m", "pipeline.train", "--dataset", "toy", "--bits", str(BITS),
+    ]  # fmt: skip
+    for key, value in sets.items():
+        cmd += ["--set", f"{key}={value}"]
+    env = stage_env()
+    env.pop("RAY_ADDRESS")
+    deadline = time.monotonic() + 90
+    while True:  # the job server answers before the node's agent has registered with it
+        proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400)
+        out = proc.stdout + proc.stderr
+        if proc.returncode == 0 or "No available agent to submit job" not in out or time.monotonic() > deadline:
+            break
+        time.sleep(2)
+    assert proc.returncode == 0, f"ray job submit exited {proc.returncode}:\n{out[-6000:]}"
+    assert "succeeded" in out, out[-3000:]
+    line = next(x for x in out.splitlines() if x.startswith("trained toy 8 bits"))
+    run_id = line.split("MLflow run ")[1].split(";")[0]
+
+    client = MlflowClient(f"sqlite:///{db}")
+    run_info = client.get_run(run_id)
+    assert run_info.info.status == "FINISHED"
+    assert run_info.data.tags["git_commit"] == "0123abc-test"
+    assert run_info.data.params["dataset"] == "toy" and run_info.data.params["bits"] == str(BITS)
+    assert [m.step for m in client.get_metric_history(run_id, "val_map")] == [0]
+    assert run_info.outputs.model_outputs, "no model logged"
+
+    # The rest of the chain by run id (in this process: the job machinery is shown above).
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    params = load_params(REPO / "params.yaml", [f"{k}={v}" for k, v in sets.items()] + ["evaluate.loader_workers=0", "evaluate.grid_queries=1"])
+    result = evaluate(params, "toy", BITS, run_id=run_id, progress=False, root=tmp_path)
+    assert result.doc["run_id"] == run_id and 0 < result.doc["query_map"] <= 1
+    assert client.get_run(run_id).data.metrics["query_map"] == result.doc["query_map"]
+    promoted = promote(params, "toy", BITS, run_id=run_id, root=tmp_path)
+    assert promoted.record["decision"] == "promoted" and promoted.record["version"] == 1
+    assert client.get_model_version_by_alias(f"dpfah-toy-{BITS}b", "champion").run_id == run_id

@@ -1,0 +1,492 @@
+"""The evaluate stage on the toy dataset: metrics against a plain re-implementation, DVC and
+MLflow holding the same numbers, the artifacts, and one clear error per kind of bad input."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import socket
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from tests.conftest import toy_params
+
+pytestmark = pytest.mark.slow
+
+BITS = 8
+
+
+# ----------------------------------------------------------------------------- helpers (shared with test_promote)
+
+
+def fake_training_run(
+    tracking_uri: str,
+    manifest_sha256: str,
+    *,
+    dataset: str = "toy",
+    bits: int = BITS,
+    num_classes: int = 3,
+    seed: int = 0,
+    root: Path | None = None,
+    image_size: int = 32,
+    status: str = "FINISHED",
+    model=None,
+) -> dict:
+    """An MLflow run shaped like pipeline.train's (params, tags, a pickled DPFAH model) without
+    Ray; writes the run record under ``root`` when given. Returns the record."""
+    import mlflow
+    import mlflow.pytorch
+
+    from dpfah.model import DPFAH
+    from pipeline.registry import using_tracking_uri
+
+    if model is None:
+        torch.manual_seed(seed)
+        model = DPFAH(bits, num_classes).eval()
+    with using_tracking_uri(tracking_uri):
+        experiment = mlflow.set_experiment(f"dpfah-{dataset}")
+        with mlflow.start_run(experiment_id=experiment.experiment_id) as run:
+            mlflow.log_params({"dataset": dataset, "bits": bits, "train.image_size": image_size})
+            mlflow.set_tags({"dataset": dataset, "protocol": "custom", "manifest_sha256": manifest_sha256, "git_commit": "test"})
+            info = mlflow.pytorch.log_model(model, name="model", serialization_format="pickle", pip_requirements=["torch"])
+            run_id = run.info.run_id
+    if status != "FINISHED":
+        mlflow.tracking.MlflowClient(tracking_uri).set_terminated(run_id, status)
+    record = {
+        "run_id": run_id,
+        "model_uri": info.model_uri,
+        "tracking_uri": tracking_uri,
+        "experiment": experiment.name,
+        "dataset": dataset,
+        "bits": bits,
+        "protocol": "custom",
+        "manifest_sha256": manifest_sha256,
+        "best_val_map": 0.0,
+        "best_epoch": 0,
+        "epochs": 1,
+    }
+    if root is not None:
+        write_record(root, record)
+    return record
+
+
+def write_record(root: Path, record: dict, name: str | None = None) -> Path:
+    path = Path(root) / "runs" / (name or f"{record['dataset']}-{record['bits']}.json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record))
+    return path
+
+
+def shards_sha(shards: Path) -> str:
+    from dpfah.data import read_manifest
+    from pipeline.train import manifest_sha256
+
+    return manifest_sha256(read_manifest(shards))
+
+
+def read_split_plain(shards: Path, split: str):
+    """(images uint8 N,H,W,3, labels uint8 N,C) of a split in stored order, read with tarfile
+    and PIL only (independent of dpfah.data)."""
+    manifest = json.loads((shards / "manifest.json").read_text())
+    samples: dict[str, dict[str, bytes]] = {}
+    for shard in manifest["splits"][split]["shards"]:
+        with tarfile.open(shards / shard["file"]) as tar:
+            for member in tar:
+                key, _, ext = member.name.partition(".")
+                samples.setdefault(key, {})[ext] = tar.extractfile(member).read()
+    rows = sorted(samples.values(), key=lambda s: int(s["index"]))
+    assert [int(s["index"]) for s in rows] == list(range(manifest["splits"][split]["count"]))
+    images = np.stack([np.asarray(Image.open(io.BytesIO(next(v for k, v in s.items() if k not in ("index", "labels.npy")))).convert("RGB")) for s in rows])
+    labels = np.stack([np.load(io.BytesIO(s["labels.npy"])) for s in rows])
+    return images, labels
+
+
+def plain_codes(model, images: np.ndarray) -> np.ndarray:
+    mean = np.array([0.485, 0.456, 0.406], dtype=np.float32)
+    std = np.array([0.229, 0.224, 0.225], dtype=np.float32)
+    x = torch.from_numpy(((images.astype(np.float32) / 255 - mean) / std).transpose(0, 3, 1, 2).copy())
+    with torch.no_grad():
+        return model.eval().codes(x).numpy().astype(np.int8)
+
+
+def plain_metrics(qc, dc, ql, dl, topk, radius, n):
+    """mAP@topk by (distance, index), P@H<=radius (empty = 0), P@n, per-query loops."""
+    bits = qc.shape[1]
+    dist = (bits - qc.astype(np.int64) @ dc.astype(np.int64).T) // 2
+    rel = (ql.astype(np.int64) @ dl.astype(np.int64).T) > 0
+    aps, ball, empty, pn, best, worst = [], [], [], [], [], []
+    for i in range(len(qc)):
+        order = np.lexsort((np.arange(dc.shape[0]), dist[i]))[:topk]
+        r = rel[i, order]
+        hits = np.cumsum(r)
+        aps.append(float((hits / np.arange(1, len(r) + 1))[r].mean()) if r.any() else 0.0)
+        inside = dist[i] <= radius
+        ball.append(rel[i, inside].mean() if inside.any() else 0.0)
+        empty.append(not inside.any())
+        pn.append(rel[i, np.lexsort((np.arange(dc.shape[0]), dist[i]))[:n]].mean())
+        for sink, first in ((best, True), (worst, False)):  # relevant first / last inside ties
+            o = np.lexsort((~rel[i] if first else rel[i], dist[i]))[:topk]
+            rr = rel[i, o]
+            h = np.cumsum(rr)
+            sink.append(float((h / np.arange(1, len(rr) + 1))[rr].mean()) if rr.any() else 0.0)
+    return {
+        "map": np.mean(aps),
+        "ball": np.mean(ball),
+        "empty": np.mean(empty),
+        "p_at_n": np.mean(pn),
+        "best": np.mean(best),
+        "worst": np.mean(worst),
+        "dist": dist,
+        "rel": rel,
+    }
+
+
+def toy_overrides(work: Path, images: Path, tracking_uri: str, *extra: str) -> list[str]:
+    """The same parameters as tests.conftest.toy_params, as --set arguments."""
+    return [
+        f"data.root={work / 'data'}",
+        "prepare.datasets=[toy]",
+        "datasets.toy.kind=custom",
+        f"datasets.toy.images={images}",
+        "datasets.toy.query_per_class=4",
+        "datasets.toy.train_per_class=16",
+        "datasets.toy.validation=6",
+        "datasets.toy.shard_size=10",
+        f"mlflow.tracking_uri={tracking_uri}",
+        "train.image_size=32",
+        "evaluate.loader_workers=0",
+        "evaluate.batch_size=32",
+        *extra,
+    ]
+
+
+def cli(module, argv: list[str], capsys) -> tuple[int, str]:
+    from pipeline.errors import run_main
+
+    capsys.readouterr()  # only this command's output
+    code = run_main(module.main, argv)
+    captured = capsys.readouterr()
+    return code, captured.out + captured.err
+
+
+# ----------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(autouse=True)
+def _params_tracking_uri(monkeypatch):
+    """MLFLOW_TRACKING_URI outranks params; in-process mlflow.set_tracking_uri calls elsewhere
+    in the session may have left it set."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+
+
+@pytest.fixture(scope="module")
+def trained(toy_dataset, tmp_path_factory):
+    """A fake-trained toy model (MLflow run + run record) and its first evaluation."""
+    from pipeline.evaluate import evaluate
+
+    import os
+
+    os.environ.pop("MLFLOW_TRACKING_URI", None)  # see _params_tracking_uri
+    work, images = toy_dataset
+    out = tmp_path_factory.mktemp("evaluate")
+    uri = f"sqlite:///{out / 'mlflow.db'}"
+    shards = work / "data" / "shards" / "toy"
+    record = fake_training_run(uri, shards_sha(shards), root=out, seed=1)
+    params = toy_params(work, images, f"mlflow.tracking_uri={uri}", "evaluate.loader_workers=0", "evaluate.grid_queries=3")
+    result = evaluate(params, "toy", BITS, progress=False, root=out)
+    return {"work": work, "images": images, "out": out, "uri": uri, "shards": shards, "record": record, "params": params, "result": result}
+
+
+# ----------------------------------------------------------------------------- the stage
+
+
+def test_metrics_match_a_plain_reimplementation(trained):
+    import mlflow.pytorch
+
+    from dpfah.codes import unpack_codes
+    from pipeline.evaluate import load_codes
+
+    out, shards, result = trained["out"], trained["shards"], trained["result"]
+    doc = json.loads((out / "metrics" / f"toy-{BITS}.json").read_text())
+    assert doc == json.loads(json.dumps(result.doc))
+    assert (doc["dataset"], doc["bits"], doc["run_id"], doc["map_at"]) == ("toy", BITS, trained["record"]["run_id"], "ALL")
+    assert (doc["n_queries"], doc["n_db"], doc["topk"]) == (12, 78, 78)
+
+    # Encode independently: tarfile + PIL + the model from MLflow, ImageNet normalisation.
+    from pipeline.registry import using_tracking_uri
+
+    with using_tracking_uri(trained["uri"]):
+        model = mlflow.pytorch.load_model(trained["record"]["model_uri"])
+    q_img, q_lab = read_split_plain(shards, "query")
+    d_img, d_lab = read_split_plain(shards, "database")
+    qc, dc = plain_codes(model, q_img), plain_codes(model, d_img)
+
+    # The packed codes logged to MLflow are those codes, labels and indices.
+    client = mlflow.tracking.MlflowClient(trained["uri"])
+    local = Path(client.download_artifacts(doc["run_id"], "evaluation/codes", str(out / "dl")))
+    packed, labels, index, meta = load_codes(local / "database.parquet")
+    assert packed.dtype == np.uint64 and packed.shape == (78, 1)
+    np.testing.assert_array_equal(unpack_codes(packed, BITS), dc)
+    np.testing.assert_array_equal(labels, d_lab)
+    np.testing.assert_array_equal(index, np.arange(78))
+    assert meta["bits"] == str(BITS) and meta["run_id"] == doc["run_id"] and meta["split"] == "database"
+    qp, ql, _, _ = load_codes(local / "query.parquet")
+    np.testing.assert_array_equal(unpack_codes(qp, BITS), qc)
+    np.testing.assert_array_equal(ql, q_lab)
+
+    ref = plain_metrics(qc, dc, q_lab, d_lab, topk=78, radius=2, n=10)
+    m = doc
+    assert m["query_map"] == pytest.approx(ref["map"], abs=1e-12)
+    assert ref["worst"] - 1e-12 <= m["query_map_tie_aware"] <= ref["best"] + 1e-12
+    assert m["query_precision_within_radius"] == pytest.approx(ref["ball"], abs=1e-12)
+    assert m["query_empty_ball_share"] == pytest.approx(ref["empty"], abs=1e-12)
+    assert m["query_p_at_10"] == pytest.approx(ref["p_at_n"], abs=1e-12)
+    assert "query_p_at_100" not in m  # the database has 78 items
+
+    # The DVC plot data: PR by radius for r = 0..bits, P@N for N = 1..78.
+    plots = out / "plots" / f"toy-{BITS}"
+    pr = np.genfromtxt(plots / "pr_radius.csv", delimiter=",", names=True)
+    assert list(pr["radius"]) == list(range(BITS + 1))
+    dist, rel = ref["dist"], ref["rel"]
+    for r in (0, 2, BITS):
+        inside = dist <= r
+        prec = np.where(inside.any(1), (rel & inside).sum(1) / np.maximum(inside.sum(1), 1), 0).mean()
+        rec = ((rel & inside).sum(1) / rel.sum(1)).mean()
+        assert pr["precision"][r] == pytest.approx(prec, abs=1e-12) and pr["recall"][r] == pytest.approx(rec, abs=1e-12)
+    pn = np.genfromtxt(plots / "p_at_n.csv", delimiter=",", names=True)
+    assert list(pn["n"]) == list(range(1, 79)) and pn["precision"][9] == pytest.approx(ref["p_at_n"], abs=1e-12)
+    rank = np.genfromtxt(plots / "pr_rank.csv", delimiter=",", names=True)
+    assert rank["rank"][0] == 1 and rank["rank"][-1] == 78 and rank["recall"][-1] == pytest.approx(1.0)
+
+
+def test_dvc_and_mlflow_hold_the_same_numbers(trained):
+    from mlflow.tracking import MlflowClient
+
+    doc = json.loads((trained["out"] / "metrics" / f"toy-{BITS}.json").read_text())
+    run = MlflowClient(trained["uri"]).get_run(doc["run_id"])
+    from pipeline.evaluate import metric_values
+
+    assert len(metric_values(doc)) >= 6 and set(metric_values(doc)) <= set(run.data.metrics)
+    for name, value in metric_values(doc).items():
+        assert run.data.metrics[name] == value, name  # exactly, not approximately
+    assert run.data.tags["eval.map_at"] == "ALL" and run.data.tags["eval.manifest_sha256"] == trained["record"]["manifest_sha256"]
+    assert run.info.status == "FINISHED"
+
+
+def test_figures_and_artifacts_are_logged(trained):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(trained["uri"])
+    run_id = trained["record"]["run_id"]
+    names = {a.path for a in client.list_artifacts(run_id, "evaluation")}
+    expected = {"pr_curves.png", "p_at_n.png", "retrieval_grid.png", "metrics.json", "pr_radius.csv", "pr_rank.csv", "p_at_n.csv", "codes"}
+    assert {n.split("/", 1)[1] for n in names} == expected
+    local = Path(client.download_artifacts(run_id, "evaluation", str(trained["out"] / "figs")))
+    for png in ("pr_curves.png", "p_at_n.png", "retrieval_grid.png"):
+        with Image.open(local / png) as im:
+            assert im.format == "PNG" and im.width > 300 and im.height > 200
+    details = json.loads((local / "metrics.json").read_text())
+    assert {k: details[k] for k in trained["result"].doc} == trained["result"].doc
+    assert details["manifest_sha256"] == trained["record"]["manifest_sha256"] and details["model_uri"] == trained["record"]["model_uri"]
+
+
+def test_retrieval_grid_marks_wrong_results(trained):
+    from dpfah.data import read_manifest
+    from pipeline.evaluate import _grid_rows
+
+    manifest = read_manifest(trained["shards"])
+    q_img, q_lab = read_split_plain(trained["shards"], "query")
+    d_img, d_lab = read_split_plain(trained["shards"], "database")
+    rng = np.random.default_rng(0)
+    qc = rng.choice([-1, 1], size=(12, BITS)).astype(np.int8)
+    dc = rng.choice([-1, 1], size=(78, BITS)).astype(np.int8)
+    rows = _grid_rows(manifest, qc, dc, q_lab, d_lab, 3, 10)
+    assert len(rows) == 3 and all(len(r["results"]) == 10 for r in rows)
+    dist = (BITS - qc.astype(int) @ dc.astype(int).T) // 2
+    for row, q in zip(rows, [0, 6, 11]):  # queries evenly spaced over the split
+        top = np.lexsort((np.arange(78), dist[q]))[:10]
+        assert [d for _, _, d in row["results"]] == list(dist[q, top])
+        assert [ok for _, ok, _ in row["results"]] == [bool((q_lab[q] & d_lab[j]).any()) for j in top]
+        np.testing.assert_array_equal(row["query"], q_img[q])  # 32 px: the thumbnail is the image
+        np.testing.assert_array_equal(row["results"][0][0], d_img[top[0]])
+
+
+def test_reevaluation_with_another_r_and_a_url_data_root(trained, tmp_path):
+    """mAP@R from evaluate.map_at, shards read through fsspec (file:// URL), and the latest
+    evaluation is what both DVC and MLflow hold."""
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.evaluate import evaluate
+
+    out = tmp_path
+    shutil.copytree(trained["out"] / "runs", out / "runs")
+    params = toy_params(
+        trained["work"],
+        trained["images"],
+        f"data.root=file://{trained['work'] / 'data'}",
+        f"mlflow.tracking_uri={trained['uri']}",
+        "evaluate.map_at.toy=10",
+        "evaluate.radius=1",
+        "evaluate.grid_queries=0",
+        "evaluate.loader_workers=1",
+    )
+    result = evaluate(params, "toy", BITS, progress=False, root=out)
+    doc = result.doc
+    assert (doc["map_at"], doc["topk"], doc["radius"]) == (10, 10, 1)
+    d = read_split_plain(trained["shards"], "database")
+    q = read_split_plain(trained["shards"], "query")
+    from dpfah.codes import unpack_codes
+    from pipeline.evaluate import load_codes
+
+    client = MlflowClient(trained["uri"])
+    local = Path(client.download_artifacts(doc["run_id"], "evaluation/codes", str(out / "dl")))
+    dc = unpack_codes(load_codes(local / "database.parquet")[0], BITS)
+    qc = unpack_codes(load_codes(local / "query.parquet")[0], BITS)
+    ref = plain_metrics(qc, dc, q[1], d[1], topk=10, radius=1, n=10)
+    assert doc["query_map"] == pytest.approx(ref["map"], abs=1e-12)
+    assert doc["query_precision_within_radius"] == pytest.approx(ref["ball"], abs=1e-12)
+    assert doc["query_map"] != trained["result"].doc["query_map"]
+    run = client.get_run(doc["run_id"])
+    for name, value in result.metrics.items():
+        assert run.data.metrics[name] == value, name
+    assert run.data.tags["eval.map_at"] == "10"
+    assert "retrieval_grid.png" in {a.path.rsplit("/", 1)[-1] for a in client.list_artifacts(doc["run_id"], "evaluation")}
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_missing_run_record(trained, tmp_path, monkeypatch, capsys):
+    from pipeline import evaluate
+
+    monkeypatch.chdir(tmp_path)
+    code, text = cli(evaluate, ["--dataset", "toy", "--bits", "8", "--params", str(_params_file()), *_sets(trained)], capsys)
+    assert code == 2
+    assert text.strip().splitlines()[-1] == (
+        "error: runs/toy-8.json: no run record (train first: python -m pipeline.train --dataset toy --bits 8; or give --run-id)"
+    )
+
+
+def test_unknown_run_id(trained, tmp_path, monkeypatch, capsys):
+    from pipeline import evaluate
+
+    monkeypatch.chdir(tmp_path)
+    write_record(tmp_path, {**trained["record"], "run_id": "f" * 32})
+    code, text = cli(evaluate, ["--dataset", "toy", "--bits", "8", "--params", str(_params_file()), *_sets(trained)], capsys)
+    assert code == 2 and text.count("\n") == 1
+    assert f"error: MLflow run {'f' * 32} (from runs/toy-8.json) not found in {trained['uri']}" in text
+    write_record(tmp_path, {k: v for k, v in trained["record"].items() if k != "run_id"})
+    code, text = cli(evaluate, ["--dataset", "toy", "--bits", "8", "--params", str(_params_file()), *_sets(trained)], capsys)
+    assert code == 2 and "error: runs/toy-8.json: no run_id" in text
+
+
+def test_record_or_run_of_another_bit_length(trained, tmp_path, monkeypatch, capsys):
+    from pipeline import evaluate
+
+    monkeypatch.chdir(tmp_path)
+    write_record(tmp_path, trained["record"], name="toy-16.json")  # a copied record
+    args = ["--params", str(_params_file()), *_sets(trained)]
+    code, text = cli(evaluate, ["--dataset", "toy", "--bits", "16", *args], capsys)
+    assert code == 2 and "error: runs/toy-16.json: records dataset 'toy' at 8 bits, not 'toy' at 16 bits" in text
+    run_id = trained["record"]["run_id"]
+    code, text = cli(evaluate, ["--dataset", "toy", "--bits", "16", "--run-id", run_id, *args], capsys)
+    assert code == 2 and f"error: MLflow run {run_id} (from --run-id) trained 'toy' at 8 bits, not 'toy' at 16 bits" in text
+    assert not (tmp_path / "metrics").exists()
+
+
+def test_shards_the_model_was_not_trained_on(trained, tmp_path, monkeypatch, capsys):
+    """The same dataset name, re-prepared with another seed: other splits, another manifest."""
+    from pipeline import evaluate
+    from pipeline.prepare import prepare
+
+    other = tmp_path / "other"
+    prepare(toy_params(other, trained["images"], "seed=5"), "toy", progress=False)
+    monkeypatch.chdir(tmp_path)
+    write_record(tmp_path, trained["record"])
+    argv = ["--dataset", "toy", "--bits", "8", "--params", str(_params_file()), *_sets(trained), "--set", f"data.root={other / 'data'}"]
+    code, text = cli(evaluate, argv, capsys)
+    sha = shards_sha(other / "data" / "shards" / "toy")
+    assert code == 2 and text.count("\n") == 1
+    assert f"error: the shards at {other / 'data' / 'shards' / 'toy'} (manifest sha256 {sha[:12]}, toy/custom)" in text
+    assert f"MLflow run {trained['record']['run_id']} was trained on (sha256 {trained['record']['manifest_sha256'][:12]})" in text
+    assert not (tmp_path / "metrics").exists()
+
+
+def test_unfinished_run_and_unprepared_shards(trained, tmp_path, monkeypatch, capsys):
+    from pipeline import evaluate
+
+    failed = fake_training_run(trained["uri"], trained["record"]["manifest_sha256"], status="FAILED", model=torch.nn.Linear(2, 2))
+    monkeypatch.chdir(tmp_path)
+    args = ["--dataset", "toy", "--bits", "8", "--params", str(_params_file()), *_sets(trained)]
+    code, text = cli(evaluate, [*args, "--run-id", failed["run_id"]], capsys)
+    assert code == 2 and f"error: MLflow run {failed['run_id']} (from --run-id) is FAILED, not FINISHED" in text
+    code, text = cli(evaluate, [*args, "--run-id", trained["record"]["run_id"], "--set", f"data.root={tmp_path / 'nothing'}"], capsys)
+    assert code == 2 and f"error: {tmp_path / 'nothing' / 'shards' / 'toy' / 'manifest.json'}: not found" in text
+
+
+def test_unreachable_tracking_store(trained, tmp_path, monkeypatch, capsys):
+    import time
+
+    from pipeline import evaluate
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    write_record(tmp_path, trained["record"])
+    port = _closed_port()
+    base = ["--dataset", "toy", "--bits", "8", "--params", str(_params_file()), *_sets(trained)]
+    t = time.monotonic()
+    code, text = cli(evaluate, [*base, "--set", f"mlflow.tracking_uri=http://127.0.0.1:{port}"], capsys)
+    assert code == 2 and time.monotonic() - t < 30
+    assert f"error: MLflow tracking server http://127.0.0.1:{port} cannot be reached ([Errno 111] Connection refused)" in text
+
+    # Something answers, but it is not an MLflow server (a wrong URL, a proxy page).
+    import http.server
+    import threading
+
+    class NotMlflow(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(404)
+            self.end_headers()
+
+        do_POST = do_GET
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), NotMlflow)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        wrong = f"http://127.0.0.1:{server.server_address[1]}"
+        code, text = cli(evaluate, [*base, "--set", f"mlflow.tracking_uri={wrong}"], capsys)
+    finally:
+        server.shutdown()
+    assert code == 2 and text.count("\n") == 1
+    assert f"error: reading run {trained['record']['run_id']} at {wrong}: " in text and "404" in text
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'none.db'}")  # the environment wins over params
+    code, text = cli(evaluate, base, capsys)
+    assert code == 2 and f"error: MLflow store sqlite:///{tmp_path / 'none.db'}: no such file" in text
+    assert not (tmp_path / "none.db").exists()
+
+
+def _params_file() -> Path:
+    return Path(__file__).resolve().parents[1] / "params.yaml"
+
+
+def _sets(trained) -> list[str]:
+    out = []
+    for item in toy_overrides(trained["work"], trained["images"], trained["uri"]):
+        out += ["--set", item]
+    return out

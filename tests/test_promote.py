@@ -1,0 +1,200 @@
+"""The promote stage: the champion alias moves only to a better model, decisions are recorded,
+a second run changes nothing, and a missing or foreign evaluation moves nothing."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.test_evaluate import cli, fake_training_run, write_record
+
+pytestmark = pytest.mark.slow
+
+SHA = "ab" * 32
+NAME = "dpfah-toy-8b"
+
+
+def evaluated_run(uri: str, root: Path, value: float, *, map_at="ALL", sha: str = SHA, write_files: bool = True) -> dict:
+    """A fake-trained run with an evaluation as pipeline.evaluate leaves it: the metric and
+    ``eval.*`` tags on the run, the run record and metrics/toy-8.json under ``root``."""
+    from mlflow.tracking import MlflowClient
+
+    record = fake_training_run(uri, sha, model=torch.nn.Linear(2, 2))
+    client = MlflowClient(uri)
+    client.log_metric(record["run_id"], "query_map", value)
+    client.log_metric(record["run_id"], "query_map_tie_aware", value - 0.01)
+    client.set_tag(record["run_id"], "eval.map_at", str(map_at))
+    client.set_tag(record["run_id"], "eval.manifest_sha256", sha)
+    if write_files:
+        write_record(root, record)
+        write_metrics(root, record, value, map_at=map_at, sha=sha)
+    return record
+
+
+def write_metrics(root: Path, record: dict, value: float, *, map_at="ALL", sha: str = SHA) -> Path:
+    path = root / "metrics" / "toy-8.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    doc = {
+        "dataset": "toy",
+        "bits": 8,
+        "run_id": record["run_id"],
+        "map_at": map_at,
+        "query_map": value,
+        "query_map_tie_aware": value - 0.01,
+    }
+    path.write_text(json.dumps(doc))
+    return path
+
+
+def toy_params(uri: str, *extra: str):
+    from pipeline.config import load_params
+
+    return load_params(
+        Path(__file__).resolve().parents[1] / "params.yaml",
+        ["prepare.datasets=[toy]", "datasets.toy.kind=custom", "datasets.toy.images=/nonexistent", f"mlflow.tracking_uri={uri}", *extra],
+    )
+
+
+def registry_state(uri: str) -> tuple[dict, list[tuple[int, str]]]:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    aliases = {k: int(v) for k, v in (client.get_registered_model(NAME).aliases or {}).items()}
+    versions = sorted((int(v.version), v.run_id) for v in client.search_model_versions(f"name = '{NAME}'"))
+    return aliases, versions
+
+
+@pytest.fixture()
+def store(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # params name the store
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    return uri, tmp_path
+
+
+def test_champion_moves_only_to_a_better_model(store):
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.promote import promote
+
+    uri, root = store
+    params = toy_params(uri)
+    client = MlflowClient(uri)
+
+    first = evaluated_run(uri, root, 0.60)
+    result = promote(params, "toy", 8, root=root)
+    assert result.registered and result.moved and result.record["decision"] == "promoted"
+    assert registry_state(uri) == ({"champion": 1}, [(1, first["run_id"])])
+
+    second = evaluated_run(uri, root, 0.55)  # worse
+    result = promote(params, "toy", 8, root=root)
+    assert result.registered and not result.moved
+    rec = json.loads((root / "promotions" / "toy-8.json").read_text())
+    assert rec == result.record
+    assert (rec["decision"], rec["version"], rec["value"], rec["alias_version"]) == ("kept", 2, 0.55, 1)
+    assert rec["previous"] == {"version": 1, "run_id": first["run_id"], "value": 0.60}
+    assert registry_state(uri) == ({"champion": 1}, [(1, first["run_id"]), (2, second["run_id"])])
+    tags = client.get_run(second["run_id"]).data.tags
+    assert (tags["promote.decision"], tags["promote.query_map"], tags["promote.champion_query_map"]) == ("kept", "0.55", "0.6")
+    assert (tags["promote.version"], tags["promote.champion_version"], tags["promote.alias_version"]) == ("2", "1", "1")
+
+    tie = evaluated_run(uri, root, 0.60)  # equal is not better
+    assert promote(params, "toy", 8, root=root).record["decision"] == "kept"
+
+    third = evaluated_run(uri, root, 0.70)  # better
+    result = promote(params, "toy", 8, root=root)
+    assert result.moved and result.record["decision"] == "promoted" and result.record["previous"]["version"] == 1
+    aliases, versions = registry_state(uri)
+    assert aliases == {"champion": 4} and [v for v, _ in versions] == [1, 2, 3, 4]
+    assert client.get_model_version_by_alias(NAME, "champion").run_id == third["run_id"]
+    tags = client.get_run(third["run_id"]).data.tags
+    assert (tags["promote.decision"], tags["promote.query_map"], tags["promote.champion_query_map"]) == ("promoted", "0.7", "0.6")
+
+    # Idempotent: the same run again registers nothing, moves nothing, rewrites the same file.
+    before = (root / "promotions" / "toy-8.json").read_bytes()
+    result = promote(params, "toy", 8, root=root)
+    assert not result.registered and not result.moved
+    assert (root / "promotions" / "toy-8.json").read_bytes() == before
+    assert registry_state(uri) == (aliases, versions)
+
+    # An earlier, worse run promoted again (by run id): found again by its run id, and now
+    # compared with the new champion.
+    result = promote(params, "toy", 8, run_id=second["run_id"], root=root)
+    assert not result.registered and result.record["decision"] == "kept" and result.record["previous"]["version"] == 4
+    assert registry_state(uri) == (aliases, versions)
+    del tie
+
+    # The champion loads by alias.
+    import mlflow.pytorch
+
+    from pipeline.registry import using_tracking_uri
+
+    with using_tracking_uri(uri):
+        assert isinstance(mlflow.pytorch.load_model(f"models:/{NAME}@champion"), torch.nn.Linear)
+
+
+def test_missing_or_foreign_evaluation_moves_nothing(store, monkeypatch, capsys):
+    from pipeline import promote as stage
+
+    uri, root = store
+    monkeypatch.chdir(root)
+    base = ["--dataset", "toy", "--bits", "8", "--params", str(Path(__file__).resolve().parents[1] / "params.yaml")]
+    for item in ["prepare.datasets=[toy]", "datasets.toy.kind=custom", "datasets.toy.images=/nonexistent", f"mlflow.tracking_uri={uri}"]:
+        base += ["--set", item]
+    champion = evaluated_run(uri, root, 0.5)
+    assert cli(stage, base, capsys)[0] == 0
+    state = registry_state(uri)
+
+    # A new, better training whose evaluation has not run (or failed): the metrics file
+    # still belongs to the champion's run.
+    fresh = evaluated_run(uri, root, 0.9, write_files=False)
+    write_record(root, fresh)
+    code, text = cli(stage, base, capsys)
+    assert code == 2 and text.count("\n") == 1
+    assert f"error: metrics/toy-8.json: metrics of run {champion['run_id']}, but runs/toy-8.json names run {fresh['run_id']}" in text
+    assert registry_state(uri) == state
+
+    (root / "metrics" / "toy-8.json").unlink()
+    code, text = cli(stage, base, capsys)
+    assert code == 2 and "error: metrics/toy-8.json: no evaluation metrics (run python -m pipeline.evaluate --dataset toy --bits 8 first)" in text
+    assert registry_state(uri) == state
+
+    # A run never evaluated (no metric in MLflow), by run id.
+    bare = fake_training_run(uri, SHA, model=torch.nn.Linear(2, 2))
+    code, text = cli(stage, [*base, "--run-id", bare["run_id"]], capsys)
+    assert code == 2 and f"error: MLflow run {bare['run_id']} (from --run-id) has no evaluation (query_map)" in text
+    assert registry_state(uri) == state
+
+    # The file and MLflow disagree (a later evaluation was logged to the run).
+    write_metrics(root, fresh, 0.95)
+    code, text = cli(stage, base, capsys)
+    assert code == 2 and f"error: metrics/toy-8.json: query_map 0.95 differs from MLflow run {fresh['run_id']}'s 0.9" in text
+    assert registry_state(uri) == state
+
+    # Evaluated at another R than the parameters now ask for.
+    write_metrics(root, fresh, 0.9)
+    code, text = cli(stage, [*base, "--set", "evaluate.map_at.toy=10"], capsys)
+    assert code == 2 and "error: metrics/toy-8.json: evaluated at mAP@ALL but evaluate.map_at gives mAP@10 now: re-run evaluate" in text
+    assert registry_state(uri) == state
+
+    # Numbers measured differently (the champion at another R) are not compared.
+    other = evaluated_run(uri, root, 0.99, map_at=10)
+    code, text = cli(stage, [*base, "--set", "evaluate.map_at.toy=10"], capsys)
+    assert code == 2 and f"{NAME} version 1 (run {champion['run_id']}) was evaluated at mAP@ALL on shards abababababab" in text
+    assert "this run at mAP@10 on abababababab: not comparable" in text
+    assert registry_state(uri) == state  # nothing registered either
+    del other
+
+    # The registry cannot be reached.
+    write_record(root, fresh)
+    write_metrics(root, fresh, 0.9)
+    code, text = cli(stage, [*base, "--set", "mlflow.tracking_uri=http://127.0.0.1:9"], capsys)
+    assert code == 2 and "error: MLflow tracking server http://127.0.0.1:9 cannot be reached" in text
+    assert registry_state(uri) == state
+
+    # Once evaluated, the new run takes the alias.
+    code, text = cli(stage, base, capsys)
+    assert code == 0 and "champion -> version" in text
+    assert registry_state(uri)[0] == {"champion": max(v for v, r in registry_state(uri)[1] if r == fresh["run_id"])}
