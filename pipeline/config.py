@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import re
 import types
 import typing
@@ -345,6 +346,17 @@ class Params:
             return self.datasets[name]
         except KeyError:
             raise ConfigError(f"datasets.{name}: no such dataset (defined: {', '.join(self.datasets) or 'none'})") from None
+
+    def shards_dir(self, dataset: str) -> str:
+        """Where ``dataset``'s shards and manifest live: ``<data.root>/shards/<dataset>``.
+
+        A URL root (``s3://...``, ``file://...``) stays a URL, read through fsspec; a local
+        root becomes absolute, since Ray workers run in another directory.
+        """
+        root = self.data.root
+        if "://" in root:
+            return f"{root.rstrip('/')}/shards/{dataset}"
+        return os.path.abspath(os.path.join(root, "shards", dataset))
 
 
 # ----------------------------------------------------------------------------- reading

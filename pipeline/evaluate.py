@@ -50,7 +50,7 @@ from .registry import (
     using_tracking_uri,
     write_json_atomic,
 )
-from .train import git_commit, manifest_sha256, shards_dir
+from .train import git_commit, manifest_sha256
 
 __all__ = [
     "METRICS_DIR",
@@ -409,7 +409,7 @@ def evaluate(
     run = get_run(client, run_id, uri, source)
     check_training_run(run, dataset, bits, source)
 
-    shards = shards_dir(params, dataset)
+    shards = params.shards_dir(dataset)
     manifest = _read_manifest(shards)
     sha = manifest_sha256(manifest)
     trained_on = run.data.tags.get("manifest_sha256")

@@ -60,13 +60,9 @@ from .sources import (
     read_list,
 )
 
-__all__ = ["Catalog", "PrepareResult", "prepare", "shard_dir", "main"]
+__all__ = ["Catalog", "PrepareResult", "prepare", "main"]
 
 _THREADS = max(1, min(8, os.cpu_count() or 1))
-
-
-def shard_dir(params: Params, dataset: str) -> Path:
-    return Path(params.data.root) / "shards" / dataset
 
 
 # ----------------------------------------------------------------------------- bad input
@@ -464,7 +460,7 @@ def prepare(params: Params, name: str, *, progress: bool | None = None) -> Prepa
     splits = assign_splits(cfg, catalog, ok, params.seed, name)
     seconds["split"] = time.perf_counter() - t
 
-    final = shard_dir(params, name)
+    final = Path(params.shards_dir(name))
     final.parent.mkdir(parents=True, exist_ok=True)
     _clean_stale(final.parent, name)
     work = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-{os.getpid()}-", dir=final.parent))

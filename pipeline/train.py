@@ -62,10 +62,15 @@ def resolve_uri(uri: str) -> str:
     return uri
 
 
-def shards_dir(params: Params, dataset: str) -> str:
-    root = params.data.root
-    path = f"{root.rstrip('/')}/shards/{dataset}" if "://" in root else os.path.abspath(os.path.join(root, "shards", dataset))
-    return path
+def model_requirements() -> list[str]:
+    """What loading the logged model needs, pinned to what trained it.
+
+    Given explicitly: MLflow's inference loads the model in a subprocess, 9-12 s a training.
+    The pickle also needs ``dpfah`` itself importable (this repository, or the cluster image).
+    """
+    from importlib.metadata import version
+
+    return [f"{name}=={version(name)}" for name in ("torch", "torchvision", "numpy")]
 
 
 def git_commit() -> str:
@@ -265,7 +270,7 @@ def run_training(
         raise ConfigError(f"--dataset {dataset}: no such dataset in params (defined: {', '.join(params.datasets)})")
     if bits < 1:
         raise ConfigError(f"--bits {bits}: must be >= 1")
-    shards = shards_dir(params, dataset)
+    shards = params.shards_dir(dataset)
     manifest = read_manifest(shards)  # a clear error when prepare has not run
     manifest_sha = manifest_sha256(manifest)
     changes, tuned_tags = dict(settings_changes or {}), {}
@@ -354,7 +359,9 @@ def run_training(
             model = DPFAH(bits, manifest.num_classes, pfa=settings.pfa, lam=settings.lam)
             model.load_state_dict(best_state)
             model.eval()
-            info = mlflow.pytorch.log_model(model, name="model", serialization_format="pickle")
+            info = mlflow.pytorch.log_model(
+                model, name="model", serialization_format="pickle", pip_requirements=model_requirements()
+            )
             model_uri = info.model_uri
         mlflow.end_run("FINISHED")
     except BaseException:

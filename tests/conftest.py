@@ -5,9 +5,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
+
+from tests.helpers import make_class_folder, toy_params
 
 
 @pytest.fixture(scope="session")
@@ -20,44 +20,6 @@ def ray_local():
         ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
-
-
-def make_class_folder(root: Path, classes=("red", "green", "blue"), per_class=30, size=32, seed=0) -> Path:
-    """PNG images, one folder per class, each class a noisy version of its own colour."""
-    rng = np.random.default_rng(seed)
-    colours = rng.integers(0, 256, size=(len(classes), 3))
-    for c, name in enumerate(classes):
-        (root / name).mkdir(parents=True, exist_ok=True)
-        for i in range(per_class):
-            pixels = np.clip(colours[c] + rng.normal(0, 25, size=(size, size, 3)), 0, 255).astype(np.uint8)
-            Image.fromarray(pixels).save(root / name / f"{i:04d}.png")
-    return root
-
-
-def toy_params(work: Path, images: Path, *extra: str):
-    """Params for a custom dataset `toy` under ``work`` (data root, MLflow, Ray storage)."""
-    from pipeline.config import load_params
-
-    overrides = [
-        f"data.root={work / 'data'}",
-        "prepare.datasets=[toy]",
-        "datasets.toy.kind=custom",
-        f"datasets.toy.images={images}",
-        "datasets.toy.query_per_class=4",
-        "datasets.toy.train_per_class=16",
-        "datasets.toy.validation=6",
-        "datasets.toy.shard_size=10",
-        f"mlflow.tracking_uri=sqlite:///{work / 'mlflow.db'}",
-        f"train.storage_path={work / 'ray_results'}",
-        "train.epochs=2",
-        "train.batch_size=8",
-        "train.image_size=32",
-        "train.loader_workers=0",
-        "train.eval_batch_size=32",
-        "train.collective_timeout_s=60",
-        *extra,
-    ]
-    return load_params(Path(__file__).resolve().parents[1] / "params.yaml", overrides)
 
 
 @pytest.fixture(scope="session")

@@ -117,7 +117,7 @@ def test_dvc_repro_runs_the_dag_then_nothing_then_only_what_a_parameter_touches(
     from mlflow.tracking import MlflowClient
 
     from pipeline.evaluate import metric_values
-    from tests.conftest import make_class_folder
+    from tests.helpers import make_class_folder
 
     images = make_class_folder(tmp_path / "images")
     repo = copy_project(tmp_path / "repo")

@@ -15,72 +15,12 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.conftest import toy_params
+from tests.helpers import BITS, cli, fake_training_run, toy_overrides, toy_params, write_record
 
 pytestmark = pytest.mark.slow
 
-BITS = 8
 
-
-# ----------------------------------------------------------------------------- helpers (shared with test_promote)
-
-
-def fake_training_run(
-    tracking_uri: str,
-    manifest_sha256: str,
-    *,
-    dataset: str = "toy",
-    bits: int = BITS,
-    num_classes: int = 3,
-    seed: int = 0,
-    root: Path | None = None,
-    image_size: int = 32,
-    status: str = "FINISHED",
-    model=None,
-) -> dict:
-    """An MLflow run shaped like pipeline.train's (params, tags, a pickled DPFAH model) without
-    Ray; writes the run record under ``root`` when given. Returns the record."""
-    import mlflow
-    import mlflow.pytorch
-
-    from dpfah.model import DPFAH
-    from pipeline.registry import using_tracking_uri
-
-    if model is None:
-        torch.manual_seed(seed)
-        model = DPFAH(bits, num_classes).eval()
-    with using_tracking_uri(tracking_uri):
-        experiment = mlflow.set_experiment(f"dpfah-{dataset}")
-        with mlflow.start_run(experiment_id=experiment.experiment_id) as run:
-            mlflow.log_params({"dataset": dataset, "bits": bits, "train.image_size": image_size})
-            mlflow.set_tags({"dataset": dataset, "protocol": "custom", "manifest_sha256": manifest_sha256, "git_commit": "test"})
-            info = mlflow.pytorch.log_model(model, name="model", serialization_format="pickle", pip_requirements=["torch"])
-            run_id = run.info.run_id
-    if status != "FINISHED":
-        mlflow.tracking.MlflowClient(tracking_uri).set_terminated(run_id, status)
-    record = {
-        "run_id": run_id,
-        "model_uri": info.model_uri,
-        "tracking_uri": tracking_uri,
-        "experiment": experiment.name,
-        "dataset": dataset,
-        "bits": bits,
-        "protocol": "custom",
-        "manifest_sha256": manifest_sha256,
-        "best_val_map": 0.0,
-        "best_epoch": 0,
-        "epochs": 1,
-    }
-    if root is not None:
-        write_record(root, record)
-    return record
-
-
-def write_record(root: Path, record: dict, name: str | None = None) -> Path:
-    path = Path(root) / "runs" / (name or f"{record['dataset']}-{record['bits']}.json")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(record))
-    return path
+# ----------------------------------------------------------------------------- helpers
 
 
 def shards_sha(shards: Path) -> str:
@@ -147,32 +87,8 @@ def plain_metrics(qc, dc, ql, dl, topk, radius, n):
     }
 
 
-def toy_overrides(work: Path, images: Path, tracking_uri: str, *extra: str) -> list[str]:
-    """The same parameters as tests.conftest.toy_params, as --set arguments."""
-    return [
-        f"data.root={work / 'data'}",
-        "prepare.datasets=[toy]",
-        "datasets.toy.kind=custom",
-        f"datasets.toy.images={images}",
-        "datasets.toy.query_per_class=4",
-        "datasets.toy.train_per_class=16",
-        "datasets.toy.validation=6",
-        "datasets.toy.shard_size=10",
-        f"mlflow.tracking_uri={tracking_uri}",
-        "train.image_size=32",
-        "evaluate.loader_workers=0",
-        "evaluate.batch_size=32",
-        *extra,
-    ]
 
 
-def cli(module, argv: list[str], capsys) -> tuple[int, str]:
-    from pipeline.errors import run_main
-
-    capsys.readouterr()  # only this command's output
-    code = run_main(module.main, argv)
-    captured = capsys.readouterr()
-    return code, captured.out + captured.err
 
 
 # ----------------------------------------------------------------------------- fixtures
@@ -487,6 +403,6 @@ def _params_file() -> Path:
 
 def _sets(trained) -> list[str]:
     out = []
-    for item in toy_overrides(trained["work"], trained["images"], trained["uri"]):
+    for item in toy_overrides(trained["work"], trained["images"], f"mlflow.tracking_uri={trained['uri']}"):
         out += ["--set", item]
     return out

@@ -382,7 +382,7 @@ def test_list_problems_name_file_and_line(tmp_path, imagenet_subset):
     lines[2] = "image/lonely.JPEG"
     lines[4] = lines[4].replace(" 0 ", " 2 ", 1)
     (tmp_path / "q.txt").write_text("\n".join(lines) + "\n\n")
-    with pytest.raises(DataError, match=rf"q.txt:3: malformed line"):
+    with pytest.raises(DataError, match=r"q.txt:3: malformed line"):
         run(tmp_path, "imagenet100", *args)
     r = run(tmp_path, "imagenet100", *args, "datasets.imagenet100.on_bad_image=skip", "datasets.imagenet100.validation=0")
     assert [i["where"] for i in r.manifest["skipped"]["items"]] == [f"{tmp_path / 'q.txt'}:3", f"{tmp_path / 'q.txt'}:5"]

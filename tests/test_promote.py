@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.test_evaluate import cli, fake_training_run, write_record
+from tests.helpers import cli, fake_training_run, write_record
 
 pytestmark = pytest.mark.slow
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import toy_params
+from tests.helpers import toy_params
 
 pytestmark = pytest.mark.slow
 
@@ -139,6 +139,7 @@ def test_killed_worker_resumes_from_checkpoint(resumed_run):
 
 
 def test_logged_model_reloads_as_dpfah_with_the_same_codes(resumed_run):
+    import mlflow.artifacts
     import mlflow.pytorch
 
     from dpfah.model import DPFAH
@@ -156,6 +157,13 @@ def test_logged_model_reloads_as_dpfah_with_the_same_codes(resumed_run):
     codes = loaded.codes(x)
     assert set(codes.unique().tolist()) <= {-1.0, 1.0}
     torch.testing.assert_close(codes, in_memory.codes(x), rtol=0, atol=0)
+
+    # requirements given, not inferred: pinned to the versions that trained it
+    from importlib.metadata import version
+
+    model_dir = Path(mlflow.artifacts.download_artifacts(artifact_uri=outcome.model_uri))
+    reqs = (model_dir / "requirements.txt").read_text().split()
+    assert f"torch=={version('torch')}" in reqs and f"numpy=={version('numpy')}" in reqs
 
 
 def test_validation_map_rises_above_chance_on_cifar10(ray_local, cifar10_source, tmp_path):

@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from pipeline.errors import ConfigError
-from tests.conftest import toy_params
+from tests.helpers import toy_params
 
 ROOT = Path(__file__).resolve().parents[1]
 

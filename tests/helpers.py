@@ -1,0 +1,125 @@
+"""Helpers shared by the test modules: a tiny class-folder dataset, its parameters, an MLflow
+run shaped like the train stage's, and a stage's command line run in-process."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+PARAMS_FILE = Path(__file__).resolve().parents[1] / "params.yaml"
+BITS = 8
+
+
+def make_class_folder(root: Path, classes=("red", "green", "blue"), per_class=30, size=32, seed=0) -> Path:
+    """PNG images, one folder per class, each class a noisy version of its own colour."""
+    rng = np.random.default_rng(seed)
+    colours = rng.integers(0, 256, size=(len(classes), 3))
+    for c, name in enumerate(classes):
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            pixels = np.clip(colours[c] + rng.normal(0, 25, size=(size, size, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(root / name / f"{i:04d}.png")
+    return root
+
+
+def toy_overrides(work: Path, images: Path, *extra: str) -> list[str]:
+    """``--set`` items for a custom dataset `toy` under ``work`` (data root, MLflow, Ray storage)."""
+    return [
+        f"data.root={work / 'data'}",
+        "prepare.datasets=[toy]",
+        "datasets.toy.kind=custom",
+        f"datasets.toy.images={images}",
+        "datasets.toy.query_per_class=4",
+        "datasets.toy.train_per_class=16",
+        "datasets.toy.validation=6",
+        "datasets.toy.shard_size=10",
+        f"mlflow.tracking_uri=sqlite:///{work / 'mlflow.db'}",
+        f"train.storage_path={work / 'ray_results'}",
+        "train.epochs=2",
+        "train.batch_size=8",
+        "train.image_size=32",
+        "train.loader_workers=0",
+        "train.eval_batch_size=32",
+        "train.collective_timeout_s=60",
+        "evaluate.loader_workers=0",
+        "evaluate.batch_size=32",
+        *extra,
+    ]
+
+
+def toy_params(work: Path, images: Path, *extra: str):
+    """The parameters of ``toy_overrides``, loaded over the repository's params.yaml."""
+    from pipeline.config import load_params
+
+    return load_params(PARAMS_FILE, toy_overrides(work, images, *extra))
+
+
+def fake_training_run(
+    tracking_uri: str,
+    manifest_sha256: str,
+    *,
+    dataset: str = "toy",
+    bits: int = BITS,
+    num_classes: int = 3,
+    seed: int = 0,
+    root: Path | None = None,
+    image_size: int = 32,
+    status: str = "FINISHED",
+    model=None,
+) -> dict:
+    """An MLflow run shaped like pipeline.train's (params, tags, a pickled DPFAH model) without
+    Ray; writes the run record under ``root`` when given. Returns the record."""
+    import mlflow
+    import mlflow.pytorch
+
+    from dpfah.model import DPFAH
+    from pipeline.registry import using_tracking_uri
+
+    if model is None:
+        torch.manual_seed(seed)
+        model = DPFAH(bits, num_classes).eval()
+    with using_tracking_uri(tracking_uri):
+        experiment = mlflow.set_experiment(f"dpfah-{dataset}")
+        with mlflow.start_run(experiment_id=experiment.experiment_id) as run:
+            mlflow.log_params({"dataset": dataset, "bits": bits, "train.image_size": image_size})
+            mlflow.set_tags({"dataset": dataset, "protocol": "custom", "manifest_sha256": manifest_sha256, "git_commit": "test"})
+            info = mlflow.pytorch.log_model(model, name="model", serialization_format="pickle", pip_requirements=["torch"])
+            run_id = run.info.run_id
+    if status != "FINISHED":
+        mlflow.tracking.MlflowClient(tracking_uri).set_terminated(run_id, status)
+    record = {
+        "run_id": run_id,
+        "model_uri": info.model_uri,
+        "tracking_uri": tracking_uri,
+        "experiment": experiment.name,
+        "dataset": dataset,
+        "bits": bits,
+        "protocol": "custom",
+        "manifest_sha256": manifest_sha256,
+        "best_val_map": 0.0,
+        "best_epoch": 0,
+        "epochs": 1,
+    }
+    if root is not None:
+        write_record(root, record)
+    return record
+
+
+def write_record(root: Path, record: dict, name: str | None = None) -> Path:
+    path = Path(root) / "runs" / (name or f"{record['dataset']}-{record['bits']}.json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record))
+    return path
+
+
+def cli(module, argv: list[str], capsys) -> tuple[int, str]:
+    from pipeline.errors import run_main
+
+    capsys.readouterr()  # only this command's output
+    code = run_main(module.main, argv)
+    captured = capsys.readouterr()
+    return code, captured.out + captured.err
