@@ -25,7 +25,7 @@ pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent  # the venv's bin: python, dvc, ray
-PROJECT = ["dvc.yaml", "params.yaml", "profiles", "pipeline", "dpfah", ".gitignore", ".dvcignore"]
+PROJECT = ["dvc.yaml", "params.yaml", "profiles", "pipeline", "dpfah", "tune", ".gitignore", ".dvcignore"]
 BITS = 8
 
 

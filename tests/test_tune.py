@@ -233,15 +233,23 @@ def test_dvc_tune_stage_tracks_every_train_key_but_use_tuned_and_the_searched_on
     assert outs == {"tune/${item}/best.json", "tune/${item}/summary.md", "tune/${item}/summary.csv"}
     assert {f.name for f in dataclasses.fields(TuneConfig)} >= {"datasets", "eta", "zeta", "bits"}
 
-    # DVC itself resolves the stage once a dataset is listed.
+    # DVC itself resolves the stage once a dataset is listed, and orders it before the
+    # trainings, which depend on the tune folder (best.json, read when train.use_tuned).
+    assert "tune" in yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["train"]["deps"]
+    assert (ROOT / "tune" / "README.md").is_file(), "the tune folder must exist in git: train depends on it"
     for name in ("dvc.yaml", "params.yaml"):
         (tmp_path / name).write_text((ROOT / name).read_text())
+    (tmp_path / "tune").mkdir()
+    (tmp_path / "tune" / "README.md").write_text("kept\n")
     (tmp_path / "params.yaml").write_text((ROOT / "params.yaml").read_text().replace("  datasets: []  ", "  datasets: [cifar10]  "))
     dvc = str(Path(sys.executable).with_name("dvc"))
     subprocess.run([dvc, "init", "--no-scm", "-q"], cwd=tmp_path, check=True, timeout=120)
     out = subprocess.run([dvc, "stage", "list"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "tune@cifar10" in out.stdout
+    dag = subprocess.run([dvc, "dag", "--dot", "train@cifar10-64"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert dag.returncode == 0, dag.stderr
+    assert '"tune@cifar10" -> "train@cifar10-64"' in dag.stdout, dag.stdout
 
 
 # ----------------------------------------------------------------------------- a real search
