@@ -178,17 +178,8 @@ def test_cifar10_download_by_url_checks_md5(tmp_path, cifar_archive):
 # ----------------------------------------------------------------------------- real CIFAR-10
 
 
-def _real_cifar10() -> str:
-    path = os.environ.get("DPFAH_CIFAR10_SOURCE")
-    if not path:
-        pytest.skip("DPFAH_CIFAR10_SOURCE is not set (path of cifar10-jpg.tar.gz or the official archive)")
-    if not Path(path).exists():
-        pytest.skip(f"DPFAH_CIFAR10_SOURCE={path} does not exist")
-    return path
-
-
-def test_real_cifar10(tmp_path):
-    source = _real_cifar10()
+def test_real_cifar10(tmp_path, cifar10_source):
+    source = cifar10_source
     a = run(tmp_path / "a", "cifar10", f"datasets.cifar10.source={source}")
     m, keys = check_cifar_protocol(a.directory, 60000, 59000)
     assert (keys["train"] | keys["validation"]) <= keys["database"]
