@@ -1,5 +1,7 @@
 /*
- * dpfah._hamming: exact Hamming-distance search over packed binary codes.
+ * _dpfah_hamming: exact Hamming-distance search over packed binary codes (used by dpfah.codes
+ * through dpfah.kernels; a top-level module so that no copy of the dpfah/ sources, such as the
+ * working directory of a `ray job submit` job, can shadow it).
  *
  * Codes are rows of `words` little-endian uint64 words (dpfah.codes.pack_codes); padding
  * bits are 0 in every code, so they never add to a distance.
@@ -15,7 +17,8 @@
  *   distances(prepared, queries, out_u16)
  *   count_within(prepared, queries, radius, out_counts)
  *
- * Kernels, chosen at import from what the CPU supports (set_kernel() overrides, for tests):
+ * Kernels, chosen at import from what the CPU supports by the selection routine shared with
+ * _ranking.c (_cpu.h); set_kernel() overrides, for tests:
  *
  *   avx512bw   nibble-sliced layout, 64 codes per 512-bit vector (see below)
  *   avx2       the same layout, 32 codes per 256-bit vector
@@ -63,6 +66,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "_cpu.h"
+
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define HAM_X86 1
 #include <immintrin.h>
@@ -82,9 +87,22 @@
 /* Kernels and the prepared-database format                                              */
 /* ------------------------------------------------------------------------------------ */
 
-enum { K_PORTABLE = 0, K_POPCNT = 1, K_AVX2 = 2, K_AVX512 = 3, K_COUNT = 4 };
-static const char *const kernel_names[K_COUNT] = {"portable", "popcnt", "avx2", "avx512bw"};
-static int kernel_available[K_COUNT];
+/* Kernel families and their names come from _cpu.h (shared with _ranking.c). */
+enum {
+    K_PORTABLE = DPFAH_K_PORTABLE,
+    K_POPCNT = DPFAH_K_POPCNT,
+    K_AVX2 = DPFAH_K_AVX2,
+    K_AVX512 = DPFAH_K_AVX512BW,
+    K_COUNT = DPFAH_K_COUNT
+};
+#define kernel_names dpfah_kernel_names
+/* The families this file implements. */
+#if HAM_X86
+#define HAM_BUILT (DPFAH_KBIT(K_PORTABLE) | DPFAH_KBIT(K_POPCNT) | DPFAH_KBIT(K_AVX2) | DPFAH_KBIT(K_AVX512))
+#else
+#define HAM_BUILT DPFAH_KBIT(K_PORTABLE)
+#endif
+static int kernel_available[K_COUNT]; /* implemented and supported by this CPU */
 static int current_kernel = K_PORTABLE;
 
 static int kernel_is_sliced(int kernel) { return kernel == K_AVX2 || kernel == K_AVX512; }
@@ -1131,16 +1149,10 @@ static int parse_kernel(PyObject *name)
 {
     const char *s = PyUnicode_AsUTF8(name);
     if (!s) return -1;
-    for (int k = 0; k < K_COUNT; ++k)
-        if (strcmp(s, kernel_names[k]) == 0) {
-            if (!kernel_available[k]) {
-                PyErr_Format(PyExc_ValueError, "kernel %s is not supported on this CPU", s);
-                return -1;
-            }
-            return k;
-        }
-    PyErr_Format(PyExc_ValueError, "unknown kernel %R (choose from kernels())", name);
-    return -1;
+    int k = dpfah_kernel_by_name(s, HAM_BUILT);
+    if (k == -2) PyErr_Format(PyExc_ValueError, "kernel %s is not supported on this CPU", s);
+    else if (k < 0) PyErr_Format(PyExc_ValueError, "unknown kernel %R (choose from kernels())", name);
+    return k < 0 ? -1 : k;
 }
 
 static PyObject *py_kernels(PyObject *self, PyObject *noargs)
@@ -1177,8 +1189,10 @@ static PyObject *py_set_kernel(PyObject *self, PyObject *arg)
     }
     int k = parse_kernel(arg);
     if (k < 0) return NULL;
+    PyObject *prev = PyUnicode_FromString(kernel_names[current_kernel]);
+    if (!prev) return NULL;
     current_kernel = k;
-    Py_RETURN_NONE;
+    return prev;
 }
 
 static int check_words(long long words)
@@ -1417,7 +1431,8 @@ done:
 static PyMethodDef methods[] = {
     {"kernels", py_kernels, METH_NOARGS, "kernels() -> tuple of kernel names this CPU supports, fastest first."},
     {"get_kernel", py_get_kernel, METH_NOARGS, "get_kernel() -> name of the kernel prepare() uses."},
-    {"set_kernel", py_set_kernel, METH_O, "set_kernel(name): use this kernel for later prepare() calls (tests)."},
+    {"set_kernel", py_set_kernel, METH_O,
+     "set_kernel(name) -> previous name: use this kernel for later prepare() calls (tests, benchmarks)."},
     {"prepared_size", py_prepared_size, METH_VARARGS,
      "prepared_size(n_db, words) -> bytes prepare() needs for the current kernel."},
     {"prepare", py_prepare, METH_VARARGS,
@@ -1435,25 +1450,21 @@ static PyMethodDef methods[] = {
 };
 
 static struct PyModuleDef moduledef = {
-    PyModuleDef_HEAD_INIT, "dpfah._hamming",
+    PyModuleDef_HEAD_INIT, "_dpfah_hamming",
     "Exact Hamming-distance search kernels over packed binary codes (see dpfah.codes).", -1, methods,
     NULL, NULL, NULL, NULL,
 };
 
-PyMODINIT_FUNC PyInit__hamming(void)
+/* Version of the Python-visible interface; dpfah.kernels refuses a module with another one
+ * (a job's dpfah/ sources may be newer or older than the installed kernels). */
+#define HAM_API_VERSION 1
+
+PyMODINIT_FUNC PyInit__dpfah_hamming(void)
 {
-    kernel_available[K_PORTABLE] = 1;
-#if HAM_X86
-    __builtin_cpu_init();
-    kernel_available[K_POPCNT] = __builtin_cpu_supports("popcnt") != 0;
-    kernel_available[K_AVX2] = kernel_available[K_POPCNT] && __builtin_cpu_supports("avx2") != 0;
-    kernel_available[K_AVX512] = kernel_available[K_AVX2] && __builtin_cpu_supports("avx512f") != 0 &&
-                                 __builtin_cpu_supports("avx512bw") != 0;
-#endif
-    for (int k = K_COUNT - 1; k >= 0; --k)
-        if (kernel_available[k]) {
-            current_kernel = k;
-            break;
-        }
-    return PyModule_Create(&moduledef);
+    const unsigned usable = dpfah_usable_kernels(HAM_BUILT);
+    for (int k = 0; k < K_COUNT; ++k) kernel_available[k] = (usable & DPFAH_KBIT(k)) != 0;
+    current_kernel = dpfah_select_kernel(HAM_BUILT);
+    PyObject *m = PyModule_Create(&moduledef);
+    if (m && PyModule_AddIntConstant(m, "API_VERSION", HAM_API_VERSION) < 0) Py_CLEAR(m);
+    return m;
 }

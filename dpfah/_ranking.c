@@ -1,5 +1,5 @@
 /*
- * dpfah._ranking: one scan of a chunk of queries against a Hamming-code database, producing
+ * _dpfah_ranking: one scan of a chunk of queries against a Hamming-code database, producing
  * everything the retrieval metrics of dpfah.metrics need.
  *
  * For each query q of the chunk:
@@ -24,8 +24,10 @@
  * histogram/cutoffs/points/counts, float64 ap), all outputs are allocated by the caller,
  * and the scan runs without the GIL so Python threads over query chunks use every core.
  * Portable C11. With GCC/Clang on x86 the kernel is compiled three times (portable,
- * POPCNT, AVX-512BW) and the best one the CPU supports is chosen at import time; nothing
- * is built with -march=native. The AVX-512 variant computes the keys of 8 items at once
+ * POPCNT, AVX-512BW) and the best one the CPU supports is chosen at import time by the
+ * selection routine shared with _hamming.c (_cpu.h, which also names the kernels); nothing
+ * is built with -march=native. A top-level module (not dpfah._ranking), so that no copy of
+ * the dpfah/ sources, such as the working directory of a `ray job submit` job, shadows it. The AVX-512 variant computes the keys of 8 items at once
  * (popcount by nibble lookup, so VPOPCNTQ is not needed) for 1-word codes and 1-2 label
  * words, and filters pass 2 by 64 keys at a time.
  */
@@ -35,6 +37,8 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+
+#include "_cpu.h"
 
 #if defined(__GNUC__) || defined(__clang__)
 #define FORCE_INLINE static inline __attribute__((always_inline))
@@ -356,7 +360,7 @@ typedef void (*query_fn)(const pass2_state *, const void *, int, Py_ssize_t, uns
         pass2(st, keys, kb, ndb, keycut, remaining);                                                         \
     }
 
-DEFINE_PASSES(generic, )
+DEFINE_PASSES(portable, )
 
 #ifdef DPFAH_X86_DISPATCH
 #include <immintrin.h>
@@ -518,15 +522,22 @@ FORCE_INLINE void scan_impl(scan_args *a, tile_fn tile, query_fn query)
     }
 }
 
-static void scan_generic(scan_args *a) { scan_impl(a, tile_generic, query_generic); }
+static void scan_portable(scan_args *a) { scan_impl(a, tile_portable, query_portable); }
 #ifdef DPFAH_X86_DISPATCH
 static void scan_popcnt(scan_args *a) { scan_impl(a, tile_popcnt, query_popcnt); }
 static void scan_avx512(scan_args *a) { scan_impl(a, tile_avx512, query_avx512); }
 #endif
 
+/* Kernels by family (_cpu.h); NULL: not implemented here (no AVX2 variant). */
 typedef void (*scan_fn)(scan_args *);
-static scan_fn scan_kernel = scan_generic;
-static const char *kernel_name = "generic";
+#ifdef DPFAH_X86_DISPATCH
+static const scan_fn scan_fns[DPFAH_K_COUNT] = {scan_portable, scan_popcnt, NULL, scan_avx512};
+#define RANK_BUILT (DPFAH_KBIT(DPFAH_K_PORTABLE) | DPFAH_KBIT(DPFAH_K_POPCNT) | DPFAH_KBIT(DPFAH_K_AVX512BW))
+#else
+static const scan_fn scan_fns[DPFAH_K_COUNT] = {scan_portable, NULL, NULL, NULL};
+#define RANK_BUILT DPFAH_KBIT(DPFAH_K_PORTABLE)
+#endif
+static int current_kernel = DPFAH_K_PORTABLE;
 
 /* ------------------------------------------------------------------------------------------ */
 
@@ -647,7 +658,8 @@ static PyObject *scan(PyObject *self, PyObject *args)
         }
     }
     if (nq > 0) {
-        Py_BEGIN_ALLOW_THREADS scan_kernel(&a);
+        const scan_fn fn = scan_fns[current_kernel];
+        Py_BEGIN_ALLOW_THREADS fn(&a);
         Py_END_ALLOW_THREADS
     }
     Py_INCREF(Py_None);
@@ -662,42 +674,23 @@ done:
     return result;
 }
 
-static int kernel_supported(const char *name, scan_fn *fn)
-{
-    if (strcmp(name, "generic") == 0) {
-        *fn = scan_generic;
-        return 1;
-    }
-#ifdef DPFAH_X86_DISPATCH
-    __builtin_cpu_init();
-    if (strcmp(name, "popcnt") == 0 && __builtin_cpu_supports("popcnt")) {
-        *fn = scan_popcnt;
-        return 1;
-    }
-    if (strcmp(name, "avx512bw") == 0 && __builtin_cpu_supports("popcnt") && __builtin_cpu_supports("avx512f") &&
-        __builtin_cpu_supports("avx512bw")) {
-        *fn = scan_avx512;
-        return 1;
-    }
-#endif
-    return 0;
-}
-
 static PyObject *set_kernel(PyObject *self, PyObject *args)
 {
     (void)self;
     const char *name;
-    scan_fn fn;
     if (!PyArg_ParseTuple(args, "s:set_kernel", &name)) return NULL;
-    if (!kernel_supported(name, &fn)) {
-        PyErr_Format(PyExc_ValueError, "kernel '%s' is not available on this build/CPU", name);
+    const int k = dpfah_kernel_by_name(name, RANK_BUILT);
+    if (k == -2) {
+        PyErr_Format(PyExc_ValueError, "kernel %s is not supported on this CPU", name);
         return NULL;
     }
-    PyObject *prev = PyUnicode_FromString(kernel_name);
+    if (k < 0) {
+        PyErr_Format(PyExc_ValueError, "unknown kernel '%s' (choose from kernels())", name);
+        return NULL;
+    }
+    PyObject *prev = PyUnicode_FromString(dpfah_kernel_names[current_kernel]);
     if (prev == NULL) return NULL;
-    /* kernel names are string literals: keep a pointer to the static one */
-    kernel_name = strcmp(name, "generic") == 0 ? "generic" : strcmp(name, "popcnt") == 0 ? "popcnt" : "avx512bw";
-    scan_kernel = fn;
+    current_kernel = k;
     return prev;
 }
 
@@ -705,12 +698,31 @@ static PyObject *get_kernel(PyObject *self, PyObject *noargs)
 {
     (void)self;
     (void)noargs;
-    return PyUnicode_FromString(kernel_name);
+    return PyUnicode_FromString(dpfah_kernel_names[current_kernel]);
+}
+
+static PyObject *kernels(PyObject *self, PyObject *noargs)
+{
+    (void)self;
+    (void)noargs;
+    const unsigned usable = dpfah_usable_kernels(RANK_BUILT);
+    PyObject *t = PyList_New(0);
+    for (int k = DPFAH_K_COUNT - 1; k >= 0 && t; --k) {
+        if (!(usable & DPFAH_KBIT(k))) continue;
+        PyObject *s = PyUnicode_FromString(dpfah_kernel_names[k]);
+        if (!s || PyList_Append(t, s) < 0) Py_CLEAR(t);
+        Py_XDECREF(s);
+    }
+    if (!t) return NULL;
+    PyObject *tup = PyList_AsTuple(t);
+    Py_DECREF(t);
+    return tup;
 }
 
 static PyMethodDef methods[] = {
+    {"kernels", kernels, METH_NOARGS, "kernels() -> tuple of kernel names this CPU supports, fastest first."},
     {"set_kernel", set_kernel, METH_VARARGS,
-     "set_kernel(name) -> previous name. 'generic' (portable C), 'popcnt' or 'avx512bw' (x86, where the\n"
+     "set_kernel(name) -> previous name. 'portable' (plain C), 'popcnt' or 'avx512bw' (x86, where the\n"
      "CPU supports them). The best one is chosen at import; this is for tests and benchmarks."},
     {"get_kernel", get_kernel, METH_NOARGS, "Name of the kernel in use."},
     {"scan", scan, METH_VARARGS,
@@ -722,23 +734,17 @@ static PyMethodDef methods[] = {
      "Releases the GIL."},
     {NULL, NULL, 0, NULL}};
 
-static struct PyModuleDef moduledef = {PyModuleDef_HEAD_INIT, "_ranking",
+static struct PyModuleDef moduledef = {PyModuleDef_HEAD_INIT, "_dpfah_ranking",
                                        "Compiled ranking kernel for dpfah.metrics.", -1, methods};
 
-PyMODINIT_FUNC PyInit__ranking(void)
+/* Version of the Python-visible interface; dpfah.kernels refuses a module with another one
+ * (a job's dpfah/ sources may be newer or older than the installed kernels). */
+#define RANK_API_VERSION 1
+
+PyMODINIT_FUNC PyInit__dpfah_ranking(void)
 {
-#ifdef DPFAH_X86_DISPATCH
-    __builtin_cpu_init();
-    if (__builtin_cpu_supports("popcnt")) {
-        scan_kernel = scan_popcnt;
-        kernel_name = "popcnt";
-    }
-    if (__builtin_cpu_supports("popcnt") && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")) {
-        scan_kernel = scan_avx512;
-        kernel_name = "avx512bw";
-    }
-#endif
+    current_kernel = dpfah_select_kernel(RANK_BUILT);
     PyObject *m = PyModule_Create(&moduledef);
-    if (m == NULL) return NULL;
+    if (m && PyModule_AddIntConstant(m, "API_VERSION", RANK_API_VERSION) < 0) Py_CLEAR(m);
     return m;
 }

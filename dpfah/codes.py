@@ -10,9 +10,11 @@ Conventions used everywhere in the project:
 Exact top-k Hamming search (``topk_hamming``, ``HammingIndex``) ranks by (distance, database
 index), both ascending: ties go to the smaller database index, on every backend:
 
-* ``"compiled"``: the C kernels of ``dpfah._hamming`` (built by ``setup.py``; SIMD chosen at
-  run time), with Python threads splitting the queries (the kernels release the GIL);
-* ``"numpy"``: chunked ``np.bitwise_count``, used when the extension is not built;
+* ``"compiled"``: the C kernels of ``_dpfah_hamming`` (built by ``setup.py``, imported through
+  ``dpfah.kernels``; SIMD chosen at run time), with Python threads splitting the queries (the
+  kernels release the GIL);
+* ``"numpy"``: chunked ``np.bitwise_count``, used when the extension is not built (logged
+  once per process by ``dpfah.kernels.announce_fallback``);
 * ``"torch"``: torch only, on the tensors' device (GPU), no host round trip.
 
 ``HAVE_COMPILED_KERNEL`` tells whether the extension imported; ``compiled_kernel()`` names the
@@ -28,12 +30,12 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
-try:  # optional C extension (setup.py builds it where a compiler exists)
-    from . import _hamming as _kernel
-except ImportError:  # pragma: no cover - exercised where the extension is not built
-    _kernel = None
+from . import kernels as _kernels
 
-#: True when the compiled kernels (``dpfah._hamming``) are importable. Read at call time, so
+# Optional C extension (setup.py builds it where a compiler exists); None without it.
+_kernel = _kernels.hamming
+
+#: True when the compiled kernels (``_dpfah_hamming``) are importable. Read at call time, so
 #: tests may monkeypatch it to False to exercise the numpy fallback.
 HAVE_COMPILED_KERNEL: bool = _kernel is not None
 
@@ -223,10 +225,15 @@ class HammingIndex:
         self.threads = _check_threads(threads)
         if backend == "auto":
             backend = "compiled" if HAVE_COMPILED_KERNEL else "numpy"
+            if backend == "numpy":
+                _kernels.announce_fallback()
         if backend not in ("compiled", "numpy"):
             raise ValueError(f"backend must be 'auto', 'compiled' or 'numpy', got {backend!r}")
         if backend == "compiled" and (not HAVE_COMPILED_KERNEL or _kernel is None):
-            raise RuntimeError("backend='compiled' but dpfah._hamming is not built (run setup.py build_ext)")
+            raise RuntimeError(
+                f"backend='compiled' but {_kernels.MODULES['hamming']} is not built or not in use "
+                f"({_kernels.import_error('hamming') or 'HAVE_COMPILED_KERNEL is False'}); build it with pip install -e ."
+            )
         self.backend = backend
         self.kernel = None
         self._prepared = None
@@ -346,6 +353,8 @@ def hamming_distance(query_packed, db_packed) -> np.ndarray:
     q, d = _check_packed(query_packed, db_packed)
     if HAVE_COMPILED_KERNEL and _kernel is not None and d.shape[1] <= 1023 and q.shape[0] * d.shape[0] > 0:
         return HammingIndex(d).distances(q)
+    if not HAVE_COMPILED_KERNEL or _kernel is None:
+        _kernels.announce_fallback()
     return _distances_numpy(q, d, np.uint16)
 
 

@@ -22,10 +22,11 @@ Conventions (the project notes, method.md, section "Metrics"):
 
 Implementation: everything derives, per query, from the histograms over distance 0..bits of all
 items and of relevant items, plus (for index ties) the relevance of items in rank order up to a
-cutoff. A C kernel (``dpfah._ranking``) computes both in two passes over the database per query
-chunk, without the GIL, on a thread per core; a vectorised numpy fallback (stable radix argsort
-on uint16 distances) gives identical results where the extension is not built. Work is chunked
-over queries: memory stays bounded (tens of MB) whatever the number of queries.
+cutoff. A C kernel (``_dpfah_ranking``, imported through ``dpfah.kernels``) computes both in
+two passes over the database per query chunk, without the GIL, on a thread per core; a
+vectorised numpy fallback (stable radix argsort on uint16 distances) gives identical results
+where the extension is not built (logged once per process). Work is chunked over queries:
+memory stays bounded (tens of MB) whatever the number of queries.
 """
 
 from __future__ import annotations
@@ -37,12 +38,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from . import kernels as _kernels
 from .codes import hamming_distance, pack_codes
 
-try:  # optional compiled kernel
-    from . import _ranking  # type: ignore[attr-defined]
-except ImportError:  # pragma: no cover - exercised where no compiler exists
-    _ranking = None
+# Optional compiled kernel (setup.py builds it where a compiler exists); None without it.
+_ranking = _kernels.ranking
 
 __all__ = [
     "mean_average_precision",
@@ -237,6 +237,8 @@ def _scan(data: _Data, cutoffs=(), points=(), n_threads=None) -> _Scan:
     ap = np.zeros((nq, cutoffs.size), dtype=np.float64)
     nrel = np.zeros((nq, cutoffs.size), dtype=np.int64)
     use_c = _USE_COMPILED and _ranking is not None
+    if _ranking is None:
+        _kernels.announce_fallback()
     kernel = _ranking.scan if use_c else _scan_chunk_numpy
     chunk = _C_CHUNK if use_c else max(1, _NUMPY_CHUNK_ELEMENTS // ndb)
     threads = _threads(n_threads)

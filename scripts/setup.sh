@@ -10,6 +10,20 @@ if ! command -v "$PYTHON" >/dev/null; then
 fi
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 .venv/bin/python -m pip install --quiet --upgrade pip
-# The editable install also compiles the optional C kernels (dpfah/_hamming.c, _ranking.c).
+# The editable install also compiles the C kernels (dpfah/_hamming.c, _ranking.c, as the
+# top-level modules _dpfah_hamming and _dpfah_ranking). They are optional (numpy fallback)
+# unless DPFAH_REQUIRE_KERNELS=1 (CI sets it): then setup.py fails the install on a compile
+# error. pip hands the environment, this variable included, to its isolated build.
+export DPFAH_REQUIRE_KERNELS="${DPFAH_REQUIRE_KERNELS:-0}"
+echo "setup: DPFAH_REQUIRE_KERNELS=$DPFAH_REQUIRE_KERNELS"
 .venv/bin/python -m pip install --quiet -e '.[dev]'
-.venv/bin/python -c "import dpfah.codes as c, dpfah.metrics as m; print('setup: ok; Hamming kernel:', c.compiled_kernel() or 'numpy fallback', '| metrics backend:', m.backend())"
+# -I: the installed package, whatever the current directory holds.
+.venv/bin/python -I -c "
+import sys
+import dpfah.kernels as k
+st = k.status()
+print('setup: ok; compiled kernels:', st)
+missing = [f'{p}: {k.import_error(p)}' for p, name in st.items() if name == 'numpy']
+if missing and k.required():
+    sys.exit(f'setup: {k.REQUIRE_ENV}=1 but the compiled kernels did not import: ' + '; '.join(missing))
+"

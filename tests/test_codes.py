@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from dpfah import codes
+from dpfah import codes, kernels
 from dpfah.codes import (
     HammingIndex,
     binarize,
@@ -21,18 +21,19 @@ from dpfah.codes import (
     unpack_codes,
 )
 
-needs_kernel = pytest.mark.skipif(
-    not codes.HAVE_COMPILED_KERNEL,
-    reason="dpfah._hamming is not built (python setup.py build_ext --inplace); numpy fallback tested instead",
-)
+
+def require_compiled():
+    """The compiled Hamming module; without it, skip, or fail where DPFAH_REQUIRE_KERNELS=1 (CI)."""
+    if codes.HAVE_COMPILED_KERNEL and kernels.hamming is not None:
+        return kernels.hamming
+    why = f"{kernels.MODULES['hamming']} did not import ({kernels.import_error('hamming')})"
+    if kernels.required():
+        pytest.fail(f"{why}, and {kernels.REQUIRE_ENV}=1 requires the compiled kernels")
+    pytest.skip(f"{why}: numpy fallback tested instead; build it with pip install -e .")
 
 
 def _kernels() -> list[str]:
-    if not codes.HAVE_COMPILED_KERNEL:
-        return []
-    from dpfah import _hamming
-
-    return list(_hamming.kernels())
+    return list(kernels.hamming.kernels()) if kernels.hamming is not None else []
 
 
 @pytest.fixture(scope="module")
@@ -54,13 +55,11 @@ def large_case():
     return q, d, (idx, np.take_along_axis(dist, idx, axis=1))
 
 
-@pytest.fixture(params=_kernels() or [pytest.param(None, marks=needs_kernel)])
+@pytest.fixture(params=_kernels() or ["missing"])
 def kernel(request):
     """Each compiled kernel this CPU supports (avx512bw, avx2, popcnt, portable), in turn."""
-    from dpfah import _hamming
-
-    before = _hamming.get_kernel()
-    _hamming.set_kernel(request.param)
+    _hamming = require_compiled()
+    before = _hamming.set_kernel(request.param)
     yield request.param
     _hamming.set_kernel(before)
 
@@ -350,10 +349,8 @@ def test_topk_hamming_torch_errors():
         topk_hamming(torch.ones(2, 1), torch.ones(2, 1), 1, backend="torch")
 
 
-@needs_kernel
 def test_kernel_module_validates_buffers():
-    from dpfah import _hamming
-
+    _hamming = require_compiled()
     rng = np.random.default_rng(0)
     d = pack_codes(random_codes(rng, 100, 128))
     prepared = np.empty(_hamming.prepared_size(100, 2), dtype=np.uint8)

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from dpfah import kernels
 from dpfah import metrics as M
 
 # --------------------------------------------------------------------------------------------
@@ -96,19 +97,27 @@ def make_data(seed, nq, ndb, bits, classes, multi=False, flips=1, centres=6, abs
     return codes(nq), codes(ndb), labels(nq, classes), labels(ndb, db_classes)
 
 
-@pytest.fixture(params=["numpy", "generic", "popcnt", "avx512bw"])
+def require_compiled():
+    """The compiled ranking module; without it, skip, or fail where DPFAH_REQUIRE_KERNELS=1 (CI)."""
+    if M._ranking is not None:
+        return M._ranking
+    why = f"{kernels.MODULES['ranking']} did not import ({kernels.import_error('ranking')})"
+    if kernels.required():
+        pytest.fail(f"{why}, and {kernels.REQUIRE_ENV}=1 requires the compiled kernels")
+    pytest.skip(f"{why}: numpy fallback tested instead; build it with pip install -e .")
+
+
+@pytest.fixture(params=["numpy", "portable", "popcnt", "avx512bw"])
 def impl(request, monkeypatch):
     """The numpy fallback, and each compiled kernel this CPU supports."""
     if request.param == "numpy":
         monkeypatch.setattr(M, "_USE_COMPILED", False)
     else:
-        if M._ranking is None:
-            pytest.skip("dpfah._ranking is not built")
-        try:
-            previous = M._ranking.set_kernel(request.param)
-        except ValueError:
-            pytest.skip(f"kernel {request.param} not available on this CPU")
-        request.addfinalizer(lambda: M._ranking.set_kernel(previous))
+        ranking = require_compiled()
+        if request.param not in ranking.kernels():
+            pytest.skip(f"kernel {request.param} not supported by this CPU (has {ranking.kernels()})")
+        previous = ranking.set_kernel(request.param)
+        request.addfinalizer(lambda: ranking.set_kernel(previous))
         monkeypatch.setattr(M, "_USE_COMPILED", True)
     # small chunks so that chunking and threading are exercised
     monkeypatch.setattr(M, "_C_CHUNK", 3)
@@ -372,8 +381,7 @@ def test_bad_inputs_raise(impl):
 
 
 def test_backends_agree_on_larger_case(monkeypatch):
-    if M._ranking is None:
-        pytest.skip("dpfah._ranking is not built")
+    require_compiled()
     qc, dc, ql, dl = make_data(29, nq=64, ndb=3000, bits=32, classes=11, flips=4, centres=12)
     monkeypatch.setattr(M, "_USE_COMPILED", True)
     a = M.retrieval_report(qc, dc, ql, dl, topk=100, max_n=300, pr_ranks=[1000, 3000])
