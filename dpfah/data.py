@@ -60,6 +60,7 @@ __all__ = [
     "read_manifest",
     "verify_shards",
     "tar_members",
+    "read_samples",
     "shard_name",
     "decode_image",
     "TrainStream",
@@ -137,6 +138,11 @@ class Manifest:
 
     def shard_paths(self, name: str) -> list[str]:
         return [_join(self.directory, s.file) for s in self.split(name).shards]
+
+    @property
+    def sha256(self) -> str:
+        """Identity of the prepared dataset: the manifest lists every shard's sha256."""
+        return hashlib.sha256(json.dumps(self.raw, sort_keys=True).encode()).hexdigest()
 
 
 def _join(directory: str, name: str) -> str:
@@ -444,13 +450,18 @@ def _members_tarfile(f, path: str, offset: int) -> Iterator[tuple[str, int, Any]
                 yield member.name, member.size, lambda m=member: tar.extractfile(m).read()
 
 
-def _read_piece(path: str, start: int, stop: int) -> Iterator[_Sample]:
-    """Samples ``start <= i < stop`` of one shard, in stored order.
+def _read_piece(path: str, start: int, stop: int, only: set[int] | None = None) -> Iterator[_Sample]:
+    """Samples ``start <= i < stop`` of one shard (of those, only the positions in ``only``
+    when given), in stored order.
 
-    Samples before ``start`` are skipped without reading their data (a local shard is
-    seeked over; a remote one is streamed)."""
+    Samples not wanted are skipped without reading their data (a local shard is seeked
+    over; a remote one is streamed)."""
     if stop <= start:
         return
+
+    def wanted(position: int) -> bool:
+        return position >= start and (only is None or position in only)
+
     with _open(path) as f:
         position, key, parts = -1, None, {}
         try:
@@ -459,17 +470,17 @@ def _read_piece(path: str, start: int, stop: int) -> Iterator[_Sample]:
                 if not dot:
                     raise ShardError(f"{path}: member {name!r} has no extension")
                 if base != key:
-                    if key is not None and position >= start:
+                    if key is not None and wanted(position):
                         yield _assemble(path, key, parts)
                     position += 1
                     if position >= stop:
                         return
                     key, parts = base, {}
-                if position >= start:
+                if wanted(position):
                     parts[ext] = read()
         except (OSError, tarfile.TarError) as e:
             raise ShardError(f"{path}: cannot read ({type(e).__name__}: {e})") from None
-        if key is not None and start <= position < stop:
+        if key is not None and position < stop and wanted(position):
             yield _assemble(path, key, parts)
 
 
@@ -498,6 +509,30 @@ def _assemble(path: str, key: str, parts: dict[str, bytes]) -> _Sample:
     except (KeyError, ValueError) as e:
         raise ShardError(f"{path}: sample {key!r} is malformed ({type(e).__name__}: {e})") from None
     return _Sample(key, image, labels, index)
+
+
+def read_samples(manifest: Manifest, split: str, indices: Sequence[int]) -> dict[int, bytes]:
+    """The encoded image bytes of a few samples of a split, by their index in it.
+
+    Reads only the shards that hold them, each up to its last wanted sample (a local
+    shard is seeked over; a remote one is streamed)."""
+    info = manifest.split(split)
+    paths = manifest.shard_paths(split)
+    starts = np.concatenate([[0], np.cumsum([s.count for s in info.shards])]).astype(np.int64)
+    wanted: dict[int, set[int]] = {}
+    for i in sorted({int(i) for i in indices}):
+        if not 0 <= i < info.count:
+            raise ShardError(f"{manifest.directory}: split {split!r} has no sample {i} (it holds {info.count})")
+        s = int(np.searchsorted(starts, i, side="right") - 1)
+        wanted.setdefault(s, set()).add(i - int(starts[s]))
+    out: dict[int, bytes] = {}
+    for s, offsets in wanted.items():
+        found = list(_read_piece(paths[s], min(offsets), max(offsets) + 1, only=offsets))
+        expected = [int(starts[s]) + o for o in sorted(offsets)]
+        if [sample.index for sample in found] != expected:
+            raise ShardError(f"{paths[s]}: samples at positions {sorted(offsets)[:5]} are missing or out of place")
+        out.update((sample.index, sample.image) for sample in found)
+    return out
 
 
 def decode_image(data: bytes) -> torch.Tensor:

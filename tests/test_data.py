@@ -21,6 +21,7 @@ from dpfah.data import (
     ShardWriter,
     TrainStream,
     read_manifest,
+    read_samples,
     shard_name,
     verify_shards,
 )
@@ -172,6 +173,22 @@ def test_eval_order_and_decode(uneven):
     images = torch.cat([b.images for b in batches])
     assert images.dtype == torch.uint8 and images.shape == (9, 3, 4, 4)
     assert images[:, 0, 0, 0].tolist() == list(range(9))  # the pixel encodes the index
+
+
+def test_read_samples_picks_single_samples_across_uneven_shards(uneven):
+    """The few images a figure needs, by index, without reading whole splits: the same bytes
+    the evaluation stream yields for those indices."""
+    manifest = read_manifest(uneven)
+    everything = {}
+    for batch in EvalStream(uneven, "train", batch_size=16):
+        everything.update(zip(batch.index.tolist(), batch.images))
+    wanted = [0, 6, 7, 36, 37, 71, 40, 40]  # both ends of shards, the last sample, a repeat, unsorted
+    got = read_samples(manifest, "train", wanted)
+    assert sorted(got) == sorted(set(wanted))
+    assert all(got[i] == everything[i] for i in got)
+    assert read_samples(manifest, "query", []) == {}
+    with pytest.raises(ShardError, match="has no sample 72"):
+        read_samples(manifest, "train", [3, 72])
 
 
 def test_eval_decode_needs_one_size(tmp_path):

@@ -1,0 +1,108 @@
+"""Where every stage writes, and how: one path function per file, one atomic write.
+
+The files DVC tracks (all small, all relative to the repository root unless a stage is
+given another ``root``)::
+
+    runs/<dataset>-<bits>.json          train: the run record (run id, model URI, data identity)
+    objectives/<dataset>-<bits>.json    objective: the loss settings a training uses (eta, zeta from params or the search)
+    metrics/<dataset>-<bits>.json       evaluate: the query metrics (DVC metrics)
+    plots/<dataset>-<bits>/*.csv        evaluate: PR and P@N curve data (DVC plots)
+    promotions/<dataset>-<bits>.json    promote: the decision and both numbers
+    tune/<dataset>/best.json            tune: the best configuration, overall and per code length
+    tune/<dataset>/summary.{md,csv}     tune: every trial
+
+A file is written to a temporary name beside its final one and renamed into place, so a
+reader (or DVC) never sees half a file, and a failed stage leaves the previous one intact.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "RUNS_DIR",
+    "OBJECTIVES_DIR",
+    "METRICS_DIR",
+    "PLOTS_DIR",
+    "PROMOTIONS_DIR",
+    "TUNE_DIR",
+    "METRIC_PREFIX",
+    "run_file",
+    "objective_file",
+    "metrics_file",
+    "plots_dir",
+    "promotion_file",
+    "tune_dir",
+    "best_file",
+    "metric_values",
+    "write_atomic",
+    "write_json_atomic",
+]
+
+RUNS_DIR = "runs"
+OBJECTIVES_DIR = "objectives"
+METRICS_DIR = "metrics"
+PLOTS_DIR = "plots"
+PROMOTIONS_DIR = "promotions"
+TUNE_DIR = "tune"
+#: The metrics of a metrics file (and of the MLflow run) start with this prefix.
+METRIC_PREFIX = "query_"
+
+Root = str | os.PathLike
+
+
+def run_file(dataset: str, bits: int, root: Root = ".") -> Path:
+    return Path(root) / RUNS_DIR / f"{dataset}-{bits}.json"
+
+
+def objective_file(dataset: str, bits: int, root: Root = ".") -> Path:
+    return Path(root) / OBJECTIVES_DIR / f"{dataset}-{bits}.json"
+
+
+def metrics_file(dataset: str, bits: int, root: Root = ".") -> Path:
+    return Path(root) / METRICS_DIR / f"{dataset}-{bits}.json"
+
+
+def plots_dir(dataset: str, bits: int, root: Root = ".") -> Path:
+    return Path(root) / PLOTS_DIR / f"{dataset}-{bits}"
+
+
+def promotion_file(dataset: str, bits: int, root: Root = ".") -> Path:
+    return Path(root) / PROMOTIONS_DIR / f"{dataset}-{bits}.json"
+
+
+def tune_dir(dataset: str, root: Root = ".") -> Path:
+    return Path(root) / TUNE_DIR / dataset
+
+
+def best_file(dataset: str, root: Root = ".") -> Path:
+    return tune_dir(dataset, root) / "best.json"
+
+
+def metric_values(doc: dict[str, Any]) -> dict[str, float]:
+    """The metrics (``query_*``) of a metrics file, as logged to MLflow under the same names."""
+    return {k: v for k, v in doc.items() if k.startswith(METRIC_PREFIX)}
+
+
+def write_atomic(path: Root, data: str | bytes) -> Path:
+    """Write ``data`` to a temporary name beside ``path``, then rename it into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        if isinstance(data, bytes):
+            tmp.write_bytes(data)
+        else:
+            tmp.write_text(data)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def write_json_atomic(path: Root, doc: Any) -> Path:
+    """``doc`` as indented, key-sorted JSON, written atomically."""
+    return write_atomic(path, json.dumps(doc, indent=2, sort_keys=True) + "\n")
