@@ -32,6 +32,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset
 from dpfah.data import Batch
 from dpfah.loss import DPFAHLoss
 from dpfah.model import DPFAH
+from dpfah.settings import ModelSettings
 from dpfah.train import TrainSettings, fit
 
 
@@ -90,12 +91,12 @@ class _PilDataset(Dataset):
 
 def run_ours(images, labels, args, device) -> dict:
     settings = TrainSettings(
-        bits=64, num_classes=labels.shape[1], epochs=2, batch_size=args.batch, image_size=args.size,
-        optimizer="rmsprop", lr=5e-5, weight_decay=1e-5, pfa=True, seed=0,
+        epochs=2, batch_size=args.batch, image_size=args.size, optimizer="rmsprop", lr=5e-5, weight_decay=1e-5, schedule="constant",
     )
+    model = DPFAH.build(64, labels.shape[1], ModelSettings(pfa=True), seed=0)
     loader = DataLoader(_BytesStream(images, labels, args.batch), batch_size=None, num_workers=1)  # a reader process, as the shard stream has
     reports = []
-    fit(settings, train_batches=lambda epoch: loader, steps_per_epoch=args.steps,
+    fit(settings, model, DPFAHLoss(), train_batches=lambda epoch: loader, steps_per_epoch=args.steps,
         report=lambda m, s: reports.append(m), device=device)
     second = reports[-1]
     return {"images_per_s": second["images_per_s"], "epoch_s": second["epoch_s"], "images": args.steps * args.batch}

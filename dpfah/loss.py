@@ -8,6 +8,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .objective import Shard, Step
+from .settings import LossSettings
+
 __all__ = ["DPFAHLoss", "LossParts", "similarity"]
 
 
@@ -38,14 +41,49 @@ class DPFAHLoss(nn.Module):
 
     Labels are 0/1 label vectors (N, classes); similar = share at least one label.
     ``forward`` returns ``LossParts(total, l1, l2, l3)`` with total = l1 + eta l2 + zeta l3.
+
+    As the training loop's objective (:mod:`dpfah.objective`): ``pairs="batch"`` pairs every
+    row of the global batch with every other; ``pairs="bank"`` keeps the memory bank as
+    buffers (one row per training sample index, so ``bank_size``, ``bits`` and
+    ``num_classes`` are needed) and pairs the global batch with every row seen so far.
     """
 
-    def __init__(self, eta: float = 10.0, zeta: float = 0.1, delta: float = 1.1) -> None:
+    terms = ("l1", "l2", "l3")
+
+    def __init__(
+        self,
+        eta: float = 10.0,
+        zeta: float = 0.1,
+        delta: float = 1.1,
+        *,
+        pairs: str = "batch",
+        bank_size: int | None = None,
+        bits: int | None = None,
+        num_classes: int | None = None,
+    ) -> None:
         super().__init__()
         for name, value in (("eta", eta), ("zeta", zeta), ("delta", delta)):
             if not value >= 0:
                 raise ValueError(f"{name} must be >= 0, got {value}")
+        if pairs not in ("batch", "bank"):
+            raise ValueError(f"pairs={pairs!r}: choose batch or bank")
         self.eta, self.zeta, self.delta = float(eta), float(zeta), float(delta)
+        self.pairs = pairs
+        if pairs == "bank":
+            if not bank_size or not bits or not num_classes:
+                raise ValueError("pairs='bank' needs bank_size (one row per training sample index), bits and num_classes")
+            self.register_buffer("bank_u", torch.zeros(bank_size, bits))
+            self.register_buffer("bank_labels", torch.zeros(bank_size, num_classes))
+            self.register_buffer("bank_seen", torch.zeros(bank_size, dtype=torch.bool))
+
+    @classmethod
+    def from_settings(cls, settings: LossSettings, *, bank_size: int | None = None, bits: int | None = None, num_classes: int | None = None) -> DPFAHLoss:
+        s = settings
+        return cls(s.eta, s.zeta, s.delta, pairs=s.pairs, bank_size=bank_size, bits=bits, num_classes=num_classes)
+
+    def total(self, l1, l2, l3):
+        """The objective from its parts (tensors or floats): the formula, in one place."""
+        return l1 + self.eta * l2 + self.zeta * l3
 
     def pairwise(self, u, labels, bank_u=None, bank_labels=None) -> torch.Tensor:
         if (bank_u is None) != (bank_labels is None):
@@ -109,7 +147,7 @@ class DPFAHLoss(nn.Module):
         pair_sum = terms.sum()
         l2 = self.quantization(u)
         l3 = self.classification(logits, labels)
-        surrogate = world_size * factor * pair_sum / num_pairs + self.eta * l2 + self.zeta * l3
+        surrogate = self.total(world_size * factor * pair_sum / num_pairs, l2, l3)
         return surrogate, pair_sum.detach(), l2.detach(), l3.detach()
 
     def forward(self, u, logits, labels, bank_u=None, bank_labels=None) -> LossParts:
@@ -122,4 +160,33 @@ class DPFAHLoss(nn.Module):
         l1 = self.pairwise(u, labels, bank_u, bank_labels)
         l2 = self.quantization(u)
         l3 = self.classification(logits, labels)
-        return LossParts(l1 + self.eta * l2 + self.zeta * l3, l1, l2, l3)
+        return LossParts(self.total(l1, l2, l3), l1, l2, l3)
+
+    def start_epoch(self, epoch: int) -> None:
+        pass
+
+    def step(self, u: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor, index: torch.Tensor, shard: Shard) -> Step:
+        """The objective on this rank's rows of the global batch (see :meth:`sharded`).
+
+        The columns are the global batch gathered from every rank, or, with the bank, every
+        bank row seen so far after the global batch has been written into it (so the batch
+        meets itself, as in DPSH). ``stats``: the pair sum over this rank's pairs, and the
+        rank's mean L2 and L3 (weight 1 each: the epoch value is their mean over steps and
+        ranks, equal local batches)."""
+        all_u = shard.gather(u.detach())
+        all_labels = shard.gather(labels)
+        if self.pairs == "bank":
+            all_index = shard.gather(torch.as_tensor(index, device=u.device).long())
+            self.bank_u[all_index] = all_u
+            self.bank_labels[all_index] = all_labels
+            self.bank_seen[all_index] = True
+            pair_u, pair_labels = self.bank_u[self.bank_seen], self.bank_labels[self.bank_seen]
+            offset, num_pairs = None, shard.global_batch * pair_u.shape[0]
+        else:
+            pair_u, pair_labels = all_u, all_labels
+            offset, num_pairs = shard.offset, shard.global_batch * (shard.global_batch - 1)
+        surrogate, pair_sum, l2, l3 = self.sharded(
+            u, logits, labels, pair_u, pair_labels, world_size=shard.world_size, offset=offset, num_pairs=num_pairs
+        )
+        rank_pairs = num_pairs // shard.world_size
+        return Step(surrogate, {"l1": (pair_sum.item(), rank_pairs), "l2": (l2.item(), 1), "l3": (l3.item(), 1)})

@@ -10,6 +10,7 @@ from torchvision.models import resnet18
 
 from .attention import ParameterFreeAttention
 from .codes import binarize
+from .settings import ModelSettings
 
 __all__ = ["DPFAH", "load_backbone_state_dict"]
 
@@ -82,6 +83,14 @@ class DPFAH(nn.Module):
         for head in (self.hash_head, self.cls_head):
             nn.init.normal_(head.weight, std=init_std)
             nn.init.normal_(head.bias, std=init_std)
+
+    @classmethod
+    def build(cls, bits: int, num_classes: int, settings: ModelSettings = ModelSettings(), *, seed: int | None = None) -> DPFAH:
+        """The network of ``settings``; with ``seed``, torch's generator is seeded first, so
+        every data-parallel rank starts from the same weights."""
+        if seed is not None:
+            torch.manual_seed(seed)
+        return cls(bits, num_classes, pfa=settings.pfa, lam=settings.lam, backbone_weights=settings.backbone_weights)
 
     @property
     def uses_pfa(self) -> bool:

@@ -8,6 +8,9 @@ import torch
 from PIL import Image
 
 from dpfah.loss import DPFAHLoss
+from dpfah.model import DPFAH
+from dpfah.objective import Objective, Shard
+from dpfah.settings import ModelSettings
 from dpfah.train import Batch, TrainSettings, encode, fit, validation_map
 
 
@@ -69,6 +72,65 @@ def test_sharded_objective_with_bank(world_size):
     torch.testing.assert_close(grad_u, u_ref.grad)
 
 
+class _SimulatedShard(Shard):
+    """Rank ``rank`` of ``world_size`` without a process group: ``gather`` returns what
+    every rank holds (the test knows the whole global batch)."""
+
+    def __init__(self, world_size, rank, local_batch, everything):
+        super().__init__(world_size, rank, local_batch)
+        object.__setattr__(self, "everything", everything)
+
+    def gather(self, t):
+        for whole in self.everything:
+            if whole.shape[1:] == t.shape[1:] and whole.dtype == t.dtype:
+                return whole.to(t.dtype)
+        raise AssertionError(f"no gathered tensor like {tuple(t.shape)} {t.dtype}")
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 4])
+@pytest.mark.parametrize("pairs", ["batch", "bank"])
+def test_step_and_forward_are_one_objective(world_size, pairs):
+    """The loop's data-parallel form (``step`` on every rank, gradients averaged as DDP does,
+    terms summed as the loop does) equals ``forward`` on the global batch: the gradients,
+    every term and the total (through the one ``total`` formula)."""
+    u, logits, labels = _batch(n=8, bits=6, classes=4, seed=5, multi=True)
+    index = torch.arange(8) * 3  # sample indices into a bank of 24 rows
+    make = lambda: DPFAHLoss(eta=2.5, zeta=0.3, pairs=pairs, bank_size=24, bits=6, num_classes=4).double()  # noqa: E731
+    assert isinstance(make(), Objective)
+
+    reference = make()
+    u_ref, o_ref = u.clone().requires_grad_(True), logits.clone().requires_grad_(True)
+    if pairs == "bank":  # the bank after this batch was written into it: the batch itself
+        ref = reference(u_ref, o_ref, labels, bank_u=u, bank_labels=labels)
+    else:
+        ref = reference(u_ref, o_ref, labels)
+    ref.total.backward()
+
+    local = 8 // world_size
+    grad_u, grad_o = torch.zeros_like(u), torch.zeros_like(logits)
+    sums = {}
+    for r in range(world_size):
+        rows = slice(r * local, (r + 1) * local)
+        objective = make()
+        shard = _SimulatedShard(world_size, r, local, (u, labels, index))
+        u_r, o_r = u[rows].clone().requires_grad_(True), logits[rows].clone().requires_grad_(True)
+        step = objective.step(u_r, o_r, labels[rows], index[rows], shard)
+        step.surrogate.backward()
+        grad_u[rows], grad_o[rows] = u_r.grad / world_size, o_r.grad / world_size
+        for term, (value, weight) in step.stats.items():
+            sums.setdefault(term, [0.0, 0.0])
+            sums[term][0] += value
+            sums[term][1] += weight
+    torch.testing.assert_close(grad_u, u_ref.grad)
+    torch.testing.assert_close(grad_o, o_ref.grad)
+    values = {term: total / weight for term, (total, weight) in sums.items()}
+    assert set(values) == set(reference.terms) == {"l1", "l2", "l3"}
+    assert values["l1"] == pytest.approx(ref.l1.item(), rel=1e-12)
+    assert values["l2"] == pytest.approx(ref.l2.item(), rel=1e-12)
+    assert values["l3"] == pytest.approx(ref.l3.item(), rel=1e-12)
+    assert reference.total(**values) == pytest.approx(ref.total.item(), rel=1e-12)
+
+
 def _toy_images(n, classes, size=32, seed=0):
     """Class-coloured noise images: learnable in a few steps."""
     rng = np.random.default_rng(seed)
@@ -89,7 +151,12 @@ def _batches(images, labels, batch, shuffle_seed=None):
 @pytest.mark.parametrize("pairs", ["batch", "bank"])
 def test_fit_runs_reports_and_resumes(pairs):
     images, labels = _toy_images(48, 3)
-    settings = TrainSettings(bits=16, num_classes=3, epochs=3, batch_size=8, image_size=32, optimizer="adamw", lr=1e-3, pairs=pairs)
+    settings = TrainSettings(epochs=3, batch_size=8, image_size=32, optimizer="adamw", lr=1e-3, schedule="constant")
+
+    def parts():
+        model = DPFAH.build(16, 3, ModelSettings(), seed=0)
+        return model, DPFAHLoss(eta=10, zeta=0.1, pairs=pairs, bank_size=48, bits=16, num_classes=3)
+
     reports = []
 
     def report(metrics, state):
@@ -100,11 +167,11 @@ def test_fit_runs_reports_and_resumes(pairs):
 
     result = fit(
         settings,
+        *parts(),
         train_batches=lambda epoch: _batches(images, labels, 8, shuffle_seed=epoch),
         steps_per_epoch=4,
         report=report,
         validate=validate,
-        bank_size=48,
     )
     assert result.epochs_run == 3 and len(reports) == 3
     assert [m["epoch"] for m, _ in reports] == [0, 1, 2]
@@ -119,12 +186,12 @@ def test_fit_runs_reports_and_resumes(pairs):
     resumed = []
     fit(
         settings,
+        *parts(),
         train_batches=lambda epoch: _batches(images, labels, 8, shuffle_seed=epoch),
         steps_per_epoch=4,
         report=lambda m, s: resumed.append(m),
         validate=validate,
         state=reports[1][1],
-        bank_size=48,
     )
     assert [m["epoch"] for m in resumed] == [2]
     assert resumed[0]["loss"] == pytest.approx(reports[2][0]["loss"], rel=1e-4)
@@ -157,6 +224,15 @@ def test_settings_reject_bad_values():
         TrainSettings(optimizer="adam2")
     with pytest.raises(ValueError, match="batch_size"):
         TrainSettings(batch_size=1)
+    with pytest.raises(ValueError, match="crop_scale"):
+        TrainSettings(crop_scale=(0.5, 1.5))
+
+
+def test_fit_takes_only_an_objective():
+    images, labels = _toy_images(16, 2)
+    with pytest.raises(TypeError, match="not an objective"):
+        fit(TrainSettings(epochs=1, batch_size=8), DPFAH(8, 2), torch.nn.MSELoss(), train_batches=lambda e: _batches(images, labels, 8),
+            steps_per_epoch=1, report=lambda m, s: None)
 
 
 def test_augmentation_randomness_depends_on_the_sample_not_the_batch():
