@@ -3,13 +3,19 @@
 Every stage gets its parameters the same way::
 
     parser = argparse.ArgumentParser(...)
-    add_config_args(parser)                 # --params FILE, --set dotted.key=value
+    add_config_args(parser)                 # --params FILE, --profile NAME, --set dotted.key=value
     args = parser.parse_args(argv)
     params = config_from_args(args)         # -> Params, or ConfigError naming the key
 
 ``--set`` values are read as YAML scalars (``--set seed=3``, ``--set datasets.x.images=null``,
 ``--set prepare.datasets=[cifar10,imagenet100]``); a key that is not a parameter is an error
 that names it, as is a value of the wrong type or out of range.
+
+The training sections are the library's own settings (``dpfah.settings``): ``train``
+extends :class:`~dpfah.settings.TrainSettings` with how the pipeline runs it, ``model`` is
+:class:`~dpfah.settings.ModelSettings`, ``loss`` extends :class:`~dpfah.settings.LossSettings`;
+a knob is declared once, there, with its default and its check. ``--profile NAME`` merges
+``profiles/NAME.yaml`` over the file before the ``--set`` overrides.
 
 Adding a stage's section is one frozen dataclass (fields with types and defaults; optional
 ``metadata={"check": ...}`` per field and a ``validate()`` method raising :class:`Invalid`
@@ -33,6 +39,9 @@ from typing import Any, Literal
 
 import yaml
 
+from dpfah.settings import LossSettings, ModelSettings, TrainSettings, above, at_least
+from dpfah.settings import checked as _check
+
 from .errors import ConfigError
 
 __all__ = [
@@ -48,12 +57,16 @@ __all__ = [
     "CustomDataset",
     "DatasetConfig",
     "TrainConfig",
+    "ModelSettings",
+    "LossConfig",
     "MlflowConfig",
     "TuneConfig",
     "EvaluateConfig",
     "PromoteConfig",
     "Params",
     "load_params",
+    "profile_overlay",
+    "merge",
     "parse_params",
     "read_params_file",
     "apply_overrides",
@@ -82,17 +95,9 @@ class Invalid(Exception):
 # ----------------------------------------------------------------------------- field checks
 
 
-def at_least(low: int | float) -> Callable[[Any], str | None]:
-    return lambda v: None if v is None or v >= low else f"must be >= {low}, got {v!r}"
-
-
 def matches(pattern: str, what: str) -> Callable[[Any], str | None]:
     rx = re.compile(pattern)
     return lambda v: None if v is None or rx.match(v) else f"{v!r} is not {what}"
-
-
-def _check(fn: Callable[[Any], str | None], **extra: Any) -> dict[str, Any]:
-    return {"check": fn, **extra}
 
 
 # ----------------------------------------------------------------------------- sections
@@ -185,30 +190,11 @@ DatasetConfig = Cifar10Dataset | ListsDataset | CustomDataset
 
 
 @dataclass(frozen=True)
-class TrainConfig:
-    """The `train` stage. Defaults: the CPU profile (small images, few epochs, one worker)."""
+class TrainConfig(TrainSettings):
+    """The `train` section: how the loop trains (:class:`dpfah.settings.TrainSettings`, its
+    fields and defaults) and how the pipeline runs it (workers, GPUs, storage, retries)."""
 
-    bits: tuple[int, ...] = field(default=(64,), metadata=_check(lambda v: None if v and all(b >= 1 for b in v) else "must list code lengths >= 1"))
-    epochs: int = field(default=8, metadata=_check(at_least(1)))
     steps_per_epoch: int | None = field(default=None, metadata=_check(at_least(1)))  # cap; None: the whole split
-    batch_size: int = field(default=64, metadata=_check(at_least(2)))  # global, over all workers
-    image_size: int = field(default=32, metadata=_check(at_least(8)))
-    optimizer: Literal["rmsprop", "adamw", "sgd"] = field(default="adamw", metadata={"noun": "optimizer"})
-    lr: float = field(default=1e-3, metadata=_check(lambda v: None if v > 0 else f"must be > 0, got {v!r}"))
-    weight_decay: float = field(default=1e-5, metadata=_check(at_least(0)))
-    momentum: float = field(default=0.9, metadata=_check(at_least(0)))
-    schedule: Literal["constant", "cosine", "onecycle"] = field(default="onecycle", metadata={"noun": "schedule"})
-    eta: float = field(default=10.0, metadata=_check(at_least(0)))
-    zeta: float = field(default=0.1, metadata=_check(at_least(0)))
-    delta: float = field(default=1.1, metadata=_check(at_least(0)))
-    pairs: Literal["batch", "bank"] = field(default="batch", metadata={"noun": "pair set"})
-    pfa: bool = True
-    lam: float = field(default=1e-4, metadata=_check(lambda v: None if v > 0 else f"must be > 0, got {v!r}"))
-    backbone_weights: str | None = None
-    freeze_bn: bool = False
-    sync_bn: bool = True
-    precision: Literal["auto", "fp32", "bf16"] = field(default="auto", metadata={"noun": "precision"})
-    crop_scale: tuple[float, ...] = (0.5, 1.0)
     num_workers: int = field(default=1, metadata=_check(at_least(1)))
     use_gpu: bool = False
     loader_workers: int = field(default=1, metadata=_check(at_least(0)))
@@ -217,13 +203,20 @@ class TrainConfig:
     collective_timeout_s: int = field(default=600, metadata=_check(at_least(10)))
     storage_path: str = "ray_results"
     fail_at_epoch: int | None = None  # fault injection for tests: the last rank dies once after this epoch
-    use_tuned: bool = False  # take eta and zeta from the tune stage's tune/<dataset>/best.json
 
     def validate(self) -> None:
-        if len(self.crop_scale) != 2 or not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
-            raise Invalid("crop_scale", f"must be [lo, hi] with 0 < lo <= hi <= 1, got {list(self.crop_scale)}")
         if self.batch_size % self.num_workers:
             raise Invalid("batch_size", f"{self.batch_size} is not divisible by num_workers {self.num_workers}")
+
+
+@dataclass(frozen=True)
+class LossConfig(LossSettings):
+    """The `loss` section: the DPFAH objective (:class:`dpfah.settings.LossSettings`) and
+    where its weights come from."""
+
+    # true: eta and zeta come from the tune stage's tune/<dataset>/best.json (the best at
+    # the training's code length, else the best overall); the values above are ignored.
+    use_tuned: bool = False
 
 
 def _value_list(low: float, what: str) -> Callable[[Any], str | None]:
@@ -250,7 +243,7 @@ class TuneConfig:
     num_samples: int = field(default=1, metadata=_check(at_least(1)))
     scheduler: Literal["asha", "none"] = field(default="asha", metadata={"noun": "scheduler"})
     grace_period: int = field(default=1, metadata=_check(at_least(1)))
-    reduction_factor: float = field(default=2.0, metadata=_check(lambda v: None if v > 1 else f"must be > 1, got {v!r}"))
+    reduction_factor: float = field(default=2.0, metadata=_check(above(1)))
     max_concurrent_trials: int | None = field(default=None, metadata=_check(at_least(1)))
     max_failures: int = field(default=1, metadata=_check(at_least(0)))
 
@@ -290,6 +283,11 @@ class EvaluateConfig:
         """R of mAP@R for ``dataset`` (None: ALL)."""
         return self.map_at.get(dataset)
 
+    def map_at_label(self, dataset: str) -> str | int:
+        """R as the metrics file and MLflow tags name it: ``"ALL"`` or the integer."""
+        r = self.r_for(dataset)
+        return "ALL" if r is None else int(r)
+
 
 _ALIAS_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*$")
 
@@ -323,11 +321,15 @@ class Params:
     """All of params.yaml. A stage's section is one more field here."""
 
     seed: int = field(default=0, metadata=_check(at_least(0)))
-    profile: str = "default"
     data: DataConfig = field(default_factory=DataConfig)
     prepare: PrepareConfig = field(default_factory=PrepareConfig)
     datasets: dict[str, DatasetConfig] = field(default_factory=dict)
+    # The code lengths `dvc repro` trains (dvc.yaml's matrix reads this list; a training
+    # itself reads only its own length, so adding one here trains only the new one).
+    bits: tuple[int, ...] = field(default=(64,), metadata=_check(lambda v: None if v and all(b >= 1 for b in v) else "must list code lengths >= 1"))
     train: TrainConfig = field(default_factory=TrainConfig)
+    model: ModelSettings = field(default_factory=ModelSettings)
+    loss: LossConfig = field(default_factory=LossConfig)
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
@@ -414,34 +416,35 @@ def parse_params(raw: Mapping[str, Any]) -> Params:
     return _build(Params, raw, "")
 
 
-def _merge(base: dict[str, Any], overlay: Mapping[str, Any]) -> dict[str, Any]:
+def profile_overlay(name: str, params_path: str | Path = DEFAULT_PARAMS) -> dict[str, Any]:
+    """``profiles/<name>.yaml`` beside the parameters file: a partial params mapping."""
+    if not isinstance(name, str) or not NAME_RE.match(name):
+        raise ConfigError(f"profile: {name!r} is not a profile name")
+    path = Path(params_path).parent / PROFILES_DIR / f"{name}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in path.parent.glob("*.yaml"))
+        raise ConfigError(f"profile: unknown profile {name!r} (no {path}; known: {', '.join(known) or 'none'})")
+    return read_params_file(path)
+
+
+def load_params(path: str | Path = DEFAULT_PARAMS, overrides: Sequence[str] = (), *, profile: str | None = None) -> Params:
+    """params.yaml, then a profile's overlay (``profiles/<profile>.yaml``), then the
+    ``--set`` overrides, typed and checked.
+
+    A profile given here applies to this process only; ``python -m pipeline.profile NAME``
+    writes one into params.yaml, where DVC sees it."""
+    raw = read_params_file(path)
+    if profile is not None:
+        raw = merge(raw, profile_overlay(profile, path))
+    return parse_params(apply_overrides(raw, overrides))
+
+
+def merge(base: Mapping[str, Any], overlay: Mapping[str, Any]) -> dict[str, Any]:
+    """``base`` with ``overlay``'s values set, mappings merged key by key."""
     out = dict(base)
     for key, value in overlay.items():
-        out[key] = _merge(out[key], value) if isinstance(value, Mapping) and isinstance(out.get(key), dict) else value
+        out[key] = merge(out[key], value) if isinstance(value, Mapping) and isinstance(out.get(key), dict) else value
     return out
-
-
-def load_params(path: str | Path = DEFAULT_PARAMS, overrides: Sequence[str] = ()) -> Params:
-    """params.yaml, then the selected profile's overlay, then the ``--set`` overrides.
-
-    ``profile: NAME`` (other than ``default``) merges ``profiles/NAME.yaml`` beside the
-    parameters file over it, so one switch (``--set profile=paper`` or
-    ``dvc exp run -S profile=paper``) selects a whole set of settings.
-    """
-    base = read_params_file(path)
-    raw = apply_overrides(base, overrides)
-    profile = raw.get("profile", "default")
-    if profile not in (None, "default"):
-        if not isinstance(profile, str) or not NAME_RE.match(profile):
-            raise ConfigError(f"profile: {profile!r} is not a profile name")
-        overlay_path = Path(path).parent / PROFILES_DIR / f"{profile}.yaml"
-        if not overlay_path.is_file():
-            known = sorted(p.stem for p in overlay_path.parent.glob("*.yaml"))
-            raise ConfigError(f"profile: unknown profile {profile!r} (no {overlay_path}; known: default{''.join(', ' + k for k in known)})")
-        overlay = read_params_file(overlay_path)
-        overlay.pop("profile", None)
-        raw = apply_overrides(_merge(base, overlay), overrides)
-    return parse_params(raw)
 
 
 def add_config_args(parser: argparse.ArgumentParser) -> None:
@@ -451,6 +454,13 @@ def add_config_args(parser: argparse.ArgumentParser) -> None:
         metavar="FILE",
         default=DEFAULT_PARAMS,
         help=f"parameters file (default: {DEFAULT_PARAMS} in the current directory)",
+    )
+    group.add_argument(
+        "--profile",
+        metavar="NAME",
+        default=None,
+        help="apply profiles/NAME.yaml over the parameters file for this run, e.g. `paper` (224 px, RMSProp 5e-5, "
+        "batch 128, bits 16/32/48/64, 4 GPU workers); under DVC use `python -m pipeline.profile NAME` instead",
     )
     group.add_argument(
         "--set",
@@ -464,7 +474,7 @@ def add_config_args(parser: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> Params:
-    return load_params(args.params, args.overrides)
+    return load_params(args.params, args.overrides, profile=args.profile)
 
 
 # ----------------------------------------------------------------------------- typed building
@@ -556,6 +566,11 @@ def _build_dataclass(cls: type, value: Any, key: str) -> Any:
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = [k for k in value if k not in fields]
+    if not key and "profile" in unknown:
+        raise ConfigError(
+            "profile: not a parameter any more: apply a profile to params.yaml with `python -m pipeline.profile NAME` "
+            "(DVC then sees its values), or to one stage run with --profile NAME"
+        )
     if unknown:
         what = "section" if not key else "key"
         raise ConfigError(f"{_dotted(key, str(unknown[0]))}: unknown {what} (known: {', '.join(fields)})")

@@ -36,40 +36,15 @@ from typing import Any
 
 import numpy as np
 
+from .artifacts import metric_values, metrics_file, plots_dir, write_atomic, write_json_atomic
 from .config import Params, add_config_args, config_from_args
 from .errors import ConfigError, DataError, run_main
-from .registry import (
-    MismatchError,
-    check_training_run,
-    connect,
-    get_run,
-    mlflow_errors,
-    read_run_record,
-    run_model_uri,
-    tracking_uri,
-    using_tracking_uri,
-    write_json_atomic,
-)
-from .train import git_commit, manifest_sha256
+from .registry import MismatchError, check_training_run, read_run_record, run_model_uri
+from .tracking import connect, get_run, git_commit, mlflow_errors, tracking_uri, using_tracking_uri
 
-__all__ = [
-    "METRICS_DIR",
-    "PLOTS_DIR",
-    "Evaluation",
-    "evaluate",
-    "metrics_file",
-    "plots_dir",
-    "flat_metrics",
-    "metric_values",
-    "load_codes",
-    "read_samples",
-    "main",
-]
+__all__ = ["Evaluation", "evaluate", "flat_metrics", "codes_table", "load_codes", "main"]
 
-METRICS_DIR = "metrics"
-PLOTS_DIR = "plots"
 ARTIFACT_DIR = "evaluation"
-METRIC_PREFIX = "query_"
 P_AT = (10, 100, 500, 1000)  # P@N values reported as scalars (those within the curve)
 
 
@@ -85,23 +60,6 @@ class Evaluation:
     def metrics(self) -> dict[str, float]:
         """The metrics logged to MLflow (the ``query_*`` numbers of the metrics file)."""
         return metric_values(self.doc)
-
-
-def metric_values(doc: dict[str, Any]) -> dict[str, float]:
-    """The metrics (``query_*``) of a metrics file, as logged to MLflow under the same names."""
-    return {k: v for k, v in doc.items() if k.startswith(METRIC_PREFIX)}
-
-
-def metrics_file(dataset: str, bits: int, root: str | os.PathLike = ".") -> Path:
-    return Path(root) / METRICS_DIR / f"{dataset}-{bits}.json"
-
-
-def plots_dir(dataset: str, bits: int, root: str | os.PathLike = ".") -> Path:
-    return Path(root) / PLOTS_DIR / f"{dataset}-{bits}"
-
-
-def map_at_label(r: int | None) -> str | int:
-    return "ALL" if r is None else int(r)
 
 
 # ----------------------------------------------------------------------------- checks
@@ -156,50 +114,13 @@ def _encode_split(model, shards: str, split: str, params: Params, device, image_
     return codes, labels, index
 
 
-def read_samples(manifest, split: str, indices: Sequence[int]) -> dict[int, bytes]:
-    """The encoded image bytes of a few samples of a split, by their index in it."""
-    from dpfah.data import tar_members
+def _read_samples(manifest, split: str, indices) -> dict[int, bytes]:
+    from dpfah.data import ShardError, read_samples
 
-    info = manifest.split(split)
-    paths = manifest.shard_paths(split)
-    starts = np.concatenate([[0], np.cumsum([s.count for s in info.shards])])
-    wanted: dict[int, set[int]] = {}
-    for i in sorted(set(int(i) for i in indices)):
-        s = int(np.searchsorted(starts, i, side="right") - 1)
-        wanted.setdefault(s, set()).add(i - int(starts[s]))
-    out: dict[int, bytes] = {}
-    for s, offsets in wanted.items():
-        path, last = paths[s], max(offsets)
-        opened = _open(path)
-        with opened as f:
-            position, key, image = -1, None, None
-            for name, _, read in tar_members(f, path):
-                base, _, ext = name.partition(".")
-                if base != key:
-                    position, key, image = position + 1, base, None
-                    if position > last:
-                        break
-                if position not in offsets:
-                    continue
-                if ext == "index":
-                    stored = int(read())
-                    if stored != int(starts[s]) + position or image is None:
-                        raise DataError(f"{path}: sample {base!r} is malformed or out of place (index {stored})")
-                    out[stored] = image
-                elif ext != "labels.npy":
-                    image = read()
-    missing = sorted(set(int(i) for i in indices) - set(out))
-    if missing:
-        raise DataError(f"{manifest.directory}: split {split!r} has no samples {missing[:5]}")
-    return out
-
-
-def _open(path: str):
-    if "://" in path:
-        import fsspec
-
-        return fsspec.open(path, "rb").open()
-    return open(path, "rb")
+    try:
+        return read_samples(manifest, split, indices)
+    except ShardError as e:
+        raise DataError(str(e)) from None
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -225,9 +146,7 @@ def _csv(path: Path, header: Sequence[str], columns: Sequence[np.ndarray]) -> No
     lines = [",".join(header)]
     for row in zip(*columns):
         lines.append(",".join(repr(float(v)) if isinstance(v, (float, np.floating)) else str(int(v)) for v in row))
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("\n".join(lines) + "\n")
-    tmp.replace(path)
+    write_atomic(path, "\n".join(lines) + "\n")
 
 
 def _write_plots(directory: Path, report: dict[str, Any]) -> list[Path]:
@@ -361,8 +280,8 @@ def _grid_rows(manifest, q_codes, d_codes, q_labels, d_labels, n_queries: int, t
         return []
     chosen = np.unique(np.linspace(0, nq - 1, min(n_queries, nq)).round().astype(np.int64))
     idx, dist = topk_hamming(pack_codes(q_codes[chosen]), pack_codes(d_codes), k=min(topk, ndb))
-    q_bytes = read_samples(manifest, "query", chosen)
-    d_bytes = read_samples(manifest, "database", np.unique(idx))
+    q_bytes = _read_samples(manifest, "query", chosen)
+    d_bytes = _read_samples(manifest, "database", np.unique(idx))
     rows = []
     for row, q in enumerate(chosen):
         results = []
@@ -374,6 +293,100 @@ def _grid_rows(manifest, q_codes, d_codes, q_labels, d_labels, n_queries: int, t
 
 
 # ----------------------------------------------------------------------------- the stage
+
+
+@dataclass(frozen=True)
+class _Subject:
+    """The run being evaluated, checked against the data: its model, loaded."""
+
+    run_id: str
+    record: dict[str, Any] | None
+    uri: str
+    client: Any
+    manifest: Any
+    shards: str
+    model_uri: str
+    model: Any
+    image_size: int
+
+
+def _subject(params: Params, dataset: str, bits: int, run_id: str | None, root, device) -> _Subject:
+    """The run of the record (or ``run_id``), checked to be a finished training of this
+    dataset and length on these very shards, with its model loaded on ``device``."""
+    import mlflow.pytorch
+
+    record: dict[str, Any] | None = None
+    if run_id is None:
+        record, record_path = read_run_record(dataset, bits, root)
+        run_id, source = record["run_id"], str(record_path)
+    else:
+        source = "--run-id"
+    uri = tracking_uri(params)
+    client = connect(uri)
+    run = get_run(client, run_id, uri, source)
+    check_training_run(run, dataset, bits, source)
+
+    shards = params.shards_dir(dataset)
+    manifest = _read_manifest(shards)
+    sha = manifest.sha256
+    trained_on = run.data.tags.get("manifest_sha256")
+    if trained_on != sha:
+        raise MismatchError(
+            f"the shards at {shards} (manifest sha256 {sha[:12]}, {manifest.dataset}/{manifest.protocol}) are not the ones "
+            f"MLflow run {run_id} was trained on (sha256 {str(trained_on)[:12]}): re-run train, or point data.root at its data"
+        )
+    if record is not None and record.get("manifest_sha256") not in (None, sha):
+        raise MismatchError(f"{source}: manifest_sha256 {str(record['manifest_sha256'])[:12]} does not match the shards at {shards} ({sha[:12]})")
+
+    model_uri = run_model_uri(client, run, uri, record.get("model_uri") if record else None)
+    with mlflow_errors(f"loading model {model_uri}", uri), using_tracking_uri(uri):
+        model = mlflow.pytorch.load_model(model_uri, map_location=device)
+    if getattr(model, "bits", None) != bits or getattr(model, "num_classes", None) != manifest.num_classes:
+        raise MismatchError(
+            f"model {model_uri} has {getattr(model, 'bits', '?')} bits and {getattr(model, 'num_classes', '?')} classes; "
+            f"the {dataset} shards need {bits} bits and {manifest.num_classes} classes"
+        )
+    model.to(device)
+    image_size = int(run.data.params.get("train.image_size", params.train.image_size))
+    return _Subject(run_id, record, uri, client, manifest, shards, model_uri, model, image_size)
+
+
+def _log_to_run(subject: _Subject, params: Params, dataset: str, bits: int, doc, report, codes, metrics) -> None:
+    """The evaluation into the training's MLflow run: metrics, ``eval.*`` tags, and under
+    ``evaluation/`` the metrics file, curve data, figures and packed codes."""
+    import pyarrow.parquet as pq
+    from mlflow.entities import Metric, RunTag
+
+    e, manifest, run_id = params.evaluate, subject.manifest, subject.run_id
+    (q_codes, q_labels, q_index), (d_codes, d_labels, d_index) = codes
+    sha = manifest.sha256
+    details = {**doc, "model_uri": subject.model_uri, "protocol": manifest.protocol, "manifest_sha256": sha, "ties": "index"}
+    label = f"{dataset}, {bits} bits, run {run_id[:8]}"
+    with tempfile.TemporaryDirectory(prefix="dpfah-eval-") as tmp:
+        art = Path(tmp)
+        _write_plots(art, report)
+        write_json_atomic(art / "metrics.json", details)
+        _plot_pr(art / "pr_curves.png", report, f"PR curves: {label}")
+        _plot_p_at_n(art / "p_at_n.png", report, f"P@N: {label}")
+        rows = _grid_rows(manifest, q_codes, d_codes, q_labels, d_labels, e.grid_queries, e.grid_topk)
+        if rows:
+            _plot_grid(art / "retrieval_grid.png", rows, f"top-{e.grid_topk} by Hamming distance (ties by index): {label}")
+        meta = {"bits": bits, "dataset": dataset, "run_id": run_id, "manifest_sha256": sha}
+        (art / "codes").mkdir()
+        pq.write_table(codes_table(d_codes, d_labels, d_index, {**meta, "split": "database"}), art / "codes" / "database.parquet")
+        pq.write_table(codes_table(q_codes, q_labels, q_index, {**meta, "split": "query"}), art / "codes" / "query.parquet")
+        now = int(time.time() * 1000)
+        tags = {
+            "eval.map_at": str(doc["map_at"]),
+            "eval.radius": str(e.radius),
+            "eval.manifest_sha256": sha,
+            "eval.n_queries": str(doc["n_queries"]),
+            "eval.n_db": str(doc["n_db"]),
+            "eval.git_commit": git_commit(),
+        }
+        with mlflow_errors(f"logging the evaluation to run {run_id}", subject.uri):
+            subject.client.log_batch(run_id, metrics=[Metric(k, v, now, 0) for k, v in metrics.items()], tags=[RunTag(k, v) for k, v in tags.items()])
+            subject.client.log_artifacts(run_id, tmp, ARTIFACT_DIR)
 
 
 def evaluate(
@@ -388,9 +401,6 @@ def evaluate(
     """Evaluate the model of ``runs/<dataset>-<bits>.json`` (or of ``run_id``) on the
     dataset's query and database splits; write the DVC files under ``root`` and log
     everything to the model's MLflow run."""
-    import mlflow.pytorch
-    from mlflow.entities import Metric, RunTag
-
     from dpfah.metrics import retrieval_report
 
     t0 = time.perf_counter()
@@ -398,52 +408,21 @@ def evaluate(
     params.dataset(dataset)  # a clear error for an unknown name
     if bits < 1:
         raise ConfigError(f"--bits {bits}: must be >= 1")
-    record: dict[str, Any] | None = None
-    if run_id is None:
-        record, record_path = read_run_record(dataset, bits, root)
-        run_id, source = record["run_id"], str(record_path)
-    else:
-        source = "--run-id"
-    uri = tracking_uri(params)
-    client = connect(uri)
-    run = get_run(client, run_id, uri, source)
-    check_training_run(run, dataset, bits, source)
-
-    shards = params.shards_dir(dataset)
-    manifest = _read_manifest(shards)
-    sha = manifest_sha256(manifest)
-    trained_on = run.data.tags.get("manifest_sha256")
-    if trained_on != sha:
-        raise MismatchError(
-            f"the shards at {shards} (manifest sha256 {sha[:12]}, {manifest.dataset}/{manifest.protocol}) are not the ones "
-            f"MLflow run {run_id} was trained on (sha256 {str(trained_on)[:12]}): re-run train, or point data.root at its data"
-        )
-    if record is not None and record.get("manifest_sha256") not in (None, sha):
-        raise MismatchError(f"{source}: manifest_sha256 {str(record['manifest_sha256'])[:12]} does not match the shards at {shards} ({sha[:12]})")
-
-    model_uri = run_model_uri(client, run, uri, record.get("model_uri") if record else None)
     device = _device(params.evaluate.device)
-    with mlflow_errors(f"loading model {model_uri}", uri), using_tracking_uri(uri):
-        model = mlflow.pytorch.load_model(model_uri, map_location=device)
-    if getattr(model, "bits", None) != bits or getattr(model, "num_classes", None) != manifest.num_classes:
-        raise MismatchError(
-            f"model {model_uri} has {getattr(model, 'bits', '?')} bits and {getattr(model, 'num_classes', '?')} classes; "
-            f"the {dataset} shards need {bits} bits and {manifest.num_classes} classes"
-        )
-    model.to(device)
-    image_size = int(run.data.params.get("train.image_size", params.train.image_size))
+    subject = _subject(params, dataset, bits, run_id, root, device)
     seconds["load"] = time.perf_counter() - t0
 
     t = time.perf_counter()
-    q_codes, q_labels, q_index = _encode_split(model, shards, "query", params, device, image_size, progress)
-    d_codes, d_labels, d_index = _encode_split(model, shards, "database", params, device, image_size, progress)
+    codes = tuple(
+        _encode_split(subject.model, subject.shards, split, params, device, subject.image_size, progress) for split in ("query", "database")
+    )
+    (q_codes, q_labels, _), (d_codes, d_labels, _) = codes
     seconds["encode"] = time.perf_counter() - t
 
     t = time.perf_counter()
     e = params.evaluate
     r = e.r_for(dataset)
-    n_db = len(d_codes)
-    ranks = np.unique(np.linspace(1, max(n_db, 1), e.pr_rank_points).round().astype(np.int64))
+    ranks = np.unique(np.linspace(1, max(len(d_codes), 1), e.pr_rank_points).round().astype(np.int64))
     report = retrieval_report(q_codes, d_codes, q_labels, d_labels, topk=r, radius=e.radius, max_n=e.max_n, pr_ranks=ranks)
     metrics = flat_metrics(report)
     seconds["metrics"] = time.perf_counter() - t
@@ -454,50 +433,17 @@ def evaluate(
         **metrics,
         "dataset": dataset,
         "bits": bits,
-        "run_id": run_id,
-        "map_at": map_at_label(r),
+        "run_id": subject.run_id,
+        "map_at": e.map_at_label(dataset),
         "topk": int(report["topk"]),
         "radius": e.radius,
         "n_queries": int(report["n_queries"]),
         "n_db": int(report["n_db"]),
     }
-    details = {**doc, "model_uri": model_uri, "protocol": manifest.protocol, "manifest_sha256": sha, "ties": "index"}
-    label = f"{dataset}, {bits} bits, run {run_id[:8]}"
     t = time.perf_counter()
     plot_dir = plots_dir(dataset, bits, root)
-    curve_files = _write_plots(plot_dir, report)
-    with tempfile.TemporaryDirectory(prefix="dpfah-eval-") as tmp:
-        art = Path(tmp)
-        for f in curve_files:
-            (art / f.name).write_bytes(f.read_bytes())
-        write_json_atomic(art / "metrics.json", details)
-        _plot_pr(art / "pr_curves.png", report, f"PR curves: {label}")
-        _plot_p_at_n(art / "p_at_n.png", report, f"P@N: {label}")
-        rows = _grid_rows(manifest, q_codes, d_codes, q_labels, d_labels, e.grid_queries, e.grid_topk)
-        if rows:
-            _plot_grid(art / "retrieval_grid.png", rows, f"top-{e.grid_topk} by Hamming distance (ties by index): {label}")
-        meta = {"bits": bits, "dataset": dataset, "run_id": run_id, "manifest_sha256": sha}
-        (art / "codes").mkdir()
-        import pyarrow.parquet as pq
-
-        pq.write_table(codes_table(d_codes, d_labels, d_index, {**meta, "split": "database"}), art / "codes" / "database.parquet")
-        pq.write_table(codes_table(q_codes, q_labels, q_index, {**meta, "split": "query"}), art / "codes" / "query.parquet")
-        now = int(time.time() * 1000)
-        tags = {
-            "eval.map_at": str(doc["map_at"]),
-            "eval.radius": str(e.radius),
-            "eval.manifest_sha256": sha,
-            "eval.n_queries": str(doc["n_queries"]),
-            "eval.n_db": str(doc["n_db"]),
-            "eval.git_commit": git_commit(),
-        }
-        with mlflow_errors(f"logging the evaluation to run {run_id}", uri):
-            client.log_batch(
-                run_id,
-                metrics=[Metric(k, v, now, 0) for k, v in metrics.items()],
-                tags=[RunTag(k, v) for k, v in tags.items()],
-            )
-            client.log_artifacts(run_id, tmp, ARTIFACT_DIR)
+    _write_plots(plot_dir, report)
+    _log_to_run(subject, params, dataset, bits, doc, report, codes, metrics)
     seconds["outputs"] = time.perf_counter() - t
     path = write_json_atomic(metrics_file(dataset, bits, root), doc)  # last: only a complete evaluation counts
     seconds["total"] = time.perf_counter() - t0

@@ -29,25 +29,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .artifacts import metric_values, metrics_file, promotion_file, write_json_atomic
 from .config import Params, add_config_args, config_from_args
 from .errors import ConfigError, PipelineError, run_main
-from .evaluate import map_at_label, metric_values, metrics_file
-from .registry import (
-    MismatchError,
-    check_training_run,
-    connect,
-    get_run,
-    mlflow_errors,
-    read_run_record,
-    run_model_uri,
-    tracking_uri,
-    using_tracking_uri,
-    write_json_atomic,
-)
+from .registry import MismatchError, check_training_run, read_run_record, run_model_uri
+from .tracking import connect, get_run, mlflow_errors, tracking_uri, using_tracking_uri
 
-__all__ = ["PROMOTIONS_DIR", "EvaluationMissing", "Promotion", "promote", "promotion_file", "model_name", "main"]
+__all__ = ["EvaluationMissing", "Promotion", "promote", "model_name", "main"]
 
-PROMOTIONS_DIR = "promotions"
 RECORD_TAG = "promote.record"
 
 
@@ -61,10 +50,6 @@ class Promotion:
     path: Path
     registered: bool  # a new model version was created
     moved: bool  # the alias was moved
-
-
-def promotion_file(dataset: str, bits: int, root: str | os.PathLike = ".") -> Path:
-    return Path(root) / PROMOTIONS_DIR / f"{dataset}-{bits}.json"
 
 
 def model_name(params: Params, dataset: str, bits: int) -> str:
@@ -140,55 +125,34 @@ def _decide(client, name: str, version: int | None, run_id: str, value: float, h
     return ("promoted" if value > champ_value else "kept"), previous
 
 
-def promote(
-    params: Params,
-    dataset: str,
-    bits: int,
-    *,
-    run_id: str | None = None,
-    root: str | os.PathLike = ".",
-) -> Promotion:
-    """Register the evaluated model of ``runs/<dataset>-<bits>.json`` (or ``run_id``) and move
-    the alias to it when it beats the holder; write ``promotions/<dataset>-<bits>.json``."""
-    import mlflow
-    from mlflow.entities import RunTag
+def _from_dvc_files(dataset: str, bits: int, root, map_at, metric: str) -> tuple[dict[str, Any], str, dict[str, Any]]:
+    """(run record, where it is, metrics file): the DVC way, where the two must agree."""
+    record, record_path = read_run_record(dataset, bits, root)
+    run_id = record["run_id"]
+    doc, doc_path = _read_metrics(dataset, bits, root)
+    if doc.get("run_id") != run_id:
+        raise MismatchError(
+            f"{doc_path}: metrics of run {doc.get('run_id')}, but {record_path} names run {run_id} "
+            f"(evaluate that run first: python -m pipeline.evaluate --dataset {dataset} --bits {bits})"
+        )
+    if (doc.get("dataset"), doc.get("bits")) != (dataset, bits):
+        raise MismatchError(f"{doc_path}: metrics of {doc.get('dataset')!r} at {doc.get('bits')} bits, not {dataset!r} at {bits}")
+    if doc.get("map_at") != map_at:
+        raise MismatchError(f"{doc_path}: evaluated at mAP@{doc.get('map_at')} but evaluate.map_at gives mAP@{map_at} now: re-run evaluate")
+    if metric not in doc:
+        raise EvaluationMissing(f"{doc_path}: no {metric}")
+    return record, str(record_path), doc
 
-    params.dataset(dataset)
-    cfg = params.promote
-    metric, alias = cfg.metric, cfg.alias
-    map_at = map_at_label(params.evaluate.r_for(dataset))
-    name = model_name(params, dataset, bits)
 
-    record: dict[str, Any] | None = None
-    doc: dict[str, Any] | None = None
-    if run_id is None:  # the DVC way: the run record and the metrics file must agree
-        record, record_path = read_run_record(dataset, bits, root)
-        run_id, source = record["run_id"], str(record_path)
-        doc, doc_path = _read_metrics(dataset, bits, root)
-        if doc.get("run_id") != run_id:
-            raise MismatchError(
-                f"{doc_path}: metrics of run {doc.get('run_id')}, but {record_path} names run {run_id} "
-                f"(evaluate that run first: python -m pipeline.evaluate --dataset {dataset} --bits {bits})"
-            )
-        if (doc.get("dataset"), doc.get("bits")) != (dataset, bits):
-            raise MismatchError(f"{doc_path}: metrics of {doc.get('dataset')!r} at {doc.get('bits')} bits, not {dataset!r} at {bits}")
-        if doc.get("map_at") != map_at:
-            raise MismatchError(f"{doc_path}: evaluated at mAP@{doc.get('map_at')} but evaluate.map_at gives mAP@{map_at} now: re-run evaluate")
-        if metric not in doc:
-            raise EvaluationMissing(f"{doc_path}: no {metric}")
-    else:
-        source = "--run-id"
-
-    uri = tracking_uri(params)
-    client = connect(uri)
-    run = get_run(client, run_id, uri, source)
-    check_training_run(run, dataset, bits, source)
+def _evaluated_value(run, doc, dataset: str, bits: int, root, metric: str, map_at, source: str, by_id: bool) -> tuple[float, str]:
+    """(the run's ``metric``, the shards' sha256 it was measured on), checked to be the
+    evaluation of this run on the data it was trained on, as the metrics file says."""
+    run_id, tags = run.info.run_id, run.data.tags
     value = run.data.metrics.get(metric)
-    tags = run.data.tags
     if value is None or "eval.map_at" not in tags:
         raise EvaluationMissing(
             f"MLflow run {run_id} (from {source}) has no evaluation ({metric}): run python -m pipeline.evaluate "
-            f"--dataset {dataset} --bits {bits}{' --run-id ' + run_id if record is None else ''} first"
+            f"--dataset {dataset} --bits {bits}{' --run-id ' + run_id if by_id else ''} first"
         )
     if doc is not None and doc[metric] != value:
         raise MismatchError(
@@ -200,7 +164,49 @@ def promote(
     sha = tags.get("eval.manifest_sha256", "")
     if sha != tags.get("manifest_sha256"):
         raise MismatchError(f"MLflow run {run_id} was evaluated on other shards ({sha[:12]}) than it was trained on: re-run evaluate")
+    return value, sha
+
+
+def promote(
+    params: Params,
+    dataset: str,
+    bits: int,
+    *,
+    run_id: str | None = None,
+    root: str | os.PathLike = ".",
+) -> Promotion:
+    """Register the evaluated model of ``runs/<dataset>-<bits>.json`` (or ``run_id``) and move
+    the alias to it when it beats the holder; write ``promotions/<dataset>-<bits>.json``."""
+    params.dataset(dataset)
+    cfg = params.promote
+    metric, alias = cfg.metric, cfg.alias
+    map_at = params.evaluate.map_at_label(dataset)
+    name = model_name(params, dataset, bits)
+
+    record: dict[str, Any] | None = None
+    doc: dict[str, Any] | None = None
+    if run_id is None:
+        record, source, doc = _from_dvc_files(dataset, bits, root, map_at, metric)
+        run_id = record["run_id"]
+    else:
+        source = "--run-id"
+    uri = tracking_uri(params)
+    client = connect(uri)
+    run = get_run(client, run_id, uri, source)
+    check_training_run(run, dataset, bits, source)
+    value, sha = _evaluated_value(run, doc, dataset, bits, root, metric, map_at, source, by_id=record is None)
+    tags = run.data.tags
     model_uri = run_model_uri(client, run, uri, record.get("model_uri") if record else None)
+    out, version, registered, moved = _register_and_decide(client, uri, name, alias, metric, map_at, run_id, value, sha, tags, model_uri, dataset, bits)
+    path = write_json_atomic(promotion_file(dataset, bits, root), out)
+    return Promotion(out, path, registered, moved)
+
+
+def _register_and_decide(client, uri, name, alias, metric, map_at, run_id, value, sha, tags, model_uri, dataset, bits):
+    """Register the run's model once and move the alias when it wins; the record, the
+    version, whether a version was created, whether the alias moved."""
+    import mlflow
+    from mlflow.entities import RunTag
 
     with mlflow_errors(f"registering run {run_id} as {name}", uri):
         version_tags = {
@@ -265,8 +271,7 @@ def promote(
         }
         if any(tags.get(k) != v for k, v in run_tags.items()):
             client.log_batch(run_id, tags=[RunTag(k, v) for k, v in run_tags.items()])
-    path = write_json_atomic(promotion_file(dataset, bits, root), out)
-    return Promotion(out, path, registered, moved)
+    return out, version, registered, moved
 
 
 def _stored(client, name: str, version: int) -> dict[str, Any] | None:

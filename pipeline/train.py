@@ -1,36 +1,44 @@
 """Train DPFAH with Ray Train (DDP over N workers) and record it in MLflow.
 
-    python -m pipeline.train --dataset cifar10 --bits 64 [--params FILE] [--set key=value ...]
+    python -m pipeline.train --dataset cifar10 --bits 64 [--objective FILE] [--params FILE] [--profile NAME] [--set key=value ...]
 
-The driver (this process) reads the prepared dataset's manifest, opens the MLflow run, fits
-a ``TorchTrainer`` whose workers all run ``dpfah.train.fit``, then logs the best validation
-checkpoint as an MLflow model and writes ``runs/<dataset>-<bits>.json`` (run id, model URI)
-for the evaluate and promote stages.
+The driver (this process) reads the prepared dataset's manifest, resolves the objective
+(``--objective``, the file the ``objective`` stage writes under DVC, or params.yaml's
+``loss`` section here), opens the MLflow run, fits a ``TorchTrainer`` whose workers each
+build the model and the objective and run ``dpfah.train.fit``, then logs the best
+validation checkpoint as an MLflow model and writes ``runs/<dataset>-<bits>.json`` (run id,
+model URI) for the evaluate and promote stages.
+
+What a training reads: its dataset's shards, its code length, the objective, and the
+``seed``, ``train``, ``model`` and ``mlflow`` sections (dvc.yaml lists exactly these).
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
+import dataclasses
 import os
 import signal
-import subprocess
 import sys
 import tempfile
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from dpfah.settings import LossSettings, ModelSettings, TrainSettings, pick
+
+from . import objective as objective_stage
+from .artifacts import run_file, write_json_atomic
+from .cluster import ensure_ray
 from .config import Params, add_config_args, config_from_args
 from .errors import ConfigError, PipelineError, run_main
+from .tracking import git_commit, model_requirements, resolve_uri, tracked_run, tracking_uri
 
-__all__ = ["TrainOutcome", "run_training", "settings_for", "main", "run_file"]
+__all__ = ["TrainOutcome", "TrainingFailed", "run_training", "main"]
 
-RUNS_DIR = "runs"
 STATE_FILE = "state.pt"
 
 
@@ -49,170 +57,142 @@ class TrainOutcome:
     checkpoint: str  # the last Ray Train checkpoint (state.pt inside)
 
 
-def run_file(dataset: str, bits: int, root: str | os.PathLike = ".") -> Path:
-    return Path(root) / RUNS_DIR / f"{dataset}-{bits}.json"
+@dataclass(frozen=True)
+class Job:
+    """What every worker needs, pickled to it: the three settings, the data, the tracking."""
 
-
-def resolve_uri(uri: str) -> str:
-    """Absolute ``sqlite:///`` paths: Ray workers run in another directory."""
-    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        return "sqlite:///" + os.path.abspath(uri[len("sqlite:///") :])
-    if "://" not in uri:
-        return os.path.abspath(uri)
-    return uri
-
-
-def model_requirements() -> list[str]:
-    """What loading the logged model needs, pinned to what trained it.
-
-    Given explicitly: MLflow's inference loads the model in a subprocess, 9-12 s a training.
-    The pickle also needs ``dpfah`` itself importable (this repository, or the cluster image).
-    """
-    from importlib.metadata import version
-
-    return [f"{name}=={version(name)}" for name in ("torch", "torchvision", "numpy")]
-
-
-def git_commit() -> str:
-    """The commit being trained; ``ray job submit`` ships no .git, so an env var wins."""
-    env = os.environ.get("DPFAH_GIT_COMMIT")
-    if env:
-        return env
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, check=True)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, timeout=10)
-        return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
-def settings_for(params: Params, bits: int, num_classes: int, **changes: Any):
-    """The library's TrainSettings from the ``train`` section (plus per-call changes)."""
-    from dpfah.train import TrainSettings
-
-    t = params.train
-    settings = TrainSettings(
-        bits=bits,
-        num_classes=num_classes,
-        epochs=t.epochs,
-        batch_size=t.batch_size,
-        image_size=t.image_size,
-        optimizer=t.optimizer,
-        lr=t.lr,
-        weight_decay=t.weight_decay,
-        momentum=t.momentum,
-        schedule=t.schedule,
-        eta=t.eta,
-        zeta=t.zeta,
-        delta=t.delta,
-        pairs=t.pairs,
-        pfa=t.pfa,
-        lam=t.lam,
-        backbone_weights=os.path.abspath(t.backbone_weights) if t.backbone_weights else None,
-        freeze_bn=t.freeze_bn,
-        sync_bn=t.sync_bn and t.use_gpu,
-        precision=t.precision,
-        crop_scale=tuple(t.crop_scale),
-        seed=params.seed,
-    )
-    return replace(settings, **changes) if changes else settings
+    train: TrainSettings
+    model: ModelSettings
+    loss: LossSettings
+    bits: int
+    num_classes: int
+    seed: int
+    shards: str
+    steps_cap: int | None
+    loader_workers: int
+    eval_batch_size: int
+    validate: bool = True
+    mlflow_run_id: str | None = None
+    tracking_uri: str | None = None
+    # Test hooks, never set by the stage's command line: a deterministic batch source instead
+    # of the shards, and fault injection (the last rank dies once after an epoch).
+    batch_source: Callable | None = None
+    steps_per_epoch: int | None = None
+    fail_at_epoch: int | None = None
+    fault_marker: str | None = None
 
 
 # ----------------------------------------------------------------------------- worker side
 
 
-def _worker_loop(config: dict[str, Any]) -> None:
-    """Runs on every Ray Train worker: stream this rank's data and call dpfah.train.fit."""
+def _batches(job: Job, rank: int, size: int, device):
+    """(train_batches(epoch), steps per epoch, bank size) for this rank."""
+    if job.batch_source is not None:  # tests: a deterministic global batch sliced by rank
+        return (lambda epoch: job.batch_source(epoch, rank, size)), job.steps_per_epoch, None
+    from torch.utils.data import DataLoader
+
+    from dpfah.data import TrainStream
+
+    stream = TrainStream(job.shards, job.train.batch_size // size, seed=job.seed, rank=rank, world_size=size)
+    loader = DataLoader(stream, batch_size=None, num_workers=job.loader_workers, pin_memory=device.type == "cuda")
+    steps = len(stream) if not job.steps_cap else min(len(stream), job.steps_cap)
+
+    def train_batches(epoch: int):
+        stream.set_epoch(epoch)
+        return loader
+
+    return train_batches, steps, stream.manifest.split("train").count
+
+
+def _validator(job: Job, rank: int, size: int, device):
+    """validate(model): mAP@ALL of the validation split against the training split."""
+    from torch.utils.data import DataLoader
+
+    from dpfah.data import EvalStream
+    from dpfah.train import validation_map
+
+    kwargs = dict(batch_size=job.eval_batch_size, rank=rank, world_size=size)
+
+    def validate(model) -> float:
+        query = DataLoader(EvalStream(job.shards, "validation", **kwargs), batch_size=None, num_workers=job.loader_workers)
+        db = DataLoader(EvalStream(job.shards, "train", **kwargs), batch_size=None, num_workers=job.loader_workers)
+        return validation_map(model, query, db, device, job.train.image_size, job.train.precision)
+
+    return validate
+
+
+def _reporter(job: Job, rank: int, size: int):
+    """report(metrics, state): a Ray Train report (with the checkpoint from rank 0) and,
+    from rank 0, the epoch's metrics to the MLflow run at step = epoch."""
     import ray.train
     import torch
     from ray.train import Checkpoint
-    from ray.train.torch import get_device
-    from torch.utils.data import DataLoader
 
-    from dpfah.data import EvalStream, TrainStream
-    from dpfah.train import TrainSettings, fit, validation_map
+    client = None
+    if rank == 0 and job.mlflow_run_id:
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(job.tracking_uri)
+
+    def report(metrics: dict[str, float], state: dict[str, Any] | None) -> None:
+        with tempfile.TemporaryDirectory() as d:
+            checkpoint = None
+            if state is not None:
+                torch.save(state, os.path.join(d, STATE_FILE))
+                checkpoint = Checkpoint.from_directory(d)
+            ray.train.report(metrics, checkpoint=checkpoint)
+        if client is not None:
+            from mlflow.entities import Metric
+
+            now, step = int(time.time() * 1000), int(metrics["epoch"])
+            client.log_batch(job.mlflow_run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items() if k != "epoch"])
+        _inject_fault(job, int(metrics["epoch"]), rank, size)
+
+    return report
+
+
+def _inject_fault(job: Job, epoch: int, rank: int, size: int) -> None:
+    """Tests only: the last rank dies once, hard, right after ``fail_at_epoch``'s checkpoint;
+    Ray Train must restart the group and resume from that checkpoint."""
+    if job.fail_at_epoch is None or epoch != job.fail_at_epoch or rank != size - 1:
+        return
+    if job.fault_marker and not os.path.exists(job.fault_marker):
+        Path(job.fault_marker).write_text(f"killed rank {rank} after epoch {epoch}\n")
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _worker_loop(job: Job) -> dict[str, Any] | None:
+    """Runs on every Ray Train worker: this rank's data, the model and objective, then fit."""
+    import ray.train
+    import torch
+    from ray.train.torch import get_device
+
+    from dpfah.loss import DPFAHLoss
+    from dpfah.model import DPFAH
+    from dpfah.train import fit
 
     ctx = ray.train.get_context()
     rank, size = ctx.get_world_rank(), ctx.get_world_size()
     device = get_device()
-    settings = TrainSettings(**{**config["settings"], "crop_scale": tuple(config["settings"]["crop_scale"])})
-    shards = config["shards"]
-    loader_workers = config["loader_workers"]
-    local_batch = settings.batch_size // size
-
-    batch_source: Callable[[int], Any] | None = config.get("batch_source")
-    if batch_source is None:
-        stream = TrainStream(shards, local_batch, seed=settings.seed, rank=rank, world_size=size)
-        loader = DataLoader(stream, batch_size=None, num_workers=loader_workers, pin_memory=device.type == "cuda")
-        steps = len(stream) if not config.get("steps_cap") else min(len(stream), config["steps_cap"])
-
-        def train_batches(epoch: int):
-            stream.set_epoch(epoch)
-            return loader
-
-        bank_size = stream.manifest.split("train").count
-    else:  # tests: a deterministic global batch sliced by rank
-        steps = config["steps_per_epoch"]
-        bank_size = config.get("bank_size")
-
-        def train_batches(epoch: int):
-            return batch_source(epoch, rank, size)
-
-    validate = None
-    if config.get("validate", True):
-        eval_kwargs = dict(batch_size=config["eval_batch_size"], rank=rank, world_size=size)
-
-        def validate(model):
-            query = DataLoader(EvalStream(shards, "validation", **eval_kwargs), batch_size=None, num_workers=loader_workers)
-            db = DataLoader(EvalStream(shards, "train", **eval_kwargs), batch_size=None, num_workers=loader_workers)
-            return validation_map(model, query, db, device, settings.image_size, settings.precision)
-
+    train_batches, steps, bank_size = _batches(job, rank, size, device)
+    model = DPFAH.build(job.bits, job.num_classes, job.model, seed=job.seed)  # the same start on every rank
+    objective = DPFAHLoss.from_settings(job.loss, bank_size=bank_size, bits=job.bits, num_classes=job.num_classes)
     state = None
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
             state = torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=False)
-
-    mlflow_client = None
-    if rank == 0 and config.get("mlflow_run_id"):
-        from mlflow.tracking import MlflowClient
-
-        mlflow_client = MlflowClient(config["tracking_uri"])
-
-    fail_at = config.get("fail_at_epoch")
-    marker = config.get("fault_marker")
-
-    def report(metrics: dict[str, float], checkpoint_state: dict[str, Any] | None) -> None:
-        with tempfile.TemporaryDirectory() as d:
-            ckpt = None
-            if checkpoint_state is not None:
-                torch.save(checkpoint_state, os.path.join(d, STATE_FILE))
-                ckpt = Checkpoint.from_directory(d)
-            ray.train.report(metrics, checkpoint=ckpt)
-        if mlflow_client is not None:
-            from mlflow.entities import Metric
-
-            now = int(time.time() * 1000)
-            step = int(metrics["epoch"])
-            mlflow_client.log_batch(
-                config["mlflow_run_id"],
-                metrics=[Metric(k, float(v), now, step) for k, v in metrics.items() if k != "epoch"],
-            )
-        # Fault injection (tests): the last rank dies once, hard, right after this epoch's
-        # checkpoint; Ray Train must restart the group and resume from that checkpoint.
-        if fail_at is not None and int(metrics["epoch"]) == fail_at and rank == size - 1 and marker and not os.path.exists(marker):
-            Path(marker).write_text(f"killed rank {rank} after epoch {fail_at}\n")
-            os.kill(os.getpid(), signal.SIGKILL)
-
     result = fit(
-        settings,
+        job.train,
+        model,
+        objective,
         train_batches=train_batches,
         steps_per_epoch=steps,
-        report=report,
+        report=_reporter(job, rank, size),
         device=device,
-        validate=validate,
+        seed=job.seed,
+        validate=_validator(job, rank, size, device) if job.validate else None,
         state=state,
-        bank_size=bank_size,
     )
     if rank == 0:
         return {"best_val_map": result.best_val_map, "best_epoch": result.best_epoch, "epochs_run": result.epochs_run}
@@ -222,17 +202,66 @@ def _worker_loop(config: dict[str, Any]) -> None:
 # ----------------------------------------------------------------------------- driver side
 
 
-def _ensure_ray() -> None:
-    import ray
+def _trainer(job: Job, params: Params, name: str, storage: str, callbacks: Sequence[Any]):
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
 
-    if not ray.is_initialized():
-        # Inside `ray job submit` this joins the job's cluster; elsewhere it starts a local one.
-        ray.init(address=os.environ.get("RAY_ADDRESS") or None, log_to_driver=True)
+    t = params.train
+    return TorchTrainer(
+        _worker_loop,
+        train_loop_config=job,
+        torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo", timeout_s=t.collective_timeout_s),
+        scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu),
+        run_config=RunConfig(
+            name=name,
+            storage_path=storage,
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+            failure_config=FailureConfig(max_failures=t.max_failures, controller_failure_limit=3),
+            callbacks=list(callbacks),
+        ),
+    )
 
 
-def manifest_sha256(manifest) -> str:
-    """Identity of a prepared dataset: its manifest lists every shard's sha256."""
-    return hashlib.sha256(json.dumps(manifest.raw, sort_keys=True).encode()).hexdigest()
+def _fit(trainer, name: str) -> tuple[dict[str, Any], str]:
+    """Run the trainer; (the last checkpoint's state, its path)."""
+    import ray.train
+    import torch
+
+    try:
+        result = trainer.fit()
+    except ray.train.TrainingFailedError as e:
+        raise TrainingFailed(f"training {name} failed: {e}") from e
+    if result.checkpoint is None:
+        raise TrainingFailed(f"training {name} ended without a checkpoint")
+    with result.checkpoint.as_directory() as d:
+        state = torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=False)
+    return state, result.checkpoint.path
+
+
+def _log_params(job: Job, params: Params, dataset: str, manifest, name: str, source: dict[str, str]) -> None:
+    import mlflow
+
+    from dpfah import kernels
+
+    t = params.train
+    mlflow.log_params({f"train.{k}": v for k, v in dataclasses.asdict(job.train).items()})
+    mlflow.log_params({f"model.{k}": v for k, v in dataclasses.asdict(job.model).items()})
+    mlflow.log_params({f"loss.{k}": v for k, v in dataclasses.asdict(job.loss).items()})
+    mlflow.log_params(
+        {"dataset": dataset, "bits": job.bits, "num_classes": job.num_classes, "seed": job.seed, "num_workers": t.num_workers, "use_gpu": t.use_gpu}
+    )
+    mlflow.set_tags(
+        {
+            "git_commit": git_commit(),
+            "dataset": dataset,
+            "protocol": manifest.protocol,
+            "manifest_sha256": manifest.sha256,
+            "split_seed": str(manifest.seed),
+            "ray_run_name": name,
+            **{f"kernel.{k}": v for k, v in kernels.status().items()},
+            **source,
+        }
+    )
 
 
 def run_training(
@@ -240,9 +269,10 @@ def run_training(
     dataset: str,
     bits: int,
     *,
+    loss: LossSettings | None = None,
+    loss_source: dict[str, str] | None = None,
     run_name: str | None = None,
     write_run_file: bool = True,
-    settings_changes: dict[str, Any] | None = None,
     parent_run_id: str | None = None,
     callbacks: Sequence[Any] = (),
     batch_source: Callable | None = None,
@@ -252,149 +282,98 @@ def run_training(
 ) -> TrainOutcome:
     """Fit one DPFAH model on Ray Train and record it in MLflow; returns the run's outcome.
 
+    ``loss`` (with ``loss_source``, tags saying where it came from) replaces the resolved
+    objective of ``pipeline.objective`` (Tune passes each trial's eta and zeta).
     ``batch_source(epoch, rank, world_size)`` replaces the shard stream (tests use it to give
     every worker count the same global batches); ``callbacks`` go to Ray Train's RunConfig
     (Tune passes its report callback); ``parent_run_id`` nests the MLflow run.
     """
-    import mlflow
-    import ray.train
-    import torch
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-
     from dpfah.data import read_manifest
-    from dpfah.model import DPFAH
 
     t = params.train
-    if dataset not in params.datasets:
-        raise ConfigError(f"--dataset {dataset}: no such dataset in params (defined: {', '.join(params.datasets)})")
+    params.dataset(dataset)
     if bits < 1:
         raise ConfigError(f"--bits {bits}: must be >= 1")
     shards = params.shards_dir(dataset)
     manifest = read_manifest(shards)  # a clear error when prepare has not run
-    manifest_sha = manifest_sha256(manifest)
-    changes, tuned_tags = dict(settings_changes or {}), {}
-    if t.use_tuned:  # eta and zeta from the tune stage's best.json; explicit settings_changes still win
-        from .tune import tuned_settings
-
-        tuned, tuned_tags = tuned_settings(dataset, bits)
-        changes = {**tuned, **changes}
-    settings = settings_for(params, bits, manifest.num_classes, **changes)
-    if settings.batch_size % t.num_workers:
-        raise ConfigError(f"train.batch_size {settings.batch_size} must be divisible by train.num_workers {t.num_workers}")
-
-    tracking_uri = resolve_uri(os.environ.get("MLFLOW_TRACKING_URI") or params.mlflow.tracking_uri)
+    if loss is None:
+        loss, loss_source = objective_stage.resolve(params, dataset, bits)
+    uri = tracking_uri(params)
     storage = resolve_uri(t.storage_path)
     name = run_name or f"{dataset}-{bits}b-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+    job = Job(
+        train=pick(TrainSettings, t),
+        model=dataclasses.replace(params.model, backbone_weights=_absolute(params.model.backbone_weights)),
+        loss=loss,
+        bits=bits,
+        num_classes=manifest.num_classes,
+        seed=params.seed,
+        shards=shards,
+        steps_cap=t.steps_per_epoch,
+        loader_workers=t.loader_workers,
+        eval_batch_size=t.eval_batch_size,
+        validate=validate,
+        tracking_uri=uri,
+        batch_source=batch_source,
+        steps_per_epoch=steps_per_epoch,
+        fail_at_epoch=t.fail_at_epoch,
+        fault_marker=os.path.join(storage, name, ".fault-injected") if "://" not in storage else None,
+    )
+    if job.fault_marker:
+        os.makedirs(os.path.dirname(job.fault_marker), exist_ok=True)
 
-    # mlflow.set_tracking_uri also exports MLFLOW_TRACKING_URI, which would outrank the
-    # parameters of every later stage called in this process: put it back when done.
-    env_before = os.environ.get("MLFLOW_TRACKING_URI")
-    mlflow.set_tracking_uri(tracking_uri)  # created here, once, before any worker touches it
-    experiment = mlflow.set_experiment(f"{params.mlflow.experiment}-{dataset}")
-    run = mlflow.start_run(run_name=name, parent_run_id=parent_run_id, experiment_id=experiment.experiment_id)
-    run_id = run.info.run_id
-    try:
-        mlflow.log_params({f"train.{k}": v for k, v in settings.as_dict().items()})
-        mlflow.log_params({"dataset": dataset, "bits": bits, "num_workers": t.num_workers, "use_gpu": t.use_gpu})
-        mlflow.set_tags(
-            {
-                "git_commit": git_commit(),
-                "dataset": dataset,
-                "protocol": manifest.protocol,
-                "manifest_sha256": manifest_sha,
-                "split_seed": str(manifest.seed),
-                "ray_run_name": name,
-                **tuned_tags,
-            }
-        )
-        _ensure_ray()
-        config = {
-            "settings": settings.as_dict(),
-            "shards": shards,
-            "loader_workers": t.loader_workers,
-            "eval_batch_size": t.eval_batch_size,
-            "mlflow_run_id": run_id,
-            "tracking_uri": tracking_uri,
-            "fail_at_epoch": t.fail_at_epoch,
-            "fault_marker": os.path.join(storage, name, ".fault-injected") if "://" not in storage else None,
-            "validate": validate,
-            "steps_cap": t.steps_per_epoch,
-        }
-        if batch_source is not None:
-            config.update(batch_source=batch_source, steps_per_epoch=steps_per_epoch, bank_size=manifest.split("train").count)
-        if config["fault_marker"]:
-            os.makedirs(os.path.dirname(config["fault_marker"]), exist_ok=True)
-        trainer = TorchTrainer(
-            _worker_loop,
-            train_loop_config=config,
-            torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo", timeout_s=t.collective_timeout_s),
-            scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu),
-            run_config=RunConfig(
-                name=name,
-                storage_path=storage,
-                checkpoint_config=CheckpointConfig(num_to_keep=2),
-                failure_config=FailureConfig(max_failures=t.max_failures, controller_failure_limit=3),
-                callbacks=list(callbacks),
-            ),
-        )
-        try:
-            result = trainer.fit()
-        except ray.train.TrainingFailedError as e:
-            raise TrainingFailed(f"training {name} failed: {e}") from e
-        if result.checkpoint is None:
-            raise TrainingFailed(f"training {name} ended without a checkpoint")
-        checkpoint_path = result.checkpoint.path
-        with result.checkpoint.as_directory() as d:
-            state = torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=False)
-        best_state = state.get("best_model") or state["model"]
-        history = state["history"]
+    with tracked_run(uri, f"{params.mlflow.experiment}-{dataset}", name, parent_run_id=parent_run_id) as run:
+        run_id = run.info.run_id
+        job = dataclasses.replace(job, mlflow_run_id=run_id)
+        _log_params(job, params, dataset, manifest, name, loss_source or {})
+        ensure_ray()
+        state, checkpoint_path = _fit(_trainer(job, params, name, storage, callbacks), name)
         best_val_map, best_epoch = float(state["best_val_map"]), int(state["best_epoch"])
         if best_epoch < 0:  # no validation: the last epoch stands
             best_epoch = int(state["epoch"])
-        mlflow.log_metrics({"best_val_map": best_val_map, "best_epoch": best_epoch, "epochs_run": len(history)})
+        history = state["history"]
+        import mlflow
 
-        model_uri = f"runs:/{run_id}/model"
-        if log_model:
-            model = DPFAH(bits, manifest.num_classes, pfa=settings.pfa, lam=settings.lam)
-            model.load_state_dict(best_state)
-            model.eval()
-            info = mlflow.pytorch.log_model(
-                model, name="model", serialization_format="pickle", pip_requirements=model_requirements()
-            )
-            model_uri = info.model_uri
-        mlflow.end_run("FINISHED")
-    except BaseException:
-        mlflow.end_run("FAILED" if not isinstance(sys.exc_info()[1], KeyboardInterrupt) else "KILLED")
-        raise
-    finally:
-        if env_before is None:
-            os.environ.pop("MLFLOW_TRACKING_URI", None)
-        else:
-            os.environ["MLFLOW_TRACKING_URI"] = env_before
+        mlflow.log_metrics({"best_val_map": best_val_map, "best_epoch": best_epoch, "epochs_run": len(history)})
+        model_uri = _log_model(job, state) if log_model else f"runs:/{run_id}/model"
+        experiment_name = mlflow.get_experiment(run.info.experiment_id).name
 
     outcome = TrainOutcome(run_id, model_uri, best_val_map, best_epoch, len(history), None, checkpoint_path)
     if write_run_file:
-        path = run_file(dataset, bits)
-        path.parent.mkdir(parents=True, exist_ok=True)
         record = {
             "run_id": run_id,
             "model_uri": model_uri,
-            "tracking_uri": tracking_uri if not tracking_uri.startswith("sqlite:") else params.mlflow.tracking_uri,
-            "experiment": experiment.name,
+            # a local sqlite path stays as configured (relative): the file is kept beside the repository
+            "tracking_uri": uri if not uri.startswith("sqlite:") else params.mlflow.tracking_uri,
+            "experiment": experiment_name,
             "dataset": dataset,
             "bits": bits,
             "protocol": manifest.protocol,
-            "manifest_sha256": manifest_sha,
+            "manifest_sha256": manifest.sha256,
             "best_val_map": best_val_map,
             "best_epoch": best_epoch,
             "epochs": len(history),
         }
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
-        tmp.replace(path)
-        outcome = replace(outcome, run_file=str(path))
+        path = write_json_atomic(run_file(dataset, bits), record)
+        outcome = dataclasses.replace(outcome, run_file=str(path))
     return outcome
+
+
+def _log_model(job: Job, state: dict[str, Any]) -> str:
+    """The best-validation weights as an MLflow model (a pickled ``dpfah.DPFAH``); its URI."""
+    import mlflow.pytorch
+
+    from dpfah.model import DPFAH
+
+    model = DPFAH.build(job.bits, job.num_classes, dataclasses.replace(job.model, backbone_weights=None))
+    model.load_state_dict(state.get("best_model") or state["model"])
+    model.eval()
+    info = mlflow.pytorch.log_model(model, name="model", serialization_format="pickle", pip_requirements=model_requirements())
+    return info.model_uri
+
+
+def _absolute(path: str | None) -> str | None:
+    return os.path.abspath(path) if path else None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -403,10 +382,16 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train DPFAH on a prepared dataset with Ray Train (DDP) and record the run, "
         "its per-epoch metrics and the best-validation model in MLflow. Writes runs/<dataset>-<bits>.json.",
         epilog="Profiles: the defaults in params.yaml train on a CPU in minutes; "
-        "`--set profile=paper` selects the paper's settings (224 px, RMSProp 5e-5, batch 128, GPUs).",
+        "`--profile paper` selects the paper's settings (224 px, RMSProp 5e-5, batch 128, GPUs) for this run.",
     )
     parser.add_argument("--dataset", required=True, help="dataset name from params.yaml (its shards must be prepared)")
     parser.add_argument("--bits", type=int, required=True, help="code length, e.g. 16, 32, 48 or 64")
+    parser.add_argument(
+        "--objective",
+        metavar="FILE",
+        help="take the loss settings from this file (written by python -m pipeline.objective; what DVC runs) "
+        "instead of resolving params.yaml's `loss` section here",
+    )
     add_config_args(parser)
     return parser
 
@@ -414,7 +399,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     params = config_from_args(args)
-    outcome = run_training(params, args.dataset, args.bits)
+    loss, source = objective_stage.read(args.objective, args.dataset, args.bits) if args.objective else (None, None)
+    outcome = run_training(params, args.dataset, args.bits, loss=loss, loss_source=source)
     print(
         f"trained {args.dataset} {args.bits} bits: best validation mAP {outcome.best_val_map:.4f} at epoch "
         f"{outcome.best_epoch}; MLflow run {outcome.run_id}; model {outcome.model_uri}; wrote {outcome.run_file}"

@@ -8,7 +8,7 @@ training as the train stage, its MLflow run nested under the search's). Rank 0's
 reports reach Tune through ``TuneReportCallback``; ASHA stops trials whose validation mAP
 (``val_map``) lags. Afterwards the driver marks the runs of stopped trials KILLED and writes
 ``tune/<dataset>/best.json`` (the best configuration by validation mAP, overall and per code
-length: the train stage reads it when ``train.use_tuned`` is true) and a summary table
+length: the trainings read it when ``loss.use_tuned`` is true, through ``pipeline.objective``) and a summary table
 (``summary.md``, ``summary.csv``), also logged to the search's MLflow run.
 
 The query set is never looked at: trials are compared on the validation split only.
@@ -30,24 +30,26 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from dpfah.settings import LossSettings, pick
+
+from .artifacts import TUNE_DIR, tune_dir, write_atomic, write_json_atomic
+from .cluster import ensure_ray
 from .config import Params, add_config_args, config_from_args
 from .errors import ConfigError, PipelineError, run_main
+from .tracking import connect, git_commit, resolve_uri, tracked_run
+from .train import run_training
 
 __all__ = [
-    "TUNE_DIR",
     "TrialRow",
     "SearchOutcome",
-    "best_file",
     "search_space",
     "max_concurrency",
     "run_search",
     "summary_markdown",
     "summary_csv",
-    "tuned_settings",
     "main",
 ]
 
-TUNE_DIR = "tune"
 METRIC = "val_map"  # validation mAP@ALL, reported by rank 0 after every epoch
 STATUS_COMPLETED, STATUS_STOPPED, STATUS_ERROR = "completed", "stopped", "error"
 TRIAL_MEMORY = 1 << 20  # bytes: the Tune trial's own (logical) resource request
@@ -83,10 +85,6 @@ class SearchOutcome:
     best_file: str
     summary_md: str
     summary_csv: str
-
-
-def best_file(dataset: str, root: str | os.PathLike = ".") -> Path:
-    return Path(root) / TUNE_DIR / dataset / "best.json"
 
 
 # ----------------------------------------------------------------------------- the search
@@ -129,18 +127,18 @@ def max_concurrency(params: Params, resources: dict[str, float] | None = None) -
 
 def _absolute(params: Params) -> Params:
     """Paths resolved here, in the driver: trials and workers run in other directories."""
-    from .train import resolve_uri
-
     t = params.train
     root = params.data.root if "://" in params.data.root else os.path.abspath(params.data.root)
-    train = replace(
-        t,
-        storage_path=resolve_uri(t.storage_path),
-        backbone_weights=os.path.abspath(t.backbone_weights) if t.backbone_weights else None,
-        use_tuned=False,  # a trial takes eta and zeta from the search, never from best.json
-    )
+    weights = params.model.backbone_weights
+    model = replace(params.model, backbone_weights=os.path.abspath(weights) if weights else None)
     tracking = resolve_uri(os.environ.get("MLFLOW_TRACKING_URI") or params.mlflow.tracking_uri)
-    return replace(params, data=replace(params.data, root=root), train=train, mlflow=replace(params.mlflow, tracking_uri=tracking))
+    return replace(
+        params,
+        data=replace(params.data, root=root),
+        train=replace(t, storage_path=resolve_uri(t.storage_path)),
+        model=model,
+        mlflow=replace(params.mlflow, tracking_uri=tracking),
+    )
 
 
 def _trial_run_name(search_name: str, trial_id: str, config: dict[str, Any]) -> str:
@@ -154,8 +152,6 @@ def _trial(config: dict[str, Any], *, params: Params, dataset: str, search_name:
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from .train import run_training
-
     os.environ["MLFLOW_TRACKING_URI"] = params.mlflow.tracking_uri  # absolute, from the driver
     trial_id = tune.get_context().get_trial_id()
     run_training(
@@ -164,7 +160,9 @@ def _trial(config: dict[str, Any], *, params: Params, dataset: str, search_name:
         int(config["bits"]),
         run_name=_trial_run_name(search_name, trial_id, config),
         write_run_file=False,
-        settings_changes={"eta": float(config["eta"]), "zeta": float(config["zeta"])},
+        # a trial takes eta and zeta from the search, never from best.json
+        loss=pick(LossSettings, params.loss, eta=float(config["eta"]), zeta=float(config["zeta"])),
+        loss_source={"weights_from": "search"},
         parent_run_id=parent_run_id,
         callbacks=[TuneReportCallback()],
     )
@@ -249,6 +247,84 @@ def _check_search(params: Params, dataset: str):
     return manifest
 
 
+def _scheduler(params: Params):
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    c, t = params.tune, params.train
+    if c.scheduler != "asha":
+        return FIFOScheduler()
+    # Rungs stop before the last epoch (max_t = epochs - 1, stop_last_trials=False): a trial
+    # that reaches its last epoch always finishes and logs its model.
+    return ASHAScheduler(
+        time_attr="training_iteration",
+        max_t=t.epochs - 1,
+        grace_period=c.grace_period,
+        reduction_factor=c.reduction_factor,
+        stop_last_trials=False,
+    )
+
+
+def _concurrency(params: Params) -> int:
+    """Trials at once, with a note when the cluster cannot hold even one trial now."""
+    c, t = params.tune, params.train
+    concurrency = max_concurrency(params)
+    if not c.max_concurrent_trials:
+        import ray
+
+        unit = "GPU" if t.use_gpu else "CPU"
+        if ray.cluster_resources().get(unit, 0) < t.num_workers:
+            print(
+                f"note: the cluster has fewer {unit}s now than one trial needs ({t.num_workers}); running one trial at a "
+                "time. On an autoscaling cluster set tune.max_concurrent_trials to what it can grow to.",
+                file=sys.stderr,
+            )
+    return concurrency
+
+
+def _tuner(params: Params, dataset: str, search_name: str, parent_id: str, concurrency: int, verbose: int):
+    from ray import tune
+
+    c, t = params.tune, params.train
+    space, search_alg, num_samples = search_space(params, concurrency)
+    # The trials' Ray Train runs go beside the Tune experiment: <storage>/<search>/<trial run>.
+    trial_params = replace(params, train=replace(t, storage_path=f"{t.storage_path.rstrip('/')}/{search_name}"))
+    trainable = tune.with_parameters(_trial, params=trial_params, dataset=dataset, search_name=search_name, parent_run_id=parent_id)
+    return tune.Tuner(
+        # The Train workers hold the CPUs/GPUs; the trial itself only waits on them. A token of
+        # memory instead of the usual 0.01 CPU: with CPU workers that fill a node exactly
+        # (2 workers, 2 CPUs), 0.01 CPU leaves 1.99 and the worker group never starts.
+        tune.with_resources(trainable, {"cpu": 0, "memory": TRIAL_MEMORY}),
+        param_space=space,
+        tune_config=tune.TuneConfig(metric=METRIC, mode="max", search_alg=search_alg, scheduler=_scheduler(params), num_samples=num_samples),
+        run_config=tune.RunConfig(
+            name=search_name,
+            storage_path=t.storage_path,
+            failure_config=tune.FailureConfig(max_failures=c.max_failures),
+            verbose=verbose,
+        ),
+    )
+
+
+def _write_outputs(out: Path, rows: list[TrialRow], best: TrialRow | None, meta: dict[str, Any]) -> tuple[Path, Path]:
+    """summary.md and summary.csv, written and logged to the search's run."""
+    import mlflow
+
+    out.mkdir(parents=True, exist_ok=True)
+    md_path = write_atomic(out / "summary.md", summary_markdown(rows, meta, best, pivots=meta["search"] == "grid"))
+    csv_path = write_atomic(out / "summary.csv", summary_csv(rows))
+    mlflow.log_artifact(str(md_path), artifact_path="summary")
+    mlflow.log_artifact(str(csv_path), artifact_path="summary")
+    mlflow.log_metrics(
+        {
+            "trials": len(rows),
+            "trials_completed": sum(r.status == STATUS_COMPLETED for r in rows),
+            "trials_stopped": sum(r.status == STATUS_STOPPED for r in rows),
+            "trials_failed": sum(r.status == STATUS_ERROR for r in rows),
+        }
+    )
+    return md_path, csv_path
+
+
 def run_search(
     params: Params,
     dataset: str,
@@ -263,134 +339,62 @@ def run_search(
     ``name`` names the search (Tune experiment, MLflow parent run, prefix of the trials'
     Ray Train runs); it must be new: by default a timestamp and a random suffix."""
     import mlflow
-    from mlflow.tracking import MlflowClient
-    from ray import tune
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
-
-    from .train import _ensure_ray, git_commit, manifest_sha256
 
     manifest = _check_search(params, dataset)
     p = _absolute(params)
     c, t = p.tune, p.train
-    out = Path(out_dir) if out_dir is not None else best_file(dataset).parent
+    out = Path(out_dir) if out_dir is not None else tune_dir(dataset)
     search_name = name or f"tune-{dataset}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
-    tracking_uri = p.mlflow.tracking_uri
+    uri = p.mlflow.tracking_uri
 
-    mlflow.set_tracking_uri(tracking_uri)  # the database is created here, once, before any trial
-    experiment = mlflow.set_experiment(f"{p.mlflow.experiment}-{dataset}")
-    client = MlflowClient(tracking_uri)
-    parent = mlflow.start_run(run_name=search_name, experiment_id=experiment.experiment_id)
-    parent_id = parent.info.run_id
-    status = "FAILED"
-    try:
-        mlflow.set_tags(
-            {
-                "kind": "tune-search",
-                "git_commit": git_commit(),
+    # The store is created here, once, before any trial.
+    with tracked_run(uri, f"{p.mlflow.experiment}-{dataset}", search_name) as parent:
+        parent_id, experiment_id = parent.info.run_id, parent.info.experiment_id
+        client = connect(uri)
+        try:
+            mlflow.set_tags(
+                {
+                    "kind": "tune-search",
+                    "git_commit": git_commit(),
+                    "dataset": dataset,
+                    "protocol": manifest.protocol,
+                    "manifest_sha256": manifest.sha256,
+                    "ray_run_name": search_name,
+                }
+            )
+            mlflow.log_params({f"tune.{k}": list(v) if isinstance(v, tuple) else v for k, v in asdict(c).items() if k != "datasets"})
+            mlflow.log_params({"dataset": dataset, "train.epochs": t.epochs, "num_workers": t.num_workers, "use_gpu": t.use_gpu})
+            ensure_ray()
+            concurrency = _concurrency(p)
+            mlflow.log_params({"max_concurrent_trials": concurrency})
+            with _PlacementGroupJanitor() as janitor:
+                results = _tuner(p, dataset, search_name, parent_id, concurrency, verbose).fit()
+            if janitor.removed:
+                mlflow.set_tag("placement_groups_cleaned", str(janitor.removed))
+
+            rows = _collect(results, client, experiment_id, parent_id, search_name, t.epochs)
+            best = _select_best(rows)
+            meta = {
+                "name": search_name,
                 "dataset": dataset,
                 "protocol": manifest.protocol,
-                "manifest_sha256": manifest_sha256(manifest),
-                "ray_run_name": search_name,
+                "search": c.search,
+                "scheduler": c.scheduler,
+                "epochs": t.epochs,
+                "image_size": t.image_size,
+                "num_workers": t.num_workers,
             }
-        )
-        mlflow.log_params({f"tune.{k}": list(v) if isinstance(v, tuple) else v for k, v in asdict(c).items() if k != "datasets"})
-        mlflow.log_params({"dataset": dataset, "train.epochs": t.epochs, "num_workers": t.num_workers, "use_gpu": t.use_gpu})
-
-        _ensure_ray()
-        concurrency = max_concurrency(p)
-        if not c.max_concurrent_trials:
-            import ray
-
-            unit = "GPU" if t.use_gpu else "CPU"
-            if ray.cluster_resources().get(unit, 0) < t.num_workers:
-                print(
-                    f"note: the cluster has fewer {unit}s now than one trial needs ({t.num_workers}); running one trial at a "
-                    "time. On an autoscaling cluster set tune.max_concurrent_trials to what it can grow to.",
-                    file=sys.stderr,
-                )
-        space, search_alg, num_samples = search_space(p, concurrency)
-        if c.scheduler == "asha":
-            # Rungs stop before the last epoch (max_t = epochs - 1, stop_last_trials=False): a
-            # trial that reaches its last epoch always finishes and logs its model.
-            scheduler = ASHAScheduler(
-                time_attr="training_iteration",
-                max_t=t.epochs - 1,
-                grace_period=c.grace_period,
-                reduction_factor=c.reduction_factor,
-                stop_last_trials=False,
-            )
-        else:
-            scheduler = FIFOScheduler()
-        mlflow.log_params({"max_concurrent_trials": concurrency})
-        # The trials' Ray Train runs go beside the Tune experiment: <storage>/<search>/<trial run>.
-        trial_params = replace(p, train=replace(t, storage_path=f"{t.storage_path.rstrip('/')}/{search_name}"))
-        trainable = tune.with_parameters(_trial, params=trial_params, dataset=dataset, search_name=search_name, parent_run_id=parent_id)
-        tuner = tune.Tuner(
-            # The Train workers hold the CPUs/GPUs; the trial itself only waits on them. A token of
-            # memory instead of the usual 0.01 CPU: with CPU workers that fill a node exactly
-            # (2 workers, 2 CPUs), 0.01 CPU leaves 1.99 and the worker group never starts.
-            tune.with_resources(trainable, {"cpu": 0, "memory": TRIAL_MEMORY}),
-            param_space=space,
-            tune_config=tune.TuneConfig(
-                metric=METRIC,
-                mode="max",
-                search_alg=search_alg,
-                scheduler=scheduler,
-                num_samples=num_samples,
-            ),
-            run_config=tune.RunConfig(
-                name=search_name,
-                storage_path=t.storage_path,
-                failure_config=tune.FailureConfig(max_failures=c.max_failures),
-                verbose=verbose,
-            ),
-        )
-        with _PlacementGroupJanitor() as janitor:
-            results = tuner.fit()
-        if janitor.removed:
-            mlflow.set_tag("placement_groups_cleaned", str(janitor.removed))
-
-        rows = _collect(results, client, experiment.experiment_id, parent_id, search_name, t.epochs)
-        best = _select_best(rows)
-        out.mkdir(parents=True, exist_ok=True)
-        md_path, csv_path = out / "summary.md", out / "summary.csv"
-        meta = {
-            "name": search_name,
-            "dataset": dataset,
-            "protocol": manifest.protocol,
-            "search": c.search,
-            "scheduler": c.scheduler,
-            "epochs": t.epochs,
-            "image_size": t.image_size,
-            "num_workers": t.num_workers,
-        }
-        _write(md_path, summary_markdown(rows, meta, best, pivots=c.search == "grid"))
-        _write(csv_path, summary_csv(rows))
-        mlflow.log_artifact(str(md_path), artifact_path="summary")
-        mlflow.log_artifact(str(csv_path), artifact_path="summary")
-        mlflow.log_metrics(
-            {
-                "trials": len(rows),
-                "trials_completed": sum(r.status == STATUS_COMPLETED for r in rows),
-                "trials_stopped": sum(r.status == STATUS_STOPPED for r in rows),
-                "trials_failed": sum(r.status == STATUS_ERROR for r in rows),
-            }
-        )
-        if best is None:
-            raise SearchFailed(f"search {search_name}: no trial produced a validation mAP (see {md_path} and the MLflow runs)")
-        record = _best_record(rows, best, search_name, parent_id, tracking_uri, params.mlflow.tracking_uri, experiment.name, manifest_sha256(manifest), dataset)
-        best_path = out / "best.json"
-        _write(best_path, json.dumps(record, indent=2, sort_keys=True) + "\n")
-        mlflow.log_artifact(str(best_path), artifact_path="summary")
-        mlflow.log_metrics({"best_val_map": best.val_map, "best_eta": best.eta, "best_zeta": best.zeta, "best_bits": best.bits})
-        mlflow.set_tags({"best_run_id": best.run_id, "best_run_name": best.run_name})
-        status = "FINISHED"
-    except KeyboardInterrupt:
-        status = "KILLED"
-        raise
-    finally:
-        _close_children(client, experiment.experiment_id, parent_id)
-        mlflow.end_run(status)
+            md_path, csv_path = _write_outputs(out, rows, best, meta)
+            if best is None:
+                raise SearchFailed(f"search {search_name}: no trial produced a validation mAP (see {md_path} and the MLflow runs)")
+            experiment_name = mlflow.get_experiment(experiment_id).name
+            record = _best_record(rows, best, search_name, parent_id, uri, params.mlflow.tracking_uri, experiment_name, manifest.sha256, dataset)
+            best_path = write_json_atomic(out / "best.json", record)
+            mlflow.log_artifact(str(best_path), artifact_path="summary")
+            mlflow.log_metrics({"best_val_map": best.val_map, "best_eta": best.eta, "best_zeta": best.zeta, "best_bits": best.bits})
+            mlflow.set_tags({"best_run_id": best.run_id, "best_run_name": best.run_name})
+        finally:
+            _close_children(client, experiment_id, parent_id)
     return SearchOutcome(search_name, parent_id, tuple(rows), best, str(best_path), str(md_path), str(csv_path))
 
 
@@ -507,12 +511,6 @@ def _best_record(rows, best, search_name, parent_id, tracking_uri, configured_ur
     }
 
 
-def _write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-
-
 # ----------------------------------------------------------------------------- summary tables
 
 
@@ -581,33 +579,6 @@ def summary_csv(rows: Sequence[TrialRow]) -> str:
     return buf.getvalue()
 
 
-# ----------------------------------------------------------------------------- train.use_tuned
-
-
-def tuned_settings(dataset: str, bits: int, root: str | os.PathLike = ".") -> tuple[dict[str, float], dict[str, str]]:
-    """(eta/zeta settings, MLflow tags) from ``tune/<dataset>/best.json``: the best trial at
-    ``bits`` when the search tried that length, else the best overall."""
-    path = best_file(dataset, root)
-    if not path.is_file():
-        raise ConfigError(
-            f"train.use_tuned: {path} not found (run the search first: python -m pipeline.tune --dataset {dataset}, "
-            f"or dvc repro tune@{dataset} with {dataset} in tune.datasets)"
-        )
-    try:
-        record = json.loads(path.read_text())
-        entry = record.get("by_bits", {}).get(str(bits)) or record
-        changes = {"eta": float(entry["eta"]), "zeta": float(entry["zeta"])}
-    except (ValueError, KeyError, TypeError, AttributeError) as e:
-        raise ConfigError(f"train.use_tuned: {path} is not a tune result ({type(e).__name__}: {e})") from None
-    tags = {
-        "tuned_from": str(path),
-        "tuned_search_run_id": str(record.get("search_run_id", "")),
-        "tuned_trial_run_id": str(entry.get("run_id", "")),
-        "tuned_bits": str(entry.get("bits", "")),
-    }
-    return changes, tags
-
-
 # ----------------------------------------------------------------------------- command line
 
 
@@ -617,8 +588,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Search the loss weights eta and zeta and the code length with Ray Tune on a prepared "
         "dataset: every trial is a distributed training (the train stage's settings), ASHA stops trials whose "
         "validation mAP lags, and MLflow keeps the search as a parent run with one child run per trial. "
-        "Writes tune/<dataset>/best.json (the best by validation mAP; train.use_tuned=true makes the train "
-        "stage use it) and tune/<dataset>/summary.md and summary.csv.",
+        "Writes tune/<dataset>/best.json (the best by validation mAP; loss.use_tuned=true makes the "
+        "trainings use it) and tune/<dataset>/summary.md and summary.csv.",
         epilog="The search space and scheduler are params.yaml's `tune` section, e.g. "
         "--set 'tune.eta=[1,5,10,15]' --set 'tune.zeta=[0.05,0.1,0.5,1]' --set 'tune.bits=[16,32,48,64]' "
         "(the paper's grid), or --set tune.search=random --set tune.num_samples=20 --set 'tune.eta_range=[0.5,20]'. "

@@ -77,7 +77,7 @@ def fake_training_run(
     import mlflow.pytorch
 
     from dpfah.model import DPFAH
-    from pipeline.registry import using_tracking_uri
+    from pipeline.tracking import using_tracking_uri
 
     if model is None:
         torch.manual_seed(seed)

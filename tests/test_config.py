@@ -72,7 +72,12 @@ def test_overrides_are_yaml_scalars_and_can_add_entries():
         ("trian.epochs=3", "trian: unknown section"),
             ("train.optimizer=adam", "train.optimizer: unknown optimizer 'adam' (choose rmsprop, adamw or sgd)"),
             ("train.crop_scale=[0.9, 0.5]", "train.crop_scale: must be [lo, hi] with 0 < lo <= hi <= 1"),
-            ("profile=nope", "profile: unknown profile 'nope'"),
+            ("profile=paper", "profile: not a parameter any more: apply a profile to params.yaml with `python -m pipeline.profile NAME`"),
+            ("train.eta=1", "train.eta: unknown key"),
+            ("loss.pairs=all", "loss.pairs: unknown pair set 'all' (choose batch or bank)"),
+            ("train.crop_scale=[0.5, 2]", "train.crop_scale: must be [lo, hi] with 0 < lo <= hi <= 1, got [0.5, 2.0]"),
+            ("model.lam=0", "model.lam: must be > 0, got 0.0"),
+            ("bits=[]", "bits: must list code lengths >= 1"),
         ("seed=-1", "seed: must be >= 0"),
         ("seed=abc", "seed: expected an integer, got 'abc'"),
         ("datasets.cifar10.shard_size=0", "datasets.cifar10.shard_size: must be >= 1"),
@@ -138,3 +143,47 @@ def test_argparse_helper_and_exit_status(capsys):
     assert run_main(main, ["--params", str(PARAMS), "--set", "datasets.cifar10.protocol=x"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: datasets.cifar10.protocol: unknown protocol 'x'") and err.count("\n") == 1
+
+
+def test_params_yaml_repeats_the_declared_defaults():
+    """A training knob is declared once (dpfah.settings, pipeline.config); params.yaml shows
+    the same defaults, so reading the file or leaving a key out gives the same run."""
+    import yaml
+
+    from pipeline.config import Params, parse_params
+
+    raw = yaml.safe_load(PARAMS.read_text())
+    for section in ("train", "model", "loss", "evaluate", "promote", "tune", "mlflow"):
+        sub = {k: v for k, v in raw.items() if k in (section, "datasets", "prepare")}
+        assert getattr(parse_params(sub), section) == getattr(Params(), section), section
+        assert set(raw[section]) == {f.name for f in dataclasses.fields(getattr(Params(), section))}, f"{section}: every key is in params.yaml"
+    assert tuple(raw["bits"]) == Params().bits and raw["seed"] == Params().seed
+
+
+def test_profile_applies_per_run_or_into_params_yaml(tmp_path, capsys):
+    import shutil
+
+    from pipeline.profile import apply_profile, main
+
+    paper = load_params(PARAMS, profile="paper")
+    assert paper.bits == (16, 32, 48, 64) and paper.train.image_size == 224 and paper.loss.eta == 10.0
+    assert load_params(PARAMS, ["train.epochs=3"], profile="paper").train.epochs == 3  # --set wins over the profile
+    with pytest.raises(ConfigError, match="profile: unknown profile 'nope'"):
+        load_params(PARAMS, profile="nope")
+
+    (tmp_path / "profiles").mkdir()
+    shutil.copy(REPO / "profiles" / "paper.yaml", tmp_path / "profiles")
+    params_file = tmp_path / "params.yaml"
+    shutil.copy(PARAMS, params_file)
+    before = params_file.read_text()
+    assert apply_profile("paper", params_file, dry_run=True) and params_file.read_text() == before
+    assert run_main(main, ["paper", "--params", str(params_file)]) == 0
+    out = capsys.readouterr().out
+    assert "bits: [64] -> [16, 32, 48, 64]" in out and "loss.eta: 1.0 -> 10.0" in out
+    assert load_params(params_file) == paper  # the file now holds exactly the profile's run
+    text = params_file.read_text()
+    assert "# The DPFAH objective L1 + eta L2 + zeta L3" in text and "  lr: 5.0e-05" in text  # comments kept, floats YAML 1.1
+    assert sum(a != b for a, b in zip(before.splitlines(), text.splitlines())) == 12  # nothing else moved
+    assert apply_profile("paper", params_file) == []  # again: nothing to do
+    assert run_main(main, ["nope", "--params", str(params_file)]) == 2
+    assert "unknown profile 'nope'" in capsys.readouterr().err

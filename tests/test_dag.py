@@ -80,7 +80,7 @@ def toy_settings(work: Path, images: Path) -> dict:
             "validation": 6,
             "shard_size": 10,
         },
-        "train.bits": [BITS],
+        "bits": [BITS],
         "train.epochs": 1,
         "train.batch_size": 8,
         "train.image_size": 32,
@@ -116,7 +116,7 @@ def ran_stages(output: str) -> set[str]:
 def test_dvc_repro_runs_the_dag_then_nothing_then_only_what_a_parameter_touches(tmp_path):
     from mlflow.tracking import MlflowClient
 
-    from pipeline.evaluate import metric_values
+    from pipeline.artifacts import metric_values
     from tests.helpers import make_class_folder
 
     images = make_class_folder(tmp_path / "images")
@@ -131,7 +131,7 @@ def test_dvc_repro_runs_the_dag_then_nothing_then_only_what_a_parameter_touches(
 
     # 1. The whole DAG.
     first = run([str(BIN / "dvc"), "repro", "promote"], repo, env)
-    assert ran_stages(first) == {"prepare@toy", f"train@toy-{BITS}", f"evaluate@toy-{BITS}", f"promote@toy-{BITS}"}, first
+    assert ran_stages(first) == {"prepare@toy", f"objective@toy-{BITS}", f"train@toy-{BITS}", f"evaluate@toy-{BITS}", f"promote@toy-{BITS}"}, first
     record = json.loads((repo / "runs" / f"toy-{BITS}.json").read_text())
     metrics = json.loads((repo / "metrics" / f"toy-{BITS}.json").read_text())
     promotion = json.loads((repo / "promotions" / f"toy-{BITS}.json").read_text())
@@ -171,6 +171,38 @@ def test_dvc_repro_runs_the_dag_then_nothing_then_only_what_a_parameter_touches(
     # The same run promoted again: no new version, the recorded decision stands.
     assert (repo / "promotions" / f"toy-{BITS}.json").read_bytes() == promotion_bytes
     assert [int(v.version) for v in client.search_model_versions(f"name = 'dpfah-toy-{BITS}b'")] == [1]
+
+    # 4. A search result appears (what tune@toy writes): the trainings do not use it
+    #    (loss.use_tuned is false), so only their cheap objective stage reruns.
+    best = {"eta": 5.0, "zeta": 0.5, "bits": BITS, "run_id": "trial", "search_run_id": "search", "by_bits": {}}
+    (repo / "tune" / "toy").mkdir()
+    (repo / "tune" / "toy" / "best.json").write_text(json.dumps(best))
+    tuned = run([str(BIN / "dvc"), "repro", "promote"], repo, env)
+    assert ran_stages(tuned) == {f"objective@toy-{BITS}"}, tuned
+    assert f"Stage 'train@toy-{BITS}' didn't change, skipping" in tuned
+
+    # 5. One more code length: only its own stages run; the trained length is not retrained.
+    more = run([str(BIN / "dvc"), "exp", "run", "-S", f"bits=[{BITS},4]", "promote"], repo, env)
+    assert ran_stages(more) == {"objective@toy-4", "train@toy-4", "evaluate@toy-4", "promote@toy-4"}, more
+    assert f"Stage 'train@toy-{BITS}' didn't change, skipping" in more
+    assert json.loads((repo / "runs" / f"toy-{BITS}.json").read_text())["run_id"] == record["run_id"]
+    assert json.loads((repo / "metrics" / "toy-4.json").read_text())["bits"] == 4
+
+
+def test_a_profile_written_into_params_is_what_dvc_plans(tmp_path):
+    """`python -m pipeline.profile paper` puts the paper's code lengths (and every other
+    value of the profile) where DVC reads them: `dvc stage list` plans all four trainings."""
+    repo = copy_project(tmp_path / "repo")
+    env = stage_env()
+    run([str(BIN / "dvc"), "init", "--no-scm", "-q"], repo, env)
+    listed = run([str(BIN / "dvc"), "stage", "list"], repo, env)
+    assert {line.split()[0] for line in listed.splitlines() if line.startswith("train@")} == {"train@cifar10-64"}
+    run([sys.executable, "-m", "pipeline.profile", "paper"], repo, env)
+    listed = run([str(BIN / "dvc"), "stage", "list"], repo, env)
+    planned = {line.split()[0] for line in listed.splitlines() if line.split() and line.split()[0].startswith(("train@", "evaluate@", "promote@"))}
+    assert planned == {f"{stage}@cifar10-{b}" for stage in ("train", "evaluate", "promote") for b in (16, 32, 48, 64)}, listed
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    assert (params["train"]["image_size"], params["train"]["optimizer"], params["loss"]["eta"]) == (224, "rmsprop", 10.0)
 
 
 # ----------------------------------------------------------------------------- ray job submit
@@ -213,6 +245,10 @@ def ray_head():
             str(BIN / "ray"), "start", "--head", "--block",
             "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=2",
             "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
+            # Its own ports for everything else too: on the defaults, the agent of a second Ray
+            # instance on this machine (the test session's) can fail to register for minutes.
+            f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+            f"--ray-client-server-port={free_port()}", f"--metrics-export-port={free_port()}",
             f"--temp-dir={temp}", "--disable-usage-stats",
         ],
         env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
@@ -311,6 +347,12 @@ def test_train_stage_runs_as_a_ray_job(ray_head, toy_dataset, tmp_path, monkeypa
     assert run_info.data.params["dataset"] == "toy" and run_info.data.params["bits"] == str(BITS)
     assert [m.step for m in client.get_metric_history(run_id, "val_map")] == [0]
     assert run_info.outputs.model_outputs, "no model logged"
+    # The job ran from an upload of the project without the built extensions (git-ignored):
+    # the compiled kernels of the installed package still served it, not the numpy fallback.
+    from dpfah import kernels
+
+    assert kernels.status()["ranking"] != "numpy", "the test environment itself has no compiled kernels"
+    assert (run_info.data.tags["kernel.hamming"], run_info.data.tags["kernel.ranking"]) == (kernels.status()["hamming"], kernels.status()["ranking"])
 
     # The rest of the chain by run id (in this process: the job machinery is shown above).
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)

@@ -25,9 +25,8 @@ pytestmark = pytest.mark.slow
 
 def shards_sha(shards: Path) -> str:
     from dpfah.data import read_manifest
-    from pipeline.train import manifest_sha256
 
-    return manifest_sha256(read_manifest(shards))
+    return read_manifest(shards).sha256
 
 
 def read_split_plain(shards: Path, split: str):
@@ -135,7 +134,7 @@ def test_metrics_match_a_plain_reimplementation(trained):
     assert (doc["n_queries"], doc["n_db"], doc["topk"]) == (12, 78, 78)
 
     # Encode independently: tarfile + PIL + the model from MLflow, ImageNet normalisation.
-    from pipeline.registry import using_tracking_uri
+    from pipeline.tracking import using_tracking_uri
 
     with using_tracking_uri(trained["uri"]):
         model = mlflow.pytorch.load_model(trained["record"]["model_uri"])
@@ -186,7 +185,7 @@ def test_dvc_and_mlflow_hold_the_same_numbers(trained):
 
     doc = json.loads((trained["out"] / "metrics" / f"toy-{BITS}.json").read_text())
     run = MlflowClient(trained["uri"]).get_run(doc["run_id"])
-    from pipeline.evaluate import metric_values
+    from pipeline.artifacts import metric_values
 
     assert len(metric_values(doc)) >= 6 and set(metric_values(doc)) <= set(run.data.metrics)
     for name, value in metric_values(doc).items():

@@ -129,7 +129,7 @@ def test_champion_moves_only_to_a_better_model(store):
     # The champion loads by alias.
     import mlflow.pytorch
 
-    from pipeline.registry import using_tracking_uri
+    from pipeline.tracking import using_tracking_uri
 
     with using_tracking_uri(uri):
         assert isinstance(mlflow.pytorch.load_model(f"models:/{NAME}@champion"), torch.nn.Linear)

@@ -80,9 +80,9 @@ def test_two_workers_match_one_worker_on_the_same_global_batch(ray_local, toy_da
     for key, value in states[1].items():
         assert torch.isfinite(value.float()).all(), key
     # Training did change the weights (so the agreement is not trivial).
-    from dpfah.train import TrainSettings, build_model
+    from dpfah.model import DPFAH
 
-    start = build_model(TrainSettings(bits=16, num_classes=3, seed=0)).state_dict()
+    start = DPFAH.build(16, 3, seed=0).state_dict()
     assert not torch.allclose(start["hash_head.weight"], states[1]["hash_head.weight"])
 
 
@@ -129,6 +129,9 @@ def test_killed_worker_resumes_from_checkpoint(resumed_run):
     run = client.get_run(outcome.run_id)
     assert run.info.status == "FINISHED"
     assert run.data.tags["protocol"] == "custom" and len(run.data.tags["manifest_sha256"]) == 64
+    # which kernels the run used is on record (the compiled ones where they built)
+    assert run.data.tags["kernel.hamming"] and run.data.tags["kernel.ranking"]
+    assert run.data.params["loss.eta"] == str(params.loss.eta) and run.data.tags["weights_from"] == "params"
     history = client.get_metric_history(outcome.run_id, "val_map")
     assert sorted({m.step for m in history}) == [0, 1, 2]
     for name in ("loss", "loss_l1", "loss_l2", "loss_l3", "images_per_s"):

@@ -52,7 +52,7 @@ def test_tune_section_defaults_and_errors_name_the_key():
     from pipeline.config import load_params
 
     p = load_params(ROOT / "params.yaml")
-    assert p.tune.search == "grid" and p.tune.scheduler == "asha" and p.train.use_tuned is False
+    assert p.tune.search == "grid" and p.tune.scheduler == "asha" and p.loss.use_tuned is False
     assert p.tune.datasets == ()  # opt in: no tune@ stage by default
     for override, key in [
         ("tune.eta_range=[1,10]", "tune.eta_range"),  # ranges are for random search
@@ -138,29 +138,41 @@ def test_summary_tables_like_the_papers_tables_3_and_4():
     assert float(table[0]["val_map"]) == 0.5 and table[0]["eta"] == "1.0" and table[0]["bits"] == "16"
 
 
-def test_tuned_settings_prefers_the_same_code_length(tmp_path):
-    from pipeline.tune import best_file, tuned_settings
+def test_objective_takes_the_tuned_weights_at_the_same_code_length(toy_dataset, tmp_path):
+    from pipeline import objective
+    from pipeline.artifacts import best_file
 
-    with pytest.raises(ConfigError, match=r"^train.use_tuned: .*best.json not found"):
-        tuned_settings("toy", 16, root=tmp_path)
+    work, images = toy_dataset
+    tuned = toy_params(work, images, "loss.use_tuned=true", "loss.eta=7", "loss.delta=2")
+    with pytest.raises(ConfigError, match=r"^loss.use_tuned: .*best.json not found"):
+        objective.resolve(tuned, "toy", 16, root=tmp_path)
     path = best_file("toy", tmp_path)
     path.parent.mkdir(parents=True)
     record = {
         "eta": 10.0, "zeta": 0.1, "bits": 64, "run_id": "r64", "search_run_id": "parent",
         "by_bits": {"16": {"eta": 1.0, "zeta": 1.0, "bits": 16, "run_id": "r16"}, "64": {"eta": 10.0, "zeta": 0.1, "bits": 64, "run_id": "r64"}},
-    }
+    }  # fmt: skip
     path.write_text(json.dumps(record))
-    changes, tags = tuned_settings("toy", 16, root=tmp_path)
-    assert changes == {"eta": 1.0, "zeta": 1.0} and tags["tuned_trial_run_id"] == "r16" and tags["tuned_search_run_id"] == "parent"
-    changes, tags = tuned_settings("toy", 32, root=tmp_path)  # not searched at 32 bits: the overall best
-    assert changes == {"eta": 10.0, "zeta": 0.1} and tags["tuned_bits"] == "64"
+    loss, source = objective.resolve(tuned, "toy", 16, root=tmp_path)
+    assert (loss.eta, loss.zeta, loss.delta) == (1.0, 1.0, 2.0)  # eta, zeta from the search; the rest from params
+    assert source["tuned_trial_run_id"] == "r16" and source["tuned_search_run_id"] == "parent" and source["weights_from"] == "tune"
+    loss, source = objective.resolve(tuned, "toy", 32, root=tmp_path)  # not searched at 32 bits: the overall best
+    assert (loss.eta, loss.zeta) == (10.0, 0.1) and source["tuned_bits"] == "64"
+    loss, source = objective.resolve(toy_params(work, images, "loss.eta=7"), "toy", 16, root=tmp_path)
+    assert (loss.eta, source) == (7.0, {"weights_from": "params"})  # use_tuned off: best.json is not read
+
+    # The file the train stage reads under DVC round-trips, and names what it belongs to.
+    written = objective.write(objective.resolve(tuned, "toy", 16, root=tmp_path), "toy", 16, root=tmp_path)
+    assert objective.read(written, "toy", 16) == objective.resolve(tuned, "toy", 16, root=tmp_path)
+    with pytest.raises(ConfigError, match="not 'toy' at 32"):
+        objective.read(written, "toy", 32)
     path.write_text("{not json")
-    with pytest.raises(ConfigError, match="^train.use_tuned: .* is not a tune result"):
-        tuned_settings("toy", 16, root=tmp_path)
+    with pytest.raises(ConfigError, match="^loss.use_tuned: .* is not a tune result"):
+        objective.resolve(tuned, "toy", 16, root=tmp_path)
 
 
 def test_train_uses_the_tuned_settings_when_asked(toy_dataset, tmp_path, monkeypatch):
-    """train.use_tuned=true: run_training logs the tuned eta/zeta and where they came from
+    """loss.use_tuned=true: run_training logs the tuned eta/zeta and where they came from
     (stopped right before Ray starts: the fit itself is the train stage's tests' business)."""
     import pipeline.train as train
     from mlflow.tracking import MlflowClient
@@ -169,8 +181,8 @@ def test_train_uses_the_tuned_settings_when_asked(toy_dataset, tmp_path, monkeyp
     monkeypatch.chdir(tmp_path)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)  # restored afterwards (run_training sets it too)
-    params = toy_params(work, images, "train.use_tuned=true", f"mlflow.tracking_uri={uri}")
-    with pytest.raises(ConfigError, match="^train.use_tuned"):
+    params = toy_params(work, images, "loss.use_tuned=true", f"mlflow.tracking_uri={uri}")
+    with pytest.raises(ConfigError, match="^loss.use_tuned"):
         train.run_training(params, "toy", 16, write_run_file=False)
 
     best = tmp_path / "tune" / "toy" / "best.json"
@@ -183,12 +195,13 @@ def test_train_uses_the_tuned_settings_when_asked(toy_dataset, tmp_path, monkeyp
     def stop():
         raise Stop
 
-    monkeypatch.setattr(train, "_ensure_ray", stop)
+    monkeypatch.setattr(train, "ensure_ray", stop)
     with pytest.raises(Stop):
         train.run_training(params, "toy", 16, run_name="tuned", write_run_file=False)
     run = MlflowClient(uri).search_runs([MlflowClient(uri).get_experiment_by_name("dpfah-toy").experiment_id])[0]
-    assert run.data.params["train.eta"] == "3.0" and run.data.params["train.zeta"] == "0.5"
+    assert run.data.params["loss.eta"] == "3.0" and run.data.params["loss.zeta"] == "0.5"
     assert run.data.tags["tuned_search_run_id"] == "search" and run.data.tags["tuned_trial_run_id"] == "trial"
+    assert run.info.status == "FAILED"  # the interrupted training does not stay RUNNING
 
 
 def test_search_rejects_a_grace_period_that_leaves_nothing_to_stop(toy_dataset):
@@ -216,27 +229,34 @@ def test_cli_help_and_user_errors(tmp_path):
 # ----------------------------------------------------------------------------- the DVC stage
 
 
-def test_dvc_tune_stage_tracks_every_train_key_but_use_tuned_and_the_searched_ones(tmp_path):
-    from pipeline.config import TrainConfig, TuneConfig
+def test_dvc_tune_stage_reads_everything_but_what_the_search_owns(tmp_path):
+    from dpfah.settings import LossSettings
+    from pipeline.config import TuneConfig
 
-    stage = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["tune"]
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    stage = stages["tune"]
     assert stage["foreach"] == "${tune.datasets}"
     do = stage["do"]
     assert do["cmd"] == "python -m pipeline.tune --dataset ${item}"
     params = do["params"]
-    train_keys = {p.split(".", 1)[1] for p in params if p.startswith("train.")}
-    expected = {f.name for f in dataclasses.fields(TrainConfig)} - {"use_tuned", "bits", "eta", "zeta"}
-    assert train_keys == expected, f"add to dvc.yaml's tune params: {sorted(expected - train_keys)}; drop: {sorted(train_keys - expected)}"
-    assert {"seed", "profile", "tune", "mlflow"} <= set(params) and "train" not in params
+    # Whole sections for what a trial trains with; of `loss`, every field but eta and zeta
+    # (the search sets them); never `bits` (the search has its own) or loss.use_tuned.
+    assert {"seed", "tune", "train", "model", "mlflow"} <= set(params) and "loss" not in params and "bits" not in params
+    loss_keys = {p.split(".", 1)[1] for p in params if p.startswith("loss.")}
+    expected = {f.name for f in dataclasses.fields(LossSettings)} - {"eta", "zeta"}
+    assert loss_keys == expected, f"add to dvc.yaml's tune params: {sorted(expected - loss_keys)}; drop: {sorted(loss_keys - expected)}"
     assert "${data.root}/shards/${item}" in do["deps"] and "pipeline/tune.py" in do["deps"]
     outs = {next(iter(o)) if isinstance(o, dict) else o for o in do["outs"]}
     assert outs == {"tune/${item}/best.json", "tune/${item}/summary.md", "tune/${item}/summary.csv"}
     assert {f.name for f in dataclasses.fields(TuneConfig)} >= {"datasets", "eta", "zeta", "bits"}
+    # The trainings never read the search's folder or `loss` directly: their objective
+    # stage does, and writes the one file they depend on.
+    assert "tune" not in stages["train"]["deps"] and "loss" not in stages["train"]["params"]
+    assert "tune" in stages["objective"]["deps"] and stages["objective"]["params"] == ["loss"]
 
     # DVC itself resolves the stage once a dataset is listed, and orders it before the
-    # trainings, which depend on the tune folder (best.json, read when train.use_tuned).
-    assert "tune" in yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["train"]["deps"]
-    assert (ROOT / "tune" / "README.md").is_file(), "the tune folder must exist in git: train depends on it"
+    # objective of every training (and so before the trainings).
+    assert (ROOT / "tune" / "README.md").is_file(), "the tune folder must exist in git: the objective stage depends on it"
     for name in ("dvc.yaml", "params.yaml"):
         (tmp_path / name).write_text((ROOT / name).read_text())
     (tmp_path / "tune").mkdir()
@@ -249,7 +269,8 @@ def test_dvc_tune_stage_tracks_every_train_key_but_use_tuned_and_the_searched_on
     assert "tune@cifar10" in out.stdout
     dag = subprocess.run([dvc, "dag", "--dot", "train@cifar10-64"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert dag.returncode == 0, dag.stderr
-    assert '"tune@cifar10" -> "train@cifar10-64"' in dag.stdout, dag.stdout
+    assert '"tune@cifar10" -> "objective@cifar10-64"' in dag.stdout, dag.stdout
+    assert '"objective@cifar10-64" -> "train@cifar10-64"' in dag.stdout, dag.stdout
 
 
 # ----------------------------------------------------------------------------- a real search
@@ -334,7 +355,8 @@ def test_search_is_one_mlflow_parent_with_a_child_run_per_trial(search):
         assert run.data.tags["mlflow.parentRunId"] == outcome.parent_run_id
         assert run.info.status == expected_status[row.status], (row, run.info.status)
         assert run.data.tags["tune.status"] == row.status and run.data.tags["tune.trial_id"] == row.trial_id
-        assert run.data.params["train.eta"] == "1.0" and run.data.params["train.zeta"] == "1.0"
+        assert run.data.params["loss.eta"] == "1.0" and run.data.params["loss.zeta"] == "1.0"
+        assert run.data.tags["weights_from"] == "search"
         assert run.data.params["bits"] == str(row.bits) and run.data.params["num_workers"] == "2"
         steps = sorted(m.step for m in client.get_metric_history(row.run_id, "val_map"))
         assert steps == list(range(row.epochs))  # per-epoch metrics, one per epoch it ran
@@ -348,7 +370,7 @@ def test_best_configuration_file_and_summary(search):
     import mlflow.pytorch
 
     from dpfah.model import DPFAH
-    from pipeline.tune import tuned_settings
+    from pipeline import objective
 
     outcome, out, _ = search
     best = json.loads(Path(outcome.best_file).read_text())
@@ -357,9 +379,12 @@ def test_best_configuration_file_and_summary(search):
     assert best["val_map"] == pytest.approx(top.val_map) and best["search_run_id"] == outcome.parent_run_id
     assert set(best["by_bits"]) == {"1", "2", "16"} and best["by_bits"]["1"]["status"] == "stopped"
     assert best["dataset"] == "toy" and len(best["manifest_sha256"]) == 64
-    # The train stage reads it (train.use_tuned).
-    changes, tags = tuned_settings("toy", 16, root=out)
-    assert changes == {"eta": 1.0, "zeta": 1.0} and tags["tuned_trial_run_id"] == top.run_id
+    # The trainings read it (loss.use_tuned, through the objective stage).
+    from pipeline.config import load_params
+
+    params = load_params(ROOT / "params.yaml", ["datasets.toy.kind=custom", "loss.use_tuned=true"])
+    loss, source = objective.resolve(params, "toy", 16, root=out)
+    assert (loss.eta, loss.zeta) == (1.0, 1.0) and source["tuned_trial_run_id"] == top.run_id
     # The best trial's model is in MLflow.
     with _tracking(f"sqlite:///{out / 'mlflow.db'}"):
         model = mlflow.pytorch.load_model(best["model_uri"])

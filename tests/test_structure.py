@@ -1,0 +1,126 @@
+"""The shape of the code: which module may import which.
+
+Read from the source (every import statement, those inside functions included), so a
+lazy import cannot hide a cycle or a layering break."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = ("dpfah", "pipeline")
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def _imports(path: Path) -> list[tuple[str, tuple[str, ...], int]]:
+    """(imported module, names imported from it, line) of every import in the file,
+    relative imports resolved."""
+    module = _module_name(path)
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found += [(alias.name, (), node.lineno) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")[: len(package.split(".")) - node.level + 1]
+                target = ".".join(base + ([node.module] if node.module else []))
+            else:
+                target = node.module or ""
+            names = tuple(alias.name for alias in node.names)
+            found.append((target, names, node.lineno))
+            # `from . import x` imports the submodule x
+            found += [(f"{target}.{n}", (), node.lineno) for n in names if (ROOT / Path(*f"{target}.{n}".split("."))).with_suffix(".py").exists()]
+    return found
+
+
+def _graph() -> dict[str, set[str]]:
+    modules = {_module_name(p): p for pkg in PACKAGES for p in (ROOT / pkg).rglob("*.py")}
+    graph: dict[str, set[str]] = {m: set() for m in modules}
+    for module, path in modules.items():
+        for target, _, _ in _imports(path):
+            # the deepest project module the import names (a.b.c -> a.b.c, else a.b)
+            parts = target.split(".")
+            for n in range(len(parts), 0, -1):
+                candidate = ".".join(parts[:n])
+                if candidate in modules:
+                    if candidate != module:
+                        graph[module].add(candidate)
+                    break
+    return graph
+
+
+def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        stack.append(node)
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == 1:
+                return stack[stack.index(nxt) :] + [nxt]
+            if nxt not in state:
+                found = visit(nxt)
+                if found:
+                    return found
+        stack.pop()
+        state[node] = 2
+        return None
+
+    for node in sorted(graph):
+        if node not in state:
+            found = visit(node)
+            if found:
+                return found
+    return None
+
+
+def test_the_import_graph_of_the_project_has_no_cycle():
+    graph = _graph()
+    assert len(graph) > 15 and "pipeline.train" in graph and "dpfah.train" in graph
+    # package __init__ files importing their own submodules are not layering; leave them out
+    inner = {m: {t for t in ts if not (m in PACKAGES and t.startswith(m + "."))} for m, ts in graph.items()}
+    cycle = _cycle(inner)
+    assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+def test_the_finder_sees_a_cycle():
+    """The check above can fail: a made-up graph with a cycle is caught."""
+    assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert _cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_dpfah_is_a_library_of_torch_and_numpy_only():
+    for path in (ROOT / "dpfah").rglob("*.py"):
+        for target, _, line in _imports(path):
+            top = target.split(".")[0]
+            assert top not in ("pipeline", "ray", "mlflow", "dvc"), f"{path.relative_to(ROOT)}:{line} imports {target}"
+
+
+@pytest.mark.parametrize("package", PACKAGES)
+def test_no_private_name_is_imported_across_modules(package):
+    for path in (ROOT / package).rglob("*.py"):
+        for target, names, line in _imports(path):
+            private = [n for n in names if n.startswith("_") and n != "__future__" and not n.startswith("__")]
+            assert not private, f"{path.relative_to(ROOT)}:{line} imports private {private} from {target}"
+
+
+def test_stages_do_not_import_each_other_except_tune_running_train():
+    """Shared plumbing lives in its own modules (tracking, artifacts, registry, cluster,
+    config); of the stages, only tune (which runs trainings) imports train."""
+    stages = {"pipeline.prepare", "pipeline.train", "pipeline.tune", "pipeline.evaluate", "pipeline.promote", "pipeline.objective", "pipeline.profile"}
+    allowed = {("pipeline.tune", "pipeline.train"), ("pipeline.train", "pipeline.objective")}
+    graph = _graph()
+    for stage in stages:
+        for target in graph[stage] & stages:
+            assert (stage, target) in allowed, f"{stage} imports the stage {target}"
