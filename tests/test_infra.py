@@ -151,7 +151,8 @@ def test_cluster_image_is_built_on_the_pinned_ray():
     assert re.search(rf"^FROM rayproject/ray:{re.escape(RAY)}-py311-gpu$", text, re.M)
     assert "pip install" in text and "DPFAH_GIT_COMMIT" in text
     # the image refuses to build without its compiled kernels (checked from site-packages)
-    assert "DPFAH_REQUIRE_KERNELS=1 pip install" in text and "python -I -c" in text and "k.status()" in text
+    assert "DPFAH_REQUIRE_KERNELS=1 pip wheel" in text and "pip install --no-cache-dir /tmp/dist/dpfah_pipeline-*.whl" in text
+    assert "python -I -c" in text and "k.status()" in text
 
 
 # ----------------------------------------------------------------------------- MLflow server
