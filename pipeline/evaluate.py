@@ -40,6 +40,7 @@ from .artifacts import metric_values, metrics_file, plots_dir, write_atomic, wri
 from .config import Params, add_config_args, config_from_args
 from .errors import ConfigError, DataError, run_main
 from .registry import MismatchError, check_training_run, read_run_record, run_model_uri
+from .timing import record, span
 from .tracking import connect, get_run, git_commit, mlflow_errors, tracking_uri, using_tracking_uri
 
 __all__ = ["Evaluation", "evaluate", "flat_metrics", "codes_table", "load_codes", "main"]
@@ -401,7 +402,11 @@ def evaluate(
     """Evaluate the model of ``runs/<dataset>-<bits>.json`` (or of ``run_id``) on the
     dataset's query and database splits; write the DVC files under ``root`` and log
     everything to the model's MLflow run."""
-    from dpfah.metrics import retrieval_report
+    with span("imports: torch, mlflow"):
+        import mlflow.pytorch  # noqa: F401
+        import torch  # noqa: F401
+
+        from dpfah.metrics import retrieval_report
 
     t0 = time.perf_counter()
     seconds: dict[str, float] = {}
@@ -409,7 +414,8 @@ def evaluate(
     if bits < 1:
         raise ConfigError(f"--bits {bits}: must be >= 1")
     device = _device(params.evaluate.device)
-    subject = _subject(params, dataset, bits, run_id, root, device)
+    with span("mlflow: find the run, load the model"):
+        subject = _subject(params, dataset, bits, run_id, root, device)
     seconds["load"] = time.perf_counter() - t0
 
     t = time.perf_counter()
@@ -418,6 +424,7 @@ def evaluate(
     )
     (q_codes, q_labels, _), (d_codes, d_labels, _) = codes
     seconds["encode"] = time.perf_counter() - t
+    record("encode the query and database splits", time.time() - seconds["encode"])
 
     t = time.perf_counter()
     e = params.evaluate
@@ -426,6 +433,7 @@ def evaluate(
     report = retrieval_report(q_codes, d_codes, q_labels, d_labels, topk=r, radius=e.radius, max_n=e.max_n, pr_ranks=ranks)
     metrics = flat_metrics(report)
     seconds["metrics"] = time.perf_counter() - t
+    record("retrieval metrics", time.time() - seconds["metrics"])
 
     # The DVC metrics file: the numbers at the top level (so `dvc metrics show` and `dvc exp
     # show` list them by name) and the few facts that say what they measure and for which run.
@@ -443,7 +451,8 @@ def evaluate(
     t = time.perf_counter()
     plot_dir = plots_dir(dataset, bits, root)
     _write_plots(plot_dir, report)
-    _log_to_run(subject, params, dataset, bits, doc, report, codes, metrics)
+    with span("figures, codes and mlflow logging"):
+        _log_to_run(subject, params, dataset, bits, doc, report, codes, metrics)
     seconds["outputs"] = time.perf_counter() - t
     path = write_json_atomic(metrics_file(dataset, bits, root), doc)  # last: only a complete evaluation counts
     seconds["total"] = time.perf_counter() - t0
@@ -478,6 +487,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    record("evaluate: main entered", time.time())
     args = build_parser().parse_args(argv)
     params = config_from_args(args)
     result = evaluate(params, args.dataset, args.bits, run_id=args.run_id, progress=False if args.quiet else None)

@@ -24,6 +24,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +34,7 @@ from .artifacts import metric_values, metrics_file, promotion_file, write_json_a
 from .config import Params, add_config_args, config_from_args
 from .errors import ConfigError, PipelineError, run_main
 from .registry import MismatchError, check_training_run, read_run_record, run_model_uri
+from .timing import record, span
 from .tracking import connect, get_run, mlflow_errors, tracking_uri, using_tracking_uri
 
 __all__ = ["EvaluationMissing", "Promotion", "promote", "model_name", "main"]
@@ -191,13 +193,15 @@ def promote(
     else:
         source = "--run-id"
     uri = tracking_uri(params)
-    client = connect(uri)
-    run = get_run(client, run_id, uri, source)
+    with span("imports and mlflow: find the run"):
+        client = connect(uri)
+        run = get_run(client, run_id, uri, source)
     check_training_run(run, dataset, bits, source)
     value, sha = _evaluated_value(run, doc, dataset, bits, root, metric, map_at, source, by_id=record is None)
     tags = run.data.tags
     model_uri = run_model_uri(client, run, uri, record.get("model_uri") if record else None)
-    out, version, registered, moved = _register_and_decide(client, uri, name, alias, metric, map_at, run_id, value, sha, tags, model_uri, dataset, bits)
+    with span("mlflow: register, decide, tag"):
+        out, version, registered, moved = _register_and_decide(client, uri, name, alias, metric, map_at, run_id, value, sha, tags, model_uri, dataset, bits)
     path = write_json_atomic(promotion_file(dataset, bits, root), out)
     return Promotion(out, path, registered, moved)
 
@@ -313,6 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    record("promote: main entered", time.time())
     args = build_parser().parse_args(argv)
     params = config_from_args(args)
     result = promote(params, args.dataset, args.bits, run_id=args.run_id)

@@ -32,9 +32,10 @@ from dpfah.settings import LossSettings, ModelSettings, TrainSettings, pick
 
 from . import objective as objective_stage
 from .artifacts import run_file, write_json_atomic
-from .cluster import ensure_ray
+from .cluster import ensure_ray, train_run_defaults
 from .config import Params, add_config_args, config_from_args
 from .errors import ConfigError, PipelineError, run_main
+from .timing import record, span
 from .tracking import git_commit, model_requirements, resolve_uri, tracked_run, tracking_uri
 
 __all__ = ["TrainOutcome", "TrainingFailed", "run_training", "main"]
@@ -93,15 +94,29 @@ def _batches(job: Job, rank: int, size: int, device):
 
     from dpfah.data import TrainStream
 
-    stream = TrainStream(job.shards, job.train.batch_size // size, seed=job.seed, rank=rank, world_size=size)
-    loader = DataLoader(stream, batch_size=None, num_workers=job.loader_workers, pin_memory=device.type == "cuda")
+    with span("worker: open the shards"):
+        stream = TrainStream(job.shards, job.train.batch_size // size, seed=job.seed, rank=rank, world_size=size)
+        loader = DataLoader(stream, batch_size=None, num_workers=job.loader_workers, pin_memory=device.type == "cuda")
     steps = len(stream) if not job.steps_cap else min(len(stream), job.steps_cap)
 
     def train_batches(epoch: int):
         stream.set_epoch(epoch)
-        return loader
+        return _first_batch_timed(loader) if epoch == 0 else loader
 
     return train_batches, steps, stream.manifest.split("train").count
+
+
+def _first_batch_timed(batches):
+    """The batches, with the wait for the first one (reader start-up) recorded."""
+    start = time.time()
+    iterator = iter(batches)
+    try:
+        first = next(iterator)
+    except StopIteration:
+        return
+    record("worker: first batch", start)
+    yield first
+    yield from iterator
 
 
 def _validator(job: Job, rank: int, size: int, device):
@@ -114,9 +129,10 @@ def _validator(job: Job, rank: int, size: int, device):
     kwargs = dict(batch_size=job.eval_batch_size, rank=rank, world_size=size)
 
     def validate(model) -> float:
-        query = DataLoader(EvalStream(job.shards, "validation", **kwargs), batch_size=None, num_workers=job.loader_workers)
-        db = DataLoader(EvalStream(job.shards, "train", **kwargs), batch_size=None, num_workers=job.loader_workers)
-        return validation_map(model, query, db, device, job.train.image_size, job.train.precision)
+        with span("worker: validation"):
+            query = DataLoader(EvalStream(job.shards, "validation", **kwargs), batch_size=None, num_workers=job.loader_workers)
+            db = DataLoader(EvalStream(job.shards, "train", **kwargs), batch_size=None, num_workers=job.loader_workers)
+            return validation_map(model, query, db, device, job.train.image_size, job.train.precision)
 
     return validate
 
@@ -135,7 +151,9 @@ def _reporter(job: Job, rank: int, size: int):
         client = MlflowClient(job.tracking_uri)
 
     def report(metrics: dict[str, float], state: dict[str, Any] | None) -> None:
-        with tempfile.TemporaryDirectory() as d:
+        now = time.time()
+        record("worker: epoch steps", now - float(metrics["epoch_s"]), now)  # the duration fit measured
+        with span("worker: checkpoint and report"), tempfile.TemporaryDirectory() as d:
             checkpoint = None
             if state is not None:
                 torch.save(state, os.path.join(d, STATE_FILE))
@@ -145,7 +163,8 @@ def _reporter(job: Job, rank: int, size: int):
             from mlflow.entities import Metric
 
             now, step = int(time.time() * 1000), int(metrics["epoch"])
-            client.log_batch(job.mlflow_run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items() if k != "epoch"])
+            with span("worker: epoch metrics to mlflow"):
+                client.log_batch(job.mlflow_run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items() if k != "epoch"])
         _inject_fault(job, int(metrics["epoch"]), rank, size)
 
     return report
@@ -161,6 +180,16 @@ def _inject_fault(job: Job, epoch: int, rank: int, size: int) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+def _process_start_time() -> float:
+    """When this process started (wall clock), from /proc; now where /proc has no answer."""
+    try:
+        ticks = int(open("/proc/self/stat").read().rsplit(")", 1)[1].split()[19])
+        boot = next(float(line.split()[1]) for line in open("/proc/stat") if line.startswith("btime"))
+        return boot + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, StopIteration, IndexError):
+        return time.time()
+
+
 def _worker_loop(job: Job) -> dict[str, Any] | None:
     """Runs on every Ray Train worker: this rank's data, the model and objective, then fit."""
     import ray.train
@@ -171,6 +200,8 @@ def _worker_loop(job: Job) -> dict[str, Any] | None:
     from dpfah.model import DPFAH
     from dpfah.train import fit
 
+    record("worker: process start to loop", _process_start_time(), None)
+    record("worker: started", time.time(), None)
     ctx = ray.train.get_context()
     rank, size = ctx.get_world_rank(), ctx.get_world_size()
     device = get_device()
@@ -288,7 +319,13 @@ def run_training(
     every worker count the same global batches); ``callbacks`` go to Ray Train's RunConfig
     (Tune passes its report callback); ``parent_run_id`` nests the MLflow run.
     """
-    from dpfah.data import read_manifest
+    with span("imports: torch, mlflow, ray"):
+        import mlflow  # noqa: F401
+        import ray.train  # noqa: F401
+        import ray.train.torch  # noqa: F401
+        import torch  # noqa: F401
+
+        from dpfah.data import read_manifest
 
     t = params.train
     params.dataset(dataset)
@@ -322,25 +359,36 @@ def run_training(
     if job.fault_marker:
         os.makedirs(os.path.dirname(job.fault_marker), exist_ok=True)
 
+    opened = time.time()
     with tracked_run(uri, f"{params.mlflow.experiment}-{dataset}", name, parent_run_id=parent_run_id) as run:
+        record("mlflow: open the run", opened)
         run_id = run.info.run_id
         job = dataclasses.replace(job, mlflow_run_id=run_id)
-        _log_params(job, params, dataset, manifest, name, loss_source or {})
-        ensure_ray()
-        state, checkpoint_path = _fit(_trainer(job, params, name, storage, callbacks), name)
+        with span("mlflow: log params and tags"):
+            _log_params(job, params, dataset, manifest, name, loss_source or {})
+        with span("ray: start or connect"):
+            ensure_ray()
+            train_run_defaults()
+        with span("ray train: build the trainer"):
+            trainer = _trainer(job, params, name, storage, callbacks)
+        with span("ray train: fit"):
+            state, checkpoint_path = _fit(trainer, name)
         best_val_map, best_epoch = float(state["best_val_map"]), int(state["best_epoch"])
         if best_epoch < 0:  # no validation: the last epoch stands
             best_epoch = int(state["epoch"])
         history = state["history"]
         import mlflow
 
-        mlflow.log_metrics({"best_val_map": best_val_map, "best_epoch": best_epoch, "epochs_run": len(history)})
-        model_uri = _log_model(job, state) if log_model else f"runs:/{run_id}/model"
-        experiment_name = mlflow.get_experiment(run.info.experiment_id).name
+        with span("mlflow: log the model"):
+            mlflow.log_metrics({"best_val_map": best_val_map, "best_epoch": best_epoch, "epochs_run": len(history)})
+            model_uri = _log_model(job, state) if log_model else f"runs:/{run_id}/model"
+            experiment_name = mlflow.get_experiment(run.info.experiment_id).name
+        closing = time.time()
+    record("mlflow: close the run", closing)
 
     outcome = TrainOutcome(run_id, model_uri, best_val_map, best_epoch, len(history), None, checkpoint_path)
     if write_run_file:
-        record = {
+        run_record = {
             "run_id": run_id,
             "model_uri": model_uri,
             # a local sqlite path stays as configured (relative): the file is kept beside the repository
@@ -354,7 +402,7 @@ def run_training(
             "best_epoch": best_epoch,
             "epochs": len(history),
         }
-        path = write_json_atomic(run_file(dataset, bits), record)
+        path = write_json_atomic(run_file(dataset, bits), run_record)
         outcome = dataclasses.replace(outcome, run_file=str(path))
     return outcome
 
@@ -397,10 +445,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    record("train: main entered", time.time())
     args = build_parser().parse_args(argv)
     params = config_from_args(args)
     loss, source = objective_stage.read(args.objective, args.dataset, args.bits) if args.objective else (None, None)
-    outcome = run_training(params, args.dataset, args.bits, loss=loss, loss_source=source)
+    with span("train: run_training"):
+        outcome = run_training(params, args.dataset, args.bits, loss=loss, loss_source=source)
     print(
         f"trained {args.dataset} {args.bits} bits: best validation mAP {outcome.best_val_map:.4f} at epoch "
         f"{outcome.best_epoch}; MLflow run {outcome.run_id}; model {outcome.model_uri}; wrote {outcome.run_file}"
