@@ -7,6 +7,8 @@
 #   mkdir -p .gpu_payload && cp ../shared/data/cifar10-jpg.tar.gz .gpu_payload/
 #   device tool: run(command="bash bench/gpu_check.sh", carry=[".gpu_payload"], timeout_s=540)
 # Writes JSON and logs to $OUT (default bench/results/gpu) and prints a table at the end.
+# Expected about 6.5 minutes; each step is capped (100 + 140 + 250 s) so the whole stays
+# under a 9-minute call even when a step hangs.
 #
 # GPU_CHECK_SMOKE=1 runs every step with tiny settings (what its CPU test does);
 # GPU_CHECK_SHARDS=DIR uses an already prepared dataset instead of the archive.
@@ -22,7 +24,7 @@ if [ "${GPU_CHECK_SMOKE:-0}" = 1 ]; then
     CIFAR=(--size 32 --batch 8 --minutes 0.02 --workers 0 --encode-seconds 2 --max-steps 2)
 else
     THROUGHPUT=(--size 224 --batch 128 --steps 30 --workers 16)
-    CIFAR=(--minutes 3 --workers 12 --encode-seconds 30)
+    CIFAR=(--minutes 3 --workers 12 --encode-seconds 20)
 fi
 if [ -n "${GPU_CHECK_SHARDS:-}" ]; then DATA=(--shards "$GPU_CHECK_SHARDS"); else DATA=(--source "$SOURCE" --work /tmp/gpu_cifar); fi
 start=$(date +%s)
@@ -34,11 +36,11 @@ step "compiled kernels (numpy fallback if they do not build)"
 "$PY" setup.py -q build_ext --inplace > "$OUT/build.log" 2>&1 || echo "kernels did not build: see $OUT/build.log"
 "$PY" -c "import dpfah.kernels as k; print('kernels:', k.status())" | tee -a "$OUT/device.txt"
 step "CUDA tests"
-timeout 150 "$PY" -m pytest -m gpu tests/test_gpu.py -q -s -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log"
+timeout 100 "$PY" -m pytest -m gpu tests/test_gpu.py -q -s -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log"
 step "training throughput: ours against the PIL + DataLoader reference"
-timeout 180 "$PY" -m bench.train_throughput "${THROUGHPUT[@]}" --out "$OUT/train_throughput.json"
+timeout 140 "$PY" -m bench.train_throughput "${THROUGHPUT[@]}" --out "$OUT/train_throughput.json"
 step "CIFAR-10: encode throughput and a time-boxed training"
-timeout 330 "$PY" -m bench.gpu_cifar "${DATA[@]}" "${CIFAR[@]}" --out "$OUT/cifar10.json"
+timeout 250 "$PY" -m bench.gpu_cifar "${DATA[@]}" "${CIFAR[@]}" --out "$OUT/cifar10.json"
 step "summary"
 "$PY" -m bench.gpu_cifar --summary "$OUT"
 echo "gpu_check: done in $(( $(date +%s) - start )) s; results in $OUT"

@@ -153,9 +153,22 @@ def tracked_run(uri: str, experiment: str, run_name: str, *, parent_run_id: str 
             yield run
         except BaseException:
             interrupted = isinstance(sys.exc_info()[1], KeyboardInterrupt)
-            mlflow.end_run("KILLED" if interrupted else "FAILED")
+            mlflow.end_run(_failed_status(run.info.run_id, "KILLED" if interrupted else "FAILED"))
             raise
         mlflow.end_run("FINISHED")
+
+
+def _failed_status(run_id: str, status: str) -> str:
+    """The status to end a failed run with: ``status``, unless something else has already
+    ended it (a Tune search marks the runs of the trials it stopped KILLED, and a stopped
+    trial's own exception may arrive after that): then the status it was given stands."""
+    import mlflow
+
+    try:
+        current = mlflow.get_run(run_id).info.status
+    except Exception:  # the store is what failed: say what we know
+        return status
+    return status if current == "RUNNING" else current
 
 
 def get_run(client, run_id: str, uri: str, source: str = ""):
