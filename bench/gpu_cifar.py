@@ -67,7 +67,7 @@ def prepare_cifar(source: str, work: Path, dataset: str = "cifar10") -> str:
 
 
 def _eval_loader(shards: str, split: str, batch: int, workers: int):
-    return DataLoader(EvalStream(shards, split, batch_size=batch), batch_size=None, num_workers=workers, pin_memory=True)
+    return DataLoader(EvalStream(shards, split, batch_size=batch), batch_size=None, num_workers=workers, pin_memory=torch.cuda.is_available())
 
 
 def encode_throughput(shards: str, device: torch.device, size: int, batch: int, workers: int, limit_s: float) -> dict:

@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import io
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -352,7 +353,7 @@ def _subject(params: Params, dataset: str, bits: int, run_id: str | None, root, 
     return _Subject(run_id, record, uri, client, manifest, shards, model_uri, model, image_size)
 
 
-def _log_to_run(subject: _Subject, params: Params, dataset: str, bits: int, doc, report, codes, metrics) -> None:
+def _log_to_run(subject: _Subject, params: Params, dataset: str, bits: int, doc, report, codes, metrics, curve_files: list[Path]) -> None:
     """The evaluation into the training's MLflow run: metrics, ``eval.*`` tags, and under
     ``evaluation/`` the metrics file, curve data, figures and packed codes."""
     import pyarrow.parquet as pq
@@ -365,7 +366,8 @@ def _log_to_run(subject: _Subject, params: Params, dataset: str, bits: int, doc,
     label = f"{dataset}, {bits} bits, run {run_id[:8]}"
     with tempfile.TemporaryDirectory(prefix="dpfah-eval-") as tmp:
         art = Path(tmp)
-        _write_plots(art, report)
+        for f in curve_files:  # the curve data as DVC has it
+            shutil.copy(f, art / f.name)
         write_json_atomic(art / "metrics.json", details)
         _plot_pr(art / "pr_curves.png", report, f"PR curves: {label}")
         _plot_p_at_n(art / "p_at_n.png", report, f"P@N: {label}")
@@ -450,9 +452,9 @@ def evaluate(
     }
     t = time.perf_counter()
     plot_dir = plots_dir(dataset, bits, root)
-    _write_plots(plot_dir, report)
+    curve_files = _write_plots(plot_dir, report)
     with span("figures, codes and mlflow logging"):
-        _log_to_run(subject, params, dataset, bits, doc, report, codes, metrics)
+        _log_to_run(subject, params, dataset, bits, doc, report, codes, metrics, curve_files)
     seconds["outputs"] = time.perf_counter() - t
     path = write_json_atomic(metrics_file(dataset, bits, root), doc)  # last: only a complete evaluation counts
     seconds["total"] = time.perf_counter() - t0
