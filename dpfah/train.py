@@ -30,6 +30,7 @@ from .settings import TrainSettings
 
 __all__ = [
     "Batch",
+    "NonFiniteLoss",
     "TrainSettings",
     "FitResult",
     "fit",
@@ -37,6 +38,30 @@ __all__ = [
     "validation_map",
     "world",
 ]
+
+
+class NonFiniteLoss(FloatingPointError):
+    """The objective became NaN or infinite; raised on every rank at the same step, before
+    the step's update, so the last checkpoint is the last finite state."""
+
+    def __init__(self, epoch: int, step: int, values: dict[str, float]):
+        self.epoch, self.step, self.values = epoch, step, dict(values)
+        shown = ", ".join(f"{k}={v:.4g}" for k, v in values.items())
+        super().__init__(
+            f"the loss became non-finite at epoch {epoch}, step {step} ({shown}): training stopped "
+            "(a learning rate or loss weight too large, or non-finite inputs)"
+        )
+
+
+def _all_finite(surrogate: torch.Tensor, stats: dict[str, tuple[float, float]], device: torch.device) -> bool:
+    """Whether this step's loss is finite on every rank (one small all-reduce under a
+    process group, so that every rank stops at the same step and none waits in DDP)."""
+    ok = math.isfinite(float(surrogate.detach())) and all(math.isfinite(v) for v, _ in stats.values())
+    if world()[0] == 1:
+        return ok
+    flag = torch.tensor([1.0 if ok else 0.0], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
 
 
 @dataclass
@@ -227,6 +252,8 @@ class _Trainer:
             with _autocast(device, s.precision):
                 u, logits = net(images)
             surrogate, stats = self.objective.step(u.float(), logits.float(), labels, batch.index, shard)
+            if not _all_finite(surrogate, stats, device):
+                raise NonFiniteLoss(epoch, step, {term: v / w if w else v for term, (v, w) in stats.items()})
             self.optimizer.zero_grad(set_to_none=True)
             surrogate.backward()
             self.optimizer.step()
@@ -291,6 +318,9 @@ def fit(
     ``validate(model)`` returns the validation mAP (every rank calls it; it may use
     collectives). ``report(metrics, checkpoint_state)`` is called on every rank after every
     epoch; ``checkpoint_state`` is the full resumable state on rank 0 and ``None`` elsewhere.
+    Without ``validate`` no model is selected: the metrics carry no ``best_*`` and the
+    result's ``best_epoch`` is -1 (the last epoch's weights stand). A loss that is NaN or
+    infinite on any rank raises :class:`NonFiniteLoss` on every rank before that step's update.
     """
     trainer = _Trainer(settings, model, objective, torch.device(device), steps_per_epoch)
     if state is not None:
@@ -304,8 +334,9 @@ def fit(
             if val_map > trainer.best_map:
                 trainer.best_map, trainer.best_epoch = val_map, epoch
                 trainer.best_model = _snapshot(trainer.model.state_dict())
-        metrics["best_val_map"] = trainer.best_map
-        metrics["best_epoch"] = trainer.best_epoch
+        if validate is not None:
+            metrics["best_val_map"] = trainer.best_map
+            metrics["best_epoch"] = trainer.best_epoch
         trainer.history.append(dict(metrics))
         report(metrics, trainer.checkpoint(epoch) if trainer.shard.rank == 0 else None)
         if on_epoch_end is not None:

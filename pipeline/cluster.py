@@ -3,10 +3,24 @@
 from __future__ import annotations
 
 import os
+import signal
+import threading
 
+from .errors import ConfigError
 from .timing import ENV as TIMINGS_ENV
 
-__all__ = ["ensure_ray", "train_run_defaults"]
+__all__ = ["ensure_ray", "started_here", "check_request", "shutdown_if_started", "train_run_defaults"]
+
+
+def started_here() -> bool:
+    """Whether this process started the Ray instance it is connected to (``ray.init`` with no
+    cluster to join), as opposed to joining a cluster (RAY_ADDRESS, ``ray job submit``, a
+    running ``ray start --head``). Ray has no public call for it: a node this process started
+    has processes of its own; a joined one has none. False when in doubt."""
+    import ray
+
+    node = getattr(ray._private.worker, "_global_node", None)
+    return bool(ray.is_initialized() and node is not None and getattr(node, "all_processes", None))
 
 
 def ensure_ray() -> None:
@@ -23,7 +37,48 @@ def ensure_ray() -> None:
     kwargs = {}
     if os.environ.get(TIMINGS_ENV):  # the bench's span file reaches workers of a running instance too
         kwargs["runtime_env"] = {"env_vars": {TIMINGS_ENV: os.environ[TIMINGS_ENV]}}
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    handler = signal.getsignal(signal.SIGTERM) if in_main_thread else None
     ray.init(address=os.environ.get("RAY_ADDRESS") or None, log_to_driver=True, **kwargs)
+    if in_main_thread and callable(handler):
+        # A local instance installs Ray's SIGTERM handler, which kills its processes and calls
+        # sys.exit(1): the MLflow run would end FAILED instead of KILLED. Ours (pipeline.errors)
+        # unwinds like Ctrl-C; the instance is then stopped by shutdown_if_started / at exit.
+        signal.signal(signal.SIGTERM, handler)
+
+
+def shutdown_if_started(started: bool) -> None:
+    """Stop the local Ray instance this stage started (its dashboard and agents too), so an
+    interrupted stage leaves no processes behind; a joined cluster is left alone."""
+    import ray
+
+    if started and ray.is_initialized():
+        ray.shutdown()
+
+
+def check_request(num_workers: int, use_gpu: bool, *, command: str = "python -m pipeline.train ...") -> None:
+    """Fail at once when a local Ray instance this process started cannot hold the training's
+    workers (Ray Train would otherwise wait for resources that never come and time out after
+    minutes). On a joined cluster, waiting is right: an autoscaler may add nodes."""
+    import ray
+
+    if not started_here():
+        return
+    have = ray.cluster_resources()
+    cpus, gpus = int(have.get("CPU", 0)), int(have.get("GPU", 0))
+    need_gpus = num_workers if use_gpu else 0
+    need_cpus = num_workers  # Ray Train: one CPU per worker (GPU workers too)
+    if need_gpus <= gpus and need_cpus <= cpus:
+        return
+    asked = f"train.num_workers={num_workers} with train.use_gpu={str(use_gpu).lower()} asks for {need_cpus} CPU(s)"
+    asked += f" and {need_gpus} GPU(s)" if use_gpu else ""
+    workers = max(1, min(cpus, gpus if use_gpu and gpus else num_workers))
+    fix = ("--set train.use_gpu=false " if need_gpus > gpus else "") + f"--set train.num_workers={workers}"
+    raise ConfigError(
+        f"{asked}, but this machine's local Ray has {cpus} CPU(s) and {gpus} GPU(s). Either ask for what it has "
+        f"({fix}; a GPU profile such as `--profile paper` wants GPUs) or run where they are: "
+        f"ray job submit --address http://HEAD:8265 --working-dir . -- {command}"
+    )
 
 
 #: Ray Train's controller polls its workers this often (Ray's default: 2 s). Each stage of a

@@ -202,7 +202,7 @@ class TrainConfig(TrainSettings):
     max_failures: int = field(default=2, metadata=_check(at_least(0)))
     collective_timeout_s: int = field(default=600, metadata=_check(at_least(10)))
     storage_path: str = "ray_results"
-    fail_at_epoch: int | None = None  # fault injection for tests: the last rank dies once after this epoch
+    fail_at_epoch: int | None = None  # fault injection for tests: the last rank dies once as the next epoch starts
 
     def validate(self) -> None:
         if self.batch_size % self.num_workers:

@@ -25,20 +25,39 @@ class DataError(PipelineError):
     """Bad input data: an unreadable image, a malformed list line, a protocol that cannot be met."""
 
 
-def _terminate(signum, frame):  # SIGTERM unwinds like Ctrl-C, so cleanup code runs
-    raise SystemExit(128 + signum)
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread: it unwinds like Ctrl-C (an MLflow run open in the
+    block ends KILLED, cleanup code runs) and the stage exits 128 + 15."""
+
+    signum = signal.SIGTERM
+
+
+_terminated = threading.Event()
+
+
+def terminate(signum, frame):
+    """The SIGTERM handler of every stage (``run_main`` installs it; a stage that starts a
+    local Ray instance puts it back over Ray's, which would exit without unwinding). Noted
+    as well as raised: a signal that arrives inside ``ray.get`` comes out of it as a plain
+    KeyboardInterrupt."""
+    _terminated.set()
+    raise Terminated()
 
 
 def run_main(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None) -> int:
     """Run a stage's ``main(argv)``: user errors print ``error: ...`` and give 2, Ctrl-C 130."""
     in_main_thread = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, _terminate) if in_main_thread else None
+    previous = signal.signal(signal.SIGTERM, terminate) if in_main_thread else None
+    _terminated.clear()
     try:
         return int(main(argv) or 0)
     except PipelineError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
+        if isinstance(e, Terminated) or _terminated.is_set():
+            print("terminated (SIGTERM)", file=sys.stderr)
+            return 128 + signal.SIGTERM
         print("interrupted", file=sys.stderr)
         return 130
     finally:

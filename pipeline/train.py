@@ -32,7 +32,7 @@ from dpfah.settings import LossSettings, ModelSettings, TrainSettings, pick
 
 from . import objective as objective_stage
 from .artifacts import run_file, write_json_atomic
-from .cluster import ensure_ray, train_run_defaults
+from .cluster import check_request, ensure_ray, shutdown_if_started, started_here, train_run_defaults
 from .config import Params, add_config_args, config_from_args
 from .errors import ConfigError, PipelineError, run_main
 from .timing import record, span
@@ -51,7 +51,7 @@ class TrainingFailed(PipelineError):
 class TrainOutcome:
     run_id: str
     model_uri: str
-    best_val_map: float
+    best_val_map: float | None  # None: no validation split, the last epoch's model
     best_epoch: int
     epochs: int
     run_file: str | None
@@ -60,7 +60,7 @@ class TrainOutcome:
 
 @dataclass(frozen=True)
 class Job:
-    """What every worker needs, pickled to it: the three settings, the data, the tracking."""
+    """What every worker needs, pickled to it: the three settings and the data."""
 
     train: TrainSettings
     model: ModelSettings
@@ -73,10 +73,9 @@ class Job:
     loader_workers: int
     eval_batch_size: int
     validate: bool = True
-    mlflow_run_id: str | None = None
-    tracking_uri: str | None = None
     # Test hooks, never set by the stage's command line: a deterministic batch source instead
-    # of the shards, and fault injection (the last rank dies once after an epoch).
+    # of the shards, and fault injection (the last rank dies once as the epoch after
+    # fail_at_epoch starts).
     batch_source: Callable | None = None
     steps_per_epoch: int | None = None
     fail_at_epoch: int | None = None
@@ -138,17 +137,12 @@ def _validator(job: Job, rank: int, size: int, device):
 
 
 def _reporter(job: Job, rank: int, size: int):
-    """report(metrics, state): a Ray Train report (with the checkpoint from rank 0) and,
-    from rank 0, the epoch's metrics to the MLflow run at step = epoch."""
+    """report(metrics, state): a Ray Train report, with the checkpoint from rank 0. The
+    epoch's metrics reach MLflow from the controller (:class:`EpochMetricsToMlflow`), once
+    Ray Train has registered the report."""
     import ray.train
     import torch
     from ray.train import Checkpoint
-
-    client = None
-    if rank == 0 and job.mlflow_run_id:
-        from mlflow.tracking import MlflowClient
-
-        client = MlflowClient(job.tracking_uri)
 
     def report(metrics: dict[str, float], state: dict[str, Any] | None) -> None:
         now = time.time()
@@ -159,35 +153,79 @@ def _reporter(job: Job, rank: int, size: int):
                 torch.save(state, os.path.join(d, STATE_FILE))
                 checkpoint = Checkpoint.from_directory(d)
             ray.train.report(metrics, checkpoint=checkpoint)
-        if client is not None:
-            from mlflow.entities import Metric
-
-            now, step = int(time.time() * 1000), int(metrics["epoch"])
-            with span("worker: epoch metrics to mlflow"):
-                client.log_batch(job.mlflow_run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items() if k != "epoch"])
-        _inject_fault(job, int(metrics["epoch"]), rank, size)
 
     return report
 
 
-def _inject_fault(job: Job, epoch: int, rank: int, size: int) -> None:
-    """Tests only: the last rank dies once, hard, right after ``fail_at_epoch``'s checkpoint;
-    Ray Train must restart the group and resume from that checkpoint."""
-    if job.fail_at_epoch is None or epoch != job.fail_at_epoch or rank != size - 1:
-        return
-    if job.fault_marker and not os.path.exists(job.fault_marker):
-        Path(job.fault_marker).write_text(f"killed rank {rank} after epoch {epoch}\n")
-        os.kill(os.getpid(), signal.SIGKILL)
+#: The key of the report a worker makes when the loss became non-finite (no checkpoint).
+DIVERGED = "diverged"
 
 
-def _process_start_time() -> float:
-    """When this process started (wall clock), from /proc; now where /proc has no answer."""
+def _epoch_callback_base():
+    from ray.train import UserCallback
+
+    return UserCallback
+
+
+class EpochMetricsToMlflow(_epoch_callback_base()):
+    """Runs in Ray Train's controller: logs each epoch's metrics (rank 0's report) to the
+    MLflow run at step = epoch, after Ray Train has registered the report and its checkpoint.
+    A report that a dying worker made but the controller never registered is not logged, and
+    that epoch runs again after the restart: so every metric has one point per epoch."""
+
+    def __init__(self, tracking_uri: str, run_id: str):
+        self.tracking_uri, self.run_id, self._client = tracking_uri, run_id, None
+
+    def after_report(self, run_context, metrics, checkpoint) -> None:
+        values = metrics[0] if metrics else {}
+        if not values or DIVERGED in values:
+            return
+        from mlflow.entities import Metric
+        from mlflow.tracking import MlflowClient
+
+        if self._client is None:
+            self._client = MlflowClient(self.tracking_uri)
+        now, step = int(time.time() * 1000), int(values["epoch"])
+        self._client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in values.items() if k != "epoch"])
+
+
+def _epoch_hook(job: Job, train_batches, rank: int, size: int):
+    """Tests only (with ``fail_at_epoch``): every rank notes each epoch it starts in
+    ``<run>/.epochs-started``, and the last rank dies once, hard, as epoch fail_at_epoch + 1
+    starts: Ray Train must restart the group and resume from fail_at_epoch's checkpoint.
+    It waits three controller polls first, so that the checkpoint is registered (a report
+    the controller has not yet collected dies with its worker: that epoch would run again)."""
+    if job.fault_marker is None or job.fail_at_epoch is None:
+        return train_batches
+    log = os.path.join(os.path.dirname(job.fault_marker), ".epochs-started")
+
+    def batches(epoch: int):
+        with open(log, "a") as f:
+            f.write(f"{epoch} {rank}\n")
+        if epoch == job.fail_at_epoch + 1 and rank == size - 1 and not os.path.exists(job.fault_marker):
+            time.sleep(3 * float(os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "2")))
+            Path(job.fault_marker).write_text(f"killed rank {rank} as epoch {epoch} started\n")
+            os.kill(os.getpid(), signal.SIGKILL)
+        return train_batches(epoch)
+
+    return batches
+
+
+def load_state(path: str) -> dict[str, Any]:
+    """A checkpoint's state, loaded without unpickling code (tensors, numbers, strings)."""
+    import torch
+
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _process_start_time(pid: str = "self") -> float | None:
+    """When process ``pid`` started (wall clock), from /proc; None where /proc has no answer."""
     try:
-        ticks = int(open("/proc/self/stat").read().rsplit(")", 1)[1].split()[19])
+        ticks = int(open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[19])
         boot = next(float(line.split()[1]) for line in open("/proc/stat") if line.startswith("btime"))
         return boot + ticks / os.sysconf("SC_CLK_TCK")
     except (OSError, ValueError, StopIteration, IndexError):
-        return time.time()
+        return None
 
 
 def _worker_loop(job: Job) -> dict[str, Any] | None:
@@ -198,33 +236,49 @@ def _worker_loop(job: Job) -> dict[str, Any] | None:
 
     from dpfah.loss import DPFAHLoss
     from dpfah.model import DPFAH
-    from dpfah.train import fit
+    from dpfah.train import NonFiniteLoss, fit
 
-    record("worker: process start to loop", _process_start_time(), None)
+    record("worker: process start to loop", _process_start_time() or time.time(), None)
     record("worker: started", time.time(), None)
     ctx = ray.train.get_context()
     rank, size = ctx.get_world_rank(), ctx.get_world_size()
     device = get_device()
     train_batches, steps, bank_size = _batches(job, rank, size, device)
+    train_batches = _epoch_hook(job, train_batches, rank, size)
     model = DPFAH.build(job.bits, job.num_classes, job.model, seed=job.seed)  # the same start on every rank
     objective = DPFAHLoss.from_settings(job.loss, bank_size=bank_size, bits=job.bits, num_classes=job.num_classes)
     state = None
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
-            state = torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=False)
-    result = fit(
-        job.train,
-        model,
-        objective,
-        train_batches=train_batches,
-        steps_per_epoch=steps,
-        report=_reporter(job, rank, size),
-        device=device,
-        seed=job.seed,
-        validate=_validator(job, rank, size, device) if job.validate else None,
-        state=state,
-    )
+            state = load_state(os.path.join(d, STATE_FILE))
+    try:
+        result = fit(
+            job.train,
+            model,
+            objective,
+            train_batches=train_batches,
+            steps_per_epoch=steps,
+            report=_reporter(job, rank, size),
+            device=device,
+            seed=job.seed,
+            validate=_validator(job, rank, size, device) if job.validate else None,
+            state=state,
+        )
+    except NonFiniteLoss as e:
+        # Every rank stops at the same step (fit agrees on it). A report instead of an
+        # exception, so that Ray Train does not restart a run that would diverge again; it
+        # carries a checkpoint (a note, no state) because the driver's Result keeps the
+        # metrics of the latest checkpoint only.
+        from ray.train import Checkpoint
+
+        with tempfile.TemporaryDirectory() as d:
+            note = None
+            if rank == 0:
+                Path(d, "diverged.txt").write_text(f"{e}\n")
+                note = Checkpoint.from_directory(d)
+            ray.train.report({DIVERGED: str(e), "epoch": e.epoch, "step": e.step}, checkpoint=note)
+        return None
     if rank == 0:
         return {"best_val_map": result.best_val_map, "best_epoch": result.best_epoch, "epochs_run": result.epochs_run}
     return None
@@ -256,17 +310,38 @@ def _trainer(job: Job, params: Params, name: str, storage: str, callbacks: Seque
 def _fit(trainer, name: str) -> tuple[dict[str, Any], str]:
     """Run the trainer; (the last checkpoint's state, its path)."""
     import ray.train
-    import torch
 
     try:
         result = trainer.fit()
     except ray.train.TrainingFailedError as e:
         raise TrainingFailed(f"training {name} failed: {e}") from e
+    if DIVERGED in (result.metrics or {}):
+        raise TrainingFailed(f"training {name}: {result.metrics[DIVERGED]}")
     if result.checkpoint is None:
         raise TrainingFailed(f"training {name} ended without a checkpoint")
+    _drop_unregistered_checkpoints(result)
     with result.checkpoint.as_directory() as d:
-        state = torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=False)
+        state = load_state(os.path.join(d, STATE_FILE))
     return state, result.checkpoint.path
+
+
+def _drop_unregistered_checkpoints(result) -> None:
+    """Delete checkpoint folders of the run that Ray Train does not keep: a worker that died
+    right after uploading its checkpoint, before the controller registered it, leaves one
+    behind (beyond CheckpointConfig.num_to_keep)."""
+    import posixpath
+
+    from pyarrow import fs as pafs
+
+    kept = {posixpath.basename(c.path.rstrip("/")) for c, _ in (result.best_checkpoints or [])}
+    kept.add(posixpath.basename(result.checkpoint.path.rstrip("/")))
+    try:
+        entries = result.filesystem.get_file_info(pafs.FileSelector(result.path, allow_not_found=True))
+    except OSError:
+        return
+    for entry in entries:
+        if entry.type == pafs.FileType.Directory and entry.base_name.startswith("checkpoint_") and entry.base_name not in kept:
+            result.filesystem.delete_dir(entry.path)
 
 
 def _log_params(job: Job, params: Params, dataset: str, manifest, name: str, source: dict[str, str]) -> None:
@@ -289,10 +364,56 @@ def _log_params(job: Job, params: Params, dataset: str, manifest, name: str, sou
             "manifest_sha256": manifest.sha256,
             "split_seed": str(manifest.seed),
             "ray_run_name": name,
+            **_driver_tags(),
             **{f"kernel.{k}": v for k, v in kernels.status().items()},
             **source,
         }
     )
+
+
+def _driver_tags() -> dict[str, str]:
+    """Which process owns the run: a later training on the same host can tell a run whose
+    driver died (SIGKILL, a lost machine) from one still going."""
+    import socket
+
+    return {"driver.host": socket.gethostname(), "driver.pid": str(os.getpid()), "driver.started": f"{_process_start_time() or 0:.0f}"}
+
+
+def _alive(pid: int, started: str) -> bool:
+    """Whether process ``pid`` runs and is the one that started at ``started`` (pids recycle)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process: not ours to judge
+    began = _process_start_time(str(pid))
+    return began is None or not float(started) or abs(began - float(started)) < 2
+
+
+def _fail_abandoned_runs(experiment_id: str, current_run_id: str, uri: str) -> list[str]:
+    """Mark FAILED the runs of this experiment that a training driver on this host left
+    RUNNING when it died without closing them (killed with SIGKILL, out of memory); says so."""
+    from mlflow.tracking import MlflowClient
+
+    host = _driver_tags()["driver.host"]
+    client = MlflowClient(uri)
+    runs = client.search_runs(
+        [experiment_id], filter_string=f"attributes.status = 'RUNNING' and tags.`driver.host` = '{host}'", max_results=200
+    )
+    failed = []
+    for r in runs:
+        tags = r.data.tags
+        if r.info.run_id == current_run_id or "driver.pid" not in tags:
+            continue
+        if _alive(int(tags["driver.pid"]), tags.get("driver.started", "0")):
+            continue
+        client.set_tag(r.info.run_id, "failed_reason", f"its driver (pid {tags['driver.pid']} on {host}) ended without closing it")
+        client.set_terminated(r.info.run_id, "FAILED")
+        failed.append(r.info.run_id)
+    if failed:
+        print(f"marked {len(failed)} run(s) FAILED whose training driver died without closing them: {', '.join(failed)}")
+    return failed
 
 
 def run_training(
@@ -350,7 +471,6 @@ def run_training(
         loader_workers=t.loader_workers,
         eval_batch_size=t.eval_batch_size,
         validate=validate,
-        tracking_uri=uri,
         batch_source=batch_source,
         steps_per_epoch=steps_per_epoch,
         fail_at_epoch=t.fail_at_epoch,
@@ -359,31 +479,51 @@ def run_training(
     if job.fault_marker:
         os.makedirs(os.path.dirname(job.fault_marker), exist_ok=True)
 
-    opened = time.time()
-    with tracked_run(uri, f"{params.mlflow.experiment}-{dataset}", name, parent_run_id=parent_run_id) as run:
-        record("mlflow: open the run", opened)
-        run_id = run.info.run_id
-        job = dataclasses.replace(job, mlflow_run_id=run_id)
-        with span("mlflow: log params and tags"):
-            _log_params(job, params, dataset, manifest, name, loss_source or {})
+    validating = validate and manifest.splits.get("validation") is not None and manifest.split("validation").count > 0
+    if validate and not validating:
+        print(f"{dataset} has no validation split (validation: 0): training without validation; the last epoch's model stands")
+    job = dataclasses.replace(job, validate=validating)
+
+    experiment = f"{params.mlflow.experiment}-{dataset}"
+    started = False
+    try:
         with span("ray: start or connect"):
             ensure_ray()
+            started = started_here()
+            check_request(t.num_workers, t.use_gpu, command=f"python -m pipeline.train --dataset {dataset} --bits {bits}")
             train_run_defaults()
-        with span("ray train: build the trainer"):
-            trainer = _trainer(job, params, name, storage, callbacks)
-        with span("ray train: fit"):
-            state, checkpoint_path = _fit(trainer, name)
-        best_val_map, best_epoch = float(state["best_val_map"]), int(state["best_epoch"])
-        if best_epoch < 0:  # no validation: the last epoch stands
-            best_epoch = int(state["epoch"])
-        history = state["history"]
-        import mlflow
+        opened = time.time()
+        with tracked_run(uri, experiment, name, parent_run_id=parent_run_id) as run:
+            record("mlflow: open the run", opened)
+            run_id = run.info.run_id
+            with span("mlflow: log params and tags"):
+                _log_params(job, params, dataset, manifest, name, loss_source or {})
+                if parent_run_id is None:
+                    _fail_abandoned_runs(run.info.experiment_id, run_id, uri)
+            with span("ray train: build the trainer"):
+                trainer = _trainer(job, params, name, storage, [*callbacks, EpochMetricsToMlflow(uri, run_id)])
+            with span("ray train: fit"):
+                state, checkpoint_path = _fit(trainer, name)
+            history = state["history"]
+            last_epoch = int(state["epoch"])
+            if validating:
+                best_val_map, best_epoch = float(state["best_val_map"]), int(state["best_epoch"])
+                selected = "best validation mAP"
+            else:
+                best_val_map, best_epoch, selected = None, last_epoch, "last epoch (no validation split)"
+            import mlflow
 
-        with span("mlflow: log the model"):
-            mlflow.log_metrics({"best_val_map": best_val_map, "best_epoch": best_epoch, "epochs_run": len(history)})
-            model_uri = _log_model(job, state) if log_model else f"runs:/{run_id}/model"
-            experiment_name = mlflow.get_experiment(run.info.experiment_id).name
-        closing = time.time()
+            with span("mlflow: log the model"):
+                mlflow.set_tag("model.selected_by", selected)
+                # best_val_map and best_epoch came with every epoch's report when validating
+                summary = {"epochs_run": len(history)} | ({} if validating else {"best_epoch": best_epoch})
+                mlflow.log_metrics(summary, step=last_epoch)
+                model_uri = _log_model(job, state) if log_model else f"runs:/{run_id}/model"
+                experiment_name = mlflow.get_experiment(run.info.experiment_id).name
+            closing = time.time()
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the run ended KILLED above; stop our Ray too
+        shutdown_if_started(started)
+        raise
     record("mlflow: close the run", closing)
 
     outcome = TrainOutcome(run_id, model_uri, best_val_map, best_epoch, len(history), None, checkpoint_path)
@@ -400,6 +540,7 @@ def run_training(
             "manifest_sha256": manifest.sha256,
             "best_val_map": best_val_map,
             "best_epoch": best_epoch,
+            "selected_by": selected,
             "epochs": len(history),
         }
         path = write_json_atomic(run_file(dataset, bits), run_record)
@@ -451,10 +592,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     loss, source = objective_stage.read(args.objective, args.dataset, args.bits) if args.objective else (None, None)
     with span("train: run_training"):
         outcome = run_training(params, args.dataset, args.bits, loss=loss, loss_source=source)
-    print(
-        f"trained {args.dataset} {args.bits} bits: best validation mAP {outcome.best_val_map:.4f} at epoch "
-        f"{outcome.best_epoch}; MLflow run {outcome.run_id}; model {outcome.model_uri}; wrote {outcome.run_file}"
+    chosen = (
+        f"best validation mAP {outcome.best_val_map:.4f} at epoch {outcome.best_epoch}"
+        if outcome.best_val_map is not None
+        else f"no validation split, the last epoch's model (epoch {outcome.best_epoch})"
     )
+    print(f"trained {args.dataset} {args.bits} bits: {chosen}; MLflow run {outcome.run_id}; model {outcome.model_uri}; wrote {outcome.run_file}")
     return 0
 
 

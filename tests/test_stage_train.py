@@ -35,7 +35,7 @@ def _global_batch_source(steps: int, global_batch: int, classes: int):
 
 
 def _final_model_state(outcome) -> dict:
-    return torch.load(f"{outcome.checkpoint}/state.pt", map_location="cpu", weights_only=False)["model"]
+    return torch.load(f"{outcome.checkpoint}/state.pt", map_location="cpu", weights_only=True)["model"]
 
 
 def test_two_workers_match_one_worker_on_the_same_global_batch(ray_local, toy_dataset, tmp_path):
@@ -88,42 +88,65 @@ def test_two_workers_match_one_worker_on_the_same_global_batch(ray_local, toy_da
 
 @pytest.fixture(scope="module")
 def resumed_run(ray_local, toy_dataset, tmp_path_factory):
-    """A 2-worker run on the toy shards whose last worker is killed after epoch 1."""
+    """A 2-worker run on the toy shards whose last worker is killed as epoch 2 starts, and
+    the same run undisturbed (``uninterrupted``: its final state)."""
+    import os
+
     from pipeline.train import run_training
 
     work, images = toy_dataset
     out = tmp_path_factory.mktemp("resume")
-    params = toy_params(
-        work,
-        images,
-        "train.num_workers=2",
-        "train.epochs=3",
-        "train.fail_at_epoch=1",
-        "train.max_failures=1",
-        f"train.storage_path={out / 'ray'}",
-        f"mlflow.tracking_uri=sqlite:///{out / 'mlflow.db'}",
-    )
-    import os
 
-    cwd = os.getcwd()
-    os.chdir(out)  # the run record goes to ./runs/
-    try:
-        outcome = run_training(params, "toy", 16, run_name="resume-test")
-    finally:
-        os.chdir(cwd)
-    return params, outcome, out
+    def run(name: str, *extra: str):
+        params = toy_params(
+            work,
+            images,
+            "train.num_workers=2",
+            "train.epochs=3",
+            "train.max_failures=1",
+            f"train.storage_path={out / 'ray'}",
+            f"mlflow.tracking_uri=sqlite:///{out / 'mlflow.db'}",
+            *extra,
+        )
+        cwd = os.getcwd()
+        os.chdir(out)  # the run record goes to ./runs/
+        try:
+            return params, run_training(params, "toy", 16, run_name=name, write_run_file=name == "resume-test")
+        finally:
+            os.chdir(cwd)
+
+    _, undisturbed = run("undisturbed", "train.fail_at_epoch=99")  # the epoch log, no fault
+    params, outcome = run("resume-test", "train.fail_at_epoch=1")
+    uninterrupted = torch.load(f"{undisturbed.checkpoint}/state.pt", map_location="cpu", weights_only=True)
+    return params, outcome, out, uninterrupted
 
 
 def test_killed_worker_resumes_from_checkpoint(resumed_run):
+    """Resume restores everything: the final weights, optimiser and memory bank equal an
+    undisturbed run's on the same data; the epoch before the fault is not run again; MLflow
+    has one point per epoch per metric; no checkpoint is left beyond num_to_keep."""
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    params, outcome, out = resumed_run
-    marker = out / "ray" / "resume-test" / ".fault-injected"
-    assert marker.exists(), "the fault was not injected"
+    params, outcome, out, uninterrupted = resumed_run
+    run_dir = out / "ray" / "resume-test"
+    assert (run_dir / ".fault-injected").exists(), "the fault was not injected"
+    started = [tuple(map(int, line.split())) for line in (run_dir / ".epochs-started").read_text().split("\n") if line]
+    assert [e for e, rank in started if rank == 0] == [0, 1, 2, 2], started  # epoch 2 again, epoch 1 not
+    assert [e for e, rank in (tuple(map(int, x.split())) for x in (out / "ray" / "undisturbed" / ".epochs-started").read_text().split("\n") if x) if rank == 0] == [0, 1, 2]
     assert outcome.epochs == 3
-    state = torch.load(f"{outcome.checkpoint}/state.pt", map_location="cpu", weights_only=False)
+    state = torch.load(f"{outcome.checkpoint}/state.pt", map_location="cpu", weights_only=True)  # plain data only
     assert [h["epoch"] for h in state["history"]] == [0, 1, 2]  # each epoch once, none lost
+    for part in ("model", "objective", "best_model"):
+        for key, value in uninterrupted[part].items():
+            torch.testing.assert_close(state[part][key], value, rtol=1e-5, atol=1e-6, msg=lambda m: f"{part}.{key}: {m}")
+    moved = [k for k, v in state["optimizer"]["state"].items() if "square_avg" in v or "momentum_buffer" in v or "exp_avg" in v]
+    assert moved, "the optimiser state was checkpointed"
+    for key, value in uninterrupted["optimizer"]["state"].items():
+        for name, tensor in value.items():
+            torch.testing.assert_close(state["optimizer"]["state"][key][name], tensor, rtol=1e-5, atol=1e-6)
+    checkpoints = sorted(p.name for p in run_dir.iterdir() if p.is_dir() and p.name.startswith("checkpoint_"))
+    assert len(checkpoints) <= 2, checkpoints  # CheckpointConfig.num_to_keep
 
     client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
     run = client.get_run(outcome.run_id)
@@ -132,12 +155,13 @@ def test_killed_worker_resumes_from_checkpoint(resumed_run):
     # which kernels the run used is on record (the compiled ones where they built)
     assert run.data.tags["kernel.hamming"] and run.data.tags["kernel.ranking"]
     assert run.data.params["loss.eta"] == str(params.loss.eta) and run.data.tags["weights_from"] == "params"
-    history = client.get_metric_history(outcome.run_id, "val_map")
-    assert sorted({m.step for m in history}) == [0, 1, 2]
-    for name in ("loss", "loss_l1", "loss_l2", "loss_l3", "images_per_s"):
-        assert client.get_metric_history(outcome.run_id, name), name
+    assert run.data.tags["model.selected_by"] == "best validation mAP"
+    for name in ("val_map", "loss", "loss_l1", "loss_l2", "loss_l3", "images_per_s", "best_val_map", "best_epoch"):
+        steps = [m.step for m in client.get_metric_history(outcome.run_id, name)]
+        assert sorted(steps) == [0, 1, 2], (name, steps)  # one point per epoch, at its epoch
     record = json.loads((out / "runs" / "toy-16.json").read_text())
     assert record["run_id"] == outcome.run_id and record["model_uri"] == outcome.model_uri
+    assert record["selected_by"] == "best validation mAP"
     del mlflow
 
 
@@ -147,12 +171,12 @@ def test_logged_model_reloads_as_dpfah_with_the_same_codes(resumed_run):
 
     from dpfah.model import DPFAH
 
-    params, outcome, out = resumed_run
+    params, outcome, out, _ = resumed_run
     mlflow.set_tracking_uri(f"sqlite:///{out / 'mlflow.db'}")
     loaded = mlflow.pytorch.load_model(outcome.model_uri)
     assert isinstance(loaded, DPFAH) and loaded.bits == 16
 
-    state = torch.load(f"{outcome.checkpoint}/state.pt", map_location="cpu", weights_only=False)
+    state = torch.load(f"{outcome.checkpoint}/state.pt", map_location="cpu", weights_only=True)
     in_memory = DPFAH(16, 3)
     in_memory.load_state_dict(state["best_model"])
     x = torch.rand(5, 3, 32, 32)
@@ -190,7 +214,7 @@ def test_validation_map_rises_above_chance_on_cifar10(ray_local, cifar10_source,
     )
     prepare(params, "cifar10", progress=False)
     outcome = run_training(params, "cifar10", 32, write_run_file=False, log_model=False)
-    state = torch.load(f"{outcome.checkpoint}/state.pt", map_location="cpu", weights_only=False)
+    state = torch.load(f"{outcome.checkpoint}/state.pt", map_location="cpu", weights_only=True)
     maps = [h["val_map"] for h in state["history"]]
     print("validation mAP by epoch:", maps)
     assert len(maps) == 3

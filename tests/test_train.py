@@ -246,3 +246,38 @@ def test_augmentation_randomness_depends_on_the_sample_not_the_batch():
     assert not torch.equal(whole, sample_uniforms(np.arange(10), seed=4, epoch=2))
     many = sample_uniforms(np.arange(20000), seed=0, epoch=0)
     assert abs(many.mean().item() - 0.5) < 0.01  # roughly uniform
+
+
+def test_a_non_finite_loss_stops_fit_before_the_update_and_names_the_step():
+    """lr so large that the first update overflows: the next step's loss is non-finite, fit
+    raises NonFiniteLoss naming epoch and step, reports nothing for that epoch, and the
+    weights are those of the last finite step (the update with the bad loss never ran)."""
+    from dpfah.train import NonFiniteLoss
+
+    images, labels = _toy_images(32, 3)
+    settings = TrainSettings(epochs=2, batch_size=8, image_size=32, optimizer="sgd", lr=1e30, schedule="constant")
+    model = DPFAH.build(16, 3, ModelSettings(), seed=0)
+    objective = DPFAHLoss(eta=10, zeta=0.1)
+    snapshots, reports = [], []
+    original_step = objective.step
+
+    def step(*args, **kwargs):
+        snapshots.append({k: v.clone() for k, v in model.state_dict().items()})
+        return original_step(*args, **kwargs)
+
+    objective.step = step
+    with pytest.raises(NonFiniteLoss) as e:
+        fit(
+            settings,
+            model,
+            objective,
+            train_batches=lambda epoch: _batches(images, labels, 8, shuffle_seed=epoch),
+            steps_per_epoch=4,
+            report=lambda m, s: reports.append(m),
+        )
+    assert e.value.epoch == 0 and e.value.step >= 1 and not reports
+    assert f"the loss became non-finite at epoch 0, step {e.value.step} (" in str(e.value)
+    assert not all(np.isfinite(v) for v in e.value.values.values())
+    after = model.state_dict()
+    for key, value in snapshots[-1].items():  # the step that saw the bad loss changed nothing
+        torch.testing.assert_close(after[key], value, rtol=0, atol=0, equal_nan=True)

@@ -1,0 +1,192 @@
+"""The train stage under faults, for real: a diverging loss, no validation split, a GPU
+request on a CPU machine, SIGTERM, a driver that died with its run open."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import toy_overrides, toy_params
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _epochs_started(run_dir: Path) -> list[tuple[int, int]]:
+    return [tuple(map(int, line.split())) for line in (run_dir / ".epochs-started").read_text().splitlines() if line]
+
+
+def test_non_finite_loss_stops_training_once_with_the_step(ray_local, toy_dataset, tmp_path):
+    """lr=inf: both workers stop at the same step (no DDP hang), Ray Train does not restart
+    the run, the error names the epoch and step, and the MLflow run ends FAILED."""
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.train import TrainingFailed, run_training
+
+    work, images = toy_dataset
+    params = toy_params(
+        work,
+        images,
+        "train.num_workers=2",
+        "train.optimizer=sgd",
+        "train.lr=1.0e+30",  # config refuses inf itself; this overflows to inf in the first update
+        "train.schedule=constant",
+        "train.max_failures=2",
+        "train.fail_at_epoch=99",  # the epoch log only
+        f"train.storage_path={tmp_path / 'ray'}",
+        f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
+    )
+    with pytest.raises(TrainingFailed) as e:
+        run_training(params, "toy", 16, run_name="diverges", write_run_file=False)
+    message = str(e.value)
+    assert "the loss became non-finite at epoch 0, step " in message and "training stopped" in message, message
+    assert sorted(_epochs_started(tmp_path / "ray" / "diverges")) == [(0, 0), (0, 1)]  # one attempt: not retried
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("dpfah-toy").experiment_id])
+    assert run.info.status == "FAILED"
+    assert not client.get_metric_history(run.info.run_id, "loss")  # no epoch finished, none logged
+
+
+def test_training_without_a_validation_split_keeps_the_last_epoch(ray_local, tmp_path, toy_dataset):
+    """validation: 0 prepares no validation split; training says so once, runs without
+    validation, and the run record and MLflow say the last epoch's model stands and why."""
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.prepare import prepare
+    from pipeline.train import run_training
+
+    _, images = toy_dataset
+    params = toy_params(tmp_path, images, "datasets.toy.validation=0", "train.epochs=2")
+    prepare(params, "toy", progress=False)
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        outcome = run_training(params, "toy", 8, run_name="no-validation")
+    finally:
+        os.chdir(cwd)
+    assert outcome.best_val_map is None and outcome.best_epoch == 1 and outcome.epochs == 2
+    record = json.loads((tmp_path / outcome.run_file).read_text())
+    assert record["best_val_map"] is None and record["best_epoch"] == 1
+    assert record["selected_by"] == "last epoch (no validation split)"
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run = client.get_run(outcome.run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["model.selected_by"] == "last epoch (no validation split)"
+    assert "val_map" not in run.data.metrics and "best_val_map" not in run.data.metrics
+    assert [m.step for m in client.get_metric_history(outcome.run_id, "loss")] == [0, 1]
+    assert run.data.metrics["best_epoch"] == 1
+
+
+def _stage_env(work: Path) -> dict[str, str]:
+    env = dict(os.environ, RAY_AUTH_MODE="disabled", PYTHONPATH=str(ROOT))
+    env.pop("RAY_ADDRESS", None)
+    return env
+
+
+def _train_cmd(work: Path, images: Path, *extra: str) -> list[str]:
+    argv = [sys.executable, "-m", "pipeline.train", "--dataset", "toy", "--bits", "8", "--params", str(ROOT / "params.yaml")]
+    for item in toy_overrides(work, images, *extra):
+        argv += ["--set", item]
+    return argv
+
+
+def test_a_gpu_request_on_a_cpu_machine_fails_at_once(toy_dataset, tmp_path):
+    """The stage starts its own local Ray: 4 GPU workers cannot be met here, so it says what
+    was asked, what the machine has and the two ways out, in one line, exit 2."""
+    work, images = toy_dataset
+    cmd = _train_cmd(work, images, "train.use_gpu=true", "train.num_workers=4", f"mlflow.tracking_uri=sqlite:///{tmp_path / 'm.db'}")
+    done = subprocess.run(cmd, cwd=tmp_path, env=_stage_env(work), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr[-3000:]
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    line = errors[0]
+    assert "train.num_workers=4 with train.use_gpu=true asks for 4 CPU(s) and 4 GPU(s)" in line, line
+    assert "0 GPU(s)" in line and "--set train.use_gpu=false" in line and "ray job submit" in line, line
+
+
+def test_sigterm_ends_the_run_killed_and_leaves_no_ray_processes(toy_dataset, tmp_path):
+    """SIGTERM during training: exit 143, the MLflow run KILLED, the Ray instance the stage
+    started stopped with all its processes (dashboard and agents included)."""
+    import psutil
+    from mlflow.tracking import MlflowClient
+
+    work, images = toy_dataset
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    storage = tmp_path / "ray"
+    cmd = _train_cmd(work, images, "train.epochs=50", "train.fail_at_epoch=999", f"train.storage_path={storage}", f"mlflow.tracking_uri={uri}")
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=_stage_env(work), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 240
+        while not list(storage.glob("*/.epochs-started")) and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.5)
+        assert proc.poll() is None and list(storage.glob("*/.epochs-started")), "training did not start"
+        children = psutil.Process(proc.pid).children(recursive=True)
+        assert any("raylet" in " ".join(c.cmdline()) for c in children if c.is_running())
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
+    assert "terminated (SIGTERM)" in err and "Traceback" not in err, err[-3000:]
+    _, alive = psutil.wait_procs([c for c in children if c.is_running()], timeout=30)
+    assert not alive, [" ".join(p.cmdline())[:120] for p in alive]
+    client = MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("dpfah-toy").experiment_id])
+    assert run.info.status == "KILLED"
+
+
+def test_runs_left_running_by_a_dead_driver_are_marked_failed(tmp_path):
+    """A run whose driver died (SIGKILL) stays RUNNING; the next training on the host finds
+    it by its driver tags and marks it FAILED, and leaves a live driver's run alone."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.train import _driver_tags, _fail_abandoned_runs
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    experiment = client.create_experiment("dpfah-toy")
+    dead = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    dead.send_signal(signal.SIGKILL)
+    dead.wait()
+    tags = _driver_tags()
+    abandoned = client.create_run(experiment, tags={**tags, "driver.pid": str(dead.pid)}, run_name="abandoned").info.run_id
+    live = client.create_run(experiment, tags=tags, run_name="live").info.run_id  # this process: alive
+    other_host = client.create_run(experiment, tags={**tags, "driver.pid": str(dead.pid), "driver.host": "elsewhere"}).info.run_id
+    current = client.create_run(experiment, tags=tags).info.run_id
+    assert _fail_abandoned_runs(experiment, current, uri) == [abandoned]
+    assert client.get_run(abandoned).info.status == "FAILED"
+    assert "ended without closing it" in client.get_run(abandoned).data.tags["failed_reason"]
+    assert {client.get_run(r).info.status for r in (live, other_host, current)} == {"RUNNING"}
+    del mlflow
+
+
+def test_checkpoints_the_controller_never_registered_are_deleted(tmp_path):
+    """A worker that died after uploading a checkpoint but before Ray Train registered it
+    leaves a folder beyond num_to_keep; the driver deletes it and nothing else."""
+    from types import SimpleNamespace
+
+    from pyarrow import fs
+
+    from pipeline.train import _drop_unregistered_checkpoints
+
+    for name in ("checkpoint_a", "checkpoint_b", "checkpoint_orphan", "other_dir"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "state.pt").write_text("x")
+    (tmp_path / "checkpoint_manager_snapshot.json").write_text("{}")
+    kept = [SimpleNamespace(path=str(tmp_path / "checkpoint_a")), SimpleNamespace(path=str(tmp_path / "checkpoint_b"))]
+    result = SimpleNamespace(
+        path=str(tmp_path),
+        checkpoint=kept[1],
+        best_checkpoints=[(c, {}) for c in kept],
+        filesystem=fs.LocalFileSystem(),
+    )
+    _drop_unregistered_checkpoints(result)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint_a", "checkpoint_b", "checkpoint_manager_snapshot.json", "other_dir"]
