@@ -538,6 +538,42 @@ def test_list_problems_name_file_and_line(tmp_path, imagenet_subset):
         run(tmp_path, "imagenet100", *lists("imagenet100", d / "images", **{**files, "query_list": leak}))
 
 
+def test_list_file_encoding_and_lines_without_a_path(tmp_path):
+    """A list saved with a byte order mark is read; a non-UTF-8 list and a line with no path
+    are errors naming the file and line (issue #11)."""
+    root = tmp_path / "imgs"
+    refs = make_folder(root, per_class=8)
+    classes = ("ant", "bee", "cow")
+    lines = [f"{r} {' '.join('1' if r.startswith(c) else '0' for c in classes)}\n" for r in refs]
+    labels = tmp_path / "labels.txt"
+    sets = custom("toy", root, f"datasets.toy.labels_list={labels}", "datasets.toy.num_classes=3")
+
+    for name, data in (("labels.txt", "\ufeff" + "".join(lines)), ("labels.txt.gz", "\ufeff" + "".join(lines))):
+        raw = data.encode("utf-8")
+        path = tmp_path / name
+        path.write_bytes(gzip.compress(raw, mtime=0) if name.endswith(".gz") else raw)
+        r = run(tmp_path, "toy", *sets, f"datasets.toy.labels_list={path}")
+        assert r.manifest["lists"]["labels_list"]["lines"] == len(refs), name
+        assert {row["path"] for row in table(r.directory)} == set(refs), "the first path has no invisible character"
+
+    (root / "ant" / "café.jpg").write_bytes(jpeg(7))
+    labels.write_bytes("".join(lines[:4] + ["ant/café.jpg 1 0 0\n"] + lines[4:]).encode("latin-1"))
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipeline.prepare", "--dataset", "toy", "--params", str(PARAMS), "--quiet",
+         "--set", f"data.root={tmp_path / 'data'}", *[x for o in sets for x in ("--set", o)]],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert (proc.returncode, proc.stderr) == (2, f"error: {labels}:5: not UTF-8 text (byte 0xe9 at column 8); save the list as UTF-8\n")
+
+    labels.write_text("".join(lines[:2] + ["0 1 0\n"] + lines[2:]))
+    with pytest.raises(DataError) as e:
+        run(tmp_path, "toy", *sets)
+    assert str(e.value) == (
+        f"{labels}:3: no image path: the line is only a label vector (expected `<path> <0/1 label vector>`) "
+        "(datasets.toy.on_bad_image: skip leaves such items out)"
+    )
+
+
 def test_unset_images_and_missing_lists(tmp_path):
     with pytest.raises(ConfigError, match=r"^datasets.imagenet100.images: not set"):
         run(tmp_path, "imagenet100")
