@@ -59,6 +59,7 @@ __all__ = [
     "Manifest",
     "ShardWriter",
     "ShardError",
+    "NotPrepared",
     "read_manifest",
     "verify_shards",
     "tar_members",
@@ -86,6 +87,10 @@ _MEMBER_MODE = 0o644
 
 class ShardError(ValueError):
     """A prepared dataset directory is missing, malformed or does not match its manifest."""
+
+
+class NotPrepared(ShardError):
+    """The directory holds no prepared dataset (no manifest.json)."""
 
 
 class Batch(NamedTuple):
@@ -170,7 +175,7 @@ def read_manifest(directory: str | os.PathLike) -> Manifest:
         with _open(path) as f:
             raw = json.load(f)
     except FileNotFoundError:
-        raise ShardError(f"{path}: not found (run `python -m pipeline.prepare` first)") from None
+        raise NotPrepared(f"{path}: not found (run `python -m pipeline.prepare` first)") from None
     except json.JSONDecodeError as e:
         raise ShardError(f"{path}: not valid JSON ({e})") from None
     if raw.get("format") != FORMAT:

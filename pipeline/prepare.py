@@ -39,12 +39,27 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from dpfah.data import FORMAT, MANIFEST_FILE, SPLITS, TABLE_FILE, ShardWriter, SplitInfo, UnsupportedImage, as_rgb_png, conversion_reason
+from dpfah.data import (
+    FORMAT,
+    MANIFEST_FILE,
+    SPLITS,
+    TABLE_FILE,
+    Manifest,
+    NotPrepared,
+    ShardError,
+    ShardWriter,
+    SplitInfo,
+    UnsupportedImage,
+    as_rgb_png,
+    conversion_reason,
+    read_manifest,
+)
 
 from .config import (
     CIFAR10_PROTOCOLS,
     Cifar10Dataset,
     CustomDataset,
+    DataConfig,
     DatasetConfig,
     ListsDataset,
     Params,
@@ -63,7 +78,7 @@ from .sources import (
     read_list,
 )
 
-__all__ = ["Catalog", "PrepareResult", "prepare", "main"]
+__all__ = ["Catalog", "PrepareResult", "prepare", "prepared_manifest", "main"]
 
 _THREADS = max(1, min(8, os.cpu_count() or 1))
 
@@ -545,6 +560,22 @@ def _manifest(cfg, params, name, catalog, splits, infos, bad, convert, work) -> 
         "skipped": {"count": len(bad.items), "items": sorted(bad.items, key=lambda d: (d["where"], d["reason"]))},
         "table": {"file": TABLE_FILE, "sha256": _sha256(work / TABLE_FILE)},
     }
+
+
+def prepared_manifest(params: Params, name: str) -> Manifest:
+    """The manifest of dataset ``name`` as prepare wrote it under ``data.root``, for the
+    stages that read the shards; a one-line :class:`DataError` when there is none (naming
+    the directory and the command that prepares it) or it is malformed."""
+    directory = params.shards_dir(name)
+    try:
+        return read_manifest(directory)
+    except NotPrepared:
+        command = f"python -m pipeline.prepare --dataset {name}"
+        if params.data.root != DataConfig().root:
+            command += f" --set data.root={params.data.root}"
+        raise DataError(f"{directory}: no prepared dataset (no {MANIFEST_FILE}); prepare it first: {command}") from None
+    except ShardError as e:
+        raise DataError(str(e)) from None
 
 
 # ----------------------------------------------------------------------------- command line
