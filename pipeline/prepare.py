@@ -619,6 +619,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         m = result.manifest
         counts = ", ".join(f"{s} {m['splits'][s]['count']:,}" for s in SPLITS)
         skipped = f", {m['skipped']['count']} skipped (see manifest)" if m["skipped"]["count"] else ""
+        if "converted" in m:
+            skipped += f", {m['converted']['count']} stored converted to PNG (see manifest)"
         rate = result.images_written / result.seconds["total"]
         print(f"{name} ({m['protocol']}, seed {m['seed']}): {counts}{skipped} -> {result.directory} in {result.seconds['total']:.1f} s ({rate:,.0f} img/s)")
     return 0

@@ -338,7 +338,13 @@ def test_what_prepare_stores_the_training_decoder_reads_as_pil_does(tmp_path):
             expected[f"{cls}/{name}"] = (pixels, lossless)
     assert Image.open(root / "ant" / "grey16.png").mode == "I;16" and Image.open(root / "ant" / "cmyk.jpg").mode == "CMYK"
 
-    r = run(tmp_path, "toy", *custom("toy", root))
+    argv = ["--dataset", "toy", "--params", str(PARAMS), "--quiet", "--set", f"data.root={tmp_path / 'data'}"]
+    proc = subprocess.run([sys.executable, "-m", "pipeline.prepare", *argv, *[x for o in custom("toy", root) for x in ("--set", o)]],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("toy (custom, seed 0): train 9, validation 3, query 6, database 33, 21 stored converted to PNG (see manifest) -> ")
+    r = run(tmp_path / "again", "toy", *custom("toy", root))
+    assert files_digest(r.directory) == files_digest(tmp_path / "data" / "shards" / "toy"), "conversions are reproducible"
     converted = r.manifest["converted"]
     assert converted["count"] == 3 * len(CONVERTED)
     assert {Path(i["where"]).name for i in converted["items"]} == CONVERTED
