@@ -10,7 +10,9 @@ A prepared dataset is one directory (written by ``pipeline.prepare``)::
 Every split is stored in a seeded random order (never class-sorted: the database order
 breaks Hamming ties). A sample is three consecutive tar members sharing its key::
 
-    <key>.<ext>            the image, its original encoded bytes (ext: jpg, png, ...)
+    <key>.<ext>            the image, its original encoded bytes (ext: jpg, png, ...), or
+                           an 8-bit RGB PNG of them where the decoder of training would
+                           not read the original as PIL does (see conversion_reason)
     <key>.labels.npy       the 0/1 label vector, uint8 (classes,)
     <key>.index            the sample's position in its split, ASCII decimal
 
@@ -57,12 +59,16 @@ __all__ = [
     "Manifest",
     "ShardWriter",
     "ShardError",
+    "NotPrepared",
     "read_manifest",
     "verify_shards",
     "tar_members",
     "read_samples",
     "shard_name",
     "decode_image",
+    "conversion_reason",
+    "as_rgb_png",
+    "UnsupportedImage",
     "TrainStream",
     "EvalStream",
 ]
@@ -81,6 +87,10 @@ _MEMBER_MODE = 0o644
 
 class ShardError(ValueError):
     """A prepared dataset directory is missing, malformed or does not match its manifest."""
+
+
+class NotPrepared(ShardError):
+    """The directory holds no prepared dataset (no manifest.json)."""
 
 
 class Batch(NamedTuple):
@@ -165,7 +175,7 @@ def read_manifest(directory: str | os.PathLike) -> Manifest:
         with _open(path) as f:
             raw = json.load(f)
     except FileNotFoundError:
-        raise ShardError(f"{path}: not found (run `python -m pipeline.prepare` first)") from None
+        raise NotPrepared(f"{path}: not found (run `python -m pipeline.prepare` first)") from None
     except json.JSONDecodeError as e:
         raise ShardError(f"{path}: not valid JSON ({e})") from None
     if raw.get("format") != FORMAT:
@@ -533,6 +543,83 @@ def read_samples(manifest: Manifest, split: str, indices: Sequence[int]) -> dict
             raise ShardError(f"{paths[s]}: samples at positions {sorted(offsets)[:5]} are missing or out of place")
         out.update((sample.index, sample.image) for sample in found)
     return out
+
+
+# ----------------------------------------------------------------------------- image forms
+
+# What is stored as it is: the images that the decoder of training and evaluation
+# (dpfah.augment.decode_batch: torchvision on the CPU, nvJPEG for JPEG batches on a GPU)
+# reads to exactly the pixels of PIL's ``Image.convert("RGB")``. Checked image by image in
+# tests/test_prepare.py; everything else is stored as an 8-bit RGB PNG of PIL's pixels.
+_AS_IS_MODES = {"JPEG": frozenset({"L", "RGB"}), "PNG": None, "WEBP": None}  # None: any mode
+_SIXTEEN_BIT_GREY = frozenset({"I;16", "I;16B", "I;16L", "I;16N"})
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+class UnsupportedImage(ValueError):
+    """An image that has no 8-bit RGB form to store (32-bit integer or float pixels)."""
+
+
+def _png_bit_depth(data: bytes) -> int | None:
+    if data[:8] == _PNG_SIGNATURE and data[12:16] == b"IHDR" and len(data) > 24:
+        return data[24]
+    return None
+
+
+def _sixteen_bit_grey(im, data: bytes) -> bool:
+    return im.mode in _SIXTEEN_BIT_GREY or (im.mode == "I" and _png_bit_depth(data) == 16)
+
+
+def _refuse_32_bit(im, data: bytes) -> None:
+    if im.mode in ("I", "F") and not _sixteen_bit_grey(im, data):
+        kind = "integer" if im.mode == "I" else "float"
+        raise UnsupportedImage(f"{im.format} image of 32-bit {kind} pixels (mode {im.mode}): no 8-bit RGB form; save it as 8-bit")
+
+
+def conversion_reason(data: bytes) -> str | None:
+    """Why the image ``data`` must be stored converted (see :func:`as_rgb_png`), or None when
+    the training decoder reads it as it is, to PIL's RGB pixels.
+
+    Raises :class:`UnsupportedImage` for an image with no 8-bit RGB form, and PIL's errors
+    for data that is not a readable image. Reads the header only."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as im:
+        fmt, mode = im.format or "unknown", im.mode
+        if fmt == "MPO":  # a camera's multi-picture JPEG: both read its first picture
+            fmt = "JPEG"
+        _refuse_32_bit(im, data)
+        if fmt not in _AS_IS_MODES and fmt != "GIF":
+            return f"{fmt} image: the training decoder (torchvision) reads only JPEG, PNG, WebP and GIF"
+        if fmt == "GIF":
+            return "GIF image: the training decoder reads all its frames and its transparency unlike PIL; its first frame is stored"
+        if fmt != "JPEG" and getattr(im, "is_animated", False):
+            return f"animated {fmt} image: the training decoder cannot read it as PIL does; its first frame is stored"
+        if fmt == "PNG" and (_png_bit_depth(data) or 8) > 8:
+            return "16-bit PNG: the training decoder reads 16-bit samples as white; stored with 8 bits (the high byte, as PIL reads 16-bit colour)"
+        modes = _AS_IS_MODES[fmt]
+        if modes is not None and mode not in modes:
+            return f"{mode} {fmt}: stored as RGB so that every decoder (CPU or GPU) gives PIL's colours"
+    return None
+
+
+def as_rgb_png(data: bytes) -> bytes:
+    """The image ``data`` as an 8-bit RGB PNG of PIL's RGB pixels (``convert("RGB")`` of its
+    first frame; for 16-bit greyscale, which PIL clips to white, the high byte of each
+    sample, as PIL reads 16-bit colour). Lossless for 8-bit images. The same input always
+    gives the same bytes."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as im:
+        _refuse_32_bit(im, data)
+        if _sixteen_bit_grey(im, data):
+            grey = (np.asarray(im).astype(np.uint32) >> 8).astype(np.uint8)
+            rgb = Image.fromarray(np.repeat(grey[:, :, None], 3, axis=2))
+        else:
+            rgb = im.convert("RGB")
+        buf = io.BytesIO()
+        rgb.save(buf, format="PNG")
+        return buf.getvalue()
 
 
 def decode_image(data: bytes) -> torch.Tensor:

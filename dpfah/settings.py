@@ -15,8 +15,9 @@ a test keeps the two equal. The defaults are the CPU profile (32 px, from scratc
 on a laptop); ``profiles/paper.yaml`` holds the paper's values.
 
 Each field may carry ``metadata={"check": fn}``: ``fn(value)`` returns None or what is
-wrong. Constructing an object runs the checks (a ``ValueError`` naming the field); the
-pipeline's config loader runs them first, to name the dotted key.
+wrong; a float (or list of floats) must also be finite. Constructing an object runs the
+checks (a ``ValueError`` naming the field); the pipeline's config loader runs them first,
+to name the dotted key.
 
 Nothing here imports torch: the pipeline reads these at start-up.
 """
@@ -24,6 +25,7 @@ Nothing here imports torch: the pipeline reads these at start-up.
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -32,6 +34,7 @@ from typing import Any, Literal
 __all__ = [
     "at_least",
     "above",
+    "finite",
     "checked",
     "check_fields",
     "pick",
@@ -45,6 +48,14 @@ __all__ = [
 ]
 
 Check = Callable[[Any], "str | None"]
+
+
+def finite(v: Any) -> str | None:
+    """What is wrong with a float value (or a list of them) that is inf or NaN, else None.
+    Every float field is checked with it: a comparison such as ``v >= 0`` lets inf through."""
+    values = v if isinstance(v, (tuple, list)) else (v,)
+    bad = next((x for x in values if isinstance(x, float) and not math.isfinite(x)), None)
+    return None if bad is None else f"must be a finite number, got {bad!r}"
 
 
 def at_least(low: float) -> Check:
@@ -61,14 +72,15 @@ def checked(fn: Check, **extra: Any) -> dict[str, Any]:
 
 
 def check_fields(obj: Any) -> None:
-    """Run every field's check and every ``Literal`` choice; ``ValueError`` naming the field."""
+    """Run every field's check and every ``Literal`` choice, and refuse inf and NaN in any
+    float; ``ValueError`` naming the field."""
     hints = typing.get_type_hints(type(obj))
     for f in dataclasses.fields(obj):
         value = getattr(obj, f.name)
         if typing.get_origin(hints[f.name]) is Literal and value not in typing.get_args(hints[f.name]):
             raise ValueError(f"{f.name}={value!r}: choose one of {', '.join(map(str, typing.get_args(hints[f.name])))}")
         check = f.metadata.get("check")
-        problem = check(value) if check else None
+        problem = finite(value) or (check(value) if check else None)
         if problem:
             raise ValueError(f"{f.name}: {problem}")
 

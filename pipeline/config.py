@@ -39,7 +39,7 @@ from typing import Any, Literal
 
 import yaml
 
-from dpfah.settings import LossSettings, ModelSettings, TrainSettings, above, at_least
+from dpfah.settings import LossSettings, ModelSettings, TrainSettings, above, at_least, finite
 from dpfah.settings import checked as _check
 
 from .errors import ConfigError
@@ -201,12 +201,16 @@ class TrainConfig(TrainSettings):
     eval_batch_size: int = field(default=256, metadata=_check(at_least(1)))
     max_failures: int = field(default=2, metadata=_check(at_least(0)))
     collective_timeout_s: int = field(default=600, metadata=_check(at_least(10)))
-    storage_path: str = "ray_results"
-    fail_at_epoch: int | None = None  # fault injection for tests: the last rank dies once as the next epoch starts
+    storage_path: str = field(default="ray_results", metadata=_check(matches(r".*\S", "a path or URI (where Ray Train keeps checkpoints)")))
+    # fault injection for tests: the last rank dies once as epoch fail_at_epoch + 1 starts
+    # (counted from 0; the last epoch: no fault, each rank only notes the epochs it starts)
+    fail_at_epoch: int | None = field(default=None, metadata=_check(at_least(0)))
 
     def validate(self) -> None:
         if self.batch_size % self.num_workers:
             raise Invalid("batch_size", f"{self.batch_size} is not divisible by num_workers {self.num_workers}")
+        if self.fail_at_epoch is not None and self.fail_at_epoch >= self.epochs:
+            raise Invalid("fail_at_epoch", f"{self.fail_at_epoch} is not an epoch of this training (epochs count from 0: 0..{self.epochs - 1})")
 
 
 @dataclass(frozen=True)
@@ -539,6 +543,8 @@ def _build(tp: Any, value: Any, key: str, meta: Mapping[str, Any] | None = None)
     elif tp is float:
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
         value = float(value) if ok else value
+        if ok and finite(value):
+            raise ConfigError(f"{where}: {finite(value)}")
     elif tp is str:
         ok = isinstance(value, str)
     else:

@@ -40,9 +40,9 @@ import numpy as np
 from .artifacts import metric_values, metrics_file, plots_dir, write_atomic, write_json_atomic
 from .config import Params, add_config_args, config_from_args
 from .errors import ConfigError, DataError, run_main
-from .registry import MismatchError, check_training_run, read_run_record, run_model_uri
+from .registry import MismatchError, check_training_run, read_run_record, record_tracking_uri, run_model_uri
 from .timing import record, span
-from .tracking import connect, get_run, git_commit, mlflow_errors, tracking_uri, using_tracking_uri
+from .tracking import connect, get_run, git_commit, mlflow_errors, using_tracking_uri
 
 __all__ = ["Evaluation", "evaluate", "flat_metrics", "codes_table", "load_codes", "main"]
 
@@ -323,7 +323,7 @@ def _subject(params: Params, dataset: str, bits: int, run_id: str | None, root, 
         run_id, source = record["run_id"], str(record_path)
     else:
         source = "--run-id"
-    uri = tracking_uri(params)
+    uri = record_tracking_uri(record, params)
     client = connect(uri)
     run = get_run(client, run_id, uri, source)
     check_training_run(run, dataset, bits, source)

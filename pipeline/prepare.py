@@ -7,7 +7,10 @@ train / validation / query / database splits with the recorded seed, and writes
 ``<data.root>/shards/<dataset>/``: ``<split>-NNNNNN.tar`` shards (images as their original
 bytes, the label vector, the sample's index in its split), ``splits.parquet`` (split
 membership) and ``manifest.json`` (dataset, protocol, seed, classes, source, per split its
-count and shards with sha256). Every split is stored in a seeded random order. The same
+count and shards with sha256). An image that the training decoder would not read to PIL's
+RGB pixels (BMP, TIFF, 16-bit PNG, CMYK JPEG, GIF, ...; ``dpfah.data.conversion_reason``)
+is stored as an 8-bit RGB PNG of those pixels instead, listed under ``converted`` in the
+manifest with the reason; one with no 8-bit form (32-bit pixels) is a bad image. Every split is stored in a seeded random order. The same
 inputs and seed give byte-identical files. The directory is written aside and renamed into
 place, so a failed or interrupted run leaves the previous result (or nothing) behind.
 """
@@ -36,12 +39,27 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from dpfah.data import FORMAT, MANIFEST_FILE, SPLITS, TABLE_FILE, ShardWriter, SplitInfo
+from dpfah.data import (
+    FORMAT,
+    MANIFEST_FILE,
+    SPLITS,
+    TABLE_FILE,
+    Manifest,
+    NotPrepared,
+    ShardError,
+    ShardWriter,
+    SplitInfo,
+    UnsupportedImage,
+    as_rgb_png,
+    conversion_reason,
+    read_manifest,
+)
 
 from .config import (
     CIFAR10_PROTOCOLS,
     Cifar10Dataset,
     CustomDataset,
+    DataConfig,
     DatasetConfig,
     ListsDataset,
     Params,
@@ -60,7 +78,7 @@ from .sources import (
     read_list,
 )
 
-__all__ = ["Catalog", "PrepareResult", "prepare", "main"]
+__all__ = ["Catalog", "PrepareResult", "prepare", "prepared_manifest", "main"]
 
 _THREADS = max(1, min(8, os.cpu_count() or 1))
 
@@ -255,27 +273,39 @@ def _ordered_map(fn: Callable[[Any], Any], items: Sequence[Any], threads: int, c
             yield from pending.popleft().result()
 
 
-def _image_problem(source: ImageSource, ref: str) -> str | None:
+def _image_problem(source: ImageSource, ref: str) -> tuple[str | None, str | None]:
+    """(why the image is unusable, or None; why it is stored converted, or None)."""
     try:
         data = source.read(ref)
     except FileNotFoundError:
-        return "missing file"
+        return "missing file", None
     except OSError as e:
-        return f"cannot read ({e.strerror or e})"
-    return check_image(data)
+        return f"cannot read ({e.strerror or e})", None
+    problem = check_image(data)
+    if problem is not None:
+        return problem, None
+    try:
+        return None, conversion_reason(data)
+    except UnsupportedImage as e:
+        return str(e), None
 
 
-def check_images(catalog: Catalog, ids: np.ndarray, bad: BadInput, progress: bool | None, desc: str) -> np.ndarray:
-    """Usable-image mask over the catalog: every image in ``ids`` read and decoded."""
+def check_images(catalog: Catalog, ids: np.ndarray, bad: BadInput, progress: bool | None, desc: str) -> tuple[np.ndarray, dict[int, str]]:
+    """Usable-image mask over the catalog (every image in ``ids`` read and decoded), and the
+    images to store converted to RGB PNG (id -> why): those the training decoder would not
+    read to PIL's pixels (dpfah.data.conversion_reason)."""
     ok = np.zeros(len(catalog.refs), dtype=bool)
+    convert: dict[int, str] = {}
     refs = [catalog.refs[i] for i in ids]
-    problems = _ordered_map(lambda ref: _image_problem(catalog.source, ref), refs, _THREADS)
-    for i, problem in tqdm(zip(ids, problems), total=len(ids), desc=desc, unit="img", disable=progress is False or None):
+    results = _ordered_map(lambda ref: _image_problem(catalog.source, ref), refs, _THREADS)
+    for i, (problem, conversion) in tqdm(zip(ids, results), total=len(ids), desc=desc, unit="img", disable=progress is False or None):
         if problem is None:
             ok[i] = True
+            if conversion is not None:
+                convert[int(i)] = conversion
         else:
             bad(catalog.where(i), problem)
-    return ok
+    return ok, convert
 
 
 # ----------------------------------------------------------------------------- splits
@@ -393,20 +423,23 @@ def _clean_stale(parent: Path, name: str) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def _write_split(out: Path, split: str, ids: np.ndarray, catalog: Catalog, shard_size: int, bar) -> SplitInfo:
+def _write_split(out: Path, split: str, ids: np.ndarray, catalog: Catalog, shard_size: int, bar, convert: dict[int, str]) -> SplitInfo:
     source = catalog.source
-    refs = [catalog.refs[i] for i in ids]
 
-    def read(ref: str) -> bytes:
+    def read(i: int) -> tuple[bytes, str]:
+        ref = catalog.refs[i]
         try:
-            return source.read(ref)
+            data = source.read(ref)
         except OSError as e:
             raise DataError(f"{source.where(ref)}: became unreadable while writing ({e})") from None
+        if i in convert:
+            return as_rgb_png(data), "png"
+        return data, source.ext(ref)
 
     with ShardWriter(out, split, shard_size) as writer:
-        threads = _THREADS if source.parallel_reads else 1
-        for i, ref, data in zip(ids, refs, _ordered_map(read, refs, threads)):
-            writer.write(_key(int(i)), data, source.ext(ref), catalog.labels[i])
+        threads = _THREADS if source.parallel_reads or convert else 1
+        for i, (data, ext) in zip(ids, _ordered_map(read, [int(i) for i in ids], threads)):
+            writer.write(_key(int(i)), data, ext, catalog.labels[i])
             bar.update()
         return writer.close()
 
@@ -449,11 +482,12 @@ def prepare(params: Params, name: str, *, progress: bool | None = None) -> Prepa
     seconds["read_sources"] = time.perf_counter() - t0
 
     t = time.perf_counter()
+    convert: dict[int, str] = {}
     if catalog.source.generated:
         ok = np.ones(len(catalog.refs), dtype=bool)
     else:
         wanted = np.unique(np.concatenate(list(catalog.fixed.values()))) if catalog.fixed else np.arange(len(catalog.refs))
-        ok = check_images(catalog, wanted, bad, progress, f"{name}: checking")
+        ok, convert = check_images(catalog, wanted, bad, progress, f"{name}: checking")
     seconds["check_images"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -470,10 +504,10 @@ def prepare(params: Params, name: str, *, progress: bool | None = None) -> Prepa
         total = sum(ids.size for ids in splits.values())
         with tqdm(total=total, desc=f"{name}: writing shards", unit="img", disable=progress is False or None) as bar:
             for split in SPLITS:
-                infos[split] = _write_split(work, split, splits[split], catalog, cfg.shard_size, bar)
+                infos[split] = _write_split(work, split, splits[split], catalog, cfg.shard_size, bar, convert)
         pq.write_table(_table(splits, catalog), work / TABLE_FILE, compression="zstd")
         seconds["write_shards"] = time.perf_counter() - t
-        manifest = _manifest(cfg, params, name, catalog, splits, infos, bad, work)
+        manifest = _manifest(cfg, params, name, catalog, splits, infos, bad, convert, work)
         (work / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
         os.chmod(work, 0o755)  # mkdtemp makes it 0700
         if final.exists():
@@ -491,11 +525,16 @@ def prepare(params: Params, name: str, *, progress: bool | None = None) -> Prepa
     return PrepareResult(final, manifest, seconds)
 
 
-def _manifest(cfg, params, name, catalog, splits, infos, bad, work) -> dict[str, Any]:
+def _manifest(cfg, params, name, catalog, splits, infos, bad, convert, work) -> dict[str, Any]:
     labels = catalog.labels
     members = {s: set(ids.tolist()) for s, ids in splits.items()}
     protocol = cfg.protocol
-    return {
+    stored = set().union(*members.values())
+    converted = sorted(({"where": catalog.where(i), "reason": why} for i, why in convert.items() if i in stored), key=lambda d: d["where"])
+    # Only when there are any: a dataset with nothing to convert keeps the manifest (and so
+    # the identity, manifest_sha256) it had before conversions existed.
+    extra = {"converted": {"count": len(converted), "to": "png (8-bit RGB)", "items": converted}} if converted else {}
+    return extra | {
         "format": FORMAT,
         "dataset": name,
         "kind": cfg.kind,
@@ -521,6 +560,22 @@ def _manifest(cfg, params, name, catalog, splits, infos, bad, work) -> dict[str,
         "skipped": {"count": len(bad.items), "items": sorted(bad.items, key=lambda d: (d["where"], d["reason"]))},
         "table": {"file": TABLE_FILE, "sha256": _sha256(work / TABLE_FILE)},
     }
+
+
+def prepared_manifest(params: Params, name: str) -> Manifest:
+    """The manifest of dataset ``name`` as prepare wrote it under ``data.root``, for the
+    stages that read the shards; a one-line :class:`DataError` when there is none (naming
+    the directory and the command that prepares it) or it is malformed."""
+    directory = params.shards_dir(name)
+    try:
+        return read_manifest(directory)
+    except NotPrepared:
+        command = f"python -m pipeline.prepare --dataset {name}"
+        if params.data.root != DataConfig().root:
+            command += f" --set data.root={params.data.root}"
+        raise DataError(f"{directory}: no prepared dataset (no {MANIFEST_FILE}); prepare it first: {command}") from None
+    except ShardError as e:
+        raise DataError(str(e)) from None
 
 
 # ----------------------------------------------------------------------------- command line
@@ -564,6 +619,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         m = result.manifest
         counts = ", ".join(f"{s} {m['splits'][s]['count']:,}" for s in SPLITS)
         skipped = f", {m['skipped']['count']} skipped (see manifest)" if m["skipped"]["count"] else ""
+        if "converted" in m:
+            skipped += f", {m['converted']['count']} stored converted to PNG (see manifest)"
         rate = result.images_written / result.seconds["total"]
         print(f"{name} ({m['protocol']}, seed {m['seed']}): {counts}{skipped} -> {result.directory} in {result.seconds['total']:.1f} s ({rate:,.0f} img/s)")
     return 0

@@ -13,10 +13,11 @@ from pathlib import Path
 from typing import Any
 
 from .artifacts import run_file
+from .config import MlflowConfig
 from .errors import PipelineError
-from .tracking import mlflow_errors
+from .tracking import mlflow_errors, resolve_uri, tracking_uri
 
-__all__ = ["RunRecordError", "MismatchError", "read_run_record", "check_training_run", "run_model_uri"]
+__all__ = ["RunRecordError", "MismatchError", "read_run_record", "record_tracking_uri", "check_training_run", "run_model_uri"]
 
 
 class RunRecordError(PipelineError):
@@ -49,6 +50,19 @@ def read_run_record(dataset: str, bits: int, root: str | os.PathLike = ".") -> t
             f"{path}: records dataset {record.get('dataset')!r} at {record.get('bits')!r} bits, not {dataset!r} at {bits} bits"
         )
     return record, path
+
+
+def record_tracking_uri(record: dict[str, Any] | None, params) -> str:
+    """The tracking store of a run record's run. A store given explicitly wins:
+    MLFLOW_TRACKING_URI, or ``mlflow.tracking_uri`` set to other than its default (in the
+    parameters or by --set). Otherwise the record's own ``tracking_uri``, where train
+    logged the run (e.g. a server named by MLFLOW_TRACKING_URI at training time).
+    SQLite paths made absolute."""
+    recorded = record.get("tracking_uri") if record else None
+    explicit = os.environ.get("MLFLOW_TRACKING_URI") or params.mlflow.tracking_uri != MlflowConfig().tracking_uri
+    if explicit or not isinstance(recorded, str) or not recorded:
+        return tracking_uri(params)
+    return resolve_uri(recorded)
 
 
 def check_training_run(run, dataset: str, bits: int, source: str) -> None:

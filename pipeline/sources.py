@@ -20,6 +20,7 @@ import re
 import tarfile
 import urllib.error
 import urllib.request
+import zlib
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -335,46 +336,61 @@ class ListEntry:
     where: str  # file:line
 
 
-def _open_text(path: Path):
+_BOM = b"\xef\xbb\xbf"
+
+
+def _list_lines(path: Path) -> list[bytes]:
+    """The lines of a list file (plain or gzipped; a UTF-8 byte order mark dropped), undecoded."""
     with open(path, "rb") as f:
-        gz = f.read(2) == b"\x1f\x8b"
-    return gzip.open(path, "rt", encoding="utf-8") if gz else open(path, encoding="utf-8")
+        data = f.read()
+    if data[:2] == b"\x1f\x8b":
+        data = gzip.decompress(data)
+    return data.removeprefix(_BOM).splitlines()
 
 
 def read_list(path: Path, given: str, key: str, num_classes: int, report) -> list[ListEntry]:
-    """Entries of a `<path> <v_1> ... <v_C>` list (plain or gzipped). A bad line goes to
+    """Entries of a `<path> <v_1> ... <v_C>` list (UTF-8, plain or gzipped). A bad line goes to
     ``report(where, reason)``, which raises or records it; blank lines are ignored."""
     if not path.is_file():
         raise ConfigError(f"{key}: {given}: not found")
+    try:
+        lines = _list_lines(path)
+    except (OSError, EOFError, zlib.error) as e:
+        raise DataError(f"{given}: cannot read the list ({type(e).__name__}: {e})") from None
     entries: list[ListEntry] = []
     seen: dict[str, int] = {}
-    try:
-        with _open_text(path) as f:
-            for lineno, line in enumerate(f, 1):
-                tokens = line.split()
-                if not tokens:
-                    continue
-                where = f"{given}:{lineno}"
-                if len(tokens) < 2:
-                    report(where, "malformed line (expected `<path> <0/1 label vector>`)")
-                    continue
-                ref, values = tokens[0], tokens[1:]
-                if len(values) != num_classes:
-                    report(where, f"label vector has {len(values)} entries, expected {num_classes}")
-                    continue
-                if any(v not in ("0", "1") for v in values):
-                    bad = next(v for v in values if v not in ("0", "1"))
-                    report(where, f"label vector has a value {bad!r} (only 0 and 1)")
-                    continue
-                labels = np.array([v == "1" for v in values], dtype=np.uint8)
-                if not labels.any():
-                    report(where, "label vector has no 1 (every image needs a label)")
-                    continue
-                if ref in seen:
-                    report(where, f"{ref} is listed twice (first at line {seen[ref]})")
-                    continue
-                seen[ref] = lineno
-                entries.append(ListEntry(ref, labels, where))
-    except (UnicodeDecodeError, OSError, EOFError) as e:
-        raise DataError(f"{given}: cannot read the list ({type(e).__name__}: {e})") from None
+    for lineno, raw in enumerate(lines, 1):
+        where = f"{given}:{lineno}"
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise DataError(
+                f"{where}: not UTF-8 text (byte 0x{raw[e.start]:02x} at column {e.start + 1}); save the list as UTF-8"
+            ) from None
+        tokens = line.split()
+        if not tokens:
+            continue
+        if all(t in ("0", "1") for t in tokens):
+            report(where, "no image path: the line is only a label vector (expected `<path> <0/1 label vector>`)")
+            continue
+        if len(tokens) < 2:
+            report(where, "malformed line (expected `<path> <0/1 label vector>`)")
+            continue
+        ref, values = tokens[0], tokens[1:]
+        if len(values) != num_classes:
+            report(where, f"label vector has {len(values)} entries, expected {num_classes}")
+            continue
+        if any(v not in ("0", "1") for v in values):
+            bad = next(v for v in values if v not in ("0", "1"))
+            report(where, f"label vector has a value {bad!r} (only 0 and 1)")
+            continue
+        labels = np.array([v == "1" for v in values], dtype=np.uint8)
+        if not labels.any():
+            report(where, "label vector has no 1 (every image needs a label)")
+            continue
+        if ref in seen:
+            report(where, f"{ref} is listed twice (first at line {seen[ref]})")
+            continue
+        seen[ref] = lineno
+        entries.append(ListEntry(ref, labels, where))
     return entries

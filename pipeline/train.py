@@ -446,14 +446,14 @@ def run_training(
         import ray.train.torch  # noqa: F401
         import torch  # noqa: F401
 
-        from dpfah.data import read_manifest
+        from .prepare import prepared_manifest
 
     t = params.train
     params.dataset(dataset)
     if bits < 1:
         raise ConfigError(f"--bits {bits}: must be >= 1")
     shards = params.shards_dir(dataset)
-    manifest = read_manifest(shards)  # a clear error when prepare has not run
+    manifest = prepared_manifest(params, dataset)  # one line naming the directory when prepare has not run
     if loss is None:
         loss, loss_source = objective_stage.resolve(params, dataset, bits)
     uri = tracking_uri(params)

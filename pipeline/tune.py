@@ -232,10 +232,10 @@ class _PlacementGroupJanitor:
 
 
 def _check_search(params: Params, dataset: str):
-    from dpfah.data import read_manifest
+    from .prepare import prepared_manifest
 
     params.dataset(dataset)
-    manifest = read_manifest(params.shards_dir(dataset))
+    manifest = prepared_manifest(params, dataset)
     if manifest.split("validation").count == 0:
         raise ConfigError(f"datasets.{dataset}.validation: the search compares trials on the validation split, which is empty (prepare it with validation > 0)")
     epochs, c = params.train.epochs, params.tune

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import types
+import typing
 from pathlib import Path
 
 import pytest
@@ -93,6 +95,17 @@ def test_overrides_are_yaml_scalars_and_can_add_entries():
         ("datasets.cifar10.source.x=1", "--set datasets.cifar10.source.x: datasets.cifar10.source is a value, not a section"),
         ("seed", "--set 'seed': expected dotted.key=value"),
         ("data.root=", "data.root: missing value (expected a string)"),
+        # inf passes every `>= low` check, so floats are checked to be finite first (issue #11)
+        ("train.lr=.inf", "train.lr: must be a finite number, got inf"),
+        ("loss.eta=.inf", "loss.eta: must be a finite number, got inf"),
+        ("loss.zeta=-.inf", "loss.zeta: must be a finite number, got -inf"),
+        ("train.lr=.nan", "train.lr: must be a finite number, got nan"),
+        ("train.crop_scale=[0.5, .inf]", "train.crop_scale[1]: must be a finite number, got inf"),
+        ("tune.eta=[1, .inf]", "tune.eta[1]: must be a finite number, got inf"),
+        ("train.fail_at_epoch=-3", "train.fail_at_epoch: must be >= 0, got -3"),
+        ("train.fail_at_epoch=8", "train.fail_at_epoch: 8 is not an epoch of this training (epochs count from 0: 0..7)"),
+        ('train.storage_path=""', "train.storage_path: '' is not a path or URI (where Ray Train keeps checkpoints)"),
+        ("train.storage_path=' '", "train.storage_path: ' ' is not a path or URI"),
     ],
 )
 def test_errors_name_the_key(override, message):
@@ -100,6 +113,64 @@ def test_errors_name_the_key(override, message):
         load_params(PARAMS, [override])
     assert message in str(e.value)
     assert "\n" not in str(e.value)
+
+
+def _float_keys(cls, prefix: str):
+    """Dotted keys of every float (or list-of-floats) field under a config dataclass."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        union = typing.get_origin(tp) in (typing.Union, types.UnionType)
+        members = [a for a in typing.get_args(tp) if a is not type(None)] if union else [tp]
+        for m in members:
+            if dataclasses.is_dataclass(m):
+                yield from _float_keys(m, f"{prefix}{f.name}.")
+            elif m is float or (typing.get_origin(m) is tuple and typing.get_args(m)[:1] == (float,)):
+                yield f"{prefix}{f.name}", m is float
+
+
+def test_every_float_key_refuses_inf_and_nan():
+    keys = dict(_float_keys(Params, ""))
+    assert {"train.lr", "loss.eta", "loss.zeta", "loss.delta", "model.lam", "tune.reduction_factor", "tune.eta_range"} <= set(keys)
+    for key, scalar in keys.items():
+        for text, shown in ((".inf", "inf"), ("-.inf", "-inf"), (".nan", "nan")):
+            value = text if scalar else f"[{text}, 1.0]"
+            with pytest.raises(ConfigError) as e:
+                load_params(PARAMS, [f"{key}={value}"])
+            where = key if scalar else f"{key}[0]"
+            assert str(e.value) == f"{where}: must be a finite number, got {shown}", key
+
+
+def test_library_settings_refuse_inf_too():
+    import math
+
+    from dpfah.settings import LossSettings, TrainSettings
+
+    with pytest.raises(ValueError, match=r"^lr: must be a finite number, got inf$"):
+        TrainSettings(lr=math.inf)
+    with pytest.raises(ValueError, match=r"^eta: must be a finite number, got nan$"):
+        LossSettings(eta=math.nan)
+    with pytest.raises(ValueError, match=r"^crop_scale: must be a finite number, got inf$"):
+        TrainSettings(crop_scale=(0.5, math.inf))
+
+
+def test_a_stage_refuses_inf_in_one_line(tmp_path):
+    """What a user sees: the stage exits 2 with one line naming the key, before any work."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    for override, line in (
+        ("train.lr=.inf", "error: train.lr: must be a finite number, got inf\n"),
+        ("train.fail_at_epoch=-3", "error: train.fail_at_epoch: must be >= 0, got -3\n"),
+    ):
+        proc = subprocess.run(
+            [sys.executable, "-m", "pipeline.train", "--dataset", "cifar10", "--bits", "64", "--params", str(PARAMS), "--set", override],
+            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+        )
+        assert (proc.returncode, proc.stderr) == (2, line)
+    assert os.listdir(tmp_path) == [], "nothing started, nothing written"
 
 
 def test_dataset_names_must_be_file_and_stage_safe():

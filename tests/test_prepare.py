@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import torch
 from PIL import Image
 
 from dpfah.data import EvalStream, read_manifest, verify_shards
@@ -260,6 +261,159 @@ def test_custom_tar_folder_and_too_few_images(tmp_path):
         run(tmp_path, "toy", *custom("toy", archive))
 
 
+# ----------------------------------------------------------------------------- image formats
+
+SIDE = 16  # images are SIDE x SIDE, so the training decoder leaves them at their size
+
+
+def png16(pixels: np.ndarray) -> bytes:
+    """A 16-bit PNG (grey: (h, w); RGB: (h, w, 3)), written by hand: PIL writes no 16-bit colour."""
+    import struct
+    import zlib
+
+    h, w = pixels.shape[:2]
+    colour_type = 0 if pixels.ndim == 2 else 2
+    raw = b"".join(b"\0" + pixels[y].astype(">u2").tobytes() for y in range(h))
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", w, h, 16, colour_type, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b"")
+
+
+def image_variants(seed: int) -> dict[str, tuple[bytes, np.ndarray | None, bool]]:
+    """file name -> (file bytes, expected RGB pixels or None for PIL's convert("RGB"), lossless)."""
+    rng = np.random.default_rng(seed)
+    rgb = Image.fromarray(rng.integers(0, 256, (SIDE, SIDE, 3), dtype=np.uint8))
+    alpha = Image.fromarray(rng.integers(0, 256, (SIDE, SIDE, 4), dtype=np.uint8))
+    palette = rgb.convert("P", palette=Image.Palette.ADAPTIVE, colors=16)
+    frames = [Image.fromarray(rng.integers(0, 256, (SIDE, SIDE, 3), dtype=np.uint8)) for _ in range(2)]
+    grey16 = rng.integers(0, 1 << 16, (SIDE, SIDE), dtype=np.uint16)
+    rgb16 = rng.integers(0, 1 << 16, (SIDE, SIDE, 3), dtype=np.uint16)
+
+    def enc(im, fmt, **kw) -> bytes:
+        buf = io.BytesIO()
+        im.save(buf, format=fmt, **kw)
+        return buf.getvalue()
+
+    return {
+        "rgb.jpg": (enc(rgb, "JPEG"), None, False),
+        "grey.jpg": (enc(rgb.convert("L"), "JPEG"), None, False),
+        "cmyk.jpg": (enc(rgb.convert("CMYK"), "JPEG"), None, False),
+        "rgb.bmp": (enc(rgb, "BMP"), None, True),
+        "rgb.tif": (enc(rgb, "TIFF"), None, True),
+        "grey.png": (enc(rgb.convert("L"), "PNG"), None, True),
+        "alpha.png": (enc(alpha, "PNG"), None, True),
+        "palette.png": (enc(palette, "PNG"), None, True),
+        "palette-transparent.png": (enc(palette, "PNG", transparency=3), None, True),
+        "transparent.gif": (enc(palette, "GIF", transparency=3), None, True),
+        "animated.webp": (enc(frames[0], "WEBP", lossless=True, save_all=True, append_images=frames[1:]), None, True),
+        # PIL clips 16-bit grey to white; the stored image keeps the high byte, as PIL does for 16-bit colour
+        "grey16.png": (png16(grey16), np.repeat((grey16 >> 8).astype(np.uint8)[:, :, None], 3, axis=2), True),
+        "rgb16.png": (png16(rgb16), (rgb16 >> 8).astype(np.uint8), True),
+    }
+
+
+CONVERTED = {"cmyk.jpg", "rgb.bmp", "rgb.tif", "transparent.gif", "animated.webp", "grey16.png", "rgb16.png"}
+
+
+def test_what_prepare_stores_the_training_decoder_reads_as_pil_does(tmp_path):
+    """Every image format prepare accepts decodes, under the decoder of training and
+    evaluation (torchvision via dpfah.augment.decode_batch), to PIL's RGB pixels of the
+    original: formats it cannot read or reads wrongly are stored as 8-bit RGB PNG."""
+    from torch.utils.data import DataLoader
+
+    from dpfah.augment import DeviceAugment, decode_batch
+    from dpfah.train import encode
+
+    root = tmp_path / "imgs"
+    expected: dict[str, tuple[np.ndarray, bool]] = {}
+    for c, cls in enumerate(("ant", "bee", "cow")):
+        (root / cls).mkdir(parents=True)
+        for name, (data, pixels, lossless) in image_variants(c).items():
+            (root / cls / name).write_bytes(data)
+            if pixels is None:
+                pixels = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+            expected[f"{cls}/{name}"] = (pixels, lossless)
+    assert Image.open(root / "ant" / "grey16.png").mode == "I;16" and Image.open(root / "ant" / "cmyk.jpg").mode == "CMYK"
+
+    argv = ["--dataset", "toy", "--params", str(PARAMS), "--quiet", "--set", f"data.root={tmp_path / 'data'}"]
+    proc = subprocess.run([sys.executable, "-m", "pipeline.prepare", *argv, *[x for o in custom("toy", root) for x in ("--set", o)]],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("toy (custom, seed 0): train 9, validation 3, query 6, database 33, 21 stored converted to PNG (see manifest) -> ")
+    r = run(tmp_path / "again", "toy", *custom("toy", root))
+    assert files_digest(r.directory) == files_digest(tmp_path / "data" / "shards" / "toy"), "conversions are reproducible"
+    converted = r.manifest["converted"]
+    assert converted["count"] == 3 * len(CONVERTED)
+    assert {Path(i["where"]).name for i in converted["items"]} == CONVERTED
+    reasons = {Path(i["where"]).name: i["reason"] for i in converted["items"]}
+    assert reasons["rgb.bmp"] == "BMP image: the training decoder (torchvision) reads only JPEG, PNG, WebP and GIF"
+    assert reasons["grey16.png"].startswith("16-bit PNG: the training decoder reads 16-bit samples as white")
+    assert reasons["cmyk.jpg"].startswith("CMYK JPEG: stored as RGB")
+    rows = {(row["split"], row["index"]): row["path"] for row in table(r.directory)}
+
+    def check(split: str, index: int, got: np.ndarray, how: str) -> None:
+        path = rows[(split, index)]
+        want, lossless = expected[path]
+        diff = np.abs(got.astype(int) - want.astype(int)).max()
+        # JPEG: the same libjpeg-turbo decodes both today (0); a different build may round differently
+        assert diff == 0 if lossless else diff <= 2, f"{path} ({split} {index}) under {how}: max pixel difference {diff}"
+
+    seen = set()
+    for split in ("train", "validation", "query", "database"):
+        for batch in EvalStream(r.directory, split, batch_size=7):
+            decoded = decode_batch(batch.images, SIDE)  # what training and evaluate run on the CPU
+            for k, index in enumerate(batch.index.tolist()):
+                check(split, index, decoded[k].permute(1, 2, 0).numpy(), "decode_batch")
+                seen.add(rows[(split, index)])
+        for batch in EvalStream(r.directory, split, batch_size=7, decode=True):  # the readers' own decoder (PIL)
+            for k, index in enumerate(batch.index.tolist()):
+                check(split, index, batch.images[k].permute(1, 2, 0).numpy(), "EvalStream(decode=True)")
+    assert seen == set(expected), "every image was stored"
+
+    class Recorder(torch.nn.Module):
+        """Stands in for the model in evaluate's encoding; keeps the images it is shown."""
+
+        bits, num_classes = 8, 3
+
+        def __init__(self):
+            super().__init__()
+            self.seen: list[torch.Tensor] = []
+
+        def forward(self, x):
+            self.seen.append(x)
+            return torch.ones(x.shape[0], self.bits), None
+
+    aug = DeviceAugment()
+    for split in ("query", "database"):  # as pipeline.evaluate encodes a split: EvalStream -> DataLoader -> encode
+        model = Recorder()
+        loader = DataLoader(EvalStream(r.directory, split, batch_size=5, rank=0, world_size=1), batch_size=None, num_workers=1)
+        batches = list(loader)
+        encode(model, batches, torch.device("cpu"), SIDE, "fp32")
+        for batch, x in zip(batches, model.seen):
+            pixels = (x * aug.std + aug.mean).round().clamp(0, 255).to(torch.uint8)
+            for k, index in enumerate(batch.index.tolist()):
+                check(split, index, pixels[k].permute(1, 2, 0).numpy(), "evaluate's encoding")
+
+
+def test_images_without_an_8bit_form_are_refused_by_name(tmp_path):
+    root = tmp_path / "imgs"
+    make_folder(root, per_class=8)
+    floats = root / "bee" / "depth.tif"
+    Image.fromarray(np.linspace(0, 1, 64, dtype=np.float32).reshape(8, 8)).save(floats)
+    with pytest.raises(DataError) as e:
+        run(tmp_path, "toy", *custom("toy", root))
+    assert str(e.value) == (
+        f"{floats}: TIFF image of 32-bit float pixels (mode F): no 8-bit RGB form; save it as 8-bit "
+        "(datasets.toy.on_bad_image: skip leaves such items out)"
+    )
+    r = run(tmp_path, "toy", *custom("toy", root, "datasets.toy.on_bad_image=skip"))
+    assert [i["where"] for i in r.manifest["skipped"]["items"]] == [str(floats)]
+    assert "converted" not in r.manifest, "nothing converted: the manifest is what it was before conversions existed"
+
+
 # ----------------------------------------------------------------------------- list files
 
 
@@ -388,6 +542,42 @@ def test_list_problems_name_file_and_line(tmp_path, imagenet_subset):
     leak = write_list(tmp_path / "q3.txt", good + [entries["train"][0]])
     with pytest.raises(DataError, match=r"is also a query"):
         run(tmp_path, "imagenet100", *lists("imagenet100", d / "images", **{**files, "query_list": leak}))
+
+
+def test_list_file_encoding_and_lines_without_a_path(tmp_path):
+    """A list saved with a byte order mark is read; a non-UTF-8 list and a line with no path
+    are errors naming the file and line (issue #11)."""
+    root = tmp_path / "imgs"
+    refs = make_folder(root, per_class=8)
+    classes = ("ant", "bee", "cow")
+    lines = [f"{r} {' '.join('1' if r.startswith(c) else '0' for c in classes)}\n" for r in refs]
+    labels = tmp_path / "labels.txt"
+    sets = custom("toy", root, f"datasets.toy.labels_list={labels}", "datasets.toy.num_classes=3")
+
+    for name, data in (("labels.txt", "\ufeff" + "".join(lines)), ("labels.txt.gz", "\ufeff" + "".join(lines))):
+        raw = data.encode("utf-8")
+        path = tmp_path / name
+        path.write_bytes(gzip.compress(raw, mtime=0) if name.endswith(".gz") else raw)
+        r = run(tmp_path, "toy", *sets, f"datasets.toy.labels_list={path}")
+        assert r.manifest["lists"]["labels_list"]["lines"] == len(refs), name
+        assert {row["path"] for row in table(r.directory)} == set(refs), "the first path has no invisible character"
+
+    (root / "ant" / "café.jpg").write_bytes(jpeg(7))
+    labels.write_bytes("".join(lines[:4] + ["ant/café.jpg 1 0 0\n"] + lines[4:]).encode("latin-1"))
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipeline.prepare", "--dataset", "toy", "--params", str(PARAMS), "--quiet",
+         "--set", f"data.root={tmp_path / 'data'}", *[x for o in sets for x in ("--set", o)]],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert (proc.returncode, proc.stderr) == (2, f"error: {labels}:5: not UTF-8 text (byte 0xe9 at column 8); save the list as UTF-8\n")
+
+    labels.write_text("".join(lines[:2] + ["0 1 0\n"] + lines[2:]))
+    with pytest.raises(DataError) as e:
+        run(tmp_path, "toy", *sets)
+    assert str(e.value) == (
+        f"{labels}:3: no image path: the line is only a label vector (expected `<path> <0/1 label vector>`) "
+        "(datasets.toy.on_bad_image: skip leaves such items out)"
+    )
 
 
 def test_unset_images_and_missing_lists(tmp_path):

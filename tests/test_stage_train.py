@@ -115,7 +115,7 @@ def resumed_run(ray_local, toy_dataset, tmp_path_factory):
         finally:
             os.chdir(cwd)
 
-    _, undisturbed = run("undisturbed", "train.fail_at_epoch=99")  # the epoch log, no fault
+    _, undisturbed = run("undisturbed", "train.fail_at_epoch=2")  # the last epoch: the epoch log, no fault
     params, outcome = run("resume-test", "train.fail_at_epoch=1")
     uninterrupted = torch.load(f"{undisturbed.checkpoint}/state.pt", map_location="cpu", weights_only=True)
     return params, outcome, out, uninterrupted

@@ -39,7 +39,7 @@ def test_non_finite_loss_stops_training_once_with_the_step(ray_local, toy_datase
         "train.lr=1.0e+30",  # config refuses inf itself; this overflows to inf in the first update
         "train.schedule=constant",
         "train.max_failures=2",
-        "train.fail_at_epoch=99",  # the epoch log only
+        "train.fail_at_epoch=1",  # the last epoch: the epoch log only
         f"train.storage_path={tmp_path / 'ray'}",
         f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
     )
@@ -119,7 +119,7 @@ def test_sigterm_ends_the_run_killed_and_leaves_no_ray_processes(toy_dataset, tm
     work, images = toy_dataset
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     storage = tmp_path / "ray"
-    cmd = _train_cmd(work, images, "train.epochs=50", "train.fail_at_epoch=999", f"train.storage_path={storage}", f"mlflow.tracking_uri={uri}")
+    cmd = _train_cmd(work, images, "train.epochs=50", "train.fail_at_epoch=49", f"train.storage_path={storage}", f"mlflow.tracking_uri={uri}")
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=_stage_env(work), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.time() + 240
