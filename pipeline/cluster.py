@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import threading
 
+from .console import verbose
 from .errors import ConfigError
 from .timing import ENV as TIMINGS_ENV
 
@@ -39,7 +41,10 @@ def ensure_ray() -> None:
         kwargs["runtime_env"] = {"env_vars": {TIMINGS_ENV: os.environ[TIMINGS_ENV]}}
     in_main_thread = threading.current_thread() is threading.main_thread()
     handler = signal.getsignal(signal.SIGTERM) if in_main_thread else None
-    ray.init(address=os.environ.get("RAY_ADDRESS") or None, log_to_driver=True, **kwargs)
+    loud = verbose()  # Ray's banner, and its controller's and workers' logs, with --verbose only
+    if not loud:
+        kwargs["logging_level"] = logging.WARNING
+    ray.init(address=os.environ.get("RAY_ADDRESS") or None, log_to_driver=loud, **kwargs)
     if in_main_thread and callable(handler):
         # A local instance installs Ray's SIGTERM handler, which kills its processes and calls
         # sys.exit(1): the MLflow run would end FAILED instead of KILLED. Ours (pipeline.errors)

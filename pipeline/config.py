@@ -475,9 +475,19 @@ def add_config_args(parser: argparse.ArgumentParser) -> None:
         help="override one parameter by its dotted key, the value read as YAML; repeatable "
         "(e.g. --set datasets.cifar10.source=/data/cifar10-jpg.tar.gz --set seed=1)",
     )
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="also show Ray's and MLflow's own log lines (start-up, resource requests, per-report lines); "
+        "by default a stage prints only its own progress and summary",
+    )
 
 
 def config_from_args(args: argparse.Namespace) -> Params:
+    from .console import set_verbose
+
+    set_verbose(getattr(args, "verbose", False))
     return load_params(args.params, args.overrides, profile=args.profile)
 
 

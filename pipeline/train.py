@@ -371,6 +371,32 @@ def _log_params(job: Job, params: Params, dataset: str, manifest, name: str, sou
     )
 
 
+def _epoch_printer(uri: str, run_id: str, epochs: int, *, enabled: bool):
+    """A line per epoch on the console, from the metrics the controller logs to MLflow."""
+    import contextlib
+
+    if not enabled:
+        return contextlib.nullcontext()
+    from mlflow.tracking import MlflowClient
+
+    from .console import EpochPrinter
+
+    client, seen = MlflowClient(uri), {}
+    keys = ("val_map", "best_val_map", "best_epoch", "images_per_s", "epoch_s")
+
+    def fetch() -> dict[int, dict[str, float]]:
+        losses = {m.step: m.value for m in client.get_metric_history(run_id, "loss")}
+        if set(losses) - set(seen):
+            for step, value in losses.items():
+                seen.setdefault(step, {})["loss"] = value
+            for key in keys:
+                for m in client.get_metric_history(run_id, key):
+                    seen.setdefault(m.step, {})[key] = m.value
+        return {step: values for step, values in seen.items() if "loss" in values}
+
+    return EpochPrinter(fetch, epochs)
+
+
 def _driver_tags() -> dict[str, str]:
     """Which process owns the run: a later training on the same host can tell a run whose
     driver died (SIGKILL, a lost machine) from one still going."""
@@ -446,8 +472,10 @@ def run_training(
         import ray.train.torch  # noqa: F401
         import torch  # noqa: F401
 
+        from .console import quiet_libraries
         from .prepare import prepared_manifest
 
+    quiet_libraries()
     t = params.train
     params.dataset(dataset)
     if bits < 1:
@@ -502,7 +530,9 @@ def run_training(
                     _fail_abandoned_runs(run.info.experiment_id, run_id, uri)
             with span("ray train: build the trainer"):
                 trainer = _trainer(job, params, name, storage, [*callbacks, EpochMetricsToMlflow(uri, run_id)])
-            with span("ray train: fit"):
+            if parent_run_id is None:  # a stage run: a line per epoch (Tune reports its own way)
+                print(f"training {dataset} {bits} bits: {t.num_workers} worker(s) on {'GPU' if t.use_gpu else 'CPU'}, {t.epochs} epochs; MLflow run {run_id} ({uri})", flush=True)
+            with span("ray train: fit"), _epoch_printer(uri, run_id, t.epochs, enabled=parent_run_id is None):
                 state, checkpoint_path = _fit(trainer, name)
             history = state["history"]
             last_epoch = int(state["epoch"])
@@ -592,10 +622,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     loss, source = objective_stage.read(args.objective, args.dataset, args.bits) if args.objective else (None, None)
     with span("train: run_training"):
         outcome = run_training(params, args.dataset, args.bits, loss=loss, loss_source=source)
+    at = f"epoch {outcome.best_epoch + 1} of {outcome.epochs} (step {outcome.best_epoch} in MLflow)"
     chosen = (
-        f"best validation mAP {outcome.best_val_map:.4f} at epoch {outcome.best_epoch}"
+        f"best validation mAP {outcome.best_val_map:.4f} at {at}"
         if outcome.best_val_map is not None
-        else f"no validation split, the last epoch's model (epoch {outcome.best_epoch})"
+        else f"no validation split, the last epoch's model: {at}"
     )
     print(f"trained {args.dataset} {args.bits} bits: {chosen}; MLflow run {outcome.run_id}; model {outcome.model_uri}; wrote {outcome.run_file}")
     return 0
