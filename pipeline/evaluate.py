@@ -9,16 +9,20 @@ there is one) and computes with :func:`dpfah.metrics.retrieval_report`: mAP@R (R
 ``evaluate.map_at``) with index tie-breaking and tie-aware, P@H<=radius with the share of
 empty balls, the P@N curve and the PR curves by Hamming radius and by rank.
 
-Writes (atomically; the metrics file last, so a failed evaluation never leaves new metrics):
+Refuses (exit 2) a model with NaN or infinite weights, naming the run and the first bad
+tensor. Computes everything first (metrics, figures, codes), then writes, each atomically:
 
-* ``metrics/<dataset>-<bits>.json``: DVC metrics (the numbers under ``metrics``, plus the
-  run, the data and the settings they belong to);
 * ``plots/<dataset>-<bits>/{pr_radius,pr_rank,p_at_n}.csv``: DVC plots;
+* ``metrics/<dataset>-<bits>.json``: DVC metrics (the numbers under ``metrics``, plus the
+  run, the data, the settings they belong to and this evaluation's ``eval_id``);
 
-and logs to the training's MLflow run the same metrics (same names, same values), tags
-``eval.*`` describing the evaluation, and under ``evaluation/`` the metrics file, the curve
-data, figures (PR curves, P@N, a top-k retrieval grid with wrong results marked) and the
-packed codes (``codes/database.parquet``, ``codes/query.parquet``; see :func:`load_codes`).
+then logs to the training's MLflow run the same metrics (same names, same values), tags
+``eval.*`` describing the evaluation (``eval.id`` among them), under ``evaluation/`` the
+metrics file, the curve data, figures (PR curves, P@N, a top-k retrieval grid with wrong
+results marked) and the packed codes (``codes/database.parquet``, ``codes/query.parquet``;
+see :func:`load_codes`), and last the completion marker ``eval.complete`` (= ``eval.id``)
+with ``eval.completed_at``. Promote refuses a run whose marker is missing or belongs to an
+earlier evaluation: an evaluation that failed part-way is never promoted.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ import shutil
 import sys
 import tempfile
 import time
+import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,9 +45,18 @@ import numpy as np
 from .artifacts import metric_values, metrics_file, plots_dir, write_atomic, write_json_atomic
 from .config import Params, add_config_args, config_from_args
 from .errors import ConfigError, DataError, run_main
-from .registry import MismatchError, check_training_run, read_run_record, record_tracking_uri, run_model_uri
+from .registry import (
+    EVAL_COMPLETE_TAG,
+    EVAL_ID_TAG,
+    MismatchError,
+    check_training_run,
+    load_checked_model,
+    read_run_record,
+    record_tracking_uri,
+    run_model_uri,
+)
 from .timing import record, span
-from .tracking import connect, get_run, git_commit, mlflow_errors, using_tracking_uri
+from .tracking import connect, get_run, git_commit, mlflow_errors
 
 __all__ = ["Evaluation", "evaluate", "flat_metrics", "codes_table", "load_codes", "main"]
 
@@ -315,8 +329,6 @@ class _Subject:
 def _subject(params: Params, dataset: str, bits: int, run_id: str | None, root, device) -> _Subject:
     """The run of the record (or ``run_id``), checked to be a finished training of this
     dataset and length on these very shards, with its model loaded on ``device``."""
-    import mlflow.pytorch
-
     record: dict[str, Any] | None = None
     if run_id is None:
         record, record_path = read_run_record(dataset, bits, root)
@@ -341,8 +353,7 @@ def _subject(params: Params, dataset: str, bits: int, run_id: str | None, root, 
         raise MismatchError(f"{source}: manifest_sha256 {str(record['manifest_sha256'])[:12]} does not match the shards at {shards} ({sha[:12]})")
 
     model_uri = run_model_uri(client, run, uri, record.get("model_uri") if record else None)
-    with mlflow_errors(f"loading model {model_uri}", uri), using_tracking_uri(uri):
-        model = mlflow.pytorch.load_model(model_uri, map_location=device)
+    model = load_checked_model(model_uri, run_id, uri, map_location=device)  # finite weights, or a refusal
     if getattr(model, "bits", None) != bits or getattr(model, "num_classes", None) != manifest.num_classes:
         raise MismatchError(
             f"model {model_uri} has {getattr(model, 'bits', '?')} bits and {getattr(model, 'num_classes', '?')} classes; "
@@ -353,43 +364,59 @@ def _subject(params: Params, dataset: str, bits: int, run_id: str | None, root, 
     return _Subject(run_id, record, uri, client, manifest, shards, model_uri, model, image_size)
 
 
-def _log_to_run(subject: _Subject, params: Params, dataset: str, bits: int, doc, report, codes, metrics, curve_files: list[Path]) -> None:
-    """The evaluation into the training's MLflow run: metrics, ``eval.*`` tags, and under
-    ``evaluation/`` the metrics file, curve data, figures and packed codes."""
+def _build_artifacts(art: Path, subject: _Subject, params: Params, dataset: str, bits: int, doc, report, codes) -> None:
+    """What goes under ``evaluation/`` in the run, built in ``art`` before anything is logged:
+    the details of the metrics, figures (PR curves, P@N, the retrieval grid), packed codes."""
     import pyarrow.parquet as pq
-    from mlflow.entities import Metric, RunTag
 
     e, manifest, run_id = params.evaluate, subject.manifest, subject.run_id
     (q_codes, q_labels, q_index), (d_codes, d_labels, d_index) = codes
     sha = manifest.sha256
     details = {**doc, "model_uri": subject.model_uri, "protocol": manifest.protocol, "manifest_sha256": sha, "ties": "index"}
     label = f"{dataset}, {bits} bits, run {run_id[:8]}"
-    with tempfile.TemporaryDirectory(prefix="dpfah-eval-") as tmp:
-        art = Path(tmp)
-        for f in curve_files:  # the curve data as DVC has it
-            shutil.copy(f, art / f.name)
-        write_json_atomic(art / "metrics.json", details)
-        _plot_pr(art / "pr_curves.png", report, f"PR curves: {label}")
-        _plot_p_at_n(art / "p_at_n.png", report, f"P@N: {label}")
-        rows = _grid_rows(manifest, q_codes, d_codes, q_labels, d_labels, e.grid_queries, e.grid_topk)
-        if rows:
-            _plot_grid(art / "retrieval_grid.png", rows, f"top-{e.grid_topk} by Hamming distance (ties by index): {label}")
-        meta = {"bits": bits, "dataset": dataset, "run_id": run_id, "manifest_sha256": sha}
-        (art / "codes").mkdir()
-        pq.write_table(codes_table(d_codes, d_labels, d_index, {**meta, "split": "database"}), art / "codes" / "database.parquet")
-        pq.write_table(codes_table(q_codes, q_labels, q_index, {**meta, "split": "query"}), art / "codes" / "query.parquet")
-        now = int(time.time() * 1000)
-        tags = {
-            "eval.map_at": str(doc["map_at"]),
-            "eval.radius": str(e.radius),
-            "eval.manifest_sha256": sha,
-            "eval.n_queries": str(doc["n_queries"]),
-            "eval.n_db": str(doc["n_db"]),
-            "eval.git_commit": git_commit(),
-        }
-        with mlflow_errors(f"logging the evaluation to run {run_id}", subject.uri):
-            subject.client.log_batch(run_id, metrics=[Metric(k, v, now, 0) for k, v in metrics.items()], tags=[RunTag(k, v) for k, v in tags.items()])
-            subject.client.log_artifacts(run_id, tmp, ARTIFACT_DIR)
+    write_json_atomic(art / "metrics.json", details)
+    _plot_pr(art / "pr_curves.png", report, f"PR curves: {label}")
+    _plot_p_at_n(art / "p_at_n.png", report, f"P@N: {label}")
+    rows = _grid_rows(manifest, q_codes, d_codes, q_labels, d_labels, e.grid_queries, e.grid_topk)
+    if rows:
+        _plot_grid(art / "retrieval_grid.png", rows, f"top-{e.grid_topk} by Hamming distance (ties by index): {label}")
+    meta = {"bits": bits, "dataset": dataset, "run_id": run_id, "manifest_sha256": sha}
+    (art / "codes").mkdir()
+    pq.write_table(codes_table(d_codes, d_labels, d_index, {**meta, "split": "database"}), art / "codes" / "database.parquet")
+    pq.write_table(codes_table(q_codes, q_labels, q_index, {**meta, "split": "query"}), art / "codes" / "query.parquet")
+
+
+#: Set to ``before-marker`` to make evaluate fail after logging the evaluation and before its
+#: completion marker (tests of promote's refusal; what a crash or a lost server there does).
+FAULT_ENV = "DPFAH_EVALUATE_FAULT"
+
+
+def _log_to_run(subject: _Subject, params: Params, doc, metrics, art: Path) -> None:
+    """The evaluation into the training's MLflow run: metrics and ``eval.*`` tags (with this
+    evaluation's ``eval.id``), the artifacts, then, last, the completion marker
+    ``eval.complete`` (= ``eval.id``) with ``eval.completed_at``. Promote accepts a run only
+    with the marker of its latest evaluation, so a failure anywhere here (an earlier
+    evaluation's marker no longer matches the new ``eval.id``) leaves nothing promotable."""
+    from mlflow.entities import Metric, RunTag
+
+    run_id, eval_id = subject.run_id, doc["eval_id"]
+    now = int(time.time() * 1000)
+    tags = {
+        EVAL_ID_TAG: eval_id,
+        "eval.map_at": str(doc["map_at"]),
+        "eval.radius": str(params.evaluate.radius),
+        "eval.manifest_sha256": subject.manifest.sha256,
+        "eval.n_queries": str(doc["n_queries"]),
+        "eval.n_db": str(doc["n_db"]),
+        "eval.git_commit": git_commit(),
+    }
+    with mlflow_errors(f"logging the evaluation to run {run_id}", subject.uri):
+        subject.client.log_batch(run_id, metrics=[Metric(k, v, now, 0) for k, v in metrics.items()], tags=[RunTag(k, v) for k, v in tags.items()])
+        subject.client.log_artifacts(run_id, str(art), ARTIFACT_DIR)
+        if os.environ.get(FAULT_ENV) == "before-marker":
+            raise RuntimeError(f"{FAULT_ENV}=before-marker: injected fault after logging evaluation {eval_id} to run {run_id}")
+        done = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        subject.client.log_batch(run_id, tags=[RunTag(EVAL_COMPLETE_TAG, eval_id), RunTag("eval.completed_at", done)])
 
 
 def evaluate(
@@ -441,6 +468,7 @@ def evaluate(
     # show` list them by name) and the few facts that say what they measure and for which run.
     doc = {
         **metrics,
+        "eval_id": f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}",
         "dataset": dataset,
         "bits": bits,
         "run_id": subject.run_id,
@@ -450,13 +478,20 @@ def evaluate(
         "n_queries": int(report["n_queries"]),
         "n_db": int(report["n_db"]),
     }
+    # Everything computed first, then the DVC files (each written atomically), then MLflow,
+    # whose completion marker comes last: a failure anywhere leaves a run promote refuses.
     t = time.perf_counter()
-    plot_dir = plots_dir(dataset, bits, root)
-    curve_files = _write_plots(plot_dir, report)
-    with span("figures, codes and mlflow logging"):
-        _log_to_run(subject, params, dataset, bits, doc, report, codes, metrics, curve_files)
+    with tempfile.TemporaryDirectory(prefix="dpfah-eval-") as tmp:
+        art = Path(tmp)
+        with span("figures and codes"):
+            _build_artifacts(art, subject, params, dataset, bits, doc, report, codes)
+        plot_dir = plots_dir(dataset, bits, root)
+        for f in _write_plots(plot_dir, report):
+            shutil.copy(f, art / f.name)  # the curve data as DVC has it
+        path = write_json_atomic(metrics_file(dataset, bits, root), doc)
+        with span("mlflow logging"):
+            _log_to_run(subject, params, doc, metrics, art)
     seconds["outputs"] = time.perf_counter() - t
-    path = write_json_atomic(metrics_file(dataset, bits, root), doc)  # last: only a complete evaluation counts
     seconds["total"] = time.perf_counter() - t0
     return Evaluation(doc, report, path, plot_dir, seconds)
 

@@ -9,9 +9,17 @@ default ``query_map``) is strictly higher than the current holder's, or nothing 
 The decision and both numbers go to the run's tags, the version's tags and
 ``promotions/<dataset>-<bits>.json``.
 
-Refuses (exit 2, nothing registered, no alias moved) when the run has no evaluation, when
-``metrics/<dataset>-<bits>.json`` is missing or belongs to another run or other settings,
-or when the two numbers were not measured the same way (another R or other shards).
+Refuses (exit 2, nothing registered, no alias moved) when the run has no evaluation or only
+an incomplete one (no ``eval.complete`` marker for its last ``eval.id``: that evaluate failed
+part-way), when ``metrics/<dataset>-<bits>.json`` is missing or belongs to another run or
+other settings, when the two numbers were not measured the same way (another R or other
+shards), or when the model has NaN or infinite weights.
+
+Concurrent promotions into one store act one at a time (:func:`promotion_lock`: a file lock
+beside a SQLite store, a lock entry in a tracking server's registry) across
+read-compare-register-alias, so a run gets one version and the alias never moves to a model
+worse than the one it held; after moving it, promote reads it back and repairs it if a
+writer outside the lock put a worse model there.
 
 Idempotent: a run is registered once (its version is found again by run id) and a decision
 already recorded on the version is reused as long as nothing it depended on has changed, so
@@ -21,10 +29,14 @@ running the stage twice changes neither the registry nor the promotion file.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import random
+import socket
 import sys
 import time
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,17 +45,30 @@ from typing import Any
 from .artifacts import metric_values, metrics_file, promotion_file, write_json_atomic
 from .config import Params, add_config_args, config_from_args
 from .errors import ConfigError, PipelineError, run_main
-from .registry import MismatchError, check_training_run, read_run_record, run_model_uri
+from .registry import EVAL_COMPLETE_TAG, EVAL_ID_TAG, MismatchError, check_training_run, load_checked_model, read_run_record, run_model_uri
 from .timing import record, span
-from .tracking import connect, get_run, mlflow_errors, tracking_uri, using_tracking_uri
+from .tracking import connect, get_run, mlflow_errors, sqlite_path, tracking_uri, using_tracking_uri
 
-__all__ = ["EvaluationMissing", "Promotion", "promote", "model_name", "main"]
+__all__ = ["EvaluationMissing", "EvaluationIncomplete", "LockTimeout", "Promotion", "promote", "model_name", "main"]
 
 RECORD_TAG = "promote.record"
+#: Seconds a promotion waits for the lock before it reports the holder (a file lock) or
+#: takes the lock over as stale (a tracking server: its holder must have died).
+LOCK_WAIT_S = 120.0
+#: The registered model that serves as the lock of ``<name>`` on a tracking server.
+LOCK_SUFFIX = ".promote-lock"
 
 
 class EvaluationMissing(PipelineError):
     """The run has not been evaluated (or its metrics file is missing or unreadable)."""
+
+
+class EvaluationIncomplete(EvaluationMissing):
+    """The run's last evaluation did not finish: no completion marker for it."""
+
+
+class LockTimeout(PipelineError):
+    """Another promotion of the same store held the promotion lock for too long."""
 
 
 @dataclass(frozen=True)
@@ -148,13 +173,27 @@ def _from_dvc_files(dataset: str, bits: int, root, map_at, metric: str) -> tuple
 
 def _evaluated_value(run, doc, dataset: str, bits: int, root, metric: str, map_at, source: str, by_id: bool) -> tuple[float, str]:
     """(the run's ``metric``, the shards' sha256 it was measured on), checked to be the
-    evaluation of this run on the data it was trained on, as the metrics file says."""
+    evaluation of this run on the data it was trained on, as the metrics file says, and
+    complete: its ``eval.complete`` marker, written last by evaluate, names its ``eval.id``."""
     run_id, tags = run.info.run_id, run.data.tags
     value = run.data.metrics.get(metric)
     if value is None or "eval.map_at" not in tags:
         raise EvaluationMissing(
             f"MLflow run {run_id} (from {source}) has no evaluation ({metric}): run python -m pipeline.evaluate "
             f"--dataset {dataset} --bits {bits}{' --run-id ' + run_id if by_id else ''} first"
+        )
+    marker, eval_id = tags.get(EVAL_COMPLETE_TAG), tags.get(EVAL_ID_TAG)
+    if not marker or marker != eval_id:
+        earlier = f"; the last one that did was {marker}" if marker else ""
+        raise EvaluationIncomplete(
+            f"MLflow run {run_id} (from {source}): its last evaluation ({eval_id or 'no eval.id'}) has no completion marker "
+            f"(the evaluate that logged it failed part-way{earlier}): re-run python -m pipeline.evaluate --dataset {dataset} "
+            f"--bits {bits}{' --run-id ' + run_id if by_id else ''}, then promote"
+        )
+    if doc is not None and doc.get("eval_id") not in (None, marker):
+        raise MismatchError(
+            f"{metrics_file(dataset, bits, root)}: evaluation {doc['eval_id']}, but MLflow run {run_id}'s last completed "
+            f"evaluation is {marker}: re-run evaluate"
         )
     if doc is not None and doc[metric] != value:
         raise MismatchError(
@@ -200,7 +239,9 @@ def promote(
     value, sha = _evaluated_value(run, doc, dataset, bits, root, metric, map_at, source, by_id=record is None)
     tags = run.data.tags
     model_uri = run_model_uri(client, run, uri, record.get("model_uri") if record else None)
-    with span("mlflow: register, decide, tag"):
+    with span("mlflow: load the model, check its weights"):
+        load_checked_model(model_uri, run_id, uri)  # NaN or inf anywhere: refused, nothing registered
+    with span("mlflow: register, decide, tag"), promotion_lock(client, uri, name):
         out, version, registered, moved = _register_and_decide(client, uri, name, alias, metric, map_at, run_id, value, sha, tags, model_uri, dataset, bits)
     path = write_json_atomic(promotion_file(dataset, bits, root), out)
     return Promotion(out, path, registered, moved)
@@ -247,6 +288,11 @@ def _register_and_decide(client, uri, name, alias, metric, map_at, run_id, value
             if decision == "promoted":
                 client.set_registered_model_alias(name, alias, str(version))
                 moved = True
+                holder = _verify_alias(client, uri, name, alias, version, value, metric)
+                if holder != version:  # a better one took it meanwhile (outside any lock of ours)
+                    decision, moved = "kept", False
+                    champion = client.get_model_version(name, str(holder))
+                    previous = {"version": holder, "run_id": champion.run_id, "value": get_run(client, champion.run_id, uri).data.metrics.get(metric)}
             out = {
                 "dataset": dataset,
                 "bits": bits,
@@ -276,6 +322,115 @@ def _register_and_decide(client, uri, name, alias, metric, map_at, run_id, value
         if any(tags.get(k) != v for k, v in run_tags.items()):
             client.log_batch(run_id, tags=[RunTag(k, v) for k, v in run_tags.items()])
     return out, version, registered, moved
+
+
+@contextlib.contextmanager
+def promotion_lock(client, uri: str, name: str):
+    """Held across read-compare-register-alias-tag, so concurrent promotions act one after
+    the other: one version per run, and the alias never moves to a worse model.
+
+    A local SQLite store: ``fcntl.flock`` on ``<store>.promote.lock`` beside it (released by
+    the kernel when the process dies). Anything else (a tracking server): the registered
+    model ``<name>.promote-lock``, whose creation fails for everyone but one (the store's
+    unique name); deleted on release; taken over when the same lock has been held for
+    LOCK_WAIT_S (its holder died). See the README for what that leaves."""
+    if uri.startswith("sqlite:"):
+        path = sqlite_path(uri)
+        if path is None:  # in-memory: one process only
+            yield
+            return
+        with _file_lock(path + ".promote.lock", uri):
+            yield
+        return
+    with _registry_lock(client, uri, name):
+        yield
+
+
+def _waiting(since: float, announced: bool, what: str) -> bool:
+    if not announced and time.monotonic() - since > 2.0:
+        print(f"promote: waiting for {what}", file=sys.stderr, flush=True)
+        return True
+    return announced
+
+
+@contextlib.contextmanager
+def _file_lock(path: str, uri: str):
+    import fcntl
+
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError as e:
+        raise LockTimeout(f"{path}: cannot open the promotion lock beside the store {uri} ({e.strerror})") from None
+    try:
+        start, announced = time.monotonic(), False
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() - start > LOCK_WAIT_S:
+                    raise LockTimeout(f"{path}: another promotion into {uri} has held this lock for over {LOCK_WAIT_S:g} s; try again when it ends") from None
+                announced = _waiting(start, announced, f"another promotion into {uri} (lock {path})")
+                time.sleep(0.05)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+@contextlib.contextmanager
+def _registry_lock(client, uri: str, name: str):
+    from mlflow.exceptions import MlflowException
+
+    lock = name + LOCK_SUFFIX
+    owner = f"{socket.gethostname()} pid {os.getpid()} {uuid.uuid4().hex[:8]}"
+    start, announced, seen = time.monotonic(), False, None  # seen: (creation stamp, first seen)
+    with mlflow_errors(f"taking the promotion lock {lock}", uri):
+        while True:
+            try:
+                client.create_registered_model(lock, tags={"owner": owner}, description=f"held by pipeline.promote while it promotes into {name}; removed when it ends")
+                break
+            except MlflowException as e:
+                if e.error_code != "RESOURCE_ALREADY_EXISTS":
+                    raise
+            try:
+                held = client.get_registered_model(lock)
+            except MlflowException as e:
+                if e.error_code == "RESOURCE_DOES_NOT_EXIST":
+                    continue  # released meanwhile
+                raise
+            if seen is None or seen[0] != held.creation_timestamp:
+                seen = (held.creation_timestamp, time.monotonic())
+            elif time.monotonic() - seen[1] > LOCK_WAIT_S:
+                print(f"promote: taking over {lock} at {uri}, held by {(held.tags or {}).get('owner', '?')} for over {LOCK_WAIT_S:g} s", file=sys.stderr, flush=True)
+                with contextlib.suppress(MlflowException):
+                    client.delete_registered_model(lock)
+                seen = None
+                continue
+            announced = _waiting(start, announced, f"another promotion into {name} at {uri} ({lock} held by {(held.tags or {}).get('owner', '?')})")
+            time.sleep(0.1 + 0.2 * random.random())
+    try:
+        yield
+    finally:
+        with contextlib.suppress(Exception):
+            if (client.get_registered_model(lock).tags or {}).get("owner") == owner:
+                client.delete_registered_model(lock)
+
+
+def _verify_alias(client, uri: str, name: str, alias: str, version: int, value: float, metric: str) -> int:
+    """Read the alias back after moving it to ``version``: if another writer moved it to a
+    worse model meanwhile, move it back; if to one at least as good, that one stands.
+    Returns the version that holds the alias."""
+    for _ in range(3):
+        held = _alias_holder(client, name, alias)
+        if held == version:
+            return version
+        if held is not None:
+            other = client.get_model_version(name, str(held))
+            other_value = get_run(client, other.run_id, uri, f"{name} version {held}").data.metrics.get(metric)
+            if other_value is not None and other_value >= value:
+                return held
+        client.set_registered_model_alias(name, alias, str(version))
+    return _alias_holder(client, name, alias)
 
 
 def _stored(client, name: str, version: int) -> dict[str, Any] | None:

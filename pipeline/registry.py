@@ -17,7 +17,25 @@ from .config import MlflowConfig
 from .errors import PipelineError
 from .tracking import mlflow_errors, resolve_uri, tracking_uri
 
-__all__ = ["RunRecordError", "MismatchError", "read_run_record", "record_tracking_uri", "check_training_run", "run_model_uri"]
+__all__ = [
+    "EVAL_ID_TAG",
+    "EVAL_COMPLETE_TAG",
+    "RunRecordError",
+    "MismatchError",
+    "NonFiniteWeights",
+    "read_run_record",
+    "record_tracking_uri",
+    "check_training_run",
+    "run_model_uri",
+    "load_checked_model",
+    "check_finite_weights",
+]
+
+
+#: Tags of an evaluation in the run: ``eval.id`` comes with its metrics, ``eval.complete``
+#: (the same id) is written last, when everything else is logged.
+EVAL_ID_TAG = "eval.id"
+EVAL_COMPLETE_TAG = "eval.complete"
 
 
 class RunRecordError(PipelineError):
@@ -26,6 +44,10 @@ class RunRecordError(PipelineError):
 
 class MismatchError(PipelineError):
     """A model, its run and the data or metrics it is used with do not belong together."""
+
+
+class NonFiniteWeights(PipelineError):
+    """A model has NaN or infinite values in a parameter or buffer (its training diverged)."""
 
 
 def read_run_record(dataset: str, bits: int, root: str | os.PathLike = ".") -> tuple[dict[str, Any], Path]:
@@ -97,3 +119,40 @@ def run_model_uri(client, run, uri: str, record_uri: str | None = None) -> str:
             if client.get_logged_model(model_id).name == "model":
                 return f"models:/{model_id}"
     raise MismatchError(f"MLflow run {run_id} has no logged model (did its training finish?)")
+
+
+def check_finite_weights(model, run_id: str, model_uri: str) -> None:
+    """Every floating-point parameter and buffer of ``model`` is finite, or
+    :class:`NonFiniteWeights` naming the run and the first bad tensor (in the order of the
+    state dict, then buffers kept out of it)."""
+    import torch
+
+    if not isinstance(model, torch.nn.Module):
+        raise MismatchError(f"model {model_uri} of MLflow run {run_id} is a {type(model).__name__}, not a torch module")
+    tensors = dict(model.state_dict(keep_vars=True))
+    for name, buffer in model.named_buffers():
+        tensors.setdefault(name, buffer)
+    for name, tensor in tensors.items():
+        if not (tensor.is_floating_point() or tensor.is_complex()):
+            continue
+        finite = torch.isfinite(tensor.detach())
+        if not bool(finite.all()):
+            bad = int((~finite).sum())
+            nan = int(torch.isnan(tensor.detach()).sum())
+            kind = "parameter" if isinstance(tensor, torch.nn.Parameter) else "buffer"
+            raise NonFiniteWeights(
+                f"MLflow run {run_id}: model {model_uri} has non-finite weights: {kind} {name} holds {nan} NaN and "
+                f"{bad - nan} infinite of {tensor.numel()} values (the training diverged); retrain it, it is not used"
+            )
+
+
+def load_checked_model(model_uri: str, run_id: str, uri: str, map_location="cpu"):
+    """The logged model at ``model_uri`` (``mlflow.pytorch``), checked to have finite weights."""
+    import mlflow.pytorch
+
+    from .tracking import using_tracking_uri
+
+    with mlflow_errors(f"loading model {model_uri}", uri), using_tracking_uri(uri):
+        model = mlflow.pytorch.load_model(model_uri, map_location=map_location)
+    check_finite_weights(model, run_id, model_uri)
+    return model

@@ -22,6 +22,8 @@ __all__ = [
     "RunNotFound",
     "resolve_uri",
     "tracking_uri",
+    "check_store",
+    "sqlite_path",
     "connect",
     "using_tracking_uri",
     "mlflow_errors",
@@ -58,40 +60,132 @@ def tracking_uri(params) -> str:
     return resolve_uri(os.environ.get("MLFLOW_TRACKING_URI") or params.mlflow.tracking_uri)
 
 
-def _check_reachable(uri: str, timeout_s: float) -> None:
+#: Seconds the reachability probe of a tracking server waits (connect, then the answer).
+PROBE_TIMEOUT_S = 5.0
+
+
+def check_store(uri: str, *, create: bool = False, timeout_s: float = PROBE_TIMEOUT_S) -> None:
+    """Fail fast, with one line naming ``uri`` and the cause, when the tracking store cannot
+    be used: a server that does not answer (one request with a short timeout, never MLflow's
+    client, which retries a refused connection with backoff for about four minutes), a SQLite
+    file that is missing (unless ``create``: train and tune create the store), not a
+    database, read-only, or cannot be created. Imports no MLflow: a stage calls it first."""
     if uri.startswith("sqlite:"):
-        path = uri[len("sqlite:///") :] if uri.startswith("sqlite:///") else None
-        if path and not os.path.isfile(path):
+        _check_sqlite(uri, create)
+    elif uri.startswith(("http://", "https://")):
+        _check_server(uri, timeout_s)
+    registry = os.environ.get("MLFLOW_REGISTRY_URI")
+    if registry and resolve_uri(registry) != uri:
+        check_store(resolve_uri(registry), create=create, timeout_s=timeout_s)
+
+
+def sqlite_path(uri: str) -> str | None:
+    """The file of a ``sqlite:///path`` URI (query string dropped); None for in-memory."""
+    path = uri[len("sqlite:///") :] if uri.startswith("sqlite:///") else ""
+    path = path.split("?", 1)[0]
+    return path if path and path != ":memory:" else None
+
+
+def _check_sqlite(uri: str, create: bool) -> None:
+    import sqlite3
+    import tempfile
+
+    path = sqlite_path(uri)
+    if path is None:
+        return
+    if not os.path.exists(path):
+        if not create:
             raise RegistryUnreachable(
                 f"MLflow store {uri}: no such file (train first, or point mlflow.tracking_uri / MLFLOW_TRACKING_URI at the store that holds the runs)"
             )
-        return
-    if uri.startswith(("http://", "https://")):
-        import urllib.error
-        import urllib.request
-
-        # One quick probe: MLflow's own client would retry a refused connection with
-        # backoff for minutes before failing.
+        # MLflow creates the missing directories and the file: the deepest existing ancestor
+        # must be a directory we can create files in (probed with a file, not os.access:
+        # root passes os.access, a read-only mount does not).
+        ancestor = os.path.dirname(os.path.abspath(path))
+        while not os.path.exists(ancestor):
+            ancestor = os.path.dirname(ancestor)
         try:
-            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s):
+            if not os.path.isdir(ancestor):
+                raise NotADirectoryError(f"{ancestor} is a file, not a directory")
+            with tempfile.NamedTemporaryFile(dir=ancestor, prefix=".dpfah-store-probe-"):
                 pass
-        except urllib.error.HTTPError:
-            pass  # an HTTP answer, even an error, means the server is up
-        except (urllib.error.URLError, OSError) as e:
-            reason = getattr(e, "reason", e)
-            raise RegistryUnreachable(
-                f"MLflow tracking server {uri} cannot be reached ({reason}); start it, or set mlflow.tracking_uri / MLFLOW_TRACKING_URI"
-            ) from None
+        except OSError as e:
+            raise RegistryUnreachable(f"MLflow store {uri} cannot be created: {_os_cause(e)}") from None
+        return
+    if os.path.isdir(path):
+        raise RegistryUnreachable(f"MLflow store {uri}: {path} is a directory, not a SQLite file")
+    try:
+        con = sqlite3.connect(f"file:{path}?mode=rw", uri=True, timeout=10)
+    except sqlite3.Error as e:
+        raise RegistryUnreachable(f"MLflow store {uri} cannot be opened for writing: {e}") from None
+    try:
+        con.execute("SELECT count(*) FROM sqlite_master").fetchone()  # reads the header and schema
+        try:  # a write lock, released at once: a read-only file or directory fails here
+            con.execute("BEGIN IMMEDIATE")
+            con.execute("ROLLBACK")
+        except sqlite3.OperationalError as e:
+            if "locked" not in str(e) and "busy" not in str(e):  # another writer: in use, so usable
+                raise
+    except sqlite3.DatabaseError as e:
+        cause = str(e)
+        if "not a database" in cause or "malformed" in cause:
+            cause += " (corrupt, or not an MLflow SQLite store)"
+        raise RegistryUnreachable(f"MLflow store {uri} cannot be used: {cause}") from None
+    finally:
+        con.close()
 
 
-def connect(uri: str, *, timeout_s: float = 10.0):
-    """An ``MlflowClient`` for ``uri`` after a quick reachability check."""
+def _os_cause(e: OSError) -> str:
+    """``Permission denied: /path`` rather than ``[Errno 13] Permission denied: '/path'``."""
+    return f"{e.strerror}: {e.filename}" if e.strerror and e.filename else str(e)
+
+
+def _check_server(uri: str, timeout_s: float) -> None:
+    """One GET of a cheap tracking API call (it reaches the server's backend store, which
+    /health does not), no retries. An answer of 401/403 counts as up (MLflow's client has the
+    credentials and says so itself); 404 means no MLflow API at this URL; 5xx, a refused or
+    timed-out connection mean the server cannot be used now."""
+    import base64
+    import ssl
+    import urllib.error
+    import urllib.request
+
+    url = uri.rstrip("/") + "/api/2.0/mlflow/experiments/search?max_results=1"
+    request = urllib.request.Request(url, headers={"Accept": "application/json"})
+    token, user = os.environ.get("MLFLOW_TRACKING_TOKEN"), os.environ.get("MLFLOW_TRACKING_USERNAME")
+    if token:
+        request.add_header("Authorization", f"Bearer {token}")
+    elif user:
+        basic = base64.b64encode(f"{user}:{os.environ.get('MLFLOW_TRACKING_PASSWORD', '')}".encode()).decode()
+        request.add_header("Authorization", f"Basic {basic}")
+    context = None
+    if uri.startswith("https://"):
+        if os.environ.get("MLFLOW_TRACKING_INSECURE_TLS", "").lower() == "true":
+            context = ssl._create_unverified_context()
+        else:
+            context = ssl.create_default_context(cafile=os.environ.get("MLFLOW_TRACKING_SERVER_CERT_PATH") or None)
+    hint = "start it, or set mlflow.tracking_uri / MLFLOW_TRACKING_URI"
+    try:
+        with urllib.request.urlopen(request, timeout=timeout_s, context=context):
+            return
+    except urllib.error.HTTPError as e:
+        if e.code in (401, 403):
+            return
+        if e.code == 404:
+            raise RegistryUnreachable(f"MLflow tracking server {uri}: no MLflow tracking API there (HTTP 404 for {url}); check the URL") from None
+        raise RegistryUnreachable(f"MLflow tracking server {uri} cannot be used (HTTP {e.code} {e.reason}); {hint}") from None
+    except (urllib.error.URLError, OSError) as e:
+        reason = getattr(e, "reason", e)
+        if isinstance(reason, TimeoutError) or "timed out" in str(reason):
+            reason = f"no answer within {timeout_s:g} s"
+        raise RegistryUnreachable(f"MLflow tracking server {uri} cannot be reached ({reason}); {hint}") from None
+
+
+def connect(uri: str, *, create: bool = False, timeout_s: float = PROBE_TIMEOUT_S):
+    """An ``MlflowClient`` for ``uri`` after :func:`check_store`."""
+    check_store(uri, create=create, timeout_s=timeout_s)
     from mlflow.tracking import MlflowClient
 
-    _check_reachable(uri, timeout_s)
-    registry = os.environ.get("MLFLOW_REGISTRY_URI")
-    if registry and registry != uri:
-        _check_reachable(resolve_uri(registry), timeout_s)
     return MlflowClient(uri)
 
 
@@ -141,14 +235,17 @@ def tracked_run(uri: str, experiment: str, run_name: str, *, parent_run_id: str 
     """Open an MLflow run (the fluent API's active run) in ``experiment`` and close it:
     FINISHED when the block completes, KILLED on Ctrl-C, FAILED otherwise.
 
-    The store is created here, in the driver, before any worker or trial touches it
-    (several processes creating a fresh SQLite store at once race). Yields the run; its
-    experiment is ``run.info.experiment_id``."""
+    The store is checked first (:func:`check_store`: seconds, one line, before any work
+    such as starting Ray) and created here, in the driver, before any worker or trial
+    touches it (several processes creating a fresh SQLite store at once race). Yields the
+    run; its experiment is ``run.info.experiment_id``."""
+    check_store(uri, create=True)
     import mlflow
 
     with using_tracking_uri(uri):
-        exp = mlflow.set_experiment(experiment)
-        run = mlflow.start_run(run_name=run_name, parent_run_id=parent_run_id, experiment_id=exp.experiment_id)
+        with mlflow_errors(f"opening a run in experiment {experiment}", uri):
+            exp = mlflow.set_experiment(experiment)
+            run = mlflow.start_run(run_name=run_name, parent_run_id=parent_run_id, experiment_id=exp.experiment_id)
         try:
             yield run
         except BaseException:

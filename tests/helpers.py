@@ -123,3 +123,53 @@ def cli(module, argv: list[str], capsys) -> tuple[int, str]:
     code = run_main(module.main, argv)
     captured = capsys.readouterr()
     return code, captured.out + captured.err
+
+
+# ----------------------------------------------------------------------------- promote
+
+SHA = "ab" * 32
+NAME = "dpfah-toy-8b"
+
+
+def evaluated_run(uri: str, root: Path, value: float, *, map_at="ALL", sha: str = SHA, write_files: bool = True, complete: bool = True, model=None) -> dict:
+    """A fake-trained run with an evaluation as pipeline.evaluate leaves it: the metric and
+    ``eval.*`` tags on the run, the run record and metrics/toy-8.json under ``root``."""
+    from mlflow.tracking import MlflowClient
+
+    record = fake_training_run(uri, sha, model=model if model is not None else torch.nn.Linear(2, 2))
+    client = MlflowClient(uri)
+    client.log_metric(record["run_id"], "query_map", value)
+    client.log_metric(record["run_id"], "query_map_tie_aware", value - 0.01)
+    client.set_tag(record["run_id"], "eval.map_at", str(map_at))
+    client.set_tag(record["run_id"], "eval.manifest_sha256", sha)
+    if complete:  # evaluate writes the marker last, naming the evaluation it completes
+        client.set_tag(record["run_id"], "eval.id", f"eval-{record['run_id'][:8]}")
+        client.set_tag(record["run_id"], "eval.complete", f"eval-{record['run_id'][:8]}")
+    if write_files:
+        write_record(root, record)
+        write_metrics(root, record, value, map_at=map_at, sha=sha)
+    return record
+
+
+def write_metrics(root: Path, record: dict, value: float, *, map_at="ALL", sha: str = SHA) -> Path:
+    path = root / "metrics" / "toy-8.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    doc = {
+        "dataset": "toy",
+        "bits": 8,
+        "run_id": record["run_id"],
+        "map_at": map_at,
+        "query_map": value,
+        "query_map_tie_aware": value - 0.01,
+    }
+    path.write_text(json.dumps(doc))
+    return path
+
+
+def registry_state(uri: str) -> tuple[dict, list[tuple[int, str]]]:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    aliases = {k: int(v) for k, v in (client.get_registered_model(NAME).aliases or {}).items()}
+    versions = sorted((int(v.version), v.run_id) for v in client.search_model_versions(f"name = '{NAME}'"))
+    return aliases, versions

@@ -388,7 +388,7 @@ def test_unreachable_tracking_store(trained, tmp_path, monkeypatch, capsys):
     finally:
         server.shutdown()
     assert code == 2 and text.count("\n") == 1
-    assert f"error: reading run {trained['record']['run_id']} at {wrong}: " in text and "404" in text
+    assert f"error: MLflow tracking server {wrong}: no MLflow tracking API there (HTTP 404 for {wrong}/api/2.0/mlflow/" in text
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'none.db'}")  # the environment wins over params
     code, text = cli(evaluate, base, capsys)

@@ -9,44 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers import cli, fake_training_run, write_record
+from tests.helpers import NAME, SHA, cli, evaluated_run, fake_training_run, registry_state, write_metrics, write_record
 
 pytestmark = pytest.mark.slow
-
-SHA = "ab" * 32
-NAME = "dpfah-toy-8b"
-
-
-def evaluated_run(uri: str, root: Path, value: float, *, map_at="ALL", sha: str = SHA, write_files: bool = True) -> dict:
-    """A fake-trained run with an evaluation as pipeline.evaluate leaves it: the metric and
-    ``eval.*`` tags on the run, the run record and metrics/toy-8.json under ``root``."""
-    from mlflow.tracking import MlflowClient
-
-    record = fake_training_run(uri, sha, model=torch.nn.Linear(2, 2))
-    client = MlflowClient(uri)
-    client.log_metric(record["run_id"], "query_map", value)
-    client.log_metric(record["run_id"], "query_map_tie_aware", value - 0.01)
-    client.set_tag(record["run_id"], "eval.map_at", str(map_at))
-    client.set_tag(record["run_id"], "eval.manifest_sha256", sha)
-    if write_files:
-        write_record(root, record)
-        write_metrics(root, record, value, map_at=map_at, sha=sha)
-    return record
-
-
-def write_metrics(root: Path, record: dict, value: float, *, map_at="ALL", sha: str = SHA) -> Path:
-    path = root / "metrics" / "toy-8.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    doc = {
-        "dataset": "toy",
-        "bits": 8,
-        "run_id": record["run_id"],
-        "map_at": map_at,
-        "query_map": value,
-        "query_map_tie_aware": value - 0.01,
-    }
-    path.write_text(json.dumps(doc))
-    return path
 
 
 def toy_params(uri: str, *extra: str):
@@ -56,15 +21,6 @@ def toy_params(uri: str, *extra: str):
         Path(__file__).resolve().parents[1] / "params.yaml",
         ["prepare.datasets=[toy]", "datasets.toy.kind=custom", "datasets.toy.images=/nonexistent", f"mlflow.tracking_uri={uri}", *extra],
     )
-
-
-def registry_state(uri: str) -> tuple[dict, list[tuple[int, str]]]:
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(uri)
-    aliases = {k: int(v) for k, v in (client.get_registered_model(NAME).aliases or {}).items()}
-    versions = sorted((int(v.version), v.run_id) for v in client.search_model_versions(f"name = '{NAME}'"))
-    return aliases, versions
 
 
 @pytest.fixture()
@@ -198,3 +154,62 @@ def test_missing_or_foreign_evaluation_moves_nothing(store, monkeypatch, capsys)
     code, text = cli(stage, base, capsys)
     assert code == 0 and "champion -> version" in text
     assert registry_state(uri)[0] == {"champion": max(v for v, r in registry_state(uri)[1] if r == fresh["run_id"])}
+
+
+def _stage_args(uri: str) -> list[str]:
+    base = ["--dataset", "toy", "--bits", "8", "--params", str(Path(__file__).resolve().parents[1] / "params.yaml")]
+    for item in ["prepare.datasets=[toy]", "datasets.toy.kind=custom", "datasets.toy.images=/nonexistent", f"mlflow.tracking_uri={uri}"]:
+        base += ["--set", item]
+    return base
+
+
+def test_incomplete_evaluation_is_refused(store, monkeypatch, capsys):
+    """Metrics and eval.* tags on the run but no completion marker for them (evaluate failed
+    after logging them), or a marker of an earlier evaluation: nothing is registered."""
+    from mlflow.tracking import MlflowClient
+
+    from pipeline import promote as stage
+
+    uri, root = store
+    monkeypatch.chdir(root)
+    run = evaluated_run(uri, root, 0.7, complete=False)
+    code, text = cli(stage, _stage_args(uri), capsys)
+    assert code == 2 and text.count("\n") == 1
+    assert text == (
+        f"error: MLflow run {run['run_id']} (from runs/toy-8.json): its last evaluation (no eval.id) has no completion "
+        "marker (the evaluate that logged it failed part-way): re-run python -m pipeline.evaluate --dataset toy --bits 8, "
+        "then promote\n"
+    )
+    client = MlflowClient(uri)
+    client.set_tag(run["run_id"], "eval.complete", "eval-1")  # an earlier evaluation completed...
+    client.set_tag(run["run_id"], "eval.id", "eval-2")  # ...a later one logged its metrics, then failed
+    code, text = cli(stage, [*_stage_args(uri), "--run-id", run["run_id"]], capsys)
+    assert code == 2 and text == (
+        f"error: MLflow run {run['run_id']} (from --run-id): its last evaluation (eval-2) has no completion marker (the "
+        "evaluate that logged it failed part-way; the last one that did was eval-1): re-run python -m pipeline.evaluate "
+        f"--dataset toy --bits 8 --run-id {run['run_id']}, then promote\n"
+    )
+    assert not client.search_registered_models()
+
+    client.set_tag(run["run_id"], "eval.complete", "eval-2")  # evaluate re-run to the end
+    assert cli(stage, _stage_args(uri), capsys)[0] == 0
+    assert registry_state(uri) == ({"champion": 1}, [(1, run["run_id"])])
+
+
+def test_model_with_non_finite_weights_is_never_registered(store, monkeypatch, capsys):
+    from mlflow.tracking import MlflowClient
+
+    from pipeline import promote as stage
+
+    uri, root = store
+    monkeypatch.chdir(root)
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2))
+    with torch.no_grad():
+        model[1].bias[0] = float("nan")  # a parameter: the first bad tensor in state-dict order
+        model[1].running_var[1] = float("inf")  # a buffer after it
+    run = evaluated_run(uri, root, 0.9, model=model)
+    code, text = cli(stage, _stage_args(uri), capsys)
+    assert code == 2 and text.count("\n") == 1
+    assert text.startswith(f"error: MLflow run {run['run_id']}: model models:/m-")
+    assert "has non-finite weights: parameter 1.bias holds 1 NaN and 0 infinite of 2 values (the training diverged)" in text
+    assert not MlflowClient(uri).search_registered_models()
