@@ -36,7 +36,7 @@ from .cluster import check_request, ensure_ray, shutdown_if_started, started_her
 from .config import Params, add_config_args, config_from_args
 from .errors import ConfigError, PipelineError, run_main
 from .timing import record, span
-from .tracking import git_commit, model_requirements, resolve_uri, tracked_run, tracking_uri
+from .tracking import check_store, git_commit, model_requirements, resolve_uri, tracked_run, tracking_uri
 
 __all__ = ["TrainOutcome", "TrainingFailed", "run_training", "main"]
 
@@ -619,6 +619,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     record("train: main entered", time.time())
     args = build_parser().parse_args(argv)
     params = config_from_args(args)
+    check_store(tracking_uri(params), create=True)  # before the imports and Ray: fail in a second
     loss, source = objective_stage.read(args.objective, args.dataset, args.bits) if args.objective else (None, None)
     with span("train: run_training"):
         outcome = run_training(params, args.dataset, args.bits, loss=loss, loss_source=source)
