@@ -50,7 +50,7 @@ TRAIN_PARTS = [
     ("worker: epoch steps (the work)", "worker: epoch steps"),
     ("worker: validation (the work)", "worker: validation"),
     ("worker: checkpoint and report", "worker: checkpoint and report"),
-    ("worker: epoch metrics to mlflow", "worker: epoch metrics to mlflow"),
+    ("controller: epoch metrics to mlflow (beside the workers)", "controller: epoch metrics to mlflow"),
     ("ray train: fit ends (after the last report)", None),
     ("mlflow: log the model", "mlflow: log the model"),
     ("mlflow: close the run", "mlflow: close the run"),

@@ -38,6 +38,7 @@ __all__ = [
     "tune_dir",
     "best_file",
     "metric_values",
+    "prepared_manifest",
     "write_atomic",
     "write_json_atomic",
 ]
@@ -106,3 +107,24 @@ def write_atomic(path: Root, data: str | bytes) -> Path:
 def write_json_atomic(path: Root, doc: Any) -> Path:
     """``doc`` as indented, key-sorted JSON, written atomically."""
     return write_atomic(path, json.dumps(doc, indent=2, sort_keys=True) + "\n")
+
+
+def prepared_manifest(params, name: str):
+    """The manifest of dataset ``name`` as prepare wrote it under ``data.root``, for the
+    stages that read the shards; a one-line :class:`DataError` when there is none (naming
+    the directory and the command that prepares it) or it is malformed."""
+    from dpfah.data import MANIFEST_FILE, NotPrepared, ShardError, read_manifest
+
+    from .config import DataConfig
+    from .errors import DataError
+
+    directory = params.shards_dir(name)
+    try:
+        return read_manifest(directory)
+    except NotPrepared:
+        command = f"python -m pipeline.prepare --dataset {name}"
+        if params.data.root != DataConfig().root:
+            command += f" --set data.root={params.data.root}"
+        raise DataError(f"{directory}: no prepared dataset (no {MANIFEST_FILE}); prepare it first: {command}") from None
+    except ShardError as e:
+        raise DataError(str(e)) from None

@@ -44,9 +44,6 @@ from dpfah.data import (
     MANIFEST_FILE,
     SPLITS,
     TABLE_FILE,
-    Manifest,
-    NotPrepared,
-    ShardError,
     ShardWriter,
     SplitInfo,
     UnsupportedImage,
@@ -59,7 +56,6 @@ from .config import (
     CIFAR10_PROTOCOLS,
     Cifar10Dataset,
     CustomDataset,
-    DataConfig,
     DatasetConfig,
     ListsDataset,
     Params,
@@ -78,7 +74,7 @@ from .sources import (
     read_list,
 )
 
-__all__ = ["Catalog", "PrepareResult", "prepare", "prepared_manifest", "main"]
+__all__ = ["Catalog", "PrepareResult", "prepare", "main"]
 
 _THREADS = max(1, min(8, os.cpu_count() or 1))
 
@@ -560,22 +556,6 @@ def _manifest(cfg, params, name, catalog, splits, infos, bad, convert, work) -> 
         "skipped": {"count": len(bad.items), "items": sorted(bad.items, key=lambda d: (d["where"], d["reason"]))},
         "table": {"file": TABLE_FILE, "sha256": _sha256(work / TABLE_FILE)},
     }
-
-
-def prepared_manifest(params: Params, name: str) -> Manifest:
-    """The manifest of dataset ``name`` as prepare wrote it under ``data.root``, for the
-    stages that read the shards; a one-line :class:`DataError` when there is none (naming
-    the directory and the command that prepares it) or it is malformed."""
-    directory = params.shards_dir(name)
-    try:
-        return read_manifest(directory)
-    except NotPrepared:
-        command = f"python -m pipeline.prepare --dataset {name}"
-        if params.data.root != DataConfig().root:
-            command += f" --set data.root={params.data.root}"
-        raise DataError(f"{directory}: no prepared dataset (no {MANIFEST_FILE}); prepare it first: {command}") from None
-    except ShardError as e:
-        raise DataError(str(e)) from None
 
 
 # ----------------------------------------------------------------------------- command line

@@ -57,6 +57,8 @@ RECORD_TAG = "promote.record"
 LOCK_WAIT_S = 120.0
 #: The registered model that serves as the lock of ``<name>`` on a tracking server.
 LOCK_SUFFIX = ".promote-lock"
+#: MLflow error codes of a write that may succeed when tried again.
+TRANSIENT = ("INTERNAL_ERROR", "TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED")
 
 
 class EvaluationMissing(PipelineError):
@@ -390,14 +392,21 @@ def _registry_lock(client, uri: str, name: str):
                 client.create_registered_model(lock, tags={"owner": owner}, description=f"held by pipeline.promote while it promotes into {name}; removed when it ends")
                 break
             except MlflowException as e:
-                if e.error_code != "RESOURCE_ALREADY_EXISTS":
+                # A server on SQLite may answer a contended write with a transient error
+                # (database locked); whether the write landed is read back below.
+                if e.error_code not in ("RESOURCE_ALREADY_EXISTS", *TRANSIENT) or time.monotonic() - start > LOCK_WAIT_S:
                     raise
             try:
                 held = client.get_registered_model(lock)
             except MlflowException as e:
                 if e.error_code == "RESOURCE_DOES_NOT_EXIST":
                     continue  # released meanwhile
+                if e.error_code in TRANSIENT and time.monotonic() - start <= LOCK_WAIT_S:
+                    time.sleep(0.1 + 0.2 * random.random())
+                    continue
                 raise
+            if (held.tags or {}).get("owner") == owner:
+                break  # our create landed although its answer was an error
             if seen is None or seen[0] != held.creation_timestamp:
                 seen = (held.creation_timestamp, time.monotonic())
             elif time.monotonic() - seen[1] > LOCK_WAIT_S:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import signal
 import sys
@@ -183,18 +184,19 @@ class EpochMetricsToMlflow(_epoch_callback_base()):
         from mlflow.entities import Metric
         from mlflow.tracking import MlflowClient
 
-        if self._client is None:
-            self._client = MlflowClient(self.tracking_uri)
-        now, step = int(time.time() * 1000), int(values["epoch"])
-        self._client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in values.items() if k != "epoch"])
+        with span("controller: epoch metrics to mlflow"):
+            if self._client is None:
+                self._client = MlflowClient(self.tracking_uri)
+            now, step = int(time.time() * 1000), int(values["epoch"])
+            self._client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in values.items() if k != "epoch"])
 
 
 def _epoch_hook(job: Job, train_batches, rank: int, size: int):
     """Tests only (with ``fail_at_epoch``): every rank notes each epoch it starts in
     ``<run>/.epochs-started``, and the last rank dies once, hard, as epoch fail_at_epoch + 1
     starts: Ray Train must restart the group and resume from fail_at_epoch's checkpoint.
-    It waits three controller polls first, so that the checkpoint is registered (a report
-    the controller has not yet collected dies with its worker: that epoch would run again)."""
+    It waits until the controller has registered that checkpoint first (a report the
+    controller has not yet collected dies with its worker: that epoch would run again)."""
     if job.fault_marker is None or job.fail_at_epoch is None:
         return train_batches
     log = os.path.join(os.path.dirname(job.fault_marker), ".epochs-started")
@@ -203,12 +205,29 @@ def _epoch_hook(job: Job, train_batches, rank: int, size: int):
         with open(log, "a") as f:
             f.write(f"{epoch} {rank}\n")
         if epoch == job.fail_at_epoch + 1 and rank == size - 1 and not os.path.exists(job.fault_marker):
-            time.sleep(3 * float(os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "2")))
+            _wait_registered(os.path.dirname(job.fault_marker), job.fail_at_epoch)
             Path(job.fault_marker).write_text(f"killed rank {rank} as epoch {epoch} started\n")
             os.kill(os.getpid(), signal.SIGKILL)
         return train_batches(epoch)
 
     return batches
+
+
+def _wait_registered(run_dir: str, epoch: int, timeout_s: float = 120.0) -> None:
+    """Tests only: wait until Ray Train's controller has registered the checkpoint of
+    ``epoch``, as its snapshot file in the run folder says (Ray's own format: a test fails,
+    not a training, if it changes)."""
+    snapshot = os.path.join(run_dir, "checkpoint_manager_snapshot.json")
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        try:
+            with open(snapshot) as f:
+                latest = json.load(f).get("latest_checkpoint_result") or {}
+            if int(latest.get("metrics", {}).get("epoch", -1)) >= epoch:
+                return
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.1)
 
 
 def load_state(path: str) -> dict[str, Any]:
@@ -473,7 +492,7 @@ def run_training(
         import torch  # noqa: F401
 
         from .console import quiet_libraries
-        from .prepare import prepared_manifest
+        from .artifacts import prepared_manifest
 
     quiet_libraries()
     t = params.train

@@ -232,7 +232,7 @@ class _PlacementGroupJanitor:
 
 
 def _check_search(params: Params, dataset: str):
-    from .prepare import prepared_manifest
+    from .artifacts import prepared_manifest
 
     params.dataset(dataset)
     manifest = prepared_manifest(params, dataset)
