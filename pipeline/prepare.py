@@ -49,7 +49,6 @@ from dpfah.data import (
     UnsupportedImage,
     as_rgb_png,
     conversion_reason,
-    read_manifest,
 )
 
 from .config import (
