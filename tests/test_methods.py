@@ -586,3 +586,66 @@ def test_fit_trains_every_method_and_resumes_exactly(name, params):
         assert want.keys() == got.keys()
         for key in want:
             torch.testing.assert_close(got[key], want[key], rtol=0, atol=0, msg=f"{part}.{key}")
+
+
+def _ddp_worker(rank, world_size, port, out):
+    """One rank of a real gloo group: every method through fit, on its half of each batch."""
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    try:
+        images, labels = _data()
+        settings = TrainSettings(epochs=2, batch_size=8, image_size=16, optimizer="adamw", lr=1e-2, schedule="constant", precision="fp32")
+        local = 8 // world_size
+        results = {}
+        for name, params in CONFIGS:
+            torch.manual_seed(0)
+            model = _Tiny(8, 3)
+            objective = methods.build(name, params, bits=8, num_classes=3, train_size=len(images))
+
+            def batches(epoch):
+                for b in _stream(images, labels, epoch):
+                    rows = slice(rank * local, (rank + 1) * local)
+                    yield Batch(b.images[rows], b.labels[rows], b.index[rows])
+
+            reports = []
+            fit(settings, model, objective, train_batches=batches, steps_per_epoch=3, report=lambda m, s: reports.append(m))
+            results[name + repr(params)] = (reports[-1]["loss"], {k: v.clone() for k, v in objective.state_dict().items()},
+                                            {k: v.clone() for k, v in model.state_dict().items()})
+        torch.save(results, f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_fit_under_real_ddp_equals_one_process(tmp_path):
+    """Two gloo processes with DDP (so the comparison methods' unused classification head, the
+    all-gathers and the broadcasts run for real) end where one process ends: same loss, same
+    objective state on both ranks, the same weights up to float32 summation order."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = str(tmp_path / "ddp")
+    mp.spawn(_ddp_worker, args=(2, port, out), nprocs=2, join=True)
+    ranks = [torch.load(f"{out}.{r}", weights_only=False) for r in range(2)]
+    images, labels = _data()
+    settings = TrainSettings(epochs=2, batch_size=8, image_size=16, optimizer="adamw", lr=1e-2, schedule="constant", precision="fp32")
+    for name, params in CONFIGS:
+        torch.manual_seed(0)
+        model = _Tiny(8, 3)
+        objective = methods.build(name, params, bits=8, num_classes=3, train_size=len(images))
+        reports = []
+        fit(settings, model, objective, train_batches=lambda e: _stream(images, labels, e), steps_per_epoch=3, report=lambda m, s: reports.append(m))
+        key = name + repr(params)
+        for loss, state, weights in (r[key] for r in ranks):
+            assert loss == pytest.approx(reports[-1]["loss"], rel=1e-4), key
+            for k, v in objective.state_dict().items():
+                torch.testing.assert_close(state[k], v, rtol=1e-4, atol=1e-5, msg=f"{key} {k}")
+            for k, v in model.state_dict().items():
+                torch.testing.assert_close(weights[k], v, rtol=1e-3, atol=1e-4, msg=f"{key} {k}")
+        for k in ranks[0][key][1]:  # the ranks agree exactly on the objective's state
+            torch.testing.assert_close(ranks[0][key][1][k], ranks[1][key][1][k], rtol=0, atol=0)
