@@ -3,8 +3,8 @@
 Three frozen dataclasses, one per part a training is built from:
 
 * :class:`TrainSettings`: how the loop trains (epochs, batch, optimiser, schedule, ...);
-* :class:`ModelSettings`: the network around the code length (PFA on/off, its lambda, the
-  backbone's starting weights);
+* :class:`ModelSettings`: the network around the code length (the backbone, PFA on/off,
+  its lambda, the backbone's starting weights);
 * :class:`LossSettings`: the DPFAH objective (the weights eta and zeta, the band delta,
   which pairs the likelihood sees).
 
@@ -45,6 +45,7 @@ __all__ = [
     "SCHEDULES",
     "PRECISIONS",
     "PAIRS",
+    "BACKBONES",
 ]
 
 Check = Callable[[Any], "str | None"]
@@ -96,6 +97,7 @@ OPTIMIZERS = ("rmsprop", "adamw", "sgd")
 SCHEDULES = ("constant", "cosine", "onecycle")
 PRECISIONS = ("auto", "fp32", "bf16")
 PAIRS = ("batch", "bank")
+BACKBONES = ("resnet18", "alexnet")
 
 
 def _crop_scale(v: tuple[float, ...]) -> str | None:
@@ -131,7 +133,8 @@ class ModelSettings:
 
     pfa: bool = True  # False: the paper's plain ResNet-18 ablation
     lam: float = field(default=1e-4, metadata=checked(above(0)))  # PFA's lambda
-    backbone_weights: str | None = None  # a local torchvision ResNet-18 state dict (ImageNet)
+    backbone_weights: str | None = None  # a local torchvision state dict of the backbone (ImageNet)
+    backbone: Literal["resnet18", "alexnet"] = field(default="resnet18", metadata={"noun": "backbone"})
 
     def __post_init__(self) -> None:
         check_fields(self)

@@ -228,3 +228,59 @@ def test_loss_rejects_bad_input():
         DPFAHLoss()(u, logits, labels, bank_u=u)
     with pytest.raises(ValueError, match="eta"):
         DPFAHLoss(eta=-1)
+
+
+# ----------------------------------------------------------------------------- backbones
+
+
+def test_alexnet_backbone_with_and_without_pfa(tmp_path):
+    from torchvision.models import alexnet
+
+    from dpfah.settings import ModelSettings
+
+    torch.manual_seed(4)
+    source = alexnet(weights=None)
+    path = tmp_path / "alexnet.pth"
+    torch.save(source.state_dict(), path)
+    model = DPFAH.build(16, 5, ModelSettings(backbone="alexnet", backbone_weights=str(path)), seed=0)
+    assert model.backbone == "alexnet" and model.uses_pfa
+    torch.testing.assert_close(model.stem[0].weight, source.features[0].weight)
+    torch.testing.assert_close(model.layers[-3].weight, source.features[10].weight)
+    torch.testing.assert_close(model.pool[-2].weight, source.classifier[4].weight)  # fc7; the ImageNet fc8 is dropped
+    assert model.hash_head.in_features == 4096
+    trunk = sum(p.numel() for n, p in source.named_parameters() if not n.startswith("classifier.6."))
+    assert _count(model.parameters()) == trunk + (4096 * 16 + 16) + (4096 * 5 + 5)
+
+    x = torch.randn(2, 3, 64, 64)
+    model.eval()
+    u, logits = model(x)
+    assert u.shape == (2, 16) and logits.shape == (2, 5)
+    plain = DPFAH(16, 5, pfa=False, backbone="alexnet").eval()
+    plain.load_state_dict(model.state_dict())
+    assert not plain.uses_pfa and not torch.allclose(plain(x)[0], u)  # PFA changes the output
+    model.train()
+    (model(x)[0].sum()).backward()
+    assert model.stem[0].weight.grad.abs().sum() > 0
+
+    with pytest.raises(ValueError, match="not a alexnet state dict"):
+        DPFAH(16, 5, backbone="alexnet", backbone_weights=_resnet_file(tmp_path))
+    with pytest.raises(ValueError, match="backbone='vgg'"):
+        DPFAH(16, 5, backbone="vgg")
+
+
+def _resnet_file(tmp_path):
+    path = tmp_path / "resnet18.pth"
+    torch.save(resnet18(weights=None).state_dict(), path)
+    return path
+
+
+def test_model_settings_default_is_the_resnet18_network():
+    from dpfah.settings import ModelSettings
+
+    assert ModelSettings().backbone == "resnet18"
+    model = DPFAH.build(8, 3, ModelSettings(), seed=0)
+    assert model.backbone == "resnet18" and isinstance(model.stem[1], torch.nn.BatchNorm2d)
+    torch.manual_seed(0)
+    torch.testing.assert_close(model.state_dict(), DPFAH(8, 3).state_dict(), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="backbone"):
+        ModelSettings(backbone="vgg")

@@ -1,0 +1,35 @@
+"""The DPFAH objective (:class:`dpfah.loss.DPFAHLoss`) as a registry entry."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..loss import DPFAHLoss
+from ..settings import PAIRS
+from .base import Declared
+
+__all__ = ["DPFAH"]
+
+
+class DPFAH(Declared, DPFAHLoss):
+    """:class:`~dpfah.loss.DPFAHLoss` unchanged (L1 + eta L2 + zeta L3; see its docstring),
+    with the registry's declarations. Defaults: the paper's eta = 10, zeta = 0.1, delta = 1.1
+    (the CPU profile of params.yaml uses eta = 1). ``pairs``: ``batch`` or ``bank`` (the
+    bank pairs the batch with every row seen so far, needs train_size).
+
+    State: the bank with ``pairs="bank"``. Data-parallel: see DPFAHLoss.step.
+    """
+
+    name = "dpfah"
+    defaults = {"eta": 10.0, "zeta": 0.1, "delta": 1.1, "pairs": "batch"}
+    tunable = ("eta", "zeta")
+    choices = {"pairs": PAIRS}
+
+    @classmethod
+    def needs_train_size(cls, params) -> bool:
+        return params.get("pairs") == "bank"
+
+    def __init__(self, *, bits: int, num_classes: int, train_size: int | None = None, **params: Any) -> None:
+        p = self.resolve(params, bits, num_classes, train_size)
+        super().__init__(p["eta"], p["zeta"], p["delta"], pairs=p["pairs"], bank_size=train_size, bits=bits, num_classes=num_classes)
+        self.hparams = p
