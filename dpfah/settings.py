@@ -97,6 +97,9 @@ OPTIMIZERS = ("rmsprop", "adamw", "sgd")
 SCHEDULES = ("constant", "cosine", "onecycle")
 PRECISIONS = ("auto", "fp32", "bf16")
 PAIRS = ("batch", "bank")
+#: The methods of :mod:`dpfah.methods`, by registry name (declared here too, so that reading
+#: params.yaml needs no torch; a test keeps the two equal).
+METHODS = ("dpfah", "dpsh", "dsh", "dhn", "hashnet", "dsdh", "dfh", "idhn", "dbdh", "lcdsh")
 BACKBONES = ("resnet18", "alexnet")
 
 

@@ -30,6 +30,8 @@ __all__ = [
     "PROMOTIONS_DIR",
     "TUNE_DIR",
     "METRIC_PREFIX",
+    "DEFAULT_METHOD",
+    "stem",
     "run_file",
     "objective_file",
     "metrics_file",
@@ -55,24 +57,35 @@ METRIC_PREFIX = "query_"
 Root = str | os.PathLike
 
 
-def run_file(dataset: str, bits: int, root: Root = ".") -> Path:
-    return Path(root) / RUNS_DIR / f"{dataset}-{bits}.json"
+#: The method a training runs when none is named (and the registry's DPFAH names).
+DEFAULT_METHOD = "dpfah"
 
 
-def objective_file(dataset: str, bits: int, root: Root = ".") -> Path:
-    return Path(root) / OBJECTIVES_DIR / f"{dataset}-{bits}.json"
+def stem(dataset: str, bits: int, method: str = DEFAULT_METHOD, seed: int = 0) -> str:
+    """The name of one training's files: ``<dataset>-<bits>-<method>-s<seed>`` (method: a
+    method or variant name; seed: the training seed), as dvc.yaml's matrix spells it."""
+    return f"{dataset}-{bits}-{method}-s{seed}"
 
 
-def metrics_file(dataset: str, bits: int, root: Root = ".") -> Path:
-    return Path(root) / METRICS_DIR / f"{dataset}-{bits}.json"
+def run_file(dataset: str, bits: int, root: Root = ".", *, method: str = DEFAULT_METHOD, seed: int = 0) -> Path:
+    return Path(root) / RUNS_DIR / f"{stem(dataset, bits, method, seed)}.json"
 
 
-def plots_dir(dataset: str, bits: int, root: Root = ".") -> Path:
-    return Path(root) / PLOTS_DIR / f"{dataset}-{bits}"
+def objective_file(dataset: str, bits: int, root: Root = ".", *, method: str = DEFAULT_METHOD) -> Path:
+    """The objective does not depend on the training seed: one file per method."""
+    return Path(root) / OBJECTIVES_DIR / f"{dataset}-{bits}-{method}.json"
 
 
-def promotion_file(dataset: str, bits: int, root: Root = ".") -> Path:
-    return Path(root) / PROMOTIONS_DIR / f"{dataset}-{bits}.json"
+def metrics_file(dataset: str, bits: int, root: Root = ".", *, method: str = DEFAULT_METHOD, seed: int = 0) -> Path:
+    return Path(root) / METRICS_DIR / f"{stem(dataset, bits, method, seed)}.json"
+
+
+def plots_dir(dataset: str, bits: int, root: Root = ".", *, method: str = DEFAULT_METHOD, seed: int = 0) -> Path:
+    return Path(root) / PLOTS_DIR / stem(dataset, bits, method, seed)
+
+
+def promotion_file(dataset: str, bits: int, root: Root = ".", *, method: str = DEFAULT_METHOD, seed: int = 0) -> Path:
+    return Path(root) / PROMOTIONS_DIR / f"{stem(dataset, bits, method, seed)}.json"
 
 
 def tune_dir(dataset: str, root: Root = ".") -> Path:

@@ -39,7 +39,7 @@ from typing import Any, Literal
 
 import yaml
 
-from dpfah.settings import LossSettings, ModelSettings, TrainSettings, above, at_least, finite
+from dpfah.settings import METHODS, LossSettings, ModelSettings, TrainSettings, above, at_least, finite
 from dpfah.settings import checked as _check
 
 from .errors import ConfigError
@@ -202,6 +202,13 @@ class TrainConfig(TrainSettings):
     max_failures: int = field(default=2, metadata=_check(at_least(0)))
     collective_timeout_s: int = field(default=600, metadata=_check(at_least(10)))
     storage_path: str = field(default="ray_results", metadata=_check(matches(r".*\S", "a path or URI (where Ray Train keeps checkpoints)")))
+    # The method one training runs: a name of dpfah.methods (dpfah, dsh, hashnet, ...) or
+    # of the `variants` section; `python -m pipeline.train --method` overrides it.
+    method: str = field(default="dpfah", metadata=_check(matches(NAME_RE.pattern, "a method or variant name")))
+    # What `dvc repro` trains, evaluates and promotes: every entry of `methods` (methods or
+    # variants) at every code length in `bits` with every training seed in `seeds`.
+    methods: tuple[str, ...] = field(default=("dpfah",), metadata=_check(lambda v: None if v and len(set(v)) == len(v) else "must list distinct names"))
+    seeds: tuple[int, ...] = field(default=(0,), metadata=_check(lambda v: None if v and len(set(v)) == len(v) and min(v) >= 0 else "must list distinct seeds >= 0"))
     # fault injection for tests: the last rank dies once as epoch fail_at_epoch + 1 starts
     # (counted from 0; the last epoch: no fault, each rank only notes the epochs it starts)
     fail_at_epoch: int | None = field(default=None, metadata=_check(at_least(0)))
@@ -300,17 +307,31 @@ _ALIAS_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*$")
 class PromoteConfig:
     """The `promote` stage: register the model; move the alias only to a better one."""
 
-    model_name: str = field(default="dpfah-{dataset}-{bits}b", metadata=_check(matches(r".+", "a name")))
+    # {method}: the method or variant, so each has its own champion (DPFAH's: dpfah-<d>-<b>b)
+    model_name: str = field(default="{method}-{dataset}-{bits}b", metadata=_check(matches(r".+", "a name")))
     alias: str = "champion"
     metric: Literal["query_map", "query_map_tie_aware"] = field(default="query_map", metadata={"noun": "metric"})
 
     def validate(self) -> None:
         try:
-            self.model_name.format(dataset="d", bits=1)
+            self.model_name.format(dataset="d", bits=1, method="m")
         except (KeyError, IndexError, ValueError) as e:
-            raise Invalid("model_name", f"{self.model_name!r} may use only {{dataset}} and {{bits}} ({type(e).__name__}: {e})") from None
+            raise Invalid("model_name", f"{self.model_name!r} may use only {{dataset}}, {{bits}} and {{method}} ({type(e).__name__}: {e})") from None
         if not _ALIAS_RE.match(self.alias) or self.alias == "latest" or re.match(r"^v\d+$", self.alias):
             raise Invalid("alias", f"{self.alias!r} is not a usable MLflow alias (letters, digits, _ and -; not 'latest' or v<N>)")
+
+
+@dataclass(frozen=True)
+class VariantConfig:
+    """A named training recipe that stands in `train.methods` beside the plain methods: a
+    method with changes to the network (`model`) and to the method's hyper-parameters
+    (`objective`; for dpfah the keys of `loss`). The paper's ablation rows are variants."""
+
+    method: str = field(default="dpfah", metadata=_check(lambda v: None if v in METHODS else f"unknown method {v!r} (known: {', '.join(METHODS)})"))
+    model: dict[str, Any] = field(default_factory=dict)
+    objective: dict[str, Any] = field(default_factory=dict)
+    description: str = ""
+
 
 
 @dataclass(frozen=True)
@@ -338,14 +359,47 @@ class Params:
     tune: TuneConfig = field(default_factory=TuneConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     promote: PromoteConfig = field(default_factory=PromoteConfig)
+    # Hyper-parameters of the other methods, under the method's name (e.g. `dsh: {alpha:
+    # 0.05}`); what is not given keeps the method's default (its paper's). DPFAH's are `loss`.
+    objectives: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # Named variants (a method plus network and hyper-parameter changes), usable wherever a
+    # method name is (train.method, train.methods).
+    variants: dict[str, VariantConfig] = field(default_factory=dict)
 
     def validate(self) -> None:
+        for name, variant in self.variants.items():
+            if not NAME_RE.match(name) or name in METHODS:
+                raise Invalid("variants", f"variant name {name!r} must match {NAME_RE.pattern} and not be a method's name")
+            self.variant_model(name)  # the network changes: known keys, valid values
+        for key, names in (("train.method", (self.train.method,)), ("train.methods", self.train.methods)):
+            for name in names:
+                if name not in METHODS and name not in self.variants:
+                    raise Invalid(key, f"unknown method or variant {name!r} (methods: {', '.join(METHODS)}; variants: {', '.join(self.variants) or 'none'})")
+        for name in self.objectives:
+            if name == "dpfah":
+                raise Invalid("objectives.dpfah", "DPFAH's hyper-parameters are the `loss` section")
+            if name not in METHODS:
+                raise Invalid("objectives", f"unknown method {name!r} (known: {', '.join(METHODS)})")
+        if self.objectives or any(v.objective for v in self.variants.values()):
+            from .methods import check_hyperparameters  # imports torch: only when there is something to check
+
+            for name, values in self.objectives.items():
+                check_hyperparameters(name, values, f"objectives.{name}")
+            for name, variant in self.variants.items():
+                check_hyperparameters(variant.method, variant.objective, f"variants.{name}.objective")
         for name in self.datasets:
             if not NAME_RE.match(name):
                 raise Invalid("datasets", f"dataset name {name!r} must match {NAME_RE.pattern} (it names files and DVC stages)")
         for name in self.prepare.datasets:
             if name not in self.datasets:
                 raise Invalid("prepare.datasets", f"unknown dataset {name!r} (defined: {', '.join(self.datasets) or 'none'})")
+
+    def variant_model(self, name: str) -> ModelSettings:
+        """The `model` section with variant ``name``'s network changes (none for a method)."""
+        variant = self.variants.get(name)
+        if variant is None or not variant.model:
+            return self.model
+        return _build(ModelSettings, {**dataclasses.asdict(self.model), **variant.model}, f"variants.{name}.model")
 
     def dataset(self, name: str) -> DatasetConfig:
         try:
@@ -529,6 +583,13 @@ def _build(tp: Any, value: Any, key: str, meta: Mapping[str, Any] | None = None)
         if len(members) == 1:
             return _build(members[0], value, key, meta)
         raise TypeError(f"unsupported config type {tp}")
+    if tp is Any:  # a free value (method hyper-parameters): checked against the method's declaration
+        if isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a value, got a mapping {value!r}")
+        for i, v in enumerate(value if isinstance(value, list) else [value]):
+            if isinstance(v, float) and finite(v):
+                raise ConfigError(f"{where}{f'[{i}]' if isinstance(value, list) else ''}: {finite(v)}")
+        return tuple(value) if isinstance(value, list) else value
     if value is None and tp is not type(None) and not dataclasses.is_dataclass(tp):
         raise ConfigError(f"{where}: missing value (expected {_type_name(tp)})")
     if dataclasses.is_dataclass(tp):

@@ -42,7 +42,7 @@ from typing import Any
 
 import numpy as np
 
-from .artifacts import metric_values, metrics_file, plots_dir, write_atomic, write_json_atomic
+from .artifacts import DEFAULT_METHOD, metric_values, metrics_file, plots_dir, write_atomic, write_json_atomic
 from .config import Params, add_config_args, config_from_args
 from .errors import ConfigError, DataError, run_main
 from .registry import (
@@ -326,12 +326,12 @@ class _Subject:
     image_size: int
 
 
-def _subject(params: Params, dataset: str, bits: int, run_id: str | None, root, device) -> _Subject:
+def _subject(params: Params, dataset: str, bits: int, run_id: str | None, root, device, which: dict[str, Any]) -> _Subject:
     """The run of the record (or ``run_id``), checked to be a finished training of this
     dataset and length on these very shards, with its model loaded on ``device``."""
     record: dict[str, Any] | None = None
     if run_id is None:
-        record, record_path = read_run_record(dataset, bits, root)
+        record, record_path = read_run_record(dataset, bits, root, **which)
         run_id, source = record["run_id"], str(record_path)
     else:
         source = "--run-id"
@@ -427,10 +427,14 @@ def evaluate(
     run_id: str | None = None,
     progress: bool | None = None,
     root: str | os.PathLike = ".",
+    method: str = DEFAULT_METHOD,
+    seed: int | None = None,
 ) -> Evaluation:
-    """Evaluate the model of ``runs/<dataset>-<bits>.json`` (or of ``run_id``) on the
-    dataset's query and database splits; write the DVC files under ``root`` and log
-    everything to the model's MLflow run."""
+    """Evaluate the model of ``runs/<dataset>-<bits>-<method>-s<seed>.json`` (or of
+    ``run_id``) on the dataset's query and database splits; write the DVC files under
+    ``root`` and log everything to the model's MLflow run. ``seed``: the training seed
+    (default: params.yaml's ``seed``, as for train)."""
+    which = {"method": method, "seed": params.seed if seed is None else seed}
     with span("imports: torch, mlflow"):
         import mlflow.pytorch  # noqa: F401
         import torch  # noqa: F401
@@ -444,7 +448,7 @@ def evaluate(
         raise ConfigError(f"--bits {bits}: must be >= 1")
     device = _device(params.evaluate.device)
     with span("mlflow: find the run, load the model"):
-        subject = _subject(params, dataset, bits, run_id, root, device)
+        subject = _subject(params, dataset, bits, run_id, root, device, which)
     seconds["load"] = time.perf_counter() - t0
 
     t = time.perf_counter()
@@ -485,10 +489,10 @@ def evaluate(
         art = Path(tmp)
         with span("figures and codes"):
             _build_artifacts(art, subject, params, dataset, bits, doc, report, codes)
-        plot_dir = plots_dir(dataset, bits, root)
+        plot_dir = plots_dir(dataset, bits, root, **which)
         for f in _write_plots(plot_dir, report):
             shutil.copy(f, art / f.name)  # the curve data as DVC has it
-        path = write_json_atomic(metrics_file(dataset, bits, root), doc)
+        path = write_json_atomic(metrics_file(dataset, bits, root, **which), doc)
         with span("mlflow logging"):
             _log_to_run(subject, params, doc, metrics, art)
     seconds["outputs"] = time.perf_counter() - t
@@ -517,6 +521,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--dataset", required=True, metavar="NAME", help="dataset name from params.yaml (its shards must be prepared)")
     parser.add_argument("--bits", type=int, required=True, metavar="L", help="code length of the trained model")
+    parser.add_argument("--method", metavar="NAME", default=DEFAULT_METHOD, help="the method or variant trained (names the run record; default: dpfah)")
+    parser.add_argument("--seed", type=int, metavar="N", help="the training seed (names the run record; default: params.yaml's seed)")
     parser.add_argument("--run-id", metavar="ID", help="evaluate this MLflow run's model instead of the run record's (e.g. after `ray job submit`)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     add_config_args(parser)
@@ -527,7 +533,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     record("evaluate: main entered", time.time())
     args = build_parser().parse_args(argv)
     params = config_from_args(args)
-    result = evaluate(params, args.dataset, args.bits, run_id=args.run_id, progress=False if args.quiet else None)
+    result = evaluate(params, args.dataset, args.bits, run_id=args.run_id, progress=False if args.quiet else None, method=args.method, seed=args.seed)
     d = m = result.doc
     p_at = max((n for n in P_AT if f"query_p_at_{n}" in m), default=None)
     extra = f", P@{p_at} {m[f'query_p_at_{p_at}']:.4f}" if p_at else ""

@@ -1,13 +1,16 @@
-"""Stage `objective`: the loss settings one training uses, resolved into a small file.
+"""Stage `objective`: what one training optimises, resolved into a small file.
 
-    python -m pipeline.objective --dataset cifar10 --bits 64 [--params FILE] [--set key=value ...]
+    python -m pipeline.objective --dataset cifar10 --bits 64 [--method NAME] [--params FILE] [--set key=value ...]
 
-A training's loss weights come from params.yaml's ``loss`` section, or, with
-``loss.use_tuned``, from the tune stage's ``tune/<dataset>/best.json`` (the best trial at
-this code length, else the best overall). DVC has no conditional dependencies, so this
-stage makes the dependency exact: it reads both and writes
-``objectives/<dataset>-<bits>.json`` (eta, zeta, delta, pairs and where eta and zeta came
-from), and the training depends on that file alone. A new search result rewrites the file
+A training runs a method of :mod:`dpfah.methods` or a named variant (a method with network
+and hyper-parameter changes). DPFAH's loss weights come from params.yaml's ``loss``
+section, or, with ``loss.use_tuned``, from the tune stage's ``tune/<dataset>/best.json``
+(the best trial at this code length, else the best overall); the other methods' from
+``objectives.<method>`` over their papers' defaults. DVC has no conditional dependencies,
+so this stage makes the dependency exact: it reads all of that and writes
+``objectives/<dataset>-<bits>-<method>.json`` (the method, its hyper-parameters, a
+variant's network changes, and where the weights came from), and the training depends on
+that file alone. A new search result rewrites the file
 only for the trainings that use it; for the others the file stays byte-identical, and DVC
 does not retrain them.
 """
@@ -20,18 +23,36 @@ import json
 import os
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dpfah.settings import LossSettings, pick
+from dpfah.settings import METHODS, LossSettings, pick
 
-from .artifacts import best_file, objective_file, write_json_atomic
+from .artifacts import DEFAULT_METHOD, best_file, objective_file, write_json_atomic
 from .config import Params, add_config_args, config_from_args
 from .errors import ConfigError, run_main
 
-__all__ = ["Resolved", "resolve", "write", "read", "main"]
+__all__ = ["Recipe", "resolve", "resolve_dpfah", "write", "read", "main"]
 
-Resolved = tuple[LossSettings, dict[str, str]]
+
+@dataclass(frozen=True)
+class Recipe:
+    """What one training optimises: ``entry`` (a method or variant name, as train.methods
+    lists it) runs ``method`` (a :mod:`dpfah.methods` name) with ``hparams`` over the
+    method's defaults and ``model`` changes to the network; ``source`` says where the
+    hyper-parameters came from (tags of the run)."""
+
+    entry: str
+    method: str
+    hparams: dict[str, Any]
+    model: dict[str, Any]
+    source: dict[str, str]
+
+    @classmethod
+    def dpfah(cls, loss: LossSettings, source: dict[str, str] | None = None) -> Recipe:
+        """DPFAH with these loss settings (Tune's trials)."""
+        return cls(DEFAULT_METHOD, DEFAULT_METHOD, dataclasses.asdict(loss), {}, dict(source or {"weights_from": "params"}))
 
 
 def _tuned(dataset: str, bits: int, root: str | os.PathLike) -> tuple[dict[str, float], dict[str, str]]:
@@ -56,8 +77,8 @@ def _tuned(dataset: str, bits: int, root: str | os.PathLike) -> tuple[dict[str, 
     return weights, source
 
 
-def resolve(params: Params, dataset: str, bits: int, root: str | os.PathLike = ".") -> Resolved:
-    """(the loss settings, where eta and zeta came from) for ``dataset`` at ``bits``."""
+def resolve_dpfah(params: Params, dataset: str, bits: int, root: str | os.PathLike = ".") -> tuple[LossSettings, dict[str, str]]:
+    """(DPFAH's loss settings, where eta and zeta came from) for ``dataset`` at ``bits``."""
     params.dataset(dataset)
     if not params.loss.use_tuned:
         return pick(LossSettings, params.loss), {"weights_from": "params"}
@@ -65,20 +86,41 @@ def resolve(params: Params, dataset: str, bits: int, root: str | os.PathLike = "
     return pick(LossSettings, params.loss, **weights), {"weights_from": "tune", **source}
 
 
-def write(resolved: Resolved, dataset: str, bits: int, root: str | os.PathLike = ".") -> Path:
-    settings, source = resolved
-    doc = {"dataset": dataset, "bits": bits, "loss": dataclasses.asdict(settings), "source": source}
-    return write_json_atomic(objective_file(dataset, bits, root), doc)
+def resolve(params: Params, dataset: str, bits: int, method: str | None = None, root: str | os.PathLike = ".") -> Recipe:
+    """The recipe of ``method`` (default: train.method; a method or a variant) for
+    ``dataset`` at ``bits``: DPFAH's from `loss` (or the search, with loss.use_tuned), the
+    others' from `objectives.<method>`, then a variant's own changes on top."""
+    entry = method or params.train.method
+    params.dataset(dataset)
+    variant = params.variants.get(entry)
+    if variant is None and entry not in METHODS:
+        raise ConfigError(f"--method {entry}: unknown method or variant (methods: {', '.join(METHODS)}; variants: {', '.join(params.variants) or 'none'})")
+    base = variant.method if variant else entry
+    if base == DEFAULT_METHOD:
+        loss, source = resolve_dpfah(params, dataset, bits, root)
+        hparams = dataclasses.asdict(loss)
+    else:
+        hparams, source = dict(params.objectives.get(base, {})), {"weights_from": "params"}
+    if variant is not None:
+        hparams.update(variant.objective)
+        source = {**source, "variant": entry}
+    return Recipe(entry, base, hparams, dict(variant.model) if variant else {}, source)
 
 
-def read(path: str | os.PathLike, dataset: str, bits: int) -> Resolved:
-    """The loss settings of an objective file, checked to belong to ``dataset`` at ``bits``."""
+def write(recipe: Recipe, dataset: str, bits: int, root: str | os.PathLike = ".") -> Path:
+    doc = {"dataset": dataset, "bits": bits, **{k: v for k, v in dataclasses.asdict(recipe).items()}}
+    doc["hparams"] = {k: list(v) if isinstance(v, tuple) else v for k, v in recipe.hparams.items()}
+    return write_json_atomic(objective_file(dataset, bits, root, method=recipe.entry), doc)
+
+
+def read(path: str | os.PathLike, dataset: str, bits: int) -> Recipe:
+    """The recipe of an objective file, checked to belong to ``dataset`` at ``bits``."""
     path = Path(path)
     try:
         doc: dict[str, Any] = json.loads(path.read_text())
         if (doc["dataset"], doc["bits"]) != (dataset, bits):
             raise ConfigError(f"{path}: the objective of {doc['dataset']!r} at {doc['bits']} bits, not {dataset!r} at {bits}")
-        return LossSettings(**doc["loss"]), {k: str(v) for k, v in doc.get("source", {}).items()}
+        return Recipe(doc["entry"], doc["method"], dict(doc["hparams"]), dict(doc["model"]), {k: str(v) for k, v in doc.get("source", {}).items()})
     except FileNotFoundError:
         raise ConfigError(f"{path}: not found (python -m pipeline.objective --dataset {dataset} --bits {bits} writes it)") from None
     except (OSError, ValueError, KeyError, TypeError) as e:
@@ -88,11 +130,13 @@ def read(path: str | os.PathLike, dataset: str, bits: int) -> Resolved:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m pipeline.objective",
-        description="Resolve the loss settings of one training (params.yaml's `loss`, or with loss.use_tuned the "
-        "search's best eta and zeta) into objectives/<dataset>-<bits>.json, the file the train stage reads under DVC.",
+        description="Resolve what one training optimises - the method (or variant), its hyper-parameters (for DPFAH "
+        "params.yaml's `loss`, or with loss.use_tuned the search's best eta and zeta; for the others `objectives.<method>`) "
+        "and a variant's network changes - into objectives/<dataset>-<bits>-<method>.json, the file the train stage reads under DVC.",
     )
     parser.add_argument("--dataset", required=True, help="dataset name from params.yaml")
     parser.add_argument("--bits", type=int, required=True, help="code length of the training")
+    parser.add_argument("--method", metavar="NAME", help="a method (dpfah, dsh, hashnet, ...) or a variant of params.yaml (default: train.method)")
     add_config_args(parser)
     return parser
 
@@ -100,10 +144,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     params = config_from_args(args)
-    resolved = resolve(params, args.dataset, args.bits)
-    path = write(resolved, args.dataset, args.bits)
-    s = resolved[0]
-    print(f"{args.dataset} {args.bits} bits: eta {s.eta:g}, zeta {s.zeta:g} (from {resolved[1]['weights_from']}); wrote {path}")
+    recipe = resolve(params, args.dataset, args.bits, args.method)
+    path = write(recipe, args.dataset, args.bits)
+    shown = ", ".join(f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}" for k, v in recipe.hparams.items()) or "its defaults"
+    what = recipe.entry if recipe.entry == recipe.method else f"{recipe.entry} ({recipe.method})"
+    print(f"{args.dataset} {args.bits} bits, {what}: {shown} (from {recipe.source['weights_from']}); wrote {path}")
     return 0
 
 

@@ -42,7 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .artifacts import metric_values, metrics_file, promotion_file, write_json_atomic
+from .artifacts import DEFAULT_METHOD, metric_values, metrics_file, promotion_file, write_json_atomic
 from .config import Params, add_config_args, config_from_args
 from .errors import ConfigError, PipelineError, run_main
 from .registry import EVAL_COMPLETE_TAG, EVAL_ID_TAG, MismatchError, check_training_run, load_checked_model, read_run_record, run_model_uri
@@ -81,15 +81,15 @@ class Promotion:
     moved: bool  # the alias was moved
 
 
-def model_name(params: Params, dataset: str, bits: int) -> str:
-    name = params.promote.model_name.format(dataset=dataset, bits=bits)
+def model_name(params: Params, dataset: str, bits: int, method: str = DEFAULT_METHOD) -> str:
+    name = params.promote.model_name.format(dataset=dataset, bits=bits, method=method)
     if "'" in name or '"' in name:
         raise ConfigError(f"promote.model_name: {name!r} must not contain quotes")
     return name
 
 
-def _read_metrics(dataset: str, bits: int, root) -> tuple[dict[str, Any], Path]:
-    path = metrics_file(dataset, bits, root)
+def _read_metrics(dataset: str, bits: int, root, which: dict[str, Any]) -> tuple[dict[str, Any], Path]:
+    path = metrics_file(dataset, bits, root, **which)
     try:
         doc = json.loads(path.read_text())
     except FileNotFoundError:
@@ -154,11 +154,11 @@ def _decide(client, name: str, version: int | None, run_id: str, value: float, h
     return ("promoted" if value > champ_value else "kept"), previous
 
 
-def _from_dvc_files(dataset: str, bits: int, root, map_at, metric: str) -> tuple[dict[str, Any], str, dict[str, Any]]:
+def _from_dvc_files(dataset: str, bits: int, root, map_at, metric: str, which: dict[str, Any]) -> tuple[dict[str, Any], str, dict[str, Any]]:
     """(run record, where it is, metrics file): the DVC way, where the two must agree."""
-    record, record_path = read_run_record(dataset, bits, root)
+    record, record_path = read_run_record(dataset, bits, root, **which)
     run_id = record["run_id"]
-    doc, doc_path = _read_metrics(dataset, bits, root)
+    doc, doc_path = _read_metrics(dataset, bits, root, which)
     if doc.get("run_id") != run_id:
         raise MismatchError(
             f"{doc_path}: metrics of run {doc.get('run_id')}, but {record_path} names run {run_id} "
@@ -173,7 +173,7 @@ def _from_dvc_files(dataset: str, bits: int, root, map_at, metric: str) -> tuple
     return record, str(record_path), doc
 
 
-def _evaluated_value(run, doc, dataset: str, bits: int, root, metric: str, map_at, source: str, by_id: bool) -> tuple[float, str]:
+def _evaluated_value(run, doc, dataset: str, bits: int, root, metric: str, map_at, source: str, by_id: bool, which: dict[str, Any]) -> tuple[float, str]:
     """(the run's ``metric``, the shards' sha256 it was measured on), checked to be the
     evaluation of this run on the data it was trained on, as the metrics file says, and
     complete: its ``eval.complete`` marker, written last by evaluate, names its ``eval.id``."""
@@ -194,12 +194,12 @@ def _evaluated_value(run, doc, dataset: str, bits: int, root, metric: str, map_a
         )
     if doc is not None and doc.get("eval_id") not in (None, marker):
         raise MismatchError(
-            f"{metrics_file(dataset, bits, root)}: evaluation {doc['eval_id']}, but MLflow run {run_id}'s last completed "
+            f"{metrics_file(dataset, bits, root, **which)}: evaluation {doc['eval_id']}, but MLflow run {run_id}'s last completed "
             f"evaluation is {marker}: re-run evaluate"
         )
     if doc is not None and doc[metric] != value:
         raise MismatchError(
-            f"{metrics_file(dataset, bits, root)}: {metric} {doc[metric]!r} differs from MLflow run {run_id}'s "
+            f"{metrics_file(dataset, bits, root, **which)}: {metric} {doc[metric]!r} differs from MLflow run {run_id}'s "
             f"{value!r} (another evaluation was logged since): re-run evaluate"
         )
     if tags.get("eval.map_at") != str(map_at):
@@ -217,19 +217,24 @@ def promote(
     *,
     run_id: str | None = None,
     root: str | os.PathLike = ".",
+    method: str = DEFAULT_METHOD,
+    seed: int | None = None,
 ) -> Promotion:
-    """Register the evaluated model of ``runs/<dataset>-<bits>.json`` (or ``run_id``) and move
-    the alias to it when it beats the holder; write ``promotions/<dataset>-<bits>.json``."""
+    """Register the evaluated model of ``runs/<dataset>-<bits>-<method>-s<seed>.json`` (or
+    ``run_id``) as ``promote.model_name`` (default ``<method>-<dataset>-<bits>b``: each method
+    has its own champion) and move the alias to it when it beats the holder; write
+    ``promotions/<dataset>-<bits>-<method>-s<seed>.json``."""
+    which = {"method": method, "seed": params.seed if seed is None else seed}
     params.dataset(dataset)
     cfg = params.promote
     metric, alias = cfg.metric, cfg.alias
     map_at = params.evaluate.map_at_label(dataset)
-    name = model_name(params, dataset, bits)
+    name = model_name(params, dataset, bits, method)
 
     record: dict[str, Any] | None = None
     doc: dict[str, Any] | None = None
     if run_id is None:
-        record, source, doc = _from_dvc_files(dataset, bits, root, map_at, metric)
+        record, source, doc = _from_dvc_files(dataset, bits, root, map_at, metric, which)
         run_id = record["run_id"]
     else:
         source = "--run-id"
@@ -238,14 +243,14 @@ def promote(
         client = connect(uri)
         run = get_run(client, run_id, uri, source)
     check_training_run(run, dataset, bits, source)
-    value, sha = _evaluated_value(run, doc, dataset, bits, root, metric, map_at, source, by_id=record is None)
+    value, sha = _evaluated_value(run, doc, dataset, bits, root, metric, map_at, source, by_id=record is None, which=which)
     tags = run.data.tags
     model_uri = run_model_uri(client, run, uri, record.get("model_uri") if record else None)
     with span("mlflow: load the model, check its weights"):
         load_checked_model(model_uri, run_id, uri)  # NaN or inf anywhere: refused, nothing registered
     with span("mlflow: register, decide, tag"), promotion_lock(client, uri, name):
         out, version, registered, moved = _register_and_decide(client, uri, name, alias, metric, map_at, run_id, value, sha, tags, model_uri, dataset, bits)
-    path = write_json_atomic(promotion_file(dataset, bits, root), out)
+    path = write_json_atomic(promotion_file(dataset, bits, root, **which), out)
     return Promotion(out, path, registered, moved)
 
 
@@ -471,6 +476,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--dataset", required=True, metavar="NAME", help="dataset name from params.yaml")
     parser.add_argument("--bits", type=int, required=True, metavar="L", help="code length of the model")
+    parser.add_argument("--method", metavar="NAME", default=DEFAULT_METHOD, help="the method or variant trained (names the files and, by default, the registered model; default: dpfah)")
+    parser.add_argument("--seed", type=int, metavar="N", help="the training seed (names the files; default: params.yaml's seed)")
     parser.add_argument(
         "--run-id",
         metavar="ID",
@@ -484,7 +491,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     record("promote: main entered", time.time())
     args = build_parser().parse_args(argv)
     params = config_from_args(args)
-    result = promote(params, args.dataset, args.bits, run_id=args.run_id)
+    result = promote(params, args.dataset, args.bits, run_id=args.run_id, method=args.method, seed=args.seed)
     r = result.record
     prev = r["previous"]
     versus = f"version {prev['version']} has {prev['value']:.4f}" if prev and prev.get("value") is not None else "no champion before"

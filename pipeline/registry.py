@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .artifacts import run_file
+from .artifacts import DEFAULT_METHOD, run_file
 from .config import MlflowConfig
 from .errors import PipelineError
 from .tracking import mlflow_errors, resolve_uri, tracking_uri
@@ -50,15 +50,17 @@ class NonFiniteWeights(PipelineError):
     """A model has NaN or infinite values in a parameter or buffer (its training diverged)."""
 
 
-def read_run_record(dataset: str, bits: int, root: str | os.PathLike = ".") -> tuple[dict[str, Any], Path]:
-    """The training run record ``runs/<dataset>-<bits>.json``, checked to describe that
-    dataset and code length."""
-    path = run_file(dataset, bits, root)
+def read_run_record(
+    dataset: str, bits: int, root: str | os.PathLike = ".", *, method: str = DEFAULT_METHOD, seed: int = 0
+) -> tuple[dict[str, Any], Path]:
+    """The training run record ``runs/<dataset>-<bits>-<method>-s<seed>.json``, checked to
+    describe that dataset and code length."""
+    path = run_file(dataset, bits, root, method=method, seed=seed)
     try:
         record = json.loads(path.read_text())
     except FileNotFoundError:
         raise RunRecordError(
-            f"{path}: no run record (train first: python -m pipeline.train --dataset {dataset} --bits {bits}; or give --run-id)"
+            f"{path}: no run record (train first: python -m pipeline.train --dataset {dataset} --bits {bits} --method {method} --seed {seed}; or give --run-id)"
         ) from None
     except (OSError, json.JSONDecodeError) as e:
         raise RunRecordError(f"{path}: unreadable run record ({type(e).__name__}: {e})") from None

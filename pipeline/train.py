@@ -1,16 +1,19 @@
-"""Train DPFAH with Ray Train (DDP over N workers) and record it in MLflow.
+"""Train a hashing model with Ray Train (DDP over N workers) and record it in MLflow.
 
-    python -m pipeline.train --dataset cifar10 --bits 64 [--objective FILE] [--params FILE] [--profile NAME] [--set key=value ...]
+    python -m pipeline.train --dataset cifar10 --bits 64 [--method NAME] [--seed N] [--objective FILE] [--params FILE] [--profile NAME] [--set key=value ...]
 
-The driver (this process) reads the prepared dataset's manifest, resolves the objective
-(``--objective``, the file the ``objective`` stage writes under DVC, or params.yaml's
-``loss`` section here), opens the MLflow run, fits a ``TorchTrainer`` whose workers each
-build the model and the objective and run ``dpfah.train.fit``, then logs the best
-validation checkpoint as an MLflow model and writes ``runs/<dataset>-<bits>.json`` (run id,
-model URI) for the evaluate and promote stages.
+The driver (this process) reads the prepared dataset's manifest, resolves what to train
+(``--objective``, the file the ``objective`` stage writes under DVC, or ``--method`` /
+``train.method`` resolved here: DPFAH, a comparison method of :mod:`dpfah.methods`, or a
+variant), opens the MLflow run, fits a ``TorchTrainer`` whose workers each build the
+network and the method's objective and run ``dpfah.train.fit``, then logs the best
+validation checkpoint as an MLflow model and writes
+``runs/<dataset>-<bits>-<method>-s<seed>.json`` (run id, model URI) for the evaluate and
+promote stages.
 
-What a training reads: its dataset's shards, its code length, the objective, and the
-``seed``, ``train``, ``model`` and ``mlflow`` sections (dvc.yaml lists exactly these).
+What a training reads: its dataset's shards, its code length, the objective file, its seed,
+and the ``train`` (but the matrix lists), ``model`` and ``mlflow`` sections (dvc.yaml lists
+exactly these).
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from typing import Any
 from dpfah.settings import LossSettings, ModelSettings, TrainSettings, pick
 
 from . import objective as objective_stage
+from .objective import Recipe
 from .artifacts import run_file, write_json_atomic
 from .cluster import check_request, ensure_ray, shutdown_if_started, started_here, train_run_defaults
 from .config import Params, add_config_args, config_from_args
@@ -57,6 +61,7 @@ class TrainOutcome:
     epochs: int
     run_file: str | None
     checkpoint: str  # the last Ray Train checkpoint (state.pt inside)
+    method: str = "dpfah"  # the method or variant trained
 
 
 @dataclass(frozen=True)
@@ -64,8 +69,9 @@ class Job:
     """What every worker needs, pickled to it: the three settings and the data."""
 
     train: TrainSettings
-    model: ModelSettings
-    loss: LossSettings
+    model: ModelSettings  # with a variant's network changes
+    method: str  # a dpfah.methods name
+    hparams: dict[str, Any]  # its hyper-parameters over its defaults
     bits: int
     num_classes: int
     seed: int
@@ -253,7 +259,7 @@ def _worker_loop(job: Job) -> dict[str, Any] | None:
     import torch
     from ray.train.torch import get_device
 
-    from dpfah.loss import DPFAHLoss
+    from dpfah import methods
     from dpfah.model import DPFAH
     from dpfah.train import NonFiniteLoss, fit
 
@@ -265,7 +271,7 @@ def _worker_loop(job: Job) -> dict[str, Any] | None:
     train_batches, steps, bank_size = _batches(job, rank, size, device)
     train_batches = _epoch_hook(job, train_batches, rank, size)
     model = DPFAH.build(job.bits, job.num_classes, job.model, seed=job.seed)  # the same start on every rank
-    objective = DPFAHLoss.from_settings(job.loss, bank_size=bank_size, bits=job.bits, num_classes=job.num_classes)
+    objective = methods.build(job.method, job.hparams, bits=job.bits, num_classes=job.num_classes, train_size=bank_size)
     state = None
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
@@ -363,7 +369,7 @@ def _drop_unregistered_checkpoints(result) -> None:
             result.filesystem.delete_dir(entry.path)
 
 
-def _log_params(job: Job, params: Params, dataset: str, manifest, name: str, source: dict[str, str]) -> None:
+def _log_params(job: Job, params: Params, dataset: str, manifest, name: str, recipe: Recipe) -> None:
     import mlflow
 
     from dpfah import kernels
@@ -371,9 +377,20 @@ def _log_params(job: Job, params: Params, dataset: str, manifest, name: str, sou
     t = params.train
     mlflow.log_params({f"train.{k}": v for k, v in dataclasses.asdict(job.train).items()})
     mlflow.log_params({f"model.{k}": v for k, v in dataclasses.asdict(job.model).items()})
-    mlflow.log_params({f"loss.{k}": v for k, v in dataclasses.asdict(job.loss).items()})
+    from dpfah import methods
+
+    # the method's hyper-parameters: its defaults (null: derived from the code length) and what params.yaml set
+    mlflow.log_params({f"loss.{k}": v for k, v in {**methods.get(job.method).defaults, **job.hparams}.items()})
     mlflow.log_params(
-        {"dataset": dataset, "bits": job.bits, "num_classes": job.num_classes, "seed": job.seed, "num_workers": t.num_workers, "use_gpu": t.use_gpu}
+        {
+            "dataset": dataset,
+            "bits": job.bits,
+            "method": recipe.entry,
+            "num_classes": job.num_classes,
+            "seed": job.seed,
+            "num_workers": t.num_workers,
+            "use_gpu": t.use_gpu,
+        }
     )
     mlflow.set_tags(
         {
@@ -385,7 +402,12 @@ def _log_params(job: Job, params: Params, dataset: str, manifest, name: str, sou
             "ray_run_name": name,
             **_driver_tags(),
             **{f"kernel.{k}": v for k, v in kernels.status().items()},
-            **source,
+            "method": recipe.entry,  # what train.methods lists: a method or a variant
+            "method.base": recipe.method,  # the dpfah.methods objective it runs
+            "backbone": job.model.backbone,
+            "pfa": str(job.model.pfa).lower(),
+            "seed": str(job.seed),
+            **recipe.source,
         }
     )
 
@@ -466,6 +488,9 @@ def run_training(
     dataset: str,
     bits: int,
     *,
+    method: str | None = None,
+    seed: int | None = None,
+    recipe: Recipe | None = None,
     loss: LossSettings | None = None,
     loss_source: dict[str, str] | None = None,
     run_name: str | None = None,
@@ -477,10 +502,13 @@ def run_training(
     validate: bool = True,
     log_model: bool = True,
 ) -> TrainOutcome:
-    """Fit one DPFAH model on Ray Train and record it in MLflow; returns the run's outcome.
+    """Fit one hashing model on Ray Train and record it in MLflow; returns the run's outcome.
 
-    ``loss`` (with ``loss_source``, tags saying where it came from) replaces the resolved
-    objective of ``pipeline.objective`` (Tune passes each trial's eta and zeta).
+    ``method`` (a method or variant; default train.method) is resolved by
+    ``pipeline.objective`` unless ``recipe`` (an objective file's) is given; ``loss`` (with
+    ``loss_source``, tags saying where it came from) makes it DPFAH with those settings (Tune
+    passes each trial's eta and zeta). ``seed``: the training seed (weights, data order,
+    augmentation; default: params.yaml's ``seed``).
     ``batch_source(epoch, rank, world_size)`` replaces the shard stream (tests use it to give
     every worker count the same global batches); ``callbacks`` go to Ray Train's RunConfig
     (Tune passes its report callback); ``parent_run_id`` nests the MLflow run.
@@ -501,18 +529,23 @@ def run_training(
         raise ConfigError(f"--bits {bits}: must be >= 1")
     shards = params.shards_dir(dataset)
     manifest = prepared_manifest(params, dataset)  # one line naming the directory when prepare has not run
-    if loss is None:
-        loss, loss_source = objective_stage.resolve(params, dataset, bits)
+    if loss is not None:
+        recipe = Recipe.dpfah(loss, loss_source)
+    elif recipe is None:
+        recipe = objective_stage.resolve(params, dataset, bits, method)
+    seed = params.seed if seed is None else seed
     uri = tracking_uri(params)
     storage = resolve_uri(t.storage_path)
-    name = run_name or f"{dataset}-{bits}b-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+    name = run_name or f"{dataset}-{bits}b-{recipe.entry}-s{seed}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+    model = dataclasses.replace(params.model, **recipe.model)  # a variant's network changes
     job = Job(
         train=pick(TrainSettings, t),
-        model=dataclasses.replace(params.model, backbone_weights=_absolute(params.model.backbone_weights)),
-        loss=loss,
+        model=dataclasses.replace(model, backbone_weights=_absolute(model.backbone_weights)),
+        method=recipe.method,
+        hparams=dict(recipe.hparams),
         bits=bits,
         num_classes=manifest.num_classes,
-        seed=params.seed,
+        seed=seed,
         shards=shards,
         steps_cap=t.steps_per_epoch,
         loader_workers=t.loader_workers,
@@ -544,11 +577,12 @@ def run_training(
             record("mlflow: open the run", opened)
             run_id = run.info.run_id
             with span("mlflow: log params and tags"):
-                _log_params(job, params, dataset, manifest, name, loss_source or {})
+                _log_params(job, params, dataset, manifest, name, recipe)
                 if parent_run_id is None:
                     _fail_abandoned_runs(run.info.experiment_id, run_id, uri)
             with span("ray train: build the trainer"):
-                trainer = _trainer(job, params, name, storage, [*callbacks, EpochMetricsToMlflow(uri, run_id)])
+                # MLflow first: a Tune scheduler may stop the trial as soon as it sees the report
+                trainer = _trainer(job, params, name, storage, [EpochMetricsToMlflow(uri, run_id), *callbacks])
             if parent_run_id is None:  # a stage run: a line per epoch (Tune reports its own way)
                 print(f"training {dataset} {bits} bits: {t.num_workers} worker(s) on {'GPU' if t.use_gpu else 'CPU'}, {t.epochs} epochs; MLflow run {run_id} ({uri})", flush=True)
             with span("ray train: fit"), _epoch_printer(uri, run_id, t.epochs, enabled=parent_run_id is None):
@@ -575,7 +609,7 @@ def run_training(
         raise
     record("mlflow: close the run", closing)
 
-    outcome = TrainOutcome(run_id, model_uri, best_val_map, best_epoch, len(history), None, checkpoint_path)
+    outcome = TrainOutcome(run_id, model_uri, best_val_map, best_epoch, len(history), None, checkpoint_path, recipe.entry)
     if write_run_file:
         run_record = {
             "run_id": run_id,
@@ -585,6 +619,9 @@ def run_training(
             "experiment": experiment_name,
             "dataset": dataset,
             "bits": bits,
+            "method": recipe.entry,
+            "method_base": recipe.method,
+            "seed": seed,
             "protocol": manifest.protocol,
             "manifest_sha256": manifest.sha256,
             "best_val_map": best_val_map,
@@ -592,7 +629,7 @@ def run_training(
             "selected_by": selected,
             "epochs": len(history),
         }
-        path = write_json_atomic(run_file(dataset, bits), run_record)
+        path = write_json_atomic(run_file(dataset, bits, method=recipe.entry, seed=seed), run_record)
         outcome = dataclasses.replace(outcome, run_file=str(path))
     return outcome
 
@@ -617,18 +654,21 @@ def _absolute(path: str | None) -> str | None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m pipeline.train",
-        description="Train DPFAH on a prepared dataset with Ray Train (DDP) and record the run, "
-        "its per-epoch metrics and the best-validation model in MLflow. Writes runs/<dataset>-<bits>.json.",
+        description="Train a hashing model (DPFAH, a comparison method or a variant) on a prepared dataset with Ray "
+        "Train (DDP) and record the run, its per-epoch metrics and the best-validation model in MLflow. "
+        "Writes runs/<dataset>-<bits>-<method>-s<seed>.json.",
         epilog="Profiles: the defaults in params.yaml train on a CPU in minutes; "
         "`--profile paper` selects the paper's settings (224 px, RMSProp 5e-5, batch 128, GPUs) for this run.",
     )
     parser.add_argument("--dataset", required=True, help="dataset name from params.yaml (its shards must be prepared)")
     parser.add_argument("--bits", type=int, required=True, help="code length, e.g. 16, 32, 48 or 64")
+    parser.add_argument("--method", metavar="NAME", help="a method (dpfah, dsh, hashnet, ...) or a variant of params.yaml (default: train.method)")
+    parser.add_argument("--seed", type=int, metavar="N", help="training seed: weights, data order, augmentation (default: params.yaml's seed)")
     parser.add_argument(
         "--objective",
         metavar="FILE",
-        help="take the loss settings from this file (written by python -m pipeline.objective; what DVC runs) "
-        "instead of resolving params.yaml's `loss` section here",
+        help="take the method and its hyper-parameters from this file (written by python -m pipeline.objective; "
+        "what DVC runs) instead of resolving params.yaml here",
     )
     add_config_args(parser)
     return parser
@@ -639,16 +679,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     params = config_from_args(args)
     check_store(tracking_uri(params), create=True)  # before the imports and Ray: fail in a second
-    loss, source = objective_stage.read(args.objective, args.dataset, args.bits) if args.objective else (None, None)
+    recipe = objective_stage.read(args.objective, args.dataset, args.bits) if args.objective else None
+    if recipe is not None and args.method and args.method != recipe.entry:
+        raise ConfigError(f"--method {args.method}: {args.objective} is the objective of {recipe.entry}")
     with span("train: run_training"):
-        outcome = run_training(params, args.dataset, args.bits, loss=loss, loss_source=source)
+        outcome = run_training(params, args.dataset, args.bits, method=args.method, seed=args.seed, recipe=recipe)
     at = f"epoch {outcome.best_epoch + 1} of {outcome.epochs} (step {outcome.best_epoch} in MLflow)"
     chosen = (
         f"best validation mAP {outcome.best_val_map:.4f} at {at}"
         if outcome.best_val_map is not None
         else f"no validation split, the last epoch's model: {at}"
     )
-    print(f"trained {args.dataset} {args.bits} bits: {chosen}; MLflow run {outcome.run_id}; model {outcome.model_uri}; wrote {outcome.run_file}")
+    print(f"trained {args.dataset} {args.bits} bits ({outcome.method}): {chosen}; MLflow run {outcome.run_id}; model {outcome.model_uri}; wrote {outcome.run_file}")
     return 0
 
 

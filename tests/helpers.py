@@ -110,7 +110,7 @@ def fake_training_run(
 
 
 def write_record(root: Path, record: dict, name: str | None = None) -> Path:
-    path = Path(root) / "runs" / (name or f"{record['dataset']}-{record['bits']}.json")
+    path = Path(root) / "runs" / (name or f"{record['dataset']}-{record['bits']}-dpfah-s0.json")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(record))
     return path
@@ -133,7 +133,7 @@ NAME = "dpfah-toy-8b"
 
 def evaluated_run(uri: str, root: Path, value: float, *, map_at="ALL", sha: str = SHA, write_files: bool = True, complete: bool = True, model=None) -> dict:
     """A fake-trained run with an evaluation as pipeline.evaluate leaves it: the metric and
-    ``eval.*`` tags on the run, the run record and metrics/toy-8.json under ``root``."""
+    ``eval.*`` tags on the run, the run record and metrics/toy-8-dpfah-s0.json under ``root``."""
     from mlflow.tracking import MlflowClient
 
     record = fake_training_run(uri, sha, model=model if model is not None else torch.nn.Linear(2, 2))
@@ -152,7 +152,7 @@ def evaluated_run(uri: str, root: Path, value: float, *, map_at="ALL", sha: str 
 
 
 def write_metrics(root: Path, record: dict, value: float, *, map_at="ALL", sha: str = SHA) -> Path:
-    path = root / "metrics" / "toy-8.json"
+    path = root / "metrics" / "toy-8-dpfah-s0.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     doc = {
         "dataset": "toy",

@@ -106,6 +106,21 @@ def test_overrides_are_yaml_scalars_and_can_add_entries():
         ("train.fail_at_epoch=8", "train.fail_at_epoch: 8 is not an epoch of this training (epochs count from 0: 0..7)"),
         ('train.storage_path=""', "train.storage_path: '' is not a path or URI (where Ray Train keeps checkpoints)"),
         ("train.storage_path=' '", "train.storage_path: ' ' is not a path or URI"),
+        ("train.method=nosuch", "train.method: unknown method or variant 'nosuch' (methods: dpfah, dpsh, dsh, dhn, hashnet, dsdh, dfh, idhn, dbdh, lcdsh;"),
+        ("train.methods=[dpfah,dsh,dpfah]", "train.methods: must list distinct names"),
+        ("train.seeds=[]", "train.seeds: must list distinct seeds >= 0"),
+        ("objectives.dsh.alpha=big", "objectives.dsh.alpha: expected a number, got 'big'"),
+        ("objectives.dsh.beta=1", "objectives.dsh.beta: dsh has no hyper-parameter 'beta' (it has: alpha, margin, pairs)"),
+        ("objectives.hashnet.pairs=bank", "objectives.hashnet.pairs: 'bank' is not one of batch, memory"),
+        ("objectives.dsh.alpha=.inf", "objectives.dsh.alpha: must be a finite number, got inf"),
+        ("objectives.dpfah.eta=1", "objectives.dpfah: DPFAH's hyper-parameters are the `loss` section"),
+        ("objectives.vgg.x=1", "objectives: unknown method 'vgg'"),
+        ("variants.resnet18.model.backbone=vgg", "variants.resnet18.model.backbone: unknown backbone 'vgg' (choose resnet18 or alexnet)"),
+        ("variants.resnet18.model.depth=3", "variants.resnet18.model.depth: unknown key (known: pfa, lam, backbone_weights, backbone)"),
+        ("variants.resnet18.objective.eta=yes", "variants.resnet18.objective.eta: expected a number, got True"),
+        ("variants.dsh.method=dsh", "variants: variant name 'dsh' must match"),
+        ("variants.mine.method=vgg", "variants.mine.method: unknown method 'vgg'"),
+        ("promote.model_name='x-{run}'", "promote.model_name: 'x-{run}' may use only {dataset}, {bits} and {method}"),
     ],
 )
 def test_errors_name_the_key(override, message):
@@ -258,3 +273,29 @@ def test_profile_applies_per_run_or_into_params_yaml(tmp_path, capsys):
     assert apply_profile("paper", params_file) == []  # again: nothing to do
     assert run_main(main, ["nope", "--params", str(params_file)]) == 2
     assert "unknown profile 'nope'" in capsys.readouterr().err
+
+
+def test_the_method_names_are_the_registry_s():
+    """params.yaml is checked against dpfah.settings.METHODS (no torch); it must be the
+    registry's list."""
+    from dpfah import methods
+    from dpfah.settings import METHODS
+
+    assert methods.names() == METHODS
+
+
+def test_variants_resolve_to_their_method_network_and_hyper_parameters():
+    from pipeline.objective import resolve
+
+    params = load_params(PARAMS, ["objectives.dsh.alpha=0.05", "datasets.cifar10.kind=cifar10"])
+    row1 = resolve(params, "cifar10", 48, "resnet18")
+    assert (row1.entry, row1.method, row1.model) == ("resnet18", "dpfah", {"pfa": False})
+    assert (row1.hparams["eta"], row1.hparams["zeta"], row1.hparams["delta"]) == (0.0, 0.0, params.loss.delta)
+    assert row1.source == {"weights_from": "params", "variant": "resnet18"}
+    dsh = resolve(params, "cifar10", 48, "dsh")
+    assert (dsh.method, dsh.hparams, dsh.model) == ("dsh", {"alpha": 0.05}, {})
+    assert resolve(params, "cifar10", 48).entry == "dpfah"  # train.method
+    alex = resolve(params, "cifar10", 48, "dbdh-alexnet")
+    assert alex.model == {"backbone": "alexnet", "pfa": False} and params.variant_model("dbdh-alexnet").backbone == "alexnet"
+    with pytest.raises(ConfigError, match="--method nosuch: unknown method or variant"):
+        resolve(params, "cifar10", 48, "nosuch")

@@ -131,10 +131,10 @@ def test_dvc_repro_runs_the_dag_then_nothing_then_only_what_a_parameter_touches(
 
     # 1. The whole DAG.
     first = run([str(BIN / "dvc"), "repro", "promote"], repo, env)
-    assert ran_stages(first) == {"prepare@toy", f"objective@toy-{BITS}", f"train@toy-{BITS}", f"evaluate@toy-{BITS}", f"promote@toy-{BITS}"}, first
-    record = json.loads((repo / "runs" / f"toy-{BITS}.json").read_text())
-    metrics = json.loads((repo / "metrics" / f"toy-{BITS}.json").read_text())
-    promotion = json.loads((repo / "promotions" / f"toy-{BITS}.json").read_text())
+    assert ran_stages(first) == {"prepare@toy", f"objective@toy-{BITS}-dpfah", f"train@toy-{BITS}-dpfah-0", f"evaluate@toy-{BITS}-dpfah-0", f"promote@toy-{BITS}-dpfah-0"}, first
+    record = json.loads((repo / "runs" / f"toy-{BITS}-dpfah-s0.json").read_text())
+    metrics = json.loads((repo / "metrics" / f"toy-{BITS}-dpfah-s0.json").read_text())
+    promotion = json.loads((repo / "promotions" / f"toy-{BITS}-dpfah-s0.json").read_text())
     assert metrics["run_id"] == record["run_id"] == promotion["run_id"]
     assert (promotion["decision"], promotion["version"], promotion["model_name"]) == ("promoted", 1, f"dpfah-toy-{BITS}b")
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
@@ -144,12 +144,12 @@ def test_dvc_repro_runs_the_dag_then_nothing_then_only_what_a_parameter_touches(
     assert run_data.tags["promote.decision"] == "promoted"
     assert client.get_model_version_by_alias(f"dpfah-toy-{BITS}b", "champion").run_id == record["run_id"]
     for name in ("pr_radius.csv", "pr_rank.csv", "p_at_n.csv"):
-        assert (repo / "plots" / f"toy-{BITS}" / name).is_file()
+        assert (repo / "plots" / f"toy-{BITS}-dpfah-s0" / name).is_file()
     shown = run([str(BIN / "dvc"), "metrics", "show", "--json"], repo, env)
-    assert repr(metrics["query_map"]) in shown and f"metrics/toy-{BITS}.json" in shown, shown
+    assert repr(metrics["query_map"]) in shown and f"metrics/toy-{BITS}-dpfah-s0.json" in shown, shown
     plots = run([str(BIN / "dvc"), "plots", "show", "--json"], repo, env)
     for name in ("pr_radius.csv", "pr_rank.csv", "p_at_n.csv"):
-        assert f"plots/toy-{BITS}/{name}" in plots, plots[-2000:]
+        assert f"plots/toy-{BITS}-dpfah-s0/{name}" in plots, plots[-2000:]
     run([*git, "add", "-A"], repo, env)
     run([*git, "commit", "-qm", "first repro"], repo, env)
 
@@ -159,17 +159,17 @@ def test_dvc_repro_runs_the_dag_then_nothing_then_only_what_a_parameter_touches(
     assert "Data and pipelines are up to date." in again, again
 
     # 3. An evaluation parameter: evaluate and promote rerun, prepare and train do not.
-    promotion_bytes = (repo / "promotions" / f"toy-{BITS}.json").read_bytes()
+    promotion_bytes = (repo / "promotions" / f"toy-{BITS}-dpfah-s0.json").read_bytes()
     exp = run([str(BIN / "dvc"), "exp", "run", "-S", "evaluate.radius=1", "promote"], repo, env)
-    assert ran_stages(exp) == {f"evaluate@toy-{BITS}", f"promote@toy-{BITS}"}, exp
-    assert "Stage 'prepare@toy' didn't change, skipping" in exp and f"Stage 'train@toy-{BITS}' didn't change, skipping" in exp
-    metrics2 = json.loads((repo / "metrics" / f"toy-{BITS}.json").read_text())
+    assert ran_stages(exp) == {f"evaluate@toy-{BITS}-dpfah-0", f"promote@toy-{BITS}-dpfah-0"}, exp
+    assert "Stage 'prepare@toy' didn't change, skipping" in exp and f"Stage 'train@toy-{BITS}-dpfah-0' didn't change, skipping" in exp
+    metrics2 = json.loads((repo / "metrics" / f"toy-{BITS}-dpfah-s0.json").read_text())
     assert metrics2["radius"] == 1 and metrics2["run_id"] == record["run_id"]
     run_data = client.get_run(record["run_id"]).data
     for name, value in metric_values(metrics2).items():
         assert run_data.metrics[name] == value, name
     # The same run promoted again: no new version, the recorded decision stands.
-    assert (repo / "promotions" / f"toy-{BITS}.json").read_bytes() == promotion_bytes
+    assert (repo / "promotions" / f"toy-{BITS}-dpfah-s0.json").read_bytes() == promotion_bytes
     assert [int(v.version) for v in client.search_model_versions(f"name = 'dpfah-toy-{BITS}b'")] == [1]
 
     # 4. A search result appears (what tune@toy writes): the trainings do not use it
@@ -178,15 +178,27 @@ def test_dvc_repro_runs_the_dag_then_nothing_then_only_what_a_parameter_touches(
     (repo / "tune" / "toy").mkdir()
     (repo / "tune" / "toy" / "best.json").write_text(json.dumps(best))
     tuned = run([str(BIN / "dvc"), "repro", "promote"], repo, env)
-    assert ran_stages(tuned) == {f"objective@toy-{BITS}"}, tuned
-    assert f"Stage 'train@toy-{BITS}' didn't change, skipping" in tuned
+    assert ran_stages(tuned) == {f"objective@toy-{BITS}-dpfah"}, tuned
+    assert f"Stage 'train@toy-{BITS}-dpfah-0' didn't change, skipping" in tuned
 
     # 5. One more code length: only its own stages run; the trained length is not retrained.
     more = run([str(BIN / "dvc"), "exp", "run", "-S", f"bits=[{BITS},4]", "promote"], repo, env)
-    assert ran_stages(more) == {"objective@toy-4", "train@toy-4", "evaluate@toy-4", "promote@toy-4"}, more
-    assert f"Stage 'train@toy-{BITS}' didn't change, skipping" in more
-    assert json.loads((repo / "runs" / f"toy-{BITS}.json").read_text())["run_id"] == record["run_id"]
-    assert json.loads((repo / "metrics" / "toy-4.json").read_text())["bits"] == 4
+    assert ran_stages(more) == {"objective@toy-4-dpfah", "train@toy-4-dpfah-0", "evaluate@toy-4-dpfah-0", "promote@toy-4-dpfah-0"}, more
+    assert f"Stage 'train@toy-{BITS}-dpfah-0' didn't change, skipping" in more
+    assert json.loads((repo / "runs" / f"toy-{BITS}-dpfah-s0.json").read_text())["run_id"] == record["run_id"]
+    assert json.loads((repo / "metrics" / "toy-4-dpfah-s0.json").read_text())["bits"] == 4
+
+    # 6. A second method beside DPFAH: only its own stages run, through the same loop, and it
+    #    is promoted into its own registered model; DPFAH's records and champion stay.
+    second = run([str(BIN / "dvc"), "exp", "run", "-S", f"bits=[{BITS}]", "-S", "train.methods=[dpfah,dsh]", "promote"], repo, env)
+    assert ran_stages(second) == {f"objective@toy-{BITS}-dsh", f"train@toy-{BITS}-dsh-0", f"evaluate@toy-{BITS}-dsh-0", f"promote@toy-{BITS}-dsh-0"}, second
+    dsh = json.loads((repo / "runs" / f"toy-{BITS}-dsh-s0.json").read_text())
+    assert (dsh["method"], dsh["method_base"], dsh["seed"]) == ("dsh", "dsh", 0) and dsh["run_id"] != record["run_id"]
+    dsh_run = client.get_run(dsh["run_id"])
+    assert (dsh_run.data.tags["method"], dsh_run.data.tags["backbone"], dsh_run.data.params["loss.alpha"]) == ("dsh", "resnet18", "0.01")
+    assert json.loads((repo / "promotions" / f"toy-{BITS}-dsh-s0.json").read_text())["model_name"] == f"dsh-toy-{BITS}b"
+    assert client.get_model_version_by_alias(f"dsh-toy-{BITS}b", "champion").run_id == dsh["run_id"]
+    assert client.get_model_version_by_alias(f"dpfah-toy-{BITS}b", "champion").run_id == record["run_id"]
 
 
 def test_a_profile_written_into_params_is_what_dvc_plans(tmp_path):
@@ -196,11 +208,11 @@ def test_a_profile_written_into_params_is_what_dvc_plans(tmp_path):
     env = stage_env()
     run([str(BIN / "dvc"), "init", "--no-scm", "-q"], repo, env)
     listed = run([str(BIN / "dvc"), "stage", "list"], repo, env)
-    assert {line.split()[0] for line in listed.splitlines() if line.startswith("train@")} == {"train@cifar10-64"}
+    assert {line.split()[0] for line in listed.splitlines() if line.startswith("train@")} == {"train@cifar10-64-dpfah-0"}
     run([sys.executable, "-m", "pipeline.profile", "paper"], repo, env)
     listed = run([str(BIN / "dvc"), "stage", "list"], repo, env)
     planned = {line.split()[0] for line in listed.splitlines() if line.split() and line.split()[0].startswith(("train@", "evaluate@", "promote@"))}
-    assert planned == {f"{stage}@cifar10-{b}" for stage in ("train", "evaluate", "promote") for b in (16, 32, 48, 64)}, listed
+    assert planned == {f"{stage}@cifar10-{b}-dpfah-0" for stage in ("train", "evaluate", "promote") for b in (16, 32, 48, 64)}, listed
     params = yaml.safe_load((repo / "params.yaml").read_text())
     assert (params["train"]["image_size"], params["train"]["optimizer"], params["loss"]["eta"]) == (224, "rmsprop", 10.0)
 

@@ -128,7 +128,7 @@ def test_metrics_match_a_plain_reimplementation(trained):
     from pipeline.evaluate import load_codes
 
     out, shards, result = trained["out"], trained["shards"], trained["result"]
-    doc = json.loads((out / "metrics" / f"toy-{BITS}.json").read_text())
+    doc = json.loads((out / "metrics" / f"toy-{BITS}-dpfah-s0.json").read_text())
     assert doc == json.loads(json.dumps(result.doc))
     assert (doc["dataset"], doc["bits"], doc["run_id"], doc["map_at"]) == ("toy", BITS, trained["record"]["run_id"], "ALL")
     assert (doc["n_queries"], doc["n_db"], doc["topk"]) == (12, 78, 78)
@@ -165,7 +165,7 @@ def test_metrics_match_a_plain_reimplementation(trained):
     assert "query_p_at_100" not in m  # the database has 78 items
 
     # The DVC plot data: PR by radius for r = 0..bits, P@N for N = 1..78.
-    plots = out / "plots" / f"toy-{BITS}"
+    plots = out / "plots" / f"toy-{BITS}-dpfah-s0"
     pr = np.genfromtxt(plots / "pr_radius.csv", delimiter=",", names=True)
     assert list(pr["radius"]) == list(range(BITS + 1))
     dist, rel = ref["dist"], ref["rel"]
@@ -183,7 +183,7 @@ def test_metrics_match_a_plain_reimplementation(trained):
 def test_dvc_and_mlflow_hold_the_same_numbers(trained):
     from mlflow.tracking import MlflowClient
 
-    doc = json.loads((trained["out"] / "metrics" / f"toy-{BITS}.json").read_text())
+    doc = json.loads((trained["out"] / "metrics" / f"toy-{BITS}-dpfah-s0.json").read_text())
     run = MlflowClient(trained["uri"]).get_run(doc["run_id"])
     from pipeline.artifacts import metric_values
 
@@ -290,7 +290,7 @@ def test_missing_run_record(trained, tmp_path, monkeypatch, capsys):
     code, text = cli(evaluate, ["--dataset", "toy", "--bits", "8", "--params", str(_params_file()), *_sets(trained)], capsys)
     assert code == 2
     assert text.strip().splitlines()[-1] == (
-        "error: runs/toy-8.json: no run record (train first: python -m pipeline.train --dataset toy --bits 8; or give --run-id)"
+        "error: runs/toy-8-dpfah-s0.json: no run record (train first: python -m pipeline.train --dataset toy --bits 8 --method dpfah --seed 0; or give --run-id)"
     )
 
 
@@ -301,20 +301,20 @@ def test_unknown_run_id(trained, tmp_path, monkeypatch, capsys):
     write_record(tmp_path, {**trained["record"], "run_id": "f" * 32})
     code, text = cli(evaluate, ["--dataset", "toy", "--bits", "8", "--params", str(_params_file()), *_sets(trained)], capsys)
     assert code == 2 and text.count("\n") == 1
-    assert f"error: MLflow run {'f' * 32} (from runs/toy-8.json) not found in {trained['uri']}" in text
+    assert f"error: MLflow run {'f' * 32} (from runs/toy-8-dpfah-s0.json) not found in {trained['uri']}" in text
     write_record(tmp_path, {k: v for k, v in trained["record"].items() if k != "run_id"})
     code, text = cli(evaluate, ["--dataset", "toy", "--bits", "8", "--params", str(_params_file()), *_sets(trained)], capsys)
-    assert code == 2 and "error: runs/toy-8.json: no run_id" in text
+    assert code == 2 and "error: runs/toy-8-dpfah-s0.json: no run_id" in text
 
 
 def test_record_or_run_of_another_bit_length(trained, tmp_path, monkeypatch, capsys):
     from pipeline import evaluate
 
     monkeypatch.chdir(tmp_path)
-    write_record(tmp_path, trained["record"], name="toy-16.json")  # a copied record
+    write_record(tmp_path, trained["record"], name="toy-16-dpfah-s0.json")  # a copied record
     args = ["--params", str(_params_file()), *_sets(trained)]
     code, text = cli(evaluate, ["--dataset", "toy", "--bits", "16", *args], capsys)
-    assert code == 2 and "error: runs/toy-16.json: records dataset 'toy' at 8 bits, not 'toy' at 16 bits" in text
+    assert code == 2 and "error: runs/toy-16-dpfah-s0.json: records dataset 'toy' at 8 bits, not 'toy' at 16 bits" in text
     run_id = trained["record"]["run_id"]
     code, text = cli(evaluate, ["--dataset", "toy", "--bits", "16", "--run-id", run_id, *args], capsys)
     assert code == 2 and f"error: MLflow run {run_id} (from --run-id) trained 'toy' at 8 bits, not 'toy' at 16 bits" in text

@@ -47,7 +47,7 @@ def test_champion_moves_only_to_a_better_model(store):
     second = evaluated_run(uri, root, 0.55)  # worse
     result = promote(params, "toy", 8, root=root)
     assert result.registered and not result.moved
-    rec = json.loads((root / "promotions" / "toy-8.json").read_text())
+    rec = json.loads((root / "promotions" / "toy-8-dpfah-s0.json").read_text())
     assert rec == result.record
     assert (rec["decision"], rec["version"], rec["value"], rec["alias_version"]) == ("kept", 2, 0.55, 1)
     assert rec["previous"] == {"version": 1, "run_id": first["run_id"], "value": 0.60}
@@ -69,10 +69,10 @@ def test_champion_moves_only_to_a_better_model(store):
     assert (tags["promote.decision"], tags["promote.query_map"], tags["promote.champion_query_map"]) == ("promoted", "0.7", "0.6")
 
     # Idempotent: the same run again registers nothing, moves nothing, rewrites the same file.
-    before = (root / "promotions" / "toy-8.json").read_bytes()
+    before = (root / "promotions" / "toy-8-dpfah-s0.json").read_bytes()
     result = promote(params, "toy", 8, root=root)
     assert not result.registered and not result.moved
-    assert (root / "promotions" / "toy-8.json").read_bytes() == before
+    assert (root / "promotions" / "toy-8-dpfah-s0.json").read_bytes() == before
     assert registry_state(uri) == (aliases, versions)
 
     # An earlier, worse run promoted again (by run id): found again by its run id, and now
@@ -109,12 +109,12 @@ def test_missing_or_foreign_evaluation_moves_nothing(store, monkeypatch, capsys)
     write_record(root, fresh)
     code, text = cli(stage, base, capsys)
     assert code == 2 and text.count("\n") == 1
-    assert f"error: metrics/toy-8.json: metrics of run {champion['run_id']}, but runs/toy-8.json names run {fresh['run_id']}" in text
+    assert f"error: metrics/toy-8-dpfah-s0.json: metrics of run {champion['run_id']}, but runs/toy-8-dpfah-s0.json names run {fresh['run_id']}" in text
     assert registry_state(uri) == state
 
-    (root / "metrics" / "toy-8.json").unlink()
+    (root / "metrics" / "toy-8-dpfah-s0.json").unlink()
     code, text = cli(stage, base, capsys)
-    assert code == 2 and "error: metrics/toy-8.json: no evaluation metrics (run python -m pipeline.evaluate --dataset toy --bits 8 first)" in text
+    assert code == 2 and "error: metrics/toy-8-dpfah-s0.json: no evaluation metrics (run python -m pipeline.evaluate --dataset toy --bits 8 first)" in text
     assert registry_state(uri) == state
 
     # A run never evaluated (no metric in MLflow), by run id.
@@ -126,13 +126,13 @@ def test_missing_or_foreign_evaluation_moves_nothing(store, monkeypatch, capsys)
     # The file and MLflow disagree (a later evaluation was logged to the run).
     write_metrics(root, fresh, 0.95)
     code, text = cli(stage, base, capsys)
-    assert code == 2 and f"error: metrics/toy-8.json: query_map 0.95 differs from MLflow run {fresh['run_id']}'s 0.9" in text
+    assert code == 2 and f"error: metrics/toy-8-dpfah-s0.json: query_map 0.95 differs from MLflow run {fresh['run_id']}'s 0.9" in text
     assert registry_state(uri) == state
 
     # Evaluated at another R than the parameters now ask for.
     write_metrics(root, fresh, 0.9)
     code, text = cli(stage, [*base, "--set", "evaluate.map_at.toy=10"], capsys)
-    assert code == 2 and "error: metrics/toy-8.json: evaluated at mAP@ALL but evaluate.map_at gives mAP@10 now: re-run evaluate" in text
+    assert code == 2 and "error: metrics/toy-8-dpfah-s0.json: evaluated at mAP@ALL but evaluate.map_at gives mAP@10 now: re-run evaluate" in text
     assert registry_state(uri) == state
 
     # Numbers measured differently (the champion at another R) are not compared.
@@ -176,7 +176,7 @@ def test_incomplete_evaluation_is_refused(store, monkeypatch, capsys):
     code, text = cli(stage, _stage_args(uri), capsys)
     assert code == 2 and text.count("\n") == 1
     assert text == (
-        f"error: MLflow run {run['run_id']} (from runs/toy-8.json): its last evaluation (no eval.id) has no completion "
+        f"error: MLflow run {run['run_id']} (from runs/toy-8-dpfah-s0.json): its last evaluation (no eval.id) has no completion "
         "marker (the evaluate that logged it failed part-way): re-run python -m pipeline.evaluate --dataset toy --bits 8, "
         "then promote\n"
     )

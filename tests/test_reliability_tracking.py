@@ -230,7 +230,7 @@ def test_failed_evaluation_is_not_promoted(toy_dataset, tmp_path, monkeypatch):
     assert "eval.map_at" in tags and "eval.complete" not in tags  # what used to be promoted
     code, text, _ = _stage("promote", _promote_args(uri), tmp_path)
     assert code == 2 and text.count("\n") == 1 and "Traceback" not in text
-    assert text.startswith(f"error: MLflow run {run_id} (from runs/toy-8.json): its last evaluation ({tags['eval.id']}) has no completion marker")
+    assert text.startswith(f"error: MLflow run {run_id} (from runs/toy-8-dpfah-s0.json): its last evaluation ({tags['eval.id']}) has no completion marker")
     assert text.rstrip().endswith("re-run python -m pipeline.evaluate --dataset toy --bits 8, then promote")
     assert not MlflowClient(uri).search_registered_models()
 

@@ -159,7 +159,7 @@ def test_killed_worker_resumes_from_checkpoint(resumed_run):
     for name in ("val_map", "loss", "loss_l1", "loss_l2", "loss_l3", "images_per_s", "best_val_map", "best_epoch"):
         steps = [m.step for m in client.get_metric_history(outcome.run_id, name)]
         assert sorted(steps) == [0, 1, 2], (name, steps)  # one point per epoch, at its epoch
-    record = json.loads((out / "runs" / "toy-16.json").read_text())
+    record = json.loads((out / "runs" / "toy-16-dpfah-s0.json").read_text())
     assert record["run_id"] == outcome.run_id and record["model_uri"] == outcome.model_uri
     assert record["selected_by"] == "best validation mAP"
     del mlflow

@@ -145,7 +145,7 @@ def test_objective_takes_the_tuned_weights_at_the_same_code_length(toy_dataset, 
     work, images = toy_dataset
     tuned = toy_params(work, images, "loss.use_tuned=true", "loss.eta=7", "loss.delta=2")
     with pytest.raises(ConfigError, match=r"^loss.use_tuned: .*best.json not found"):
-        objective.resolve(tuned, "toy", 16, root=tmp_path)
+        objective.resolve_dpfah(tuned, "toy", 16, root=tmp_path)
     path = best_file("toy", tmp_path)
     path.parent.mkdir(parents=True)
     record = {
@@ -153,22 +153,24 @@ def test_objective_takes_the_tuned_weights_at_the_same_code_length(toy_dataset, 
         "by_bits": {"16": {"eta": 1.0, "zeta": 1.0, "bits": 16, "run_id": "r16"}, "64": {"eta": 10.0, "zeta": 0.1, "bits": 64, "run_id": "r64"}},
     }  # fmt: skip
     path.write_text(json.dumps(record))
-    loss, source = objective.resolve(tuned, "toy", 16, root=tmp_path)
+    loss, source = objective.resolve_dpfah(tuned, "toy", 16, root=tmp_path)
     assert (loss.eta, loss.zeta, loss.delta) == (1.0, 1.0, 2.0)  # eta, zeta from the search; the rest from params
     assert source["tuned_trial_run_id"] == "r16" and source["tuned_search_run_id"] == "parent" and source["weights_from"] == "tune"
-    loss, source = objective.resolve(tuned, "toy", 32, root=tmp_path)  # not searched at 32 bits: the overall best
+    loss, source = objective.resolve_dpfah(tuned, "toy", 32, root=tmp_path)  # not searched at 32 bits: the overall best
     assert (loss.eta, loss.zeta) == (10.0, 0.1) and source["tuned_bits"] == "64"
-    loss, source = objective.resolve(toy_params(work, images, "loss.eta=7"), "toy", 16, root=tmp_path)
+    loss, source = objective.resolve_dpfah(toy_params(work, images, "loss.eta=7"), "toy", 16, root=tmp_path)
     assert (loss.eta, source) == (7.0, {"weights_from": "params"})  # use_tuned off: best.json is not read
 
     # The file the train stage reads under DVC round-trips, and names what it belongs to.
-    written = objective.write(objective.resolve(tuned, "toy", 16, root=tmp_path), "toy", 16, root=tmp_path)
-    assert objective.read(written, "toy", 16) == objective.resolve(tuned, "toy", 16, root=tmp_path)
+    recipe = objective.resolve(tuned, "toy", 16, root=tmp_path)
+    assert (recipe.entry, recipe.method, recipe.hparams["eta"], recipe.source["weights_from"]) == ("dpfah", "dpfah", 1.0, "tune")
+    written = objective.write(recipe, "toy", 16, root=tmp_path)
+    assert written.name == "toy-16-dpfah.json" and objective.read(written, "toy", 16) == recipe
     with pytest.raises(ConfigError, match="not 'toy' at 32"):
         objective.read(written, "toy", 32)
     path.write_text("{not json")
     with pytest.raises(ConfigError, match="^loss.use_tuned: .* is not a tune result"):
-        objective.resolve(tuned, "toy", 16, root=tmp_path)
+        objective.resolve_dpfah(tuned, "toy", 16, root=tmp_path)
 
 
 def test_train_uses_the_tuned_settings_when_asked(toy_dataset, tmp_path, monkeypatch):
@@ -195,7 +197,11 @@ def test_train_uses_the_tuned_settings_when_asked(toy_dataset, tmp_path, monkeyp
     def stop():
         raise Stop
 
-    monkeypatch.setattr(train, "ensure_ray", stop)
+    # No Ray: stop where the trainer would be built, after the run has logged its settings.
+    monkeypatch.setattr(train, "ensure_ray", lambda: None)
+    monkeypatch.setattr(train, "started_here", lambda: False)
+    monkeypatch.setattr(train, "train_run_defaults", lambda: None)
+    monkeypatch.setattr(train, "_trainer", lambda *a, **k: stop())
     with pytest.raises(Stop):
         train.run_training(params, "toy", 16, run_name="tuned", write_run_file=False)
     run = MlflowClient(uri).search_runs([MlflowClient(uri).get_experiment_by_name("dpfah-toy").experiment_id])[0]
@@ -252,7 +258,15 @@ def test_dvc_tune_stage_reads_everything_but_what_the_search_owns(tmp_path):
     # The trainings never read the search's folder or `loss` directly: their objective
     # stage does, and writes the one file they depend on.
     assert "tune" not in stages["train"]["deps"] and "loss" not in stages["train"]["params"]
-    assert "tune" in stages["objective"]["deps"] and stages["objective"]["params"] == ["loss"]
+    assert "tune" in stages["objective"]["deps"] and stages["objective"]["params"] == ["loss", "objectives", "variants"]
+    # The training reads every key of `train` but the matrix lists (its method and seed come
+    # from the matrix), so adding a method or seed retrains nothing that exists.
+    from pipeline.config import TrainConfig
+
+    train_keys = {p.split(".", 1)[1] for p in stages["train"]["params"] if isinstance(p, str) and p.startswith("train.")}
+    expected = {f.name for f in dataclasses.fields(TrainConfig)} - {"method", "methods", "seeds"}
+    assert train_keys == expected, f"add to dvc.yaml's train params: {sorted(expected - train_keys)}; drop: {sorted(train_keys - expected)}"
+    assert "train" not in stages["train"]["params"] and "seed" not in stages["train"]["params"]
 
     # DVC itself resolves the stage once a dataset is listed, and orders it before the
     # objective of every training (and so before the trainings).
@@ -267,10 +281,10 @@ def test_dvc_tune_stage_reads_everything_but_what_the_search_owns(tmp_path):
     out = subprocess.run([dvc, "stage", "list"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "tune@cifar10" in out.stdout
-    dag = subprocess.run([dvc, "dag", "--dot", "train@cifar10-64"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    dag = subprocess.run([dvc, "dag", "--dot", "train@cifar10-64-dpfah-0"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert dag.returncode == 0, dag.stderr
-    assert '"tune@cifar10" -> "objective@cifar10-64"' in dag.stdout, dag.stdout
-    assert '"objective@cifar10-64" -> "train@cifar10-64"' in dag.stdout, dag.stdout
+    assert '"tune@cifar10" -> "objective@cifar10-64-dpfah"' in dag.stdout, dag.stdout
+    assert '"objective@cifar10-64-dpfah" -> "train@cifar10-64-dpfah-0"' in dag.stdout, dag.stdout
 
 
 # ----------------------------------------------------------------------------- a real search
@@ -383,7 +397,7 @@ def test_best_configuration_file_and_summary(search):
     from pipeline.config import load_params
 
     params = load_params(ROOT / "params.yaml", ["datasets.toy.kind=custom", "loss.use_tuned=true"])
-    loss, source = objective.resolve(params, "toy", 16, root=out)
+    loss, source = objective.resolve_dpfah(params, "toy", 16, root=out)
     assert (loss.eta, loss.zeta) == (1.0, 1.0) and source["tuned_trial_run_id"] == top.run_id
     # The best trial's model is in MLflow.
     with _tracking(f"sqlite:///{out / 'mlflow.db'}"):
