@@ -486,3 +486,215 @@ def test_bank_pairs_under_a_real_process_group_equal_one_process():
     assert single.bank_seen.nonzero().flatten().tolist() == sorted(latest)
     for i, (code, lab) in latest.items():
         assert torch.equal(single.bank_u[i], code) and torch.equal(single.bank_labels[i], lab)
+
+
+# ----------------------------------------------------------------------------- profile and objective stage
+
+
+def _flat(obj, prefix=""):
+    out = {}
+    for key, value in (dataclasses.asdict(obj) if dataclasses.is_dataclass(obj) else obj).items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = list(value) if isinstance(value, tuple) else value
+    return out
+
+
+def test_profile_paper_applies_every_value_it_names_and_keeps_every_other(tmp_path, monkeypatch):
+    """--profile paper (load_params(profile="paper")): each value of profiles/paper.yaml is
+    taken, also where the base file differs from the repository's (weight decay, zeta),
+    every other parameter keeps the base file's value; through a stage's command line too."""
+    from pipeline.config import load_params
+    from pipeline.errors import run_main
+    from pipeline.objective import main
+
+    profile = _flat(yaml.safe_load((REPO / "profiles" / "paper.yaml").read_text()))
+    assert len(profile) == 14  # bits, 11 train values, eta and zeta
+    (tmp_path / "profiles").mkdir()
+    (tmp_path / "profiles" / "paper.yaml").write_text((REPO / "profiles" / "paper.yaml").read_text())
+    text = PARAMS_FILE.read_text().replace("  weight_decay: 1.0e-5", "  weight_decay: 0.25").replace("  zeta: 0.1 ", "  zeta: 0.7 ")
+    text = text.replace("  steps_per_epoch: null", "  steps_per_epoch: 9").replace("  delta: 1.1 ", "  delta: 1.3 ")
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text(text)
+    base = _flat(load_params(params_file))
+    assert (base["train.weight_decay"], base["loss.zeta"], base["train.steps_per_epoch"], base["loss.delta"]) == (0.25, 0.7, 9, 1.3)
+    paper = _flat(load_params(params_file, profile="paper"))
+    assert paper.keys() == base.keys()
+    for key, value in profile.items():
+        assert paper[key] == value, key
+    for key in base.keys() - profile.keys():
+        assert paper[key] == base[key], key
+    assert (paper["train.weight_decay"], paper["loss.zeta"]) == (1e-5, 0.1)
+
+    monkeypatch.chdir(tmp_path)
+    assert run_main(main, ["--dataset", "cifar10", "--bits", "48", "--params", str(params_file), "--profile", "paper"]) == 0
+    doc = json.loads((tmp_path / "objectives" / "cifar10-48.json").read_text())
+    assert (doc["loss"]["eta"], doc["loss"]["zeta"], doc["loss"]["delta"]) == (10.0, 0.1, 1.3)
+    assert doc["source"] == {"weights_from": "params"}
+
+
+def test_objective_stage_with_use_tuned_writes_the_tuned_weights_of_the_code_length(tmp_path, monkeypatch, capsys):
+    """loss.use_tuned=true through `python -m pipeline.objective` (in process): eta and zeta
+    from tune/<dataset>/best.json at the training's code length, the rest from params."""
+    from pipeline import objective
+    from tests.helpers import cli
+
+    monkeypatch.chdir(tmp_path)
+    best = tmp_path / "tune" / "cifar10" / "best.json"
+    best.parent.mkdir(parents=True)
+    best.write_text(json.dumps({
+        "eta": 5.0, "zeta": 0.05, "bits": 64, "run_id": "t64", "search_run_id": "s",
+        "by_bits": {"16": {"eta": 15.0, "zeta": 1.0, "bits": 16, "run_id": "t16"}, "64": {"eta": 5.0, "zeta": 0.05, "bits": 64, "run_id": "t64"}},
+    }))  # fmt: skip
+    args = ["--params", str(PARAMS_FILE), "--set", "loss.use_tuned=true", "--set", "loss.delta=0.9"]
+    for bits, want in ((16, (15.0, 1.0, "t16")), (64, (5.0, 0.05, "t64")), (32, (5.0, 0.05, "t64"))):
+        code, text = cli(objective, ["--dataset", "cifar10", "--bits", str(bits), *args], capsys)
+        assert code == 0 and "(from tune)" in text, text
+        doc = json.loads((tmp_path / "objectives" / f"cifar10-{bits}.json").read_text())
+        assert (doc["loss"]["eta"], doc["loss"]["zeta"], doc["source"]["tuned_trial_run_id"]) == want
+        assert doc["loss"]["delta"] == 0.9 and doc["source"]["weights_from"] == "tune"
+
+
+# ----------------------------------------------------------------------------- --help of every stage
+
+HELP = {
+    "prepare": ["--dataset", "--params", "--profile", "--set", "--quiet", "shards"],
+    "objective": ["--dataset", "--bits", "--params", "--profile", "--set", "objectives/<dataset>-<bits>.json", "use_tuned"],
+    "train": ["--dataset", "--bits", "--objective", "--params", "--profile", "--set", "runs/<dataset>-<bits>.json"],
+    "evaluate": ["--dataset", "--bits", "--run-id", "--quiet", "--params", "--profile", "--set", "metrics/<dataset>-<bits>.json"],
+    "promote": ["--dataset", "--bits", "--run-id", "--params", "--profile", "--set", "promote.alias", "promote.metric", "promote.model_name"],
+    "tune": ["--dataset", "--out", "--params", "--profile", "--set", "tune/<dataset>/best.json", "tune.search=random"],
+    "profile": ["name", "--params", "--dry-run"],
+}
+
+
+@pytest.mark.parametrize("stage", sorted(HELP))
+def test_every_stage_answers_help(stage):
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    out = subprocess.run([sys.executable, "-m", f"pipeline.{stage}", "--help"], cwd=REPO, capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith(f"usage: python -m pipeline.{stage} ") and not out.stderr
+    text = " ".join(out.stdout.split())  # argparse wraps lines
+    for option in HELP[stage]:
+        assert option in text, (stage, option)
+
+
+# ----------------------------------------------------------------------------- promote: metric, alias, model name
+
+
+def _evaluated(uri, root, query_map, tie_aware, sha="cd" * 32):
+    """A fake-trained run evaluated as pipeline.evaluate leaves it, with the two metrics
+    given separately (they rank runs differently below)."""
+    from mlflow.tracking import MlflowClient
+
+    record = fake_training_run(uri, sha, model=nn.Linear(2, 2))
+    client = MlflowClient(uri)
+    run_id = record["run_id"]
+    client.log_metric(run_id, "query_map", query_map)
+    client.log_metric(run_id, "query_map_tie_aware", tie_aware)
+    for key, value in {"eval.map_at": "ALL", "eval.manifest_sha256": sha, "eval.id": f"e-{run_id[:8]}", "eval.complete": f"e-{run_id[:8]}"}.items():
+        client.set_tag(run_id, key, value)
+    write_record(root, record)
+    path = root / "metrics" / "toy-8.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"dataset": "toy", "bits": 8, "run_id": run_id, "map_at": "ALL", "query_map": query_map, "query_map_tie_aware": tie_aware}))
+    return run_id
+
+
+@pytest.mark.slow
+def test_promote_by_tie_aware_map_to_a_custom_alias_and_model_name(tmp_path, monkeypatch):
+    """promote.metric query_map_tie_aware, promote.alias best, promote.model_name
+    team/{dataset}/{bits}: the alias follows the tie-aware mAP where plain mAP disagrees,
+    under the custom name only (no dpfah-toy-8b, no champion)."""
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.config import load_params
+    from pipeline.promote import promote
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    params = load_params(PARAMS_FILE, [
+        "prepare.datasets=[toy]", "datasets.toy.kind=custom", "datasets.toy.images=/nonexistent", f"mlflow.tracking_uri={uri}",
+        "promote.metric=query_map_tie_aware", "promote.alias=best", "promote.model_name=team-{dataset}-{bits}bit",
+    ])  # fmt: skip
+    client = MlflowClient(uri)
+    name = "team-toy-8bit"
+
+    first = _evaluated(uri, tmp_path, query_map=0.70, tie_aware=0.50)
+    r = promote(params, "toy", 8, root=tmp_path)
+    assert r.moved and (r.record["model_name"], r.record["alias"], r.record["metric"], r.record["value"]) == (name, "best", "query_map_tie_aware", 0.50)
+
+    second = _evaluated(uri, tmp_path, query_map=0.60, tie_aware=0.55)  # worse by query_map, better tie-aware
+    r = promote(params, "toy", 8, root=tmp_path)
+    assert r.moved and r.record["decision"] == "promoted" and r.record["previous"] == {"version": 1, "run_id": first, "value": 0.50}
+    assert client.get_model_version_by_alias(name, "best").run_id == second
+
+    third = _evaluated(uri, tmp_path, query_map=0.90, tie_aware=0.54)  # better by query_map, worse tie-aware
+    r = promote(params, "toy", 8, root=tmp_path)
+    assert not r.moved and r.record["decision"] == "kept" and r.record["alias_version"] == 2
+    assert client.get_model_version_by_alias(name, "best").run_id == second
+
+    model = client.get_registered_model(name)
+    assert {k: int(v) for k, v in model.aliases.items()} == {"best": 2}
+    assert [m.name for m in client.search_registered_models()] == [name]  # nothing under dpfah-toy-8b
+    tags = client.get_run(third).data.tags
+    assert (tags["promote.decision"], tags["promote.alias"], tags["promote.model_name"]) == ("kept", "best", name)
+    assert (tags["promote.query_map_tie_aware"], tags["promote.champion_query_map_tie_aware"]) == ("0.54", "0.55")
+    assert "promote.query_map" not in tags
+    saved = json.loads((tmp_path / "promotions" / "toy-8.json").read_text())
+    assert (saved["metric"], saved["alias"], saved["model_name"], saved["run_id"]) == ("query_map_tie_aware", "best", name, third)
+
+
+# ----------------------------------------------------------------------------- tune: random search, no scheduler
+
+
+def test_tune_scheduler_none_runs_every_trial_to_the_end_and_asha_stops_before_the_last_epoch(toy_dataset):
+    """tune.scheduler: none is a FIFO scheduler (stops nothing), so a grace period as long as
+    the training is allowed; asha's rungs end before the last epoch."""
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    from pipeline.errors import ConfigError
+    from pipeline.tune import _check_search, _scheduler
+
+    work, images = toy_dataset
+    none = toy_params(work, images, "train.epochs=2", "tune.scheduler=none", "tune.grace_period=5")
+    assert type(_scheduler(none)) is FIFOScheduler
+    _check_search(none, "toy")  # no complaint about the grace period: nothing is stopped
+    asha = toy_params(work, images, "train.epochs=4", "tune.grace_period=2", "tune.reduction_factor=3")
+    scheduler = _scheduler(asha)
+    assert isinstance(scheduler, ASHAScheduler) and scheduler._max_t == 3 and scheduler._reduction_factor == 3
+    with pytest.raises(ConfigError, match="^tune.grace_period"):
+        _check_search(toy_params(work, images, "train.epochs=2", "tune.grace_period=2"), "toy")
+
+
+@pytest.mark.slow
+def test_random_search_without_scheduler_on_ray(ray_local, toy_dataset, tmp_path, monkeypatch):
+    """tune.search random with eta_range and scheduler none, for real on the local Ray: the
+    one trial's eta is drawn log-uniformly inside the range (not a grid value), zeta
+    and bits come from their lists, the trial runs all its epochs, and best.json names it."""
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.tune import run_search
+
+    work, images = toy_dataset
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    params = toy_params(
+        work, images, "train.epochs=2", f"train.storage_path={tmp_path / 'ray'}", f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
+        "tune.search=random", "tune.eta_range=[0.3,3]", "tune.zeta=[0.2]", "tune.bits=[8]", "tune.num_samples=1",
+        "tune.scheduler=none", "tune.max_failures=0",
+    )  # fmt: skip
+    try:
+        outcome = run_search(params, "toy", out_dir=tmp_path / "out", verbose=0)
+    finally:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    (row,) = outcome.rows
+    assert row.status == "completed" and row.epochs == 2 and 0 <= row.val_map <= 1
+    assert 0.3 <= row.eta <= 3 and row.eta not in (1.0, 10.0) and (row.zeta, row.bits) == (0.2, 8)
+    best = json.loads(Path(outcome.best_file).read_text())
+    assert (best["eta"], best["zeta"], best["bits"], best["run_id"]) == (row.eta, 0.2, 8, row.run_id)
+    run = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(row.run_id)
+    assert float(run.data.params["loss.eta"]) == pytest.approx(row.eta) and run.info.status == "FINISHED"
+    parent = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(outcome.parent_run_id)
+    assert (parent.data.params["tune.search"], parent.data.params["tune.scheduler"]) == ("random", "none")
