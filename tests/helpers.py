@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from torch import nn
 
 PARAMS_FILE = Path(__file__).resolve().parents[1] / "params.yaml"
 BITS = 8
@@ -24,6 +25,21 @@ def make_class_folder(root: Path, classes=("red", "green", "blue"), per_class=30
             pixels = np.clip(colours[c] + rng.normal(0, 25, size=(size, size, 3)), 0, 255).astype(np.uint8)
             Image.fromarray(pixels).save(root / name / f"{i:04d}.png")
     return root
+
+
+class TinyNet(nn.Module):
+    """A small network with DPFAH's interface ((u, logits), bits, num_classes): fit in
+    milliseconds a step."""
+
+    def __init__(self, bits: int, num_classes: int):
+        super().__init__()
+        self.bits, self.num_classes = bits, num_classes
+        self.body = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.hash_head, self.cls_head = nn.Linear(8, bits), nn.Linear(8, num_classes)
+
+    def forward(self, x):
+        f = self.body(x)
+        return self.hash_head(f), self.cls_head(f)
 
 
 def toy_overrides(work: Path, images: Path, *extra: str) -> list[str]:

@@ -19,6 +19,7 @@ from dpfah.methods.dfh import center_step
 from dpfah.methods.dsdh import dcc
 from dpfah.objective import Objective, Shard
 from dpfah.train import Batch, TrainSettings, fit
+from tests.helpers import TinyNet as _Tiny
 
 BITS, CLASSES, TRAIN = 6, 4, 16
 
@@ -530,20 +531,6 @@ def test_dpfah_entry_keeps_dpfah_loss_numerics():
 
 
 # ------------------------------------------------------------------ through fit
-
-
-class _Tiny(nn.Module):
-    """A small network with DPFAH's interface ((u, logits), bits, num_classes)."""
-
-    def __init__(self, bits, num_classes):
-        super().__init__()
-        self.bits, self.num_classes = bits, num_classes
-        self.body = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
-        self.hash_head, self.cls_head = nn.Linear(8, bits), nn.Linear(8, num_classes)
-
-    def forward(self, x):
-        f = self.body(x)
-        return self.hash_head(f), self.cls_head(f)
 
 
 def _data(n=24, classes=3, size=16):
