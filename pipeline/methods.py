@@ -8,7 +8,7 @@ from typing import Any
 
 from .errors import ConfigError
 
-__all__ = ["check_hyperparameters"]
+__all__ = ["check_hyperparameters", "declared_hyperparameters"]
 
 
 def _kind(default: Any) -> tuple[type | tuple[type, ...], str]:
@@ -38,6 +38,11 @@ def _declared(method: str) -> tuple[dict[str, Any], dict[str, tuple[Any, ...]]]:
 
     cls = get(method)
     return dict(cls.defaults), dict(cls.choices)
+
+
+def declared_hyperparameters(method: str) -> dict[str, Any]:
+    """``method``'s hyper-parameters and their defaults."""
+    return _declared(method)[0]
 
 
 def check_hyperparameters(method: str, values: Mapping[str, Any], where: str) -> None:

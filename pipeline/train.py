@@ -46,6 +46,8 @@ from .tracking import check_store, git_commit, model_requirements, resolve_uri, 
 __all__ = ["TrainOutcome", "TrainingFailed", "run_training", "main"]
 
 STATE_FILE = "state.pt"
+#: AlexNet's stem and pools leave nothing of an image smaller than this (dpfah.model).
+ALEXNET_MIN_SIZE = 63
 
 
 class TrainingFailed(PipelineError):
@@ -538,6 +540,11 @@ def run_training(
     storage = resolve_uri(t.storage_path)
     name = run_name or f"{dataset}-{bits}b-{recipe.entry}-s{seed}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
     model = dataclasses.replace(params.model, **recipe.model)  # a variant's network changes
+    if model.backbone == "alexnet" and t.image_size < ALEXNET_MIN_SIZE:
+        raise ConfigError(
+            f"train.image_size: {t.image_size} px is too small for {recipe.entry}'s AlexNet backbone (it needs >= {ALEXNET_MIN_SIZE}); "
+            f"e.g. --set train.image_size=64"
+        )
     job = Job(
         train=pick(TrainSettings, t),
         model=dataclasses.replace(model, backbone_weights=_absolute(model.backbone_weights)),

@@ -231,10 +231,32 @@ class _PlacementGroupJanitor:
         return removed
 
 
+#: What the search varies besides the code length: hyper-parameters the method must have.
+SEARCHED = ("eta", "zeta")
+
+
+def _check_method(params: Params) -> None:
+    """The search runs train.method with eta x zeta: refuse a method (or a variant, whose own
+    settings the search would override) that does not declare both, naming what it has."""
+    from .methods import declared_hyperparameters
+
+    method = params.train.method
+    if method in params.variants:
+        raise ConfigError(f"train.method: {method} is a variant; the search varies a method's own hyper-parameters: set train.method to a method")
+    have = declared_hyperparameters(method)
+    missing = [k for k in SEARCHED if k not in have]
+    if missing:
+        raise ConfigError(
+            f"train.method: the search varies {' and '.join(SEARCHED)}, but {method} has no {', '.join(missing)} "
+            f"(it has: {', '.join(sorted(have))}); tune searches DPFAH's loss weights"
+        )
+
+
 def _check_search(params: Params, dataset: str):
     from .artifacts import prepared_manifest
 
     params.dataset(dataset)
+    _check_method(params)
     manifest = prepared_manifest(params, dataset)
     if manifest.split("validation").count == 0:
         raise ConfigError(f"datasets.{dataset}.validation: the search compares trials on the validation split, which is empty (prepare it with validation > 0)")

@@ -166,7 +166,6 @@ def test_rmsprop_with_the_cosine_schedule_updates_every_weight_by_the_rmsprop_ru
     assert moved[0] > 2e-4 and min(moved) > 1e-5  # updates far larger than the tolerance: the check is not vacuous
 
 
-@pytest.mark.xfail(strict=True, reason="bug: schedule onecycle cycles momentum (0.95 -> 0.85): rmsprop gains a momentum the paper's RMSProp has not")
 def test_rmsprop_has_no_momentum_under_every_schedule():
     images, labels = _images(16)
     for schedule in ("constant", "cosine", "onecycle"):
@@ -176,7 +175,6 @@ def test_rmsprop_has_no_momentum_under_every_schedule():
         assert [g["momentum"] for g in rec.groups] == [0, 0], schedule
 
 
-@pytest.mark.xfail(strict=True, reason="bug: schedule onecycle overrides train.momentum with its own cycle 0.95 -> 0.85 -> 0.95")
 def test_sgd_uses_train_momentum_under_every_schedule():
     images, labels = _images(16)
     for schedule in ("constant", "cosine", "onecycle"):

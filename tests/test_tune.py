@@ -422,3 +422,17 @@ def test_search_leaves_no_placement_group_behind(search):
     while time.time() < deadline and _live_placement_groups() - live_before:
         time.sleep(1)
     assert not _live_placement_groups() - live_before
+
+
+def test_search_refuses_a_method_without_the_searched_hyper_parameters(toy_dataset):
+    """The search varies eta and zeta: a method that has neither (or only one) is refused,
+    naming what it lacks and what it has; so is a variant (the search would override it)."""
+    from pipeline.tune import run_search
+
+    work, images = toy_dataset
+    with pytest.raises(ConfigError, match=r"^train.method: the search varies eta and zeta, but dsh has no eta, zeta \(it has: alpha, margin, pairs\)"):
+        run_search(toy_params(work, images, "train.method=dsh"), "toy")
+    with pytest.raises(ConfigError, match=r"^train.method: the search varies eta and zeta, but dpsh has no zeta \(it has: eta, pairs\)"):
+        run_search(toy_params(work, images, "train.method=dpsh"), "toy")
+    with pytest.raises(ConfigError, match=r"^train.method: resnet18 is a variant"):
+        run_search(toy_params(work, images, "train.method=resnet18"), "toy")
