@@ -3,11 +3,13 @@
 The files DVC tracks (all small, all relative to the repository root unless a stage is
 given another ``root``)::
 
-    runs/<dataset>-<bits>.json          train: the run record (run id, model URI, data identity)
-    objectives/<dataset>-<bits>.json    objective: the loss settings a training uses (eta, zeta from params or the search)
-    metrics/<dataset>-<bits>.json       evaluate: the query metrics (DVC metrics)
-    plots/<dataset>-<bits>/*.csv        evaluate: PR and P@N curve data (DVC plots)
-    promotions/<dataset>-<bits>.json    promote: the decision and both numbers
+    runs/<d>-<b>-<m>-s<s>.json          train: the run record (run id, model URI, data identity)
+    objectives/<d>-<b>-<m>.json         objective: what a training optimises (method, hyper-parameters, network changes)
+    metrics/<d>-<b>-<m>-s<s>.json       evaluate: the query metrics (DVC metrics)
+    plots/<d>-<b>-<m>-s<s>/*.csv        evaluate: PR and P@N curve data (DVC plots)
+    promotions/<d>-<b>-<m>-s<s>.json    promote: the decision and both numbers
+
+(d: dataset, b: code length, m: method or variant, s: training seed)
     tune/<dataset>/best.json            tune: the best configuration, overall and per code length
     tune/<dataset>/summary.{md,csv}     tune: every trial
 

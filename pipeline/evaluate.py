@@ -2,7 +2,7 @@
 
     python -m pipeline.evaluate --dataset cifar10 --bits 64 [--run-id ID] [--params FILE] [--set key=value ...]
 
-Loads the model that ``pipeline.train`` logged (the run named by ``runs/<dataset>-<bits>.json``,
+Loads the model that ``pipeline.train`` logged (the run named by ``runs/<dataset>-<bits>-<method>-s<seed>.json``,
 or ``--run-id``), checks that the run was trained on these very shards (dataset, code length,
 the manifest's sha256), encodes the query and database splits once (batched, on the GPU when
 there is one) and computes with :func:`dpfah.metrics.retrieval_report`: mAP@R (R per dataset,
@@ -12,8 +12,8 @@ empty balls, the P@N curve and the PR curves by Hamming radius and by rank.
 Refuses (exit 2) a model with NaN or infinite weights, naming the run and the first bad
 tensor. Computes everything first (metrics, figures, codes), then writes, each atomically:
 
-* ``plots/<dataset>-<bits>/{pr_radius,pr_rank,p_at_n}.csv``: DVC plots;
-* ``metrics/<dataset>-<bits>.json``: DVC metrics (the numbers under ``metrics``, plus the
+* ``plots/<dataset>-<bits>-<method>-s<seed>/{pr_radius,pr_rank,p_at_n}.csv``: DVC plots;
+* ``metrics/<dataset>-<bits>-<method>-s<seed>.json``: DVC metrics (the numbers under ``metrics``, plus the
   run, the data, the settings they belong to and this evaluation's ``eval_id``);
 
 then logs to the training's MLflow run the same metrics (same names, same values), tags
@@ -504,9 +504,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m pipeline.evaluate",
         description=(
-            "Evaluate a trained DPFAH model for retrieval: encode the query and database splits once and\n"
+            "Evaluate a trained hashing model for retrieval: encode the query and database splits once and\n"
             "compute mAP@R (index ties and tie-aware), P@H<=2 with the share of empty balls, the P@N\n"
-            "curve and PR curves. Writes metrics/<dataset>-<bits>.json and plots/<dataset>-<bits>/*.csv\n"
+            "curve and PR curves. Writes metrics/<dataset>-<bits>-<method>-s<seed>.json and\n"
+            "plots/<dataset>-<bits>-<method>-s<seed>/*.csv\n"
             "and logs the metrics, figures and packed codes to the model's MLflow run."
         ),
         epilog=(

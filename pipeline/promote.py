@@ -1,17 +1,17 @@
 """Stage `promote`: register an evaluated model; the `champion` alias goes only to a better one.
 
-    python -m pipeline.promote --dataset cifar10 --bits 64 [--run-id ID] [--params FILE] [--set key=value ...]
+    python -m pipeline.promote --dataset cifar10 --bits 64 [--method NAME] [--seed N] [--run-id ID] [--params FILE] [--set key=value ...]
 
-Registers the model of the run named by ``runs/<dataset>-<bits>.json`` (or ``--run-id``) as
-``promote.model_name`` (default ``dpfah-<dataset>-<bits>b``) and moves ``promote.alias``
+Registers the model of the run named by ``runs/<dataset>-<bits>-<method>-s<seed>.json`` (or ``--run-id``) as
+``promote.model_name`` (default ``<method>-<dataset>-<bits>b``; DPFAH's ``dpfah-<dataset>-<bits>b``) and moves ``promote.alias``
 (default ``champion``) to the new version only when its query metric (``promote.metric``,
 default ``query_map``) is strictly higher than the current holder's, or nothing holds it.
 The decision and both numbers go to the run's tags, the version's tags and
-``promotions/<dataset>-<bits>.json``.
+``promotions/<dataset>-<bits>-<method>-s<seed>.json``.
 
 Refuses (exit 2, nothing registered, no alias moved) when the run has no evaluation or only
 an incomplete one (no ``eval.complete`` marker for its last ``eval.id``: that evaluate failed
-part-way), when ``metrics/<dataset>-<bits>.json`` is missing or belongs to another run or
+part-way), when ``metrics/<dataset>-<bits>-<method>-s<seed>.json`` is missing or belongs to another run or
 other settings, when the two numbers were not measured the same way (another R or other
 shards), or when the model has NaN or infinite weights.
 
@@ -459,10 +459,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m pipeline.promote",
         description=(
-            "Register an evaluated DPFAH model in the MLflow model registry as dpfah-<dataset>-<bits>b\n"
-            "(promote.model_name) and move the `champion` alias (promote.alias) to it only when its query\n"
-            "mAP (promote.metric) beats the current champion's. Writes promotions/<dataset>-<bits>.json\n"
-            "and tags the run with the decision. Running it again changes nothing."
+            "Register an evaluated hashing model in the MLflow model registry as\n"
+            "<method>-<dataset>-<bits>b (promote.model_name; DPFAH's: dpfah-<dataset>-<bits>b) and move\n"
+            "the `champion` alias (promote.alias) to it only when its query mAP (promote.metric) beats\n"
+            "the current champion's. Writes promotions/<dataset>-<bits>-<method>-s<seed>.json and tags\n"
+            "the run with the decision. Running it again changes nothing."
         ),
         epilog=(
             "examples:\n"

@@ -10,6 +10,23 @@ import pytest
 from tests.helpers import make_class_folder, toy_params
 
 
+@pytest.fixture(autouse=True)
+def _restore_tracking_uri():
+    """``mlflow.set_tracking_uri`` also sets MLFLOW_TRACKING_URI, which outranks params.yaml
+    for every later stage call in this process: no test leaves it changed for the next."""
+    import sys
+
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    yield
+    if before is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = before
+    utils = sys.modules.get("mlflow.tracking._tracking_service.utils")
+    if utils is not None and hasattr(utils, "_tracking_uri"):
+        utils._tracking_uri = before  # MLflow's process-wide URI (set_tracking_uri's other half)
+
+
 @pytest.fixture(scope="session")
 def ray_local():
     """A real local Ray instance on this machine's CPUs, shared by every test that needs it."""

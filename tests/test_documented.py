@@ -527,8 +527,8 @@ def test_profile_paper_applies_every_value_it_names_and_keeps_every_other(tmp_pa
 
     monkeypatch.chdir(tmp_path)
     assert run_main(main, ["--dataset", "cifar10", "--bits", "48", "--params", str(params_file), "--profile", "paper"]) == 0
-    doc = json.loads((tmp_path / "objectives" / "cifar10-48.json").read_text())
-    assert (doc["loss"]["eta"], doc["loss"]["zeta"], doc["loss"]["delta"]) == (10.0, 0.1, 1.3)
+    doc = json.loads((tmp_path / "objectives" / "cifar10-48-dpfah.json").read_text())
+    assert (doc["hparams"]["eta"], doc["hparams"]["zeta"], doc["hparams"]["delta"]) == (10.0, 0.1, 1.3)
     assert doc["source"] == {"weights_from": "params"}
 
 
@@ -549,19 +549,19 @@ def test_objective_stage_with_use_tuned_writes_the_tuned_weights_of_the_code_len
     for bits, want in ((16, (15.0, 1.0, "t16")), (64, (5.0, 0.05, "t64")), (32, (5.0, 0.05, "t64"))):
         code, text = cli(objective, ["--dataset", "cifar10", "--bits", str(bits), *args], capsys)
         assert code == 0 and "(from tune)" in text, text
-        doc = json.loads((tmp_path / "objectives" / f"cifar10-{bits}.json").read_text())
-        assert (doc["loss"]["eta"], doc["loss"]["zeta"], doc["source"]["tuned_trial_run_id"]) == want
-        assert doc["loss"]["delta"] == 0.9 and doc["source"]["weights_from"] == "tune"
+        doc = json.loads((tmp_path / "objectives" / f"cifar10-{bits}-dpfah.json").read_text())
+        assert (doc["hparams"]["eta"], doc["hparams"]["zeta"], doc["source"]["tuned_trial_run_id"]) == want
+        assert doc["hparams"]["delta"] == 0.9 and doc["source"]["weights_from"] == "tune" and doc["method"] == "dpfah"
 
 
 # ----------------------------------------------------------------------------- --help of every stage
 
 HELP = {
     "prepare": ["--dataset", "--params", "--profile", "--set", "--quiet", "shards"],
-    "objective": ["--dataset", "--bits", "--params", "--profile", "--set", "objectives/<dataset>-<bits>.json", "use_tuned"],
-    "train": ["--dataset", "--bits", "--objective", "--params", "--profile", "--set", "runs/<dataset>-<bits>.json"],
-    "evaluate": ["--dataset", "--bits", "--run-id", "--quiet", "--params", "--profile", "--set", "metrics/<dataset>-<bits>.json"],
-    "promote": ["--dataset", "--bits", "--run-id", "--params", "--profile", "--set", "promote.alias", "promote.metric", "promote.model_name"],
+    "objective": ["--dataset", "--bits", "--method", "--params", "--profile", "--set", "objectives/<dataset>-<bits>-<method>.json", "use_tuned"],
+    "train": ["--dataset", "--bits", "--method", "--seed", "--objective", "--params", "--profile", "--set", "--verbose", "runs/<dataset>-<bits>-<method>-s<seed>.json"],
+    "evaluate": ["--dataset", "--bits", "--method", "--seed", "--run-id", "--quiet", "--params", "--profile", "--set", "metrics/<dataset>-<bits>-<method>-s<seed>.json"],
+    "promote": ["--dataset", "--bits", "--method", "--seed", "--run-id", "--params", "--profile", "--set", "promote.alias", "promote.metric", "promote.model_name"],
     "tune": ["--dataset", "--out", "--params", "--profile", "--set", "tune/<dataset>/best.json", "tune.search=random"],
     "profile": ["name", "--params", "--dry-run"],
 }
@@ -594,7 +594,7 @@ def _evaluated(uri, root, query_map, tie_aware, sha="cd" * 32):
     for key, value in {"eval.map_at": "ALL", "eval.manifest_sha256": sha, "eval.id": f"e-{run_id[:8]}", "eval.complete": f"e-{run_id[:8]}"}.items():
         client.set_tag(run_id, key, value)
     write_record(root, record)
-    path = root / "metrics" / "toy-8.json"
+    path = root / "metrics" / "toy-8-dpfah-s0.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"dataset": "toy", "bits": 8, "run_id": run_id, "map_at": "ALL", "query_map": query_map, "query_map_tie_aware": tie_aware}))
     return run_id
@@ -640,7 +640,7 @@ def test_promote_by_tie_aware_map_to_a_custom_alias_and_model_name(tmp_path, mon
     assert (tags["promote.decision"], tags["promote.alias"], tags["promote.model_name"]) == ("kept", "best", name)
     assert (tags["promote.query_map_tie_aware"], tags["promote.champion_query_map_tie_aware"]) == ("0.54", "0.55")
     assert "promote.query_map" not in tags
-    saved = json.loads((tmp_path / "promotions" / "toy-8.json").read_text())
+    saved = json.loads((tmp_path / "promotions" / "toy-8-dpfah-s0.json").read_text())
     assert (saved["metric"], saved["alias"], saved["model_name"], saved["run_id"]) == ("query_map_tie_aware", "best", name, third)
 
 

@@ -190,3 +190,19 @@ def test_checkpoints_the_controller_never_registered_are_deleted(tmp_path):
     )
     _drop_unregistered_checkpoints(result)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint_a", "checkpoint_b", "checkpoint_manager_snapshot.json", "other_dir"]
+
+
+def test_a_variant_whose_network_cannot_take_the_image_size_is_refused_before_ray(toy_dataset, tmp_path):
+    """dbdh-alexnet at the CPU profile's 32 px: one line naming the key and the fix, before
+    any Ray worker would have failed (and been retried) on it."""
+    from pipeline.errors import ConfigError
+    from pipeline.objective import read, resolve, write
+    from pipeline.train import run_training
+
+    work, images = toy_dataset
+    params = toy_params(work, images, f"mlflow.tracking_uri=sqlite:///{tmp_path / 'm.db'}")
+    with pytest.raises(ConfigError, match=r"^train.image_size: 32 px is too small for dbdh-alexnet's AlexNet backbone \(it needs >= 63\); e.g. --set train.image_size=64$"):
+        run_training(params, "toy", 8, method="dbdh-alexnet", write_run_file=False)
+    recipe = resolve(params, "toy", 8, "dbdh-alexnet", root=tmp_path)
+    path = write(recipe, "toy", 8, root=tmp_path)
+    assert path.name == "toy-8-dbdh-alexnet.json" and read(path, "toy", 8).model == {"backbone": "alexnet", "pfa": False}
