@@ -179,9 +179,9 @@ def test_cifar10_download_by_url_checks_md5(tmp_path, cifar_archive):
 # ----------------------------------------------------------------------------- real CIFAR-10
 
 
-def test_real_cifar10(tmp_path, cifar10_source):
+def test_real_cifar10(tmp_path, cifar10_source, cifar10_prepared):
     source = cifar10_source
-    a = run(tmp_path / "a", "cifar10", f"datasets.cifar10.source={source}")
+    _, a = cifar10_prepared  # prepared once per test run; a second prepare must equal it byte for byte
     m, keys = check_cifar_protocol(a.directory, 60000, 59000)
     assert (keys["train"] | keys["validation"]) <= keys["database"]
     assert m["skipped"]["count"] == 0

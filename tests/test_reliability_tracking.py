@@ -299,6 +299,10 @@ def test_every_stage_fails_fast_on_an_unusable_store(server, toy_dataset, tmp_pa
             "promote": [*_promote_args(uri), "--run-id", run_id],
         }
         for stage, args in commands.items():
+            # A closed port is the dead server's case again: on evaluate and promote only
+            # (a train or tune start costs about 4 s of imports).
+            if label == "closed port" and stage in ("train", "tune"):
+                continue
             code, text, seconds = _stage(stage, args, tmp_path, timeout=240)
             timings.append(f"{stage} / {label}: {seconds:.1f} s")
             expected = f"error: MLflow {'tracking server' if uri.startswith('http') else 'store'} {uri}"

@@ -193,17 +193,15 @@ def test_logged_model_reloads_as_dpfah_with_the_same_codes(resumed_run):
     assert f"torch=={version('torch')}" in reqs and f"numpy=={version('numpy')}" in reqs
 
 
-def test_validation_map_rises_above_chance_on_cifar10(ray_local, cifar10_source, tmp_path):
+def test_validation_map_rises_above_chance_on_cifar10(ray_local, cifar10_prepared, tmp_path):
     """From scratch, 32 px, three short epochs on real CIFAR-10: well above chance (~0.1)."""
     from pipeline.config import load_params
-    from pipeline.prepare import prepare
     from pipeline.train import run_training
 
     params = load_params(
         Path(__file__).resolve().parents[1] / "params.yaml",
         [
-            f"data.root={tmp_path / 'data'}",
-            f"datasets.cifar10.source={cifar10_source}",
+            f"data.root={cifar10_prepared[0]}",
             f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
             f"train.storage_path={tmp_path / 'ray'}",
             "train.epochs=3",
@@ -212,7 +210,6 @@ def test_validation_map_rises_above_chance_on_cifar10(ray_local, cifar10_source,
             "train.loader_workers=0",
         ],
     )
-    prepare(params, "cifar10", progress=False)
     outcome = run_training(params, "cifar10", 32, write_run_file=False, log_model=False)
     state = torch.load(f"{outcome.checkpoint}/state.pt", map_location="cpu", weights_only=True)
     maps = [h["val_map"] for h in state["history"]]
