@@ -170,35 +170,6 @@ def _reporter(job: Job, rank: int, size: int):
 DIVERGED = "diverged"
 
 
-def _epoch_callback_base():
-    from ray.train import UserCallback
-
-    return UserCallback
-
-
-class EpochMetricsToMlflow(_epoch_callback_base()):
-    """Runs in Ray Train's controller: logs each epoch's metrics (rank 0's report) to the
-    MLflow run at step = epoch, after Ray Train has registered the report and its checkpoint.
-    A report that a dying worker made but the controller never registered is not logged, and
-    that epoch runs again after the restart: so every metric has one point per epoch."""
-
-    def __init__(self, tracking_uri: str, run_id: str):
-        self.tracking_uri, self.run_id, self._client = tracking_uri, run_id, None
-
-    def after_report(self, run_context, metrics, checkpoint) -> None:
-        values = metrics[0] if metrics else {}
-        if not values or DIVERGED in values:
-            return
-        from mlflow.entities import Metric
-        from mlflow.tracking import MlflowClient
-
-        with span("controller: epoch metrics to mlflow"):
-            if self._client is None:
-                self._client = MlflowClient(self.tracking_uri)
-            now, step = int(time.time() * 1000), int(values["epoch"])
-            self._client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in values.items() if k != "epoch"])
-
-
 def _epoch_hook(job: Job, train_batches, rank: int, size: int):
     """Tests only (with ``fail_at_epoch``): every rank notes each epoch it starts in
     ``<run>/.epochs-started``, and the last rank dies once, hard, as epoch fail_at_epoch + 1
@@ -589,7 +560,9 @@ def run_training(
                     _fail_abandoned_runs(run.info.experiment_id, run_id, uri)
             with span("ray train: build the trainer"):
                 # MLflow first: a Tune scheduler may stop the trial as soon as it sees the report
-                trainer = _trainer(job, params, name, storage, [EpochMetricsToMlflow(uri, run_id), *callbacks])
+                from .train_callbacks import EpochMetricsToMlflow  # imports Ray Train: only when training
+
+                trainer = _trainer(job, params, name, storage, [EpochMetricsToMlflow(uri, run_id, skip=DIVERGED), *callbacks])
             if parent_run_id is None:  # a stage run: a line per epoch (Tune reports its own way)
                 print(f"training {dataset} {bits} bits: {t.num_workers} worker(s) on {'GPU' if t.use_gpu else 'CPU'}, {t.epochs} epochs; MLflow run {run_id} ({uri})", flush=True)
             with span("ray train: fit"), _epoch_printer(uri, run_id, t.epochs, enabled=parent_run_id is None):
