@@ -242,7 +242,9 @@ def _log_range(v: tuple[float, ...] | None) -> str | None:
 
 @dataclass(frozen=True)
 class TuneConfig:
-    """The `tune` stage: a Ray Tune search over eta, zeta and the code length."""
+    """The `tune` stage: a Ray Tune search over the code length and the hyper-parameters
+    train.method declares (DPFAH: eta and zeta, from the lists below; pipeline.tune checks
+    the knobs against the method)."""
 
     datasets: tuple[str, ...] = ()  # dvc.yaml's tune@<dataset> stages; none by default (opt in)
     search: Literal["grid", "random"] = field(default="grid", metadata={"noun": "search"})
@@ -251,6 +253,11 @@ class TuneConfig:
     bits: tuple[int, ...] = field(default=(16, 64), metadata=_check(_value_list(1, "code lengths")))
     eta_range: tuple[float, ...] | None = field(default=None, metadata=_check(_log_range))
     zeta_range: tuple[float, ...] | None = field(default=None, metadata=_check(_log_range))
+    # Any method's knobs: knob -> values to try (grid: every combination; random: a choice),
+    # and knob -> [low, high] sampled log-uniformly (random only). DPFAH's eta and zeta are
+    # the lists above; `space` adds its other knobs (delta, pairs).
+    space: dict[str, tuple[Any, ...]] = field(default_factory=dict)
+    ranges: dict[str, tuple[float, ...]] = field(default_factory=dict)
     num_samples: int = field(default=1, metadata=_check(at_least(1)))
     scheduler: Literal["asha", "none"] = field(default="asha", metadata={"noun": "scheduler"})
     grace_period: int = field(default=1, metadata=_check(at_least(1)))
@@ -259,10 +266,18 @@ class TuneConfig:
     max_failures: int = field(default=1, metadata=_check(at_least(0)))
 
     def validate(self) -> None:
+        for knob, values in self.space.items():
+            if not isinstance(values, tuple) or not values:
+                raise Invalid(f"space.{knob}", f"must list one or more values to try, got {values!r}")
+        for knob, bounds in self.ranges.items():
+            if _log_range(bounds):
+                raise Invalid(f"ranges.{knob}", _log_range(bounds))
         if self.search == "grid":
             for key in ("eta_range", "zeta_range"):
                 if getattr(self, key) is not None:
                     raise Invalid(key, "only with search: random (a grid takes the eta and zeta lists)")
+            if self.ranges:
+                raise Invalid(f"ranges.{next(iter(self.ranges))}", "only with search: random (a grid takes the lists of `space`)")
             if self.num_samples != 1:
                 raise Invalid("num_samples", "a grid runs each point once (training is seeded: repeats would be identical); use search: random")
 

@@ -8,7 +8,7 @@ from typing import Any
 
 from .errors import ConfigError
 
-__all__ = ["check_hyperparameters", "declared_hyperparameters"]
+__all__ = ["check_hyperparameters", "declared_hyperparameters", "tunable_hyperparameters"]
 
 
 def _kind(default: Any) -> tuple[type | tuple[type, ...], str]:
@@ -43,6 +43,13 @@ def _declared(method: str) -> tuple[dict[str, Any], dict[str, tuple[Any, ...]]]:
 def declared_hyperparameters(method: str) -> dict[str, Any]:
     """``method``'s hyper-parameters and their defaults."""
     return _declared(method)[0]
+
+
+def tunable_hyperparameters(method: str) -> tuple[str, ...]:
+    """The knobs ``method`` declares worth searching (DPFAH: eta and zeta)."""
+    from dpfah.methods import get
+
+    return tuple(get(method).tunable)
 
 
 def check_hyperparameters(method: str, values: Mapping[str, Any], where: str) -> None:

@@ -64,6 +64,8 @@ def _tuned(dataset: str, bits: int, root: str | os.PathLike) -> tuple[dict[str, 
         )
     try:
         record = json.loads(path.read_text())
+        if record.get("method", DEFAULT_METHOD) != DEFAULT_METHOD:
+            raise ConfigError(f"loss.use_tuned: {path} is a search over {record['method']}'s knobs, not DPFAH's eta and zeta")
         entry = record.get("by_bits", {}).get(str(bits)) or record
         weights = {"eta": float(entry["eta"]), "zeta": float(entry["zeta"])}
     except (ValueError, KeyError, TypeError, AttributeError) as e:

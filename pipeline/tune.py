@@ -1,8 +1,11 @@
-"""Search eta, zeta and the code length with Ray Tune; every trial is a Ray Train run.
+"""Search a method's hyper-parameters and the code length with Ray Tune; every trial is a Ray Train run.
 
     python -m pipeline.tune --dataset cifar10 [--params FILE] [--set key=value ...]
 
-The driver (this process) opens the search's MLflow run, then runs a Tune search whose
+The search runs train.method over the knobs it declares (DPFAH: eta and zeta from
+``tune.eta`` and ``tune.zeta``, as well as any of its knobs in ``tune.space``; another
+method: the knobs of ``tune.space`` and ``tune.ranges``); a knob the method does not have
+is an error naming it and what the method has. The driver (this process) opens the search's MLflow run, then runs a Tune search whose
 trials each fit a ``TorchTrainer`` through :func:`pipeline.train.run_training` (the same
 training as the train stage, its MLflow run nested under the search's). Rank 0's per-epoch
 reports reach Tune through ``TuneReportCallback``; ASHA stops trials whose validation mAP
@@ -30,7 +33,6 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from dpfah.settings import LossSettings, pick
 
 from .artifacts import TUNE_DIR, tune_dir, write_atomic, write_json_atomic
 from .cluster import ensure_ray
@@ -42,7 +44,9 @@ from .train import run_training
 __all__ = [
     "TrialRow",
     "SearchOutcome",
+    "searched_knobs",
     "search_space",
+    "trial_recipe",
     "max_concurrency",
     "run_search",
     "summary_markdown",
@@ -64,8 +68,7 @@ class TrialRow:
     """One trial of a search, as the summary and best.json see it."""
 
     trial_id: str
-    eta: float
-    zeta: float
+    hparams: dict[str, Any]  # the searched knobs' values (DPFAH: eta, zeta)
     bits: int
     val_map: float  # the best validation mAP over the epochs it ran (nan: none)
     best_epoch: int
@@ -74,6 +77,14 @@ class TrialRow:
     run_id: str  # its MLflow run ("" when none was found)
     run_name: str
     error: str = ""
+
+    @property
+    def eta(self) -> float:
+        return float(self.hparams.get("eta", math.nan))
+
+    @property
+    def zeta(self) -> float:
+        return float(self.hparams.get("zeta", math.nan))
 
 
 @dataclass(frozen=True)
@@ -90,25 +101,72 @@ class SearchOutcome:
 # ----------------------------------------------------------------------------- the search
 
 
+def searched_knobs(params: Params) -> dict[str, tuple[str, tuple[Any, ...]]]:
+    """What the search varies besides the code length: knob -> ("values", the values to
+    try) or ("range", (low, high)) sampled log-uniformly, for train.method.
+
+    DPFAH: eta and zeta from ``tune.eta``/``tune.zeta`` (``tune.eta_range``/``zeta_range``
+    with a random search), then its other knobs of ``tune.space``/``tune.ranges``. Another
+    method: the knobs of ``tune.space`` and ``tune.ranges``. A ``ConfigError`` names a knob
+    the method does not have (and lists what it has), a value of the wrong kind, a variant
+    (its own settings would be overridden) and a method given nothing to search."""
+    from .methods import check_hyperparameters, declared_hyperparameters, tunable_hyperparameters
+
+    c, method = params.tune, params.train.method
+    if method in params.variants:
+        raise ConfigError(f"train.method: {method} is a variant; the search varies a method's own hyper-parameters: set train.method to a method")
+    have = declared_hyperparameters(method)
+    knobs: dict[str, tuple[str, tuple[Any, ...]]] = {}
+    if method == DPFAH:
+        for knob, values, bounds in (("eta", c.eta, c.eta_range), ("zeta", c.zeta, c.zeta_range)):
+            knobs[knob] = ("range", bounds) if bounds else ("values", values)
+    for section, entries in (("space", c.space), ("ranges", c.ranges)):
+        for knob, value in entries.items():
+            where = f"tune.{section}.{knob}"
+            if knob not in have:
+                raise ConfigError(f"{where}: {method} has no hyper-parameter {knob!r} (it has: {', '.join(sorted(have))}; worth searching: {', '.join(tunable_hyperparameters(method))})")
+            if method == DPFAH and knob in ("eta", "zeta"):
+                raise ConfigError(f"{where}: DPFAH's {knob} is searched over tune.{knob} (tune.{knob}_range with a random search)")
+            if knob in knobs:
+                raise ConfigError(f"{where}: {knob} is also in tune.{'ranges' if section == 'space' else 'space'}: give it once")
+            if section == "space":
+                for v in value:
+                    check_hyperparameters(method, {knob: v}, "tune.space")
+                # a number where the method's default is a float stays a float (1 -> 1.0)
+                value = tuple(float(v) if isinstance(have[knob], float) and not isinstance(v, bool) else v for v in value)
+                knobs[knob] = ("values", value)
+            else:
+                if isinstance(have[knob], (bool, str, tuple, list)):
+                    raise ConfigError(f"{where}: {knob} is not a number (its default is {have[knob]!r}): list its values under tune.space")
+                knobs[knob] = ("range", value)
+    if not knobs:
+        raise ConfigError(
+            f"tune.space: empty, and {method} has no default search; give the values of one or more of its knobs, "
+            f"e.g. --set 'tune.space.{tunable_hyperparameters(method)[0]}=[...]' (worth searching: {', '.join(tunable_hyperparameters(method))}; "
+            f"it has: {', '.join(sorted(have))})"
+        )
+    return knobs
+
+
 def search_space(params: Params, max_concurrent: int = 0) -> tuple[dict[str, Any], Any, int]:
     """(Tune param_space, search algorithm, num_samples) from the ``tune`` section.
 
-    ``grid``: every eta x zeta x bits, once. ``random``: ``num_samples`` seeded draws, eta
-    and zeta from their lists (or log-uniformly from ``*_range``), bits from its list.
+    ``grid``: every combination of the searched knobs' values (:func:`searched_knobs`) and
+    bits, once. ``random``: ``num_samples`` seeded draws, each knob from its values (or
+    log-uniformly from its range), bits from its list.
     The generator itself bounds the trials running at once (Tune ignores
     ``TuneConfig.max_concurrent_trials`` when given a search algorithm of this kind)."""
     from ray import tune
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
     c = params.tune
-    if c.search == "grid":
-        space = {"eta": tune.grid_search(list(c.eta)), "zeta": tune.grid_search(list(c.zeta)), "bits": tune.grid_search(list(c.bits))}
-    else:
-        space = {
-            "eta": tune.loguniform(*c.eta_range) if c.eta_range else tune.choice(list(c.eta)),
-            "zeta": tune.loguniform(*c.zeta_range) if c.zeta_range else tune.choice(list(c.zeta)),
-            "bits": tune.choice(list(c.bits)),
-        }
+    space: dict[str, Any] = {}
+    for knob, (kind, value) in searched_knobs(params).items():
+        if kind == "range":
+            space[knob] = tune.loguniform(*value)
+        else:
+            space[knob] = tune.grid_search(list(value)) if c.search == "grid" else tune.choice(list(value))
+    space["bits"] = tune.grid_search(list(c.bits)) if c.search == "grid" else tune.choice(list(c.bits))
     return space, BasicVariantGenerator(max_concurrent=max_concurrent, random_state=params.seed), c.num_samples
 
 
@@ -141,10 +199,26 @@ def _absolute(params: Params) -> Params:
     )
 
 
+def _shown(value: Any) -> str:
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+
 def _trial_run_name(search_name: str, trial_id: str, config: dict[str, Any]) -> str:
     """Unique per search, stable across retries of the trial (so a retry resumes its run)."""
     index = trial_id.rsplit("_", 1)[-1]
-    return f"{search_name}-t{index}-eta{float(config['eta']):.3g}-zeta{float(config['zeta']):.3g}-{int(config['bits'])}b"
+    knobs = "".join(f"-{k}{_shown(v)}" for k, v in config.items() if k != "bits")
+    return f"{search_name}-t{index}{knobs}-{int(config['bits'])}b"
+
+
+def trial_recipe(params: Params, dataset: str, config: dict[str, Any]):
+    """What a trial trains: train.method with its knobs from params (never from best.json)
+    and the searched ones (``config``, with ``bits``) from the search."""
+    from . import objective
+
+    bits = int(config["bits"])
+    base = objective.resolve(replace(params, loss=replace(params.loss, use_tuned=False)), dataset, bits)
+    searched = {k: v for k, v in config.items() if k != "bits"}
+    return replace(base, hparams={**base.hparams, **searched}, source={"weights_from": "search"})
 
 
 def _trial(config: dict[str, Any], *, params: Params, dataset: str, search_name: str, parent_run_id: str) -> None:
@@ -160,9 +234,7 @@ def _trial(config: dict[str, Any], *, params: Params, dataset: str, search_name:
         int(config["bits"]),
         run_name=_trial_run_name(search_name, trial_id, config),
         write_run_file=False,
-        # a trial takes eta and zeta from the search, never from best.json
-        loss=pick(LossSettings, params.loss, eta=float(config["eta"]), zeta=float(config["zeta"])),
-        loss_source={"weights_from": "search"},
+        recipe=trial_recipe(params, dataset, config),
         parent_run_id=parent_run_id,
         callbacks=[TuneReportCallback()],
     )
@@ -231,32 +303,14 @@ class _PlacementGroupJanitor:
         return removed
 
 
-#: What the search varies besides the code length: hyper-parameters the method must have.
-SEARCHED = ("eta", "zeta")
-
-
-def _check_method(params: Params) -> None:
-    """The search runs train.method with eta x zeta: refuse a method (or a variant, whose own
-    settings the search would override) that does not declare both, naming what it has."""
-    from .methods import declared_hyperparameters
-
-    method = params.train.method
-    if method in params.variants:
-        raise ConfigError(f"train.method: {method} is a variant; the search varies a method's own hyper-parameters: set train.method to a method")
-    have = declared_hyperparameters(method)
-    missing = [k for k in SEARCHED if k not in have]
-    if missing:
-        raise ConfigError(
-            f"train.method: the search varies {' and '.join(SEARCHED)}, but {method} has no {', '.join(missing)} "
-            f"(it has: {', '.join(sorted(have))}); tune searches DPFAH's loss weights"
-        )
+DPFAH = "dpfah"
 
 
 def _check_search(params: Params, dataset: str):
     from .artifacts import prepared_manifest
 
     params.dataset(dataset)
-    _check_method(params)
+    searched_knobs(params)
     manifest = prepared_manifest(params, dataset)
     if manifest.split("validation").count == 0:
         raise ConfigError(f"datasets.{dataset}.validation: the search compares trials on the validation split, which is empty (prepare it with validation > 0)")
@@ -333,7 +387,7 @@ def _write_outputs(out: Path, rows: list[TrialRow], best: TrialRow | None, meta:
 
     out.mkdir(parents=True, exist_ok=True)
     md_path = write_atomic(out / "summary.md", summary_markdown(rows, meta, best, pivots=meta["search"] == "grid"))
-    csv_path = write_atomic(out / "summary.csv", summary_csv(rows))
+    csv_path = write_atomic(out / "summary.csv", summary_csv(rows, meta["knobs"]))
     mlflow.log_artifact(str(md_path), artifact_path="summary")
     mlflow.log_artifact(str(csv_path), artifact_path="summary")
     mlflow.log_metrics(
@@ -363,6 +417,7 @@ def run_search(
     import mlflow
 
     manifest = _check_search(params, dataset)
+    knobs = searched_knobs(params)
     p = _absolute(params)
     c, t = p.tune, p.train
     out = Path(out_dir) if out_dir is not None else tune_dir(dataset)
@@ -394,10 +449,12 @@ def run_search(
             if janitor.removed:
                 mlflow.set_tag("placement_groups_cleaned", str(janitor.removed))
 
-            rows = _collect(results, client, experiment_id, parent_id, search_name, t.epochs)
+            rows = _collect(results, client, experiment_id, parent_id, search_name, t.epochs, list(knobs))
             best = _select_best(rows)
             meta = {
                 "name": search_name,
+                "method": p.train.method,
+                "knobs": list(knobs),
                 "dataset": dataset,
                 "protocol": manifest.protocol,
                 "search": c.search,
@@ -410,10 +467,11 @@ def run_search(
             if best is None:
                 raise SearchFailed(f"search {search_name}: no trial produced a validation mAP (see {md_path} and the MLflow runs)")
             experiment_name = mlflow.get_experiment(experiment_id).name
-            record = _best_record(rows, best, search_name, parent_id, uri, params.mlflow.tracking_uri, experiment_name, manifest.sha256, dataset)
+            record = _best_record(rows, best, search_name, parent_id, uri, params.mlflow.tracking_uri, experiment_name, manifest.sha256, dataset, p.train.method)
             best_path = write_json_atomic(out / "best.json", record)
             mlflow.log_artifact(str(best_path), artifact_path="summary")
-            mlflow.log_metrics({"best_val_map": best.val_map, "best_eta": best.eta, "best_zeta": best.zeta, "best_bits": best.bits})
+            numeric = {f"best_{k}": float(v) for k, v in best.hparams.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+            mlflow.log_metrics({"best_val_map": best.val_map, **numeric, "best_bits": best.bits})
             mlflow.set_tags({"best_run_id": best.run_id, "best_run_name": best.run_name})
         finally:
             _close_children(client, experiment_id, parent_id)
@@ -431,7 +489,7 @@ def _close_children(client, experiment_id: str, parent_id: str) -> None:
             client.set_terminated(run.info.run_id, "KILLED")
 
 
-def _collect(results, client, experiment_id: str, parent_id: str, search_name: str, epochs: int) -> list[TrialRow]:
+def _collect(results, client, experiment_id: str, parent_id: str, search_name: str, epochs: int, knobs: Sequence[str] = ("eta", "zeta")) -> list[TrialRow]:
     by_name: dict[str, list] = {}
     for run in _children(client, experiment_id, parent_id):
         by_name.setdefault(run.data.tags.get("ray_run_name", ""), []).append(run)
@@ -469,8 +527,7 @@ def _collect(results, client, experiment_id: str, parent_id: str, search_name: s
         rows.append(
             TrialRow(
                 trial_id=trial_id,
-                eta=float(config.get("eta", math.nan)),
-                zeta=float(config.get("zeta", math.nan)),
+                hparams={k: config.get(k, math.nan) for k in knobs},
                 bits=int(config.get("bits", 0)),
                 val_map=val_map,
                 best_epoch=best_epoch,
@@ -481,8 +538,13 @@ def _collect(results, client, experiment_id: str, parent_id: str, search_name: s
                 error=_one_line(result.error) if result.error is not None else "",
             )
         )
-    rows.sort(key=lambda r: (r.bits, r.eta, r.zeta, r.trial_id))
+    rows.sort(key=lambda r: (r.bits, *(_order(r.hparams[k]) for k in knobs), r.trial_id))
     return rows
+
+
+def _order(value: Any) -> tuple:
+    """Sort key for knob values of any kind (numbers before strings)."""
+    return (0, value, "") if isinstance(value, (int, float)) and not isinstance(value, bool) else (1, 0, str(value))
 
 
 def _one_line(error: BaseException) -> str:
@@ -501,11 +563,10 @@ def _select_best(rows: Sequence[TrialRow], among: str | None = None) -> TrialRow
     return max(pool, key=lambda r: (r.val_map, -r.bits, r.trial_id))
 
 
-def _best_record(rows, best, search_name, parent_id, tracking_uri, configured_uri, experiment, manifest_sha, dataset) -> dict[str, Any]:
+def _best_record(rows, best, search_name, parent_id, tracking_uri, configured_uri, experiment, manifest_sha, dataset, method=DPFAH) -> dict[str, Any]:
     def entry(r: TrialRow) -> dict[str, Any]:
         return {
-            "eta": r.eta,
-            "zeta": r.zeta,
+            **r.hparams,
             "bits": r.bits,
             "val_map": r.val_map,
             "best_epoch": r.best_epoch,
@@ -521,6 +582,8 @@ def _best_record(rows, best, search_name, parent_id, tracking_uri, configured_ur
             by_bits[str(bits)] = entry(top)
     return {
         **entry(best),
+        "method": method,
+        "knobs": list(best.hparams),
         "metric": "validation mAP@ALL (validation split against the training images)",
         "dataset": dataset,
         "manifest_sha256": manifest_sha,
@@ -536,8 +599,8 @@ def _best_record(rows, best, search_name, parent_id, tracking_uri, configured_ur
 # ----------------------------------------------------------------------------- summary tables
 
 
-def _fmt(value: float) -> str:
-    return f"{value:g}"
+def _fmt(value: Any) -> str:
+    return f"{value:g}" if isinstance(value, (int, float)) and not isinstance(value, bool) else str(value)
 
 
 def _cell(rows: Sequence[TrialRow]) -> str:
@@ -549,7 +612,7 @@ def _cell(rows: Sequence[TrialRow]) -> str:
 
 
 def _pivot(rows: Sequence[TrialRow], key, label: str, bit_lengths: Sequence[int]) -> list[str]:
-    values = sorted({key(r) for r in rows})
+    values = sorted({key(r) for r in rows}, key=lambda v: tuple(map(_order, v)) if isinstance(v, tuple) else _order(v))
     lines = [f"| {label} | " + " | ".join(f"{b} bits" for b in bit_lengths) + " |", "|---" * (len(bit_lengths) + 1) + "|"]
     for v in values:
         cells = [_cell([r for r in rows if key(r) == v and r.bits == b]) for b in bit_lengths]
@@ -559,9 +622,11 @@ def _pivot(rows: Sequence[TrialRow], key, label: str, bit_lengths: Sequence[int]
 
 
 def summary_markdown(rows: Sequence[TrialRow], meta: dict[str, Any], best: TrialRow | None, *, pivots: bool = True) -> str:
-    """The search as Markdown: validation mAP by eta and by zeta against the code length
-    (the shape of the paper's Tables 3 and 4), the full grid, and every trial."""
+    """The search as Markdown: validation mAP by each searched knob against the code length
+    (for DPFAH's eta and zeta the shape of the paper's Tables 3 and 4), the full grid, and
+    every trial. ``meta["knobs"]``: the searched knobs (default eta, zeta)."""
     bit_lengths = sorted({r.bits for r in rows})
+    knobs = list(meta.get("knobs") or ("eta", "zeta"))
     lines = [
         f"# Tune search `{meta['name']}`",
         "",
@@ -575,29 +640,32 @@ def summary_markdown(rows: Sequence[TrialRow], meta: dict[str, Any], best: Trial
         "",
     ]
     if best is not None:
-        lines += [f"Best: eta {_fmt(best.eta)}, zeta {_fmt(best.zeta)}, {best.bits} bits: {best.val_map:.4f} (MLflow run `{best.run_id}`).", ""]
+        shown = ", ".join(f"{k} {_fmt(best.hparams.get(k))}" for k in knobs)
+        lines += [f"Best: {shown}, {best.bits} bits: {best.val_map:.4f} (MLflow run `{best.run_id}`).", ""]
     if pivots and rows:
-        lines += ["## Validation mAP by eta and code length (best over zeta)", ""]
-        lines += _pivot(rows, lambda r: r.eta, "eta", bit_lengths) + [""]
-        lines += ["## Validation mAP by zeta and code length (best over eta)", ""]
-        lines += _pivot(rows, lambda r: r.zeta, "zeta", bit_lengths) + [""]
-        lines += ["## Every (eta, zeta)", ""]
-        lines += _pivot(rows, lambda r: (r.eta, r.zeta), "eta, zeta", bit_lengths) + [""]
-    lines += ["## Trials, best first", "", "| eta | zeta | bits | val mAP | best epoch | epochs | status | MLflow run |", "|---|---|---|---|---|---|---|---|"]
+        for knob in knobs:
+            others = " and ".join(k for k in knobs if k != knob)
+            lines += [f"## Validation mAP by {knob} and code length" + (f" (best over {others})" if others else ""), ""]
+            lines += _pivot(rows, lambda r, k=knob: r.hparams.get(k), knob, bit_lengths) + [""]
+        if len(knobs) > 1:
+            lines += [f"## Every ({', '.join(knobs)})", ""]
+            lines += _pivot(rows, lambda r: tuple(r.hparams.get(k) for k in knobs), ", ".join(knobs), bit_lengths) + [""]
+    head = " | ".join(knobs)
+    lines += ["## Trials, best first", "", f"| {head} | bits | val mAP | best epoch | epochs | status | MLflow run |", "|---" * (len(knobs) + 6) + "|"]
     ranked = sorted(rows, key=lambda r: (math.isnan(r.val_map), -(r.val_map if not math.isnan(r.val_map) else 0)))
     for r in ranked:
         shown = "" if math.isnan(r.val_map) else f"{r.val_map:.4f}"
         status = r.status + (f" ({r.error})" if r.error else "")
-        lines.append(f"| {_fmt(r.eta)} | {_fmt(r.zeta)} | {r.bits} | {shown} | {r.best_epoch} | {r.epochs} | {status} | `{r.run_id}` |")
+        lines.append(f"| {' | '.join(_fmt(r.hparams.get(k)) for k in knobs)} | {r.bits} | {shown} | {r.best_epoch} | {r.epochs} | {status} | `{r.run_id}` |")
     return "\n".join(lines) + "\n"
 
 
-def summary_csv(rows: Sequence[TrialRow]) -> str:
+def summary_csv(rows: Sequence[TrialRow], knobs: Sequence[str] = ("eta", "zeta")) -> str:
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(["trial_id", "eta", "zeta", "bits", "val_map", "best_epoch", "epochs", "status", "run_id"])
+    writer.writerow(["trial_id", *knobs, "bits", "val_map", "best_epoch", "epochs", "status", "run_id"])
     for r in rows:
-        writer.writerow([r.trial_id, r.eta, r.zeta, r.bits, "" if math.isnan(r.val_map) else f"{r.val_map:.6f}", r.best_epoch, r.epochs, r.status, r.run_id])
+        writer.writerow([r.trial_id, *(r.hparams.get(k, "") for k in knobs), r.bits, "" if math.isnan(r.val_map) else f"{r.val_map:.6f}", r.best_epoch, r.epochs, r.status, r.run_id])
     return buf.getvalue()
 
 
@@ -607,7 +675,7 @@ def summary_csv(rows: Sequence[TrialRow]) -> str:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m pipeline.tune",
-        description="Search the loss weights eta and zeta and the code length with Ray Tune on a prepared "
+        description="Search train.method's hyper-parameters (DPFAH: the loss weights eta and zeta) and the code length with Ray Tune on a prepared "
         "dataset: every trial is a distributed training (the train stage's settings), ASHA stops trials whose "
         "validation mAP lags, and MLflow keeps the search as a parent run with one child run per trial. "
         "Writes tune/<dataset>/best.json (the best by validation mAP; loss.use_tuned=true makes the "
@@ -615,6 +683,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="The search space and scheduler are params.yaml's `tune` section, e.g. "
         "--set 'tune.eta=[1,5,10,15]' --set 'tune.zeta=[0.05,0.1,0.5,1]' --set 'tune.bits=[16,32,48,64]' "
         "(the paper's grid), or --set tune.search=random --set tune.num_samples=20 --set 'tune.eta_range=[0.5,20]'. "
+        "Another method's knobs: --set train.method=dsh --set 'tune.space.alpha=[0.01,0.1]' (a knob the method lacks is an error). "
         "Trials run at once: tune.max_concurrent_trials, by default the cluster's GPUs (CPUs) // train.num_workers.",
     )
     parser.add_argument("--dataset", required=True, help="dataset name from params.yaml (its shards must be prepared, with a validation split)")
@@ -630,7 +699,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     b = outcome.best
     stopped = sum(r.status == STATUS_STOPPED for r in outcome.rows)
     print(
-        f"search {outcome.name}: {len(outcome.rows)} trials ({stopped} stopped early); best eta {b.eta:g}, zeta {b.zeta:g}, "
+        f"search {outcome.name}: {len(outcome.rows)} trials ({stopped} stopped early); best {', '.join(f'{k} {_fmt(v)}' for k, v in b.hparams.items())}, "
         f"{b.bits} bits: validation mAP {b.val_map:.4f} (MLflow run {b.run_id}); wrote {outcome.best_file}, {outcome.summary_md}"
     )
     return 0

@@ -42,7 +42,7 @@ def _tracking(uri: str):
 def _row(eta, zeta, bits, val_map, status="completed", epochs=4, trial="t"):
     from pipeline.tune import TrialRow
 
-    return TrialRow(f"{trial}-{eta}-{zeta}-{bits}", eta, zeta, bits, val_map, 1, epochs, status, f"run-{eta}-{zeta}-{bits}", "name")
+    return TrialRow(f"{trial}-{eta}-{zeta}-{bits}", {"eta": eta, "zeta": zeta}, bits, val_map, 1, epochs, status, f"run-{eta}-{zeta}-{bits}", "name")
 
 
 # ----------------------------------------------------------------------------- config and space
@@ -247,7 +247,7 @@ def test_dvc_tune_stage_reads_everything_but_what_the_search_owns(tmp_path):
     params = do["params"]
     # Whole sections for what a trial trains with; of `loss`, every field but eta and zeta
     # (the search sets them); never `bits` (the search has its own) or loss.use_tuned.
-    assert {"seed", "tune", "train", "model", "mlflow"} <= set(params) and "loss" not in params and "bits" not in params
+    assert {"seed", "tune", "train", "model", "mlflow", "objectives"} <= set(params) and "loss" not in params and "bits" not in params
     loss_keys = {p.split(".", 1)[1] for p in params if p.startswith("loss.")}
     expected = {f.name for f in dataclasses.fields(LossSettings)} - {"eta", "zeta"}
     assert loss_keys == expected, f"add to dvc.yaml's tune params: {sorted(expected - loss_keys)}; drop: {sorted(loss_keys - expected)}"
@@ -424,15 +424,85 @@ def test_search_leaves_no_placement_group_behind(search):
     assert not _live_placement_groups() - live_before
 
 
-def test_search_refuses_a_method_without_the_searched_hyper_parameters(toy_dataset):
-    """The search varies eta and zeta: a method that has neither (or only one) is refused,
-    naming what it lacks and what it has; so is a variant (the search would override it)."""
+def test_search_refuses_knobs_the_method_does_not_have(toy_dataset):
+    """The search varies the knobs train.method declares: one it lacks is refused, naming the
+    knob and what the method has; so is a method given nothing to search, and a variant (the
+    search would override it). Checked before Ray starts."""
     from pipeline.tune import run_search
 
     work, images = toy_dataset
-    with pytest.raises(ConfigError, match=r"^train.method: the search varies eta and zeta, but dsh has no eta, zeta \(it has: alpha, margin, pairs\)"):
+    with pytest.raises(ConfigError, match=r"^tune.space.zeta: dsh has no hyper-parameter 'zeta' \(it has: alpha, margin, pairs; worth searching: alpha\)"):
+        run_search(toy_params(work, images, "train.method=dsh", "tune.space.zeta=[0.1]"), "toy")
+    with pytest.raises(ConfigError, match=r"^tune.ranges.gamma: dpsh has no hyper-parameter 'gamma' \(it has: eta, pairs"):
+        run_search(toy_params(work, images, "train.method=dpsh", "tune.search=random", "tune.ranges.gamma=[0.1,1]"), "toy")
+    with pytest.raises(ConfigError, match=r"^tune.space: empty, and dsh has no default search.*tune.space.alpha=.*it has: alpha, margin, pairs"):
         run_search(toy_params(work, images, "train.method=dsh"), "toy")
-    with pytest.raises(ConfigError, match=r"^train.method: the search varies eta and zeta, but dpsh has no zeta \(it has: eta, pairs\)"):
-        run_search(toy_params(work, images, "train.method=dpsh"), "toy")
+    with pytest.raises(ConfigError, match=r"^tune.space.lam: dpfah has no hyper-parameter 'lam' \(it has: delta, eta, pairs, zeta; worth searching: eta, zeta\)"):
+        run_search(toy_params(work, images, "tune.space.lam=[1]"), "toy")
+    with pytest.raises(ConfigError, match=r"^tune.space.eta: DPFAH's eta is searched over tune.eta"):
+        run_search(toy_params(work, images, "tune.space.eta=[1]"), "toy")
+    with pytest.raises(ConfigError, match=r"^tune.space.pairs: 'nope' is not one of"):
+        run_search(toy_params(work, images, "train.method=dsh", "tune.space.pairs=[batch,nope]"), "toy")
+    with pytest.raises(ConfigError, match=r"^tune.ranges.pairs: pairs is not a number"):
+        run_search(toy_params(work, images, "train.method=dsh", "tune.search=random", "tune.ranges.pairs=[1,2]"), "toy")
     with pytest.raises(ConfigError, match=r"^train.method: resnet18 is a variant"):
         run_search(toy_params(work, images, "train.method=resnet18"), "toy")
+
+
+def test_search_space_and_trials_of_another_method(toy_dataset):
+    """tune.space/tune.ranges for a method other than DPFAH: its declared knobs make the grid
+    (or the random draws), tune.eta/zeta play no part, and a trial trains that method with
+    the searched values over objectives.<method> and the method's defaults."""
+    from ray.tune.search.sample import Categorical, Float
+
+    from pipeline.tune import search_space, searched_knobs, trial_recipe
+
+    work, images = toy_dataset
+    grid = toy_params(work, images, "train.method=dsh", "tune.space.alpha=[0.01,1]", "tune.space.pairs=[batch,memory]", "tune.bits=[8]", "objectives.dsh.margin=3")
+    assert searched_knobs(grid) == {"alpha": ("values", (0.01, 1.0)), "pairs": ("values", ("batch", "memory"))}  # 1 -> 1.0: alpha is a float
+    space, _, samples = search_space(grid)
+    assert space == {"alpha": {"grid_search": [0.01, 1.0]}, "pairs": {"grid_search": ["batch", "memory"]}, "bits": {"grid_search": [8]}}
+    recipe = trial_recipe(grid, "toy", {"alpha": 1.0, "pairs": "memory", "bits": 8})
+    assert (recipe.method, recipe.hparams, recipe.source) == ("dsh", {"margin": 3, "alpha": 1.0, "pairs": "memory"}, {"weights_from": "search"})
+
+    rnd = toy_params(work, images, "train.method=hashnet", "tune.search=random", "tune.num_samples=5", "tune.ranges.alpha=[0.01,1]", "tune.space.gamma=[0.5]")
+    space, _, samples = search_space(rnd)
+    assert samples == 5 and set(space) == {"alpha", "gamma", "bits"}
+    assert isinstance(space["alpha"], Float) and (space["alpha"].lower, space["alpha"].upper) == (0.01, 1.0)
+    assert isinstance(space["gamma"], Categorical) and list(space["gamma"].categories) == [0.5]
+
+    # DPFAH: eta and zeta as before, plus its other knobs of tune.space; a trial never reads best.json
+    dpfah = toy_params(work, images, "tune.eta=[2]", "tune.zeta=[0.5]", "tune.space.delta=[1.5]", "loss.use_tuned=true")
+    assert searched_knobs(dpfah) == {"eta": ("values", (2.0,)), "zeta": ("values", (0.5,)), "delta": ("values", (1.5,))}
+    recipe = trial_recipe(dpfah, "toy", {"eta": 2.0, "zeta": 0.5, "delta": 1.5, "bits": 16})
+    assert (recipe.method, recipe.hparams["eta"], recipe.hparams["zeta"], recipe.hparams["delta"]) == ("dpfah", 2.0, 0.5, 1.5)
+
+
+def test_summary_of_a_search_over_other_knobs():
+    """The summary pivots by each searched knob and names the knobs in the CSV header."""
+    from pipeline.tune import TrialRow, summary_csv, summary_markdown
+
+    rows = [
+        TrialRow(f"t{i}", {"alpha": a, "pairs": p}, 16, v, 1, 4, "completed", f"r{i}", "n")
+        for i, (a, p, v) in enumerate([(0.01, "batch", 0.5), (0.01, "memory", 0.6), (1.0, "batch", 0.7), (1.0, "memory", 0.4)])
+    ]
+    meta = {"name": "s", "dataset": "d", "protocol": "p", "search": "grid", "scheduler": "asha", "epochs": 4, "image_size": 32, "num_workers": 1, "knobs": ["alpha", "pairs"]}
+    md = summary_markdown(rows, meta, rows[2])
+    assert "Best: alpha 1, pairs batch, 16 bits: 0.7000" in md
+    by_alpha = md.split("## Validation mAP by alpha and code length (best over pairs)")[1].split("##")[0]
+    assert "| 0.01 | 0.6000 |" in by_alpha and "| 1 | 0.7000 |" in by_alpha
+    by_pairs = md.split("## Validation mAP by pairs")[1].split("##")[0]
+    assert "| batch | 0.7000 |" in by_pairs and "| memory | 0.6000 |" in by_pairs
+    assert "| alpha | pairs | bits | val mAP |" in md
+    table = list(csv.DictReader(io.StringIO(summary_csv(rows, ["alpha", "pairs"]))))
+    assert (table[3]["alpha"], table[3]["pairs"], table[3]["val_map"]) == ("1.0", "memory", "0.400000")
+
+
+def test_use_tuned_refuses_a_search_over_another_method(toy_dataset, tmp_path):
+    from pipeline import objective
+
+    work, images = toy_dataset
+    (tmp_path / "tune" / "toy").mkdir(parents=True)
+    (tmp_path / "tune" / "toy" / "best.json").write_text(json.dumps({"method": "dsh", "alpha": 0.1, "bits": 16, "by_bits": {}}))
+    with pytest.raises(ConfigError, match=r"^loss.use_tuned: .*best.json is a search over dsh's knobs"):
+        objective.resolve_dpfah(toy_params(work, images, "loss.use_tuned=true"), "toy", 16, root=tmp_path)
