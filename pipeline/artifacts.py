@@ -7,11 +7,13 @@ given another ``root``)::
     objectives/<d>-<b>-<m>.json         objective: what a training optimises (method, hyper-parameters, network changes)
     metrics/<d>-<b>-<m>-s<s>.json       evaluate: the query metrics (DVC metrics)
     plots/<d>-<b>-<m>-s<s>/*.csv        evaluate: PR and P@N curve data (DVC plots)
+    codes/<d>-<b>-<m>-s<s>/query.parquet  evaluate: the packed query codes and labels (the report's t-SNE)
     promotions/<d>-<b>-<m>-s<s>.json    promote: the decision and both numbers
 
 (d: dataset, b: code length, m: method or variant, s: training seed)
     tune/<dataset>/best.json            tune: the best configuration, overall and per code length
     tune/<dataset>/summary.{md,csv}     tune: every trial
+    reports/<dataset>/                  report: report.md, figures (PNG), tables (CSV)
 
 A file is written to a temporary name beside its final one and renamed into place, so a
 reader (or DVC) never sees half a file, and a failed stage leaves the previous one intact.
@@ -31,6 +33,8 @@ __all__ = [
     "PLOTS_DIR",
     "PROMOTIONS_DIR",
     "TUNE_DIR",
+    "CODES_DIR",
+    "REPORTS_DIR",
     "METRIC_PREFIX",
     "DEFAULT_METHOD",
     "stem",
@@ -38,6 +42,8 @@ __all__ = [
     "objective_file",
     "metrics_file",
     "plots_dir",
+    "query_codes_file",
+    "report_dir",
     "promotion_file",
     "tune_dir",
     "best_file",
@@ -53,6 +59,8 @@ METRICS_DIR = "metrics"
 PLOTS_DIR = "plots"
 PROMOTIONS_DIR = "promotions"
 TUNE_DIR = "tune"
+CODES_DIR = "codes"
+REPORTS_DIR = "reports"
 #: The metrics of a metrics file (and of the MLflow run) start with this prefix.
 METRIC_PREFIX = "query_"
 
@@ -84,6 +92,14 @@ def metrics_file(dataset: str, bits: int, root: Root = ".", *, method: str = DEF
 
 def plots_dir(dataset: str, bits: int, root: Root = ".", *, method: str = DEFAULT_METHOD, seed: int = 0) -> Path:
     return Path(root) / PLOTS_DIR / stem(dataset, bits, method, seed)
+
+
+def query_codes_file(dataset: str, bits: int, root: Root = ".", *, method: str = DEFAULT_METHOD, seed: int = 0) -> Path:
+    return Path(root) / CODES_DIR / stem(dataset, bits, method, seed) / "query.parquet"
+
+
+def report_dir(dataset: str, root: Root = ".") -> Path:
+    return Path(root) / REPORTS_DIR / dataset
 
 
 def promotion_file(dataset: str, bits: int, root: Root = ".", *, method: str = DEFAULT_METHOD, seed: int = 0) -> Path:

@@ -13,6 +13,8 @@ Refuses (exit 2) a model with NaN or infinite weights, naming the run and the fi
 tensor. Computes everything first (metrics, figures, codes), then writes, each atomically:
 
 * ``plots/<dataset>-<bits>-<method>-s<seed>/{pr_radius,pr_rank,p_at_n}.csv``: DVC plots;
+* ``codes/<dataset>-<bits>-<method>-s<seed>/query.parquet``: the packed query codes and labels
+  (the report's t-SNE; the database codes go to MLflow only);
 * ``metrics/<dataset>-<bits>-<method>-s<seed>.json``: DVC metrics (the numbers under ``metrics``, plus the
   run, the data, the settings they belong to and this evaluation's ``eval_id``);
 
@@ -42,7 +44,7 @@ from typing import Any
 
 import numpy as np
 
-from .artifacts import DEFAULT_METHOD, metric_values, metrics_file, plots_dir, write_atomic, write_json_atomic
+from .artifacts import DEFAULT_METHOD, metric_values, metrics_file, plots_dir, query_codes_file, write_atomic, write_json_atomic
 from .config import Params, add_config_args, config_from_args
 from .errors import ConfigError, DataError, run_main
 from .registry import (
@@ -58,7 +60,7 @@ from .registry import (
 from .timing import record, span
 from .tracking import connect, get_run, git_commit, mlflow_errors
 
-__all__ = ["Evaluation", "evaluate", "flat_metrics", "codes_table", "load_codes", "main"]
+__all__ = ["Evaluation", "evaluate", "flat_metrics", "codes_table", "load_codes", "write_dvc_outputs", "main"]
 
 ARTIFACT_DIR = "evaluation"
 P_AT = (10, 100, 500, 1000)  # P@N values reported as scalars (those within the curve)
@@ -176,6 +178,20 @@ def _write_plots(directory: Path, report: dict[str, Any]) -> list[Path]:
     for name, (header, columns) in files.items():
         _csv(directory / name, header, columns)
     return [directory / name for name in files]
+
+
+def write_dvc_outputs(root, dataset: str, bits: int, which: dict[str, Any], doc: dict[str, Any], report: dict[str, Any], query_table) -> tuple[Path, Path, list[Path]]:
+    """The files DVC tracks, each written atomically: the curve data, the query codes (a
+    :func:`codes_table`), then the metrics file. Returns (metrics file, plots dir, plot files)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    plot_dir = plots_dir(dataset, bits, root, **which)
+    plots = _write_plots(plot_dir, report)
+    sink = pa.BufferOutputStream()
+    pq.write_table(query_table, sink)
+    write_atomic(query_codes_file(dataset, bits, root, **which), sink.getvalue().to_pybytes())
+    return write_json_atomic(metrics_file(dataset, bits, root, **which), doc), plot_dir, plots
 
 
 def codes_table(codes: np.ndarray, labels: np.ndarray, index: np.ndarray, meta: dict[str, str]):
@@ -489,10 +505,11 @@ def evaluate(
         art = Path(tmp)
         with span("figures and codes"):
             _build_artifacts(art, subject, params, dataset, bits, doc, report, codes)
-        plot_dir = plots_dir(dataset, bits, root, **which)
-        for f in _write_plots(plot_dir, report):
+        q_codes, q_labels, q_index = codes[0]
+        meta = {"bits": bits, "dataset": dataset, "split": "query", "method": which["method"], "seed": which["seed"]}
+        path, plot_dir, plots = write_dvc_outputs(root, dataset, bits, which, doc, report, codes_table(q_codes, q_labels, q_index, meta))
+        for f in plots:
             shutil.copy(f, art / f.name)  # the curve data as DVC has it
-        path = write_json_atomic(metrics_file(dataset, bits, root, **which), doc)
         with span("mlflow logging"):
             _log_to_run(subject, params, doc, metrics, art)
     seconds["outputs"] = time.perf_counter() - t

@@ -564,6 +564,7 @@ HELP = {
     "promote": ["--dataset", "--bits", "--method", "--seed", "--run-id", "--params", "--profile", "--set", "promote.alias", "promote.metric", "promote.model_name"],
     "tune": ["--dataset", "--out", "--params", "--profile", "--set", "tune/<dataset>/best.json", "tune.search=random"],
     "profile": ["name", "--params", "--dry-run"],
+    "report": ["--dataset", "--out", "--no-mlflow", "--params", "--profile", "--set", "reports/<dataset>", "Table 6"],
 }
 
 
@@ -670,7 +671,8 @@ def test_tune_scheduler_none_runs_every_trial_to_the_end_and_asha_stops_before_t
 def test_random_search_without_scheduler_on_ray(ray_local, toy_dataset, tmp_path, monkeypatch):
     """tune.search random with eta_range and scheduler none, for real on the local Ray: the
     one trial's eta is drawn log-uniformly inside the range (not a grid value), zeta
-    and bits come from their lists, the trial runs all its epochs, and best.json names it."""
+    and bits come from their lists, the trial runs all its epochs, and best.json names it.
+    tune.ranges adds another of the method's knobs (DPFAH's delta), drawn and trained with."""
     from mlflow.tracking import MlflowClient
 
     from pipeline.tune import run_search
@@ -681,7 +683,7 @@ def test_random_search_without_scheduler_on_ray(ray_local, toy_dataset, tmp_path
     params = toy_params(
         work, images, "train.epochs=2", f"train.storage_path={tmp_path / 'ray'}", f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
         "tune.search=random", "tune.eta_range=[0.3,3]", "tune.zeta=[0.2]", "tune.bits=[8]", "tune.num_samples=1",
-        "tune.scheduler=none", "tune.max_failures=0",
+        "tune.scheduler=none", "tune.max_failures=0", "tune.ranges.delta=[1.05,1.5]",
     )  # fmt: skip
     try:
         outcome = run_search(params, "toy", out_dir=tmp_path / "out", verbose=0)
@@ -692,7 +694,10 @@ def test_random_search_without_scheduler_on_ray(ray_local, toy_dataset, tmp_path
     assert 0.3 <= row.eta <= 3 and row.eta not in (1.0, 10.0) and (row.zeta, row.bits) == (0.2, 8)
     best = json.loads(Path(outcome.best_file).read_text())
     assert (best["eta"], best["zeta"], best["bits"], best["run_id"]) == (row.eta, 0.2, 8, row.run_id)
+    delta = row.hparams["delta"]
+    assert 1.05 <= delta <= 1.5 and best["delta"] == delta and best["knobs"] == ["eta", "zeta", "delta"]
     run = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(row.run_id)
     assert float(run.data.params["loss.eta"]) == pytest.approx(row.eta) and run.info.status == "FINISHED"
+    assert float(run.data.params["loss.delta"]) == pytest.approx(delta)
     parent = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(outcome.parent_run_id)
     assert (parent.data.params["tune.search"], parent.data.params["tune.scheduler"]) == ("random", "none")

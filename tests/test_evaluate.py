@@ -154,6 +154,10 @@ def test_metrics_match_a_plain_reimplementation(trained):
     qp, ql, _, _ = load_codes(local / "query.parquet")
     np.testing.assert_array_equal(unpack_codes(qp, BITS), qc)
     np.testing.assert_array_equal(ql, q_lab)
+    # ... and the query codes DVC keeps (for the report) are the same
+    dp, dl, di, dmeta = load_codes(out / "codes" / f"toy-{BITS}-dpfah-s0" / "query.parquet")
+    np.testing.assert_array_equal(dp, qp), np.testing.assert_array_equal(dl, ql), np.testing.assert_array_equal(di, np.arange(12))
+    assert (dmeta["split"], dmeta["method"], dmeta["seed"]) == ("query", "dpfah", "0")
 
     ref = plain_metrics(qc, dc, q_lab, d_lab, topk=78, radius=2, n=10)
     m = doc

@@ -1,0 +1,192 @@
+"""The report stage: a toy DVC repository whose evaluate outputs (2 methods x 2 code lengths x
+2 seeds) are written by evaluate's own writer from random codes, then `dvc repro` of
+report@toy; its tables against hand computations, its figures, when it reruns, and the error
+for a missing (method, bits, seed)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.test_dag import BIN, copy_project, edit_params, run, stage_env
+
+pytestmark = pytest.mark.slow
+
+METHODS, BITS, SEEDS = ("dpfah", "dsh"), (8, 16), (0, 1)
+N_CLASSES, N_QUERY, N_DB = 3, 30, 90
+
+
+def _codes(rng, labels: np.ndarray, bits: int, flip: float) -> np.ndarray:
+    """Class prototypes (fixed per code length) with a share ``flip`` of bits flipped."""
+    protos = np.where(np.random.default_rng(bits).random((N_CLASSES, bits)) < 0.5, -1.0, 1.0)
+    codes = protos[labels.argmax(axis=1)]
+    return np.where(rng.random(codes.shape) < flip, -codes, codes).astype(np.float32)
+
+
+def write_evaluation(root: Path, method: str, bits: int, seed: int) -> dict:
+    """One training's evaluate outputs, through evaluate's writer, from random codes: DPFAH
+    flips fewer bits than DSH, so it ranks better. Returns the metrics document."""
+    from dpfah.metrics import retrieval_report
+    from pipeline.artifacts import run_file, write_json_atomic
+    from pipeline.evaluate import codes_table, flat_metrics, write_dvc_outputs
+
+    rng = np.random.default_rng([METHODS.index(method), bits, seed])
+    ql = np.eye(N_CLASSES, dtype=np.uint8)[np.arange(N_QUERY) % N_CLASSES]
+    dl = np.eye(N_CLASSES, dtype=np.uint8)[np.arange(N_DB) % N_CLASSES]
+    flip = 0.15 if method == "dpfah" else 0.35
+    q, d = _codes(rng, ql, bits, flip), _codes(rng, dl, bits, flip)
+    ranks = np.unique(np.linspace(1, N_DB, 20).round().astype(np.int64))
+    report = retrieval_report(q, d, ql, dl, None, radius=2, max_n=50, pr_ranks=ranks)
+    doc = {**flat_metrics(report), "bits": bits, "map_at": "ALL", "n_queries": N_QUERY, "n_db": N_DB}
+    which = {"method": method, "seed": seed}
+    write_dvc_outputs(root, "toy", bits, which, doc, report, codes_table(q, ql, np.arange(N_QUERY), {"bits": bits, "split": "query"}))
+    write_json_atomic(run_file("toy", bits, root, **which), {"best_val_map": 0.5 + 0.1 * (method == "dpfah"), "method": method, "seed": seed})
+    return doc
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory):
+    """The project with params for the toy matrix, the evaluations written, `dvc repro report@toy` run."""
+    from pipeline.tune import TrialRow, summary_csv, summary_markdown
+
+    work = tmp_path_factory.mktemp("report")
+    root = copy_project(work / "repo")
+    edit_params(
+        root / "params.yaml",
+        {
+            "prepare.datasets": ["toy"],
+            "datasets.toy": {"kind": "custom", "images": str(work / "no-images"), "query_per_class": 10, "train_per_class": 10, "validation": 0},
+            "bits": list(BITS),
+            "train.methods": list(METHODS),
+            "train.seeds": list(SEEDS),
+            "mlflow.tracking_uri": f"sqlite:///{work / 'mlflow.db'}",
+        },
+    )
+    docs = {(m, b, s): write_evaluation(root, m, b, s) for m in METHODS for b in BITS for s in SEEDS}
+    rows = [TrialRow(f"t{i}", {"eta": e, "zeta": 0.1}, 8, 0.4 + 0.1 * i, 0, 2, "completed", f"r{i}", "n") for i, e in enumerate((1.0, 10.0))]
+    meta = {"name": "s", "dataset": "toy", "protocol": "p", "search": "grid", "scheduler": "asha", "epochs": 2, "image_size": 32, "num_workers": 1, "knobs": ["eta", "zeta"]}
+    (root / "tune" / "toy").mkdir(parents=True)
+    (root / "tune" / "toy" / "summary.md").write_text(summary_markdown(rows, meta, rows[1]))
+    (root / "tune" / "toy" / "summary.csv").write_text(summary_csv(rows))
+    env = stage_env()
+    run([str(BIN / "dvc"), "init", "--no-scm", "-q"], root, env)
+    out = run([str(BIN / "dvc"), "repro", "--single-item", "report@toy"], root, env)
+    return root, docs, env, out
+
+
+def _table(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_t_quantile_against_closed_forms():
+    from pipeline.report import interval, t_quantile
+
+    assert t_quantile(0.975, 1) == pytest.approx(math.tan(math.pi * 0.475), rel=1e-9)  # Cauchy
+    assert t_quantile(0.975, 2) == pytest.approx(0.95 * math.sqrt(2 / (1 - 0.95**2)), rel=1e-9)
+    assert t_quantile(0.975, 9) == pytest.approx(2.262157, abs=1e-6) and t_quantile(0.975, 1000) == pytest.approx(1.962339, abs=1e-6)
+    single = interval([0.7])
+    assert (single.mean, single.half, single.text()) == (0.7, None, "0.7000 (n = 1)")
+
+
+def test_table6_cell_is_the_mean_of_the_metrics_files_with_a_hand_computed_interval(repo):
+    root, docs, _, _ = repo
+    report = root / "reports" / "toy"
+    rows = {(r["method"], int(r["bits"])): r for r in _table(report / "table6.csv")}
+    assert set(rows) == {(m, b) for m in METHODS for b in BITS}
+    for (method, bits), row in rows.items():
+        a, b = (json.loads((root / "metrics" / f"toy-{bits}-{method}-s{s}.json").read_text())["query_map"] for s in SEEDS)
+        assert (a, b) == (docs[(method, bits, 0)]["query_map"], docs[(method, bits, 1)]["query_map"])
+        # two seeds: s = |a - b| / sqrt(2), half = t(0.975, 1) s / sqrt(2) = tan(0.475 pi) |a - b| / 2
+        half = math.tan(math.pi * 0.475) * abs(a - b) / 2
+        assert float(row["mean"]) == pytest.approx((a + b) / 2, abs=1e-6) and float(row["half_width_95"]) == pytest.approx(half, abs=1e-6)
+        assert row["n"] == "2" and row["paper"] == ""  # the paper has no toy dataset
+    md = (report / "report.md").read_text()
+    r = rows[("dpfah", 16)]
+    assert f"{float(r['mean']):.4f} ± {float(r['half_width_95']):.4f}" in md
+    assert "### Validation mAP by eta and code length" in md  # the tune grid (Tables 3-4)
+    assert (report / "tune_summary.csv").is_file()
+    assert "Table 5: ablation" in md and "Not run: train.methods lacks resnet18, resnet18-pfa" in md
+
+
+def test_each_figure_is_a_png_with_one_curve_per_method(repo):
+    from PIL import Image
+
+    root, _, _, _ = repo
+    report = root / "reports" / "toy"
+    curves = {f"pr_{b}.png": 2 for b in BITS} | {f"p_at_n_{b}.png": 1 for b in BITS} | {"p_at_h.png": 1}
+    for name, panels in curves.items():
+        with Image.open(report / name) as im:
+            assert im.format == "PNG" and im.size[0] > 300
+            listed = im.text["Curves"].split(" | ")
+        assert len(listed) == panels, listed
+        for panel in listed:
+            assert panel.split(": ", 1)[1].split(", ") == list(METHODS), (name, panel)
+    with Image.open(report / "tsne_16.png") as im:
+        assert im.format == "PNG"
+    md = (report / "report.md").read_text()
+    assert "t-SNE of the query codes (Fig 7), 16 bits, seed 0: DPFAH and dsh (chosen as the best validation mAP among the baselines" in md
+    agreement = float(md.split("label agreement in Hamming space")[1].split("dpfah ")[1].split(";")[0])
+    assert 0 <= agreement <= 1
+
+
+def test_report_is_an_mlflow_run_of_the_datasets_experiment(repo):
+    from mlflow.tracking import MlflowClient
+
+    root, docs, _, out = repo
+    uri = f"sqlite:///{root.parent / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("dpfah-toy")
+    (run,) = client.search_runs([exp.experiment_id], filter_string="tags.kind = 'report'")
+    assert run.data.metrics["map.dpfah.8b"] == pytest.approx(np.mean([docs[("dpfah", 8, s)]["query_map"] for s in SEEDS]))
+    names = {a.path for a in client.list_artifacts(run.info.run_id, "report")}
+    assert {"report/report.md", "report/table6.csv", "report/pr_8.png"} <= names
+
+
+def test_stage_reruns_only_when_a_metrics_file_changes(repo):
+    root, _, env, _ = repo
+    dvc = str(BIN / "dvc")
+    assert "up to date" in run([dvc, "status", "report@toy"], root, env)
+    (root / "promotions").mkdir(exist_ok=True)
+    (root / "promotions" / "toy-8-dpfah-s0.json").write_text("{}")  # not read by the report
+    assert "up to date" in run([dvc, "status", "report@toy"], root, env)
+    path = root / "metrics" / "toy-8-dsh-s1.json"
+    before = path.read_text()
+    try:
+        doc = json.loads(before)
+        doc["query_map"] = 0.123
+        path.write_text(json.dumps(doc))
+        status = run([dvc, "status", "report@toy"], root, env)
+        assert "report@toy" in status and "modified:" in status and "metrics" in status, status
+    finally:
+        path.write_text(before)
+    assert "up to date" in run([dvc, "status", "report@toy"], root, env)
+
+
+def test_a_missing_training_is_named_and_the_previous_report_stays(repo):
+    from pipeline.config import load_params
+    from pipeline.report import ReportError, write_report
+
+    root, _, _, _ = repo
+    params = load_params(root / "params.yaml", ["train.seeds=[0,1,2]"])
+    out = root / "reports" / "toy"
+    before = (out / "report.md").read_text()
+    with pytest.raises(ReportError, match=r"4 of 12 evaluated trainings of toy are missing") as e:
+        write_report(params, "toy", root=root)
+    assert "(method dpfah, 8 bits, seed 2): " in str(e.value) and "(method dsh, 16 bits, seed 2): " in str(e.value)
+    codes = root / "codes" / "toy-16-dsh-s1" / "query.parquet"
+    moved = codes.with_suffix(".moved")
+    shutil.move(codes, moved)
+    try:
+        with pytest.raises(ReportError, match=r"1 of 8 .*\n  \(method dsh, 16 bits, seed 1\): .*codes/toy-16-dsh-s1/query.parquet$"):
+            write_report(load_params(root / "params.yaml"), "toy", root=root)
+    finally:
+        shutil.move(moved, codes)
+    assert (out / "report.md").read_text() == before and not list(out.parent.glob(".toy.*"))
+
