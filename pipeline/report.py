@@ -435,12 +435,11 @@ def figure_tsne(params: Params, members: Sequence[Member], bits: int, path: Path
     fig = _figure(5.0 * len(shown), 4.8)
     axes = fig.subplots(1, len(shown), squeeze=False)[0]
     out = {"bits": bits, "seed": seed, "baseline": baseline, "baseline_chosen_by": why, "knn": KNN, "agreement": {}}
-    rng = np.random.default_rng(0)
     for ax, m in zip(axes, shown):
         member = next(x for x in _by(members, m, bits) if x.seed == seed)
         codes, labels = _query_codes(member)
-        if len(codes) > TSNE_POINTS:
-            keep = np.sort(rng.choice(len(codes), TSNE_POINTS, replace=False))
+        if len(codes) > TSNE_POINTS:  # the same queries in every panel
+            keep = np.sort(np.random.default_rng(0).choice(len(codes), TSNE_POINTS, replace=False))
             codes, labels = codes[keep], labels[keep]
         agreement = knn_agreement(codes, labels)
         out["agreement"][m] = agreement

