@@ -322,6 +322,23 @@ def _save(fig, path: Path) -> None:
     write_atomic(path, buf.getvalue())
 
 
+def _style(params: Params, method: str) -> dict[str, Any]:
+    """One look per method in every figure: ten colours, then the same colours dashed;
+    DPFAH drawn thicker."""
+    i = list(params.train.methods).index(method)
+    return {"label": method, "color": f"C{i % 10}", "linestyle": "-" if i < 10 else "--", "linewidth": 2.2 if method == DEFAULT_METHOD else 1.3}
+
+
+def _legend(fig, ax) -> None:
+    """The methods' legend beside the axes, never over the curves."""
+    fig.legend(*ax.get_legend_handles_labels(), loc="outside right upper", fontsize=8)
+
+
+def _precision_axis(ax) -> None:
+    """Precision from 0, up to a little above the highest curve (at most 1)."""
+    ax.set_ylim(0, min(1.02, ax.get_ylim()[1] * 1.05))
+
+
 def _mean_curve(members: Sequence[Member], name: str) -> tuple[np.ndarray, np.ndarray]:
     """The curve averaged over seeds, point by point (the seeds share the x grid: the same
     radii, ranks and N; a differing length is cut to the shortest)."""
@@ -338,51 +355,54 @@ def _seeds_note(params: Params) -> str:
 
 
 def figure_pr(params: Params, members: Sequence[Member], bits: int, path: Path, dataset: str) -> None:
-    fig = _figure(10.0, 4.2)
+    fig = _figure(11.5, 4.2)
     left, right = fig.subplots(1, 2)
     for m in params.train.methods:
         group = _by(members, m, bits)
         x, y = _mean_curve(group, "pr_radius")
-        left.plot(x, y, marker="o", markersize=3, label=m)
+        left.plot(x, y, marker="o", markersize=3, **_style(params, m))
         x, y = _mean_curve(group, "pr_rank")
-        right.plot(x, y, marker=".", markersize=2, label=m)
-    left.set(xlabel="recall", ylabel="precision", title="by Hamming radius", xlim=(0, 1.02), ylim=(0, 1.02))
-    right.set(xlabel="recall", ylabel="precision", title="by rank", xlim=(0, 1.02), ylim=(0, 1.02))
+        right.plot(x, y, marker=".", markersize=2, **_style(params, m))
+    left.set(xlabel="recall", ylabel="precision", title="by Hamming radius", xlim=(0, 1.02))
+    right.set(xlabel="recall", ylabel="precision", title="by rank", xlim=(0, 1.02))
     for ax in (left, right):
+        _precision_axis(ax)
         ax.grid(alpha=0.3)
-    left.legend(fontsize=8)
+    _legend(fig, left)
     fig.suptitle(f"PR curves, {dataset}, {bits} bits ({_seeds_note(params)})")
     _save(fig, path)
 
 
 def figure_p_at_n(params: Params, members: Sequence[Member], bits: int, path: Path, dataset: str) -> None:
-    fig = _figure(6.0, 4.2)
+    fig = _figure(7.0, 4.2)
     ax = fig.subplots()
     for m in params.train.methods:
         x, y = _mean_curve(_by(members, m, bits), "p_at_n")
-        ax.plot(x, y, label=m)
-    ax.set(xlabel="N (top-N returned)", ylabel="precision", title=f"P@N, {dataset}, {bits} bits ({_seeds_note(params)})", ylim=(0, 1.02))
+        ax.plot(x, y, **_style(params, m))
+    ax.set(xlabel="N (top-N returned)", ylabel="precision", title=f"P@N, {dataset}, {bits} bits ({_seeds_note(params)})")
+    _precision_axis(ax)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    _legend(fig, ax)
     _save(fig, path)
 
 
 def figure_p_at_h(params: Params, members: Sequence[Member], path: Path, dataset: str, radius: Any) -> list[list[Any]]:
     """P@H<=radius against the code length, one curve per method (error bars: the 95 % t
     interval where there are seeds to make one). Returns the CSV rows."""
-    fig = _figure(6.0, 4.2)
+    fig = _figure(7.0, 4.2)
     ax = fig.subplots()
     bits = sorted(params.bits)
     rows = []
     for m in params.train.methods:
         cells = [interval([metric(x.metrics, RADIUS_KEY) for x in _by(members, m, b)]) for b in bits]
         errors = [c.half or 0.0 for c in cells]
-        ax.errorbar(bits, [c.mean for c in cells], yerr=errors, marker="o", capsize=3, label=m)
+        ax.errorbar(bits, [c.mean for c in cells], yerr=errors, marker="o", capsize=3, **_style(params, m))
         rows += [[m, b, *_cell_columns(c)] for b, c in zip(bits, cells)]
-    ax.set(xlabel="code length (bits)", ylabel=f"precision within Hamming radius {radius}", title=f"P@H<={radius}, {dataset} ({_seeds_note(params)})", ylim=(0, 1.02))
+    ax.set(xlabel="code length (bits)", ylabel=f"precision within Hamming radius {radius}", title=f"P@H<={radius}, {dataset} ({_seeds_note(params)})")
+    _precision_axis(ax)
     ax.set_xticks(bits)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    _legend(fig, ax)
     _save(fig, path)
     return rows
 

@@ -155,6 +155,11 @@ def test_report_is_an_mlflow_run_of_the_datasets_experiment(repo):
 def test_stage_reruns_only_when_a_metrics_file_changes(repo):
     root, _, env, _ = repo
     dvc = str(BIN / "dvc")
+    dag = run([dvc, "dag", "--dot", "report@toy"], root, env)
+    for m in METHODS:  # after every evaluation of the matrix
+        for b in BITS:
+            for s in SEEDS:
+                assert f'"evaluate@toy-{b}-{m}-{s}" -> "report@toy"' in dag, dag
     assert "up to date" in run([dvc, "status", "report@toy"], root, env)
     (root / "promotions").mkdir(exist_ok=True)
     (root / "promotions" / "toy-8-dpfah-s0.json").write_text("{}")  # not read by the report
