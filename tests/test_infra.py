@@ -519,6 +519,10 @@ def test_launcher_nodes_share_storage_and_run_a_current_ami():
     (ami,) = amis
     assert ami and ami not in DEFAULT_AMI.values()
     assert re.fullmatch(r"ami-[0-9a-f]{8,17}|resolve:ssm:/aws/service/deeplearning/ami/x86_64/[\w.-]*ubuntu-24\.04/latest/ami-id", ami), ami
+    if ami.startswith("resolve:ssm:"):  # the head's autoscaler resolves it for the workers: checked at `ray up`
+        (check,) = [c for c in config["head_setup_commands"] if "get_parameters" in c]
+        assert f"name = '{ami.removeprefix('resolve:ssm:')}'" in check and f"region_name='{region}'" in check
+        assert "|| { echo" in check and "exit 1; }" in check
     # the kernels are required on every node, and checked as a job imports them
     assert any(c.startswith("DPFAH_REQUIRE_KERNELS=1 pip install") and "~/dpfah" in c for c in config["setup_commands"])
     assert "cd ~/dpfah && python -m dpfah.kernels --require" in config["setup_commands"]
