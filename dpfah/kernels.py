@@ -15,6 +15,11 @@ Each picks its instruction set at import with the same routine (``dpfah/_cpu.h``
 ``status()`` says which kernel each part uses, or ``"numpy"`` where the extension did not
 import; ``announce_fallback()`` logs that once per process (logger ``dpfah.kernels``).
 
+``python -m dpfah.kernels [--require]`` prints, for each part, the kernel and the file it came
+from, and where ``dpfah`` itself was imported from; with ``--require`` it exits 1 when a part
+falls back to numpy. Run from a directory holding a copy of the sources (a Ray job's working
+directory, the cluster image's ``WORKDIR``), it checks what a job there will run.
+
 Imports neither numpy nor torch (nor Ray, MLflow, DVC or the pipeline).
 """
 
@@ -22,6 +27,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import sys
 import os
 import threading
 from types import ModuleType
@@ -129,3 +135,36 @@ def announce_fallback() -> bool:
         REQUIRE_ENV,
     )
     return True
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m dpfah.kernels [--require]``: which kernels this interpreter, from this
+    directory, runs; exit status 1 with ``--require`` when any part falls back to numpy."""
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="python -m dpfah.kernels",
+        description="Say which compiled kernel each part of dpfah runs here (or 'numpy' for the fallback), "
+        "from which file, and where dpfah itself was imported from.",
+    )
+    parser.add_argument("--require", action="store_true", help="exit 1 when a part falls back to numpy (cluster image, node setup)")
+    args = parser.parse_args(argv)
+    package = sys.modules[__package__ or "dpfah"]
+    print(f"dpfah: {getattr(package, '__file__', '?')}")
+    for part, kernel in status().items():
+        mod = _modules[part]
+        where = getattr(mod, "__file__", "?") if mod is not None else f"not imported ({_errors[part]})"
+        print(f"{part}: {kernel} ({MODULES[part]}: {where})")
+    missing = [part for part, mod in _modules.items() if mod is None]
+    if args.require and missing:
+        print(
+            f"error: no compiled kernel for {', '.join(missing)}: build them (pip install . with a C compiler and "
+            f"{REQUIRE_ENV}=1 to make a failed build an error)",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,9 +1,15 @@
-"""infra/: the cluster launcher config against Ray's own schema, the KubeRay manifests against
-the fields KubeRay requires, the MLflow server set-up; Ray versions equal pyproject's pin."""
+"""infra/: the cluster launcher config against Ray's own schema, every Kubernetes manifest against
+the Kubernetes API schemas (strict, 1.30 to 1.37, from the kubernetes-validate package) and the
+KubeRay resources against tests/data/kuberay-v1.schema.json, the MLflow server set-up; Ray
+versions equal pyproject's pin. Then the facts that span files, which no schema sees: the trials
+a search runs at once, the object store within /dev/shm, secrets kept out of every upload (with
+Ray's own upload code), the compiled kernels a job imports from its uploaded sources, one MLflow
+name, shared storage on the launcher's nodes, the image's layers. No cluster, nothing downloaded."""
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import tomllib
 from pathlib import Path
@@ -146,13 +152,6 @@ def test_shared_volume_claim_is_read_write_many():
             assert claims == [claim["metadata"]["name"]]
 
 
-def test_cluster_image_is_built_on_the_pinned_ray():
-    text = (INFRA / "docker" / "Dockerfile").read_text()
-    assert re.search(rf"^FROM rayproject/ray:{re.escape(RAY)}-py311-gpu$", text, re.M)
-    assert "pip install" in text and "DPFAH_GIT_COMMIT" in text
-    # the image refuses to build without its compiled kernels (checked from site-packages)
-    assert "DPFAH_REQUIRE_KERNELS=1 pip wheel" in text and "pip install --no-cache-dir /tmp/dist/dpfah_pipeline-*.whl" in text
-    assert "python -I -c" in text and "k.status()" in text
 
 
 # ----------------------------------------------------------------------------- MLflow server
@@ -194,3 +193,373 @@ def test_readme_walks_through_a_gpu_cluster_run():
     assert "## Run on a GPU cluster" in text
     for needle in ("ray up", "kubectl apply -f infra/kuberay", "ray job submit --working-dir .", "MLFLOW_TRACKING_URI", "data.root=/mnt/shared", "ray down"):
         assert needle in text, needle
+
+
+# ----------------------------------------------------------------------------- schemas
+
+KUBERNETES_VERSIONS = [f"1.{minor}.0" for minor in range(30, 38)]
+KUBERAY_SCHEMA = ROOT / "tests" / "data" / "kuberay-v1.schema.json"
+K8S_MANIFESTS = [INFRA / "kuberay" / "shared-storage.yaml", INFRA / "mlflow" / "kubernetes.yaml"]
+KUBERAY_MANIFESTS = [INFRA / "kuberay" / "raycluster.yaml", INFRA / "kuberay" / "rayjob.yaml"]
+
+
+def _docs(path: Path) -> list[dict]:
+    return [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
+
+
+def _kuberay_validator(version: str):
+    """A validator of ray.io/v1 resources whose pod templates, services, env entries and
+    resource requirements are checked by Kubernetes ``version``'s strict schemas."""
+    # a dev dependency (pyproject.toml): a missing one fails here rather than skipping the check
+    import jsonschema
+    import kubernetes_validate.utils as kv
+    from referencing import Registry, Resource
+
+    definitions = kv.schema_contents(f"kubernetes-json-schema/v{version}-local-strict/_definitions.json", version)
+    registry = Resource.from_contents(definitions) @ Registry()
+    return jsonschema.Draft202012Validator(json.loads(KUBERAY_SCHEMA.read_text()), registry=registry)
+
+
+@pytest.mark.parametrize("version", [KUBERNETES_VERSIONS[0], KUBERNETES_VERSIONS[-1]])
+def test_every_manifest_validates_strictly(version):
+    """Every Kubernetes object under infra/ against the API schemas of the oldest and newest
+    Kubernetes checked (strict: an unknown field is an error); the KubeRay resources against
+    the ray.io/v1 schema, their pod templates against the same Kubernetes version's."""
+    import kubernetes_validate as kv
+    for path in K8S_MANIFESTS:
+        for doc in _docs(path):
+            kv.validate(doc, version, strict=True)
+    validator = _kuberay_validator(version)
+    for path in KUBERAY_MANIFESTS:
+        for doc in _docs(path):
+            errors = [f"{'.'.join(map(str, e.absolute_path))}: {e.message}" for e in validator.iter_errors(doc)]
+            assert not errors, f"{path.name}: {errors}"
+
+
+def test_manifests_validate_on_every_kubernetes_version_checked():
+    import kubernetes_validate as kv
+    for version in KUBERNETES_VERSIONS[1:-1]:
+        for path in K8S_MANIFESTS:
+            for doc in _docs(path):
+                kv.validate(doc, version, strict=True)
+
+
+def test_the_schemas_reject_what_the_api_server_would():
+    """The validation is not vacuous: a misspelt field anywhere, a number where KubeRay takes a
+    string, an unknown submission mode are errors."""
+    import kubernetes_validate as kv
+    validator = _kuberay_validator(KUBERNETES_VERSIONS[-1])
+    job = _load(INFRA / "kuberay" / "rayjob.yaml")
+    assert validator.is_valid(job)
+
+    def broken(edit) -> dict:
+        import copy
+
+        doc = copy.deepcopy(job)
+        edit(doc)
+        return doc
+
+    cluster = lambda d: d["spec"]["rayClusterSpec"]  # noqa: E731
+    worker_container = lambda d: cluster(d)["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]  # noqa: E731
+    for edit in (
+        lambda d: d["spec"].update(entrypointt="python"),  # RayJob spec
+        lambda d: d["spec"].update(submissionMode="K8sJob"),
+        lambda d: cluster(d)["headGroupSpec"]["rayStartParams"].update({"num-cpus": 0}),  # map of strings
+        lambda d: cluster(d)["workerGroupSpecs"][0].update(maxReplica=4),
+        lambda d: worker_container(d).update(volumeMount=[]),  # Kubernetes' Container
+        lambda d: worker_container(d)["resources"].update(limit={}),
+    ):
+        assert not validator.is_valid(broken(edit))
+    claim = _load(INFRA / "kuberay" / "shared-storage.yaml")
+    with pytest.raises(kv.ValidationError):
+        kv.validate({**claim, "spec": {**claim["spec"], "accessMode": ["ReadWriteMany"]}}, KUBERNETES_VERSIONS[-1], strict=True)
+
+
+# ----------------------------------------------------------------------------- cross-file facts
+
+
+def _cluster_specs() -> dict[str, dict]:
+    return {
+        "raycluster.yaml": _load(INFRA / "kuberay" / "raycluster.yaml")["spec"],
+        "rayjob.yaml": _load(INFRA / "kuberay" / "rayjob.yaml")["spec"]["rayClusterSpec"],
+    }
+
+
+def _gpus(group: dict) -> int:
+    return sum(int(c.get("resources", {}).get("limits", {}).get("nvidia.com/gpu", 0)) for c in group["template"]["spec"]["containers"])
+
+
+def _tune_params(argv: list[str]):
+    """What `python -m pipeline.tune <argv>` runs with (params.yaml, its --profile, its --set)."""
+    from pipeline.config import load_params
+    from pipeline.tune import build_parser
+
+    args = build_parser().parse_args(argv)
+    return load_params(ROOT / "params.yaml", args.overrides, profile=args.profile)
+
+
+def _readme_tune_command() -> list[str]:
+    """The search command of infra/README.md, its continuation lines joined and $SHARED expanded."""
+    import shlex
+
+    text = (INFRA / "README.md").read_text()
+    shared = shlex.split(re.search(r'^SHARED="([^"]*)"$', text, re.M).group(1))
+    command = re.search(r"^submit (python -m pipeline\.tune (?:.*\\\n)*.*)$", text, re.M).group(1).replace("\\\n", " ")
+    words = shlex.split(command.replace("$SHARED", ""))
+    return words[3:] + shared
+
+
+def test_tune_runs_as_many_trials_at_once_as_the_worker_group_holds():
+    """trials at once = the group's GPUs at its maximum size // workers per trial, > 1, and it is
+    what the RayJob's entrypoint asks for; infra/README.md's command runs the same search."""
+    import shlex
+    from dataclasses import replace
+
+    from pipeline.tune import max_concurrency
+
+    job = _load(INFRA / "kuberay" / "rayjob.yaml")["spec"]
+    argv = shlex.split(job["entrypoint"])
+    assert argv[:3] == ["python", "-m", "pipeline.tune"]
+    params = _tune_params(argv[3:])
+    t, c = params.train, params.tune
+    assert t.use_gpu
+    groups = [g for g in job["rayClusterSpec"]["workerGroupSpecs"] if _gpus(g)]
+    group_gpus = sum(g["maxReplicas"] * _gpus(g) for g in groups)
+    at_once = group_gpus // t.num_workers
+    assert at_once > 1, f"{group_gpus} GPUs // {t.num_workers} workers per trial: one trial at a time"
+    assert c.max_concurrent_trials == at_once, f"entrypoint asks for {c.max_concurrent_trials} trials at once, the group holds {at_once}"
+    # what the stage itself computes: the explicit setting, and its default on the full group
+    assert max_concurrency(params) == at_once == max_concurrency(replace(params, tune=replace(c, max_concurrent_trials=None)), {"GPU": group_gpus})
+    assert len(c.eta) * len(c.zeta) * len(c.bits) >= at_once  # the grid fills the group
+    for g in groups:  # a trial fits a pod, with one CPU per Train worker
+        per_pod = _gpus(g) // t.num_workers
+        assert per_pod >= 1 and _gpus(g) % t.num_workers == 0
+        cpus = sum(int(ct["resources"]["limits"]["cpu"]) for ct in g["template"]["spec"]["containers"])
+        assert cpus >= per_pod * t.num_workers
+
+    readme = _tune_params(_readme_tune_command())
+    assert readme.tune == c and readme.train == t and readme.data == params.data
+    # the launcher's GPU workers hold the same number of trials
+    config = _load(INFRA / "aws" / "cluster.yaml")
+    instance_gpus = {"g5.12xlarge": 4}
+    launcher_gpus = sum(
+        nt["max_workers"] * instance_gpus[nt["node_config"]["InstanceType"]]
+        for name, nt in config["available_node_types"].items()
+        if name != config["head_node_type"]
+    )
+    assert launcher_gpus // t.num_workers == at_once
+
+
+def _bytes(quantity: str | int) -> int:
+    """A Kubernetes quantity (or Ray's byte count) in bytes."""
+    m = re.fullmatch(r"(\d+)(Ki|Mi|Gi|Ti|k|M|G|T)?", str(quantity))
+    assert m, quantity
+    scale = {None: 1, "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
+    return int(m.group(1)) * scale[m.group(2)]
+
+
+def test_object_store_fits_in_dev_shm_with_room_for_the_data_loaders():
+    """Ray puts its object store in /dev/shm only when it fits (else on disk, in /tmp), and the
+    DataLoader workers pass batches through the same /dev/shm: object-store-memory is set on
+    every pod, /dev/shm holds it plus 1 GiB on the head and 2 GiB per GPU on GPU pods, and
+    /dev/shm (memory-backed, counted against the pod's limit) takes at most half the pod's memory."""
+    for name, spec in _cluster_specs().items():
+        for group in [spec["headGroupSpec"], *spec["workerGroupSpecs"]]:
+            where = f"{name}: {group.get('groupName', 'head')}"
+            store = group["rayStartParams"].get("object-store-memory")
+            assert store is not None, f"{where}: object-store-memory is not set (Ray's default is 30% of the pod's memory)"
+            pod = group["template"]["spec"]
+            shm_volumes = {v["name"]: v for v in pod["volumes"] if v.get("emptyDir", {}).get("medium") == "Memory"}
+            for container in pod["containers"]:
+                mount = next(m for m in container["volumeMounts"] if m["mountPath"] == "/dev/shm")
+                shm = _bytes(shm_volumes[mount["name"]]["emptyDir"]["sizeLimit"])
+                memory = _bytes(container["resources"]["limits"]["memory"])
+                headroom = 2 * 2**30 * _gpus(group) if _gpus(group) else 2**30
+                assert _bytes(store) + headroom <= shm, f"{where}: object store {store} + {headroom} > /dev/shm {shm}"
+                assert shm <= memory // 2, f"{where}: /dev/shm {shm} is more than half the pod's memory {memory}"
+
+
+def _ray_upload(root: Path, include_gitignore: bool = True) -> set[str]:
+    """The files `ray job submit --working-dir <root>` uploads, by Ray's own traversal."""
+    from ray._private.runtime_env.packaging import _dir_travel
+
+    files: set[str] = set()
+    _dir_travel(root, [], lambda p: files.add(p.relative_to(root).as_posix()) if p.is_file() else None, include_gitignore=include_gitignore)
+    return files
+
+
+@pytest.fixture(scope="module")
+def checkout_with_secrets(tmp_path_factory) -> Path:
+    """A copy of the tracked files plus what a working checkout also holds: the MLflow server's
+    passwords, the in-place compiled kernels, a virtualenv."""
+    import shutil
+    import subprocess
+
+    try:
+        listed = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError) as e:
+        pytest.skip(f"not a git checkout ({e})")
+    root = tmp_path_factory.mktemp("checkout")
+    for rel in filter(None, listed.decode().split("\0")):
+        if (ROOT / rel).is_file():
+            (root / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / rel, root / rel)
+    (root / "infra" / "mlflow" / ".env").write_text("POSTGRES_PASSWORD=secret\n")
+    (root / ".env.local").write_text("AWS_SECRET_ACCESS_KEY=secret\n")
+    for module in ("_dpfah_hamming", "_dpfah_ranking"):
+        (root / f"{module}.cpython-311-x86_64-linux-gnu.so").write_bytes(b"\x7fELF")
+    (root / ".venv" / "bin").mkdir(parents=True)
+    (root / ".venv" / "bin" / "python").write_text("")
+    return root
+
+
+def test_secrets_stay_out_of_git_and_of_every_upload(checkout_with_secrets):
+    import subprocess
+
+    check = subprocess.run(["git", "check-ignore", "-q", "infra/mlflow/.env"], cwd=ROOT)
+    assert check.returncode == 0, "infra/mlflow/.env is not git-ignored"
+    secrets = {"infra/mlflow/.env", ".env.local"}
+    # Ray's working_dir upload: with .gitignore, and without it (RAY_RUNTIME_ENV_IGNORE_GITIGNORE=1,
+    # when only .rayignore protects them)
+    for include_gitignore in (True, False):
+        uploaded = _ray_upload(checkout_with_secrets, include_gitignore)
+        assert not secrets & uploaded, f"include_gitignore={include_gitignore}: uploads {secrets & uploaded}"
+        assert not [f for f in uploaded if f.endswith(".so") or f.startswith(".venv/")]
+        assert {"dpfah/kernels.py", "pipeline/tune.py", "params.yaml", "profiles/paper.yaml"} <= uploaded
+    # The launcher's file mounts rsync the checkout through both ignore files.
+    config = _load(INFRA / "aws" / "cluster.yaml")
+    assert config["file_mounts"]["~/dpfah"] == "."
+    assert {".gitignore", ".rayignore"} <= set(config["rsync_filter"])
+    # The image's build context is an allowlist that never reaches infra/ or a .env file.
+    ignore = [line for line in (INFRA / "docker" / "Dockerfile.dockerignore").read_text().splitlines() if line and not line.startswith("#")]
+    assert ignore[0] == "*" and not [line for line in ignore if line.startswith("!") and ("infra" in line or ".env" in line)]
+
+
+def test_a_job_uploaded_by_ray_runs_the_compiled_kernels(checkout_with_secrets, tmp_path):
+    """Ray's upload of the checkout (no .so files) unpacked as a job's working directory, first on
+    sys.path: `python -m dpfah.kernels --require` there imports dpfah from the upload and the
+    compiled kernels from the installed package. Without the installed package (-S: no
+    site-packages) it finds no kernel and says so, with exit status 1."""
+    import shutil
+    import subprocess
+    import sys
+
+    from dpfah import kernels
+
+    if "numpy" in kernels.status().values():
+        if kernels.required():
+            pytest.fail(f"{kernels.REQUIRE_ENV}=1 but the compiled kernels did not import: {kernels.status()}")
+        pytest.skip("the compiled kernels are not built here")
+    job = tmp_path / "working_dir"
+    for rel in _ray_upload(checkout_with_secrets):
+        (job / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(checkout_with_secrets / rel, job / rel)
+    assert not list(job.rglob("*.so"))
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run([sys.executable, "-m", "dpfah.kernels", "--require"], cwd=job, env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    lines = dict(line.split(": ", 1) for line in proc.stdout.splitlines())
+    assert Path(lines["dpfah"]).resolve() == (job / "dpfah" / "__init__.py").resolve()  # the upload's sources ran
+    for part, module in kernels.MODULES.items():
+        kernel, _, where = lines[part].partition(" ")
+        assert kernel == kernels.status()[part] != "numpy"
+        path = Path(re.fullmatch(rf"\({module}: (.+)\)", where).group(1)).resolve()
+        assert path.suffix == ".so" and not path.is_relative_to(job.resolve())
+
+    bare = subprocess.run([sys.executable, "-S", "-m", "dpfah.kernels", "--require"], cwd=job, env=env, capture_output=True, text=True, timeout=60)
+    assert bare.returncode == 1 and "no compiled kernel for hamming, ranking" in bare.stderr, bare.stdout + bare.stderr
+    assert "hamming: numpy" in bare.stdout
+
+
+def test_one_mlflow_name_throughout():
+    """Every MLflow URL in the READMEs and manifests is the Service's cluster DNS name (a short
+    `mlflow` does not resolve from the Ray pods' namespace), and every Ray pod and job uses it."""
+    docs = {d["kind"]: d for d in _load(INFRA / "mlflow" / "kubernetes.yaml")}
+    meta, port = docs["Service"]["metadata"], docs["Service"]["spec"]["ports"][0]["port"]
+    expected = f"http://{meta['name']}.{meta['namespace']}.svc.cluster.local:{port}"
+    files = [ROOT / "README.md", INFRA / "README.md", *sorted(INFRA.rglob("*.yaml")), *sorted(INFRA.rglob("*.yml"))]
+    for path in files:
+        for url in re.findall(r"https?://mlflow[\w.-]*(?::\d+)?", path.read_text()):
+            assert url == expected, f"{path.relative_to(ROOT)}: {url} (expected {expected})"
+    assert expected in (ROOT / "README.md").read_text() and expected in (INFRA / "README.md").read_text()
+    for name, spec in _cluster_specs().items():
+        for group in [spec["headGroupSpec"], *spec["workerGroupSpecs"]]:
+            for c in group["template"]["spec"]["containers"]:
+                env = {e["name"]: e.get("value") for e in c.get("env", [])}
+                assert env["MLFLOW_TRACKING_URI"] == expected, f"{name}: {c['name']}"
+    runtime_env = yaml.safe_load(_load(INFRA / "kuberay" / "rayjob.yaml")["spec"]["runtimeEnvYAML"])
+    assert runtime_env["env_vars"]["MLFLOW_TRACKING_URI"] == expected
+
+
+def test_launcher_nodes_share_storage_and_run_a_current_ami():
+    import ast
+    import importlib.util
+    import subprocess
+
+    # Ray's built-in AMIs (read from its source: importing it needs boto3)
+    source = Path(importlib.util.find_spec("ray.autoscaler._private.aws.config").origin).read_text()
+    (node,) = [n for n in ast.parse(source).body if isinstance(n, ast.Assign) and getattr(n.targets[0], "id", None) == "DEFAULT_AMI"]
+    DEFAULT_AMI = ast.literal_eval(node.value)
+    assert len(DEFAULT_AMI) > 10
+    config = _load(INFRA / "aws" / "cluster.yaml")
+    region = config["provider"]["region"]
+    # every node mounts EFS at /mnt/shared, and the container sees it at the same path
+    (mount,) = [c for c in config["initialization_commands"] if "mount" in c]
+    assert "/mnt/shared" in mount and f"REGION={region};" in mount and ".efs.$REGION.amazonaws.com:/" in mount
+    assert "mountpoint -q /mnt/shared ||" in mount and "|| exit 1" in mount
+    assert "--volume=/mnt/shared:/mnt/shared" in config["docker"]["run_options"]
+    if "EFS_ID=fs-REPLACE-ME;" in mount:  # as shipped: `ray up` stops at once, saying what to set
+        proc = subprocess.run(["bash", "-c", mount], capture_output=True, text=True, timeout=10)
+        assert proc.returncode == 1 and "set EFS_ID" in proc.stderr, proc.stderr
+    # what the jobs write goes to that volume
+    readme = _tune_params(_readme_tune_command())
+    assert readme.data.root.startswith("/mnt/shared/") and readme.train.storage_path.startswith("/mnt/shared/")
+    # one pinned AMI family on every node type, not Ray's built-in default (Ubuntu 18.04)
+    amis = {nt["node_config"].get("ImageId") for nt in config["available_node_types"].values()}
+    (ami,) = amis
+    assert ami and ami not in DEFAULT_AMI.values()
+    assert re.fullmatch(r"ami-[0-9a-f]{8,17}|resolve:ssm:/aws/service/deeplearning/ami/x86_64/[\w.-]*ubuntu-24\.04/latest/ami-id", ami), ami
+    if ami.startswith("resolve:ssm:"):  # the head's autoscaler resolves it for the workers: checked at `ray up`
+        (check,) = [c for c in config["head_setup_commands"] if "get_parameters" in c]
+        assert f"name = '{ami.removeprefix('resolve:ssm:')}'" in check and f"region_name='{region}'" in check
+        assert "|| { echo" in check and "exit 1; }" in check
+    # the kernels are required on every node, and checked as a job imports them
+    assert any(c.startswith("DPFAH_REQUIRE_KERNELS=1 pip install") and "~/dpfah" in c for c in config["setup_commands"])
+    assert "cd ~/dpfah && python -m dpfah.kernels --require" in config["setup_commands"]
+
+
+def test_cluster_image_installs_dependencies_before_the_code_and_requires_its_kernels():
+    import subprocess
+    import sys
+
+    text = (INFRA / "docker" / "Dockerfile").read_text()
+    assert text.startswith("# syntax=docker/dockerfile:1\n")
+    assert re.search(rf"^FROM rayproject/ray:{re.escape(RAY)}-py311-gpu$", text, re.M)
+    steps = re.findall(r"^(?:FROM|WORKDIR|COPY|RUN|ARG|ENV)\b(?:.*\\\n)*.*$", text, re.M)
+    deps = next(i for i, s in enumerate(steps) if "pip install -r /tmp/requirements.txt" in s)
+    code = next(i for i, s in enumerate(steps) if s.startswith("COPY") and "dpfah" in s)
+    assert deps < code, "the dependencies are installed after the code is copied"
+    assert [s for s in steps[:deps] if s.startswith("COPY")] == ["COPY --chown=ray:users pyproject.toml ./"]
+    assert "--mount=type=cache,target=/home/ray/.cache/pip" in steps[deps] and "--no-cache-dir" not in text
+    # the requirements step really lists pyproject's pins
+    snippet = re.search(r'python -c "(.*?)" *\\\n *> /tmp/requirements.txt', steps[deps], re.S).group(1).replace('\\n', "\\n")
+    out = subprocess.run([sys.executable, "-c", snippet], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    assert out.split() == tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    # kernels: required at build, then imported both from site-packages and as a job in WORKDIR does
+    install = next(i for i, s in enumerate(steps) if "DPFAH_REQUIRE_KERNELS=1 pip wheel" in s)
+    check = next(i for i, s in enumerate(steps) if "python -I -m dpfah.kernels --require" in s)
+    assert code < install < check and "&& python -m dpfah.kernels --require" in steps[check]
+    workdir = re.search(r"^WORKDIR (\S+)$", text, re.M).group(1)
+    assert f'"dpfah: {workdir}/dpfah/__init__.py"' in steps[check]
+    runtime_env = yaml.safe_load(_load(INFRA / "kuberay" / "rayjob.yaml")["spec"]["runtimeEnvYAML"])
+    assert runtime_env["working_dir"] == workdir
+    assert "DPFAH_GIT_COMMIT" in text
+
+
+def test_compose_images_are_pinned():
+    compose = _load(INFRA / "mlflow" / "docker-compose.yml")
+    for name, service in compose["services"].items():
+        if "image" in service:
+            image, _, tag = service["image"].rpartition(":")
+            assert image and tag and tag != "latest", f"{name}: {service['image']} is not pinned"
+    assert re.fullmatch(r"RELEASE\.\d{4}-\d\d-\d\dT\d\d-\d\d-\d\dZ", compose["services"]["minio"]["image"].split(":")[1])
