@@ -4,9 +4,10 @@ precisions, evaluate.device, multi-label data through fit and prepare, the profi
 tuned objective, every stage's --help, and promote's metric, alias and model name.
 
 What other files already cover is not repeated here (see the report on issue #19):
-the lists kind (test_prepare: imagenet100, nuswide21 multi-label), multi-label mAP
-(test_metrics), ``pairs: bank`` through fit under real DDP (test_methods), use_tuned in
-resolve and train (test_tune)."""
+the lists kind (test_prepare: imagenet100, nuswide21 multi-label through fit and the
+evaluate stage), multi-label mAP (test_metrics), ``pairs: bank`` through fit under real DDP
+(test_methods) and through Ray Train on 2 workers, and use_tuned through a real Ray Train
+fit (conftest's ``ray_trained``, checked in test_stage_train)."""
 
 from __future__ import annotations
 
