@@ -105,7 +105,7 @@ def ray_trained(ray_local, mlflow_server, tmp_path_factory):
 
     from pipeline.prepare import prepare
     from pipeline.train import run_training
-    from tests.helpers import GlobalBatches
+    from tests.helpers import GlobalBatches, wait_healthy
 
     out = tmp_path_factory.mktemp("ray-trained")
     images = make_class_folder(out / "images", noise=130.0)
@@ -127,6 +127,7 @@ def ray_trained(ray_local, mlflow_server, tmp_path_factory):
             ("resumed", ["train.num_workers=2", "train.fail_at_epoch=1", "train.max_failures=1"], mlflow_server),
         ):
             params = toy_params(out, images, *settings, *extra, f"mlflow.tracking_uri={uri}")
+            assert uri != mlflow_server or wait_healthy(uri), f"the mlflow server at {uri} stopped answering"
             outcome = run_training(
                 params, "toy", 16, run_name=name, write_run_file=name == "resumed", log_model=name == "resumed", batch_source=source, steps_per_epoch=3
             )

@@ -205,8 +205,6 @@ def start_mlflow_server(work: Path, env: dict[str, str] | None = None):
     import socket
     import subprocess
     import sys
-    import time
-    import urllib.request
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -221,15 +219,26 @@ def start_mlflow_server(work: Path, env: dict[str, str] | None = None):
             stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
         )  # fmt: skip
     uri = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
+    if not wait_healthy(uri, proc, 180):
+        stop_mlflow_server(proc)
+        raise RuntimeError(f"mlflow server did not start: {(work / 'server.log').read_text()[-2000:]}")
+    return uri, proc
+
+
+def wait_healthy(uri: str, proc=None, timeout_s: float = 60) -> bool:
+    """Whether the MLflow server at ``uri`` answers /health within ``timeout_s`` (a loaded
+    2-core machine can keep it from answering for a few seconds)."""
+    import time
+    import urllib.request
+
+    deadline = time.monotonic() + timeout_s
     while True:
         try:
-            with urllib.request.urlopen(f"{uri}/health", timeout=2):
-                return uri, proc
+            with urllib.request.urlopen(f"{uri}/health", timeout=5):
+                return True
         except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                stop_mlflow_server(proc)
-                raise RuntimeError(f"mlflow server did not start: {(work / 'server.log').read_text()[-2000:]}")
+            if (proc is not None and proc.poll() is not None) or time.monotonic() > deadline:
+                return False
             time.sleep(0.5)
 
 
