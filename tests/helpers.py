@@ -226,8 +226,9 @@ def start_mlflow_server(work: Path, env: dict[str, str] | None = None):
 
 
 def wait_healthy(uri: str, proc=None, timeout_s: float = 60) -> bool:
-    """Whether the MLflow server at ``uri`` answers /health within ``timeout_s`` (a loaded
-    2-core machine can keep it from answering for a few seconds)."""
+    """Whether the MLflow server at ``uri`` answers /health and then a tracking API call
+    within ``timeout_s``. On a loaded 2-core machine a fresh server's first API call took
+    more than the 5 s the stages' store check allows, after /health had answered."""
     import time
     import urllib.request
 
@@ -235,6 +236,9 @@ def wait_healthy(uri: str, proc=None, timeout_s: float = 60) -> bool:
     while True:
         try:
             with urllib.request.urlopen(f"{uri}/health", timeout=5):
+                pass
+            search = urllib.request.Request(f"{uri}/api/2.0/mlflow/experiments/search", data=b'{"max_results": 1}', headers={"Content-Type": "application/json"})
+            with urllib.request.urlopen(search, timeout=max(5.0, deadline - time.monotonic())):
                 return True
         except OSError:
             if (proc is not None and proc.poll() is not None) or time.monotonic() > deadline:
