@@ -97,7 +97,9 @@ class Job:
 def _batches(job: Job, rank: int, size: int, device):
     """(train_batches(epoch), steps per epoch, bank size) for this rank."""
     if job.batch_source is not None:  # tests: a deterministic global batch sliced by rank
-        return (lambda epoch: job.batch_source(epoch, rank, size)), job.steps_per_epoch, None
+        from dpfah.data import read_manifest  # a memory bank still has a row per training sample
+
+        return (lambda epoch: job.batch_source(epoch, rank, size)), job.steps_per_epoch, read_manifest(job.shards).split("train").count
     from torch.utils.data import DataLoader
 
     from dpfah.data import TrainStream

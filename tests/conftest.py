@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -75,3 +76,65 @@ def cifar10_prepared(tmp_path_factory, cifar10_source):
     root = tmp_path_factory.mktemp("cifar10") / "data"
     params = load_params(Path(__file__).resolve().parents[1] / "params.yaml", [f"data.root={root}", f"datasets.cifar10.source={cifar10_source}"])
     return root, prepare(params, "cifar10", progress=False)
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """A real ``mlflow server`` process (SQLite backend, proxied artifacts) for the session:
+    its URI. Tests that kill a server start their own."""
+    from tests.helpers import start_mlflow_server, stop_mlflow_server
+
+    uri, proc = start_mlflow_server(tmp_path_factory.mktemp("mlflow-server"))
+    yield uri
+    stop_mlflow_server(proc)
+
+
+@pytest.fixture(scope="session")
+def ray_trained(ray_local, mlflow_server, tmp_path_factory):
+    """The session's two real Ray Train fits of DPFAH (16 bits, ``pairs: bank``, 16 px from
+    32 px images, 3 epochs of the same 3 global batches of 8, ``loss.use_tuned`` with a
+    search result beside it) on a 3-class dataset whose classes overlap:
+
+    * ``uninterrupted``: 1 worker, no fault (the epoch log only), SQLite store;
+    * ``resumed``: 2 workers, the last one killed as epoch 2 starts, resumed from epoch 1's
+      checkpoint; tracked on the real ``mlflow server``, its model logged, its run record
+      written under ``out``.
+
+    A dict: params and outcome of each, ``out``, ``work``, ``images``, ``uri`` (the server)."""
+    import os
+
+    from pipeline.prepare import prepare
+    from pipeline.train import run_training
+    from tests.helpers import GlobalBatches, wait_healthy
+
+    out = tmp_path_factory.mktemp("ray-trained")
+    images = make_class_folder(out / "images", noise=130.0)
+    prepare(toy_params(out, images), "toy", progress=False)
+    source = GlobalBatches(out / "data" / "shards" / "toy", steps=3, global_batch=8)
+    # loss.use_tuned: eta and zeta from a search's best.json (the 16-bit entry), the rest
+    # from params (delta 0.05: the quantisation term is not zero, so eta shows in the loss)
+    best = {"eta": 9.0, "zeta": 0.9, "bits": 8, "run_id": "trial-8", "search_run_id": "search", "by_bits": {"16": {"eta": 3.0, "zeta": 0.5, "bits": 16, "run_id": "trial-16"}}}
+    (out / "tune" / "toy").mkdir(parents=True)
+    (out / "tune" / "toy" / "best.json").write_text(json.dumps(best))
+    settings = ["train.epochs=3", "train.image_size=16", "train.freeze_bn=true", "train.optimizer=sgd", "train.lr=0.01",
+                "loss.pairs=bank", "loss.use_tuned=true", "loss.delta=0.05", f"train.storage_path={out / 'ray'}"]  # fmt: skip
+    runs = {}
+    cwd, before = os.getcwd(), os.environ.pop("MLFLOW_TRACKING_URI", None)
+    os.chdir(out)  # the run record goes to ./runs/
+    try:
+        for name, extra, uri in (
+            ("uninterrupted", ["train.num_workers=1", "train.fail_at_epoch=2"], f"sqlite:///{out / 'mlflow.db'}"),  # the last epoch: the epoch log, no fault
+            ("resumed", ["train.num_workers=2", "train.fail_at_epoch=1", "train.max_failures=1"], mlflow_server),
+        ):
+            params = toy_params(out, images, *settings, *extra, f"mlflow.tracking_uri={uri}")
+            assert uri != mlflow_server or wait_healthy(uri), f"the mlflow server at {uri} stopped answering"
+            outcome = run_training(
+                params, "toy", 16, run_name=name, write_run_file=name == "resumed", log_model=name == "resumed", batch_source=source, steps_per_epoch=3
+            )
+            runs[name] = {"params": params, "outcome": outcome, "uri": uri}
+    finally:
+        os.chdir(cwd)
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+        if before is not None:
+            os.environ["MLFLOW_TRACKING_URI"] = before
+    return {**runs, "out": out, "images": images, "server": mlflow_server}

@@ -3,7 +3,9 @@ run shaped like the train stage's, and a stage's command line run in-process."""
 
 from __future__ import annotations
 
+import io
 import json
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -15,14 +17,15 @@ PARAMS_FILE = Path(__file__).resolve().parents[1] / "params.yaml"
 BITS = 8
 
 
-def make_class_folder(root: Path, classes=("red", "green", "blue"), per_class=30, size=32, seed=0) -> Path:
-    """PNG images, one folder per class, each class a noisy version of its own colour."""
+def make_class_folder(root: Path, classes=("red", "green", "blue"), per_class=30, size=32, seed=0, noise=25.0) -> Path:
+    """PNG images, one folder per class, each class a noisy version of its own colour
+    (pixel noise of standard deviation ``noise``: large values make the classes overlap)."""
     rng = np.random.default_rng(seed)
     colours = rng.integers(0, 256, size=(len(classes), 3))
     for c, name in enumerate(classes):
         (root / name).mkdir(parents=True, exist_ok=True)
         for i in range(per_class):
-            pixels = np.clip(colours[c] + rng.normal(0, 25, size=(size, size, 3)), 0, 255).astype(np.uint8)
+            pixels = np.clip(colours[c] + rng.normal(0, noise, size=(size, size, 3)), 0, 255).astype(np.uint8)
             Image.fromarray(pixels).save(root / name / f"{i:04d}.png")
     return root
 
@@ -189,3 +192,201 @@ def registry_state(uri: str) -> tuple[dict, list[tuple[int, str]]]:
     aliases = {k: int(v) for k, v in (client.get_registered_model(NAME).aliases or {}).items()}
     versions = sorted((int(v.version), v.run_id) for v in client.search_model_versions(f"name = '{NAME}'"))
     return aliases, versions
+
+
+# ----------------------------------------------------------------------------- mlflow server
+
+
+def start_mlflow_server(work: Path, env: dict[str, str] | None = None):
+    """A real ``mlflow server`` on a free port (SQLite backend under ``work``, proxied
+    artifacts), in its own process group; returns (its URI, the process) once it answers
+    /health. Stop it with :func:`stop_mlflow_server`."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    if env is None:
+        env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
+    mlflow_cli = Path(sys.executable).parent / "mlflow"
+    with open(work / "server.log", "w") as log:
+        proc = subprocess.Popen(
+            [str(mlflow_cli), "server", "--backend-store-uri", f"sqlite:///{work / 'server.db'}", "--artifacts-destination", str(work / "artifacts"),
+             "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+            stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+        )  # fmt: skip
+    uri = f"http://127.0.0.1:{port}"
+    if not wait_healthy(uri, proc, 180):
+        stop_mlflow_server(proc)
+        raise RuntimeError(f"mlflow server did not start: {(work / 'server.log').read_text()[-2000:]}")
+    return uri, proc
+
+
+def wait_healthy(uri: str, proc=None, timeout_s: float = 60) -> bool:
+    """Whether the MLflow server at ``uri`` answers /health and then a tracking API call
+    within ``timeout_s``. On a loaded 2-core machine a fresh server's first API call took
+    more than the 5 s the stages' store check allows, after /health had answered."""
+    import time
+    import urllib.request
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with urllib.request.urlopen(f"{uri}/health", timeout=5):
+                pass
+            search = urllib.request.Request(f"{uri}/api/2.0/mlflow/experiments/search", data=b'{"max_results": 1}', headers={"Content-Type": "application/json"})
+            with urllib.request.urlopen(search, timeout=max(5.0, deadline - time.monotonic())):
+                return True
+        except OSError:
+            if (proc is not None and proc.poll() is not None) or time.monotonic() > deadline:
+                return False
+            time.sleep(0.5)
+
+
+def stop_mlflow_server(proc) -> None:
+    """Kill the server and its workers: the process group :func:`start_mlflow_server` started."""
+    import os
+    import signal
+
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+# ----------------------------------------------------------------------------- deterministic global batches
+
+
+class GlobalBatches:
+    """``batch_source(epoch, rank, world_size)`` for pipeline.train.run_training: every epoch
+    ``steps`` global batches of ``global_batch`` training images of the prepared shards at
+    ``shards`` (decoded, in a permutation seeded by the epoch), each rank taking its slice,
+    so that any worker count sees exactly the same global batch at every step. The indices
+    are the samples' own (a memory bank is indexed by them)."""
+
+    def __init__(self, shards: Path, steps: int, global_batch: int):
+        self.shards, self.steps, self.global_batch = str(shards), steps, global_batch
+
+    def __call__(self, epoch: int, rank: int, world_size: int):
+        from dpfah.data import Batch, EvalStream
+
+        (everything,) = list(EvalStream(self.shards, "train", batch_size=10**6, decode=True, rank=0, world_size=1))
+        order = np.random.default_rng([7, epoch]).permutation(len(everything.index))
+        local = self.global_batch // world_size
+        for step in range(self.steps):
+            rows = order[step * self.global_batch : (step + 1) * self.global_batch][rank * local : (rank + 1) * local]
+            yield Batch(everything.images[rows], everything.labels[rows], everything.index[rows])
+
+
+# ----------------------------------------------------------------------------- independent re-implementations
+# What the evaluate stage computes, written again without dpfah's code paths: the shards read
+# with tarfile and PIL, the resize and normalisation in numpy, the metrics with per-query loops.
+
+
+def shards_sha(shards: Path) -> str:
+    from dpfah.data import read_manifest
+
+    return read_manifest(shards).sha256
+
+
+def read_split_plain(shards: Path, split: str):
+    """(images uint8 N,H,W,3, labels uint8 N,C) of a split in stored order, read with tarfile
+    and PIL only (independent of dpfah.data)."""
+    manifest = json.loads((shards / "manifest.json").read_text())
+    samples: dict[str, dict[str, bytes]] = {}
+    for shard in manifest["splits"][split]["shards"]:
+        with tarfile.open(shards / shard["file"]) as tar:
+            for member in tar:
+                key, _, ext = member.name.partition(".")
+                samples.setdefault(key, {})[ext] = tar.extractfile(member).read()
+    rows = sorted(samples.values(), key=lambda s: int(s["index"]))
+    assert [int(s["index"]) for s in rows] == list(range(manifest["splits"][split]["count"]))
+    images = np.stack([np.asarray(Image.open(io.BytesIO(next(v for k, v in s.items() if k not in ("index", "labels.npy")))).convert("RGB")) for s in rows])
+    labels = np.stack([np.load(io.BytesIO(s["labels.npy"])) for s in rows])
+    return images, labels
+
+
+def plain_codes(model, images: np.ndarray) -> np.ndarray:
+    mean = np.array([0.485, 0.456, 0.406], dtype=np.float32)
+    std = np.array([0.229, 0.224, 0.225], dtype=np.float32)
+    x = torch.from_numpy(((images.astype(np.float32) / 255 - mean) / std).transpose(0, 3, 1, 2).copy())
+    with torch.no_grad():
+        return model.eval().codes(x).numpy().astype(np.int8)
+
+
+def plain_metrics(qc, dc, ql, dl, topk, radius, n):
+    """mAP@topk by (distance, index), P@H<=radius (empty = 0), P@n, per-query loops."""
+    bits = qc.shape[1]
+    dist = (bits - qc.astype(np.int64) @ dc.astype(np.int64).T) // 2
+    rel = (ql.astype(np.int64) @ dl.astype(np.int64).T) > 0
+    aps, ball, empty, pn, best, worst = [], [], [], [], [], []
+    for i in range(len(qc)):
+        order = np.lexsort((np.arange(dc.shape[0]), dist[i]))[:topk]
+        r = rel[i, order]
+        hits = np.cumsum(r)
+        aps.append(float((hits / np.arange(1, len(r) + 1))[r].mean()) if r.any() else 0.0)
+        inside = dist[i] <= radius
+        ball.append(rel[i, inside].mean() if inside.any() else 0.0)
+        empty.append(not inside.any())
+        pn.append(rel[i, np.lexsort((np.arange(dc.shape[0]), dist[i]))[:n]].mean())
+        for sink, first in ((best, True), (worst, False)):  # relevant first / last inside ties
+            o = np.lexsort((~rel[i] if first else rel[i], dist[i]))[:topk]
+            rr = rel[i, o]
+            h = np.cumsum(rr)
+            sink.append(float((h / np.arange(1, len(rr) + 1))[rr].mean()) if rr.any() else 0.0)
+    return {
+        "map": np.mean(aps),
+        "ball": np.mean(ball),
+        "empty": np.mean(empty),
+        "p_at_n": np.mean(pn),
+        "best": np.mean(best),
+        "worst": np.mean(worst),
+        "dist": dist,
+        "rel": rel,
+    }
+
+
+def plain_resize(images: np.ndarray, size: int) -> np.ndarray:
+    """uint8 (N, H, W, 3) -> (N, size, size, 3): the antialiased bilinear (triangle) filter as
+    PIL defines it, the filter widened by the scale when shrinking, pixel centres at +0.5,
+    weights cut at the border and renormalised; float64, rounded half to even."""
+
+    def weights(n_in: int, n_out: int) -> np.ndarray:
+        scale = n_in / n_out
+        support = max(scale, 1.0)
+        w = np.zeros((n_out, n_in))
+        for i in range(n_out):
+            centre = scale * (i + 0.5)
+            lo, hi = max(int(centre - support + 0.5), 0), min(int(centre + support + 0.5), n_in)
+            taps = np.array([max(0.0, 1 - abs((j - centre + 0.5) / support)) for j in range(lo, hi)])
+            w[i, lo:hi] = taps / taps.sum()
+        return w
+
+    wy, wx = weights(images.shape[1], size), weights(images.shape[2], size)
+    out = np.einsum("yh,nhwc,xw->nyxc", wy, images.astype(np.float64), wx)
+    return np.clip(np.round(out), 0, 255).astype(np.uint8)
+
+
+def plain_tie_aware_map(dist: np.ndarray, rel: np.ndarray) -> float:
+    """Tie-aware mAP@ALL: per query, the expected AP over random orders inside each group of
+    equal distance. A relevant item of a group of n (k relevant) after c items (c_rel
+    relevant) has y of the group before it with y uniform on 0..n-1, and of those
+    y (k-1)/(n-1) relevant in expectation, so E[precision] = mean over y of
+    (c_rel + 1 + y (k-1)/(n-1)) / (c + 1 + y)."""
+    aps = []
+    for d, r in zip(dist, rel):
+        if not r.any():
+            aps.append(0.0)
+            continue
+        total, c, c_rel = 0.0, 0, 0
+        for value in np.unique(d):
+            group = d == value
+            n, k = int(group.sum()), int(r[group].sum())
+            if k:
+                y = np.arange(n)
+                total += k * np.mean((c_rel + 1 + y * (k - 1) / max(n - 1, 1)) / (c + 1 + y))
+            c, c_rel = c + n, c_rel + k
+        aps.append(total / r.sum())
+    return float(np.mean(aps))

@@ -4,9 +4,10 @@ precisions, evaluate.device, multi-label data through fit and prepare, the profi
 tuned objective, every stage's --help, and promote's metric, alias and model name.
 
 What other files already cover is not repeated here (see the report on issue #19):
-the lists kind (test_prepare: imagenet100, nuswide21 multi-label), multi-label mAP
-(test_metrics), ``pairs: bank`` through fit under real DDP (test_methods), use_tuned in
-resolve and train (test_tune)."""
+the lists kind (test_prepare: imagenet100, nuswide21 multi-label through fit and the
+evaluate stage), multi-label mAP (test_metrics), ``pairs: bank`` through fit under real DDP
+(test_methods) and through Ray Train on 2 workers, and use_tuned through a real Ray Train
+fit (conftest's ``ray_trained``, checked in test_stage_train)."""
 
 from __future__ import annotations
 
@@ -701,3 +702,35 @@ def test_random_search_without_scheduler_on_ray(ray_local, toy_dataset, tmp_path
     assert float(run.data.params["loss.delta"]) == pytest.approx(delta)
     parent = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(outcome.parent_run_id)
     assert (parent.data.params["tune.search"], parent.data.params["tune.scheduler"]) == ("random", "none")
+
+
+@pytest.mark.slow
+def test_promote_compares_with_the_champion_as_re_evaluated(tmp_path, monkeypatch):
+    """A candidate evaluated at mAP@10 against a champion evaluated at mAP@ALL is refused as
+    not comparable; once the champion's run is re-evaluated at mAP@10 (as evaluate leaves a
+    run: the metric, eval.* tags, a new completion marker), promote compares with that new
+    value: a candidate better than it, though worse than its old value, takes the alias."""
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.config import load_params
+    from pipeline.promote import promote
+    from tests.helpers import NAME, evaluated_run
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    sets = ["prepare.datasets=[toy]", "datasets.toy.kind=custom", "datasets.toy.images=/nonexistent", f"mlflow.tracking_uri={uri}"]
+    at_all, at_10 = load_params(PARAMS_FILE, sets), load_params(PARAMS_FILE, [*sets, "evaluate.map_at.toy=10"])
+    client = MlflowClient(uri)
+
+    champion = evaluated_run(uri, tmp_path, 0.80)["run_id"]
+    assert promote(at_all, "toy", 8, root=tmp_path).record["decision"] == "promoted"
+    candidate = evaluated_run(uri, tmp_path, 0.70, map_at=10)["run_id"]
+    with pytest.raises(Exception, match="not comparable; re-evaluate the champion's run with the same settings"):
+        promote(at_10, "toy", 8, root=tmp_path)
+
+    client.log_metric(champion, "query_map", 0.60)  # the champion at mAP@10
+    for key, value in {"eval.map_at": "10", "eval.id": "again", "eval.complete": "again"}.items():
+        client.set_tag(champion, key, value)
+    r = promote(at_10, "toy", 8, root=tmp_path)
+    assert (r.record["decision"], r.record["run_id"], r.record["previous"]) == ("promoted", candidate, {"version": 1, "run_id": champion, "value": 0.60})
+    assert client.get_model_version_by_alias(NAME, "champion").run_id == candidate

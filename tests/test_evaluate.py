@@ -3,11 +3,9 @@ MLflow holding the same numbers, the artifacts, and one clear error per kind of 
 
 from __future__ import annotations
 
-import io
 import json
 import shutil
 import socket
-import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -15,79 +13,22 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.helpers import BITS, cli, fake_training_run, toy_overrides, toy_params, write_record
+from tests.helpers import (
+    BITS,
+    cli,
+    fake_training_run,
+    plain_codes,
+    plain_metrics,
+    plain_resize,
+    plain_tie_aware_map,
+    read_split_plain,
+    shards_sha,
+    toy_overrides,
+    toy_params,
+    write_record,
+)
 
 pytestmark = pytest.mark.slow
-
-
-# ----------------------------------------------------------------------------- helpers
-
-
-def shards_sha(shards: Path) -> str:
-    from dpfah.data import read_manifest
-
-    return read_manifest(shards).sha256
-
-
-def read_split_plain(shards: Path, split: str):
-    """(images uint8 N,H,W,3, labels uint8 N,C) of a split in stored order, read with tarfile
-    and PIL only (independent of dpfah.data)."""
-    manifest = json.loads((shards / "manifest.json").read_text())
-    samples: dict[str, dict[str, bytes]] = {}
-    for shard in manifest["splits"][split]["shards"]:
-        with tarfile.open(shards / shard["file"]) as tar:
-            for member in tar:
-                key, _, ext = member.name.partition(".")
-                samples.setdefault(key, {})[ext] = tar.extractfile(member).read()
-    rows = sorted(samples.values(), key=lambda s: int(s["index"]))
-    assert [int(s["index"]) for s in rows] == list(range(manifest["splits"][split]["count"]))
-    images = np.stack([np.asarray(Image.open(io.BytesIO(next(v for k, v in s.items() if k not in ("index", "labels.npy")))).convert("RGB")) for s in rows])
-    labels = np.stack([np.load(io.BytesIO(s["labels.npy"])) for s in rows])
-    return images, labels
-
-
-def plain_codes(model, images: np.ndarray) -> np.ndarray:
-    mean = np.array([0.485, 0.456, 0.406], dtype=np.float32)
-    std = np.array([0.229, 0.224, 0.225], dtype=np.float32)
-    x = torch.from_numpy(((images.astype(np.float32) / 255 - mean) / std).transpose(0, 3, 1, 2).copy())
-    with torch.no_grad():
-        return model.eval().codes(x).numpy().astype(np.int8)
-
-
-def plain_metrics(qc, dc, ql, dl, topk, radius, n):
-    """mAP@topk by (distance, index), P@H<=radius (empty = 0), P@n, per-query loops."""
-    bits = qc.shape[1]
-    dist = (bits - qc.astype(np.int64) @ dc.astype(np.int64).T) // 2
-    rel = (ql.astype(np.int64) @ dl.astype(np.int64).T) > 0
-    aps, ball, empty, pn, best, worst = [], [], [], [], [], []
-    for i in range(len(qc)):
-        order = np.lexsort((np.arange(dc.shape[0]), dist[i]))[:topk]
-        r = rel[i, order]
-        hits = np.cumsum(r)
-        aps.append(float((hits / np.arange(1, len(r) + 1))[r].mean()) if r.any() else 0.0)
-        inside = dist[i] <= radius
-        ball.append(rel[i, inside].mean() if inside.any() else 0.0)
-        empty.append(not inside.any())
-        pn.append(rel[i, np.lexsort((np.arange(dc.shape[0]), dist[i]))[:n]].mean())
-        for sink, first in ((best, True), (worst, False)):  # relevant first / last inside ties
-            o = np.lexsort((~rel[i] if first else rel[i], dist[i]))[:topk]
-            rr = rel[i, o]
-            h = np.cumsum(rr)
-            sink.append(float((h / np.arange(1, len(rr) + 1))[rr].mean()) if rr.any() else 0.0)
-    return {
-        "map": np.mean(aps),
-        "ball": np.mean(ball),
-        "empty": np.mean(empty),
-        "p_at_n": np.mean(pn),
-        "best": np.mean(best),
-        "worst": np.mean(worst),
-        "dist": dist,
-        "rel": rel,
-    }
-
-
-
-
 
 
 # ----------------------------------------------------------------------------- fixtures
@@ -238,13 +179,22 @@ def test_retrieval_grid_marks_wrong_results(trained):
 
 def test_reevaluation_with_another_r_and_a_url_data_root(trained, tmp_path):
     """mAP@R from evaluate.map_at, shards read through fsspec (file:// URL), and the latest
-    evaluation is what both DVC and MLflow hold."""
+    evaluation is what both DVC and MLflow hold, its figures included (the retrieval grid
+    of 2 queries replaces the first evaluation's of 3)."""
     from mlflow.tracking import MlflowClient
 
     from pipeline.evaluate import evaluate
 
     out = tmp_path
     shutil.copytree(trained["out"] / "runs", out / "runs")
+    client = MlflowClient(trained["uri"])
+    run_id = trained["record"]["run_id"]
+
+    def grid_height(where: str) -> int:
+        with Image.open(client.download_artifacts(run_id, "evaluation/retrieval_grid.png", str(out / where))) as im:
+            return im.height
+
+    before = grid_height("before")
     params = toy_params(
         trained["work"],
         trained["images"],
@@ -252,7 +202,7 @@ def test_reevaluation_with_another_r_and_a_url_data_root(trained, tmp_path):
         f"mlflow.tracking_uri={trained['uri']}",
         "evaluate.map_at.toy=10",
         "evaluate.radius=1",
-        "evaluate.grid_queries=0",
+        "evaluate.grid_queries=2",
         "evaluate.loader_workers=1",
     )
     result = evaluate(params, "toy", BITS, progress=False, root=out)
@@ -263,7 +213,6 @@ def test_reevaluation_with_another_r_and_a_url_data_root(trained, tmp_path):
     from dpfah.codes import unpack_codes
     from pipeline.evaluate import load_codes
 
-    client = MlflowClient(trained["uri"])
     local = Path(client.download_artifacts(doc["run_id"], "evaluation/codes", str(out / "dl")))
     dc = unpack_codes(load_codes(local / "database.parquet")[0], BITS)
     qc = unpack_codes(load_codes(local / "query.parquet")[0], BITS)
@@ -275,7 +224,9 @@ def test_reevaluation_with_another_r_and_a_url_data_root(trained, tmp_path):
     for name, value in result.metrics.items():
         assert run.data.metrics[name] == value, name
     assert run.data.tags["eval.map_at"] == "10"
-    assert "retrieval_grid.png" in {a.path.rsplit("/", 1)[-1] for a in client.list_artifacts(doc["run_id"], "evaluation")}
+    assert 0 < grid_height("after") < before  # 2 rows of results now, not 3
+    details = json.loads(Path(client.download_artifacts(run_id, "evaluation/metrics.json", str(out / "after"))).read_text())
+    assert (details["map_at"], details["query_map"]) == (10, doc["query_map"])
 
 
 # ----------------------------------------------------------------------------- bad input
@@ -409,3 +360,83 @@ def _sets(trained) -> list[str]:
     for item in toy_overrides(trained["work"], trained["images"], f"mlflow.tracking_uri={trained['uri']}"):
         out += ["--set", item]
     return out
+
+
+# ----------------------------------------------------------------------------- a real trained model, on a real server
+
+
+def test_a_trained_model_evaluated_and_promoted_on_a_tracking_server(ray_trained, monkeypatch, capsys):
+    """The success path as a team runs it: the model Ray Train trained (2 workers, resumed
+    after a fault; conftest's ``ray_trained``) and logged to a real ``mlflow server``, then
+    ``python -m pipeline.evaluate`` and ``python -m pipeline.promote`` against that server.
+
+    Evaluate encodes at the run's 16 px from the stored 32 px images: the codes it logs are
+    those of an independent computation (tarfile, PIL, a numpy antialiased resize, the MLflow
+    model in float64) wherever that computation's u is not within 1e-4 of 0; its
+    mAP, tie-aware mAP, P@H<=2 and P@10 are exactly those of a plain per-query
+    implementation on those codes. Then the model is promoted and the champion alias serves
+    the same codes."""
+    import mlflow.pytorch
+    from mlflow.tracking import MlflowClient
+
+    from dpfah.codes import unpack_codes
+    from pipeline import evaluate, promote
+    from pipeline.evaluate import load_codes
+    from pipeline.tracking import using_tracking_uri
+
+    out, server = ray_trained["out"], ray_trained["server"]
+    outcome = ray_trained["resumed"]["outcome"]
+    monkeypatch.chdir(out)  # the run record train wrote: runs/toy-16-dpfah-s0.json
+    args = ["--dataset", "toy", "--bits", "16", "--params", str(_params_file())]
+    for item in toy_overrides(out, ray_trained["images"], f"mlflow.tracking_uri={server}", "evaluate.grid_queries=2"):
+        args += ["--set", item]
+    code, text = cli(evaluate, [*args, "--quiet"], capsys)
+    assert code == 0, text
+    doc = json.loads((out / "metrics" / "toy-16-dpfah-s0.json").read_text())
+    assert doc["run_id"] == outcome.run_id and (doc["n_queries"], doc["n_db"], doc["map_at"]) == (12, 78, "ALL")
+
+    client = MlflowClient(server)
+    local = Path(client.download_artifacts(outcome.run_id, "evaluation/codes", str(out / "dl")))
+    qc, dc = (unpack_codes(load_codes(local / f"{split}.parquet")[0], 16) for split in ("query", "database"))
+
+    shards = out / "data" / "shards" / "toy"
+    with using_tracking_uri(server):
+        model = mlflow.pytorch.load_model(outcome.model_uri).double().eval()
+    mean, std = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
+    splits = {}
+    for split, logged in (("query", qc), ("database", dc)):
+        images, labels = read_split_plain(shards, split)
+        assert images.shape[1:] == (32, 32, 3)
+        x = torch.from_numpy(((plain_resize(images, 16) / 255 - mean) / std).transpose(0, 3, 1, 2).copy())
+        with torch.no_grad():
+            u = model(x)[0].numpy()
+        ref = np.where(u >= 0, 1, -1)
+        # float32 against float64, and a few border pixels one level apart (the .5 roundings
+        # of the 1/7 border weights) move u by far less than 1e-4
+        sure = np.abs(u) > 1e-4
+        assert sure.mean() > 0.98
+        np.testing.assert_array_equal(logged[sure], ref[sure])
+        splits[split] = labels
+    assert len({c.tobytes() for c in dc}) >= 10, "a trained model's codes differ from item to item"
+
+    ref = plain_metrics(qc, dc, splits["query"], splits["database"], topk=78, radius=2, n=10)
+    assert 0.45 < ref["map"] < 0.99  # learned (chance: 1/3), not perfect: the ranking matters
+    assert doc["query_map"] == pytest.approx(ref["map"], abs=1e-12)
+    assert doc["query_map_tie_aware"] == pytest.approx(plain_tie_aware_map(ref["dist"], ref["rel"]), abs=1e-12)
+    assert doc["query_map_tie_aware"] != doc["query_map"]  # the codes tie: the two differ
+    assert doc["query_precision_within_radius"] == pytest.approx(ref["ball"], abs=1e-12)
+    assert doc["query_p_at_10"] == pytest.approx(ref["p_at_n"], abs=1e-12)
+    run = client.get_run(outcome.run_id)
+    for name in ("query_map", "query_map_tie_aware"):
+        assert run.data.metrics[name] == doc[name]
+
+    code, text = cli(promote, args, capsys)
+    assert code == 0, text
+    promotion = json.loads((out / "promotions" / "toy-16-dpfah-s0.json").read_text())
+    assert (promotion["decision"], promotion["version"], promotion["run_id"]) == ("promoted", 1, outcome.run_id)
+    champion = client.get_model_version_by_alias("dpfah-toy-16b", "champion")
+    assert champion.run_id == outcome.run_id and champion.version == "1"
+    with using_tracking_uri(server):
+        served = mlflow.pytorch.load_model("models:/dpfah-toy-16b@champion").eval()
+    x = torch.from_numpy(plain_resize(read_split_plain(shards, "query")[0], 16).transpose(0, 3, 1, 2).astype(np.float32) / 255)
+    torch.testing.assert_close(served.codes(x), model.float().codes(x), rtol=0, atol=0)

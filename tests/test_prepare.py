@@ -487,21 +487,30 @@ def test_imagenet100_lists(tmp_path, imagenet_subset):
     verify_shards(r.directory)
 
 
-def test_nuswide21_all_list_multi_label(tmp_path):
+def _nuswide_subset(tmp_path: Path):
+    """The shipped NUS-WIDE lists cut down (30 queries, 60 training lines) plus 40 images of
+    random multi-hot labels, with stand-in images, prepared as kind ``lists`` from an
+    all_list: (the prepare result, the (path, labels) lines, the overrides)."""
     query = read_lines(PROTOCOLS / "nuswide21" / "query.txt.gz")[:30]
     train = read_lines(PROTOCOLS / "nuswide21" / "train.txt.gz")[:60]
     rng = np.random.default_rng(0)
     extra = [(f"images/extra_{i}.jpg", (rng.random(21) < 0.2).astype(int).tolist()) for i in range(40)]
     extra = [(p, v if any(v) else [1] + v[1:]) for p, v in extra]
     everything = query + train + extra
-    assert any(sum(v) > 1 for _, v in everything), "the lists are multi-label"
     stand_in_images(tmp_path / "nus", [p for p, _ in everything])
     files = {
         "train_list": write_list(tmp_path / "train.txt", train),
         "query_list": write_list(tmp_path / "query.txt", query),
         "all_list": write_list(tmp_path / "all.txt.gz", everything[::-1], gz=True),
     }
-    r = run(tmp_path, "nuswide21", *lists("nuswide21", tmp_path / "nus", **files), "datasets.nuswide21.validation=6")
+    sets = [*lists("nuswide21", tmp_path / "nus", **files), "datasets.nuswide21.validation=6"]
+    return run(tmp_path, "nuswide21", *sets), (query, train, extra), sets
+
+
+def test_nuswide21_all_list_multi_label(tmp_path):
+    r, (query, train, extra), _ = _nuswide_subset(tmp_path)
+    everything = query + train + extra
+    assert any(sum(v) > 1 for _, v in everything), "the lists are multi-label"
     m = r.manifest
     assert {s: m["splits"][s]["count"] for s in m["splits"]} == {"train": 54, "validation": 6, "query": 30, "database": 100}
     assert m["multi_label"] is True
@@ -513,6 +522,59 @@ def test_nuswide21_all_list_multi_label(tmp_path):
                 path = rows[(split, index)]["path"]
                 assert vector.tolist() == labels[path], "multi-hot vectors survive the round trip"
     assert {rows[k]["path"] for k in rows if k[0] == "database"} == {p for p, _ in train + extra}
+
+
+@pytest.mark.slow
+def test_lists_multi_label_through_fit_and_the_evaluate_stage(tmp_path, monkeypatch):
+    """Kind ``lists`` with multi-label lines, after prepare: trained by fit from the shard
+    stream reader (what each Ray Train worker runs) with validation, the model logged as the
+    train stage logs it, evaluated by the stage at the training's 16 px: the label vectors
+    reach the logged codes' table, and every metric is the plain computation's with
+    relevance = any shared label (single-label relevance would give other numbers)."""
+    from mlflow.tracking import MlflowClient
+
+    from dpfah import methods
+    from dpfah.codes import unpack_codes
+    from dpfah.data import TrainStream
+    from dpfah.model import DPFAH
+    from dpfah.settings import TrainSettings, pick
+    from dpfah.train import fit, validation_map
+    from pipeline.evaluate import evaluate, load_codes
+    from tests.helpers import fake_training_run, plain_metrics
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    r, _, sets = _nuswide_subset(tmp_path)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    params = load_params(PARAMS, [f"data.root={tmp_path / 'data'}", *sets, "train.image_size=16", "train.batch_size=8", "train.epochs=1",
+                                  f"mlflow.tracking_uri={uri}", "evaluate.loader_workers=0", "evaluate.grid_queries=1"])  # fmt: skip
+    stream = TrainStream(r.directory, 8, seed=0)
+    model = DPFAH.build(16, 21, params.model, seed=0)
+    objective = methods.build("dpfah", {"eta": 1.0, "zeta": 0.1}, bits=16, num_classes=21)
+    reports = []
+
+    def validate(net):
+        return validation_map(net, EvalStream(r.directory, "validation", batch_size=8), EvalStream(r.directory, "train", batch_size=8), torch.device("cpu"), 16)
+
+    fit(pick(TrainSettings, params.train), model, objective, train_batches=lambda epoch: stream, steps_per_epoch=len(stream),
+        report=lambda m, s: reports.append(m), validate=validate)  # fmt: skip
+    assert len(stream) == 6 and np.isfinite(reports[0]["loss"]) and 0 <= reports[0]["val_map"] <= 1
+
+    fake_training_run(uri, read_manifest(r.directory).sha256, dataset="nuswide21", bits=16, num_classes=21, image_size=16, model=model.eval(), root=tmp_path)
+    doc = evaluate(params, "nuswide21", 16, progress=False, root=tmp_path).doc
+    assert (doc["n_queries"], doc["n_db"]) == (30, 100)
+    local = Path(MlflowClient(uri).download_artifacts(doc["run_id"], "evaluation/codes", str(tmp_path / "dl")))
+    (qp, ql, _, _), (dp, dl, _, _) = load_codes(local / "query.parquet"), load_codes(local / "database.parquet")
+    qc, dc = unpack_codes(qp, 16), unpack_codes(dp, 16)
+    vectors = {(row["split"], row["index"]): row["labels"] for row in table(r.directory)}
+    assert ql.tolist() == [vectors[("query", i)] for i in range(30)] and dl.tolist() == [vectors[("database", i)] for i in range(100)]
+    assert (ql.sum(1) > 1).any() and (dl.sum(1) > 1).any()
+    ref = plain_metrics(qc, dc, ql, dl, topk=doc["topk"], radius=2, n=10)
+    assert doc["query_map"] == pytest.approx(ref["map"], abs=1e-12)
+    assert doc["query_precision_within_radius"] == pytest.approx(ref["ball"], abs=1e-12)
+    assert doc["query_p_at_10"] == pytest.approx(ref["p_at_n"], abs=1e-12)
+    one_hot = lambda y: np.eye(21, dtype=np.uint8)[y.argmax(1)]  # noqa: E731
+    single = plain_metrics(qc, dc, one_hot(ql), one_hot(dl), topk=doc["topk"], radius=2, n=10)
+    assert abs(single["map"] - doc["query_map"]) > 1e-3
 
 
 def test_list_problems_name_file_and_line(tmp_path, imagenet_subset):

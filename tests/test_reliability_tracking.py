@@ -19,13 +19,12 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.helpers import BITS, NAME, evaluated_run, fake_training_run, registry_state, toy_overrides, write_record
+from tests.helpers import BITS, NAME, evaluated_run, fake_training_run, registry_state, start_mlflow_server, stop_mlflow_server, toy_overrides
 
 pytestmark = pytest.mark.slow
 
@@ -72,33 +71,11 @@ def _promote_args(uri: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    """A real ``mlflow server`` on a free port (SQLite backend, proxied artifacts)."""
-    work = tmp_path_factory.mktemp("server")
-    port = _free_port()
-    log = open(work / "server.log", "w")
-    mlflow_cli = Path(sys.executable).parent / "mlflow"
-    proc = subprocess.Popen(
-        [str(mlflow_cli), "server", "--backend-store-uri", f"sqlite:///{work / 'server.db'}", "--artifacts-destination", str(work / "artifacts"),
-         "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-        stdout=log, stderr=subprocess.STDOUT, env=_env(), start_new_session=True,
-    )  # fmt: skip
-    uri = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
-    while True:
-        try:
-            with urllib.request.urlopen(f"{uri}/health", timeout=2):
-                break
-        except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                log.close()
-                pytest.fail(f"mlflow server did not start: {(work / 'server.log').read_text()[-2000:]}")
-            time.sleep(0.5)
+    """A real ``mlflow server`` of this module's own (the last test kills it)."""
+    uri, proc = start_mlflow_server(tmp_path_factory.mktemp("server"), env=_env())
     state = {"uri": uri, "proc": proc}
     yield state
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGKILL)  # the server and its workers: the group started here
-        proc.wait()
-    log.close()
+    stop_mlflow_server(proc)
 
 
 # ----------------------------------------------------------------------------- concurrency

@@ -173,41 +173,18 @@ def test_objective_takes_the_tuned_weights_at_the_same_code_length(toy_dataset, 
         objective.resolve_dpfah(tuned, "toy", 16, root=tmp_path)
 
 
-def test_train_uses_the_tuned_settings_when_asked(toy_dataset, tmp_path, monkeypatch):
-    """loss.use_tuned=true: run_training logs the tuned eta/zeta and where they came from
-    (stopped right before Ray starts: the fit itself is the train stage's tests' business)."""
+def test_train_without_the_search_result_it_is_told_to_use_stops_before_ray(toy_dataset, tmp_path, monkeypatch):
+    """loss.use_tuned=true and no tune/<dataset>/best.json: one error naming the key, before
+    any MLflow run or Ray start. (A real fit with the tuned eta and zeta: conftest's
+    ``ray_trained``, checked in test_stage_train.)"""
     import pipeline.train as train
-    from mlflow.tracking import MlflowClient
 
     work, images = toy_dataset
     monkeypatch.chdir(tmp_path)
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)  # restored afterwards (run_training sets it too)
-    params = toy_params(work, images, "loss.use_tuned=true", f"mlflow.tracking_uri={uri}")
-    with pytest.raises(ConfigError, match="^loss.use_tuned"):
+    params = toy_params(work, images, "loss.use_tuned=true", f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}")
+    with pytest.raises(ConfigError, match="^loss.use_tuned: .*best.json not found"):
         train.run_training(params, "toy", 16, write_run_file=False)
-
-    best = tmp_path / "tune" / "toy" / "best.json"
-    best.parent.mkdir(parents=True)
-    best.write_text(json.dumps({"eta": 3.0, "zeta": 0.5, "bits": 16, "run_id": "trial", "search_run_id": "search", "by_bits": {}}))
-
-    class Stop(Exception):
-        pass
-
-    def stop():
-        raise Stop
-
-    # No Ray: stop where the trainer would be built, after the run has logged its settings.
-    monkeypatch.setattr(train, "ensure_ray", lambda: None)
-    monkeypatch.setattr(train, "started_here", lambda: False)
-    monkeypatch.setattr(train, "train_run_defaults", lambda: None)
-    monkeypatch.setattr(train, "_trainer", lambda *a, **k: stop())
-    with pytest.raises(Stop):
-        train.run_training(params, "toy", 16, run_name="tuned", write_run_file=False)
-    run = MlflowClient(uri).search_runs([MlflowClient(uri).get_experiment_by_name("dpfah-toy").experiment_id])[0]
-    assert run.data.params["loss.eta"] == "3.0" and run.data.params["loss.zeta"] == "0.5"
-    assert run.data.tags["tuned_search_run_id"] == "search" and run.data.tags["tuned_trial_run_id"] == "trial"
-    assert run.info.status == "FAILED"  # the interrupted training does not stay RUNNING
+    assert not (tmp_path / "mlflow.db").exists()
 
 
 def test_search_rejects_a_grace_period_that_leaves_nothing_to_stop(toy_dataset):
@@ -292,10 +269,10 @@ def test_dvc_tune_stage_reads_everything_but_what_the_search_owns(tmp_path):
 
 @pytest.fixture(scope="module")
 def search(ray_local, toy_dataset, tmp_path_factory):
-    """3 trials of 2 epochs, 2 CPU workers each, one at a time. The grid runs 16 bits first,
-    then 1 and 2 bits: a 1-bit code can't separate 3 classes (2 codes), so ASHA (rung at
-    epoch 1, reduction factor 2) stops the 1-bit trial, whose validation mAP at epoch 1 is
-    below the 16-bit trial's."""
+    """2 trials of 2 epochs, 2 CPU workers each, one at a time. The grid runs 16 bits first,
+    then 1 bit: a 1-bit code can't separate 3 classes (2 codes), so ASHA (rung at epoch 1,
+    reduction factor 2) stops the 1-bit trial, whose validation mAP at epoch 1 is below the
+    16-bit trial's."""
     from pipeline.tune import run_search
 
     work, images = toy_dataset
@@ -309,7 +286,7 @@ def search(ray_local, toy_dataset, tmp_path_factory):
         f"mlflow.tracking_uri=sqlite:///{out / 'mlflow.db'}",
         "tune.eta=[1]",
         "tune.zeta=[1]",
-        "tune.bits=[16,1,2]",
+        "tune.bits=[16,1]",
         "tune.grace_period=1",
         "tune.reduction_factor=2",
         "tune.max_failures=0",
@@ -337,7 +314,7 @@ def _live_placement_groups() -> set[str]:
 def test_search_stops_a_trial_early_and_finishes_the_others(search):
     outcome, out, _ = search
     rows = {r.bits: r for r in outcome.rows}
-    assert sorted(rows) == [1, 2, 16]
+    assert sorted(rows) == [1, 16]
     assert all(r.eta == 1.0 and r.zeta == 1.0 for r in rows.values())
     assert rows[16].status == "completed" and rows[16].epochs == 2
     assert rows[1].status == "stopped" and rows[1].epochs == 1
@@ -354,7 +331,7 @@ def test_search_is_one_mlflow_parent_with_a_child_run_per_trial(search):
     client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
     parent = client.get_run(outcome.parent_run_id)
     assert parent.info.status == "FINISHED" and parent.data.tags["kind"] == "tune-search"
-    assert parent.data.params["tune.bits"] == "[16, 1, 2]"
+    assert parent.data.params["tune.bits"] == "[16, 1]"
     assert parent.data.metrics["best_val_map"] == pytest.approx(outcome.best.val_map)
     assert parent.data.metrics["trials_stopped"] >= 1
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "summary")}
@@ -362,7 +339,7 @@ def test_search_is_one_mlflow_parent_with_a_child_run_per_trial(search):
 
     experiment = parent.info.experiment_id
     children = client.search_runs([experiment], filter_string=f"tags.mlflow.parentRunId = '{outcome.parent_run_id}'")
-    assert len(children) == len(outcome.rows) == 3
+    assert len(children) == len(outcome.rows) == 2
     expected_status = {"completed": "FINISHED", "stopped": "KILLED"}
     for row in outcome.rows:
         run = client.get_run(row.run_id)
@@ -391,7 +368,7 @@ def test_best_configuration_file_and_summary(search):
     top = outcome.best
     assert (best["eta"], best["zeta"], best["bits"], best["run_id"]) == (1.0, 1.0, 16, top.run_id)
     assert best["val_map"] == pytest.approx(top.val_map) and best["search_run_id"] == outcome.parent_run_id
-    assert set(best["by_bits"]) == {"1", "2", "16"} and best["by_bits"]["1"]["status"] == "stopped"
+    assert set(best["by_bits"]) == {"1", "16"} and best["by_bits"]["1"]["status"] == "stopped"
     assert best["dataset"] == "toy" and len(best["manifest_sha256"]) == 64
     # The trainings read it (loss.use_tuned, through the objective stage).
     from pipeline.config import load_params
@@ -407,7 +384,7 @@ def test_best_configuration_file_and_summary(search):
     table = list(csv.DictReader(open(outcome.summary_csv)))
     assert {(int(r["bits"]), r["status"]) for r in table} == {(r.bits, r.status) for r in outcome.rows}
     md = Path(outcome.summary_md).read_text()
-    assert "| eta | 1 bits | 2 bits | 16 bits |" in md
+    assert "| eta | 1 bits | 16 bits |" in md
     assert f"{outcome.rows[0].val_map:.4f}*" in md  # the 1-bit trial, stopped early
 
 
