@@ -564,6 +564,8 @@ HELP = {
     "promote": ["--dataset", "--bits", "--method", "--seed", "--run-id", "--params", "--profile", "--set", "promote.alias", "promote.metric", "promote.model_name"],
     "tune": ["--dataset", "--out", "--params", "--profile", "--set", "tune/<dataset>/best.json", "tune.search=random"],
     "profile": ["name", "--params", "--dry-run"],
+    "index": ["--dataset", "--bits", "--method", "--model", "--split", "--images", "--root", "--out", "--set", "index.on_bad_image", "ray job submit"],
+    "search": ["INDEX", "IMAGE", "--key", "-k", "--radius", "--grid", "--verify", "--set"],
 }
 
 
