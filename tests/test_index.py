@@ -148,14 +148,11 @@ def test_a_corrupt_image_is_named_or_skipped_and_an_image_finds_its_duplicate(ra
     duplicate = tmp_path / "copy-of-img3.png"
     shutil.copy(folder / "img3.png", duplicate)
     grid = tmp_path / "grid.png"
-    code, text = cli(search_stage, [str(out), str(duplicate), "-k", "3", "--grid", str(grid), "--set", f"mlflow.tracking_uri={params.mlflow.tracking_uri}"], capsys)
+    argv = [str(out), str(duplicate), "--radius", "0", "--grid", str(grid), "--set", f"mlflow.tracking_uri={params.mlflow.tracking_uri}"]
+    code, text = cli(search_stage, argv, capsys)
     assert code == 0, text
-    index = search_stage.load_index(out)
-    packed, ok, problems = search_stage.query_codes(index, [str(duplicate)], params)
-    assert ok.all() and not problems
-    (hit,) = search_stage.search(index, packed, k=6)
-    row = int(index.rows_of(["img3.png"])[0])
-    assert row in hit.rows[hit.distances == 0]  # its duplicate, at distance 0 (ties by key before it)
+    # every item at distance 0 from the copy (an untrained model gives many equal codes): img3.png among them
     lines = [line.split() for line in text.splitlines() if line.startswith(str(duplicate))]
-    assert lines and lines[0][3] == "0" and any(cols[2] == "img3.png" and cols[3] == "0" for cols in lines), text
+    assert lines and all(cols[3] == "0" for cols in lines) and "img3.png" in [cols[2] for cols in lines], text
+    assert [cols[2] for cols in lines] == sorted(cols[2] for cols in lines)  # ties in key order
     assert grid.is_file() and grid.stat().st_size > 5000
