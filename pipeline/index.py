@@ -45,6 +45,7 @@ import argparse
 import hashlib
 import io
 import json
+import logging
 import os
 import re
 import shutil
@@ -545,7 +546,8 @@ def _encode_blocks(todo: list[int], model, collection: Collection, resolved: Res
         n, cpus, gpus, threads = _resources(i.workers)
         ctx = DataContext.get_current()
         ctx.enable_progress_bars = verbose()  # ours counts images; Ray Data's with --verbose
-        ctx.print_on_execution_start = verbose()
+        if not verbose():  # nor Ray Data's INFO lines (and its note that its bars are off)
+            logging.getLogger("ray.data").setLevel(logging.ERROR)
         fault = os.environ.get(FAULT_ENV, "")
         stop_after = int(fault.split(":", 1)[1]) if fault.startswith("after-blocks:") else None
         t0 = time.perf_counter()

@@ -291,8 +291,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise ConfigError(f"-k {args.k}: must be >= 1")
     if args.radius is not None and args.radius < 0:
         raise ConfigError(f"--radius {args.radius}: must be >= 0")
+    import pyarrow.parquet  # noqa: F401  (the imports are not the index's load time)
+
+    import dpfah.codes  # noqa: F401
+
     t = time.perf_counter()
     index = load_index(args.index, verify=args.verify)
+    index.hamming()  # the kernel's layout of the codes: part of loading
     loaded = time.perf_counter() - t
     names: list[str] = []
     packed: list[np.ndarray] = []
