@@ -315,6 +315,18 @@ class EvaluateConfig:
         return "ALL" if r is None else int(r)
 
 
+@dataclass(frozen=True)
+class IndexConfig:
+    """The `index` stage: encode a collection with a registered model into a searchable index."""
+
+    # Ray Data actors that encode; null: one per GPU of the cluster (one GPU each), else 1.
+    workers: int | None = field(default=None, metadata=_check(lambda v: None if v is None or v >= 1 else "must be >= 1 or null"))
+    batch_size: int = field(default=256, metadata=_check(at_least(1)))  # images per forward pass
+    block_size: int = field(default=4096, metadata=_check(at_least(1)))  # items per resumable block
+    precision: Literal["auto", "fp32", "bf16"] = field(default="auto", metadata={"noun": "precision"})
+    on_bad_image: Literal["fail", "skip"] = field(default="fail", metadata={"noun": "policy"})
+
+
 _ALIAS_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*$")
 
 
@@ -373,6 +385,7 @@ class Params:
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    index: IndexConfig = field(default_factory=IndexConfig)
     promote: PromoteConfig = field(default_factory=PromoteConfig)
     # Hyper-parameters of the other methods, under the method's name (e.g. `dsh: {alpha:
     # 0.05}`); what is not given keeps the method's default (its paper's). DPFAH's are `loss`.

@@ -30,7 +30,6 @@ earlier evaluation: an evaluation that failed part-way is never promoted.
 from __future__ import annotations
 
 import argparse
-import io
 import os
 import shutil
 import sys
@@ -47,6 +46,7 @@ import numpy as np
 from .artifacts import DEFAULT_METHOD, metric_values, metrics_file, plots_dir, query_codes_file, write_atomic, write_json_atomic
 from .config import Params, add_config_args, config_from_args
 from .errors import ConfigError, DataError, run_main
+from .figures import class_name, figure, plot_grid, thumbnail
 from .registry import (
     EVAL_COMPLETE_TAG,
     EVAL_ID_TAG,
@@ -226,14 +226,8 @@ def load_codes(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, np.ndar
 # ----------------------------------------------------------------------------- figures
 
 
-def _figure(width: float, height: float):
-    from matplotlib.figure import Figure  # Agg canvas; no pyplot state, no display needed
-
-    return Figure(figsize=(width, height), dpi=110, layout="constrained")
-
-
 def _plot_pr(path: Path, report: dict[str, Any], title: str) -> None:
-    fig = _figure(9.0, 4.0)
+    fig = figure(9.0, 4.0)
     left, right = fig.subplots(1, 2)
     pr = report["pr_by_radius"]
     left.plot(pr["recall"], pr["precision"], marker="o", markersize=3)
@@ -250,57 +244,11 @@ def _plot_pr(path: Path, report: dict[str, Any], title: str) -> None:
 
 
 def _plot_p_at_n(path: Path, report: dict[str, Any], title: str) -> None:
-    fig = _figure(5.0, 4.0)
+    fig = figure(5.0, 4.0)
     ax = fig.subplots()
     ax.plot(report["p_at_n"]["n"], report["p_at_n"]["precision"])
     ax.set(xlabel="N (top-N returned)", ylabel="precision", title=title, ylim=(0, 1.02))
     ax.grid(alpha=0.3)
-    fig.savefig(path)
-
-
-def _thumbnail(data: bytes, size: int = 96) -> np.ndarray:
-    from PIL import Image
-
-    with Image.open(io.BytesIO(data)) as im:
-        im = im.convert("RGB")
-        im.thumbnail((size, size))
-        return np.asarray(im)
-
-
-def _class_name(labels: np.ndarray, classes: Sequence[str]) -> str:
-    names = [classes[i] for i in np.flatnonzero(labels)]
-    return "+".join(names[:2]) + ("+..." if len(names) > 2 else "") if names else "(none)"
-
-
-def _plot_grid(path: Path, rows: list[dict[str, Any]], title: str) -> None:
-    """Top-k retrieval grid (the paper's Fig. 15): a query per row, its results by rank;
-    correct results framed green, wrong ones red with an X."""
-    k = max(len(r["results"]) for r in rows)
-    fig = _figure(1.05 * (k + 1) + 0.6, 1.25 * len(rows) + 0.5)
-    axes = np.atleast_2d(fig.subplots(len(rows), k + 1, squeeze=False))
-    for i, row in enumerate(rows):
-        cells = [(row["query"], None, None, f"query: {row['name']}")] + [
-            (img, ok, d, f"d={d}") for img, ok, d in row["results"]
-        ]
-        for j in range(k + 1):
-            ax = axes[i, j]
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if j >= len(cells):
-                ax.axis("off")
-                continue
-            img, ok, _, label = cells[j]
-            ax.imshow(img)
-            colour = "black" if ok is None else ("#2ca02c" if ok else "#d62728")
-            for spine in ax.spines.values():
-                spine.set_color(colour)
-                spine.set_linewidth(1 if ok is None else 3)
-            ax.set_xlabel(label, fontsize=6, color=colour)
-            if ok is False:
-                ax.text(0.5, 0.5, "X", transform=ax.transAxes, ha="center", va="center", color="#d62728", fontsize=22, fontweight="bold", alpha=0.8)
-            if i == 0 and j > 0:
-                ax.set_title(str(j), fontsize=7)
-    fig.suptitle(title, fontsize=9)
     fig.savefig(path)
 
 
@@ -319,8 +267,8 @@ def _grid_rows(manifest, q_codes, d_codes, q_labels, d_labels, n_queries: int, t
         results = []
         for j, d in zip(idx[row], dist[row]):
             relevant = bool(np.any(q_labels[q].astype(bool) & d_labels[j].astype(bool)))
-            results.append((_thumbnail(d_bytes[int(j)]), relevant, int(d)))
-        rows.append({"query": _thumbnail(q_bytes[int(q)]), "name": _class_name(q_labels[q], manifest.classes), "results": results})
+            results.append((thumbnail(d_bytes[int(j)]), relevant, int(d)))
+        rows.append({"query": thumbnail(q_bytes[int(q)]), "name": class_name(q_labels[q], manifest.classes), "results": results})
     return rows
 
 
@@ -395,7 +343,7 @@ def _build_artifacts(art: Path, subject: _Subject, params: Params, dataset: str,
     _plot_p_at_n(art / "p_at_n.png", report, f"P@N: {label}")
     rows = _grid_rows(manifest, q_codes, d_codes, q_labels, d_labels, e.grid_queries, e.grid_topk)
     if rows:
-        _plot_grid(art / "retrieval_grid.png", rows, f"top-{e.grid_topk} by Hamming distance (ties by index): {label}")
+        plot_grid(art / "retrieval_grid.png", rows, f"top-{e.grid_topk} by Hamming distance (ties by index): {label}")
     meta = {"bits": bits, "dataset": dataset, "run_id": run_id, "manifest_sha256": sha}
     (art / "codes").mkdir()
     pq.write_table(codes_table(d_codes, d_labels, d_index, {**meta, "split": "database"}), art / "codes" / "database.parquet")

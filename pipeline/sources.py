@@ -339,7 +339,7 @@ class ListEntry:
 _BOM = b"\xef\xbb\xbf"
 
 
-def _list_lines(path: Path) -> list[bytes]:
+def list_lines(path: Path) -> list[bytes]:
     """The lines of a list file (plain or gzipped; a UTF-8 byte order mark dropped), undecoded."""
     with open(path, "rb") as f:
         data = f.read()
@@ -354,7 +354,7 @@ def read_list(path: Path, given: str, key: str, num_classes: int, report) -> lis
     if not path.is_file():
         raise ConfigError(f"{key}: {given}: not found")
     try:
-        lines = _list_lines(path)
+        lines = list_lines(path)
     except (OSError, EOFError, zlib.error) as e:
         raise DataError(f"{given}: cannot read the list ({type(e).__name__}: {e})") from None
     entries: list[ListEntry] = []

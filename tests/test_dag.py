@@ -209,6 +209,10 @@ def test_a_profile_written_into_params_is_what_dvc_plans(tmp_path):
     run([str(BIN / "dvc"), "init", "--no-scm", "-q"], repo, env)
     listed = run([str(BIN / "dvc"), "stage", "list"], repo, env)
     assert {line.split()[0] for line in listed.splitlines() if line.startswith("train@")} == {"train@cifar10-64-dpfah-0"}
+    # the index of the champion comes after its promotions (dvc repro ends with a searchable index)
+    assert {line.split()[0] for line in listed.splitlines() if line.startswith("index@")} == {"index@cifar10-64"}
+    upstream = run([str(BIN / "dvc"), "dag", "--md", "index@cifar10-64"], repo, env)
+    assert "promote@cifar10-64-dpfah-0" in upstream and "prepare@cifar10" in upstream, upstream
     run([sys.executable, "-m", "pipeline.profile", "paper"], repo, env)
     listed = run([str(BIN / "dvc"), "stage", "list"], repo, env)
     planned = {line.split()[0] for line in listed.splitlines() if line.split() and line.split()[0].startswith(("train@", "evaluate@", "promote@"))}

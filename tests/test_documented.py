@@ -566,6 +566,8 @@ HELP = {
     "tune": ["--dataset", "--out", "--params", "--profile", "--set", "tune/<dataset>/best.json", "tune.search=random"],
     "profile": ["name", "--params", "--dry-run"],
     "report": ["--dataset", "--out", "--no-mlflow", "--params", "--profile", "--set", "reports/<dataset>", "Table 6"],
+    "index": ["--dataset", "--bits", "--method", "--model", "--split", "--images", "--root", "--out", "--set", "index.on_bad_image", "ray job submit"],
+    "search": ["INDEX", "IMAGE", "--key", "-k", "--radius", "--grid", "--verify", "--set"],
 }
 
 

@@ -1,0 +1,765 @@
+"""Stage `index`: encode a collection with a registered model into a searchable index folder.
+
+    python -m pipeline.index --dataset cifar10 --bits 64 --split database [--out DIR]
+    python -m pipeline.index --images DIR|ARCHIVE.tar|LIST.txt --dataset cifar10 --bits 64 --out DIR
+    python -m pipeline.index --images DIR --model models:/dpfah-cifar10-64b/3 --out DIR
+
+The model: ``--model`` (any ``models:/`` URI: ``models:/<name>@<alias>``,
+``models:/<name>/<version>``, a logged model ``models:/m-...``), by default the
+``promote.alias`` (``champion``) of ``promote.model_name`` for --dataset, --bits and
+--method. It is resolved once to its version (``models:/<name>/<version>``), which the index
+records, so a later move of the alias does not change what the index was built with.
+
+The collection: a prepared split (``--split``: its items in stored order, keyed by their
+index in the split, with their labels), an image folder or a tar archive (every image file,
+keyed by its relative path / member name, sorted), or a list file (``<path> [0/1 labels]``
+per line; relative paths against ``--root``, default the list's folder; keyed by the path as
+listed, sorted). An image that is unreadable follows ``index.on_bad_image`` (fail: stop,
+naming it; skip: leave it out, listed in the manifest's ``skipped``). Images the training
+decoder would not read as PIL does are converted exactly as prepare stores them, so an image
+and its prepared copy get the same code.
+
+Encoding runs on Ray Data: the items are cut into blocks of ``index.block_size``; a pool of
+``index.workers`` actors (one GPU each when the cluster has GPUs) reads, decodes and encodes
+whole blocks (``map_batches``). On one machine the stage starts local Ray as the other stages
+do; on a cluster, ``ray job submit --working-dir . -- python -m pipeline.index ...`` (the
+images must then be on storage every node reads). Each finished block is written atomically
+to ``<out>.partial/blocks/``: a killed run, started again with the same arguments, encodes
+only the blocks that are missing. The index itself is assembled at the end in a temporary
+folder and renamed into place, its ``manifest.json`` written last: ``<out>`` either does not
+exist or is complete.
+
+The index folder::
+
+    codes.npy       (n, ceil(bits/64)) uint64 packed codes (dpfah.codes.pack_codes), row i = item i
+    keys.parquet    key (string) of each row, and for a prepared split its source path
+    labels.npy      (n, classes) uint8, when the source has labels
+    manifest.json   format, model (URI, version, run), bits, count, source, skipped, sha256 of each file, created
+
+Rows are sorted by key (prepared splits: by index), so ties in a search go to key order.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import json
+import logging
+import os
+import re
+import shutil
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .artifacts import DEFAULT_METHOD, prepared_manifest, write_atomic, write_json_atomic
+from .config import Params, add_config_args, config_from_args
+from .errors import ConfigError, DataError, PipelineError, run_main
+from .promote import model_name
+from .registry import MismatchError, load_checked_model
+from .tracking import connect, get_run, git_commit, mlflow_errors, tracking_uri
+
+__all__ = [
+    "FORMAT",
+    "ResolvedModel",
+    "Collection",
+    "IndexResult",
+    "resolve_model",
+    "open_collection",
+    "encode_images",
+    "build_index",
+    "default_out",
+    "sha256_file",
+    "main",
+]
+
+FORMAT = "dpfah-index/1"
+MANIFEST = "manifest.json"
+CODES = "codes.npy"
+KEYS = "keys.parquet"
+LABELS = "labels.npy"
+PLAN = "plan.json"
+#: Fault injection for tests: ``after-blocks:N`` stops the run (an error) once N blocks are written.
+FAULT_ENV = "DPFAH_INDEX_FAULT"
+
+
+class ModelNotFound(PipelineError):
+    """The registered model, its alias or its version does not exist."""
+
+
+def default_out(dataset: str, bits: int) -> Path:
+    """Where the DVC stage (and --split without --out) writes: ``index/<dataset>-<bits>``."""
+    return Path("index") / f"{dataset}-{bits}"
+
+
+# ----------------------------------------------------------------------------- the model
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    given: str  # as asked for (e.g. models:/dpfah-cifar10-64b@champion)
+    uri: str  # pinned: models:/<name>/<version>, or the logged model's models:/m-...
+    name: str | None
+    version: int | None
+    run_id: str
+    tracking_uri: str
+    bits: int
+    image_size: int
+    dataset: str | None
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "given": self.given,
+            "uri": self.uri,
+            "name": self.name,
+            "version": self.version,
+            "run_id": self.run_id,
+            "tracking_uri": self.tracking_uri,
+            "bits": self.bits,
+            "image_size": self.image_size,
+            "trained_on": self.dataset,
+        }
+
+
+_ALIAS_URI = re.compile(r"^models:/([^/@]+)@([^/@]+)$")
+_VERSION_URI = re.compile(r"^models:/([^/@]+)/(\d+)$")
+_LOGGED_URI = re.compile(r"^models:/(m-[0-9a-fA-F]+)$")
+
+
+def default_model_uri(params: Params, dataset: str, bits: int, method: str = DEFAULT_METHOD) -> str:
+    """``models:/<promote.model_name>@<promote.alias>`` for this dataset, length and method."""
+    return f"models:/{model_name(params, dataset, bits, method)}@{params.promote.alias}"
+
+
+def resolve_model(params: Params, given: str, uri: str | None = None) -> ResolvedModel:
+    """The model version ``given`` names, with its training run's code length and image size.
+    ``uri``: the tracking store (default: MLFLOW_TRACKING_URI or ``mlflow.tracking_uri``)."""
+    from mlflow.exceptions import MlflowException
+
+    uri = uri or tracking_uri(params)
+    client = connect(uri)
+    name = version = None
+    with mlflow_errors(f"resolving model {given}", uri):
+        try:
+            if m := _ALIAS_URI.match(given):
+                name, alias = m.groups()
+                mv = client.get_model_version_by_alias(name, alias)
+                version, run_id = int(mv.version), mv.run_id
+            elif m := _VERSION_URI.match(given):
+                name, version = m.group(1), int(m.group(2))
+                run_id = client.get_model_version(name, str(version)).run_id
+            elif m := _LOGGED_URI.match(given):
+                run_id = client.get_logged_model(m.group(1)).source_run_id
+            else:
+                raise ConfigError(f"--model {given}: expected models:/<name>@<alias>, models:/<name>/<version> or models:/m-<id>")
+        except MlflowException as e:
+            if e.error_code not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND"):
+                raise
+            hint = "promote a model first (python -m pipeline.promote --dataset D --bits L) or name one with --model"
+            raise ModelNotFound(f"{given}: no such model in {uri} ({str(e.message).splitlines()[0]}); {hint}") from None
+    if not run_id:
+        raise MismatchError(f"{given}: the model has no training run (registered from outside pipeline.train?)")
+    run = get_run(client, run_id, uri, given)
+    p = run.data.params
+    if "bits" not in p:
+        raise MismatchError(f"{given}: MLflow run {run_id} has no bits param: not a pipeline.train run")
+    pinned = f"models:/{name}/{version}" if name is not None else given
+    image_size = int(p.get("train.image_size", params.train.image_size))
+    return ResolvedModel(given, pinned, name, version, run_id, uri, int(p["bits"]), image_size, p.get("dataset"))
+
+
+def load_model(resolved: ResolvedModel, device="cpu"):
+    """The model of ``resolved``, checked (finite weights, its code length)."""
+    model = load_checked_model(resolved.uri, resolved.run_id, resolved.tracking_uri, map_location=device)
+    if getattr(model, "bits", None) != resolved.bits:
+        raise MismatchError(f"model {resolved.uri} gives {getattr(model, 'bits', '?')}-bit codes; its run trained {resolved.bits} bits")
+    return model.eval()
+
+
+# ----------------------------------------------------------------------------- encoding
+
+
+def _decode_problem(data: bytes, error: Exception) -> str:
+    from .sources import check_image
+
+    return check_image(data) or f"cannot decode image ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})"
+
+
+def encode_images(model, images: Sequence[bytes | None], device, image_size: int, precision: str, *, convert: bool = True):
+    """Codes of encoded images, as evaluate computes them (``dpfah.train.encode``: decoded and
+    resized on ``device``, eval mode, binarised). ``convert``: first turn images the training
+    decoder would not read as PIL does into prepare's RGB PNG (files; prepared shards hold
+    them converted already). Returns (int8 +1/-1 codes of the good images, good mask,
+    {position: why} for the rest); a None image is skipped (its reader said why)."""
+    import torch
+
+    from dpfah.augment import decode_batch
+    from dpfah.data import Batch, as_rgb_png, conversion_reason
+    from dpfah.train import encode
+
+    ok = np.zeros(len(images), dtype=bool)
+    problems: dict[int, str] = {}
+    ready: list[tuple[int, bytes]] = []
+    for i, data in enumerate(images):
+        if data is None:
+            continue
+        if convert:
+            try:
+                if conversion_reason(data) is not None:
+                    data = as_rgb_png(data)
+            except Exception as e:  # PIL raises many types for unreadable data
+                problems[i] = _decode_problem(data, e)
+                continue
+        ready.append((i, data))
+    good = [i for i, _ in ready]
+    try:
+        pixels = decode_batch([d for _, d in ready], image_size, device) if ready else None
+    except Exception:  # one bad image spoils the batch: decode one by one to name it
+        parts, good = [], []
+        for i, data in ready:
+            try:
+                parts.append(decode_batch([data], image_size, device))
+                good.append(i)
+            except Exception as e:
+                problems[i] = _decode_problem(data, e)
+        pixels = torch.cat(parts) if parts else None
+    if not good:
+        return np.zeros((0, model.bits), np.int8), ok, problems
+    n = len(good)
+    batch = Batch(pixels, torch.zeros((n, 1), dtype=torch.uint8), torch.arange(n))
+    codes, _, _ = encode(model, [batch], device, image_size, precision)
+    ok[good] = True
+    return codes, ok, problems
+
+
+class BlockEncoder:
+    """A Ray Data actor: reads, decodes and encodes whole blocks of a collection. A batch is
+    a few block numbers; each comes back as the block file's bytes (npz: ``codes`` packed,
+    ``ok`` mask, ``problems`` JSON)."""
+
+    def __init__(self, model, reader, count: int, block_size: int, image_size: int, precision: str, batch_size: int, convert: bool, threads: int):
+        import torch
+
+        torch.set_num_threads(max(1, threads))  # Ray sets 1 thread per worker; the actor owns its CPUs
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.model = model.to(self.device).eval()
+        self.reader, self.count, self.block_size = reader, count, block_size
+        self.image_size, self.precision, self.batch_size, self.convert = image_size, precision, batch_size, convert
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        out = [encode_block(self, int(b)) for b in batch["block"]]
+        return {"block": np.asarray(batch["block"], dtype=np.int64), "data": np.array(out, dtype=object)}
+
+
+def encode_block(enc: BlockEncoder, block: int) -> bytes:
+    from dpfah.codes import pack_codes, words_for_bits
+
+    start = block * enc.block_size
+    stop = min(enc.count, start + enc.block_size)
+    read = enc.reader.read(start, stop)
+    codes, ok, problems = [], np.zeros(stop - start, dtype=bool), {}
+    for a in range(0, stop - start, enc.batch_size):
+        part = read[a : a + enc.batch_size]
+        for j, (_, why) in enumerate(part):
+            if why is not None:
+                problems[a + j] = why
+        c, good, bad = encode_images(enc.model, [d for d, _ in part], enc.device, enc.image_size, enc.precision, convert=enc.convert)
+        codes.append(c)
+        ok[a : a + len(part)] = good
+        problems.update({a + j: why for j, why in bad.items()})
+    words = words_for_bits(enc.model.bits)
+    packed = pack_codes(np.concatenate(codes)) if sum(len(c) for c in codes) else np.zeros((0, words), np.uint64)
+    buf = io.BytesIO()
+    problems_json = json.dumps({str(k): v for k, v in sorted(problems.items())})
+    np.savez(buf, codes=packed, ok=ok, problems=np.array(problems_json), device=np.array(enc.device.type))
+    return buf.getvalue()
+
+
+# ----------------------------------------------------------------------------- sources
+
+
+class SplitReader:
+    """Items of a prepared split, by position (= index in the split)."""
+
+    def __init__(self, manifest, split: str):
+        self.manifest, self.split = manifest, split
+
+    def read(self, start: int, stop: int) -> list[tuple[bytes | None, str | None]]:
+        from dpfah.data import read_samples
+
+        got = read_samples(self.manifest, self.split, range(start, stop))
+        return [(got[i], None) for i in range(start, stop)]
+
+
+class FileReader:
+    """Image files by path (``root``/ref)."""
+
+    def __init__(self, root: str, refs: Sequence[str]):
+        self.root, self.refs = root, list(refs)
+
+    def where(self, i: int) -> str:
+        return os.path.join(self.root, self.refs[i])
+
+    def read(self, start: int, stop: int) -> list[tuple[bytes | None, str | None]]:
+        out: list[tuple[bytes | None, str | None]] = []
+        for i in range(start, stop):
+            try:
+                with open(self.where(i), "rb") as f:
+                    out.append((f.read(), None))
+            except FileNotFoundError:
+                out.append((None, "missing file"))
+            except OSError as e:
+                out.append((None, f"cannot read ({e.strerror or e})"))
+        return out
+
+
+class TarReader:
+    """Image files of a tar archive (read into memory once per actor, as prepare does)."""
+
+    def __init__(self, path: str, refs: Sequence[str]):
+        self.path, self.refs = path, list(refs)
+        self._files: dict[str, bytes] | None = None
+
+    def where(self, i: int) -> str:
+        return f"{self.path}!{self.refs[i]}"
+
+    def read(self, start: int, stop: int) -> list[tuple[bytes | None, str | None]]:
+        from .sources import read_tar
+
+        if self._files is None:
+            _, self._files = read_tar(Path(self.path), self.path, progress=False)
+        return [(self._files.get(self.refs[i]), None if self.refs[i] in self._files else "missing file") for i in range(start, stop)]
+
+
+@dataclass
+class Collection:
+    """What to index: each item's key (rows of the index, in this order), labels when known."""
+
+    keys: list[str]
+    labels: np.ndarray | None
+    classes: list[str] | None
+    reader: Any  # SplitReader | FileReader | TarReader
+    identity: dict[str, Any]  # the source, for the manifest and the resume check
+    convert: bool  # images may need prepare's conversion (files, not prepared shards)
+    paths: list[str] | None = None  # a prepared split's source paths
+
+    def where(self, i: int) -> str:
+        return self.reader.where(i) if hasattr(self.reader, "where") else f"{self.identity['split']}[{self.keys[i]}]"
+
+
+def _list_entries(path: Path, given: str) -> tuple[list[str], np.ndarray | None]:
+    """``<path> [0/1 ...]`` lines: the paths and, when every line has them, the label vectors."""
+    from .sources import list_lines
+
+    paths, vectors, seen = [], [], {}
+    for lineno, raw in enumerate(list_lines(path), 1):
+        tokens = raw.decode("utf-8", errors="replace").split()
+        if not tokens:
+            continue
+        ref, values = tokens[0], tokens[1:]
+        if any(v not in ("0", "1") for v in values):
+            raise DataError(f"{given}:{lineno}: expected `<path> [0/1 label vector]`, got {' '.join(tokens)[:80]!r}")
+        if ref in seen:
+            raise DataError(f"{given}:{lineno}: {ref} is listed twice (first at line {seen[ref]})")
+        seen[ref] = lineno
+        paths.append(ref)
+        vectors.append(values)
+    lengths = {len(v) for v in vectors}
+    if len(lengths) > 1:
+        raise DataError(f"{given}: lines carry label vectors of different lengths ({sorted(lengths)}); give all or none")
+    labels = np.array(vectors, dtype=np.uint8).reshape(len(paths), -1) if lengths and lengths != {0} else None
+    return paths, labels
+
+
+def open_collection(params: Params, *, dataset: str | None = None, split: str | None = None, images: str | None = None, root: str | None = None) -> Collection:
+    """The collection to index: a prepared ``split`` of ``dataset``, or ``images`` (a folder,
+    a tar archive or a list file; ``root``: where a list's relative paths start)."""
+    import pyarrow.parquet as pq
+
+    from dpfah.data import TABLE_FILE
+
+    from .sources import IMAGE_EXTS, DirectorySource, file_identity, open_source
+
+    if split is not None:
+        if dataset is None:
+            raise ConfigError("--split needs --dataset")
+        manifest = prepared_manifest(params, dataset)
+        info = manifest.split(split) if split in manifest.splits else None
+        if info is None:
+            raise ConfigError(f"--split {split}: {dataset} has no such split (has {', '.join(manifest.splits)})")
+        table = pq.read_table(os.path.join(manifest.directory, TABLE_FILE), filters=[("split", "=", split)])
+        table = table.sort_by("index")
+        if table.num_rows != info.count or not np.array_equal(table.column("index").to_numpy(), np.arange(info.count)):
+            raise DataError(f"{manifest.directory}/{TABLE_FILE}: split {split!r} does not list indices 0..{info.count - 1}")
+        lab = table.column("labels").combine_chunks()
+        labels = np.asarray(lab.values.to_numpy(zero_copy_only=False), dtype=np.uint8).reshape(info.count, lab.type.list_size)
+        identity = {"type": "split", "dataset": dataset, "split": split, "protocol": manifest.protocol, "directory": manifest.directory, "manifest_sha256": manifest.sha256}
+        keys = [str(i) for i in range(info.count)]
+        return Collection(keys, labels, list(manifest.classes), SplitReader(manifest, split), identity, False, table.column("path").to_pylist())
+    if images is None:
+        raise ConfigError("give --split (with --dataset) or --images (a folder, a .tar archive or a list file)")
+    path = Path(images).expanduser()
+    if not path.exists():
+        raise ConfigError(f"--images {images}: not found")
+    if path.is_dir():
+        source = DirectorySource(path, images)
+        refs = source.refs()
+        identity = {"type": "directory", "path": str(path.resolve()), "images": len(refs)}
+        reader: Any = FileReader(str(path.resolve()), refs)
+    elif _is_tar(path):
+        source = open_source(images, allow_cifar10=False)
+        refs = source.refs()
+        identity = {**source.identity, "path": str(path.resolve()), "images": len(refs)}
+        reader = TarReader(str(path.resolve()), refs)
+    else:
+        refs, labels = _list_entries(path, images)
+        base = Path(root).expanduser() if root else path.parent
+        order = sorted(range(len(refs)), key=refs.__getitem__)
+        refs = [refs[i] for i in order]
+        labels = labels[order] if labels is not None else None
+        identity = {**file_identity(path, images), "type": "list", "path": str(path.resolve()), "root": str(base.resolve()), "images": len(refs)}
+        return Collection(refs, labels, None, FileReader(str(base.resolve()), refs), identity, True)
+    if not refs:
+        raise DataError(f"{images}: no image files ({', '.join(sorted(IMAGE_EXTS))})")
+    return Collection(refs, None, None, reader, identity, True)
+
+
+def _is_tar(path: Path) -> bool:
+    import tarfile
+
+    return path.is_file() and tarfile.is_tarfile(path)
+
+
+# ----------------------------------------------------------------------------- building
+
+
+@dataclass(frozen=True)
+class IndexResult:
+    directory: Path
+    manifest: dict[str, Any]
+    encoded_blocks: int  # blocks encoded by this run (the others were resumed)
+    blocks: int
+    seconds: float
+    images_per_s: float  # items encoded by this run / encoding time
+
+
+def _sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _block_file(partial: Path, block: int) -> Path:
+    return partial / "blocks" / f"{block:06d}.npz"
+
+
+def _plan(collection: Collection, resolved: ResolvedModel, params: Params) -> dict[str, Any]:
+    """What the blocks depend on: a partial run is resumed only under the same plan."""
+    i = params.index
+    return {
+        "format": FORMAT,
+        "model": resolved.uri,
+        "run_id": resolved.run_id,
+        "bits": resolved.bits,
+        "image_size": resolved.image_size,
+        "precision": i.precision,
+        "block_size": i.block_size,
+        "count": len(collection.keys),
+        "source": collection.identity,
+        "keys_sha256": _sha256_bytes("\n".join(collection.keys).encode()),
+    }
+
+
+def _start_partial(partial: Path, plan: dict[str, Any]) -> None:
+    """Keep the finished blocks of an earlier run of the same plan; else start afresh."""
+    plan_file = partial / PLAN
+    if plan_file.exists():
+        try:
+            old = json.loads(plan_file.read_text())
+        except (OSError, json.JSONDecodeError):
+            old = None
+        if old == plan:
+            return
+        changed = sorted(k for k in set(plan) | set(old or {}) if (old or {}).get(k) != plan.get(k))
+        print(f"{partial}: an unfinished index of another plan (differs in {', '.join(changed)}): starting afresh", flush=True)
+        shutil.rmtree(partial)
+    (partial / "blocks").mkdir(parents=True, exist_ok=True)
+    write_json_atomic(plan_file, plan)
+
+
+def _read_block(path: Path) -> tuple[np.ndarray, np.ndarray, dict[int, str]]:
+    with np.load(path) as z:
+        return z["codes"], z["ok"], {int(k): v for k, v in json.loads(str(z["problems"])).items()}
+
+
+def _block_device(path: Path) -> str:
+    with np.load(path) as z:
+        return str(z["device"])
+
+
+def _fail_on(problems: dict[int, str], start: int, collection: Collection) -> None:
+    i, why = min(problems.items())
+    where = collection.where(start + i)
+    raise DataError(f"{where}: {why} (index.on_bad_image: skip leaves such items out; {len(problems)} bad in this block)")
+
+
+def _resources(workers: int | None) -> tuple[int, float, float, int]:
+    """(actors, CPUs each, GPUs each, torch threads each) for the cluster this process joined."""
+    import ray
+
+    have = ray.cluster_resources()
+    cpus, gpus = int(have.get("CPU", 1)), int(have.get("GPU", 0))
+    n = workers or max(1, gpus)
+    node_cpus = max((int(nd["Resources"].get("CPU", 0)) for nd in ray.nodes() if nd.get("Alive")), default=cpus)
+    per = max(1, min(cpus // n, node_cpus)) if cpus >= n else 1
+    if gpus and n > gpus:
+        raise ConfigError(f"index.workers={n}, but the cluster has {gpus} GPU(s): one GPU each (set index.workers <= {gpus})")
+    return n, float(per), 1.0 if gpus else 0.0, per
+
+
+def _encode_blocks(todo: list[int], model, collection: Collection, resolved: ResolvedModel, params: Params, partial: Path, bar) -> float:
+    """Encode the blocks ``todo`` on Ray Data, writing each as it comes; seconds spent."""
+    import ray
+    import ray.data
+    from ray.data import ActorPoolStrategy, DataContext
+
+    from .cluster import ensure_ray, started_here
+    from .console import verbose
+
+    i = params.index
+    was_up = ray.is_initialized()
+    ensure_ray()
+    started = not was_up and started_here()
+    try:
+        n, cpus, gpus, threads = _resources(i.workers)
+        ctx = DataContext.get_current()
+        ctx.enable_progress_bars = verbose()  # ours counts images; Ray Data's with --verbose
+        if not verbose():  # nor Ray Data's INFO lines (and its note that its bars are off)
+            logging.getLogger("ray.data").setLevel(logging.ERROR)
+        fault = os.environ.get(FAULT_ENV, "")
+        stop_after = int(fault.split(":", 1)[1]) if fault.startswith("after-blocks:") else None
+        t0 = time.perf_counter()
+        ds = ray.data.from_items([{"block": b} for b in todo], override_num_blocks=len(todo))
+        ds = ds.map_batches(
+            BlockEncoder,
+            batch_size=1,
+            batch_format="numpy",
+            compute=ActorPoolStrategy(size=min(n, len(todo))),
+            num_cpus=cpus,
+            num_gpus=gpus,
+            fn_constructor_kwargs={
+                "model": model,
+                "reader": collection.reader,
+                "count": len(collection.keys),
+                "block_size": i.block_size,
+                "image_size": resolved.image_size,
+                "precision": i.precision,
+                "batch_size": i.batch_size,
+                "convert": collection.convert,
+                "threads": threads,
+            },
+        )
+        written = 0
+        for batch in ds.iter_batches(batch_size=1, batch_format="numpy", prefetch_batches=1):
+            block, data = int(batch["block"][0]), batch["data"][0]
+            path = write_atomic(_block_file(partial, block), bytes(data))
+            _, ok, problems = _read_block(path)
+            bar.update(len(ok))
+            written += 1
+            if problems and i.on_bad_image == "fail":
+                _fail_on(problems, block * i.block_size, collection)
+            if stop_after is not None and written >= stop_after:
+                raise RuntimeError(f"{FAULT_ENV}={fault}: injected fault after {written} block(s)")
+        return time.perf_counter() - t0
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def _assemble(partial: Path, blocks: int, collection: Collection, params: Params):
+    """The finished blocks, in order: packed codes of the good items, their positions, the skipped."""
+    codes, keep, skipped = [], [], []
+    for b in range(blocks):
+        c, ok, problems = _read_block(_block_file(partial, b))
+        start = b * params.index.block_size
+        if problems and params.index.on_bad_image == "fail":
+            _fail_on(problems, start, collection)
+        codes.append(c)
+        keep.append(start + np.flatnonzero(ok))
+        skipped += [{"where": collection.where(start + j), "key": collection.keys[start + j], "reason": why} for j, why in sorted(problems.items())]
+    return np.concatenate(codes), np.concatenate(keep).astype(np.int64), skipped
+
+
+def _write_index(tmp: Path, packed: np.ndarray, keep: np.ndarray, collection: Collection, resolved: ResolvedModel, skipped, plan, device: str) -> dict[str, Any]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    tmp.mkdir(parents=True)
+    np.save(tmp / CODES, np.ascontiguousarray(packed, dtype=np.uint64))
+    columns = {"key": pa.array([collection.keys[j] for j in keep], pa.string())}
+    if collection.paths is not None:
+        columns["path"] = pa.array([collection.paths[j] for j in keep], pa.string())
+    pq.write_table(pa.table(columns), tmp / KEYS)
+    files = [CODES, KEYS]
+    if collection.labels is not None:
+        np.save(tmp / LABELS, np.ascontiguousarray(collection.labels[keep], dtype=np.uint8))
+        files.append(LABELS)
+    precision = plan["precision"]
+    used = "bf16" if precision == "bf16" or (precision == "auto" and device == "cuda") else "fp32"
+    manifest = {
+        "format": FORMAT,
+        "model": resolved.describe(),
+        "bits": resolved.bits,
+        "words": int(packed.shape[1]),
+        "count": int(len(keep)),
+        "source": collection.identity,
+        "classes": collection.classes,
+        "skipped": {"count": len(skipped), "items": skipped},
+        "files": {name: {"sha256": sha256_file(tmp / name), "bytes": (tmp / name).stat().st_size} for name in files},
+        "block_size": plan["block_size"],
+        "precision": precision,
+        "encoded_on": device,
+        "precision_used": used,  # what a query must be encoded with to match (search does)
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "git_commit": git_commit(),
+    }
+    write_json_atomic(tmp / MANIFEST, manifest)  # last: its presence marks the index complete
+    return manifest
+
+
+def _swap_into_place(tmp: Path, out: Path) -> None:
+    """``tmp`` becomes ``out``; an older index there is removed only once the new one is in place."""
+    old = out.with_name(f".{out.name}.old-{os.getpid()}")
+    if out.exists():
+        out.rename(old)
+    tmp.rename(out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def build_index(
+    params: Params,
+    out: str | os.PathLike,
+    *,
+    model: str,
+    dataset: str | None = None,
+    split: str | None = None,
+    images: str | None = None,
+    root: str | None = None,
+    progress: bool | None = None,
+) -> IndexResult:
+    """Encode a collection with the model ``model`` (a ``models:/`` URI) into the index
+    folder ``out``, resuming from ``<out>.partial`` when an earlier run of the same plan left
+    finished blocks there."""
+    from tqdm import tqdm
+
+    t0 = time.perf_counter()
+    out = Path(out)
+    collection = open_collection(params, dataset=dataset, split=split, images=images, root=root)
+    resolved = resolve_model(params, model)
+    loaded = load_model(resolved)
+    plan = _plan(collection, resolved, params)
+    partial = out.with_name(out.name + ".partial")
+    _start_partial(partial, plan)
+    count, size = len(collection.keys), params.index.block_size
+    blocks = -(-count // size)
+    todo = [b for b in range(blocks) if not _block_file(partial, b).exists()]
+    done_items = sum(min(count, (b + 1) * size) - b * size for b in range(blocks) if b not in set(todo))
+    seconds = 0.0
+    if todo:
+        what = f"index {collection.identity.get('split') or Path(collection.identity.get('path', '')).name}"
+        with tqdm(total=count, initial=done_items, desc=what, unit="img", disable=False if progress else None if progress is None else True) as bar:
+            seconds = _encode_blocks(todo, loaded, collection, resolved, params, partial, bar)
+    packed, keep, skipped = _assemble(partial, blocks, collection, params)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        device = _block_device(_block_file(partial, 0)) if blocks else "cpu"
+        manifest = _write_index(tmp, packed, keep, collection, resolved, skipped, plan, device)
+        _swap_into_place(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    shutil.rmtree(partial, ignore_errors=True)
+    encoded = count - done_items
+    return IndexResult(out, manifest, len(todo), blocks, time.perf_counter() - t0, encoded / seconds if seconds else 0.0)
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m pipeline.index",
+        description=(
+            "Encode a collection of images with a registered model into a searchable index folder\n"
+            "(packed codes, a key per item, labels when known, manifest.json). Encodes on Ray Data\n"
+            "(an actor pool; GPUs when the cluster has them); a killed run resumes where it stopped.\n"
+            "Search it with python -m pipeline.search."
+        ),
+        epilog=(
+            "examples:\n"
+            "  python -m pipeline.index --dataset cifar10 --bits 64 --split database       # -> index/cifar10-64\n"
+            "  python -m pipeline.index --dataset cifar10 --bits 64 --images ~/photos --out index/photos\n"
+            "  python -m pipeline.index --images photos.tar --model models:/dpfah-cifar10-64b/3 --out index/photos\n"
+            "  python -m pipeline.index --images list.txt --root /data/images --model models:/dpfah-cifar10-64b@champion --out index/mine\n"
+            "  ray job submit --address http://HEAD:8265 --working-dir . -- python -m pipeline.index ...\n"
+            "The model: --model, else the champion (promote.alias) of promote.model_name for --dataset,\n"
+            "--bits and --method. A list file has one `<path> [0/1 label vector]` per line. Settings:\n"
+            "index.workers, index.batch_size, index.block_size, index.precision, index.on_bad_image\n"
+            "(--set index.on_bad_image=skip leaves unreadable images out, listed in the manifest).\n"
+            "Errors print one line and exit 2."
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--dataset", metavar="NAME", help="dataset of the model (and of --split); with --bits it names the champion")
+    parser.add_argument("--bits", type=int, metavar="L", help="code length of the model (with --dataset: names the champion)")
+    parser.add_argument("--method", metavar="NAME", default=DEFAULT_METHOD, help="method or variant whose champion encodes (default: dpfah)")
+    parser.add_argument("--model", metavar="URI", help="a models:/ URI instead of the champion (models:/<name>@<alias>, models:/<name>/<version>, models:/m-<id>)")
+    what = parser.add_mutually_exclusive_group()
+    what.add_argument("--split", metavar="SPLIT", help="index this split of the prepared --dataset (e.g. database)")
+    what.add_argument("--images", metavar="PATH", help="index an image folder, a .tar archive of images, or a list file")
+    parser.add_argument("--root", metavar="DIR", help="where a list file's relative paths start (default: the list's folder)")
+    parser.add_argument("--out", metavar="DIR", help="the index folder (default with --split: index/<dataset>-<bits>)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_config_args(parser)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    params = config_from_args(args)
+    if args.split is None and args.images is None:
+        raise ConfigError("give --split (with --dataset) or --images (a folder, a .tar archive or a list file)")
+    model = args.model
+    if model is None:
+        if args.dataset is None or args.bits is None:
+            raise ConfigError("give --dataset and --bits (their champion encodes) or --model models:/...")
+        params.dataset(args.dataset)
+        model = default_model_uri(params, args.dataset, args.bits, args.method)
+    out = args.out
+    if out is None:
+        if args.split is None or args.bits is None:
+            raise ConfigError("give --out DIR (the index folder)")
+        out = default_out(args.dataset, args.bits)
+    result = build_index(params, out, model=model, dataset=args.dataset, split=args.split, images=args.images, root=args.root, progress=False if args.quiet else None)
+    m = result.manifest
+    skipped = f", {m['skipped']['count']} skipped (see manifest)" if m["skipped"]["count"] else ""
+    resumed = f", {result.blocks - result.encoded_blocks} of {result.blocks} blocks resumed" if result.encoded_blocks < result.blocks else ""
+    rate = f" ({result.images_per_s:,.0f} img/s encoding)" if result.images_per_s else ""
+    print(f"indexed {m['count']:,} items with {m['model']['uri']} ({m['bits']} bits){skipped}{resumed} -> {result.directory} in {result.seconds:.1f} s{rate}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(main))

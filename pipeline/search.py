@@ -1,0 +1,339 @@
+"""Stage `search`: the nearest items of an index (``pipeline.index``) by Hamming distance.
+
+    python -m pipeline.search INDEX QUERY.jpg [QUERY2.png ...] [-k 10] [--grid out.png]
+    python -m pipeline.search INDEX --key 123 [--key 456] [--radius 2]
+
+Queries are image files (encoded with the very model version the index was built with, the
+same way as the index's items) or keys of items already in the index (their stored codes).
+The search is exact, through the project's kernel (``dpfah.codes.HammingIndex``): the top
+``-k`` items by (distance, row), rows being in key order, so ties go to the smaller key (a
+prepared split: the smaller index); ``--radius r``: every item within distance r, in the same
+order. Prints a table (query, rank, key, distance, and the label and source path when the
+index has them); ``--grid out.png`` draws the query and its results as a figure.
+
+Loading is cheap at any size: the codes and labels are memory-mapped ``.npy`` files, the keys
+one Parquet column; nothing is read row by row in Python.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .config import Params, add_config_args, config_from_args
+from .errors import ConfigError, DataError, PipelineError, run_main
+from .index import CODES, FORMAT, KEYS, LABELS, MANIFEST, encode_images, load_model, resolve_model
+from .registry import MismatchError, record_tracking_uri
+
+__all__ = ["Index", "Hit", "load_index", "search", "query_codes", "main"]
+
+
+class NotAnIndex(PipelineError):
+    """The folder holds no complete index (or one whose files do not match its manifest)."""
+
+
+@dataclass
+class Index:
+    directory: Path
+    manifest: dict[str, Any]
+    codes: np.ndarray  # (n, words) uint64, memory-mapped
+    keys: Any  # pyarrow StringArray
+    labels: np.ndarray | None  # (n, classes) uint8, memory-mapped
+    paths: Any | None  # pyarrow StringArray (prepared splits: the source path)
+    _hamming: Any = field(default=None, repr=False)
+
+    def __len__(self) -> int:
+        return self.codes.shape[0]
+
+    @property
+    def bits(self) -> int:
+        return int(self.manifest["bits"])
+
+    def hamming(self):
+        """The search kernel over the codes, built once (``dpfah.codes.HammingIndex``)."""
+        if self._hamming is None:
+            from dpfah.codes import HammingIndex
+
+            self._hamming = HammingIndex(self.codes)
+        return self._hamming
+
+    def rows_of(self, keys: Sequence[str]) -> np.ndarray:
+        """Row of each key (vectorised lookup); an unknown key is an error naming it."""
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        rows = pc.index_in(pa.array(list(keys), pa.string()), value_set=self.keys).to_numpy(zero_copy_only=False)
+        missing = [k for k, r in zip(keys, rows) if r is None or (isinstance(r, float) and np.isnan(r))]
+        if missing:
+            raise DataError(f"{self.directory}: no item with key {missing[0]!r} ({len(missing)} unknown key(s))")
+        return np.asarray(rows, dtype=np.int64)
+
+    def key(self, row: int) -> str:
+        return self.keys[int(row)].as_py()
+
+
+def load_index(directory: str | os.PathLike, *, verify: bool = False) -> Index:
+    """Open an index folder: the manifest checked, the codes and labels memory-mapped, the keys
+    read as one column. ``verify``: also check every file's sha256 against the manifest."""
+    import pyarrow.parquet as pq
+
+    directory = Path(directory)
+    path = directory / MANIFEST
+    if not path.is_file():
+        partial = directory.with_name(directory.name + ".partial")
+        if partial.exists():
+            raise NotAnIndex(f"{directory}: not complete (an indexing run stopped; run the same python -m pipeline.index again to resume)")
+        raise NotAnIndex(f"{directory}: no index ({MANIFEST} not found; build one with python -m pipeline.index)")
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise NotAnIndex(f"{path}: unreadable ({type(e).__name__}: {e})") from None
+    if manifest.get("format") != FORMAT:
+        raise NotAnIndex(f"{path}: format {manifest.get('format')!r}, expected {FORMAT!r}")
+    if verify:
+        from .index import sha256_file
+
+        for name, info in manifest["files"].items():
+            if sha256_file(directory / name) != info["sha256"]:
+                raise NotAnIndex(f"{directory / name}: sha256 does not match {MANIFEST}")
+    n, words = int(manifest["count"]), int(manifest["words"])
+    codes = np.load(directory / CODES, mmap_mode="r")
+    if codes.shape != (n, words) or codes.dtype != np.uint64:
+        raise NotAnIndex(f"{directory / CODES}: {codes.dtype} {codes.shape}, the manifest says uint64 ({n}, {words})")
+    table = pq.read_table(directory / KEYS)
+    keys = table.column("key").combine_chunks()
+    paths = table.column("path").combine_chunks() if "path" in table.column_names else None
+    labels = np.load(directory / LABELS, mmap_mode="r") if LABELS in manifest["files"] else None
+    if len(keys) != n or (labels is not None and labels.shape[0] != n):
+        raise NotAnIndex(f"{directory}: {len(keys)} keys and {None if labels is None else labels.shape[0]} label rows for {n} codes")
+    return Index(directory, manifest, codes, keys, labels, paths)
+
+
+@dataclass(frozen=True)
+class Hit:
+    rows: np.ndarray  # int64 rows of the index, best first
+    distances: np.ndarray  # int32
+
+
+def search(index: Index, packed: np.ndarray, *, k: int = 10, radius: int | None = None) -> list[Hit]:
+    """Per query (packed codes, (n_q, words) uint64): the top ``k`` rows by (distance, row),
+    or with ``radius`` every row within it, in the same order. Exact."""
+    h = index.hamming()
+    packed = np.ascontiguousarray(packed, dtype=np.uint64)
+    if len(index) == 0 or len(packed) == 0:
+        return [Hit(np.zeros(0, np.int64), np.zeros(0, np.int32)) for _ in range(len(packed))]
+    if radius is None:
+        idx, dist = h.search(packed, k)
+        return [Hit(i, d) for i, d in zip(idx, dist)]
+    counts = h.count_within(packed, radius)
+    most = int(counts.max())
+    if most == 0:
+        return [Hit(np.zeros(0, np.int64), np.zeros(0, np.int32)) for _ in range(len(packed))]
+    idx, dist = h.search(packed, most)  # the nearest `most`; each query keeps its own count
+    return [Hit(i[:c], d[:c]) for i, d, c in zip(idx, dist, counts)]
+
+
+def query_codes(index: Index, images: Sequence[str], params: Params):
+    """Packed codes of query image files, encoded with the index's model version the way its
+    items were (device type and precision of the index); the files that failed, with why."""
+    import torch
+
+    from dpfah.codes import pack_codes
+
+    m = index.manifest["model"]
+    uri = record_tracking_uri({"tracking_uri": m.get("tracking_uri")}, params)
+    resolved = resolve_model(params, m["uri"], uri)
+    if resolved.run_id != m["run_id"] or resolved.bits != index.bits:
+        raise MismatchError(f"{m['uri']} is now run {resolved.run_id} ({resolved.bits} bits); the index was built with run {m['run_id']} ({index.bits} bits)")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = load_model(resolved, device)
+    data: list[bytes | None] = []
+    problems: dict[str, str] = {}
+    for path in images:
+        try:
+            data.append(Path(path).read_bytes())
+        except OSError as e:
+            data.append(None)
+            problems[path] = f"cannot read ({e.strerror or e})"
+    codes, ok, bad = encode_images(model, data, device, resolved.image_size, index.manifest.get("precision_used", "fp32"))
+    problems.update({images[i]: why for i, why in bad.items()})
+    return pack_codes(codes) if len(codes) else np.zeros((0, int(index.manifest["words"])), np.uint64), ok, problems
+
+
+# ----------------------------------------------------------------------------- output
+
+
+def _label(index: Index, row: int) -> str:
+    from .figures import class_name
+
+    if index.labels is None or not index.manifest.get("classes"):
+        return ""
+    return class_name(index.labels[row], index.manifest["classes"])
+
+
+def table(index: Index, names: Sequence[str], hits: Sequence[Hit]) -> str:
+    """The results as a fixed-width text table."""
+    header = ["query", "rank", "key", "distance"] + (["label"] if index.labels is not None else []) + (["path"] if index.paths is not None else [])
+    rows = []
+    for name, hit in zip(names, hits):
+        if len(hit.rows) == 0:
+            rows.append([name, "-", "(none)", "-"] + [""] * (len(header) - 4))
+        for rank, (r, d) in enumerate(zip(hit.rows, hit.distances), 1):
+            row = [name, str(rank), index.key(r), str(int(d))]
+            if index.labels is not None:
+                row.append(_label(index, r))
+            if index.paths is not None:
+                row.append(index.paths[int(r)].as_py())
+            rows.append(row)
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths)).rstrip()]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    return "\n".join(lines)
+
+
+def item_bytes(index: Index, rows: Sequence[int]) -> dict[int, bytes]:
+    """The encoded images of some rows, read from the index's source."""
+    src = index.manifest["source"]
+    keys = {int(r): index.key(r) for r in rows}
+    if src["type"] == "split":
+        from dpfah.data import ShardError, read_manifest, read_samples
+
+        try:
+            manifest = read_manifest(src["directory"])
+            if manifest.sha256 != src["manifest_sha256"]:
+                raise DataError(f"{src['directory']}: the prepared data changed since the index was built")
+            got = read_samples(manifest, src["split"], [int(k) for k in keys.values()])
+        except ShardError as e:
+            raise DataError(str(e)) from None
+        return {r: got[int(k)] for r, k in keys.items()}
+    if src["type"] == "tar":
+        from .sources import read_tar
+
+        _, files = read_tar(Path(src["path"]), src["path"], progress=False)
+        return {r: files[k] for r, k in keys.items()}
+    base = Path(src["root"] if src["type"] == "list" else src["path"])
+    return {r: (base / k).read_bytes() for r, k in keys.items()}
+
+
+def draw_grid(path: str | os.PathLike, index: Index, queries: Sequence[tuple[str, bytes, np.ndarray | None]], hits: Sequence[Hit]) -> Path:
+    """A figure: a row per query (its image, then its results by rank, captioned with key and
+    distance; framed green/red when labels tell relevance)."""
+    from .figures import class_name, plot_grid, thumbnail
+
+    wanted = sorted({int(r) for h in hits for r in h.rows})
+    images = item_bytes(index, wanted)
+    classes = index.manifest.get("classes") or []
+    rows = []
+    for (name, data, labels), hit in zip(queries, hits):
+        results = []
+        for r, d in zip(hit.rows, hit.distances):
+            ok = None
+            if labels is not None and index.labels is not None:
+                ok = bool(np.any(labels.astype(bool) & index.labels[int(r)].astype(bool)))
+            results.append((thumbnail(images[int(r)]), ok, int(d), f"{index.key(r)[-14:]}\nd={int(d)}"))
+        title = name if labels is None or not classes else f"{name} ({class_name(labels, classes)})"
+        rows.append({"query": thumbnail(data), "name": title[-24:], "results": results})
+    if not any(r["results"] for r in rows):
+        raise DataError("nothing to draw: no query has a result")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    m = index.manifest
+    plot_grid(path, rows, f"{index.directory.name}: {m['count']:,} items, {m['bits']} bits, {m['model']['uri']} (ties by key)")
+    return path
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m pipeline.search",
+        description=(
+            "Search an index built by python -m pipeline.index: the top k items (or all within a\n"
+            "Hamming radius) of query images or of items already in the index, exact, ties by key."
+        ),
+        epilog=(
+            "examples:\n"
+            "  python -m pipeline.search index/cifar10-64 cat.jpg dog.png -k 5\n"
+            "  python -m pipeline.search index/cifar10-64 --key 17 --key 4242 --grid results.png\n"
+            "  python -m pipeline.search index/photos --key holidays/img_0001.jpg --radius 3\n"
+            "Query images are encoded with the model version recorded in the index (its MLflow store:\n"
+            "the index's, unless MLFLOW_TRACKING_URI or --set mlflow.tracking_uri names another).\n"
+            "Errors print one line and exit 2."
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("index", metavar="INDEX", help="the index folder")
+    parser.add_argument("images", nargs="*", metavar="IMAGE", help="query image files")
+    parser.add_argument("--key", action="append", default=[], metavar="KEY", help="an item of the index as a query (repeatable)")
+    parser.add_argument("-k", type=int, default=10, metavar="K", help="results per query (default 10)")
+    parser.add_argument("--radius", type=int, metavar="R", help="every item within Hamming distance R instead of the top k")
+    parser.add_argument("--grid", metavar="PNG", help="also draw the queries and their results into this figure")
+    parser.add_argument("--verify", action="store_true", help="check the index files' sha256 against its manifest first")
+    add_config_args(parser)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if not args.images and not args.key:
+        raise ConfigError("give query images and/or --key KEY")
+    if args.k < 1:
+        raise ConfigError(f"-k {args.k}: must be >= 1")
+    if args.radius is not None and args.radius < 0:
+        raise ConfigError(f"--radius {args.radius}: must be >= 0")
+    import pyarrow.parquet  # noqa: F401  (the imports are not the index's load time)
+
+    import dpfah.codes  # noqa: F401
+
+    t = time.perf_counter()
+    index = load_index(args.index, verify=args.verify)
+    index.hamming()  # the kernel's layout of the codes: part of loading
+    loaded = time.perf_counter() - t
+    names: list[str] = []
+    packed: list[np.ndarray] = []
+    queries: list[tuple[str, bytes | None, np.ndarray | None]] = []
+    if args.images:
+        params = config_from_args(args)
+        codes, ok, problems = query_codes(index, args.images, params)
+        for path, why in problems.items():
+            print(f"skipped query {path}: {why}", file=sys.stderr)
+        good = [p for p, keep in zip(args.images, ok) if keep]
+        names += good
+        packed.append(codes)
+        queries += [(p, Path(p).read_bytes() if args.grid else None, None) for p in good]
+    if args.key:
+        rows = index.rows_of(args.key)
+        names += [f"key {k}" for k in args.key]
+        packed.append(np.asarray(index.codes[rows]))
+        queries += [(f"key {k}", None, None if index.labels is None else np.asarray(index.labels[r])) for k, r in zip(args.key, rows)]
+    if not names:
+        raise DataError("no usable query (every query image failed; see above)")
+    t = time.perf_counter()
+    hits = search(index, np.concatenate(packed), k=args.k, radius=args.radius)
+    took = time.perf_counter() - t
+    print(table(index, names, hits))
+    what = f"within distance {args.radius}" if args.radius is not None else f"top {args.k}"
+    print(f"{len(names)} quer{'y' if len(names) == 1 else 'ies'}, {what} of {len(index):,} items ({index.bits} bits): loaded in {loaded * 1e3:.0f} ms, searched in {took * 1e3:.1f} ms")
+    if args.grid:
+        if args.key:  # the key queries' own images
+            key_rows = index.rows_of(args.key)
+            own = item_bytes(index, key_rows)
+            offset = len(queries) - len(args.key)
+            queries[offset:] = [(n, own[int(r)], lab) for (n, _, lab), r in zip(queries[offset:], key_rows)]
+        path = draw_grid(args.grid, index, queries, hits)
+        print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(main))

@@ -1,0 +1,158 @@
+"""Index a collection with the champion and search it (issue 16): pipeline.index and
+pipeline.search on the toy dataset, with a registered (untrained) DPFAH model."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline import index as index_stage
+from pipeline import search as search_stage
+from tests.helpers import BITS, cli, fake_training_run, toy_params
+
+NAME = f"dpfah-toy-{BITS}b"
+CHAMPION = f"models:/{NAME}@champion"
+
+
+@pytest.fixture(scope="module")
+def champion(toy_dataset, tmp_path_factory):
+    """The toy dataset's params (block size 16: 78 database items in 5 blocks) and a DPFAH
+    model registered as dpfah-toy-8b with the champion alias, in a store of its own."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from dpfah.data import read_manifest
+    from pipeline.tracking import using_tracking_uri
+
+    work, images = toy_dataset
+    store = tmp_path_factory.mktemp("index-store")
+    uri = f"sqlite:///{store / 'mlflow.db'}"
+    params = toy_params(work, images, f"mlflow.tracking_uri={uri}", "index.block_size=16", "index.batch_size=8")
+    record = fake_training_run(uri, read_manifest(params.shards_dir("toy")).sha256)
+    with using_tracking_uri(uri):
+        version = mlflow.register_model(record["model_uri"], NAME).version
+    MlflowClient(uri).set_registered_model_alias(NAME, "champion", version)
+    return params, record, images
+
+
+@pytest.fixture(scope="module")
+def database_index(ray_local, champion, tmp_path_factory):
+    """The toy database split indexed in one uninterrupted run, by two Ray Data actors."""
+    import dataclasses
+
+    params, record, _ = champion
+    two = dataclasses.replace(params, index=dataclasses.replace(params.index, workers=2))
+    out = tmp_path_factory.mktemp("indexes") / "toy-8"
+    result = index_stage.build_index(two, out, model=CHAMPION, dataset="toy", split="database", progress=False)
+    return result
+
+
+def _evaluate_codes(params, record):
+    """The database codes as evaluate computes them (its reader, dpfah.train.encode)."""
+    from dpfah.codes import pack_codes
+    from dpfah.data import EvalStream
+    from dpfah.train import encode
+    from pipeline.registry import load_checked_model
+
+    model = load_checked_model(record["model_uri"], record["run_id"], params.mlflow.tracking_uri)
+    stream = EvalStream(params.shards_dir("toy"), "database", batch_size=32, rank=0, world_size=1)
+    codes, labels, _ = encode(model, stream, torch.device("cpu"), 32, "fp32")
+    return pack_codes(codes), labels
+
+
+def test_the_index_holds_evaluates_codes_keys_and_labels_of_the_split(champion, database_index):
+    params, record, _ = champion
+    m = database_index.manifest
+    assert (m["count"], m["bits"], m["model"]["uri"], m["model"]["version"], m["model"]["run_id"]) == (78, BITS, f"models:/{NAME}/1", 1, record["run_id"])
+    assert m["model"]["given"] == CHAMPION and m["source"]["split"] == "database" and m["skipped"]["count"] == 0
+    assert (database_index.blocks, database_index.encoded_blocks) == (5, 5)
+    index = search_stage.load_index(database_index.directory, verify=True)
+    packed, labels = _evaluate_codes(params, record)
+    np.testing.assert_array_equal(np.asarray(index.codes), packed)
+    np.testing.assert_array_equal(np.asarray(index.labels), labels)
+    assert index.keys.to_pylist() == [str(i) for i in range(78)]
+    assert not database_index.directory.with_name("toy-8.partial").exists()
+
+
+def test_search_by_key_and_radius_is_exact_with_ties_by_key(database_index):
+    index = search_stage.load_index(database_index.directory)
+    codes = np.asarray(index.codes)
+    dist = np.bitwise_count(codes[:, 0][:, None] ^ codes[:, 0][None, :]).astype(np.int64)
+    rows = index.rows_of(["5", "40"])
+    for k, radius in ((7, None), (None, 2)):
+        hits = search_stage.search(index, codes[rows], k=k or 10, radius=radius)
+        for q, hit in zip(rows, hits):
+            d = dist[q]
+            expected = np.lexsort((np.arange(len(d)), d))  # by distance, then row (= key order)
+            expected = expected[: k] if radius is None else expected[d[expected] <= radius]
+            np.testing.assert_array_equal(hit.rows, expected)
+            np.testing.assert_array_equal(hit.distances, d[expected])
+            if radius is not None:  # every item within the radius: the query's own row at 0
+                assert q in hit.rows[hit.distances == 0]
+
+
+def test_a_killed_index_resumes_without_reencoding_and_equals_the_uninterrupted_one(champion, database_index, tmp_path, monkeypatch):
+    params, _, _ = champion
+    out = tmp_path / "toy-8"
+    monkeypatch.setenv(index_stage.FAULT_ENV, "after-blocks:2")
+    with pytest.raises(RuntimeError, match="injected fault after 2 block"):
+        index_stage.build_index(params, out, model=CHAMPION, dataset="toy", split="database", progress=False)
+    assert not out.exists()  # nothing that looks like an index
+    assert len(list((tmp_path / "toy-8.partial" / "blocks").glob("*.npz"))) == 2
+    with pytest.raises(search_stage.NotAnIndex, match="not complete"):
+        search_stage.load_index(out)
+    monkeypatch.delenv(index_stage.FAULT_ENV)
+    resumed = index_stage.build_index(params, out, model=CHAMPION, dataset="toy", split="database", progress=False)
+    assert (resumed.blocks, resumed.encoded_blocks) == (5, 3)
+    first = database_index.directory
+    for name in ("codes.npy", "keys.parquet", "labels.npy"):
+        assert (out / name).read_bytes() == (first / name).read_bytes(), name
+    a, b = (json.loads((d / "manifest.json").read_text()) for d in (first, out))
+    for doc in (a, b):
+        doc.pop("created"), doc.pop("git_commit")
+    assert a == b
+
+
+def _folder_with_a_bad_image(images, root):
+    """Six toy images, a corrupt PNG and a truncated one."""
+    root.mkdir()
+    for i, src in enumerate(sorted(images.rglob("*.png"))[::15][:6]):
+        shutil.copy(src, root / f"img{i}.png")
+    (root / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"not an image at all" * 10)
+    good = (root / "img0.png").read_bytes()
+    (root / "truncated.png").write_bytes(good[: len(good) // 2])
+    return root
+
+
+def test_a_corrupt_image_is_named_or_skipped_and_an_image_finds_its_duplicate(ray_local, champion, tmp_path, capsys):
+    import dataclasses
+
+    params, _, images = champion
+    folder = _folder_with_a_bad_image(images, tmp_path / "mine")
+    out = tmp_path / "mine-index"
+    code, text = cli(index_stage, ["--images", str(folder), "--model", CHAMPION, "--out", str(out), "--quiet", "--set", f"mlflow.tracking_uri={params.mlflow.tracking_uri}"], capsys)
+    assert code == 2 and "broken.png: cannot decode image" in text and "index.on_bad_image: skip" in text, text
+    assert not out.exists()
+
+    skip = dataclasses.replace(params, index=dataclasses.replace(params.index, on_bad_image="skip", precision="bf16"))
+    result = index_stage.build_index(skip, out, model=CHAMPION, images=str(folder), progress=False)
+    m = result.manifest
+    assert m["count"] == 6 and m["precision_used"] == "bf16" and m["classes"] is None
+    assert sorted(i["key"] for i in m["skipped"]["items"]) == ["broken.png", "truncated.png"]
+    assert all("cannot decode image" in i["reason"] for i in m["skipped"]["items"]), m["skipped"]
+
+    duplicate = tmp_path / "copy-of-img3.png"
+    shutil.copy(folder / "img3.png", duplicate)
+    grid = tmp_path / "grid.png"
+    argv = [str(out), str(duplicate), "--radius", "0", "--grid", str(grid), "--set", f"mlflow.tracking_uri={params.mlflow.tracking_uri}"]
+    code, text = cli(search_stage, argv, capsys)
+    assert code == 0, text
+    # every item at distance 0 from the copy (an untrained model gives many equal codes): img3.png among them
+    lines = [line.split() for line in text.splitlines() if line.startswith(str(duplicate))]
+    assert lines and all(cols[3] == "0" for cols in lines) and "img3.png" in [cols[2] for cols in lines], text
+    assert [cols[2] for cols in lines] == sorted(cols[2] for cols in lines)  # ties in key order
+    assert grid.is_file() and grid.stat().st_size > 5000
