@@ -31,6 +31,9 @@ __all__ = [
     "get_run",
     "git_commit",
     "model_requirements",
+    "dataset_name",
+    "dataset_digest",
+    "log_dataset",
 ]
 
 
@@ -230,6 +233,13 @@ def mlflow_errors(what: str, uri: str) -> Iterator[None]:
         raise
 
 
+#: The experiment tag the MLflow 3 UI reads to choose its view: "custom_model_development"
+#: opens the experiment on its training runs table; without it a fresh browser may open the
+#: GenAI view (traces, sessions).
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+
+
 @contextlib.contextmanager
 def tracked_run(uri: str, experiment: str, run_name: str, *, parent_run_id: str | None = None) -> Iterator[Any]:
     """Open an MLflow run (the fluent API's active run) in ``experiment`` and close it:
@@ -245,6 +255,8 @@ def tracked_run(uri: str, experiment: str, run_name: str, *, parent_run_id: str 
     with using_tracking_uri(uri):
         with mlflow_errors(f"opening a run in experiment {experiment}", uri):
             exp = mlflow.set_experiment(experiment)
+            if (exp.tags or {}).get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:
+                mlflow.set_experiment_tag(EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)  # opens as training runs, not GenAI traces
             run = mlflow.start_run(run_name=run_name, parent_run_id=parent_run_id, experiment_id=exp.experiment_id)
         try:
             yield run
@@ -304,3 +316,34 @@ def model_requirements() -> list[str]:
     from importlib.metadata import version
 
     return [f"{name}=={version(name)}" for name in ("torch", "torchvision", "numpy")]
+
+
+def dataset_name(dataset: str, protocol: str) -> str:
+    """The name of a prepared split in MLflow (the runs table's Dataset column)."""
+    return f"{dataset} ({protocol})"
+
+
+def dataset_digest(manifest_sha256: str) -> str:
+    """MLflow's digest of a prepared split: the manifest's sha256, cut to the 12 characters the
+    pipeline's messages show (MLflow stores at most 36; the run's ``manifest_sha256`` tag
+    and the dataset's profile hold all 64)."""
+    return manifest_sha256[:12]
+
+
+def log_dataset(client, run_id: str, dataset: str, manifest, shards: str, context: str = "training") -> None:
+    """Register the prepared split ``manifest`` (under ``shards``) as an input of the run:
+    name = dataset and protocol, digest = the manifest's sha256, the split sizes as profile."""
+    import json
+
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    sizes = {name: manifest.split(name).count for name in manifest.splits if manifest.splits.get(name) is not None}
+    profile = {"splits": sizes, "num_classes": manifest.num_classes, "manifest_sha256": manifest.sha256, "split_seed": manifest.seed}
+    entity = Dataset(
+        name=dataset_name(dataset, manifest.protocol),
+        digest=dataset_digest(manifest.sha256),
+        source_type="local",
+        source=json.dumps({"uri": os.path.abspath(shards)}),
+        profile=json.dumps(profile),
+    )
+    client.log_inputs(run_id, datasets=[DatasetInput(entity, tags=[InputTag("mlflow.data.context", context)])])

@@ -402,7 +402,7 @@ def test_best_configuration_file_and_summary(search):
     # The best trial's model is in MLflow.
     with _tracking(f"sqlite:///{out / 'mlflow.db'}"):
         model = mlflow.pytorch.load_model(best["model_uri"])
-    assert isinstance(model, DPFAH) and model.bits == 16
+    assert isinstance(model.net, DPFAH) and model.bits == 16
 
     table = list(csv.DictReader(open(outcome.summary_csv)))
     assert {(int(r["bits"]), r["status"]) for r in table} == {(r.bits, r.status) for r in outcome.rows}
