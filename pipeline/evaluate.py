@@ -13,8 +13,9 @@ Refuses (exit 2) a model with NaN or infinite weights, naming the run and the fi
 tensor. Computes everything first (metrics, figures, codes), then writes, each atomically:
 
 * ``plots/<dataset>-<bits>-<method>-s<seed>/{pr_radius,pr_rank,p_at_n}.csv``: DVC plots;
-* ``metrics/<dataset>-<bits>-<method>-s<seed>.json``: DVC metrics (the numbers under ``metrics``, plus the
-  run, the data, the settings they belong to and this evaluation's ``eval_id``);
+* ``metrics/<dataset>-<bits>-<method>-s<seed>.json``: DVC metrics, the ``query_*`` numbers only;
+* ``evaluations/<dataset>-<bits>-<method>-s<seed>.json``: what they measure: the run, the data, R,
+  the radius, the split sizes and this evaluation's ``eval_id``;
 
 then logs to the training's MLflow run the same metrics (same names, same values), tags
 ``eval.*`` describing the evaluation (``eval.id`` among them), under ``evaluation/`` the
@@ -42,7 +43,7 @@ from typing import Any
 
 import numpy as np
 
-from .artifacts import DEFAULT_METHOD, metric_values, metrics_file, plots_dir, write_atomic, write_json_atomic
+from .artifacts import DEFAULT_METHOD, evaluation_file, metric_values, metrics_file, plots_dir, write_atomic, write_json_atomic
 from .config import Params, add_config_args, config_from_args
 from .errors import ConfigError, DataError, run_main
 from .registry import (
@@ -56,7 +57,7 @@ from .registry import (
     run_model_uri,
 )
 from .timing import record, span
-from .tracking import connect, get_run, git_commit, mlflow_errors
+from .tracking import connect, dataset_digest, dataset_name, get_run, git_commit, mlflow_errors
 
 __all__ = ["Evaluation", "evaluate", "flat_metrics", "codes_table", "load_codes", "main"]
 
@@ -66,7 +67,7 @@ P_AT = (10, 100, 500, 1000)  # P@N values reported as scalars (those within the 
 
 @dataclass(frozen=True)
 class Evaluation:
-    doc: dict[str, Any]  # the metrics file's content
+    doc: dict[str, Any]  # the metrics file's numbers and the evaluation record's facts, together
     report: dict[str, Any]  # dpfah.metrics.retrieval_report (numpy arrays inside)
     metrics_file: Path
     plots_dir: Path
@@ -142,6 +143,12 @@ def _read_samples(manifest, split: str, indices) -> dict[int, bytes]:
 # ----------------------------------------------------------------------------- metrics
 
 
+def p_at_name(n: int) -> str:
+    """The metric of P@n: N zero-padded to four digits (``query_p_at_0010`` ...
+    ``query_p_at_1000``), so that the runs table and ``dvc metrics show`` sort them by N."""
+    return f"query_p_at_{n:04d}"
+
+
 def flat_metrics(report: dict[str, Any]) -> dict[str, float]:
     """The scalar metrics, named as they are in the metrics file and in MLflow."""
     out = {
@@ -154,7 +161,7 @@ def flat_metrics(report: dict[str, Any]) -> dict[str, float]:
     ns, precision = report["p_at_n"]["n"], report["p_at_n"]["precision"]
     for n in P_AT:
         if n <= len(ns):
-            out[f"query_p_at_{n}"] = float(precision[n - 1])
+            out[p_at_name(n)] = float(precision[n - 1])
     return out
 
 
@@ -216,17 +223,26 @@ def _figure(width: float, height: float):
     return Figure(figsize=(width, height), dpi=110, layout="constrained")
 
 
-def _plot_pr(path: Path, report: dict[str, Any], title: str) -> None:
-    fig = _figure(9.0, 4.0)
+def _plot_pr(path: Path, report: dict[str, Any], title: str, radius: int = 2) -> None:
+    """PR by Hamming radius (left: each radius r=0..4 its own marker, named in the legend
+    with its precision and recall; the radius of P@H<=radius starred) and PR by rank (right)."""
+    fig = _figure(10.0, 4.4)
     left, right = fig.subplots(1, 2)
     pr = report["pr_by_radius"]
-    left.plot(pr["recall"], pr["precision"], marker="o", markersize=3)
-    for r in range(min(len(pr["radius"]), 5)):
-        left.annotate(f"r={r}", (pr["recall"][r], pr["precision"][r]), fontsize=7, xytext=(3, 3), textcoords="offset points")
-    left.set(xlabel="recall", ylabel="precision", title="by Hamming radius", xlim=(0, 1.02), ylim=(0, 1.02))
+    left.plot(pr["recall"], pr["precision"], color="0.55", linewidth=1, marker=".", markersize=3, label="r = 0 .. bits", zorder=1)
+    colours = ("#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd", "#8c564b")
+    for r in range(min(len(pr["radius"]), len(colours))):
+        p, rec = float(pr["precision"][r]), float(pr["recall"][r])
+        marked = r == radius
+        left.scatter(
+            [rec], [p], s=140 if marked else 36, marker="*" if marked else "o", color=colours[r], edgecolor="black", linewidth=0.6, zorder=3,
+            label=f"r={r}: P {p:.3f}, R {rec:.3f}" + (f"  (P@H<={radius})" if marked else ""),
+        )
+    left.set(xlabel="recall", ylabel="precision", title="by Hamming radius r", xlim=(-0.02, 1.02), ylim=(0, 1.02))
+    left.legend(loc="lower left", fontsize=7, framealpha=0.9)
     rank = report["pr_by_rank"]
     right.plot(rank["recall"], rank["precision"], marker=".", markersize=3)
-    right.set(xlabel="recall", ylabel="precision", title="by rank (top-k lists)", xlim=(0, 1.02), ylim=(0, 1.02))
+    right.set(xlabel="recall", ylabel="precision", title="by rank (top-k lists, k = 1 .. database)", xlim=(0, 1.02), ylim=(0, 1.02))
     for ax in (left, right):
         ax.grid(alpha=0.3)
     fig.suptitle(title)
@@ -256,15 +272,21 @@ def _class_name(labels: np.ndarray, classes: Sequence[str]) -> str:
     return "+".join(names[:2]) + ("+..." if len(names) > 2 else "") if names else "(none)"
 
 
+_RIGHT, _WRONG = "#2ca02c", "#d62728"
+
+
 def _plot_grid(path: Path, rows: list[dict[str, Any]], title: str) -> None:
-    """Top-k retrieval grid (the paper's Fig. 15): a query per row, its results by rank;
-    correct results framed green, wrong ones red with an X."""
+    """Top-k retrieval grid (the paper's Fig. 15): a query per row (black frame), its results
+    by rank, each framed green when it shares a label with the query and red when not, with
+    its class and Hamming distance under it; a legend says so."""
+    from matplotlib.patches import Patch
+
     k = max(len(r["results"]) for r in rows)
-    fig = _figure(1.05 * (k + 1) + 0.6, 1.25 * len(rows) + 0.5)
+    fig = _figure(1.25 * (k + 1) + 0.4, 1.55 * len(rows) + 0.9)
     axes = np.atleast_2d(fig.subplots(len(rows), k + 1, squeeze=False))
     for i, row in enumerate(rows):
-        cells = [(row["query"], None, None, f"query: {row['name']}")] + [
-            (img, ok, d, f"d={d}") for img, ok, d in row["results"]
+        cells = [(row["query"], None, f"query\n{row['name']}")] + [
+            (img, ok, f"{name}\nd={d}") for img, ok, d, name in row["results"]
         ]
         for j in range(k + 1):
             ax = axes[i, j]
@@ -273,18 +295,20 @@ def _plot_grid(path: Path, rows: list[dict[str, Any]], title: str) -> None:
             if j >= len(cells):
                 ax.axis("off")
                 continue
-            img, ok, _, label = cells[j]
+            img, ok, label = cells[j]
             ax.imshow(img)
-            colour = "black" if ok is None else ("#2ca02c" if ok else "#d62728")
+            colour = "black" if ok is None else (_RIGHT if ok else _WRONG)
             for spine in ax.spines.values():
                 spine.set_color(colour)
-                spine.set_linewidth(1 if ok is None else 3)
-            ax.set_xlabel(label, fontsize=6, color=colour)
-            if ok is False:
-                ax.text(0.5, 0.5, "X", transform=ax.transAxes, ha="center", va="center", color="#d62728", fontsize=22, fontweight="bold", alpha=0.8)
-            if i == 0 and j > 0:
-                ax.set_title(str(j), fontsize=7)
-    fig.suptitle(title, fontsize=9)
+                spine.set_linewidth(2 if ok is None else 4)
+            ax.set_xlabel(label, fontsize=8, color="black" if ok is None else colour, fontweight="bold" if ok is None else "normal", labelpad=2)
+            if i == 0:
+                ax.set_title("query" if j == 0 else f"rank {j}", fontsize=8)
+    handles = [Patch(facecolor="white", edgecolor=_RIGHT, linewidth=3, label="relevant (shares a label with the query)"),
+               Patch(facecolor="white", edgecolor=_WRONG, linewidth=3, label="not relevant"),
+               Patch(facecolor="white", edgecolor="black", linewidth=2, label="query; d = Hamming distance to it")]
+    fig.legend(handles=handles, loc="outside lower center", ncol=3, fontsize=8, frameon=False)
+    fig.suptitle(title, fontsize=10)
     fig.savefig(path)
 
 
@@ -303,7 +327,7 @@ def _grid_rows(manifest, q_codes, d_codes, q_labels, d_labels, n_queries: int, t
         results = []
         for j, d in zip(idx[row], dist[row]):
             relevant = bool(np.any(q_labels[q].astype(bool) & d_labels[j].astype(bool)))
-            results.append((_thumbnail(d_bytes[int(j)]), relevant, int(d)))
+            results.append((_thumbnail(d_bytes[int(j)]), relevant, int(d), _class_name(d_labels[j], manifest.classes)))
         rows.append({"query": _thumbnail(q_bytes[int(q)]), "name": _class_name(q_labels[q], manifest.classes), "results": results})
     return rows
 
@@ -375,7 +399,8 @@ def _build_artifacts(art: Path, subject: _Subject, params: Params, dataset: str,
     details = {**doc, "model_uri": subject.model_uri, "protocol": manifest.protocol, "manifest_sha256": sha, "ties": "index"}
     label = f"{dataset}, {bits} bits, run {run_id[:8]}"
     write_json_atomic(art / "metrics.json", details)
-    _plot_pr(art / "pr_curves.png", report, f"PR curves: {label}")
+    scores = f"mAP@{doc['map_at']} {report['map']:.4f}, P@H<={e.radius} {report['precision_within_radius']:.4f}"
+    _plot_pr(art / "pr_curves.png", report, f"PR curves: {label}: {scores}", e.radius)
     _plot_p_at_n(art / "p_at_n.png", report, f"P@N: {label}")
     rows = _grid_rows(manifest, q_codes, d_codes, q_labels, d_labels, e.grid_queries, e.grid_topk)
     if rows:
@@ -411,12 +436,24 @@ def _log_to_run(subject: _Subject, params: Params, doc, metrics, art: Path) -> N
         "eval.git_commit": git_commit(),
     }
     with mlflow_errors(f"logging the evaluation to run {run_id}", subject.uri):
-        subject.client.log_batch(run_id, metrics=[Metric(k, v, now, 0) for k, v in metrics.items()], tags=[RunTag(k, v) for k, v in tags.items()])
+        # linked to the logged model (its page lists them) and to the prepared split
+        link = {
+            "model_id": _model_id(subject.model_uri),
+            "dataset_name": dataset_name(doc["dataset"], subject.manifest.protocol),
+            "dataset_digest": dataset_digest(subject.manifest.sha256),
+        }
+        subject.client.log_batch(run_id, metrics=[Metric(k, v, now, 0, **link) for k, v in metrics.items()], tags=[RunTag(k, v) for k, v in tags.items()])
         subject.client.log_artifacts(run_id, str(art), ARTIFACT_DIR)
         if os.environ.get(FAULT_ENV) == "before-marker":
             raise RuntimeError(f"{FAULT_ENV}=before-marker: injected fault after logging evaluation {eval_id} to run {run_id}")
         done = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         subject.client.log_batch(run_id, tags=[RunTag(EVAL_COMPLETE_TAG, eval_id), RunTag("eval.completed_at", done)])
+
+
+def _model_id(model_uri: str) -> str | None:
+    """The logged model's id in a ``models:/m-...`` URI (what train records), else None."""
+    rest = model_uri[len("models:/") :] if model_uri.startswith("models:/") else ""
+    return rest if rest.startswith("m-") and "/" not in rest else None
 
 
 def evaluate(
@@ -468,8 +505,8 @@ def evaluate(
     seconds["metrics"] = time.perf_counter() - t
     record("retrieval metrics", time.time() - seconds["metrics"])
 
-    # The DVC metrics file: the numbers at the top level (so `dvc metrics show` and `dvc exp
-    # show` list them by name) and the few facts that say what they measure and for which run.
+    # The DVC metrics file holds the numbers only (what `dvc metrics show` and `dvc exp show`
+    # list); the evaluation record beside it says what they measure and for which run.
     doc = {
         **metrics,
         "eval_id": f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}",
@@ -492,7 +529,8 @@ def evaluate(
         plot_dir = plots_dir(dataset, bits, root, **which)
         for f in _write_plots(plot_dir, report):
             shutil.copy(f, art / f.name)  # the curve data as DVC has it
-        path = write_json_atomic(metrics_file(dataset, bits, root, **which), doc)
+        write_json_atomic(evaluation_file(dataset, bits, root, **which), {k: v for k, v in doc.items() if k not in metrics})
+        path = write_json_atomic(metrics_file(dataset, bits, root, **which), metrics)
         with span("mlflow logging"):
             _log_to_run(subject, params, doc, metrics, art)
     seconds["outputs"] = time.perf_counter() - t
@@ -536,8 +574,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     params = config_from_args(args)
     result = evaluate(params, args.dataset, args.bits, run_id=args.run_id, progress=False if args.quiet else None, method=args.method, seed=args.seed)
     d = m = result.doc
-    p_at = max((n for n in P_AT if f"query_p_at_{n}" in m), default=None)
-    extra = f", P@{p_at} {m[f'query_p_at_{p_at}']:.4f}" if p_at else ""
+    p_at = max((n for n in P_AT if p_at_name(n) in m), default=None)
+    extra = f", P@{p_at} {m[p_at_name(p_at)]:.4f}" if p_at else ""
     print(
         f"evaluated {d['dataset']} {d['bits']} bits (run {d['run_id']}, {d['n_queries']:,} queries x {d['n_db']:,}): "
         f"mAP@{d['map_at']} {m['query_map']:.4f} (tie-aware {m['query_map_tie_aware']:.4f}), "

@@ -109,7 +109,7 @@ def test_missing_or_foreign_evaluation_moves_nothing(store, monkeypatch, capsys)
     write_record(root, fresh)
     code, text = cli(stage, base, capsys)
     assert code == 2 and text.count("\n") == 1
-    assert f"error: metrics/toy-8-dpfah-s0.json: metrics of run {champion['run_id']}, but runs/toy-8-dpfah-s0.json names run {fresh['run_id']}" in text
+    assert f"error: evaluations/toy-8-dpfah-s0.json: evaluation of run {champion['run_id']}, but runs/toy-8-dpfah-s0.json names run {fresh['run_id']}" in text
     assert registry_state(uri) == state
 
     (root / "metrics" / "toy-8-dpfah-s0.json").unlink()
