@@ -32,6 +32,7 @@ __all__ = [
     "git_commit",
     "model_requirements",
     "dataset_name",
+    "training_metric",
     "dataset_digest",
     "log_dataset",
 ]
@@ -316,6 +317,27 @@ def model_requirements() -> list[str]:
     from importlib.metadata import version
 
     return [f"{name}=={version(name)}" for name in ("torch", "torchvision", "numpy")]
+
+
+#: The names of the training's metrics in MLflow, grouped by prefix (the runs table and the
+#: charts sort and group them: ``train/...``, ``validation/...``; evaluation's are ``query_*``).
+#: The keys are what ``dpfah.train.fit`` reports (and Ray Tune sees).
+TRAINING_METRICS = {
+    "loss": "train/loss",
+    "lr": "train/lr",
+    "images_per_s": "train/images_per_s",
+    "epoch_s": "train/epoch_s",
+    "epochs_run": "train/epochs_run",
+    "val_map": "validation/map",
+    "best_val_map": "validation/best_map",
+    "best_epoch": "validation/best_epoch",
+}
+
+
+def training_metric(key: str) -> str:
+    """The MLflow name of a metric ``fit`` reports: ``loss_l1`` -> ``train/loss_l1``, ``val_map``
+    -> ``validation/map`` (:data:`TRAINING_METRICS`); others under ``train/``."""
+    return TRAINING_METRICS.get(key, key if "/" in key else f"train/{key}")
 
 
 def dataset_name(dataset: str, protocol: str) -> str:

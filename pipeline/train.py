@@ -43,7 +43,7 @@ from .cluster import check_request, ensure_ray, shutdown_if_started, started_her
 from .config import Params, add_config_args, config_from_args
 from .errors import ConfigError, PipelineError, run_main
 from .timing import record, span
-from .tracking import check_store, git_commit, log_dataset, model_requirements, resolve_uri, tracked_run, tracking_uri
+from .tracking import check_store, git_commit, log_dataset, model_requirements, resolve_uri, tracked_run, tracking_uri, training_metric
 
 __all__ = ["TrainOutcome", "TrainingFailed", "run_training", "main"]
 
@@ -401,12 +401,12 @@ def _epoch_printer(uri: str, run_id: str, epochs: int, *, enabled: bool):
     keys = ("val_map", "best_val_map", "best_epoch", "images_per_s", "epoch_s")
 
     def fetch() -> dict[int, dict[str, float]]:
-        losses = {m.step: m.value for m in client.get_metric_history(run_id, "loss")}
+        losses = {m.step: m.value for m in client.get_metric_history(run_id, training_metric("loss"))}
         if set(losses) - set(seen):
             for step, value in losses.items():
                 seen.setdefault(step, {})["loss"] = value
             for key in keys:
-                for m in client.get_metric_history(run_id, key):
+                for m in client.get_metric_history(run_id, training_metric(key)):
                     seen.setdefault(m.step, {})[key] = m.value
         return {step: values for step, values in seen.items() if "loss" in values}
 
@@ -583,7 +583,7 @@ def run_training(
                 mlflow.set_tag("model.selected_by", selected)
                 # best_val_map and best_epoch came with every epoch's report when validating
                 summary = {"epochs_run": len(history)} | ({} if validating else {"best_epoch": best_epoch})
-                mlflow.log_metrics(summary, step=last_epoch)
+                mlflow.log_metrics({training_metric(k): v for k, v in summary.items()}, step=last_epoch)
                 logged_name = model_name(params, dataset, bits, recipe.entry)
                 mlflow.set_tag(MODEL_NAME_TAG, logged_name)
                 model_uri = _log_model(job, state, logged_name, t.image_size, last_epoch) if log_model else f"runs:/{run_id}/{logged_name}"

@@ -414,7 +414,7 @@ def run_search(
             record = _best_record(rows, best, search_name, parent_id, uri, params.mlflow.tracking_uri, experiment_name, manifest.sha256, dataset, params)
             best_path = write_json_atomic(out / "best.json", record)
             mlflow.log_artifact(str(best_path), artifact_path="summary")
-            mlflow.log_metrics({"best_val_map": best.val_map, "best_eta": best.eta, "best_zeta": best.zeta, "best_bits": best.bits})
+            mlflow.log_metrics({"validation/best_map": best.val_map, "search/best_eta": best.eta, "search/best_zeta": best.zeta, "search/best_bits": best.bits})
             mlflow.set_tags({"best_run_id": best.run_id, "best_run_name": best.run_name})
         finally:
             _close_children(client, experiment_id, parent_id)

@@ -360,7 +360,7 @@ def test_train_stage_runs_as_a_ray_job(ray_head, toy_dataset, tmp_path, monkeypa
     assert run_info.info.status == "FINISHED"
     assert run_info.data.tags["git_commit"] == "0123abc-test"
     assert run_info.data.params["dataset"] == "toy" and run_info.data.params["bits"] == str(BITS)
-    assert [m.step for m in client.get_metric_history(run_id, "val_map")] == [0]
+    assert [m.step for m in client.get_metric_history(run_id, "validation/map")] == [0]
     assert run_info.outputs.model_outputs, "no model logged"
     # The job ran from an upload of the project without the built extensions (git-ignored):
     # the compiled kernels of the installed package still served it, not the numpy fallback.

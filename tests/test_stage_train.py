@@ -156,7 +156,7 @@ def test_killed_worker_resumes_from_checkpoint(resumed_run):
     assert run.data.tags["kernel.hamming"] and run.data.tags["kernel.ranking"]
     assert run.data.params["loss.eta"] == str(params.loss.eta) and run.data.tags["weights_from"] == "params"
     assert run.data.tags["model.selected_by"] == "best validation mAP"
-    for name in ("val_map", "loss", "loss_l1", "loss_l2", "loss_l3", "images_per_s", "best_val_map", "best_epoch"):
+    for name in ("validation/map", "train/loss", "train/loss_l1", "train/loss_l2", "train/loss_l3", "train/images_per_s", "validation/best_map", "validation/best_epoch"):
         steps = [m.step for m in client.get_metric_history(outcome.run_id, name)]
         assert sorted(steps) == [0, 1, 2], (name, steps)  # one point per epoch, at its epoch
     record = json.loads((out / "runs" / "toy-16-dpfah-s0.json").read_text())
