@@ -478,6 +478,9 @@ def evaluate(
 
         from dpfah.metrics import retrieval_report
 
+        from .console import quiet_libraries
+
+    quiet_libraries()  # MLflow's download bars and INFO lines: the stage prints its own
     t0 = time.perf_counter()
     seconds: dict[str, float] = {}
     params.dataset(dataset)  # a clear error for an unknown name
