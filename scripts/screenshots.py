@@ -179,8 +179,9 @@ def take(url: str, out: Path) -> list[Path]:
 
     client = MlflowClient(url)
     experiment = client.get_experiment_by_name(f"dpfah-{DATASET}")
-    [run] = client.search_runs([experiment.experiment_id], "tags.`promote.version` != ''", max_results=1) or client.search_runs([experiment.experiment_id], max_results=1)
-    [model] = client.search_logged_models([experiment.experiment_id], max_results=1)
+    runs = client.search_runs([experiment.experiment_id], max_results=100)
+    run = next((r for r in runs if "promote.version" in r.data.tags), runs[0])  # the promoted training
+    model = client.get_logged_model(run.outputs.model_outputs[0].model_id)
     name = run.data.tags.get("promote.model_name", model.name)
     version = run.data.tags.get("promote.version", "1")
     exp = experiment.experiment_id
