@@ -43,6 +43,10 @@ def test_champion_moves_only_to_a_better_model(store):
     result = promote(params, "toy", 8, root=root)
     assert result.registered and result.moved and result.record["decision"] == "promoted"
     assert registry_state(uri) == ({"champion": 1}, [(1, first["run_id"])])
+    tags = client.get_run(first["run_id"]).data.tags
+    assert "promote.champion_query_map" not in tags and "promote.champion_version" not in tags  # no empty tags
+    description = client.get_model_version(NAME, "1").description  # what the version is, in words
+    assert "**toy**" in description and "Query mAP@ALL: **0.6000**" in description and "evaluation/pr_curves.png" in description
 
     second = evaluated_run(uri, root, 0.55)  # worse
     result = promote(params, "toy", 8, root=root)
