@@ -136,7 +136,7 @@ def test_missing_or_foreign_evaluation_moves_nothing(store, monkeypatch, capsys)
     # Evaluated at another R than the parameters now ask for.
     write_metrics(root, fresh, 0.9)
     code, text = cli(stage, [*base, "--set", "evaluate.map_at.toy=10"], capsys)
-    assert code == 2 and "error: metrics/toy-8-dpfah-s0.json: evaluated at mAP@ALL but evaluate.map_at gives mAP@10 now: re-run evaluate" in text
+    assert code == 2 and "error: evaluations/toy-8-dpfah-s0.json: evaluated at mAP@ALL but evaluate.map_at gives mAP@10 now: re-run evaluate" in text
     assert registry_state(uri) == state
 
     # Numbers measured differently (the champion at another R) are not compared.
