@@ -232,8 +232,10 @@ def test_retrieval_grid_marks_wrong_results(trained):
     dist = (BITS - qc.astype(int) @ dc.astype(int).T) // 2
     for row, q in zip(rows, [0, 6, 11]):  # queries evenly spaced over the split
         top = np.lexsort((np.arange(78), dist[q]))[:10]
-        assert [d for _, _, d in row["results"]] == list(dist[q, top])
-        assert [ok for _, ok, _ in row["results"]] == [bool((q_lab[q] & d_lab[j]).any()) for j in top]
+        assert [d for _, _, d, _ in row["results"]] == list(dist[q, top])
+        assert [ok for _, ok, _, _ in row["results"]] == [bool((q_lab[q] & d_lab[j]).any()) for j in top]
+        # each retrieved image is named by its class
+        assert [name for _, _, _, name in row["results"]] == [manifest.classes[int(np.flatnonzero(d_lab[j])[0])] for j in top]
         np.testing.assert_array_equal(row["query"], q_img[q])  # 32 px: the thumbnail is the image
         np.testing.assert_array_equal(row["results"][0][0], d_img[top[0]])
 
