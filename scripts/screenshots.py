@@ -111,7 +111,7 @@ def build_store(work: Path, images: str | None) -> Path:
         "evaluate.grid_topk=8",
         "evaluate.grid_queries=4",
     ]
-    args = [a for s in sets for a in ("--set", s)]
+    args = ["--params", str(REPO / "params.yaml"), *(a for s in sets for a in ("--set", s))]
     which = ["--dataset", DATASET]
     for stage, extra in (("prepare", []), ("train", ["--bits", str(BITS)]), ("evaluate", ["--bits", str(BITS), "--quiet"]), ("promote", ["--bits", str(BITS)])):
         print(f"$ python -m pipeline.{stage} {' '.join(which + extra)} ...", flush=True)
