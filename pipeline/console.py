@@ -20,7 +20,7 @@ from collections.abc import Callable
 
 ENV = "DPFAH_VERBOSE"
 
-__all__ = ["ENV", "verbose", "set_verbose", "quiet_libraries", "EpochPrinter", "duration"]
+__all__ = ["ENV", "verbose", "set_verbose", "quiet_libraries", "stderr_muted", "EpochPrinter", "duration"]
 
 
 def verbose() -> bool:
@@ -48,6 +48,16 @@ def quiet_libraries() -> None:
     pytorch_logger = logging.getLogger("mlflow.pytorch")
     if not any(isinstance(f, _DropPickleWarning) for f in pytorch_logger.filters):
         pytorch_logger.addFilter(_DropPickleWarning())
+
+
+def stderr_muted():
+    """A block whose writes to stderr are dropped (unless --verbose): MLflow's
+    ``register_model`` prints "Registered model ... already exists. Creating a new version"
+    and "Created version ..." straight to stderr, past its loggers."""
+    import contextlib
+    import io
+
+    return contextlib.nullcontext() if verbose() else contextlib.redirect_stderr(io.StringIO())
 
 
 def duration(seconds: float) -> str:

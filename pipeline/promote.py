@@ -46,7 +46,7 @@ from .artifacts import DEFAULT_METHOD, evaluation_file, metric_values, metrics_f
 from .config import Params, add_config_args, config_from_args
 from .errors import PipelineError, run_main
 from .registry import EVAL_COMPLETE_TAG, EVAL_ID_TAG, MismatchError, check_training_run, load_checked_model, model_name, read_run_record, run_model_uri
-from .console import quiet_libraries
+from .console import quiet_libraries, stderr_muted
 from .timing import record, span
 from .tracking import connect, get_run, mlflow_errors, sqlite_path, tracking_uri, using_tracking_uri
 
@@ -325,7 +325,7 @@ def _register_and_decide(client, uri, name, alias, metric, map_at, run_id, value
             # Decide first: a refusal (nothing comparable) registers nothing.
             decision, previous = _decide(client, name, version, run_id, value, holder, metric, map_at, sha, uri)
             if version is None:
-                with using_tracking_uri(uri):
+                with using_tracking_uri(uri), stderr_muted():  # our own line says what happened
                     version = int(mlflow.register_model(model_uri, name, tags={k: v for k, v in version_tags.items() if v}).version)
                 registered = True
                 client.update_model_version(name, str(version), description=_version_description(run_metrics, tags, dataset, bits, map_at, run_id))
