@@ -239,7 +239,7 @@ def _plot_pr(path: Path, report: dict[str, Any], title: str, radius: int = 2) ->
             label=f"r={r}: P {p:.3f}, R {rec:.3f}" + (f"  (P@H<={radius})" if marked else ""),
         )
     left.set(xlabel="recall", ylabel="precision", title="by Hamming radius r", xlim=(-0.02, 1.02), ylim=(0, 1.02))
-    left.legend(loc="lower left", fontsize=7, framealpha=0.9)
+    left.legend(loc="best", fontsize=7, framealpha=0.9)  # away from the points (a weak model has them low left)
     rank = report["pr_by_rank"]
     right.plot(rank["recall"], rank["precision"], marker=".", markersize=3)
     right.set(xlabel="recall", ylabel="precision", title="by rank (top-k lists, k = 1 .. database)", xlim=(0, 1.02), ylim=(0, 1.02))
