@@ -46,6 +46,10 @@ DATASET, BITS = "toy", 16
 
 def _stage_env() -> dict[str, str]:
     env = dict(os.environ, PYTHONPATH=str(REPO), RAY_AUTH_MODE="disabled")
+    # the stages run outside the repository: tell them its commit (the runs' git_commit tag)
+    commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True)
+    if commit.returncode == 0:
+        env.setdefault("DPFAH_GIT_COMMIT", commit.stdout.strip())
     for key in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS"):
         env.pop(key, None)
     return env
