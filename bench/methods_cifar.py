@@ -100,7 +100,7 @@ def main(argv=None) -> int:
         record = json.loads((repo / "runs" / f"{stem}.json").read_text())
         metrics = json.loads((repo / "metrics" / f"{stem}.json").read_text())
         run = client.get_run(record["run_id"])
-        speeds = [x.value for x in client.get_metric_history(record["run_id"], "images_per_s")]
+        speeds = [x.value for x in client.get_metric_history(record["run_id"], "train/images_per_s")]
         rows.append(
             {
                 "method": m,

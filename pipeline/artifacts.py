@@ -5,7 +5,8 @@ given another ``root``)::
 
     runs/<d>-<b>-<m>-s<s>.json          train: the run record (run id, model URI, data identity)
     objectives/<d>-<b>-<m>.json         objective: what a training optimises (method, hyper-parameters, network changes)
-    metrics/<d>-<b>-<m>-s<s>.json       evaluate: the query metrics (DVC metrics)
+    metrics/<d>-<b>-<m>-s<s>.json       evaluate: the query metrics, nothing else (DVC metrics)
+    evaluations/<d>-<b>-<m>-s<s>.json   evaluate: what they measure (run, data, R, radius, sizes, eval id)
     plots/<d>-<b>-<m>-s<s>/*.csv        evaluate: PR and P@N curve data (DVC plots)
     codes/<d>-<b>-<m>-s<s>/query.parquet  evaluate: the packed query codes and labels (the report's t-SNE)
     promotions/<d>-<b>-<m>-s<s>.json    promote: the decision and both numbers
@@ -30,6 +31,7 @@ __all__ = [
     "RUNS_DIR",
     "OBJECTIVES_DIR",
     "METRICS_DIR",
+    "EVALUATIONS_DIR",
     "PLOTS_DIR",
     "PROMOTIONS_DIR",
     "TUNE_DIR",
@@ -41,6 +43,7 @@ __all__ = [
     "run_file",
     "objective_file",
     "metrics_file",
+    "evaluation_file",
     "plots_dir",
     "query_codes_file",
     "report_dir",
@@ -56,6 +59,7 @@ __all__ = [
 RUNS_DIR = "runs"
 OBJECTIVES_DIR = "objectives"
 METRICS_DIR = "metrics"
+EVALUATIONS_DIR = "evaluations"
 PLOTS_DIR = "plots"
 PROMOTIONS_DIR = "promotions"
 TUNE_DIR = "tune"
@@ -88,6 +92,11 @@ def objective_file(dataset: str, bits: int, root: Root = ".", *, method: str = D
 
 def metrics_file(dataset: str, bits: int, root: Root = ".", *, method: str = DEFAULT_METHOD, seed: int = 0) -> Path:
     return Path(root) / METRICS_DIR / f"{stem(dataset, bits, method, seed)}.json"
+
+
+def evaluation_file(dataset: str, bits: int, root: Root = ".", *, method: str = DEFAULT_METHOD, seed: int = 0) -> Path:
+    """The evaluation record: which run, data and settings the metrics file's numbers measure."""
+    return Path(root) / EVALUATIONS_DIR / f"{stem(dataset, bits, method, seed)}.json"
 
 
 def plots_dir(dataset: str, bits: int, root: Root = ".", *, method: str = DEFAULT_METHOD, seed: int = 0) -> Path:

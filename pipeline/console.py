@@ -2,7 +2,8 @@
 
 By default Ray's start-up banner, Ray Train's controller and worker logs (resource requests,
 "Reporting training result ..." per epoch, checkpoint paths) and MLflow's INFO lines (table
-creation, new experiments) and its pickle warning are not shown: the stage prints one line
+creation, new experiments, "Registered model ... already exists"), its artifact download
+progress bars and its pickle warning are not shown: the stage prints one line
 per epoch and a summary instead. ``--verbose`` (or DPFAH_VERBOSE=1) shows them all, as
 they were. Warnings and errors of the libraries are always shown, except the pickle
 warning, which is about a choice the project made (see ``pipeline/train.py: _log_model``).
@@ -19,7 +20,7 @@ from collections.abc import Callable
 
 ENV = "DPFAH_VERBOSE"
 
-__all__ = ["ENV", "verbose", "set_verbose", "quiet_libraries", "EpochPrinter", "duration"]
+__all__ = ["ENV", "verbose", "set_verbose", "quiet_libraries", "stderr_muted", "EpochPrinter", "duration"]
 
 
 def verbose() -> bool:
@@ -41,10 +42,22 @@ def quiet_libraries() -> None:
     import); its warnings stay, but the pickle one."""
     if verbose():
         return
+    # the "Downloading artifacts: 100%|..." bar of every model load from a local store
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     logging.getLogger("mlflow").setLevel(logging.WARNING)
     pytorch_logger = logging.getLogger("mlflow.pytorch")
     if not any(isinstance(f, _DropPickleWarning) for f in pytorch_logger.filters):
         pytorch_logger.addFilter(_DropPickleWarning())
+
+
+def stderr_muted():
+    """A block whose writes to stderr are dropped (unless --verbose): MLflow's
+    ``register_model`` prints "Registered model ... already exists. Creating a new version"
+    and "Created version ..." straight to stderr, past its loggers."""
+    import contextlib
+    import io
+
+    return contextlib.nullcontext() if verbose() else contextlib.redirect_stderr(io.StringIO())
 
 
 def duration(seconds: float) -> str:

@@ -15,8 +15,9 @@ tensor. Computes everything first (metrics, figures, codes), then writes, each a
 * ``plots/<dataset>-<bits>-<method>-s<seed>/{pr_radius,pr_rank,p_at_n}.csv``: DVC plots;
 * ``codes/<dataset>-<bits>-<method>-s<seed>/query.parquet``: the packed query codes and labels
   (the report's t-SNE; the database codes go to MLflow only);
-* ``metrics/<dataset>-<bits>-<method>-s<seed>.json``: DVC metrics (the numbers under ``metrics``, plus the
-  run, the data, the settings they belong to and this evaluation's ``eval_id``);
+* ``metrics/<dataset>-<bits>-<method>-s<seed>.json``: DVC metrics, the ``query_*`` numbers only;
+* ``evaluations/<dataset>-<bits>-<method>-s<seed>.json``: what they measure: the run, the data, R,
+  the radius, the split sizes and this evaluation's ``eval_id``;
 
 then logs to the training's MLflow run the same metrics (same names, same values), tags
 ``eval.*`` describing the evaluation (``eval.id`` among them), under ``evaluation/`` the
@@ -43,7 +44,7 @@ from typing import Any
 
 import numpy as np
 
-from .artifacts import DEFAULT_METHOD, metric_values, metrics_file, plots_dir, query_codes_file, write_atomic, write_json_atomic
+from .artifacts import DEFAULT_METHOD, evaluation_file, metric_values, metrics_file, plots_dir, query_codes_file, write_atomic, write_json_atomic
 from .config import Params, add_config_args, config_from_args
 from .errors import ConfigError, DataError, run_main
 from .figures import class_name, figure, plot_grid, thumbnail
@@ -58,7 +59,7 @@ from .registry import (
     run_model_uri,
 )
 from .timing import record, span
-from .tracking import connect, get_run, git_commit, mlflow_errors
+from .tracking import connect, dataset_digest, dataset_name, get_run, git_commit, mlflow_errors
 
 __all__ = ["Evaluation", "evaluate", "flat_metrics", "codes_table", "load_codes", "write_dvc_outputs", "main"]
 
@@ -68,7 +69,7 @@ P_AT = (10, 100, 500, 1000)  # P@N values reported as scalars (those within the 
 
 @dataclass(frozen=True)
 class Evaluation:
-    doc: dict[str, Any]  # the metrics file's content
+    doc: dict[str, Any]  # the metrics file's numbers and the evaluation record's facts, together
     report: dict[str, Any]  # dpfah.metrics.retrieval_report (numpy arrays inside)
     metrics_file: Path
     plots_dir: Path
@@ -144,6 +145,12 @@ def _read_samples(manifest, split: str, indices) -> dict[int, bytes]:
 # ----------------------------------------------------------------------------- metrics
 
 
+def p_at_name(n: int) -> str:
+    """The metric of P@n: N zero-padded to four digits (``query_p_at_0010`` ...
+    ``query_p_at_1000``), so that the runs table and ``dvc metrics show`` sort them by N."""
+    return f"query_p_at_{n:04d}"
+
+
 def flat_metrics(report: dict[str, Any]) -> dict[str, float]:
     """The scalar metrics, named as they are in the metrics file and in MLflow."""
     out = {
@@ -156,7 +163,7 @@ def flat_metrics(report: dict[str, Any]) -> dict[str, float]:
     ns, precision = report["p_at_n"]["n"], report["p_at_n"]["precision"]
     for n in P_AT:
         if n <= len(ns):
-            out[f"query_p_at_{n}"] = float(precision[n - 1])
+            out[p_at_name(n)] = float(precision[n - 1])
     return out
 
 
@@ -182,7 +189,8 @@ def _write_plots(directory: Path, report: dict[str, Any]) -> list[Path]:
 
 def write_dvc_outputs(root, dataset: str, bits: int, which: dict[str, Any], doc: dict[str, Any], report: dict[str, Any], query_table) -> tuple[Path, Path, list[Path]]:
     """The files DVC tracks, each written atomically: the curve data, the query codes (a
-    :func:`codes_table`), then the metrics file. Returns (metrics file, plots dir, plot files)."""
+    :func:`codes_table`), the evaluation record (``doc`` but its ``query_*`` numbers), then
+    the metrics file (those numbers only). Returns (metrics file, plots dir, plot files)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -191,7 +199,9 @@ def write_dvc_outputs(root, dataset: str, bits: int, which: dict[str, Any], doc:
     sink = pa.BufferOutputStream()
     pq.write_table(query_table, sink)
     write_atomic(query_codes_file(dataset, bits, root, **which), sink.getvalue().to_pybytes())
-    return write_json_atomic(metrics_file(dataset, bits, root, **which), doc), plot_dir, plots
+    metrics = metric_values(doc)
+    write_json_atomic(evaluation_file(dataset, bits, root, **which), {k: v for k, v in doc.items() if k not in metrics})
+    return write_json_atomic(metrics_file(dataset, bits, root, **which), metrics), plot_dir, plots
 
 
 def codes_table(codes: np.ndarray, labels: np.ndarray, index: np.ndarray, meta: dict[str, str]):
@@ -226,17 +236,26 @@ def load_codes(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, np.ndar
 # ----------------------------------------------------------------------------- figures
 
 
-def _plot_pr(path: Path, report: dict[str, Any], title: str) -> None:
-    fig = figure(9.0, 4.0)
+def _plot_pr(path: Path, report: dict[str, Any], title: str, radius: int = 2) -> None:
+    """PR by Hamming radius (left: each radius r=0..4 its own marker, named in the legend
+    with its precision and recall; the radius of P@H<=radius starred) and PR by rank (right)."""
+    fig = figure(10.0, 4.4)
     left, right = fig.subplots(1, 2)
     pr = report["pr_by_radius"]
-    left.plot(pr["recall"], pr["precision"], marker="o", markersize=3)
-    for r in range(min(len(pr["radius"]), 5)):
-        left.annotate(f"r={r}", (pr["recall"][r], pr["precision"][r]), fontsize=7, xytext=(3, 3), textcoords="offset points")
-    left.set(xlabel="recall", ylabel="precision", title="by Hamming radius", xlim=(0, 1.02), ylim=(0, 1.02))
+    left.plot(pr["recall"], pr["precision"], color="0.55", linewidth=1, marker=".", markersize=3, label="r = 0 .. bits", zorder=1)
+    colours = ("#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd", "#8c564b")
+    for r in range(min(len(pr["radius"]), len(colours))):
+        p, rec = float(pr["precision"][r]), float(pr["recall"][r])
+        marked = r == radius
+        left.scatter(
+            [rec], [p], s=140 if marked else 36, marker="*" if marked else "o", color=colours[r], edgecolor="black", linewidth=0.6, zorder=3,
+            label=f"r={r}: P {p:.3f}, R {rec:.3f}" + (f"  (P@H<={radius})" if marked else ""),
+        )
+    left.set(xlabel="recall", ylabel="precision", title="by Hamming radius r", xlim=(-0.02, 1.02), ylim=(0, 1.02))
+    left.legend(loc="best", fontsize=7, framealpha=0.9)  # away from the points (a weak model has them low left)
     rank = report["pr_by_rank"]
     right.plot(rank["recall"], rank["precision"], marker=".", markersize=3)
-    right.set(xlabel="recall", ylabel="precision", title="by rank (top-k lists)", xlim=(0, 1.02), ylim=(0, 1.02))
+    right.set(xlabel="recall", ylabel="precision", title="by rank (top-k lists, k = 1 .. database)", xlim=(0, 1.02), ylim=(0, 1.02))
     for ax in (left, right):
         ax.grid(alpha=0.3)
     fig.suptitle(title)
@@ -267,7 +286,7 @@ def _grid_rows(manifest, q_codes, d_codes, q_labels, d_labels, n_queries: int, t
         results = []
         for j, d in zip(idx[row], dist[row]):
             relevant = bool(np.any(q_labels[q].astype(bool) & d_labels[j].astype(bool)))
-            results.append((thumbnail(d_bytes[int(j)]), relevant, int(d)))
+            results.append((thumbnail(d_bytes[int(j)]), relevant, int(d), class_name(d_labels[j], manifest.classes)))
         rows.append({"query": thumbnail(q_bytes[int(q)]), "name": class_name(q_labels[q], manifest.classes), "results": results})
     return rows
 
@@ -339,7 +358,8 @@ def _build_artifacts(art: Path, subject: _Subject, params: Params, dataset: str,
     details = {**doc, "model_uri": subject.model_uri, "protocol": manifest.protocol, "manifest_sha256": sha, "ties": "index"}
     label = f"{dataset}, {bits} bits, run {run_id[:8]}"
     write_json_atomic(art / "metrics.json", details)
-    _plot_pr(art / "pr_curves.png", report, f"PR curves: {label}")
+    scores = f"mAP@{doc['map_at']} {report['map']:.4f}, P@H<={e.radius} {report['precision_within_radius']:.4f}"
+    _plot_pr(art / "pr_curves.png", report, f"PR curves: {label}: {scores}", e.radius)
     _plot_p_at_n(art / "p_at_n.png", report, f"P@N: {label}")
     rows = _grid_rows(manifest, q_codes, d_codes, q_labels, d_labels, e.grid_queries, e.grid_topk)
     if rows:
@@ -375,12 +395,24 @@ def _log_to_run(subject: _Subject, params: Params, doc, metrics, art: Path) -> N
         "eval.git_commit": git_commit(),
     }
     with mlflow_errors(f"logging the evaluation to run {run_id}", subject.uri):
-        subject.client.log_batch(run_id, metrics=[Metric(k, v, now, 0) for k, v in metrics.items()], tags=[RunTag(k, v) for k, v in tags.items()])
+        # linked to the logged model (its page lists them) and to the prepared split
+        link = {
+            "model_id": _model_id(subject.model_uri),
+            "dataset_name": dataset_name(doc["dataset"], subject.manifest.protocol),
+            "dataset_digest": dataset_digest(subject.manifest.sha256),
+        }
+        subject.client.log_batch(run_id, metrics=[Metric(k, v, now, 0, **link) for k, v in metrics.items()], tags=[RunTag(k, v) for k, v in tags.items()])
         subject.client.log_artifacts(run_id, str(art), ARTIFACT_DIR)
         if os.environ.get(FAULT_ENV) == "before-marker":
             raise RuntimeError(f"{FAULT_ENV}=before-marker: injected fault after logging evaluation {eval_id} to run {run_id}")
         done = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         subject.client.log_batch(run_id, tags=[RunTag(EVAL_COMPLETE_TAG, eval_id), RunTag("eval.completed_at", done)])
+
+
+def _model_id(model_uri: str) -> str | None:
+    """The logged model's id in a ``models:/m-...`` URI (what train records), else None."""
+    rest = model_uri[len("models:/") :] if model_uri.startswith("models:/") else ""
+    return rest if rest.startswith("m-") and "/" not in rest else None
 
 
 def evaluate(
@@ -405,6 +437,9 @@ def evaluate(
 
         from dpfah.metrics import retrieval_report
 
+        from .console import quiet_libraries
+
+    quiet_libraries()  # MLflow's download bars and INFO lines: the stage prints its own
     t0 = time.perf_counter()
     seconds: dict[str, float] = {}
     params.dataset(dataset)  # a clear error for an unknown name
@@ -432,8 +467,8 @@ def evaluate(
     seconds["metrics"] = time.perf_counter() - t
     record("retrieval metrics", time.time() - seconds["metrics"])
 
-    # The DVC metrics file: the numbers at the top level (so `dvc metrics show` and `dvc exp
-    # show` list them by name) and the few facts that say what they measure and for which run.
+    # The DVC metrics file holds the numbers only (what `dvc metrics show` and `dvc exp show`
+    # list); the evaluation record beside it says what they measure and for which run.
     doc = {
         **metrics,
         "eval_id": f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}",
@@ -501,8 +536,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     params = config_from_args(args)
     result = evaluate(params, args.dataset, args.bits, run_id=args.run_id, progress=False if args.quiet else None, method=args.method, seed=args.seed)
     d = m = result.doc
-    p_at = max((n for n in P_AT if f"query_p_at_{n}" in m), default=None)
-    extra = f", P@{p_at} {m[f'query_p_at_{p_at}']:.4f}" if p_at else ""
+    p_at = max((n for n in P_AT if p_at_name(n) in m), default=None)
+    extra = f", P@{p_at} {m[p_at_name(p_at)]:.4f}" if p_at else ""
     print(
         f"evaluated {d['dataset']} {d['bits']} bits (run {d['run_id']}, {d['n_queries']:,} queries x {d['n_db']:,}): "
         f"mAP@{d['map_at']} {m['query_map']:.4f} (tie-aware {m['query_map_tie_aware']:.4f}), "

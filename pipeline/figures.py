@@ -32,16 +32,24 @@ def class_name(labels: np.ndarray, classes: Sequence[str]) -> str:
     return "+".join(names[:2]) + ("+..." if len(names) > 2 else "") if names else "(none)"
 
 
+_RIGHT, _WRONG = "#2ca02c", "#d62728"
+
+
 def plot_grid(path: Path, rows: list[dict[str, Any]], title: str) -> None:
-    """Top-k retrieval grid (the paper's Fig. 15): a query per row, its results by rank;
-    correct results framed green, wrong ones red with an X, unknown ones (``ok`` None) black.
-    A row: ``{"query": image, "name": str, "results": [(image, ok, distance[, caption])]}``."""
+    """Top-k retrieval grid (the paper's Fig. 15): a query per row (black frame), its results
+    by rank, each framed green when it shares a label with the query, red when not and grey
+    when unknown (``ok`` None), with its caption (class or key) and Hamming distance under
+    it; a legend says so. A row: ``{"query": image, "name": str, "results": [(image, ok,
+    distance[, caption])]}``."""
+    from matplotlib.patches import Patch
+
     k = max(len(r["results"]) for r in rows)
-    fig = figure(1.05 * (k + 1) + 0.6, 1.25 * len(rows) + 0.5)
+    fig = figure(1.25 * (k + 1) + 0.4, 1.55 * len(rows) + 0.9)
     axes = np.atleast_2d(fig.subplots(len(rows), k + 1, squeeze=False))
+    query = object()
     for i, row in enumerate(rows):
-        cells = [(row["query"], None, None, f"query: {row['name']}")] + [
-            (r[0], r[1], r[2], r[3] if len(r) > 3 else f"d={r[2]}") for r in row["results"]
+        cells = [(row["query"], query, f"query\n{row['name']}")] + [
+            (r[0], r[1], f"{r[3]}\nd={r[2]}" if len(r) > 3 else f"d={r[2]}") for r in row["results"]
         ]
         for j in range(k + 1):
             ax = axes[i, j]
@@ -50,16 +58,20 @@ def plot_grid(path: Path, rows: list[dict[str, Any]], title: str) -> None:
             if j >= len(cells):
                 ax.axis("off")
                 continue
-            img, ok, _, label = cells[j]
+            img, ok, label = cells[j]
             ax.imshow(img)
-            colour = "black" if ok is None else ("#2ca02c" if ok else "#d62728")
+            colour = "black" if ok is query else ("0.6" if ok is None else (_RIGHT if ok else _WRONG))
             for spine in ax.spines.values():
                 spine.set_color(colour)
-                spine.set_linewidth(1 if ok is None else 3)
-            ax.set_xlabel(label, fontsize=6, color=colour)
-            if ok is False:
-                ax.text(0.5, 0.5, "X", transform=ax.transAxes, ha="center", va="center", color="#d62728", fontsize=22, fontweight="bold", alpha=0.8)
-            if i == 0 and j > 0:
-                ax.set_title(str(j), fontsize=7)
-    fig.suptitle(title, fontsize=9)
+                spine.set_linewidth(2 if ok is query else 4)
+            ax.set_xlabel(label, fontsize=8, color="black" if ok is query or ok is None else colour, fontweight="bold" if ok is query else "normal", labelpad=2)
+            if i == 0:
+                ax.set_title("query" if j == 0 else f"rank {j}", fontsize=8)
+    known = any(r[1] is not None for row in rows for r in row["results"])
+    handles = [Patch(facecolor="white", edgecolor="black", linewidth=2, label="query; d = Hamming distance to it")]
+    if known:
+        handles[:0] = [Patch(facecolor="white", edgecolor=_RIGHT, linewidth=3, label="relevant (shares a label with the query)"),
+                       Patch(facecolor="white", edgecolor=_WRONG, linewidth=3, label="not relevant")]
+    fig.legend(handles=handles, loc="outside lower center", ncol=len(handles), fontsize=8, frameon=False)
+    fig.suptitle(title, fontsize=10)
     fig.savefig(path)

@@ -42,10 +42,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .artifacts import DEFAULT_METHOD, metric_values, metrics_file, promotion_file, write_json_atomic
+from .artifacts import DEFAULT_METHOD, evaluation_file, metric_values, metrics_file, promotion_file, write_json_atomic
 from .config import Params, add_config_args, config_from_args
-from .errors import ConfigError, PipelineError, run_main
-from .registry import EVAL_COMPLETE_TAG, EVAL_ID_TAG, MismatchError, check_training_run, load_checked_model, read_run_record, run_model_uri
+from .errors import PipelineError, run_main
+from .registry import EVAL_COMPLETE_TAG, EVAL_ID_TAG, MismatchError, check_training_run, load_checked_model, model_name, read_run_record, run_model_uri
+from .console import quiet_libraries, stderr_muted
 from .timing import record, span
 from .tracking import connect, get_run, mlflow_errors, sqlite_path, tracking_uri, using_tracking_uri
 
@@ -81,13 +82,6 @@ class Promotion:
     moved: bool  # the alias was moved
 
 
-def model_name(params: Params, dataset: str, bits: int, method: str = DEFAULT_METHOD) -> str:
-    name = params.promote.model_name.format(dataset=dataset, bits=bits, method=method)
-    if "'" in name or '"' in name:
-        raise ConfigError(f"promote.model_name: {name!r} must not contain quotes")
-    return name
-
-
 def _read_metrics(dataset: str, bits: int, root, which: dict[str, Any]) -> tuple[dict[str, Any], Path]:
     path = metrics_file(dataset, bits, root, **which)
     try:
@@ -100,6 +94,20 @@ def _read_metrics(dataset: str, bits: int, root, which: dict[str, Any]) -> tuple
         raise EvaluationMissing(f"{path}: unreadable metrics ({type(e).__name__}: {e})") from None
     if not isinstance(doc, dict) or not metric_values(doc):
         raise EvaluationMissing(f"{path}: not an evaluation metrics file (no query_* metrics)")
+    return doc, path
+
+
+def _read_evaluation(dataset: str, bits: int, root, which: dict[str, Any]) -> tuple[dict[str, Any], Path]:
+    """The evaluation record beside the metrics file: the run, data and settings measured."""
+    path = evaluation_file(dataset, bits, root, **which)
+    try:
+        doc = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise EvaluationMissing(f"{path}: no evaluation record (run python -m pipeline.evaluate --dataset {dataset} --bits {bits} first)") from None
+    except (OSError, json.JSONDecodeError) as e:
+        raise EvaluationMissing(f"{path}: unreadable evaluation record ({type(e).__name__}: {e})") from None
+    if not isinstance(doc, dict) or "run_id" not in doc:
+        raise EvaluationMissing(f"{path}: not an evaluation record (no run_id)")
     return doc, path
 
 
@@ -120,7 +128,7 @@ def _find_version(client, name: str, run_id: str):
         if e.error_code != "RESOURCE_DOES_NOT_EXIST":
             raise
         try:
-            client.create_registered_model(name, description="DPFAH hashing models; the alias marks the best by query mAP")
+            client.create_registered_model(name, description="Hashing models (uint8 images in, binary codes out), one version per promoted training; the alias (champion) marks the best by query mAP")
         except MlflowException as e2:
             if e2.error_code != "RESOURCE_ALREADY_EXISTS":
                 raise
@@ -158,14 +166,16 @@ def _from_dvc_files(dataset: str, bits: int, root, map_at, metric: str, which: d
     """(run record, where it is, metrics file): the DVC way, where the two must agree."""
     record, record_path = read_run_record(dataset, bits, root, **which)
     run_id = record["run_id"]
-    doc, doc_path = _read_metrics(dataset, bits, root, which)
+    values, _ = _read_metrics(dataset, bits, root, which)
+    facts, doc_path = _read_evaluation(dataset, bits, root, which)
+    doc = {**facts, **values}
     if doc.get("run_id") != run_id:
         raise MismatchError(
-            f"{doc_path}: metrics of run {doc.get('run_id')}, but {record_path} names run {run_id} "
+            f"{doc_path}: evaluation of run {doc.get('run_id')}, but {record_path} names run {run_id} "
             f"(evaluate that run first: python -m pipeline.evaluate --dataset {dataset} --bits {bits})"
         )
     if (doc.get("dataset"), doc.get("bits")) != (dataset, bits):
-        raise MismatchError(f"{doc_path}: metrics of {doc.get('dataset')!r} at {doc.get('bits')} bits, not {dataset!r} at {bits}")
+        raise MismatchError(f"{doc_path}: evaluation of {doc.get('dataset')!r} at {doc.get('bits')} bits, not {dataset!r} at {bits}")
     if doc.get("map_at") != map_at:
         raise MismatchError(f"{doc_path}: evaluated at mAP@{doc.get('map_at')} but evaluate.map_at gives mAP@{map_at} now: re-run evaluate")
     if metric not in doc:
@@ -241,6 +251,7 @@ def promote(
     uri = tracking_uri(params)
     with span("imports and mlflow: find the run"):
         client = connect(uri)
+        quiet_libraries()  # MLflow's "Registered model ... already exists" and the like: ours says what happened
         run = get_run(client, run_id, uri, source)
     check_training_run(run, dataset, bits, source)
     value, sha = _evaluated_value(run, doc, dataset, bits, root, metric, map_at, source, by_id=record is None, which=which)
@@ -249,12 +260,37 @@ def promote(
     with span("mlflow: load the model, check its weights"):
         load_checked_model(model_uri, run_id, uri)  # NaN or inf anywhere: refused, nothing registered
     with span("mlflow: register, decide, tag"), promotion_lock(client, uri, name):
-        out, version, registered, moved = _register_and_decide(client, uri, name, alias, metric, map_at, run_id, value, sha, tags, model_uri, dataset, bits)
+        out, version, registered, moved = _register_and_decide(client, uri, name, alias, metric, map_at, run_id, value, sha, tags, model_uri, dataset, bits, run.data.metrics)
     path = write_json_atomic(promotion_file(dataset, bits, root, **which), out)
     return Promotion(out, path, registered, moved)
 
 
-def _register_and_decide(client, uri, name, alias, metric, map_at, run_id, value, sha, tags, model_uri, dataset, bits):
+def _rounded(value: float) -> str:
+    """A metric as a tag: four decimals are what a reader compares (the files keep all)."""
+    return repr(round(float(value), 4))
+
+
+def _version_description(metrics: dict[str, float], tags: dict[str, str], dataset: str, bits: int, map_at, run_id: str) -> str:
+    """What a model version is, in the registry's words (Markdown): the data, the query
+    metrics, where its figures are."""
+    radius = tags.get("eval.radius", "2")
+
+    def number(key: str) -> str:
+        return f"{metrics[key]:.4f}" if key in metrics else "not measured"
+
+    empty = f" ({metrics['query_empty_ball_share']:.0%} of queries with an empty ball)" if "query_empty_ball_share" in metrics else ""
+    return (
+        f"**{tags.get('method', 'dpfah')}** on **{dataset}** (protocol {tags.get('protocol', '?')}, shards {tags.get('manifest_sha256', '?')[:12]}), "
+        f"**{bits} bits**.\n\n"
+        f"Query mAP@{map_at}: **{number('query_map')}** (tie-aware {number('query_map_tie_aware')}); "
+        f"P@H<={radius}: **{number('query_precision_within_radius')}**{empty}.\n\n"
+        f"Figures (PR curves, P@N, top-k retrieval grid), curve data and packed codes: artifacts `evaluation/` of run `{run_id}` "
+        f"(`evaluation/pr_curves.png`, `evaluation/p_at_n.png`, `evaluation/retrieval_grid.png`).\n\n"
+        f"Input: uint8 RGB images (N, H, W, 3); output: int8 codes (N, {bits}) in {{-1, +1}} (README, \"The logged model\")."
+    )
+
+
+def _register_and_decide(client, uri, name, alias, metric, map_at, run_id, value, sha, tags, model_uri, dataset, bits, run_metrics):
     """Register the run's model once and move the alias when it wins; the record, the
     version, whether a version was created, whether the alias moved."""
     import mlflow
@@ -267,7 +303,7 @@ def _register_and_decide(client, uri, name, alias, metric, map_at, run_id, value
             "protocol": tags.get("protocol", ""),
             "manifest_sha256": sha,
             "map_at": str(map_at),
-            metric: repr(value),
+            metric: _rounded(value),
             "git_commit": tags.get("git_commit", ""),
         }
         found = _find_version(client, name, run_id)
@@ -289,9 +325,10 @@ def _register_and_decide(client, uri, name, alias, metric, map_at, run_id, value
             # Decide first: a refusal (nothing comparable) registers nothing.
             decision, previous = _decide(client, name, version, run_id, value, holder, metric, map_at, sha, uri)
             if version is None:
-                with using_tracking_uri(uri):
-                    version = int(mlflow.register_model(model_uri, name, tags=version_tags).version)
+                with using_tracking_uri(uri), stderr_muted():  # our own line says what happened
+                    version = int(mlflow.register_model(model_uri, name, tags={k: v for k, v in version_tags.items() if v}).version)
                 registered = True
+                client.update_model_version(name, str(version), description=_version_description(run_metrics, tags, dataset, bits, map_at, run_id))
             if decision == "promoted":
                 client.set_registered_model_alias(name, alias, str(version))
                 moved = True
@@ -322,10 +359,12 @@ def _register_and_decide(client, uri, name, alias, metric, map_at, run_id, value
             "promote.version": str(version),
             "promote.alias": alias,
             "promote.alias_version": str(out["alias_version"]),
-            f"promote.{metric}": repr(value),
-            f"promote.champion_{metric}": "" if prev.get("value") is None else repr(prev["value"]),
-            "promote.champion_version": "" if prev.get("version") is None else str(prev["version"]),
+            f"promote.{metric}": _rounded(value),
         }
+        if prev.get("value") is not None:  # no champion before: no empty tags
+            run_tags[f"promote.champion_{metric}"] = _rounded(prev["value"])
+        if prev.get("version") is not None:
+            run_tags["promote.champion_version"] = str(prev["version"])
         if any(tags.get(k) != v for k, v in run_tags.items()):
             client.log_batch(run_id, tags=[RunTag(k, v) for k, v in run_tags.items()])
     return out, version, registered, moved

@@ -9,17 +9,20 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
 from .artifacts import DEFAULT_METHOD, run_file
 from .config import MlflowConfig
-from .errors import PipelineError
+from .errors import ConfigError, PipelineError
 from .tracking import mlflow_errors, resolve_uri, tracking_uri
 
 __all__ = [
     "EVAL_ID_TAG",
     "EVAL_COMPLETE_TAG",
+    "MODEL_NAME_TAG",
+    "model_name",
     "RunRecordError",
     "MismatchError",
     "NonFiniteWeights",
@@ -36,6 +39,19 @@ __all__ = [
 #: (the same id) is written last, when everything else is logged.
 EVAL_ID_TAG = "eval.id"
 EVAL_COMPLETE_TAG = "eval.complete"
+
+
+#: Run tag naming the run's logged model (the registry name it is promoted under).
+MODEL_NAME_TAG = "model.name"
+
+
+def model_name(params, dataset: str, bits: int, method: str = DEFAULT_METHOD) -> str:
+    """The name of a training's model: its logged model in the run and its registered model
+    (``promote.model_name``, default ``<method>-<dataset>-<bits>b``)."""
+    name = params.promote.model_name.format(dataset=dataset, bits=bits, method=method)
+    if "'" in name or '"' in name:
+        raise ConfigError(f"promote.model_name: {name!r} must not contain quotes")
+    return name
 
 
 class RunRecordError(PipelineError):
@@ -116,10 +132,12 @@ def run_model_uri(client, run, uri: str, record_uri: str | None = None) -> str:
                     raise MismatchError(f"model {record_uri} was logged by run {model.source_run_id}, not by run {run_id}")
             return record_uri
         outputs = getattr(run, "outputs", None)
-        candidates = [o.model_id for o in (outputs.model_outputs if outputs else [])]
-        for model_id in candidates:
-            if client.get_logged_model(model_id).name == "model":
-                return f"models:/{model_id}"
+        candidates = [client.get_logged_model(o.model_id) for o in (outputs.model_outputs if outputs else [])]
+        # the model named by the run's tag (older runs: "model"); a run logs one
+        wanted = run.data.tags.get(MODEL_NAME_TAG, "model")
+        for model in sorted(candidates, key=lambda m: m.name != wanted):
+            if model.source_run_id == run_id:
+                return f"models:/{model.model_id}"
     raise MismatchError(f"MLflow run {run_id} has no logged model (did its training finish?)")
 
 
@@ -149,12 +167,20 @@ def check_finite_weights(model, run_id: str, model_uri: str) -> None:
 
 
 def load_checked_model(model_uri: str, run_id: str, uri: str, map_location="cpu"):
-    """The logged model at ``model_uri`` (``mlflow.pytorch``), checked to have finite weights."""
+    """The network of the logged model at ``model_uri`` (``mlflow.pytorch``; the DPFAH
+    network inside the :class:`dpfah.encoder.ImageEncoder` that train logs), checked to
+    have finite weights."""
     import mlflow.pytorch
 
     from .tracking import using_tracking_uri
 
+    from dpfah.encoder import ImageEncoder
+
+    path = list(sys.path)
     with mlflow_errors(f"loading model {model_uri}", uri), using_tracking_uri(uri):
-        model = mlflow.pytorch.load_model(model_uri, map_location=map_location)
+        try:
+            model = mlflow.pytorch.load_model(model_uri, map_location=map_location)
+        finally:
+            sys.path[:] = path  # MLflow prepends the model's packaged code (code/dpfah): ours stays first
     check_finite_weights(model, run_id, model_uri)
-    return model
+    return model.net if isinstance(model, ImageEncoder) else model

@@ -239,7 +239,7 @@ def draw_grid(path: str | os.PathLike, index: Index, queries: Sequence[tuple[str
             ok = None
             if labels is not None and index.labels is not None:
                 ok = bool(np.any(labels.astype(bool) & index.labels[int(r)].astype(bool)))
-            results.append((thumbnail(images[int(r)]), ok, int(d), f"{index.key(r)[-14:]}\nd={int(d)}"))
+            results.append((thumbnail(images[int(r)]), ok, int(d), index.key(r)[-14:]))
         title = name if labels is None or not classes else f"{name} ({class_name(labels, classes)})"
         rows.append({"query": thumbnail(data), "name": title[-24:], "results": results})
     if not any(r["results"] for r in rows):

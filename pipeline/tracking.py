@@ -31,6 +31,10 @@ __all__ = [
     "get_run",
     "git_commit",
     "model_requirements",
+    "dataset_name",
+    "training_metric",
+    "dataset_digest",
+    "log_dataset",
 ]
 
 
@@ -230,6 +234,13 @@ def mlflow_errors(what: str, uri: str) -> Iterator[None]:
         raise
 
 
+#: The experiment tag the MLflow 3 UI reads to choose its view: "custom_model_development"
+#: opens the experiment on its training runs table; without it a fresh browser may open the
+#: GenAI view (traces, sessions).
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+
+
 @contextlib.contextmanager
 def tracked_run(uri: str, experiment: str, run_name: str, *, parent_run_id: str | None = None) -> Iterator[Any]:
     """Open an MLflow run (the fluent API's active run) in ``experiment`` and close it:
@@ -245,6 +256,8 @@ def tracked_run(uri: str, experiment: str, run_name: str, *, parent_run_id: str 
     with using_tracking_uri(uri):
         with mlflow_errors(f"opening a run in experiment {experiment}", uri):
             exp = mlflow.set_experiment(experiment)
+            if (exp.tags or {}).get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:
+                mlflow.set_experiment_tag(EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)  # opens as training runs, not GenAI traces
             run = mlflow.start_run(run_name=run_name, parent_run_id=parent_run_id, experiment_id=exp.experiment_id)
         try:
             yield run
@@ -304,3 +317,55 @@ def model_requirements() -> list[str]:
     from importlib.metadata import version
 
     return [f"{name}=={version(name)}" for name in ("torch", "torchvision", "numpy")]
+
+
+#: The names of the training's metrics in MLflow, grouped by prefix (the runs table and the
+#: charts sort and group them: ``train/...``, ``validation/...``; evaluation's are ``query_*``).
+#: The keys are what ``dpfah.train.fit`` reports (and Ray Tune sees).
+TRAINING_METRICS = {
+    "loss": "train/loss",
+    "lr": "train/lr",
+    "images_per_s": "train/images_per_s",
+    "epoch_s": "train/epoch_s",
+    "epochs_run": "train/epochs_run",
+    "val_map": "validation/map",
+    "best_val_map": "validation/best_map",
+    "best_epoch": "validation/best_epoch",
+}
+
+
+def training_metric(key: str) -> str:
+    """The MLflow name of a metric ``fit`` reports: ``loss_l1`` -> ``train/loss_l1``, ``val_map``
+    -> ``validation/map`` (:data:`TRAINING_METRICS`); others under ``train/``."""
+    return TRAINING_METRICS.get(key, key if "/" in key else f"train/{key}")
+
+
+def dataset_name(dataset: str, protocol: str) -> str:
+    """The name of a prepared split in MLflow (the runs table's Dataset column)."""
+    return f"{dataset} ({protocol})"
+
+
+def dataset_digest(manifest_sha256: str) -> str:
+    """MLflow's digest of a prepared split: the manifest's sha256, cut to the 12 characters the
+    pipeline's messages show (MLflow stores at most 36; the run's ``manifest_sha256`` tag
+    and the dataset's profile hold all 64)."""
+    return manifest_sha256[:12]
+
+
+def log_dataset(client, run_id: str, dataset: str, manifest, shards: str, context: str = "training") -> None:
+    """Register the prepared split ``manifest`` (under ``shards``) as an input of the run:
+    name = dataset and protocol, digest = the manifest's sha256, the split sizes as profile."""
+    import json
+
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    sizes = {name: manifest.split(name).count for name in manifest.splits if manifest.splits.get(name) is not None}
+    profile = {"splits": sizes, "num_classes": manifest.num_classes, "manifest_sha256": manifest.sha256, "split_seed": manifest.seed}
+    entity = Dataset(
+        name=dataset_name(dataset, manifest.protocol),
+        digest=dataset_digest(manifest.sha256),
+        source_type="local",
+        source=json.dumps({"uri": os.path.abspath(shards)}),
+        profile=json.dumps(profile),
+    )
+    client.log_inputs(run_id, datasets=[DatasetInput(entity, tags=[InputTag("mlflow.data.context", context)])])

@@ -22,6 +22,7 @@ import argparse
 import dataclasses
 import json
 import os
+import shutil
 import signal
 import sys
 import tempfile
@@ -36,12 +37,13 @@ from dpfah.settings import LossSettings, ModelSettings, TrainSettings, pick
 
 from . import objective as objective_stage
 from .objective import Recipe
+from .registry import MODEL_NAME_TAG, model_name
 from .artifacts import run_file, write_json_atomic
 from .cluster import check_request, ensure_ray, shutdown_if_started, started_here, train_run_defaults
 from .config import Params, add_config_args, config_from_args
 from .errors import ConfigError, PipelineError, run_main
 from .timing import record, span
-from .tracking import check_store, git_commit, model_requirements, resolve_uri, tracked_run, tracking_uri
+from .tracking import check_store, git_commit, log_dataset, model_requirements, resolve_uri, tracked_run, tracking_uri, training_metric
 
 __all__ = ["TrainOutcome", "TrainingFailed", "run_training", "main"]
 
@@ -401,12 +403,12 @@ def _epoch_printer(uri: str, run_id: str, epochs: int, *, enabled: bool):
     keys = ("val_map", "best_val_map", "best_epoch", "images_per_s", "epoch_s")
 
     def fetch() -> dict[int, dict[str, float]]:
-        losses = {m.step: m.value for m in client.get_metric_history(run_id, "loss")}
+        losses = {m.step: m.value for m in client.get_metric_history(run_id, training_metric("loss"))}
         if set(losses) - set(seen):
             for step, value in losses.items():
                 seen.setdefault(step, {})["loss"] = value
             for key in keys:
-                for m in client.get_metric_history(run_id, key):
+                for m in client.get_metric_history(run_id, training_metric(key)):
                     seen.setdefault(m.step, {})[key] = m.value
         return {step: values for step, values in seen.items() if "loss" in values}
 
@@ -558,6 +560,7 @@ def run_training(
             run_id = run.info.run_id
             with span("mlflow: log params and tags"):
                 _log_params(job, params, dataset, manifest, name, recipe)
+                log_dataset(mlflow.tracking.MlflowClient(uri), run_id, dataset, manifest, shards)
                 if parent_run_id is None:
                     _fail_abandoned_runs(run.info.experiment_id, run_id, uri)
             with span("ray train: build the trainer"):
@@ -582,8 +585,10 @@ def run_training(
                 mlflow.set_tag("model.selected_by", selected)
                 # best_val_map and best_epoch came with every epoch's report when validating
                 summary = {"epochs_run": len(history)} | ({} if validating else {"best_epoch": best_epoch})
-                mlflow.log_metrics(summary, step=last_epoch)
-                model_uri = _log_model(job, state) if log_model else f"runs:/{run_id}/model"
+                mlflow.log_metrics({training_metric(k): v for k, v in summary.items()}, step=last_epoch)
+                logged_name = model_name(params, dataset, bits, recipe.entry)
+                mlflow.set_tag(MODEL_NAME_TAG, logged_name)
+                model_uri = _log_model(job, state, logged_name, t.image_size, last_epoch) if log_model else f"runs:/{run_id}/{logged_name}"
                 experiment_name = mlflow.get_experiment(run.info.experiment_id).name
             closing = time.time()
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the run ended KILLED above; stop our Ray too
@@ -616,16 +621,54 @@ def run_training(
     return outcome
 
 
-def _log_model(job: Job, state: dict[str, Any]) -> str:
-    """The best-validation weights as an MLflow model (a pickled ``dpfah.DPFAH``); its URI."""
-    import mlflow.pytorch
+#: Side of the images in the logged model's input example (any size is accepted: the model resizes).
+EXAMPLE_SIZE = 32
 
+
+def _log_model(job: Job, state: dict[str, Any], name: str, image_size: int, step: int) -> str:
+    """The best-validation weights (the last epoch's without validation) as the run's model."""
     from dpfah.model import DPFAH
 
-    model = DPFAH.build(job.bits, job.num_classes, dataclasses.replace(job.model, backbone_weights=None))
-    model.load_state_dict(state.get("best_model") or state["model"])
-    model.eval()
-    info = mlflow.pytorch.log_model(model, name="model", serialization_format="pickle", pip_requirements=model_requirements())
+    net = DPFAH.build(job.bits, job.num_classes, dataclasses.replace(job.model, backbone_weights=None))
+    net.load_state_dict(state.get("best_model") or state["model"])
+    return log_model_artifact(net, image_size, name, step=step)
+
+
+def log_model_artifact(net, image_size: int, name: str, *, step: int = 0) -> str:
+    """Log the trained network ``net`` to the active MLflow run as the model ``name`` (the
+    registry name): a pickled :class:`dpfah.encoder.ImageEncoder` (uint8 RGB images
+    (N, H, W, 3) in, int8 {-1, +1} codes (N, bits) out) with that signature and an input
+    example, the ``dpfah`` package packaged with it (``code/dpfah``: it loads where the
+    project is not installed, with only its requirements.txt). Returns its URI
+    (``models:/m-...``)."""
+    import mlflow.pytorch
+    import numpy as np
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import Schema, TensorSpec
+
+    import dpfah
+    from dpfah.encoder import ImageEncoder
+
+    model = ImageEncoder(net, image_size).eval()
+    signature = ModelSignature(
+        inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, -1, 3))]),
+        outputs=Schema([TensorSpec(np.dtype(np.int8), (-1, model.bits))]),
+    )
+    example = np.random.default_rng(0).integers(0, 256, (2, EXAMPLE_SIZE, EXAMPLE_SIZE, 3), dtype=np.uint8)
+    with tempfile.TemporaryDirectory(prefix="dpfah-code-") as tmp:
+        # the package's Python sources only (no caches, no C sources of the optional kernels)
+        package = shutil.copytree(os.path.dirname(dpfah.__file__), os.path.join(tmp, "dpfah"), ignore=shutil.ignore_patterns("__pycache__", "*.c", "*.h", "*.so"))
+        info = mlflow.pytorch.log_model(
+            model,
+            name=name,
+            serialization_format="pickle",
+            pip_requirements=model_requirements(),
+            code_paths=[package],
+            signature=signature,
+            input_example=example,
+            step=step,
+            tags={"bits": str(model.bits), "image_size": str(image_size), "input": "uint8 RGB images (N, H, W, 3), any H, W", "output": f"int8 codes (N, {model.bits}) in {{-1, +1}}"},
+        )
     return info.model_uri
 
 

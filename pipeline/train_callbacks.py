@@ -8,13 +8,15 @@ import time
 from ray.train import UserCallback
 
 from .timing import span
+from .tracking import training_metric
 
 __all__ = ["EpochMetricsToMlflow"]
 
 
 class EpochMetricsToMlflow(UserCallback):
     """Runs in Ray Train's controller: logs each epoch's metrics (rank 0's report) to the
-    MLflow run at step = epoch, after Ray Train has registered the report and its checkpoint.
+    MLflow run at step = epoch, under their grouped names (``train/loss``, ``validation/map``:
+    :func:`pipeline.tracking.training_metric`), after Ray Train has registered the report and its checkpoint.
     A report that a dying worker made but the controller never registered is not logged, and
     that epoch runs again after the restart: so every metric has one point per epoch."""
 
@@ -32,4 +34,4 @@ class EpochMetricsToMlflow(UserCallback):
             if self._client is None:
                 self._client = MlflowClient(self.tracking_uri)
             now, step = int(time.time() * 1000), int(values["epoch"])
-            self._client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in values.items() if k != "epoch"])
+            self._client.log_batch(self.run_id, metrics=[Metric(training_metric(k), float(v), now, step) for k, v in values.items() if k != "epoch"])

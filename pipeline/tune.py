@@ -38,6 +38,7 @@ from .artifacts import TUNE_DIR, tune_dir, write_atomic, write_json_atomic
 from .cluster import ensure_ray
 from .config import Params, add_config_args, config_from_args
 from .errors import ConfigError, PipelineError, run_main
+from .registry import model_name
 from .tracking import connect, git_commit, resolve_uri, tracked_run
 from .train import run_training
 
@@ -467,11 +468,11 @@ def run_search(
             if best is None:
                 raise SearchFailed(f"search {search_name}: no trial produced a validation mAP (see {md_path} and the MLflow runs)")
             experiment_name = mlflow.get_experiment(experiment_id).name
-            record = _best_record(rows, best, search_name, parent_id, uri, params.mlflow.tracking_uri, experiment_name, manifest.sha256, dataset, p.train.method)
+            record = _best_record(rows, best, search_name, parent_id, uri, params.mlflow.tracking_uri, experiment_name, manifest.sha256, dataset, params, p.train.method)
             best_path = write_json_atomic(out / "best.json", record)
             mlflow.log_artifact(str(best_path), artifact_path="summary")
-            numeric = {f"best_{k}": float(v) for k, v in best.hparams.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-            mlflow.log_metrics({"best_val_map": best.val_map, **numeric, "best_bits": best.bits})
+            numeric = {f"search/best_{k}": float(v) for k, v in best.hparams.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+            mlflow.log_metrics({"validation/best_map": best.val_map, **numeric, "search/best_bits": best.bits})
             mlflow.set_tags({"best_run_id": best.run_id, "best_run_name": best.run_name})
         finally:
             _close_children(client, experiment_id, parent_id)
@@ -563,7 +564,7 @@ def _select_best(rows: Sequence[TrialRow], among: str | None = None) -> TrialRow
     return max(pool, key=lambda r: (r.val_map, -r.bits, r.trial_id))
 
 
-def _best_record(rows, best, search_name, parent_id, tracking_uri, configured_uri, experiment, manifest_sha, dataset, method=DPFAH) -> dict[str, Any]:
+def _best_record(rows, best, search_name, parent_id, tracking_uri, configured_uri, experiment, manifest_sha, dataset, params, method=DPFAH) -> dict[str, Any]:
     def entry(r: TrialRow) -> dict[str, Any]:
         return {
             **r.hparams,
@@ -571,7 +572,8 @@ def _best_record(rows, best, search_name, parent_id, tracking_uri, configured_ur
             "val_map": r.val_map,
             "best_epoch": r.best_epoch,
             "run_id": r.run_id,
-            "model_uri": f"runs:/{r.run_id}/model" if r.run_id and r.status == STATUS_COMPLETED else None,
+            # the trial's logged model, named as pipeline.train names it (a trial trains dpfah)
+            "model_uri": f"runs:/{r.run_id}/{model_name(params, dataset, r.bits, method)}" if r.run_id and r.status == STATUS_COMPLETED else None,
             "status": r.status,
         }
 

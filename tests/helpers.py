@@ -171,17 +171,13 @@ def evaluated_run(uri: str, root: Path, value: float, *, map_at="ALL", sha: str 
 
 
 def write_metrics(root: Path, record: dict, value: float, *, map_at="ALL", sha: str = SHA) -> Path:
+    """metrics/toy-8-dpfah-s0.json (the numbers) and evaluations/toy-8-dpfah-s0.json (what they measure)."""
+    facts = root / "evaluations" / "toy-8-dpfah-s0.json"
+    facts.parent.mkdir(parents=True, exist_ok=True)
+    facts.write_text(json.dumps({"dataset": "toy", "bits": 8, "run_id": record["run_id"], "map_at": map_at}))
     path = root / "metrics" / "toy-8-dpfah-s0.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    doc = {
-        "dataset": "toy",
-        "bits": 8,
-        "run_id": record["run_id"],
-        "map_at": map_at,
-        "query_map": value,
-        "query_map_tie_aware": value - 0.01,
-    }
-    path.write_text(json.dumps(doc))
+    path.write_text(json.dumps({"query_map": value, "query_map_tie_aware": value - 0.01}))
     return path
 
 

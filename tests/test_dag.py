@@ -135,7 +135,9 @@ def test_dvc_repro_runs_the_dag_then_nothing_then_only_what_a_parameter_touches(
     record = json.loads((repo / "runs" / f"toy-{BITS}-dpfah-s0.json").read_text())
     metrics = json.loads((repo / "metrics" / f"toy-{BITS}-dpfah-s0.json").read_text())
     promotion = json.loads((repo / "promotions" / f"toy-{BITS}-dpfah-s0.json").read_text())
-    assert metrics["run_id"] == record["run_id"] == promotion["run_id"]
+    evaluation = json.loads((repo / "evaluations" / f"toy-{BITS}-dpfah-s0.json").read_text())
+    assert evaluation["run_id"] == record["run_id"] == promotion["run_id"]
+    assert set(metrics) == set(metric_values(metrics)), metrics  # the DVC metrics file: numbers only
     assert (promotion["decision"], promotion["version"], promotion["model_name"]) == ("promoted", 1, f"dpfah-toy-{BITS}b")
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     run_data = client.get_run(record["run_id"]).data
@@ -164,7 +166,8 @@ def test_dvc_repro_runs_the_dag_then_nothing_then_only_what_a_parameter_touches(
     assert ran_stages(exp) == {f"evaluate@toy-{BITS}-dpfah-0", f"promote@toy-{BITS}-dpfah-0"}, exp
     assert "Stage 'prepare@toy' didn't change, skipping" in exp and f"Stage 'train@toy-{BITS}-dpfah-0' didn't change, skipping" in exp
     metrics2 = json.loads((repo / "metrics" / f"toy-{BITS}-dpfah-s0.json").read_text())
-    assert metrics2["radius"] == 1 and metrics2["run_id"] == record["run_id"]
+    evaluation2 = json.loads((repo / "evaluations" / f"toy-{BITS}-dpfah-s0.json").read_text())
+    assert evaluation2["radius"] == 1 and evaluation2["run_id"] == record["run_id"]
     run_data = client.get_run(record["run_id"]).data
     for name, value in metric_values(metrics2).items():
         assert run_data.metrics[name] == value, name
@@ -186,7 +189,7 @@ def test_dvc_repro_runs_the_dag_then_nothing_then_only_what_a_parameter_touches(
     assert ran_stages(more) == {"objective@toy-4-dpfah", "train@toy-4-dpfah-0", "evaluate@toy-4-dpfah-0", "promote@toy-4-dpfah-0"}, more
     assert f"Stage 'train@toy-{BITS}-dpfah-0' didn't change, skipping" in more
     assert json.loads((repo / "runs" / f"toy-{BITS}-dpfah-s0.json").read_text())["run_id"] == record["run_id"]
-    assert json.loads((repo / "metrics" / "toy-4-dpfah-s0.json").read_text())["bits"] == 4
+    assert json.loads((repo / "evaluations" / "toy-4-dpfah-s0.json").read_text())["bits"] == 4
 
     # 6. A second method beside DPFAH: only its own stages run, through the same loop, and it
     #    is promoted into its own registered model; DPFAH's records and champion stay.
@@ -361,7 +364,7 @@ def test_train_stage_runs_as_a_ray_job(ray_head, toy_dataset, tmp_path, monkeypa
     assert run_info.info.status == "FINISHED"
     assert run_info.data.tags["git_commit"] == "0123abc-test"
     assert run_info.data.params["dataset"] == "toy" and run_info.data.params["bits"] == str(BITS)
-    assert [m.step for m in client.get_metric_history(run_id, "val_map")] == [0]
+    assert [m.step for m in client.get_metric_history(run_id, "validation/map")] == [0]
     assert run_info.outputs.model_outputs, "no model logged"
     # The job ran from an upload of the project without the built extensions (git-ignored):
     # the compiled kernels of the installed package still served it, not the numpy fallback.

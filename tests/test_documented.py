@@ -598,9 +598,10 @@ def _evaluated(uri, root, query_map, tie_aware, sha="cd" * 32):
     for key, value in {"eval.map_at": "ALL", "eval.manifest_sha256": sha, "eval.id": f"e-{run_id[:8]}", "eval.complete": f"e-{run_id[:8]}"}.items():
         client.set_tag(run_id, key, value)
     write_record(root, record)
-    path = root / "metrics" / "toy-8-dpfah-s0.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"dataset": "toy", "bits": 8, "run_id": run_id, "map_at": "ALL", "query_map": query_map, "query_map_tie_aware": tie_aware}))
+    for folder, doc in (("evaluations", {"dataset": "toy", "bits": 8, "run_id": run_id, "map_at": "ALL"}), ("metrics", {"query_map": query_map, "query_map_tie_aware": tie_aware})):
+        path = root / folder / "toy-8-dpfah-s0.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(doc))
     return run_id
 
 

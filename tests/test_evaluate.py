@@ -69,8 +69,13 @@ def test_metrics_match_a_plain_reimplementation(trained):
     from pipeline.evaluate import load_codes
 
     out, shards, result = trained["out"], trained["shards"], trained["result"]
-    doc = json.loads((out / "metrics" / f"toy-{BITS}-dpfah-s0.json").read_text())
-    assert doc == json.loads(json.dumps(result.doc))
+    from pipeline.artifacts import metric_values
+
+    numbers = json.loads((out / "metrics" / f"toy-{BITS}-dpfah-s0.json").read_text())
+    facts = json.loads((out / "evaluations" / f"toy-{BITS}-dpfah-s0.json").read_text())
+    # the DVC metrics file holds the numbers only; the evaluation record what they measure
+    assert numbers == metric_values(json.loads(json.dumps(result.doc))) and set(numbers) | set(facts) == set(result.doc)
+    doc = {**facts, **numbers}
     assert (doc["dataset"], doc["bits"], doc["run_id"], doc["map_at"]) == ("toy", BITS, trained["record"]["run_id"], "ALL")
     assert (doc["n_queries"], doc["n_db"], doc["topk"]) == (12, 78, 78)
 
@@ -106,8 +111,8 @@ def test_metrics_match_a_plain_reimplementation(trained):
     assert ref["worst"] - 1e-12 <= m["query_map_tie_aware"] <= ref["best"] + 1e-12
     assert m["query_precision_within_radius"] == pytest.approx(ref["ball"], abs=1e-12)
     assert m["query_empty_ball_share"] == pytest.approx(ref["empty"], abs=1e-12)
-    assert m["query_p_at_10"] == pytest.approx(ref["p_at_n"], abs=1e-12)
-    assert "query_p_at_100" not in m  # the database has 78 items
+    assert m["query_p_at_0010"] == pytest.approx(ref["p_at_n"], abs=1e-12)
+    assert "query_p_at_0100" not in m  # the database has 78 items
 
     # The DVC plot data: PR by radius for r = 0..bits, P@N for N = 1..78.
     plots = out / "plots" / f"toy-{BITS}-dpfah-s0"
@@ -129,7 +134,8 @@ def test_dvc_and_mlflow_hold_the_same_numbers(trained):
     from mlflow.tracking import MlflowClient
 
     doc = json.loads((trained["out"] / "metrics" / f"toy-{BITS}-dpfah-s0.json").read_text())
-    run = MlflowClient(trained["uri"]).get_run(doc["run_id"])
+    run_id = json.loads((trained["out"] / "evaluations" / f"toy-{BITS}-dpfah-s0.json").read_text())["run_id"]
+    run = MlflowClient(trained["uri"]).get_run(run_id)
     from pipeline.artifacts import metric_values
 
     assert len(metric_values(doc)) >= 6 and set(metric_values(doc)) <= set(run.data.metrics)
@@ -171,8 +177,10 @@ def test_retrieval_grid_marks_wrong_results(trained):
     dist = (BITS - qc.astype(int) @ dc.astype(int).T) // 2
     for row, q in zip(rows, [0, 6, 11]):  # queries evenly spaced over the split
         top = np.lexsort((np.arange(78), dist[q]))[:10]
-        assert [d for _, _, d in row["results"]] == list(dist[q, top])
-        assert [ok for _, ok, _ in row["results"]] == [bool((q_lab[q] & d_lab[j]).any()) for j in top]
+        assert [d for _, _, d, _ in row["results"]] == list(dist[q, top])
+        assert [ok for _, ok, _, _ in row["results"]] == [bool((q_lab[q] & d_lab[j]).any()) for j in top]
+        # each retrieved image is named by its class
+        assert [name for _, _, _, name in row["results"]] == [manifest.classes[int(np.flatnonzero(d_lab[j])[0])] for j in top]
         np.testing.assert_array_equal(row["query"], q_img[q])  # 32 px: the thumbnail is the image
         np.testing.assert_array_equal(row["results"][0][0], d_img[top[0]])
 

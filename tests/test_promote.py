@@ -43,6 +43,10 @@ def test_champion_moves_only_to_a_better_model(store):
     result = promote(params, "toy", 8, root=root)
     assert result.registered and result.moved and result.record["decision"] == "promoted"
     assert registry_state(uri) == ({"champion": 1}, [(1, first["run_id"])])
+    tags = client.get_run(first["run_id"]).data.tags
+    assert "promote.champion_query_map" not in tags and "promote.champion_version" not in tags  # no empty tags
+    description = client.get_model_version(NAME, "1").description  # what the version is, in words
+    assert "**toy**" in description and "Query mAP@ALL: **0.6000**" in description and "evaluation/pr_curves.png" in description
 
     second = evaluated_run(uri, root, 0.55)  # worse
     result = promote(params, "toy", 8, root=root)
@@ -109,7 +113,7 @@ def test_missing_or_foreign_evaluation_moves_nothing(store, monkeypatch, capsys)
     write_record(root, fresh)
     code, text = cli(stage, base, capsys)
     assert code == 2 and text.count("\n") == 1
-    assert f"error: metrics/toy-8-dpfah-s0.json: metrics of run {champion['run_id']}, but runs/toy-8-dpfah-s0.json names run {fresh['run_id']}" in text
+    assert f"error: evaluations/toy-8-dpfah-s0.json: evaluation of run {champion['run_id']}, but runs/toy-8-dpfah-s0.json names run {fresh['run_id']}" in text
     assert registry_state(uri) == state
 
     (root / "metrics" / "toy-8-dpfah-s0.json").unlink()
@@ -132,7 +136,7 @@ def test_missing_or_foreign_evaluation_moves_nothing(store, monkeypatch, capsys)
     # Evaluated at another R than the parameters now ask for.
     write_metrics(root, fresh, 0.9)
     code, text = cli(stage, [*base, "--set", "evaluate.map_at.toy=10"], capsys)
-    assert code == 2 and "error: metrics/toy-8-dpfah-s0.json: evaluated at mAP@ALL but evaluate.map_at gives mAP@10 now: re-run evaluate" in text
+    assert code == 2 and "error: evaluations/toy-8-dpfah-s0.json: evaluated at mAP@ALL but evaluate.map_at gives mAP@10 now: re-run evaluate" in text
     assert registry_state(uri) == state
 
     # Numbers measured differently (the champion at another R) are not compared.

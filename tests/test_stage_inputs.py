@@ -49,7 +49,7 @@ def test_evaluate_uses_the_tracking_uri_of_the_run_record(toy_dataset, tmp_path)
     proc = _stage("evaluate", argv, tmp_path)  # params: the default sqlite:///mlflow.db, which does not hold the run
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith(f"evaluated toy {BITS} bits (run {record['run_id']}, 12 queries x 78):")
-    assert json.loads((tmp_path / "metrics" / f"toy-{BITS}-dpfah-s0.json").read_text())["run_id"] == record["run_id"]
+    assert json.loads((tmp_path / "evaluations" / f"toy-{BITS}-dpfah-s0.json").read_text())["run_id"] == record["run_id"]
     assert not (tmp_path / "mlflow.db").exists()
 
     other = tmp_path / "other.db"  # a store given explicitly wins over the record

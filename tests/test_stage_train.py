@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -85,11 +86,11 @@ def test_resumed_run_is_recorded_once_in_mlflow(ray_trained):
     assert params.loss.eta != 3.0 and params.loss.zeta != 0.5
     assert run.data.params["loss.pairs"] == "bank" and run.data.params["num_workers"] == "2"
     assert run.data.tags["model.selected_by"] == "best validation mAP"
-    for name in ("val_map", "loss", "loss_l1", "loss_l2", "loss_l3", "images_per_s", "best_val_map", "best_epoch"):
+    for name in ("validation/map", "train/loss", "train/loss_l1", "train/loss_l2", "train/loss_l3", "train/images_per_s", "validation/best_map", "validation/best_epoch"):
         steps = [m.step for m in client.get_metric_history(outcome.run_id, name)]
         assert sorted(steps) == [0, 1, 2], (name, steps)  # one point per epoch, at its epoch
     history = _state(outcome)["history"]
-    assert [m.value for m in sorted(client.get_metric_history(outcome.run_id, "loss"), key=lambda m: m.step)] == [h["loss"] for h in history]
+    assert [m.value for m in sorted(client.get_metric_history(outcome.run_id, "train/loss"), key=lambda m: m.step)] == [h["loss"] for h in history]
     # ... and the workers' objective used them: each epoch's loss is l1 + 3.0 l2 + 0.5 l3
     assert all(h["loss_l2"] > 0.01 and h["loss_l3"] > 0.01 for h in history)
     for h in history:
@@ -103,26 +104,112 @@ def test_logged_model_reloads_as_dpfah_with_the_same_codes(ray_trained):
     import mlflow.artifacts
     import mlflow.pytorch
 
+    from dpfah.encoder import ImageEncoder
     from dpfah.model import DPFAH
     from pipeline.tracking import using_tracking_uri
 
-    outcome = ray_trained["resumed"]["outcome"]
+    resumed = ray_trained["resumed"]
+    params, outcome = resumed["params"], resumed["outcome"]
     with using_tracking_uri(ray_trained["server"]):
         loaded = mlflow.pytorch.load_model(outcome.model_uri)
         model_dir = Path(mlflow.artifacts.download_artifacts(artifact_uri=outcome.model_uri))
-    assert isinstance(loaded, DPFAH) and loaded.bits == 16
+    assert isinstance(loaded, ImageEncoder) and isinstance(loaded.net, DPFAH) and loaded.bits == 16
+    assert loaded.image_size == params.train.image_size == 16
 
     state = torch.load(f"{outcome.checkpoint}/state.pt", map_location="cpu", weights_only=True)
     in_memory = DPFAH(16, 3)
     in_memory.load_state_dict(state["best_model"])
     x = torch.rand(5, 3, 16, 16)
     loaded.eval(), in_memory.eval()
-    codes = loaded.codes(x)
+    codes = loaded.net.codes(x)
     assert set(codes.unique().tolist()) <= {-1.0, 1.0}
     torch.testing.assert_close(codes, in_memory.codes(x), rtol=0, atol=0)
+
+    # named after its registry name, linked to its run; a signature and an input example
+    client = mlflow.tracking.MlflowClient()
+    logged = client.get_logged_model(outcome.model_uri[len("models:/") :])
+    assert logged.name == "dpfah-toy-16b" and logged.source_run_id == outcome.run_id
+    model_dir = Path(mlflow.artifacts.download_artifacts(artifact_uri=outcome.model_uri))
+    from mlflow.models import Model
+
+    meta = Model.load(str(model_dir / "MLmodel"))
+    assert [(s.type.name, s.shape) for s in meta.signature.inputs.inputs] == [("uint8", (-1, -1, -1, 3))]
+    assert [(s.type.name, s.shape) for s in meta.signature.outputs.inputs] == [("int8", (-1, 16))]
+    assert (model_dir / "input_example.json").exists() and (model_dir / "code" / "dpfah" / "encoder.py").exists()
 
     # requirements given, not inferred: pinned to the versions that trained it
     from importlib.metadata import version
 
     reqs = (model_dir / "requirements.txt").read_text().split()
     assert f"torch=={version('torch')}" in reqs and f"numpy=={version('numpy')}" in reqs
+
+    # The dataset column: the prepared split, named by dataset and protocol, the manifest's digest.
+    from mlflow.tracking import MlflowClient
+
+    run = MlflowClient(ray_trained["server"]).get_run(outcome.run_id)
+    [inp] = run.inputs.dataset_inputs
+    assert inp.dataset.name == "toy (custom)" and inp.dataset.digest == run.data.tags["manifest_sha256"][:12]
+    assert json.loads(inp.dataset.profile)["manifest_sha256"] == run.data.tags["manifest_sha256"]
+
+
+#: Loads a logged model where the project cannot be imported (no PYTHONPATH, -I, the
+#: editable install's finder removed) and prints its codes for the images given.
+_CLEAN_LOAD = """
+import sys
+sys.meta_path[:] = [f for f in sys.meta_path if not str(getattr(f, "__module__", "")).startswith("__editable__")]
+sys.path_hooks[:] = [h for h in sys.path_hooks if not str(getattr(h, "__module__", "")).startswith("__editable__")]
+sys.path_importer_cache.clear()
+for name in ("dpfah", "pipeline"):
+    try:
+        __import__(name)
+    except ImportError:
+        pass
+    else:
+        raise SystemExit(f"{name} is importable before the model is loaded: not a clean environment")
+import json
+import numpy as np
+import mlflow.pyfunc
+
+model = mlflow.pyfunc.load_model(sys.argv[1])
+codes = model.predict(np.load(sys.argv[2]))
+import dpfah
+np.save(sys.argv[3], codes)
+print(json.dumps({"dpfah": dpfah.__file__, "pipeline": "pipeline" in sys.modules, "inputs": str(model.metadata.get_input_schema())}))
+"""
+
+
+def test_logged_model_loads_and_encodes_without_the_project(ray_trained, tmp_path):
+    """The logged model in a Python process that cannot import the project: mlflow.pyfunc
+    loads it with its packaged dpfah (code/dpfah), and uint8 (N, H, W, 3) images in give
+    the network's codes out (what a `mlflow models serve` request returns)."""
+    import os
+    import subprocess
+    import sys
+
+    import mlflow
+    import mlflow.pytorch
+
+    from pipeline.tracking import using_tracking_uri
+
+    outcome = ray_trained["resumed"]["outcome"]
+    with using_tracking_uri(ray_trained["server"]):
+        local = mlflow.artifacts.download_artifacts(artifact_uri=outcome.model_uri, dst_path=str(tmp_path / "model"))
+        encoder = mlflow.pytorch.load_model(outcome.model_uri)
+    images = np.random.default_rng(1).integers(0, 256, (4, 40, 40, 3), dtype=np.uint8)  # resized to 16 by the model
+    np.save(tmp_path / "images.npy", images)
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "MLFLOW_TRACKING_URI")}
+    done = subprocess.run(
+        [sys.executable, "-I", "-c", _CLEAN_LOAD, local, str(tmp_path / "images.npy"), str(tmp_path / "codes.npy")],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert report["dpfah"].startswith(str(Path(local) / "code" / "dpfah")) and not report["pipeline"], report
+    served = np.load(tmp_path / "codes.npy")
+    assert served.dtype == np.int8 and served.shape == (4, 16)
+
+    from dpfah.augment import DeviceAugment, resize_uint8
+
+    x = DeviceAugment()(resize_uint8(torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), 16), train=False)
+    np.testing.assert_array_equal(served, encoder.net.codes(x).numpy())
+

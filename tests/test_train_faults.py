@@ -51,7 +51,7 @@ def test_non_finite_loss_stops_training_once_with_the_step(ray_local, toy_datase
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     (run,) = client.search_runs([client.get_experiment_by_name("dpfah-toy").experiment_id])
     assert run.info.status == "FAILED"
-    assert not client.get_metric_history(run.info.run_id, "loss")  # no epoch finished, none logged
+    assert not client.get_metric_history(run.info.run_id, "train/loss")  # no epoch finished, none logged
 
 
 def test_training_without_a_validation_split_keeps_the_last_epoch(ray_local, tmp_path, toy_dataset):
@@ -78,9 +78,9 @@ def test_training_without_a_validation_split_keeps_the_last_epoch(ray_local, tmp
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     run = client.get_run(outcome.run_id)
     assert run.info.status == "FINISHED" and run.data.tags["model.selected_by"] == "last epoch (no validation split)"
-    assert "val_map" not in run.data.metrics and "best_val_map" not in run.data.metrics
-    assert [m.step for m in client.get_metric_history(outcome.run_id, "loss")] == [0, 1]
-    assert run.data.metrics["best_epoch"] == 1
+    assert "validation/map" not in run.data.metrics and "validation/best_map" not in run.data.metrics
+    assert [m.step for m in client.get_metric_history(outcome.run_id, "train/loss")] == [0, 1]
+    assert run.data.metrics["validation/best_epoch"] == 1
 
 
 def _stage_env(work: Path) -> dict[str, str]:

@@ -332,7 +332,7 @@ def test_search_is_one_mlflow_parent_with_a_child_run_per_trial(search):
     parent = client.get_run(outcome.parent_run_id)
     assert parent.info.status == "FINISHED" and parent.data.tags["kind"] == "tune-search"
     assert parent.data.params["tune.bits"] == "[16, 1]"
-    assert parent.data.metrics["best_val_map"] == pytest.approx(outcome.best.val_map)
+    assert parent.data.metrics["validation/best_map"] == pytest.approx(outcome.best.val_map)
     assert parent.data.metrics["trials_stopped"] >= 1
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "summary")}
     assert artifacts == {"summary/summary.md", "summary/summary.csv", "summary/best.json"}
@@ -349,9 +349,9 @@ def test_search_is_one_mlflow_parent_with_a_child_run_per_trial(search):
         assert run.data.params["loss.eta"] == "1.0" and run.data.params["loss.zeta"] == "1.0"
         assert run.data.tags["weights_from"] == "search"
         assert run.data.params["bits"] == str(row.bits) and run.data.params["num_workers"] == "2"
-        steps = sorted(m.step for m in client.get_metric_history(row.run_id, "val_map"))
+        steps = sorted(m.step for m in client.get_metric_history(row.run_id, "validation/map"))
         assert steps == list(range(row.epochs))  # per-epoch metrics, one per epoch it ran
-        assert max(m.value for m in client.get_metric_history(row.run_id, "val_map")) == pytest.approx(row.val_map)
+        assert max(m.value for m in client.get_metric_history(row.run_id, "validation/map")) == pytest.approx(row.val_map)
     # Nothing of the search is left RUNNING.
     assert not client.search_runs([experiment], filter_string="attributes.status = 'RUNNING'")
 
@@ -379,7 +379,7 @@ def test_best_configuration_file_and_summary(search):
     # The best trial's model is in MLflow.
     with _tracking(f"sqlite:///{out / 'mlflow.db'}"):
         model = mlflow.pytorch.load_model(best["model_uri"])
-    assert isinstance(model, DPFAH) and model.bits == 16
+    assert isinstance(model.net, DPFAH) and model.bits == 16
 
     table = list(csv.DictReader(open(outcome.summary_csv)))
     assert {(int(r["bits"]), r["status"]) for r in table} == {(r.bits, r.status) for r in outcome.rows}
