@@ -387,7 +387,7 @@ def test_train_stage_runs_as_a_ray_job(ray_head, toy_dataset, tmp_path, monkeypa
     from tests.helpers import plain_codes, plain_metrics, read_split_plain
 
     with using_tracking_uri(f"sqlite:///{db}"):
-        model = mlflow.pytorch.load_model(line.split("; model ")[1].split(";")[0])
+        model = mlflow.pytorch.load_model(line.split("; model ")[1].split(";")[0]).net  # the ImageEncoder's network
     shards = work / "data" / "shards" / "toy"
     (q_img, q_lab), (d_img, d_lab) = read_split_plain(shards, "query"), read_split_plain(shards, "database")
     ref = plain_metrics(plain_codes(model, q_img), plain_codes(model, d_img), q_lab, d_lab, topk=78, radius=2, n=10)

@@ -409,7 +409,7 @@ def test_a_trained_model_evaluated_and_promoted_on_a_tracking_server(ray_trained
 
     shards = out / "data" / "shards" / "toy"
     with using_tracking_uri(server):
-        model = mlflow.pytorch.load_model(outcome.model_uri).double().eval()
+        model = mlflow.pytorch.load_model(outcome.model_uri).net.double().eval()
     mean, std = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
     splits = {}
     for split, logged in (("query", qc), ("database", dc)):
@@ -445,6 +445,6 @@ def test_a_trained_model_evaluated_and_promoted_on_a_tracking_server(ray_trained
     champion = client.get_model_version_by_alias("dpfah-toy-16b", "champion")
     assert champion.run_id == outcome.run_id and champion.version == "1"
     with using_tracking_uri(server):
-        served = mlflow.pytorch.load_model("models:/dpfah-toy-16b@champion").eval()
+        served = mlflow.pytorch.load_model("models:/dpfah-toy-16b@champion").net.eval()
     x = torch.from_numpy(plain_resize(read_split_plain(shards, "query")[0], 16).transpose(0, 3, 1, 2).astype(np.float32) / 255)
     torch.testing.assert_close(served.codes(x), model.float().codes(x), rtol=0, atol=0)
