@@ -489,8 +489,11 @@ def evaluation_codes(params: Params, collection: Collection, resolved: ResolvedM
     from dpfah.codes import pack_codes
     from dpfah.data import read_samples
 
+    from .console import quiet_libraries
     from .evaluate import ARTIFACT_DIR, load_codes
     from .registry import EVAL_COMPLETE_TAG, EVAL_ID_TAG
+
+    quiet_libraries()  # MLflow's download bar
 
     ident = collection.identity
     if ident.get("type") != "split" or ident["split"] not in EVALUATED_SPLITS:
