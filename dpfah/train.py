@@ -120,8 +120,14 @@ def _set_train_mode(model: nn.Module, freeze_bn: bool) -> None:
                 m.eval()
 
 
+def precision_used(precision: str, device_type: str) -> str:
+    """What a ``precision`` setting (auto, fp32, bf16) encodes with on a device of this type
+    (``cuda``, ``cpu``): auto is bf16 on GPUs, fp32 elsewhere."""
+    return "bf16" if precision == "bf16" or (precision == "auto" and device_type == "cuda") else "fp32"
+
+
 def _autocast(device: torch.device, precision: str):
-    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    use_bf16 = precision_used(precision, device.type) == "bf16"
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16)
 
 

@@ -307,6 +307,7 @@ class _Subject:
     model_uri: str
     model: Any
     image_size: int
+    device: Any  # torch.device the splits are encoded on
 
 
 def _subject(params: Params, dataset: str, bits: int, run_id: str | None, root, device, which: dict[str, Any]) -> _Subject:
@@ -344,7 +345,7 @@ def _subject(params: Params, dataset: str, bits: int, run_id: str | None, root, 
         )
     model.to(device)
     image_size = int(run.data.params.get("train.image_size", params.train.image_size))
-    return _Subject(run_id, record, uri, client, manifest, shards, model_uri, model, image_size)
+    return _Subject(run_id, record, uri, client, manifest, shards, model_uri, model, image_size, device)
 
 
 def _build_artifacts(art: Path, subject: _Subject, params: Params, dataset: str, bits: int, doc, report, codes) -> None:
@@ -383,6 +384,8 @@ def _log_to_run(subject: _Subject, params: Params, doc, metrics, art: Path) -> N
     evaluation's marker no longer matches the new ``eval.id``) leaves nothing promotable."""
     from mlflow.entities import Metric, RunTag
 
+    from dpfah.train import precision_used
+
     run_id, eval_id = subject.run_id, doc["eval_id"]
     now = int(time.time() * 1000)
     tags = {
@@ -390,6 +393,10 @@ def _log_to_run(subject: _Subject, params: Params, doc, metrics, art: Path) -> N
         "eval.map_at": str(doc["map_at"]),
         "eval.radius": str(params.evaluate.radius),
         "eval.manifest_sha256": subject.manifest.sha256,
+        # how the logged codes were computed: an index of these splits reuses them only when
+        # its encoding would be the same (pipeline.index)
+        "eval.precision": precision_used(params.evaluate.precision, subject.device.type),
+        "eval.device": subject.device.type,
         "eval.n_queries": str(doc["n_queries"]),
         "eval.n_db": str(doc["n_db"]),
         "eval.git_commit": git_commit(),

@@ -34,14 +34,25 @@ The index folder::
     codes.npy       (n, ceil(bits/64)) uint64 packed codes (dpfah.codes.pack_codes), row i = item i
     keys.parquet    key (string) of each row, and for a prepared split its source path
     labels.npy      (n, classes) uint8, when the source has labels
-    manifest.json   format, model (URI, version, run), bits, count, source, skipped, sha256 of each file, created
+    manifest.json   format, model (URI, version, run), bits, count, source, skipped, sha256 of each file,
+                    codes_from (encoded, or the evaluation whose codes were taken), created
 
 Rows are sorted by key (prepared splits: by index), so ties in a search go to key order.
+
+A query or database split that the model's evaluation encoded is not encoded again: the
+codes it logged to the training's run (``evaluation/codes/<split>.parquet``) are taken when
+that evaluation is complete (``eval.complete`` = ``eval.id``), ran on the same prepared
+shards (manifest sha256) at the precision ``index.precision`` means here (``eval.precision``),
+and its codes equal the model's own on 64 items spread over the split, encoded here. Else
+(one line says why) and with ``--reencode`` the split is encoded. The manifest's
+``codes_from`` says which: ``encoded`` or ``evaluation <eval_id> of run <run_id>, verified
+on 64 items``.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import hashlib
 import io
 import json
@@ -436,6 +447,93 @@ def _is_tar(path: Path) -> bool:
     return path.is_file() and tarfile.is_tarfile(path)
 
 
+# ----------------------------------------------------------------------------- the evaluation's codes
+
+#: The prepared splits evaluate encodes and logs (``evaluation/codes/<split>.parquet``).
+EVALUATED_SPLITS = ("query", "database")
+#: Items of a split encoded to verify an evaluation's codes before they are reused.
+VERIFY_ITEMS = 64
+
+
+@dataclass(frozen=True)
+class EvaluationCodes:
+    """Codes of a prepared split that the model's evaluation logged, verified to be the model's."""
+
+    packed: np.ndarray  # (n, words) uint64, row i = item i of the split
+    device: str  # what the evaluation encoded on
+    precision_used: str
+    codes_from: str  # the manifest's provenance line
+
+
+def _precision_here(precision: str) -> str:
+    """What ``index.precision`` encodes with here (auto: bf16 where this process sees a GPU)."""
+    import torch
+
+    from dpfah.train import precision_used
+
+    return precision_used(precision, "cuda" if torch.cuda.is_available() else "cpu")
+
+
+def evaluation_codes(params: Params, collection: Collection, resolved: ResolvedModel, model) -> tuple[EvaluationCodes | None, str | None]:
+    """The codes of the prepared split ``collection`` that the evaluation of the model's run
+    logged, when that evaluation is complete (``eval.complete`` = ``eval.id``), ran on the
+    same prepared shards (manifest sha256) at the precision this index would use, and its
+    codes equal the model's own on :data:`VERIFY_ITEMS` items spread over the split (encoded
+    here). Else (None, why not); (None, None) for a source evaluate does not encode."""
+    import tempfile
+
+    import mlflow.artifacts
+    import torch
+    from mlflow.exceptions import MlflowException
+
+    from dpfah.codes import pack_codes
+    from dpfah.data import read_samples
+
+    from .console import quiet_libraries
+    from .evaluate import ARTIFACT_DIR, load_codes
+    from .registry import EVAL_COMPLETE_TAG, EVAL_ID_TAG
+
+    quiet_libraries()  # MLflow's download bar
+
+    ident = collection.identity
+    if ident.get("type") != "split" or ident["split"] not in EVALUATED_SPLITS:
+        return None, None
+    split, run_id = ident["split"], resolved.run_id
+    tags = get_run(connect(resolved.tracking_uri), run_id, resolved.tracking_uri, resolved.given).data.tags
+    eval_id = tags.get(EVAL_ID_TAG)
+    if not eval_id or tags.get(EVAL_COMPLETE_TAG) != eval_id:
+        return None, f"run {run_id} has no complete evaluation"
+    if tags.get("eval.manifest_sha256") != ident["manifest_sha256"]:
+        return None, f"evaluation {eval_id} ran on other shards (manifest sha256 {str(tags.get('eval.manifest_sha256'))[:12]}, these {ident['manifest_sha256'][:12]})"
+    want = _precision_here(params.index.precision)
+    if tags.get("eval.precision") != want:
+        return None, f"evaluation {eval_id} encoded in {tags.get('eval.precision') or 'an unrecorded precision'}, index.precision={params.index.precision} means {want} here"
+    n, words = len(collection.keys), -(-resolved.bits // 64)
+    with tempfile.TemporaryDirectory(prefix="dpfah-index-") as tmp:
+        try:
+            path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=f"{ARTIFACT_DIR}/codes/{split}.parquet", dst_path=tmp, tracking_uri=resolved.tracking_uri)
+            packed, labels, order, meta = load_codes(path)
+        except (MlflowException, OSError, ValueError, KeyError) as e:  # missing, unreadable or not a codes table
+            return None, f"evaluation {eval_id}'s {split} codes are unreadable ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+    expected = {"split": split, "bits": str(resolved.bits), "run_id": run_id, "manifest_sha256": ident["manifest_sha256"]}
+    if any(meta.get(k) != v for k, v in expected.items()) or packed.shape != (n, words) or not np.array_equal(order, np.arange(n)):
+        return None, f"evaluation {eval_id}'s {split} codes describe another split, run or length ({packed.shape[0]} rows)"
+    if collection.labels is not None and not np.array_equal(labels, collection.labels):
+        return None, f"evaluation {eval_id}'s {split} labels differ from the prepared split's"
+    sample = np.unique(np.linspace(0, n - 1, min(VERIFY_ITEMS, n)).round().astype(np.int64)) if n else np.zeros(0, np.int64)
+    images = read_samples(collection.reader.manifest, split, sample)
+    on = torch.device("cuda" if tags.get("eval.device") == "cuda" and torch.cuda.is_available() else "cpu")  # as the evaluation did
+    check = copy.deepcopy(model).to(on) if on.type != "cpu" else model  # the model itself stays on the CPU for the actors
+    codes, ok, problems = encode_images(check, [images[int(i)] for i in sample], on, resolved.image_size, want, convert=collection.convert)
+    if problems or not ok.all():
+        return None, f"{len(problems)} of the {len(sample)} sampled items did not encode"
+    differ = int((pack_codes(codes) != packed[sample]).any(axis=1).sum())
+    if differ:
+        return None, f"evaluation {eval_id}'s {split} codes differ from the model's on {differ} of {len(sample)} sampled items"
+    source = f"evaluation {eval_id} of run {run_id}, verified on {len(sample)} items"
+    return EvaluationCodes(packed, tags.get("eval.device") or "unrecorded", want, source), None
+
+
 # ----------------------------------------------------------------------------- building
 
 
@@ -602,7 +700,9 @@ def _assemble(partial: Path, blocks: int, collection: Collection, params: Params
     return np.concatenate(codes), np.concatenate(keep).astype(np.int64), skipped
 
 
-def _write_index(tmp: Path, packed: np.ndarray, keep: np.ndarray, collection: Collection, resolved: ResolvedModel, skipped, plan, device: str) -> dict[str, Any]:
+def _write_index(
+    tmp: Path, packed: np.ndarray, keep: np.ndarray, collection: Collection, resolved: ResolvedModel, skipped, plan, device: str, used: str, codes_from: str
+) -> dict[str, Any]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -616,8 +716,6 @@ def _write_index(tmp: Path, packed: np.ndarray, keep: np.ndarray, collection: Co
     if collection.labels is not None:
         np.save(tmp / LABELS, np.ascontiguousarray(collection.labels[keep], dtype=np.uint8))
         files.append(LABELS)
-    precision = plan["precision"]
-    used = "bf16" if precision == "bf16" or (precision == "auto" and device == "cuda") else "fp32"
     manifest = {
         "format": FORMAT,
         "model": resolved.describe(),
@@ -629,9 +727,10 @@ def _write_index(tmp: Path, packed: np.ndarray, keep: np.ndarray, collection: Co
         "skipped": {"count": len(skipped), "items": skipped},
         "files": {name: {"sha256": sha256_file(tmp / name), "bytes": (tmp / name).stat().st_size} for name in files},
         "block_size": plan["block_size"],
-        "precision": precision,
+        "precision": plan["precision"],
         "encoded_on": device,
         "precision_used": used,  # what a query must be encoded with to match (search does)
+        "codes_from": codes_from,  # "encoded", or the evaluation whose verified codes were taken
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "git_commit": git_commit(),
     }
@@ -658,11 +757,13 @@ def build_index(
     images: str | None = None,
     root: str | None = None,
     progress: bool | None = None,
+    reencode: bool = False,
 ) -> IndexResult:
     """Encode a collection with the model ``model`` (a ``models:/`` URI) into the index
     folder ``out``, resuming from ``<out>.partial`` when an earlier run of the same plan left
-    finished blocks there."""
-    from tqdm import tqdm
+    finished blocks there. A prepared split that the model's evaluation encoded takes the
+    evaluation's codes instead, once verified (:func:`evaluation_codes`), unless ``reencode``."""
+    from dpfah.train import precision_used
 
     t0 = time.perf_counter()
     out = Path(out)
@@ -671,6 +772,34 @@ def build_index(
     loaded = load_model(resolved)
     plan = _plan(collection, resolved, params)
     partial = out.with_name(out.name + ".partial")
+    count, size = len(collection.keys), params.index.block_size
+    blocks = -(-count // size)
+    reused, why = (None, None) if reencode else evaluation_codes(params, collection, resolved, loaded)
+    if reused is not None:  # nothing to encode; an unfinished encoding in partial is not needed
+        packed, keep, skipped, device, seconds, done_items, todo = reused.packed, np.arange(count, dtype=np.int64), [], reused.device, 0.0, count, []
+        used, codes_from = reused.precision_used, reused.codes_from
+    else:
+        if why:
+            print(f"not reusing the evaluation's codes: {why}; encoding", flush=True)
+        packed, keep, skipped, device, seconds, done_items, todo = _encode_collection(collection, resolved, loaded, params, partial, plan, progress)
+        used, codes_from = precision_used(plan["precision"], device), "encoded"
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        manifest = _write_index(tmp, packed, keep, collection, resolved, skipped, plan, device, used, codes_from)
+        _swap_into_place(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    shutil.rmtree(partial, ignore_errors=True)
+    encoded = count - done_items
+    return IndexResult(out, manifest, len(todo), blocks, time.perf_counter() - t0, encoded / seconds if seconds else 0.0)
+
+
+def _encode_collection(collection: Collection, resolved: ResolvedModel, loaded, params: Params, partial: Path, plan, progress: bool | None):
+    """Encode the blocks ``partial`` lacks (on Ray Data) and assemble all of them: (packed
+    codes, kept positions, skipped, device, encoding seconds, items resumed, blocks encoded)."""
+    from tqdm import tqdm
+
     _start_partial(partial, plan)
     count, size = len(collection.keys), params.index.block_size
     blocks = -(-count // size)
@@ -682,17 +811,8 @@ def build_index(
         with tqdm(total=count, initial=done_items, desc=what, unit="img", disable=False if progress else None if progress is None else True) as bar:
             seconds = _encode_blocks(todo, loaded, collection, resolved, params, partial, bar)
     packed, keep, skipped = _assemble(partial, blocks, collection, params)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        device = _block_device(_block_file(partial, 0)) if blocks else "cpu"
-        manifest = _write_index(tmp, packed, keep, collection, resolved, skipped, plan, device)
-        _swap_into_place(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    shutil.rmtree(partial, ignore_errors=True)
-    encoded = count - done_items
-    return IndexResult(out, manifest, len(todo), blocks, time.perf_counter() - t0, encoded / seconds if seconds else 0.0)
+    device = _block_device(_block_file(partial, 0)) if blocks else "cpu"
+    return packed, keep, skipped, device, seconds, done_items, todo
 
 
 # ----------------------------------------------------------------------------- command line
@@ -731,6 +851,10 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument("--images", metavar="PATH", help="index an image folder, a .tar archive of images, or a list file")
     parser.add_argument("--root", metavar="DIR", help="where a list file's relative paths start (default: the list's folder)")
     parser.add_argument("--out", metavar="DIR", help="the index folder (default with --split: index/<dataset>-<bits>)")
+    parser.add_argument(
+        "--reencode", action="store_true",
+        help="encode a query or database split even when the model's evaluation logged its codes (they are reused once verified)",
+    )  # fmt: skip
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     add_config_args(parser)
     return parser
@@ -752,10 +876,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.split is None or args.bits is None:
             raise ConfigError("give --out DIR (the index folder)")
         out = default_out(args.dataset, args.bits)
-    result = build_index(params, out, model=model, dataset=args.dataset, split=args.split, images=args.images, root=args.root, progress=False if args.quiet else None)
+    result = build_index(
+        params, out, model=model, dataset=args.dataset, split=args.split, images=args.images, root=args.root,
+        progress=False if args.quiet else None, reencode=args.reencode,
+    )  # fmt: skip
     m = result.manifest
     skipped = f", {m['skipped']['count']} skipped (see manifest)" if m["skipped"]["count"] else ""
-    resumed = f", {result.blocks - result.encoded_blocks} of {result.blocks} blocks resumed" if result.encoded_blocks < result.blocks else ""
+    if m["codes_from"] != "encoded":
+        resumed = f", the codes of {m['codes_from']}"
+    else:
+        resumed = f", {result.blocks - result.encoded_blocks} of {result.blocks} blocks resumed" if result.encoded_blocks < result.blocks else ""
     rate = f" ({result.images_per_s:,.0f} img/s encoding)" if result.images_per_s else ""
     print(f"indexed {m['count']:,} items with {m['model']['uri']} ({m['bits']} bits){skipped}{resumed} -> {result.directory} in {result.seconds:.1f} s{rate}")
     return 0

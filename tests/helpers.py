@@ -193,18 +193,42 @@ def registry_state(uri: str) -> tuple[dict, list[tuple[int, str]]]:
 # ----------------------------------------------------------------------------- mlflow server
 
 
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_answering(url: str, proc, timeout_s: float) -> bool:
+    """Whether ``url`` answers 200 within ``timeout_s`` while ``proc`` (the server) lives."""
+    import time
+    import urllib.request
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=5) as r:
+                if r.status == 200:
+                    return True
+        except OSError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            return False
+        time.sleep(0.5)
+
+
 def start_mlflow_server(work: Path, env: dict[str, str] | None = None):
     """A real ``mlflow server`` on a free port (SQLite backend under ``work``, proxied
     artifacts), in its own process group; returns (its URI, the process) once it answers
     /health. Stop it with :func:`stop_mlflow_server`."""
     import os
-    import socket
     import subprocess
     import sys
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     if env is None:
         env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
     mlflow_cli = Path(sys.executable).parent / "mlflow"

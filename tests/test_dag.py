@@ -10,16 +10,16 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 import yaml
+
+from tests.helpers import free_port, wait_answering
 
 pytestmark = pytest.mark.slow
 
@@ -227,12 +227,6 @@ def test_a_profile_written_into_params_is_what_dvc_plans(tmp_path):
 # ----------------------------------------------------------------------------- ray job submit
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _our_processes(marker: str) -> list[int]:
     """Pids of processes whose command line names ``marker`` (our head's temp dir)."""
     pids = []
@@ -274,17 +268,8 @@ def ray_head():
     )  # fmt: skip
     address = f"http://127.0.0.1:{dash}"
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(f"{address}/api/version", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"the Ray head did not start:\n{(Path(temp) / 'head.log').read_text()[-3000:]}")
-            time.sleep(0.5)
+        if not wait_answering(f"{address}/api/version", proc, 120):
+            raise RuntimeError(f"the Ray head did not start:\n{(Path(temp) / 'head.log').read_text()[-3000:]}")
         yield address
     finally:
         if proc.poll() is None:

@@ -156,3 +156,57 @@ def test_a_corrupt_image_is_named_or_skipped_and_an_image_finds_its_duplicate(ra
     assert lines and all(cols[3] == "0" for cols in lines) and "img3.png" in [cols[2] for cols in lines], text
     assert [cols[2] for cols in lines] == sorted(cols[2] for cols in lines)  # ties in key order
     assert grid.is_file() and grid.stat().st_size > 5000
+
+
+
+def test_a_split_the_evaluation_encoded_takes_its_codes_once_verified(champion, database_index, tmp_path, capsys):
+    """The champion evaluated: its database index takes the evaluation's codes, checked on 64
+    items, and holds the files the encoding built (``database_index``); codes tampered with
+    are caught and the split encoded. Last in this module, and the evaluation's completion
+    marker removed at the end: the builds above encode the champion's split."""
+    import dataclasses
+
+    import mlflow.artifacts
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.evaluate import evaluate
+    from pipeline.registry import EVAL_COMPLETE_TAG
+    from pipeline.tracking import using_tracking_uri
+
+    params, record, _ = champion
+    uri, run_id = params.mlflow.tracking_uri, record["run_id"]
+    quick = dataclasses.replace(params, evaluate=dataclasses.replace(params.evaluate, grid_queries=2))
+    eval_id = evaluate(quick, "toy", BITS, run_id=run_id, progress=False, root=tmp_path).doc["eval_id"]
+    try:
+        taken = index_stage.build_index(params, tmp_path / "taken", model=CHAMPION, dataset="toy", split="database", progress=False)
+        assert taken.manifest["codes_from"] == f"evaluation {eval_id} of run {run_id}, verified on 64 items" and taken.encoded_blocks == 0
+        encoded = database_index.directory
+        for name in ("codes.npy", "keys.parquet", "labels.npy"):
+            assert (taken.directory / name).read_bytes() == (encoded / name).read_bytes(), name
+        a, b = (json.loads((d / "manifest.json").read_text()) for d in (taken.directory, encoded))
+        assert b["codes_from"] == "encoded"
+        for doc in (a, b):
+            doc.pop("created"), doc.pop("git_commit"), doc.pop("codes_from")
+        assert a == b
+
+        # one bit of item 0 (a sampled item) flipped in the run's logged codes
+        with using_tracking_uri(uri):
+            path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="evaluation/codes/database.parquet", dst_path=str(tmp_path / "dl"))
+        table = pq.read_table(path)
+        words = np.asarray(table.column("code").combine_chunks().values.to_numpy(zero_copy_only=False), dtype=np.uint64).copy()
+        words[0] ^= np.uint64(1)
+        code = pa.FixedSizeListArray.from_arrays(pa.array(words, pa.uint64()), table.schema.field("code").type.list_size)
+        tampered = tmp_path / "tampered" / "database.parquet"
+        tampered.parent.mkdir()
+        pq.write_table(table.set_column(table.schema.get_field_index("code"), "code", code), tampered)
+        MlflowClient(uri).log_artifact(run_id, str(tampered), "evaluation/codes")
+        capsys.readouterr()
+        again = index_stage.build_index(params, tmp_path / "again", model=CHAMPION, dataset="toy", split="database", progress=False)
+        note = capsys.readouterr().out
+        assert f"evaluation {eval_id}'s database codes differ from the model's on 1 of 64 sampled items; encoding" in note, note
+        assert again.manifest["codes_from"] == "encoded" and again.encoded_blocks == 5
+        assert (again.directory / "codes.npy").read_bytes() == (encoded / "codes.npy").read_bytes()
+    finally:
+        MlflowClient(uri).delete_tag(run_id, EVAL_COMPLETE_TAG)  # the champion unevaluated again

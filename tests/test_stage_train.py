@@ -213,3 +213,53 @@ def test_logged_model_loads_and_encodes_without_the_project(ray_trained, tmp_pat
     x = DeviceAugment()(resize_uint8(torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), 16), train=False)
     np.testing.assert_array_equal(served, encoder.net.codes(x).numpy())
 
+
+
+def test_the_logged_model_served_over_http_answers_with_its_codes(ray_trained, tmp_path):
+    """`mlflow models serve` (the real command, --env-manager local) on the logged model of
+    conftest's Ray training, fetched from the tracking server: a POST of uint8 images as
+    nested lists ({"inputs": ...}, the signature's (N, H, W, 3)) answers {"predictions":
+    ...}, the network's -1/+1 codes of those images, computed here from the network."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import urllib.request
+
+    import mlflow.pytorch
+
+    from dpfah.augment import DeviceAugment, resize_uint8
+    from pipeline.tracking import using_tracking_uri
+    from tests.helpers import free_port, wait_answering
+
+    outcome = ray_trained["resumed"]["outcome"]
+    port = free_port()
+    bin_dir = str(Path(sys.executable).parent)  # the venv's mlflow (and its python for the server)
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}", "MLFLOW_TRACKING_URI": ray_trained["server"]}
+    log = open(tmp_path / "serve.log", "w")
+    proc = subprocess.Popen(
+        ["mlflow", "models", "serve", "-m", outcome.model_uri, "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
+        cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )  # fmt: skip
+    try:
+        assert wait_answering(f"http://127.0.0.1:{port}/ping", proc, 180), (tmp_path / "serve.log").read_text()[-3000:]
+        images = np.random.default_rng(2).integers(0, 256, (3, 24, 20, 3), dtype=np.uint8)  # resized to 16 by the model
+        body = json.dumps({"inputs": images.tolist()}).encode()
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body, headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=120) as r:
+            answer = json.loads(r.read())
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        log.close()
+    assert list(answer) == ["predictions"], answer
+    served = np.asarray(answer["predictions"])
+    assert served.shape == (3, 16) and set(np.unique(served)) <= {-1, 1}, answer
+
+    with using_tracking_uri(ray_trained["server"]):
+        encoder = mlflow.pytorch.load_model(outcome.model_uri)
+    x = DeviceAugment()(resize_uint8(torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), 16), train=False)
+    expected = encoder.net.codes(x).numpy()
+    np.testing.assert_array_equal(served, expected)
+    assert len({tuple(row) for row in expected}) > 1  # three different images, not one code for all

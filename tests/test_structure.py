@@ -118,10 +118,10 @@ def test_no_private_name_is_imported_across_modules(package):
 def test_stages_do_not_import_each_other_except_tune_running_train():
     """Shared plumbing lives in its own modules (tracking, artifacts, registry, cluster,
     config); of the stages, only tune (which runs trainings, each a method's recipe) imports
-    train and objective, report reads evaluate's codes files with its reader, index names
-    the champion as promote does (promote.model_name) and search reads what index writes."""
+    train and objective, report and index read evaluate's codes files with its reader, index
+    names the champion as promote does (promote.model_name) and search reads what index writes."""
     stages = {"pipeline.prepare", "pipeline.train", "pipeline.tune", "pipeline.evaluate", "pipeline.promote", "pipeline.objective", "pipeline.profile", "pipeline.report", "pipeline.index", "pipeline.search"}
-    allowed = {("pipeline.tune", "pipeline.train"), ("pipeline.tune", "pipeline.objective"), ("pipeline.train", "pipeline.objective"), ("pipeline.report", "pipeline.evaluate"), ("pipeline.index", "pipeline.promote"), ("pipeline.search", "pipeline.index")}
+    allowed = {("pipeline.tune", "pipeline.train"), ("pipeline.tune", "pipeline.objective"), ("pipeline.train", "pipeline.objective"), ("pipeline.report", "pipeline.evaluate"), ("pipeline.index", "pipeline.evaluate"), ("pipeline.index", "pipeline.promote"), ("pipeline.search", "pipeline.index")}
     graph = _graph()
     for stage in stages:
         for target in graph[stage] & stages:
