@@ -401,7 +401,8 @@ def test_a_trained_model_evaluated_and_promoted_on_a_tracking_server(ray_trained
     code, text = cli(evaluate, [*args, "--quiet"], capsys)
     assert code == 0, text
     doc = json.loads((out / "metrics" / "toy-16-dpfah-s0.json").read_text())
-    assert doc["run_id"] == outcome.run_id and (doc["n_queries"], doc["n_db"], doc["map_at"]) == (12, 78, "ALL")
+    facts = json.loads((out / "evaluations" / "toy-16-dpfah-s0.json").read_text())
+    assert facts["run_id"] == outcome.run_id and (facts["n_queries"], facts["n_db"], facts["map_at"]) == (12, 78, "ALL")
 
     client = MlflowClient(server)
     local = Path(client.download_artifacts(outcome.run_id, "evaluation/codes", str(out / "dl")))
@@ -433,7 +434,7 @@ def test_a_trained_model_evaluated_and_promoted_on_a_tracking_server(ray_trained
     assert doc["query_map_tie_aware"] == pytest.approx(plain_tie_aware_map(ref["dist"], ref["rel"]), abs=1e-12)
     assert doc["query_map_tie_aware"] != doc["query_map"]  # the codes tie: the two differ
     assert doc["query_precision_within_radius"] == pytest.approx(ref["ball"], abs=1e-12)
-    assert doc["query_p_at_10"] == pytest.approx(ref["p_at_n"], abs=1e-12)
+    assert doc["query_p_at_0010"] == pytest.approx(ref["p_at_n"], abs=1e-12)
     run = client.get_run(outcome.run_id)
     for name in ("query_map", "query_map_tie_aware"):
         assert run.data.metrics[name] == doc[name]

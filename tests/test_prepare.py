@@ -571,7 +571,7 @@ def test_lists_multi_label_through_fit_and_the_evaluate_stage(tmp_path, monkeypa
     ref = plain_metrics(qc, dc, ql, dl, topk=doc["topk"], radius=2, n=10)
     assert doc["query_map"] == pytest.approx(ref["map"], abs=1e-12)
     assert doc["query_precision_within_radius"] == pytest.approx(ref["ball"], abs=1e-12)
-    assert doc["query_p_at_10"] == pytest.approx(ref["p_at_n"], abs=1e-12)
+    assert doc["query_p_at_0010"] == pytest.approx(ref["p_at_n"], abs=1e-12)
     one_hot = lambda y: np.eye(21, dtype=np.uint8)[y.argmax(1)]  # noqa: E731
     single = plain_metrics(qc, dc, one_hot(ql), one_hot(dl), topk=doc["topk"], radius=2, n=10)
     assert abs(single["map"] - doc["query_map"]) > 1e-3
