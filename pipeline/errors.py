@@ -7,6 +7,7 @@ exits 2; everything else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+import gc
 import signal
 import sys
 import threading
@@ -63,3 +64,22 @@ def run_main(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[
     finally:
         if in_main_thread:
             signal.signal(signal.SIGTERM, previous)
+        if getattr(main, "__module__", None) == "__main__":  # `python -m pipeline.<stage>`: the process ends next
+            prepare_exit()
+
+
+def prepare_exit() -> None:
+    """Make the interpreter's exit fast: collect the garbage there is now (its finalizers run,
+    as at any collection), then freeze every live object out of the collector's reach.
+
+    What the interpreter does at exit otherwise takes 3-4 s on 2 cores once torch, MLflow and
+    Ray are imported: after clearing the modules it runs the cyclic collector over millions of
+    their objects, only to free memory that the process gives back anyway. Nothing is skipped
+    that writes: exit hooks (atexit: Ray's shutdown, logging's flush, MLflow's) run as before,
+    objects freed by reference counting as modules are cleared are finalized as before, and
+    our files are closed where they are written (atomically). Only objects that become cyclic
+    garbage during the teardown keep their memory, and Python never promised their ``__del__``
+    at exit. Called by :func:`run_main` only when the stage runs as ``python -m``, never in a
+    process that goes on (tests)."""
+    gc.collect()
+    gc.freeze()
