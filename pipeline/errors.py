@@ -90,15 +90,19 @@ def _exit_quickly() -> None:
     if not _quick_exit.is_set():
         return
     import io
+    import warnings
 
     gc.collect()
-    for obj in gc.get_objects():
-        if isinstance(obj, io.IOBase):
-            try:
-                if not obj.closed and obj.writable():
-                    obj.flush()
-            except Exception:  # a closed pipe, a detached stream: nothing of ours to save
-                pass
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # nothing printed at exit
+        for obj in gc.get_objects():
+            # type(), not isinstance: that asks obj.__class__, which some library proxies answer with a warning
+            if issubclass(type(obj), io.IOBase):
+                try:
+                    if not obj.closed and obj.writable():
+                        obj.flush()
+                except Exception:  # a closed pipe, a detached stream: nothing of ours to save
+                    pass
     gc.freeze()
 
 
