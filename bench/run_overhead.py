@@ -232,7 +232,10 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "run_overhead.json"))
     args = parser.parse_args(argv)
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI", "PYTHONPATH")}
-    env.update(RAY_AUTH_MODE="disabled", PYTHONUNBUFFERED="1", PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}")
+    # PYTHONPATH: the stages (and the Ray workers, which inherit it) run this checkout's code,
+    # not whatever copy of the project the environment has installed (an editable install of
+    # another checkout would otherwise be what is measured)
+    env.update(RAY_AUTH_MODE="disabled", PYTHONUNBUFFERED="1", PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}", PYTHONPATH=str(REPO))
     base = Path(tempfile.mkdtemp(prefix="dpfah-overhead-"))
     try:
         images = make_class_folder(base / "images")  # the tests' toy images: 3 classes of 30 PNGs, 32 px
@@ -246,11 +249,12 @@ def main(argv=None) -> int:
     finally:
         shutil.rmtree(base, ignore_errors=True)
     machine = f"{os.cpu_count()} cores, {platform.processor() or platform.machine()}"
-    print(f"fixed cost of a run, toy dataset, one epoch of {args.steps} steps, on {machine}")
+    load = os.getloadavg()
+    print(f"fixed cost of a run, toy dataset, one epoch of {args.steps} steps, on {machine} (code: {REPO}; load average at the end {load[0]:.1f} {load[1]:.1f} {load[2]:.1f})")
     print(_table(results, head.seconds))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"machine": machine, "steps": args.steps, "ray_head_start_s": head.seconds, "results": results}, indent=2) + "\n")
+    out.write_text(json.dumps({"machine": machine, "code": str(REPO), "load_average_at_end": load, "steps": args.steps, "ray_head_start_s": head.seconds, "results": results}, indent=2) + "\n")
     return 0
 
 

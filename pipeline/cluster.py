@@ -11,7 +11,7 @@ from .console import verbose
 from .errors import ConfigError
 from .timing import ENV as TIMINGS_ENV
 
-__all__ = ["ensure_ray", "started_here", "check_request", "shutdown_if_started", "train_run_defaults"]
+__all__ = ["ensure_ray", "started_here", "check_request", "shutdown_if_started", "shutdown_before_exit", "train_run_defaults"]
 
 
 def started_here() -> bool:
@@ -58,6 +58,18 @@ def shutdown_if_started(started: bool) -> None:
     import ray
 
     if started and ray.is_initialized():
+        ray.shutdown()
+
+
+def shutdown_before_exit() -> None:
+    """For a stage process about to exit: stop its local Ray instance, or leave the joined one,
+    now rather than in Ray's exit hook, which first sleeps 0.5 s so that the workers' last log
+    lines reach the console. They only do with --verbose (``log_to_driver``): then the hook
+    is left to do it."""
+    import sys
+
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized() and not verbose():
         ray.shutdown()
 
 

@@ -31,6 +31,7 @@ __all__ = [
     "get_run",
     "git_commit",
     "model_requirements",
+    "requirements_known",
     "dataset_name",
     "training_metric",
     "dataset_digest",
@@ -316,7 +317,39 @@ def model_requirements() -> list[str]:
     """
     from importlib.metadata import version
 
-    return [f"{name}=={version(name)}" for name in ("torch", "torchvision", "numpy")]
+    return [f"{name}=={version(name)}" for name in MODEL_PACKAGES]
+
+
+#: The packages a logged model needs besides ``dpfah`` (each imports under its own name).
+MODEL_PACKAGES = ("torch", "torchvision", "numpy")
+
+
+@contextlib.contextmanager
+def requirements_known() -> Iterator[None]:
+    """Inside the block, MLflow checks a model's pip requirements against what is installed
+    without first mapping every module of every installed distribution to its package
+    (``importlib.metadata.packages_distributions()``: reading the file lists of all ~200
+    distributions, 3 s of ``log_model`` on 2 cores). That map only serves to find the module
+    of a package whose metadata is missing; our requirements are :data:`MODEL_PACKAGES`,
+    whose modules have their names, so MLflow gets exactly that much of it; its check of the
+    versions (``importlib.metadata.version``) is unchanged. MLflow's map is private: where it
+    is already built, or no longer there, nothing is changed. Put back as it was after."""
+    try:
+        from mlflow.utils import requirements_utils as reqs
+    except ImportError:
+        yield
+        return
+    if getattr(reqs, "_MODULES_TO_PACKAGES", False) is not None:
+        yield
+        return
+    seeded = {name: [name] for name in MODEL_PACKAGES}
+    reqs._MODULES_TO_PACKAGES = seeded
+    try:
+        yield
+    finally:
+        if reqs._MODULES_TO_PACKAGES is seeded:
+            reqs._MODULES_TO_PACKAGES = None
+            reqs._PACKAGES_TO_MODULES = None
 
 
 #: The names of the training's metrics in MLflow, grouped by prefix (the runs table and the

@@ -39,11 +39,11 @@ from . import objective as objective_stage
 from .objective import Recipe
 from .registry import MODEL_NAME_TAG, model_name
 from .artifacts import run_file, write_json_atomic
-from .cluster import check_request, ensure_ray, shutdown_if_started, started_here, train_run_defaults
+from .cluster import check_request, ensure_ray, shutdown_before_exit, shutdown_if_started, started_here, train_run_defaults
 from .config import Params, add_config_args, config_from_args
 from .errors import ConfigError, PipelineError, run_main
 from .timing import record, span
-from .tracking import check_store, git_commit, log_dataset, model_requirements, resolve_uri, tracked_run, tracking_uri, training_metric
+from .tracking import check_store, git_commit, log_dataset, model_requirements, requirements_known, resolve_uri, tracked_run, tracking_uri, training_metric
 
 __all__ = ["TrainOutcome", "TrainingFailed", "run_training", "main"]
 
@@ -658,17 +658,18 @@ def log_model_artifact(net, image_size: int, name: str, *, step: int = 0) -> str
     with tempfile.TemporaryDirectory(prefix="dpfah-code-") as tmp:
         # the package's Python sources only (no caches, no C sources of the optional kernels)
         package = shutil.copytree(os.path.dirname(dpfah.__file__), os.path.join(tmp, "dpfah"), ignore=shutil.ignore_patterns("__pycache__", "*.c", "*.h", "*.so"))
-        info = mlflow.pytorch.log_model(
-            model,
-            name=name,
-            serialization_format="pickle",
-            pip_requirements=model_requirements(),
-            code_paths=[package],
-            signature=signature,
-            input_example=example,
-            step=step,
-            tags={"bits": str(model.bits), "image_size": str(image_size), "input": "uint8 RGB images (N, H, W, 3), any H, W", "output": f"int8 codes (N, {model.bits}) in {{-1, +1}}"},
-        )
+        with requirements_known():
+            info = mlflow.pytorch.log_model(
+                model,
+                name=name,
+                serialization_format="pickle",
+                pip_requirements=model_requirements(),
+                code_paths=[package],
+                signature=signature,
+                input_example=example,
+                step=step,
+                tags={"bits": str(model.bits), "image_size": str(image_size), "input": "uint8 RGB images (N, H, W, 3), any H, W", "output": f"int8 codes (N, {model.bits}) in {{-1, +1}}"},
+            )
     return info.model_uri
 
 
@@ -720,4 +721,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(run_main(main))
+    code = run_main(main)
+    shutdown_before_exit()
+    sys.exit(code)

@@ -126,10 +126,9 @@ def test_logged_model_reloads_as_dpfah_with_the_same_codes(ray_trained):
     torch.testing.assert_close(codes, in_memory.codes(x), rtol=0, atol=0)
 
     # named after its registry name, linked to its run; a signature and an input example
-    client = mlflow.tracking.MlflowClient()
+    client = mlflow.tracking.MlflowClient(ray_trained["server"])  # the run's store, not the process's default
     logged = client.get_logged_model(outcome.model_uri[len("models:/") :])
     assert logged.name == "dpfah-toy-16b" and logged.source_run_id == outcome.run_id
-    model_dir = Path(mlflow.artifacts.download_artifacts(artifact_uri=outcome.model_uri))
     from mlflow.models import Model
 
     meta = Model.load(str(model_dir / "MLmodel"))
