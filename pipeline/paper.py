@@ -1,7 +1,7 @@
 """The DPFAH paper's published numbers, for the report to print beside ours (labelled as the
 paper's: ResNet-18 pretrained on ImageNet, 224 px inputs, the paper's protocol).
 
-Transcribed from the paper's text (/work/shared/paper): Table 6 (mAP; CIFAR-10 mAP@ALL,
+Transcribed from the paper's text (Sci. Rep. 12:7082, 2022): Table 6 (mAP; CIFAR-10 mAP@ALL,
 NUS-WIDE mAP@5000, ImageNet-100 mAP@1000; 16/32/48/64 bits) and Table 5 (the ablation at
 48 bits on CIFAR-10). Note the paper's own inconsistency: Table 5 gives DBDH (AlexNet)
 0.7839 at 48 bits, Table 6 gives DBDH 0.8129 at 48 bits, which is Table 5's ResNet-18 row.
