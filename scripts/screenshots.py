@@ -15,14 +15,17 @@ cifar10 with ``--store``).
 Then starts a real ``mlflow server`` on that store (a free local port), and with headless
 Chromium (``apt-get install -y chromium``, driven over its DevTools protocol) saves into
 ``--out`` (default ``screenshots/``, ignored by git) what a user sees who has closed MLflow's
-Assistant side panel once (a fresh browser opens it over a third of the page):
+Assistant side panel once (a fresh browser opens it over a third of the page) and picked
+"Model training" at the top left (README, "MLflow UI"):
 
 * ``1-runs-table.png``: the experiment's training runs with the ``query_map`` column added
   (README, "MLflow UI": Columns -> Metrics), sorted by it, best first;
 * ``2-run.png``: the training run (metrics, dataset, tags);
 * ``3-run-artifacts.png``: its ``evaluation/`` artifacts (the figures);
-* ``4-logged-model.png``: the logged model (signature, linked metrics);
-* ``5-model-version.png``: the registered model version (its description, the alias).
+* ``4-logged-model.png``: the logged model, its metric search set to ``query`` (the
+  evaluation's metrics, linked to it and to the dataset);
+* ``5-model-version.png``: the registered model version (its description, the alias, the
+  signature under Schema, opened).
 
 A script, not a test: starting MLflow's server and a browser costs a minute. Look at the
 pictures: that is the point.
@@ -138,7 +141,8 @@ def mlflow_server(store: Path, timeout_s: float = 180.0):
     """A real ``mlflow server`` on ``store/mlflow.db``; yields its URL; stopped at the end."""
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
-    log = open(store / "mlflow-server.log", "w")
+    log_path = Path(tempfile.gettempdir()) / f"dpfah-mlflow-server-{port}.log"  # not in the store: it may be a checkout
+    log = open(log_path, "w")
     server = subprocess.Popen(
         [str(Path(PYTHON).with_name("mlflow")), "server", "--backend-store-uri", f"sqlite:///{store / 'mlflow.db'}",
          "--artifacts-destination", str(store / "mlartifacts"), "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
@@ -152,9 +156,9 @@ def mlflow_server(store: Path, timeout_s: float = 180.0):
                     break
             except OSError:
                 if server.poll() is not None or time.time() > deadline:
-                    raise SystemExit(f"mlflow server did not start (see {store / 'mlflow-server.log'})")
+                    raise SystemExit(f"mlflow server did not start (see {log_path})")
                 time.sleep(1)
-        print(f"mlflow server at {url} (log: {store / 'mlflow-server.log'})")
+        print(f"mlflow server at {url} (log: {log_path})")
         yield url
     finally:
         os.killpg(server.pid, 15)
@@ -170,12 +174,14 @@ def _browser() -> str:
     raise SystemExit("no Chromium found: apt-get install -y chromium")
 
 
-#: What a user's browser remembers once they have closed MLflow's Assistant panel (keys of
-#: MLflow 3's UI: its ``useLocalStorage`` hook stores ``<key>_v<version>`` as JSON). A fresh
-#: profile would otherwise open the panel over the right third of every page.
+#: What a user's browser remembers once they have closed MLflow's Assistant panel and picked
+#: "Model training" at the top left, as README's "MLflow UI" says (keys of MLflow 3.17's UI:
+#: its ``useLocalStorage`` hook stores ``<key>_v<version>`` as JSON). A fresh profile would
+#: otherwise open the panel over the right third of every page and show the GenAI menu.
 UI_STORAGE = {
     "mlflow.assistant.panelOpen_v1": "false",
     "mlflow.assistant.fab.autoOpenedOnFirstLoad_v1": "true",
+    "mlflow.workflowType_v1": '"machine_learning"',
 }
 
 
@@ -278,6 +284,27 @@ class Browser:
         self.wait_for(f"document.body && document.body.innerText.includes({json.dumps(shows)})", what)
         time.sleep(settle_s)
 
+    def click(self, pattern: str, what: str) -> None:
+        """Click the innermost element whose whole text matches the regular expression."""
+        import json
+
+        clicked = self.run(
+            f"(() => {{ const re = new RegExp({json.dumps(pattern)});"
+            " const hits = [...document.querySelectorAll('body *')].filter(e => e instanceof HTMLElement && e.offsetParent !== null && re.test((e.innerText || '').trim()));"
+            " const inner = hits.filter(e => !hits.some(o => o !== e && e.contains(o)));"
+            " if (!inner.length) return false; inner[0].click(); return true; })()"
+        )
+        if not clicked:
+            raise SystemExit(f"the page has no {what} to click")
+
+    def type_into(self, placeholder: str, text: str) -> None:
+        """Type into the input with this placeholder, as a user does (React sees the keys)."""
+        import json
+
+        if not self.run(f"(() => {{ const e = document.querySelector('input[placeholder={json.dumps(placeholder)}]'); if (!e) return false; e.focus(); return true; }})()"):
+            raise SystemExit(f"the page has no input {placeholder!r}")
+        self.call("Input.insertText", session=True, text=text)
+
     def screenshot(self, path: Path) -> Path:
         import base64
 
@@ -355,9 +382,18 @@ def take(url: str, out: Path, dataset: str = DATASET) -> list[Path]:
         shot("2-run.png", 1300)
         browser.open(f"{url}/#/experiments/{exp}/runs/{run_id}/artifacts/evaluation/pr_curves.png", "pr_curves.png", "the run's artifacts", settle_s=4)
         shot("3-run-artifacts.png")
-        browser.open(f"{url}/#/experiments/{exp}/models/{model.model_id}", model.name, "the logged model")
+        # The logged model: its metrics filtered to the evaluation's (linked to it and to the
+        # dataset), as a user types "query" into the page's metric search.
+        browser.open(f"{url}/#/experiments/{exp}/models/{model.model_id}", "Datasets used", "the logged model")
+        browser.wait_for("!!document.querySelector('input[placeholder=\"Search metrics\"]')", "the logged model's metric search")
+        browser.type_into("Search metrics", "query")
+        time.sleep(2)
         shot("4-logged-model.png", 1300)
+        # The registered version: its description, alias and the signature (Schema, opened).
         browser.open(f"{url}/#/models/{quote(name)}/versions/{version}", "Description", "the model version")
+        browser.click(r"^Inputs \(\d+\)$", "Schema -> Inputs")
+        browser.click(r"^Outputs \(\d+\)$", "Schema -> Outputs")
+        time.sleep(1)
         shot("5-model-version.png", 1300)
     finally:
         browser.close()
