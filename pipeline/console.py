@@ -2,8 +2,9 @@
 
 By default Ray's start-up banner, Ray Train's controller and worker logs (resource requests,
 "Reporting training result ..." per epoch, checkpoint paths) and MLflow's INFO lines (table
-creation, new experiments, "Registered model ... already exists"), its artifact download
-progress bars and its pickle warning are not shown: the stage prints one line
+creation, new experiments, "Registered model ... already exists"), its "View run ... at"
+links at the end of a run on a tracking server, its artifact download progress bars and
+its pickle warning are not shown: the stage prints one line
 per epoch and a summary instead. ``--verbose`` (or DPFAH_VERBOSE=1) shows them all, as
 they were. Warnings and errors of the libraries are always shown, except the pickle
 warning, which is about a choice the project made (see ``pipeline/train.py: _log_model``).
@@ -44,6 +45,9 @@ def quiet_libraries() -> None:
         return
     # the "Downloading artifacts: 100%|..." bar of every model load from a local store
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    # "🏃 View run ... at: http://..." and "🧪 View experiment at: ..." at the end of every run
+    # on a tracking server, printed straight to stdout: the stages name the run themselves
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     logging.getLogger("mlflow").setLevel(logging.WARNING)
     pytorch_logger = logging.getLogger("mlflow.pytorch")
     if not any(isinstance(f, _DropPickleWarning) for f in pytorch_logger.filters):

@@ -254,6 +254,9 @@ def tracked_run(uri: str, experiment: str, run_name: str, *, parent_run_id: str 
     check_store(uri, create=True)
     import mlflow
 
+    from .console import quiet_libraries
+
+    quiet_libraries()  # every stage that opens a run (report, tune too): MLflow's INFO lines and links off
     with using_tracking_uri(uri):
         with mlflow_errors(f"opening a run in experiment {experiment}", uri):
             exp = mlflow.set_experiment(experiment)

@@ -122,7 +122,9 @@ def _race(uri: str, root: Path, values: list[float], copies: int) -> tuple[dict,
 
     champion = evaluated_run(uri, root, 0.6, write_files=False)
     code, text, _ = _stage("promote", [*_promote_args(uri), "--run-id", champion["run_id"]], root)
-    assert code == 0, text
+    # The first promotion into a fresh store prints our one line, nothing of MLflow's ("Registered
+    # model ... already exists. Creating a new version", INFO lines, warnings): stdout and stderr.
+    assert (code, text) == (0, f"{NAME} version 1 (new): query_map 0.6000 (no champion before): champion -> version 1; wrote promotions/toy-8-dpfah-s0.json\n")
     runs = {0.6: champion["run_id"], **{v: evaluated_run(uri, root, v, write_files=False)["run_id"] for v in values}}
     go = root / "go"
     procs = []
@@ -173,6 +175,19 @@ def test_concurrent_promotions_on_a_server(server, tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     runs, seen, registry = _race(server["uri"], tmp_path, [0.5, 0.7, 0.9], copies=2)
     _check_race(runs, seen, registry, watch=True)
+
+
+def test_a_run_on_a_server_ends_without_mlflow_links(server, monkeypatch, capsys):
+    """MLflow prints "🏃 View run ... at: http://..." and "🧪 View experiment at: ..." to stdout
+    when a run on a tracking server ends; a stage's run (train, report, tune) does not."""
+    from pipeline.tracking import tracked_run
+
+    monkeypatch.delenv("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", raising=False)
+    monkeypatch.delenv("DPFAH_VERBOSE", raising=False)
+    capsys.readouterr()
+    with tracked_run(server["uri"], "dpfah-console", "quiet"):
+        pass
+    assert capsys.readouterr().out == ""
 
 
 # ----------------------------------------------------------------------------- evaluate
