@@ -243,9 +243,13 @@ EXPERIMENT_KIND = "custom_model_development"
 
 
 @contextlib.contextmanager
-def tracked_run(uri: str, experiment: str, run_name: str, *, parent_run_id: str | None = None) -> Iterator[Any]:
+def tracked_run(uri: str, experiment: str, run_name: str, *, parent_run_id: str | None = None, reopen: bool = False) -> Iterator[Any]:
     """Open an MLflow run (the fluent API's active run) in ``experiment`` and close it:
     FINISHED when the block completes, KILLED on Ctrl-C, FAILED otherwise.
+
+    ``reopen`` (with ``parent_run_id``): a run of the same name under that parent is this
+    run again (a Tune trial retried after a failure): it is reopened, not duplicated, so
+    the trial's epochs before and after the failure are one run.
 
     The store is checked first (:func:`check_store`: seconds, one line, before any work
     such as starting Ray) and created here, in the driver, before any worker or trial
@@ -262,7 +266,11 @@ def tracked_run(uri: str, experiment: str, run_name: str, *, parent_run_id: str 
             exp = mlflow.set_experiment(experiment)
             if (exp.tags or {}).get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:
                 mlflow.set_experiment_tag(EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)  # opens as training runs, not GenAI traces
-            run = mlflow.start_run(run_name=run_name, parent_run_id=parent_run_id, experiment_id=exp.experiment_id)
+            earlier = _same_child(exp.experiment_id, parent_run_id, run_name) if reopen and parent_run_id else None
+            if earlier is not None:
+                run = mlflow.start_run(run_id=earlier, experiment_id=exp.experiment_id)
+            else:
+                run = mlflow.start_run(run_name=run_name, parent_run_id=parent_run_id, experiment_id=exp.experiment_id)
         try:
             yield run
         except BaseException:
@@ -270,6 +278,20 @@ def tracked_run(uri: str, experiment: str, run_name: str, *, parent_run_id: str 
             mlflow.end_run(_failed_status(run.info.run_id, "KILLED" if interrupted else "FAILED"))
             raise
         mlflow.end_run("FINISHED")
+
+
+def _same_child(experiment_id: str, parent_run_id: str, run_name: str) -> str | None:
+    """The id of the earliest run named ``run_name`` nested under ``parent_run_id``, if any."""
+    import mlflow
+
+    runs = mlflow.search_runs(
+        [experiment_id],
+        filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}' and attributes.run_name = '{run_name}'",
+        order_by=["attributes.start_time ASC"],
+        max_results=1,
+        output_format="list",
+    )
+    return runs[0].info.run_id if runs else None
 
 
 def _failed_status(run_id: str, status: str) -> str:

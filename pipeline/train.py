@@ -488,7 +488,8 @@ def run_training(
     augmentation; default: params.yaml's ``seed``).
     ``batch_source(epoch, rank, world_size)`` replaces the shard stream (tests use it to give
     every worker count the same global batches); ``callbacks`` go to Ray Train's RunConfig
-    (Tune passes its report callback); ``parent_run_id`` nests the MLflow run.
+    (Tune passes its report callback); ``parent_run_id`` nests the MLflow run (a run of the
+    same name under it is reopened: a retried Tune trial continues its run).
     """
     with span("imports: torch, mlflow, ray"):
         import mlflow  # noqa: F401
@@ -555,7 +556,7 @@ def run_training(
             check_request(t.num_workers, t.use_gpu, command=f"python -m pipeline.train --dataset {dataset} --bits {bits}")
             train_run_defaults()
         opened = time.time()
-        with tracked_run(uri, experiment, name, parent_run_id=parent_run_id) as run:
+        with tracked_run(uri, experiment, name, parent_run_id=parent_run_id, reopen=parent_run_id is not None) as run:
             record("mlflow: open the run", opened)
             run_id = run.info.run_id
             with span("mlflow: log params and tags"):

@@ -9,7 +9,9 @@ is an error naming it and what the method has. The driver (this process) opens t
 trials each fit a ``TorchTrainer`` through :func:`pipeline.train.run_training` (the same
 training as the train stage, its MLflow run nested under the search's). Rank 0's per-epoch
 reports reach Tune through ``TuneReportCallback``; ASHA stops trials whose validation mAP
-(``val_map``) lags. Afterwards the driver marks the runs of stopped trials KILLED and writes
+(``val_map``) lags. A trial that fails is retried (``tune.max_failures``) under the same
+names: its Ray Train run resumes from its last checkpoint, its MLflow run is reopened.
+Afterwards the driver marks the runs of stopped trials KILLED and writes
 ``tune/<dataset>/best.json`` (the best configuration by validation mAP, overall and per code
 length: the trainings read it when ``loss.use_tuned`` is true, through ``pipeline.objective``) and a summary table
 (``summary.md``, ``summary.csv``), also logged to the search's MLflow run.
@@ -466,7 +468,7 @@ def run_search(
             }
             md_path, csv_path = _write_outputs(out, rows, best, meta)
             if best is None:
-                raise SearchFailed(f"search {search_name}: no trial produced a validation mAP (see {md_path} and the MLflow runs)")
+                raise SearchFailed(f"search {search_name}: no trial completed or was stopped early with a validation mAP{_failures(rows, c.max_failures)} (see {md_path} and the MLflow runs)")
             experiment_name = mlflow.get_experiment(experiment_id).name
             record = _best_record(rows, best, search_name, parent_id, uri, params.mlflow.tracking_uri, experiment_name, manifest.sha256, dataset, params, p.train.method)
             best_path = write_json_atomic(out / "best.json", record)
@@ -549,14 +551,32 @@ def _order(value: Any) -> tuple:
 
 
 def _one_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {text[-1] if text else ''}"[:300]
+    """A trial's error in a line: the error the trial raised (not Ray's wrapper around it) and
+    its first line, continued by the first detail line when it ends with a colon
+    ("... failed due to worker errors: A worker health check failed.")."""
+    cause = getattr(error, "cause", None)  # a RayTaskError wraps what the trial raised
+    error = cause if isinstance(cause, BaseException) else error
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    text = lines[0] if lines else ""
+    if text.endswith(":"):
+        text = " ".join([text, *[line for line in lines[1:] if not line.startswith("[")][:1]])
+    return f"{type(error).__name__}: {text}"[:300]
+
+
+def _failures(rows: Sequence[TrialRow], max_failures: int) -> str:
+    """``"; N of M trials failed ..."`` naming the first error, or "" when none failed."""
+    failed = [r for r in rows if r.status == STATUS_ERROR]
+    if not failed:
+        return ""
+    tries = f"{max_failures + 1} attempts each (tune.max_failures={max_failures})"
+    return f"; {len(failed)} of {len(rows)} trial(s) failed after {tries}, e.g. {failed[0].run_name or failed[0].trial_id}: {failed[0].error}"
 
 
 def _select_best(rows: Sequence[TrialRow], among: str | None = None) -> TrialRow | None:
     """Highest validation mAP among the trials that ran to the end (their model is logged);
-    a trial the scheduler stopped counts only when none completed."""
-    scored = [r for r in rows if not math.isnan(r.val_map)]
+    a trial the scheduler stopped counts only when none completed, a failed trial never
+    (its last retry failed too: it may have diverged)."""
+    scored = [r for r in rows if not math.isnan(r.val_map) and r.status != STATUS_ERROR]
     completed = [r for r in scored if r.status == STATUS_COMPLETED]
     pool = completed or scored
     if not pool:
@@ -700,8 +720,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     outcome = run_search(params, args.dataset, out_dir=args.out)
     b = outcome.best
     stopped = sum(r.status == STATUS_STOPPED for r in outcome.rows)
+    failed = sum(r.status == STATUS_ERROR for r in outcome.rows)
+    if failed:
+        print(f"warning: search {outcome.name}{_failures(outcome.rows, params.tune.max_failures)} (see {outcome.summary_md})", file=sys.stderr)
     print(
-        f"search {outcome.name}: {len(outcome.rows)} trials ({stopped} stopped early); best {', '.join(f'{k} {_fmt(v)}' for k, v in b.hparams.items())}, "
+        f"search {outcome.name}: {len(outcome.rows)} trials ({stopped} stopped early, {failed} failed); best {', '.join(f'{k} {_fmt(v)}' for k, v in b.hparams.items())}, "
         f"{b.bits} bits: validation mAP {b.val_map:.4f} (MLflow run {b.run_id}); wrote {outcome.best_file}, {outcome.summary_md}"
     )
     return 0

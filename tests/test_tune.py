@@ -1,5 +1,6 @@
 """The tune stage: the search space, the summary, the best-configuration file, the DVC stage,
-and one real search on a local Ray cluster (2-worker trials, ASHA stopping one early)."""
+and one real search on a local Ray cluster (2-worker trials, ASHA stopping one early, the
+other failing once and retried), and a search whose one trial fails with no retry left."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import io
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +20,7 @@ import pytest
 import yaml
 
 from pipeline.errors import ConfigError
-from tests.helpers import toy_params
+from tests.helpers import PARAMS_FILE, toy_overrides, toy_params
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -267,12 +269,42 @@ def test_dvc_tune_stage_reads_everything_but_what_the_search_owns(tmp_path):
 # ----------------------------------------------------------------------------- a real search
 
 
+SEARCH = "search"  # the search's name: its trials' Ray Train runs are <storage>/search/<trial run name>
+
+
+def _trial_dir(out: Path, index: int, bits: int) -> Path:
+    """The Ray Train run folder of trial ``index`` (Tune numbers a grid's trials 00000, 00001, ...)."""
+    from pipeline.tune import _trial_run_name
+
+    return out / "ray" / SEARCH / _trial_run_name(SEARCH, f"t_{index:05d}", {"eta": 1.0, "zeta": 1.0, "bits": bits})
+
+
+@contextlib.contextmanager
+def _searching_in(out: Path):
+    """Run a search from ``out`` (its relative outputs land there), MLFLOW_TRACKING_URI unset
+    (it would outrank params) and put back afterwards."""
+    cwd, uri = os.getcwd(), os.environ.pop("MLFLOW_TRACKING_URI", None)
+    os.chdir(out)
+    try:
+        yield
+    finally:
+        os.chdir(cwd)
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+        if uri is not None:
+            os.environ["MLFLOW_TRACKING_URI"] = uri
+
+
 @pytest.fixture(scope="module")
 def search(ray_local, toy_dataset, tmp_path_factory):
     """2 trials of 2 epochs, 2 CPU workers each, one at a time. The grid runs 16 bits first,
     then 1 bit: a 1-bit code can't separate 3 classes (2 codes), so ASHA (rung at epoch 1,
     reduction factor 2) stops the 1-bit trial, whose validation mAP at epoch 1 is below the
-    16-bit trial's."""
+    16-bit trial's.
+
+    The 16-bit trial fails once for real: its last worker dies as epoch 1 starts
+    (``train.fail_at_epoch=0``), Ray Train does not replace it (``train.max_failures=0``), so
+    the trial itself fails and Tune retries it (``tune.max_failures=1``). The 1-bit trial's
+    fault is marked done beforehand, so ASHA alone ends it."""
     from pipeline.tune import run_search
 
     work, images = toy_dataset
@@ -289,18 +321,16 @@ def search(ray_local, toy_dataset, tmp_path_factory):
         "tune.bits=[16,1]",
         "tune.grace_period=1",
         "tune.reduction_factor=2",
-        "tune.max_failures=0",
+        "train.fail_at_epoch=0",
+        "train.max_failures=0",
+        "tune.max_failures=1",
     )
+    spared = _trial_dir(out, 1, 1)
+    spared.mkdir(parents=True)
+    (spared / ".fault-injected").write_text("no fault in the 1-bit trial\n")
     live_before = _live_placement_groups()
-    cwd, uri = os.getcwd(), os.environ.pop("MLFLOW_TRACKING_URI", None)  # it would outrank params
-    os.chdir(out)
-    try:
-        outcome = run_search(params, "toy", out_dir=out / "tune" / "toy", verbose=0)
-    finally:
-        os.chdir(cwd)
-        os.environ.pop("MLFLOW_TRACKING_URI", None)
-        if uri is not None:
-            os.environ["MLFLOW_TRACKING_URI"] = uri
+    with _searching_in(out):
+        outcome = run_search(params, "toy", out_dir=out / "tune" / "toy", name=SEARCH, verbose=0)
     return outcome, out, live_before
 
 
@@ -321,6 +351,77 @@ def test_search_stops_a_trial_early_and_finishes_the_others(search):
     assert not [r for r in outcome.rows if r.status == "error"]
     assert rows[16].val_map > rows[1].val_map
     assert outcome.best.bits == 16
+
+
+def _epochs_started(run_dir: Path, rank: int) -> list[int]:
+    return [int(e) for e, r in (line.split() for line in (run_dir / ".epochs-started").read_text().splitlines() if line) if int(r) == rank]
+
+
+@pytest.mark.slow
+def test_a_failed_trial_is_retried_from_its_last_checkpoint(search):
+    """tune.max_failures: the 16-bit trial failed once (its worker killed as epoch 1
+    started) and Tune retried it; the retry resumed from epoch 0's checkpoint (epoch 0 is not
+    run again) and ran to the end, in the trial's one MLflow run."""
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.train import load_state
+
+    outcome, out, _ = search
+    row = next(r for r in outcome.rows if r.bits == 16)
+    run_dir = _trial_dir(out, 0, 16)
+    assert (run_dir / ".fault-injected").read_text().startswith("killed rank 1 as epoch 1 started")
+    assert row.status == "completed" and row.epochs == 2 and not row.error
+    for rank in (0, 1):
+        assert _epochs_started(run_dir, rank) == [0, 1, 1], f"rank {rank}"  # epoch 1 again, epoch 0 not
+    states = [load_state(str(c / "state.pt")) for c in run_dir.glob("checkpoint_*") if c.is_dir()]
+    assert [h["epoch"] for h in max(states, key=lambda s: s["epoch"])["history"]] == [0, 1]  # each epoch once
+    # The trial itself failed once (Ray Train did not replace the worker), as Tune recorded.
+    (error,) = (out / "ray" / SEARCH).glob(f"_trial_{row.trial_id}_*/error.txt")
+    assert "Failure # 1 " in error.read_text() and "Failure # 2 " not in error.read_text()
+    assert "TrainingFailed" in error.read_text()
+
+    client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
+    named = client.search_runs(
+        [client.get_run(outcome.parent_run_id).info.experiment_id], filter_string=f"attributes.run_name = '{row.run_name}'"
+    )
+    assert [r.info.run_id for r in named] == [row.run_id]  # one run for both attempts
+    run = named[0]
+    assert run.info.status == "FINISHED" and run.data.tags["tune.status"] == "completed"
+    steps = [m.step for m in client.get_metric_history(row.run_id, "validation/map")]
+    assert sorted(steps) == [0, 1]  # epoch 0 from the first attempt, epoch 1 from the retry
+
+
+@pytest.mark.slow
+def test_without_retries_a_failed_trial_fails_the_search_and_says_why(ray_local, toy_dataset, tmp_path, capsys):
+    """tune.max_failures=0: the same failure (the worker killed as epoch 1 starts) ends the
+    trial as failed, not retried; with no other trial the command fails naming the trial, the
+    error and the setting. A failed trial is never the best (no best.json)."""
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.errors import run_main
+    from pipeline.tune import main
+
+    work, images = toy_dataset
+    overrides = toy_overrides(
+        work, images, "train.num_workers=1", "train.epochs=2", f"train.storage_path={tmp_path / 'ray'}", f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
+        "tune.eta=[1]", "tune.zeta=[1]", "tune.bits=[16]", "tune.scheduler=none", "train.fail_at_epoch=0", "train.max_failures=0", "tune.max_failures=0",
+    )  # fmt: skip
+    with _searching_in(tmp_path):
+        code = run_main(main, ["--dataset", "toy", "--params", str(PARAMS_FILE), "--out", str(tmp_path / "out"), *(a for o in overrides for a in ("--set", o))])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2, err
+    assert re.match(r"error: search \S+: no trial completed or was stopped early with a validation mAP; 1 of 1 trial\(s\) failed after 1 attempts each \(tune.max_failures=0\), e\.g\. (\S+-16b): TrainingFailed: training \1 failed: ", err[-1]), err[-1]
+    (run_dir,) = [p.parent for p in (tmp_path / "ray").glob("*/*/.fault-injected")]
+    assert _epochs_started(run_dir, 0) == [0, 1]  # not retried
+    assert not (tmp_path / "out" / "best.json").exists()
+    assert re.search(r"^\| 1 \| 1 \| 16 \| [0-9.]* \| -?\d \| [01] \| error \(TrainingFailed: ", (tmp_path / "out" / "summary.md").read_text(), re.M)
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    parent = next(r for r in runs if r.data.tags.get("kind") == "tune-search")
+    (child,) = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert (parent.info.status, parent.data.metrics["trials_failed"], parent.data.metrics["trials_completed"]) == ("FAILED", 1, 0)
+    assert (child.info.status, child.data.tags["tune.status"]) == ("FAILED", "error")
 
 
 @pytest.mark.slow
