@@ -123,18 +123,17 @@ def pick_methods(params: Params) -> tuple[str, str] | str:
 
 
 def first_of_classes(labels: np.ndarray, n: int = N_IMAGES) -> np.ndarray:
-    """Positions of the first query of each class (its first label), in query order, up to
-    ``n``; fewer classes than ``n``: topped up with the next queries in order."""
-    first, labelled = labels.argmax(axis=1), labels.any(axis=1)
-    chosen: list[int] = []
-    seen: set[int] = set()
-    for i in range(len(labels)):
-        if len(chosen) < n and labelled[i] and int(first[i]) not in seen:
-            seen.add(int(first[i]))
-            chosen.append(i)
-    taken = set(chosen)
-    rest = [i for i in range(len(labels)) if i not in taken]
-    return np.array(sorted(chosen + rest[: n - len(chosen)]), dtype=np.int64)
+    """Positions of the first query of each class (a query's class: its first label), in
+    query order, up to ``n``; with fewer classes than ``n``, then the second of each, and so
+    on. Fixed by the data alone (nothing is chosen on how a model does)."""
+    first = np.where(labels.any(axis=1), labels.argmax(axis=1), -1) if len(labels) else np.zeros(0, np.int64)
+    seen: dict[int, int] = {}
+    rank = np.empty(len(first), np.int64)
+    for i, c in enumerate(first.tolist()):
+        rank[i] = seen.get(c, 0) + (c < 0) * len(first)  # unlabelled queries last
+        seen[c] = seen.get(c, 0) + 1
+    order = np.lexsort((np.arange(len(first)), rank))  # by rank within the class, then position
+    return np.sort(order[:n]).astype(np.int64)
 
 
 @dataclass(frozen=True)
