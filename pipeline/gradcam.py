@@ -3,7 +3,7 @@ the report.
 
 The maps come from the ``grad-cam`` package (jacobgil/pytorch-grad-cam). Its ``BaseCAM``
 expects a model that returns one tensor and sums ``target(output)`` over the samples, so
-the DPFAH network (which returns ``(u, logits)``) is wrapped in :class:`CodeOutput`, which
+the DPFAH network (which returns ``(u, logits)``) is wrapped by :func:`code_output`, which
 returns u alone, and the target is :class:`OwnCode`: f(u) = sign(u)·u with sign(u) held
 fixed, the image's own binary code (its gradient with respect to u is sign(u)). The maps
 show where the activations that push u further towards the image's own code lie.
@@ -21,18 +21,17 @@ classes, decoded and normalised as evaluation does, at the training's image size
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import torch
-from torch import nn
 
 from .artifacts import DEFAULT_METHOD
 from .config import Params
 from .errors import PipelineError
 
-__all__ = ["N_IMAGES", "MIN_SIDE", "CodeOutput", "OwnCode", "cam_layer", "heat_maps", "pick_methods", "first_of_classes", "Pair", "compute"]
+__all__ = ["N_IMAGES", "MIN_SIDE", "code_output", "OwnCode", "cam_layer", "heat_maps", "pick_methods", "first_of_classes", "Pair", "compute"]
 
 N_IMAGES = 6  # query images in the figure (the first of as many distinct classes)
 MIN_SIDE = 4  # the smallest side of the target layer's map
@@ -42,15 +41,21 @@ WITHOUT_PFA = ("resnet18",)
 WITH_PFA = (DEFAULT_METHOD, "resnet18-pfa")
 
 
-class CodeOutput(nn.Module):
-    """The network with one output, the hash layer's u (N, bits): what ``BaseCAM`` needs."""
+def code_output(net):
+    """The network with one output, the hash layer's u (N, bits): what ``BaseCAM`` needs.
+    (Built here: torch is imported only when a figure is drawn, not when the report
+    merely says why it is not.)"""
+    from torch import nn
 
-    def __init__(self, net) -> None:
-        super().__init__()
-        self.net = net
+    class CodeOutput(nn.Module):
+        def __init__(self, net) -> None:
+            super().__init__()
+            self.net = net
 
-    def forward(self, x):
-        return self.net(x)[0]
+        def forward(self, x):
+            return self.net(x)[0]
+
+    return CodeOutput(net)
 
 
 class OwnCode:
@@ -63,9 +68,26 @@ class OwnCode:
         return (binarize(u).detach() * u).sum()
 
 
+@contextmanager
+def _one_thread():
+    """torch on one intra-op thread: a few images do not need more, and on a busy machine
+    torch's spinning threads made one ResNet-18 forward and backward pass of three 32 px
+    images take 3 s instead of 0.1 (2 loaded cores)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def _candidates(net) -> list[tuple[str, Any]]:
     """The trunk's stages after the stem (ResNet-18: layer1..layer4; AlexNet: its
     convolutions and ReLUs), pooling layers left out."""
+    from torch import nn
+
     pools = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
     names = {"resnet18": ["layer1", "layer2", "layer3", "layer4"]}.get(getattr(net, "backbone", ""), None)
     out = []
@@ -78,13 +100,15 @@ def _candidates(net) -> list[tuple[str, Any]]:
 def cam_layer(net, image_size: int) -> tuple[str, Any, int]:
     """(name, module, side of its output map) of the deepest stage whose map is at least
     :data:`MIN_SIDE` on a side at ``image_size`` (else the stage with the largest map)."""
+    import torch
+
     sides: dict[int, int] = {}
     stages = _candidates(net)
     hooks = [m.register_forward_hook(lambda mod, inp, out, i=i: sides.__setitem__(i, min(out.shape[-2:]))) for i, (_, m) in enumerate(stages)]
     was_training = net.training
     try:
         net.eval()
-        with torch.no_grad():
+        with torch.no_grad(), _one_thread():
             net(torch.zeros(1, 3, image_size, image_size, device=next(net.parameters()).device))
     finally:
         for h in hooks:
@@ -98,11 +122,12 @@ def cam_layer(net, image_size: int) -> tuple[str, Any, int]:
 def heat_maps(net, images, layer) -> np.ndarray:
     """Grad-CAM (the package's ``GradCAM``) of :class:`OwnCode` at ``layer`` for each of the
     normalised ``images`` (N, 3, H, W): float32 (N, H, W), each scaled to [0, 1]."""
+    import torch
     from pytorch_grad_cam import GradCAM
 
     was_training = net.training
     try:
-        with torch.enable_grad(), GradCAM(model=CodeOutput(net), target_layers=[layer]) as cam:
+        with torch.enable_grad(), _one_thread(), GradCAM(model=code_output(net), target_layers=[layer]) as cam:
             return cam(input_tensor=images, targets=[OwnCode() for _ in range(len(images))])
     finally:
         net.train(was_training)
@@ -171,6 +196,8 @@ def compute(params: Params, dataset: str, bits: int, labels: np.ndarray, index: 
         import pytorch_grad_cam  # noqa: F401
     except ImportError as e:
         return f"the grad-cam package does not import ({e}); pip install grad-cam (pinned in pyproject.toml)"
+    import torch
+
     from dpfah.augment import DeviceAugment, decode_batch
     from dpfah.data import ShardError, read_samples
 

@@ -258,7 +258,7 @@ def test_gradcam_target_is_the_images_own_code_and_the_package_computes_grad_cam
 
     from dpfah.codes import binarize
     from dpfah.model import DPFAH
-    from pipeline.gradcam import OwnCode, cam_layer, heat_maps
+    from pipeline.gradcam import OwnCode, _one_thread, cam_layer, heat_maps
 
     u = torch.tensor([0.3, -2.0, 0.0, 1e-3], requires_grad=True)
     f = OwnCode()(u)
@@ -269,10 +269,12 @@ def test_gradcam_target_is_the_images_own_code_and_the_package_computes_grad_cam
     name, layer, side = cam_layer(net, 32)
     assert (name, side) == ("layer2", 4) and cam_layer(net, 224)[0::2] == ("layer4", 7)  # at 32 px layer4 is 1x1
     x = torch.randn(3, 3, 32, 32)
-    np.testing.assert_allclose(heat_maps(net, x, layer), _hand_gradcam(net, x, layer), atol=1e-5)
+    with _one_thread():  # as heat_maps runs (torch's threads spin on a busy machine)
+        by_hand = _hand_gradcam(net, x, layer)
+    np.testing.assert_allclose(heat_maps(net, x, layer), by_hand, atol=1e-5)
 
 
-def test_gradcam_figure_from_two_logged_models_with_and_without_pfa(toy_dataset, tmp_path, monkeypatch):
+def test_gradcam_figure_from_two_logged_models_with_and_without_pfa(repo, toy_dataset, tmp_path, monkeypatch):
     """Two models logged to MLflow as train logs them (tiny DPFAH networks, one without PFA
     as resnet18, one with as dpfah), their run records, the prepared toy shards: the heat
     maps have the image's size, lie in [0, 1], vary over the image and differ between the
@@ -284,13 +286,12 @@ def test_gradcam_figure_from_two_logged_models_with_and_without_pfa(toy_dataset,
     from dpfah.data import read_manifest
     from dpfah.model import DPFAH
     from pipeline.gradcam import Pair, compute
-    from pipeline.report import figure_gradcam
     from tests.helpers import fake_training_run, read_split_plain, shards_sha, toy_params, write_record
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     work, images = toy_dataset
     shards = work / "data" / "shards" / "toy"
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = f"sqlite:///{repo[0].parent / 'mlflow.db'}"  # the toy DAG's store: its tables exist (creating them takes seconds)
     records = {}
     for method, pfa, seed in (("resnet18", False, 1), ("dpfah", True, 2)):
         torch.manual_seed(seed)
@@ -312,8 +313,20 @@ def test_gradcam_figure_from_two_logged_models_with_and_without_pfa(toy_dataset,
         assert (maps.std(axis=(1, 2)) > 0.05).all()  # not constant
     assert np.abs(pair.maps[0] - pair.maps[1]).mean() > 0.05
 
+    # through the report: the query split's labels from evaluate's codes file, the figure, its sentence
+    import pyarrow.parquet as pq
+
+    from pipeline.evaluate import codes_table
+    from pipeline.report import Member, _gradcam_section
+
+    codes = tmp_path / "query.parquet"
+    pq.write_table(codes_table(np.ones((len(labels), 8), np.int8), labels, np.arange(len(labels)), {"bits": 8, "split": "query"}), codes)
+    member = Member("resnet18", 8, 0, {}, {}, codes, 0.5)
+    lines, result = _gradcam_section(params, "toy", [member], tmp_path, tmp_path)
+    assert result["figure"] == "gradcam_8.png" and result["runs"] == (records["resnet18"]["run_id"], records["dpfah"]["run_id"])
+    assert result["indices"] == pair.indices.tolist() and "![Grad-CAM](gradcam_8.png)" in lines
+    assert lines[0].startswith("Grad-CAM heat maps with and without PFA (Fig 3), 8 bits, seed 0: 6 query images (the first of each class")
     path = tmp_path / "gradcam_8.png"
-    figure_gradcam(pair, path, "toy")
     with Image.open(path) as im:
         assert im.format == "PNG" and im.size[1] > im.size[0] > 300
         assert im.text["Columns"] == "query image | resnet18 (without PFA) | dpfah (with PFA)"
