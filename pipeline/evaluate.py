@@ -61,7 +61,7 @@ from .registry import (
 from .timing import record, span
 from .tracking import connect, dataset_digest, dataset_name, get_run, git_commit, mlflow_errors
 
-__all__ = ["Evaluation", "evaluate", "flat_metrics", "codes_table", "load_codes", "write_dvc_outputs", "main"]
+__all__ = ["Evaluation", "Subject", "load_subject", "evaluate", "flat_metrics", "codes_table", "load_codes", "write_dvc_outputs", "main"]
 
 ARTIFACT_DIR = "evaluation"
 P_AT = (10, 100, 500, 1000)  # P@N values reported as scalars (those within the curve)
@@ -295,8 +295,9 @@ def _grid_rows(manifest, q_codes, d_codes, q_labels, d_labels, n_queries: int, t
 
 
 @dataclass(frozen=True)
-class _Subject:
-    """The run being evaluated, checked against the data: its model, loaded."""
+class Subject:
+    """A trained run checked against the data, with its model loaded (what evaluate
+    encodes with; the report's Grad-CAM figure loads its models the same way)."""
 
     run_id: str
     record: dict[str, Any] | None
@@ -310,7 +311,7 @@ class _Subject:
     device: Any  # torch.device the splits are encoded on
 
 
-def _subject(params: Params, dataset: str, bits: int, run_id: str | None, root, device, which: dict[str, Any]) -> _Subject:
+def load_subject(params: Params, dataset: str, bits: int, run_id: str | None, root, device, which: dict[str, Any]) -> Subject:
     """The run of the record (or ``run_id``), checked to be a finished training of this
     dataset and length on these very shards, with its model loaded on ``device``."""
     record: dict[str, Any] | None = None
@@ -345,10 +346,10 @@ def _subject(params: Params, dataset: str, bits: int, run_id: str | None, root, 
         )
     model.to(device)
     image_size = int(run.data.params.get("train.image_size", params.train.image_size))
-    return _Subject(run_id, record, uri, client, manifest, shards, model_uri, model, image_size, device)
+    return Subject(run_id, record, uri, client, manifest, shards, model_uri, model, image_size, device)
 
 
-def _build_artifacts(art: Path, subject: _Subject, params: Params, dataset: str, bits: int, doc, report, codes) -> None:
+def _build_artifacts(art: Path, subject: Subject, params: Params, dataset: str, bits: int, doc, report, codes) -> None:
     """What goes under ``evaluation/`` in the run, built in ``art`` before anything is logged:
     the details of the metrics, figures (PR curves, P@N, the retrieval grid), packed codes."""
     import pyarrow.parquet as pq
@@ -376,7 +377,7 @@ def _build_artifacts(art: Path, subject: _Subject, params: Params, dataset: str,
 FAULT_ENV = "DPFAH_EVALUATE_FAULT"
 
 
-def _log_to_run(subject: _Subject, params: Params, doc, metrics, art: Path) -> None:
+def _log_to_run(subject: Subject, params: Params, doc, metrics, art: Path) -> None:
     """The evaluation into the training's MLflow run: metrics and ``eval.*`` tags (with this
     evaluation's ``eval.id``), the artifacts, then, last, the completion marker
     ``eval.complete`` (= ``eval.id``) with ``eval.completed_at``. Promote accepts a run only
@@ -454,7 +455,7 @@ def evaluate(
         raise ConfigError(f"--bits {bits}: must be >= 1")
     device = _device(params.evaluate.device)
     with span("mlflow: find the run, load the model"):
-        subject = _subject(params, dataset, bits, run_id, root, device, which)
+        subject = load_subject(params, dataset, bits, run_id, root, device, which)
     seconds["load"] = time.perf_counter() - t0
 
     t = time.perf_counter()

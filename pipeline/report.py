@@ -8,11 +8,14 @@ bits x train.seeds: the metrics files (``metrics/<stem>.json``), the curve data
 records (``runs/<stem>.json``: the validation mAP), plus the tune stage's summary when there
 is one. A member of the matrix without its files is an error naming it: nothing is dropped.
 Nothing is selected on the query set: the t-SNE's baseline is the one with the best
-validation mAP.
+validation mAP. The Grad-CAM figure (:mod:`pipeline.gradcam`) also loads two trained models
+(the run records' MLflow models) and reads a few query images from the prepared shards;
+when it cannot, the report says why in its place.
 
 Writes ``reports/<dataset>/`` (replaced as a whole, atomically): ``report.md``; tables as
 CSV (``table6.csv``, ``table5.csv``, ``p_at_h.csv``, ``tune_summary.csv``); figures as PNG
-(``pr_<bits>.png``, ``p_at_n_<bits>.png``, ``p_at_h.png``, ``tsne_<bits>.png``), each with
+(``pr_<bits>.png``, ``p_at_n_<bits>.png``, ``p_at_h.png``, ``tsne_<bits>.png``,
+``gradcam_<bits>.png``), each with
 the curves it draws named in its PNG text (key ``Curves``). Then logs the folder to a
 ``report`` run in the dataset's MLflow experiment (with the table's cells as metrics).
 
@@ -254,12 +257,17 @@ def _table6_md(params: Params, rows: list[dict[str, Any]], map_label: str) -> li
     return lines
 
 
+def ablation_bits(params: Params) -> int:
+    """Table 5's code length: the paper's 48 bits when run, else the longest."""
+    return paper.TABLE5_BITS if paper.TABLE5_BITS in params.bits else max(params.bits)
+
+
 def table5(params: Params, dataset: str, members: Sequence[Member]) -> tuple[int, list[dict[str, Any]]] | None:
     """The ablation at 48 bits (else the longest code length): each row's mean and
     interval, and each step's paired difference; None when the variants are not all run."""
     if not all(m in params.train.methods for m in ABLATION):
         return None
-    bits = paper.TABLE5_BITS if paper.TABLE5_BITS in params.bits else max(params.bits)
+    bits = ablation_bits(params)
     on_paper = dataset == "cifar10" and bits == paper.TABLE5_BITS
     entries = ([ABLATION_REFERENCE] if ABLATION_REFERENCE in params.train.methods else []) + list(ABLATION)
     rows = []
@@ -310,15 +318,16 @@ def _figure(width: float, height: float):
     return Figure(figsize=(width, height), dpi=110, layout="constrained")
 
 
-def _save(fig, path: Path) -> None:
-    """The PNG, with the labelled curves of every panel named in its text (``Curves``)."""
+def _save(fig, path: Path, text: dict[str, str] | None = None) -> None:
+    """The PNG, with the labelled curves of every panel named in its text (``Curves``) and
+    any other ``text`` entries."""
     panels = []
     for ax in fig.axes:
         labels = ax.get_legend_handles_labels()[1]
         if labels:
             panels.append(f"{ax.get_title() or 'plot'}: {', '.join(labels)}")
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", metadata={"Curves": " | ".join(panels), "Software": "pipeline.report"})
+    fig.savefig(buf, format="png", metadata={"Curves": " | ".join(panels), "Software": "pipeline.report", **(text or {})})
     write_atomic(path, buf.getvalue())
 
 
@@ -482,6 +491,60 @@ def figure_tsne(params: Params, members: Sequence[Member], bits: int, path: Path
     return out
 
 
+def figure_gradcam(pair, path: Path, dataset: str) -> None:
+    """Fig. 3: a row per query image; its pixels as the network sees them, then the heat
+    map without PFA and the one with PFA, overlaid (:mod:`pipeline.gradcam`)."""
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
+    from pytorch_grad_cam.utils.image import show_cam_on_image
+
+    n = len(pair.images)
+    fig = _figure(6.6, 1.9 * n + 0.9)
+    axes = fig.subplots(n, 3, squeeze=False)
+    heads = ["query image"] + [f"{m}: {what}\n{layer}" for m, what, layer in zip(pair.methods, ("without PFA", "with PFA"), pair.layers)]
+    for i in range(n):
+        image = pair.images[i]
+        cells = [image] + [show_cam_on_image(image.astype(np.float32) / 255.0, maps[i], use_rgb=True, image_weight=0.5) for maps in pair.maps]
+        for j, (ax, cell) in enumerate(zip(axes[i], cells)):
+            ax.imshow(cell, interpolation="nearest")
+            ax.set(xticks=[], yticks=[])
+            if i == 0:
+                ax.set_title(heads[j], fontsize=8)
+        axes[i, 0].set_ylabel(f"{pair.names[i]}\n(query {int(pair.indices[i])})", fontsize=8)
+    fig.colorbar(ScalarMappable(Normalize(0, 1), "jet"), ax=axes[:, -1].tolist(), shrink=0.5, label="Grad-CAM, each map scaled to [0, 1]")
+    fig.suptitle(f"Grad-CAM of the hash layer (target sign(u)·u), {dataset}, {pair.bits} bits, seed {pair.seed}, {pair.image_size} px", fontsize=9)
+    columns = ["query image", f"{pair.methods[0]} (without PFA)", f"{pair.methods[1]} (with PFA)"]
+    _save(fig, path, {"Rows": " | ".join(pair.names), "Columns": " | ".join(columns)})
+
+
+def _gradcam_section(params: Params, dataset: str, members: Sequence[Member], out: Path, root: str | os.PathLike) -> tuple[list[str], dict[str, Any]]:
+    """Fig. 3 at Table 5's code length, or the sentence saying why it is not drawn."""
+    from .evaluate import load_codes
+    from .gradcam import compute
+
+    bits = ablation_bits(params)
+    print(f"Grad-CAM: {bits} bits", flush=True)
+    first = _by(members, params.train.methods[0], bits)[0]
+    _, labels, index, _ = load_codes(first.codes_path)  # the query split's labels, the same for every member
+    pair = compute(params, dataset, bits, labels, index, root)
+    if isinstance(pair, str):
+        print(f"Grad-CAM: not drawn: {pair}", flush=True)
+        return [f"Grad-CAM heat maps with and without PFA (Fig 3): not drawn: {pair}.", ""], {"bits": bits, "missing": pair}
+    name = f"gradcam_{bits}.png"
+    figure_gradcam(pair, out / name, dataset)
+    (without, runs0, layer0), (with_, runs1, layer1) = zip(pair.methods, pair.runs, pair.layers)
+    lines = [
+        f"Grad-CAM heat maps with and without PFA (Fig 3), {bits} bits, seed {pair.seed}: {len(pair.images)} query images "
+        f"(the first of each class, in query order), then where in each the activations of {without} (without PFA, run {runs0}, {layer0}) and of "
+        f"{with_} (with PFA, run {runs1}, {layer1}) push the hash layer towards the image's own code "
+        "(Grad-CAM of sign(u)·u with the grad-cam package; each map scaled to [0, 1] on its own).",
+        "",
+        f"![Grad-CAM]({name})",
+        "",
+    ]
+    return lines, {"bits": bits, "figure": name, "methods": pair.methods, "runs": pair.runs, "layers": pair.layers, "indices": pair.indices.tolist()}
+
+
 # ----------------------------------------------------------------------------- the report
 
 
@@ -581,10 +644,13 @@ def build_report(params: Params, dataset: str, out: Path, root: str | os.PathLik
         ]
     else:
         lines += ["t-SNE: not drawn (DPFAH is not in train.methods).", ""]
-    lines += ["Not generated: Grad-CAM heat maps with and without PFA (Fig 3).", ""]
+    gradcam_lines, gradcam = _gradcam_section(params, dataset, members, out, root)
+    if "figure" in gradcam:
+        figures.append(gradcam["figure"])
+    lines += gradcam_lines
     lines += ["## Tables 3-4: the tune grid", ""] + _tune_section(dataset, root, out)
     write_atomic(out / "report.md", "\n".join(lines))
-    return {"members": len(members), "table6": rows6, "table5": ablation, "figures": figures, "tsne": tsne, "seconds": time.perf_counter() - t0}
+    return {"members": len(members), "table6": rows6, "table5": ablation, "figures": figures, "tsne": tsne, "gradcam": gradcam, "seconds": time.perf_counter() - t0}
 
 
 def write_report(params: Params, dataset: str, out_dir: str | os.PathLike | None = None, root: str | os.PathLike = ".") -> tuple[Path, dict[str, Any]]:
@@ -628,8 +694,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="The paper's tables and figures from the evaluated trainings of a dataset (every method of "
         "train.methods x bits x train.seeds): Table 6 (query mAP, mean and 95 %% t interval over seeds, the paper's "
         "value beside), Table 5 (the ablation's paired steps), PR and P@N curves, P@H<=2 against the code length, a "
-        "t-SNE of query codes, the tune grid. Writes reports/<dataset>/ and logs it to a report run in MLflow.",
-        epilog="Reads only the DVC-tracked outputs of evaluate (and train's run records, tune's summary). A missing "
+        "t-SNE of query codes, Grad-CAM heat maps with and without PFA, the tune grid. Writes reports/<dataset>/ and logs it to a report run in MLflow.",
+        epilog="Reads the DVC-tracked outputs of evaluate (and train's run records, tune's summary); for the Grad-CAM "
+        "figure also two trained models from MLflow and a few query images of the shards. A missing "
         "(method, bits, seed) is an error naming it: run `dvc repro` first.",
     )
     parser.add_argument("--dataset", required=True, help="dataset name from params.yaml")

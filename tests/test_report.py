@@ -72,6 +72,8 @@ def repo(tmp_path_factory):
         },
     )
     docs = {(m, b, s): write_evaluation(root, m, b, s) for m in METHODS for b in BITS for s in SEEDS}
+    (root / "data" / "shards" / "toy").mkdir(parents=True)  # a dependency of the stage (Grad-CAM's images); not read here
+    (root / "data" / "shards" / "toy" / "README").write_text("no shards: the toy evaluations are written directly\n")
     rows = [TrialRow(f"t{i}", {"eta": e, "zeta": 0.1}, 8, 0.4 + 0.1 * i, 0, 2, "completed", f"r{i}", "n") for i, e in enumerate((1.0, 10.0))]
     meta = {"name": "s", "dataset": "toy", "protocol": "p", "search": "grid", "scheduler": "asha", "epochs": 2, "image_size": 32, "num_workers": 1, "knobs": ["eta", "zeta"]}
     (root / "tune" / "toy").mkdir(parents=True)
@@ -116,6 +118,9 @@ def test_table6_cell_is_the_mean_of_the_metrics_files_with_a_hand_computed_inter
     assert "### Validation mAP by eta and code length" in md  # the tune grid (Tables 3-4)
     assert (report / "tune_summary.csv").is_file()
     assert "Table 5: ablation" in md and "Not run: train.methods lacks resnet18, resnet18-pfa" in md
+    # dsh and dpfah both run with PFA (model.pfa): Fig 3 says so instead of failing
+    assert "Grad-CAM heat maps with and without PFA (Fig 3): not drawn: train.methods (dpfah, dsh) lacks a method without PFA (e.g. resnet18)." in md
+    assert not list(report.glob("gradcam_*.png"))
 
 
 def test_each_figure_is_a_png_with_one_curve_per_method(repo):
@@ -217,3 +222,122 @@ def test_table5_steps_are_paired_differences_over_the_seeds(tmp_path):
     assert step["cell"].half == pytest.approx(t2 * np.std(diffs, ddof=1) / math.sqrt(3), rel=1e-9)
     md = "\n".join(_table5_md(rows))
     assert f"| + PFA (resnet18 -> resnet18-pfa) | paired difference | {step['cell'].text(signed=True)} | +0.0295 |" in md
+
+
+# ----------------------------------------------------------------------------- Grad-CAM (Fig 3)
+
+
+def _hand_gradcam(net, x: "torch.Tensor", layer) -> np.ndarray:
+    """Grad-CAM written out: A = the layer's activations, f = sum_i sign(u_i) u_i (sign
+    fixed), w_k = spatial mean of df/dA_k, cam = relu(sum_k w_k A_k), scaled to [0, 1],
+    resized to the image (bilinear, as the package does) and scaled again."""
+    import cv2
+    import torch
+
+    from dpfah.codes import binarize
+
+    store = {}
+    hook = layer.register_forward_hook(lambda m, i, o: store.__setitem__("a", o))
+    try:
+        u, _ = net.eval()(x)
+    finally:
+        hook.remove()
+    a = store["a"]
+    (grad,) = torch.autograd.grad((binarize(u).detach() * u).sum(), a)
+    cam = torch.relu((grad.mean(dim=(2, 3), keepdim=True) * a).sum(dim=1)).detach().numpy()
+    out = []
+    for c in cam:
+        c = (c - c.min()) / (1e-7 + (c - c.min()).max())
+        c = cv2.resize(np.float32(c), x.shape[-2:][::-1])
+        out.append((c - c.min()) / (1e-7 + (c - c.min()).max()))
+    return np.stack(out)
+
+
+def test_gradcam_target_is_the_images_own_code_and_the_package_computes_grad_cam():
+    import torch
+
+    from dpfah.codes import binarize
+    from dpfah.model import DPFAH
+    from pipeline.gradcam import OwnCode, _one_thread, cam_layer, heat_maps
+
+    u = torch.tensor([0.3, -2.0, 0.0, 1e-3], requires_grad=True)
+    f = OwnCode()(u)
+    f.backward()
+    assert f.item() == pytest.approx(0.3 + 2.0 + 0.0 + 1e-3) and torch.equal(u.grad, binarize(u.detach()))  # d f / d u = sign(u)
+    torch.manual_seed(0)
+    net = DPFAH(8, 3)
+    name, layer, side = cam_layer(net, 32)
+    assert (name, side) == ("layer2", 4) and cam_layer(net, 224)[0::2] == ("layer4", 7)  # at 32 px layer4 is 1x1
+    x = torch.randn(3, 3, 32, 32)
+    with _one_thread():  # as heat_maps runs (torch's threads spin on a busy machine)
+        by_hand = _hand_gradcam(net, x, layer)
+    np.testing.assert_allclose(heat_maps(net, x, layer), by_hand, atol=1e-5)
+
+
+def test_gradcam_figure_from_two_logged_models_with_and_without_pfa(repo, toy_dataset, tmp_path, monkeypatch):
+    """Two models logged to MLflow as train logs them (tiny DPFAH networks, one without PFA
+    as resnet18, one with as dpfah), their run records, the prepared toy shards: the heat
+    maps have the image's size, lie in [0, 1], vary over the image and differ between the
+    models; the figure is a PNG with a row per image and three columns. A record without
+    a run, or a model trained otherwise than params.yaml builds it, is named instead."""
+    import torch
+    from PIL import Image
+
+    from dpfah.data import read_manifest
+    from dpfah.model import DPFAH
+    from pipeline.gradcam import Pair, compute
+    from tests.helpers import fake_training_run, read_split_plain, shards_sha, toy_params, write_record
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    work, images = toy_dataset
+    shards = work / "data" / "shards" / "toy"
+    uri = f"sqlite:///{repo[0].parent / 'mlflow.db'}"  # the toy DAG's store: its tables exist (creating them takes seconds)
+    records = {}
+    for method, pfa, seed in (("resnet18", False, 1), ("dpfah", True, 2)):
+        torch.manual_seed(seed)
+        records[method] = fake_training_run(uri, shards_sha(shards), model=DPFAH(8, 3, pfa=pfa).eval())
+        write_record(tmp_path, records[method], f"toy-8-{method}-s0.json")
+    params = toy_params(work, images, f"mlflow.tracking_uri={uri}", "train.methods=[resnet18,dpfah,dsh]", "bits=[8]")
+    _, labels = read_split_plain(shards, "query")
+    pair = compute(params, "toy", 8, labels, np.arange(len(labels)), root=tmp_path)
+    assert isinstance(pair, Pair), pair
+    assert pair.methods == ("resnet18", "dpfah") and pair.layers == ("layer2 (4x4)", "layer2 (4x4)")
+    n = len(pair.images)
+    assert n == 6 and pair.images.shape == (6, 32, 32, 3) and pair.images.dtype == np.uint8
+    # the first two queries of each of the 3 classes
+    assert pair.indices.tolist() == sorted(int(i) for c in range(3) for i in np.flatnonzero(labels.argmax(1) == c)[:2])
+    classes = read_manifest(shards).classes
+    assert pair.names == [classes[int(labels[i].argmax())] for i in pair.indices]
+    for maps in pair.maps:
+        assert maps.shape == (6, 32, 32) and maps.min() >= 0 and maps.max() <= 1
+        assert (maps.std(axis=(1, 2)) > 0.05).all()  # not constant
+    assert np.abs(pair.maps[0] - pair.maps[1]).mean() > 0.05
+
+    # through the report: the query split's labels from evaluate's codes file, the figure, its sentence
+    import pyarrow.parquet as pq
+
+    from pipeline.evaluate import codes_table
+    from pipeline.report import Member, _gradcam_section
+
+    codes = tmp_path / "query.parquet"
+    pq.write_table(codes_table(np.ones((len(labels), 8), np.int8), labels, np.arange(len(labels)), {"bits": 8, "split": "query"}), codes)
+    member = Member("resnet18", 8, 0, {}, {}, codes, 0.5)
+    lines, result = _gradcam_section(params, "toy", [member], tmp_path, tmp_path)
+    assert result["figure"] == "gradcam_8.png" and result["runs"] == (records["resnet18"]["run_id"], records["dpfah"]["run_id"])
+    assert result["indices"] == pair.indices.tolist() and "![Grad-CAM](gradcam_8.png)" in lines
+    assert lines[0].startswith("Grad-CAM heat maps with and without PFA (Fig 3), 8 bits, seed 0: 6 query images (the first of each class")
+    path = tmp_path / "gradcam_8.png"
+    with Image.open(path) as im:
+        assert im.format == "PNG" and im.size[1] > im.size[0] > 300
+        assert im.text["Columns"] == "query image | resnet18 (without PFA) | dpfah (with PFA)"
+        assert im.text["Rows"].split(" | ") == pair.names and set(pair.names) <= {"red", "green", "blue"}
+
+    # the reasons, not a failure
+    write_record(tmp_path, {"dataset": "toy", "bits": 8}, "toy-8-resnet18-s0.json")
+    why = compute(params, "toy", 8, labels, np.arange(len(labels)), root=tmp_path)
+    assert why.startswith("the model of resnet18 (8 bits, seed 0) could not be loaded: ") and "no run_id" in why
+    as_dsh = toy_params(work, images, f"mlflow.tracking_uri={uri}", "train.methods=[dpfah,dsh]", "bits=[8]")
+    assert compute(as_dsh, "toy", 8, labels, np.arange(len(labels)), root=tmp_path) == "train.methods (dpfah, dsh) lacks a method without PFA (e.g. resnet18)"
+    write_record(tmp_path, records["dpfah"], "toy-8-resnet18-s0.json")  # resnet18's record naming a network with PFA
+    why = compute(params, "toy", 8, labels, np.arange(len(labels)), root=tmp_path)
+    assert why == f"the model of resnet18 (run {records['dpfah']['run_id']}) was trained with PFA, not as params.yaml builds it now"
