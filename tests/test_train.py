@@ -373,5 +373,8 @@ def test_fit_from_the_shard_stream_learns_real_cifar10(cifar10_prepared):
     assert val_map > CIFAR_MIN_MAP
 
 
-#: Short training on real CIFAR-10 (batch 64, 32 px, CPU). Chance is about 0.10.
-CIFAR_EPOCHS, CIFAR_STEPS, CIFAR_MIN_MAP = 2, 40, 0.2
+#: Short training on real CIFAR-10 (batch 64, 32 px, CPU). Chance is about 0.10; these 80
+#: steps reach 0.2022 (the same in repeated runs on the 2-core machine); with each image
+#: given its neighbour's label (a deliberate break) they reach 0.117. The bar sits between,
+#: 0.04 from each, so neither a small numerical drift nor a broken label path crosses it.
+CIFAR_EPOCHS, CIFAR_STEPS, CIFAR_MIN_MAP = 2, 40, 0.16
