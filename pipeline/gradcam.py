@@ -225,7 +225,7 @@ def compute(params: Params, dataset: str, bits: int, labels: np.ndarray, index: 
     shown = decode_batch([raw[int(i)] for i in indices], size)  # uint8 (N, 3, S, S), as evaluation decodes them
     maps, layers = [], []
     for s in subjects:
-        pixels = decode_batch([raw[int(i)] for i in indices], s.image_size)
+        pixels = shown if s.image_size == size else decode_batch([raw[int(i)] for i in indices], s.image_size)
         name, layer, side = cam_layer(s.model, s.image_size)
         maps.append(_resize(heat_maps(s.model, DeviceAugment()(pixels, train=False), layer), size))
         layers.append(f"{name} ({side}x{side})")
