@@ -436,6 +436,11 @@ def _registry_lock(client, uri: str, name: str):
                 client.create_registered_model(lock, tags={"owner": owner}, description=f"held by pipeline.promote while it promotes into {name}; removed when it ends")
                 break
             except MlflowException as e:
+                if e.error_code == "RESOURCE_DOES_NOT_EXIST" and time.monotonic() - start <= LOCK_WAIT_S:
+                    # The name was taken when the store tried to insert it, and gone when it
+                    # read the holder back to word its "already exists" error (MLflow's SQL
+                    # store does): released meanwhile, so try again.
+                    continue
                 # A server on SQLite may answer a contended write with a transient error
                 # (database locked); whether the write landed is read back below.
                 if e.error_code not in ("RESOURCE_ALREADY_EXISTS", *TRANSIENT) or time.monotonic() - start > LOCK_WAIT_S:

@@ -177,6 +177,39 @@ def test_concurrent_promotions_on_a_server(server, tmp_path, monkeypatch):
     _check_race(runs, seen, registry, watch=True)
 
 
+def test_registry_lock_released_while_the_store_words_its_conflict(tmp_path, monkeypatch):
+    """The interleaving that failed a CI run of the server race: the lock's name is taken when
+    MLflow's SQL registry tries to insert it, and its holder deletes it before MLflow reads it
+    back to word the "already exists" error, so the create answers RESOURCE_DOES_NOT_EXIST. The
+    waiter must take that as "released" and try again, not fail the promotion. Forced here on
+    the registry store the server runs (MLflow's SqlAlchemyStore): the holder releases at the
+    moment that read back starts."""
+    from mlflow.store.model_registry.sqlalchemy_store import SqlAlchemyStore
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.promote import LOCK_SUFFIX, _registry_lock
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    holder, waiter = MlflowClient(uri, registry_uri=uri), MlflowClient(uri, registry_uri=uri)
+    lock = "m" + LOCK_SUFFIX
+    holder.create_registered_model(lock, tags={"owner": "the holder"})
+    read_back = SqlAlchemyStore.get_registered_model
+    released = []
+
+    def holder_releases_first(store, name):
+        if name == lock and not released:
+            released.append(name)  # first: the delete reads the model too
+            holder.delete_registered_model(lock)
+        return read_back(store, name)
+
+    monkeypatch.setattr(SqlAlchemyStore, "get_registered_model", holder_releases_first)
+    with _registry_lock(waiter, uri, "m"):
+        owner = waiter.get_registered_model(lock).tags["owner"]
+    assert released == [lock], "the interleaving did not happen: the test proves nothing"
+    assert owner.startswith(f"{socket.gethostname()} pid {os.getpid()} ")
+    assert [m.name for m in waiter.search_registered_models()] == []  # released after the block
+
+
 def test_a_run_on_a_server_ends_without_mlflow_links(server, monkeypatch, capsys):
     """MLflow prints "🏃 View run ... at: http://..." and "🧪 View experiment at: ..." to stdout
     when a run on a tracking server ends; a stage's run (train, report, tune) does not."""
