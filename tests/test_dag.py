@@ -15,6 +15,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import yaml
@@ -113,7 +114,16 @@ def ran_stages(output: str) -> set[str]:
 # ----------------------------------------------------------------------------- dvc repro
 
 
-def test_dvc_repro_runs_the_dag_then_nothing_then_only_what_a_parameter_touches(tmp_path):
+def _local_ray_sessions() -> set[str]:
+    """Session folders of the Ray instances started on this machine in Ray's default temp dir
+    (RAY_TMPDIR, else TMPDIR, else /tmp on Linux)."""
+    return {p.name for p in Path(os.environ.get("RAY_TMPDIR") or os.environ.get("TMPDIR") or "/tmp", "ray").glob("session_2*")}
+
+
+def test_dvc_repro_runs_the_dag_then_nothing_then_only_what_a_parameter_touches(ray_head, tmp_path):
+    """The README's way to run many stages: a Ray head started once (`ray start --head`) that
+    every stage DVC runs joins (RAY_ADDRESS) instead of starting and stopping its own
+    instance; checked: no stage started a local instance."""
     from mlflow.tracking import MlflowClient
 
     from pipeline.artifacts import metric_values
@@ -122,7 +132,8 @@ def test_dvc_repro_runs_the_dag_then_nothing_then_only_what_a_parameter_touches(
     images = make_class_folder(tmp_path / "images")
     repo = copy_project(tmp_path / "repo")
     edit_params(repo / "params.yaml", toy_settings(tmp_path, images))
-    env = stage_env()
+    env = stage_env(RAY_ADDRESS=ray_head.gcs)
+    sessions_before = _local_ray_sessions()
     git = ["git", "-c", "user.name=test", "-c", "user.email=test@example.com"]
     run(["git", "init", "-q"], repo, env)
     run([str(BIN / "dvc"), "init", "-q"], repo, env)
@@ -202,6 +213,9 @@ def test_dvc_repro_runs_the_dag_then_nothing_then_only_what_a_parameter_touches(
     assert json.loads((repo / "promotions" / f"toy-{BITS}-dsh-s0.json").read_text())["model_name"] == f"dsh-toy-{BITS}b"
     assert client.get_model_version_by_alias(f"dsh-toy-{BITS}b", "champion").run_id == dsh["run_id"]
     assert client.get_model_version_by_alias(f"dpfah-toy-{BITS}b", "champion").run_id == record["run_id"]
+    # The three trainings and four evaluations (and the rest) joined the head: none started a
+    # local instance of its own.
+    assert _local_ray_sessions() == sessions_before
 
 
 def test_a_profile_written_into_params_is_what_dvc_plans(tmp_path):
@@ -270,7 +284,7 @@ def ray_head():
     try:
         if not wait_answering(f"{address}/api/version", proc, 120):
             raise RuntimeError(f"the Ray head did not start:\n{(Path(temp) / 'head.log').read_text()[-3000:]}")
-        yield address
+        yield SimpleNamespace(jobs=address, gcs=f"127.0.0.1:{port}", temp=temp)
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGINT)  # `ray start --block` cleans up its processes on Ctrl-C
@@ -322,7 +336,7 @@ def test_train_stage_runs_as_a_ray_job(ray_head, toy_dataset, tmp_path, monkeypa
     }
     runtime_env = {"env_vars": {"DPFAH_GIT_COMMIT": "0123abc-test", "RAY_AUTH_MODE": "disabled"}}
     cmd = [
-        str(BIN / "ray"), "job", "submit", "--address", ray_head, "--working-dir", str(project),
+        str(BIN / "ray"), "job", "submit", "--address", ray_head.jobs, "--working-dir", str(project),
         "--runtime-env-json", json.dumps(runtime_env), "--",
         "python", "-m", "pipeline.train", "--dataset", "toy", "--bits", str(BITS),
     ]  # fmt: skip
