@@ -440,6 +440,7 @@ def _registry_lock(client, uri: str, name: str):
                     # The name was taken when the store tried to insert it, and gone when it
                     # read the holder back to word its "already exists" error (MLflow's SQL
                     # store does): released meanwhile, so try again.
+                    time.sleep(0.05 + 0.1 * random.random())
                     continue
                 # A server on SQLite may answer a contended write with a transient error
                 # (database locked); whether the write landed is read back below.
