@@ -436,15 +436,12 @@ def _registry_lock(client, uri: str, name: str):
                 client.create_registered_model(lock, tags={"owner": owner}, description=f"held by pipeline.promote while it promotes into {name}; removed when it ends")
                 break
             except MlflowException as e:
-                if e.error_code == "RESOURCE_DOES_NOT_EXIST" and time.monotonic() - start <= LOCK_WAIT_S:
-                    # The name was taken when the store tried to insert it, and gone when it
-                    # read the holder back to word its "already exists" error (MLflow's SQL
-                    # store does): released meanwhile, so try again.
-                    time.sleep(0.05 + 0.1 * random.random())
-                    continue
                 # A server on SQLite may answer a contended write with a transient error
-                # (database locked); whether the write landed is read back below.
-                if e.error_code not in ("RESOURCE_ALREADY_EXISTS", *TRANSIENT) or time.monotonic() - start > LOCK_WAIT_S:
+                # (database locked); whether the write landed is read back below. "Does not
+                # exist": the name was taken when MLflow's SQL store tried to insert it and gone
+                # when it read the holder back to word its "already exists" error; the read
+                # below finds it released (or taken again) as well.
+                if e.error_code not in ("RESOURCE_ALREADY_EXISTS", "RESOURCE_DOES_NOT_EXIST", *TRANSIENT) or time.monotonic() - start > LOCK_WAIT_S:
                     raise
             try:
                 held = client.get_registered_model(lock)

@@ -284,7 +284,7 @@ def ray_head():
     try:
         if not wait_answering(f"{address}/api/version", proc, 120):
             raise RuntimeError(f"the Ray head did not start:\n{(Path(temp) / 'head.log').read_text()[-3000:]}")
-        yield SimpleNamespace(jobs=address, gcs=f"127.0.0.1:{port}", temp=temp)
+        yield SimpleNamespace(jobs=address, gcs=f"127.0.0.1:{port}")
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGINT)  # `ray start --block` cleans up its processes on Ctrl-C
