@@ -80,6 +80,36 @@ def _all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
     return t.tolist()
 
 
+class RanksDiverged(RuntimeError):
+    """Data-parallel ranks hold different weights: one of them stepped differently."""
+
+
+def _check_ranks_agree(model: nn.Module, epoch: int, device: torch.device) -> None:
+    """Raise :class:`RanksDiverged` on every rank when a rank's weights differ from rank 0's.
+
+    Under DDP every rank applies the same all-reduced gradient with the same optimiser, so
+    the weights stay equal; a rank with its own learning rate, schedule or optimiser state
+    drifts apart while the loss still looks sane, and only rank 0's weights are saved. The
+    check costs one float64 sum per parameter tensor and one all-gather per epoch; sums of
+    equal tensors agree to rounding (1e-9 of their magnitude; a rank's own thread count may
+    order the sum differently)."""
+    size, rank = world()
+    if size == 1:
+        return
+    params = [p.detach() for p in model.parameters()]
+    digest = torch.stack([torch.stack([p.double().sum(), p.double().abs().sum()]) for p in params]).to(device)
+    parts = [torch.empty_like(digest) for _ in range(size)]
+    dist.all_gather(parts, digest)
+    scale = parts[0][:, 1].clamp_min(1e-30)
+    for r, part in enumerate(parts[1:], start=1):
+        off = ((part[:, 0] - parts[0][:, 0]).abs() / scale).max().item()
+        if off > 1e-9:
+            raise RanksDiverged(
+                f"after epoch {epoch}, rank {r}'s weights differ from rank 0's by {off:.1e} of their magnitude: "
+                "a rank stepped differently (its own learning rate, schedule or optimiser state)"
+            )
+
+
 def _snapshot(obj):
     """A detached CPU copy of a nested state (on the CPU, ``.cpu()`` alone would alias)."""
     if isinstance(obj, torch.Tensor):
@@ -337,6 +367,7 @@ def fit(
     net = trainer.wrap()
     for epoch in range(trainer.start_epoch, settings.epochs):
         metrics = trainer.train_epoch(net, epoch, iter(train_batches(epoch)), seed)
+        _check_ranks_agree(trainer.model, epoch, trainer.device)
         if validate is not None:
             val_map = float(validate(net))
             metrics["val_map"] = val_map

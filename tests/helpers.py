@@ -300,6 +300,89 @@ class GlobalBatches:
             yield Batch(everything.images[rows], everything.labels[rows], everything.index[rows])
 
 
+# ----------------------------------------------------------------------------- codes near zero
+# A code bit is sign(u): where |u| is within rounding of 0, two reduction orders (1 vs 2 DDP
+# workers, another CPU's vector width, another batch composition) may give it either sign, and
+# a retrieval metric of those codes jumps. These helpers let a test compare such metrics
+# exactly, for every sign the bits within ``eps`` of 0 may take, instead of at a tolerance.
+
+
+def encode_with_u(net, shards: Path, split: str, image_size: int):
+    """(u, codes, labels) of every item of ``split`` in index order, encoded on this process
+    by dpfah's own ``encode`` (so the codes are the ones validation computes); ``u`` is the
+    hashing output the codes are the signs of."""
+    from dpfah.data import EvalStream
+    from dpfah.train import encode
+
+    seen_u, seen_index = [], []
+
+    class Probe(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net, self.bits, self.num_classes = net, net.bits, net.num_classes
+
+        def forward(self, x):
+            u, logits = self.net(x)
+            seen_u.append(u.detach().float().numpy())
+            return u, logits
+
+    def batches():
+        for batch in EvalStream(str(shards), split, batch_size=64, rank=0, world_size=1):
+            seen_index.append(np.asarray(batch.index))
+            yield batch
+
+    codes, labels, _ = encode(Probe(), batches(), torch.device("cpu"), image_size)
+    u = np.concatenate(seen_u)[np.argsort(np.concatenate(seen_index), kind="stable")]
+    assert np.array_equal(np.where(u >= 0, 1, -1), codes), "encode's codes are not the signs of u"
+    return u, codes, labels
+
+
+def maps_for_every_sign_near_zero(u_query, u_db, query_labels, db_labels, eps: float, most: int = 12) -> set[float]:
+    """mAP@ALL (index ties, as validation computes it) of sign(u) for every assignment of
+    signs to the entries with |u| < ``eps``: the values a run whose u differs from this one
+    by less than ``eps`` can report. Fails when more than ``most`` entries are that close."""
+    import itertools
+
+    from dpfah.metrics import mean_average_precision
+
+    u = np.concatenate([u_query, u_db])
+    near = np.argwhere(np.abs(u) < eps)
+    assert len(near) <= most, f"{len(near)} code entries within {eps} of 0: too many to enumerate"
+    values = set()
+    for signs in itertools.product((-1, 1), repeat=len(near)):
+        codes = np.where(u >= 0, 1, -1).astype(np.int8)
+        for (row, col), sign in zip(near, signs):
+            codes[row, col] = sign
+        q, d = codes[: len(u_query)], codes[len(u_query) :]
+        values.add(float(mean_average_precision(q, d, query_labels, db_labels, topk=None, ties="index")))
+    return values
+
+
+def distinct_clear_images(net, image_size: int, n: int, margin: float = 1e-3, seed: int = 0) -> np.ndarray:
+    """``n`` uint8 (N, H, W, 3) images (24 x 20, resized to ``image_size`` by the model) that
+    ``net`` maps to pairwise different codes with every |u| >= ``margin``: a comparison of
+    codes computed elsewhere with these is exact (no bit within rounding of 0) and not
+    trivial (one code for all would differ). Drawn from noise around varied mean colours."""
+    from dpfah.augment import DeviceAugment, resize_uint8
+
+    rng = np.random.default_rng(seed)
+    means = rng.integers(0, 256, (64, 1, 1, 3))
+    pool = np.clip(means + rng.normal(0, 40, (64, 24, 20, 3)), 0, 255).astype(np.uint8)
+    x = DeviceAugment()(resize_uint8(torch.from_numpy(pool).permute(0, 3, 1, 2).contiguous(), image_size), train=False)
+    net.eval()
+    with torch.no_grad():
+        u, _ = net(x)
+    chosen, codes = [], set()
+    for i, row in enumerate(u.numpy()):
+        code = tuple(np.where(row >= 0, 1, -1))
+        if np.abs(row).min() >= margin and code not in codes:
+            chosen.append(i)
+            codes.add(code)
+        if len(chosen) == n:
+            return pool[chosen]
+    raise AssertionError(f"only {len(chosen)} of 64 images have distinct codes clear of 0 by {margin}")
+
+
 # ----------------------------------------------------------------------------- independent re-implementations
 # What the evaluate stage computes, written again without dpfah's code paths: the shards read
 # with tarfile and PIL, the resize and normalisation in numpy, the metrics with per-query loops.
@@ -328,12 +411,25 @@ def read_split_plain(shards: Path, split: str):
     return images, labels
 
 
-def plain_codes(model, images: np.ndarray) -> np.ndarray:
+def plain_codes(model, images: np.ndarray, logged: np.ndarray | None = None, eps: float = 1e-4) -> np.ndarray:
+    """The network's codes of uint8 (N, H, W, 3) images, normalised in numpy.
+
+    With ``logged`` (the pipeline's codes of the same images, encoded in torch in other
+    batches): they must agree wherever |u| >= ``eps``; entries closer to 0 may round either
+    way (another order of the same float operations), so there the logged bit is taken. The
+    result is what a reference metric must be computed from to be compared at 1e-12."""
     mean = np.array([0.485, 0.456, 0.406], dtype=np.float32)
     std = np.array([0.229, 0.224, 0.225], dtype=np.float32)
     x = torch.from_numpy(((images.astype(np.float32) / 255 - mean) / std).transpose(0, 3, 1, 2).copy())
     with torch.no_grad():
-        return model.eval().codes(x).numpy().astype(np.int8)
+        u = model.eval()(x)[0].float().numpy()
+    codes = np.where(u >= 0, 1, -1).astype(np.int8)
+    if logged is None:
+        return codes
+    sure = np.abs(u) >= eps
+    assert sure.mean() > 0.95, f"only {sure.mean():.1%} of the code entries are clear of 0 by {eps}"
+    np.testing.assert_array_equal(logged[sure], codes[sure])
+    return np.where(sure, codes, logged).astype(np.int8)
 
 
 def plain_metrics(qc, dc, ql, dl, topk, radius, n):

@@ -389,7 +389,13 @@ def test_train_stage_runs_as_a_ray_job(ray_head, toy_dataset, tmp_path, monkeypa
         model = mlflow.pytorch.load_model(line.split("; model ")[1].split(";")[0]).net  # the ImageEncoder's network
     shards = work / "data" / "shards" / "toy"
     (q_img, q_lab), (d_img, d_lab) = read_split_plain(shards, "query"), read_split_plain(shards, "database")
-    ref = plain_metrics(plain_codes(model, q_img), plain_codes(model, d_img), q_lab, d_lab, topk=78, radius=2, n=10)
+    from dpfah.codes import unpack_codes
+    from pipeline.evaluate import load_codes
+
+    logged = Path(client.download_artifacts(run_id, "evaluation/codes", str(tmp_path / "codes-dl")))
+    qc = plain_codes(model, q_img, logged=unpack_codes(load_codes(logged / "query.parquet")[0], BITS))
+    dc = plain_codes(model, d_img, logged=unpack_codes(load_codes(logged / "database.parquet")[0], BITS))
+    ref = plain_metrics(qc, dc, q_lab, d_lab, topk=78, radius=2, n=10)
     assert result.doc["query_map"] == pytest.approx(ref["map"], abs=1e-12)
     assert result.doc["query_precision_within_radius"] == pytest.approx(ref["ball"], abs=1e-12)
     promoted = promote(params, "toy", BITS, run_id=run_id, root=tmp_path)

@@ -86,19 +86,19 @@ def test_metrics_match_a_plain_reimplementation(trained):
         model = mlflow.pytorch.load_model(trained["record"]["model_uri"])
     q_img, q_lab = read_split_plain(shards, "query")
     d_img, d_lab = read_split_plain(shards, "database")
-    qc, dc = plain_codes(model, q_img), plain_codes(model, d_img)
 
-    # The packed codes logged to MLflow are those codes, labels and indices.
+    # The packed codes logged to MLflow are those codes (wherever |u| is clear of rounding),
+    # labels and indices.
     client = mlflow.tracking.MlflowClient(trained["uri"])
     local = Path(client.download_artifacts(doc["run_id"], "evaluation/codes", str(out / "dl")))
     packed, labels, index, meta = load_codes(local / "database.parquet")
     assert packed.dtype == np.uint64 and packed.shape == (78, 1)
-    np.testing.assert_array_equal(unpack_codes(packed, BITS), dc)
+    dc = plain_codes(model, d_img, logged=unpack_codes(packed, BITS))
     np.testing.assert_array_equal(labels, d_lab)
     np.testing.assert_array_equal(index, np.arange(78))
     assert meta["bits"] == str(BITS) and meta["run_id"] == doc["run_id"] and meta["split"] == "database"
     qp, ql, _, _ = load_codes(local / "query.parquet")
-    np.testing.assert_array_equal(unpack_codes(qp, BITS), qc)
+    qc = plain_codes(model, q_img, logged=unpack_codes(qp, BITS))
     np.testing.assert_array_equal(ql, q_lab)
     # ... and the query codes DVC keeps (for the report) are the same
     dp, dl, di, dmeta = load_codes(out / "codes" / f"toy-{BITS}-dpfah-s0" / "query.parquet")

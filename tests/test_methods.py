@@ -605,6 +605,58 @@ def _ddp_worker(rank, world_size, port, out):
         dist.destroy_process_group()
 
 
+def _diverging_worker(rank, world_size, port, out):
+    """One rank of a real gloo group running fit where rank 1 has twice the learning rate."""
+    import torch.distributed as dist
+
+    from dpfah.train import RanksDiverged
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    try:
+        images, labels = _data()
+        lr = 1e-3 * (2 if rank == 1 else 1)
+        settings = TrainSettings(epochs=2, batch_size=8, image_size=16, optimizer="sgd", lr=lr, schedule="constant", precision="fp32")
+        local = 8 // world_size
+        torch.manual_seed(0)
+        model = _Tiny(8, 3)
+        objective = methods.build("dpfah", {}, bits=8, num_classes=3, train_size=len(images))
+
+        def batches(epoch):
+            for b in _stream(images, labels, epoch):
+                rows = slice(rank * local, (rank + 1) * local)
+                yield Batch(b.images[rows], b.labels[rows], b.index[rows])
+
+        reports = []
+        try:
+            fit(settings, model, objective, train_batches=batches, steps_per_epoch=3, report=lambda m, s: reports.append(m))
+            outcome = "finished"
+        except RanksDiverged as e:
+            outcome = str(e)
+        torch.save({"outcome": outcome, "epochs": len(reports)}, f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_rank_that_steps_differently_stops_the_fit(tmp_path):
+    """Rank 1 with twice the learning rate: its weights drift from rank 0's by a few 1e-4,
+    too little to show in rank 0's weights or loss (the gradients are averaged), but fit
+    compares the ranks' weights after every epoch and stops both before any report."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = str(tmp_path / "diverging")
+    mp.spawn(_diverging_worker, args=(2, port, out), nprocs=2, join=True)
+    for rank in range(2):
+        got = torch.load(f"{out}.{rank}", weights_only=False)
+        assert got["epochs"] == 0, got
+        assert got["outcome"].startswith("after epoch 0, rank 1's weights differ from rank 0's"), got
+
+
 def test_fit_under_real_ddp_equals_one_process(tmp_path):
     """Two gloo processes with DDP (so the comparison methods' unused classification head, the
     all-gathers and the broadcasts run for real) end where one process ends: same loss, same

@@ -28,9 +28,20 @@ def test_two_workers_resumed_after_a_fault_end_where_one_worker_ends(ray_trained
     checkpoint without running epoch 1 again and restored everything: its final weights,
     best model, optimiser state and memory bank equal the uninterrupted run's.
 
+    "Equal" is what DDP promises: the same computation in another reduction order (the
+    gradient summed over 2 ranks, gathered batches), so equal to rounding, on any CPU:
+    losses to 1e-5, weights and bank to 1e-4 relative, the optimiser's momentum to 1e-3 of
+    its norm. The training is
+    stable (lr 1e-3: the loss falls every epoch), so rounding stays rounding; at lr 1e-2 the
+    loss rose and a 1e-7 difference grew to 9 % of the weights in 9 steps (issue 31). The
+    validation mAP is a discontinuous function of the weights (a code bit flips where u
+    crosses 0), so it is compared exactly for every sign the entries within rounding of 0
+    may take (tests.helpers.maps_for_every_sign_near_zero), not at 1e-9.
+
     BatchNorm statistics are frozen (eval-mode BN): per-rank BN would differ by design on
     CPUs, where SyncBatchNorm is unavailable (see the stack notes)."""
     from dpfah.model import DPFAH
+    from tests.helpers import encode_with_u, maps_for_every_sign_near_zero
 
     one, two = ray_trained["uninterrupted"]["outcome"], ray_trained["resumed"]["outcome"]
     runs = ray_trained["out"] / "ray"
@@ -42,9 +53,10 @@ def test_two_workers_resumed_after_a_fault_end_where_one_worker_ends(ray_trained
     assert one.epochs == two.epochs == 3
     a, b = _state(one), _state(two)
     assert [h["epoch"] for h in b["history"]] == [0, 1, 2]  # each epoch once, none lost
-    # the same validation mAP, epoch by epoch (validation itself is sharded over 2 ranks)
-    assert [h["val_map"] for h in b["history"]] == pytest.approx([h["val_map"] for h in a["history"]], abs=1e-9)
-    assert b["best_epoch"] == a["best_epoch"]
+    losses = [h["loss"] for h in a["history"]]
+    assert losses[0] > losses[1] > losses[2], f"the toy training is not stable: {losses}"
+    for term in ("loss", "loss_l1", "loss_l2", "loss_l3"):
+        assert [h[term] for h in b["history"]] == pytest.approx([h[term] for h in a["history"]], rel=1e-5), term
     compared = 0
     for part in ("model", "objective", "best_model"):
         for key, value in a[part].items():
@@ -56,12 +68,45 @@ def test_two_workers_resumed_after_a_fault_end_where_one_worker_ends(ray_trained
     assert torch.equal(b["objective"]["bank_seen"], a["objective"]["bank_seen"])
     moved = [k for k, v in b["optimizer"]["state"].items() if "momentum_buffer" in v]
     assert len(moved) > 50, "the optimiser state was checkpointed"
+    # The momentum buffers accumulate gradients, sums that cancel: elementwise a small entry
+    # can be off by 20 % of itself, so they agree in norm (measured: 9e-5 at most; weights 8e-6).
     for key, value in a["optimizer"]["state"].items():
         for name, tensor in value.items():
-            torch.testing.assert_close(b["optimizer"]["state"][key][name], tensor, rtol=1e-4, atol=1e-5)
+            off = float((b["optimizer"]["state"][key][name] - tensor).norm() / tensor.norm().clamp_min(1e-12))
+            assert off < 1e-3, f"optimizer.state.{key}.{name} is {off:.2e} of its norm away"
     # Training did change the weights (so the agreement is not trivial).
     start = DPFAH.build(16, 3, seed=0).state_dict()
     assert not torch.allclose(start["hash_head.weight"], a["model"]["hash_head.weight"])
+
+    # The validation mAP of the best epoch and of the last (whose models are kept): what each
+    # run reported (1 worker; 2 ranks, each encoding half) is the mAP of the 1-worker model's
+    # codes, for some sign of the entries within 1e-4 of 0 (the weights agree to 1e-4). The
+    # codes of the two runs' models agree wherever |u| is clear of that.
+    shards = ray_trained["out"] / "data" / "shards" / "toy"
+    assert a["best_epoch"] == b["best_epoch"], (a["best_epoch"], b["best_epoch"])  # see the margin below
+    for part, epoch in (("best_model", a["best_epoch"]), ("model", 2)):
+        encoded = {}
+        for name, state in (("one", a), ("two", b)):
+            net = DPFAH.build(16, 3, seed=0)
+            net.load_state_dict(state[part])
+            encoded[name] = [encode_with_u(net, shards, split, 16) for split in ("validation", "train")]
+        (uq, cq, lq), (ud, cd, ld) = encoded["one"]
+        clear = np.abs(np.concatenate([uq, ud])) >= 1e-4
+        assert clear.mean() > 0.95, f"{part}: only {clear.mean():.1%} of the code entries are clear of 0"
+        for x, y in zip(encoded["one"], encoded["two"]):
+            assert np.array_equal(x[2], y[2])  # labels, same order
+        codes_one = np.concatenate([cq, cd])
+        codes_two = np.concatenate([encoded["two"][0][1], encoded["two"][1][1]])
+        assert np.array_equal(codes_one[clear], codes_two[clear]), f"{part}: the two runs' models give other codes"
+        reachable = maps_for_every_sign_near_zero(uq, ud, lq, ld, eps=1e-4)
+        for name, state in (("one", a), ("two", b)):
+            reported = state["history"][epoch]["val_map"]
+            assert any(abs(reported - v) < 1e-9 for v in reachable), (part, name, reported, sorted(reachable))
+    # The other epoch's model is not kept: its mAP agrees to 0.015, and both runs pick the
+    # same best epoch because the 1-worker run's best is ahead of the next by over twice that.
+    assert [h["val_map"] for h in b["history"]] == pytest.approx([h["val_map"] for h in a["history"]], abs=0.015)
+    maps = sorted(h["val_map"] for h in a["history"])
+    assert maps[-1] - maps[-2] > 0.03, f"no margin between the best epoch and the next: {maps}"
     checkpoints = sorted(p.name for p in (runs / "resumed").iterdir() if p.is_dir() and p.name.startswith("checkpoint_"))
     assert len(checkpoints) <= 2, checkpoints  # CheckpointConfig.num_to_keep
 
@@ -92,7 +137,8 @@ def test_resumed_run_is_recorded_once_in_mlflow(ray_trained):
     history = _state(outcome)["history"]
     assert [m.value for m in sorted(client.get_metric_history(outcome.run_id, "train/loss"), key=lambda m: m.step)] == [h["loss"] for h in history]
     # ... and the workers' objective used them: each epoch's loss is l1 + 3.0 l2 + 0.5 l3
-    assert all(h["loss_l2"] > 0.01 and h["loss_l3"] > 0.01 for h in history)
+    # (the quantisation term is large in epoch 0 and falls as |u| settles inside delta)
+    assert history[0]["loss_l2"] > 0.1 and all(h["loss_l3"] > 0.01 for h in history)
     for h in history:
         assert h["loss"] == pytest.approx(h["loss_l1"] + 3.0 * h["loss_l2"] + 0.5 * h["loss_l3"], rel=1e-6)
     record = json.loads((ray_trained["out"] / "runs" / "toy-16-dpfah-s0.json").read_text())
@@ -229,9 +275,14 @@ def test_the_logged_model_served_over_http_answers_with_its_codes(ray_trained, t
 
     from dpfah.augment import DeviceAugment, resize_uint8
     from pipeline.tracking import using_tracking_uri
-    from tests.helpers import free_port, wait_answering
+    from tests.helpers import distinct_clear_images, free_port, wait_answering
 
     outcome = ray_trained["resumed"]["outcome"]
+    with using_tracking_uri(ray_trained["server"]):
+        encoder = mlflow.pytorch.load_model(outcome.model_uri)
+    # three images this model gives different codes, none within 1e-3 of a sign change: the
+    # served codes must equal the network's exactly, and one code for all would not
+    images = distinct_clear_images(encoder.net, 16, n=3)
     port = free_port()
     bin_dir = str(Path(sys.executable).parent)  # the venv's mlflow (and its python for the server)
     env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}", "MLFLOW_TRACKING_URI": ray_trained["server"]}
@@ -242,7 +293,6 @@ def test_the_logged_model_served_over_http_answers_with_its_codes(ray_trained, t
     )  # fmt: skip
     try:
         assert wait_answering(f"http://127.0.0.1:{port}/ping", proc, 180), (tmp_path / "serve.log").read_text()[-3000:]
-        images = np.random.default_rng(2).integers(0, 256, (3, 24, 20, 3), dtype=np.uint8)  # resized to 16 by the model
         body = json.dumps({"inputs": images.tolist()}).encode()
         request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body, headers={"Content-Type": "application/json"})
         with urllib.request.urlopen(request, timeout=120) as r:
@@ -256,9 +306,7 @@ def test_the_logged_model_served_over_http_answers_with_its_codes(ray_trained, t
     served = np.asarray(answer["predictions"])
     assert served.shape == (3, 16) and set(np.unique(served)) <= {-1, 1}, answer
 
-    with using_tracking_uri(ray_trained["server"]):
-        encoder = mlflow.pytorch.load_model(outcome.model_uri)
     x = DeviceAugment()(resize_uint8(torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), 16), train=False)
     expected = encoder.net.codes(x).numpy()
     np.testing.assert_array_equal(served, expected)
-    assert len({tuple(row) for row in expected}) > 1  # three different images, not one code for all
+    assert len({tuple(row) for row in served}) == 3  # three different codes, not one for all
