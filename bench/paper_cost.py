@@ -5,7 +5,7 @@
                                [--seeds 3] [--epochs 60] [--out bench/results/paper_cost.json]
 
 The paper's evidence is Table 6 (10 methods x 4 code lengths x 3 datasets) and Table 5 (the
-ablation variants resnet18 and resnet18-pfa beside dpfah). The README's command trains every
+ablation variants resnet18 and resnet18-pfa beside dpfah). The command of docs/cluster.md trains every
 entry of `train.methods` (the 10 methods and the 2 variants) at every code length (a DVC
 matrix cannot leave the variants out at 16/32/64 bits; Table 5 uses their 48-bit runs),
 with three seeds: 432 trainings, each followed by an evaluation and a promotion. Per run, at `profile=paper`
@@ -28,7 +28,7 @@ Where the defaults come from, and how far to trust them:
   not yet run on a GPU (`bench/gpu_check.sh` will measure it): pass its numbers with
   --train-img-s/--encode-img-s when it has. Perfect DDP scaling over the 4 GPUs is assumed.
 - fixed costs: measured on the 2-core CPU machine with a running Ray instance
-  (`bench/run_overhead.py`, README: train 35-45 s, evaluate 9-15 s beyond its work, promote
+  (`bench/run_overhead.py`, docs/benchmarks.md: train 35-45 s, evaluate 9-15 s beyond its work, promote
   8-11 s); a GPU node with more cores starts faster, so these lean high.
 - dataset sizes: the paper's protocols (pipeline/protocols; NUS-WIDE's database is the
   common 193,734 images of the 21 concepts less the queries and depends on which images a

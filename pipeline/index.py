@@ -1,52 +1,10 @@
 """Stage `index`: encode a collection with a registered model into a searchable index folder.
 
-    python -m pipeline.index --dataset cifar10 --bits 64 --split database [--out DIR]
-    python -m pipeline.index --images DIR|ARCHIVE.tar|LIST.txt --dataset cifar10 --bits 64 --out DIR
-    python -m pipeline.index --images DIR --model models:/dpfah-cifar10-64b/3 --out DIR
-
-The model: ``--model`` (any ``models:/`` URI: ``models:/<name>@<alias>``,
-``models:/<name>/<version>``, a logged model ``models:/m-...``), by default the
-``promote.alias`` (``champion``) of ``promote.model_name`` for --dataset, --bits and
---method. It is resolved once to its version (``models:/<name>/<version>``), which the index
-records, so a later move of the alias does not change what the index was built with.
-
-The collection: a prepared split (``--split``: its items in stored order, keyed by their
-index in the split, with their labels), an image folder or a tar archive (every image file,
-keyed by its relative path / member name, sorted), or a list file (``<path> [0/1 labels]``
-per line; relative paths against ``--root``, default the list's folder; keyed by the path as
-listed, sorted). An image that is unreadable follows ``index.on_bad_image`` (fail: stop,
-naming it; skip: leave it out, listed in the manifest's ``skipped``). Images the training
-decoder would not read as PIL does are converted exactly as prepare stores them, so an image
-and its prepared copy get the same code.
-
-Encoding runs on Ray Data: the items are cut into blocks of ``index.block_size``; a pool of
-``index.workers`` actors (one GPU each when the cluster has GPUs) reads, decodes and encodes
-whole blocks (``map_batches``). On one machine the stage starts local Ray as the other stages
-do; on a cluster, ``ray job submit --working-dir . -- python -m pipeline.index ...`` (the
-images must then be on storage every node reads). Each finished block is written atomically
-to ``<out>.partial/blocks/``: a killed run, started again with the same arguments, encodes
-only the blocks that are missing. The index itself is assembled at the end in a temporary
-folder and renamed into place, its ``manifest.json`` written last: ``<out>`` either does not
-exist or is complete.
-
-The index folder::
-
-    codes.npy       (n, ceil(bits/64)) uint64 packed codes (dpfah.codes.pack_codes), row i = item i
-    keys.parquet    key (string) of each row, and for a prepared split its source path
-    labels.npy      (n, classes) uint8, when the source has labels
-    manifest.json   format, model (URI, version, run), bits, count, source, skipped, sha256 of each file,
-                    codes_from (encoded, or the evaluation whose codes were taken), created
-
-Rows are sorted by key (prepared splits: by index), so ties in a search go to key order.
-
-A query or database split that the model's evaluation encoded is not encoded again: the
-codes it logged to the training's run (``evaluation/codes/<split>.parquet``) are taken when
-that evaluation is complete (``eval.complete`` = ``eval.id``), ran on the same prepared
-shards (manifest sha256) at the precision ``index.precision`` means here (``eval.precision``),
-and its codes equal the model's own on 64 items spread over the split, encoded here. Else
-(one line says why) and with ``--reencode`` the split is encoded. The manifest's
-``codes_from`` says which: ``encoded`` or ``evaluation <eval_id> of run <run_id>, verified
-on 64 items``.
+The collection is a prepared split, an image folder, a tar archive or a list file; the model
+is ``--model`` or the champion for --dataset/--bits/--method, resolved once to its version.
+Encoding runs on Ray Data, block by block, and resumes after a kill; a split the model's
+evaluation already encoded takes its logged codes once verified. How it works, and the index
+folder's files: docs/serving.md and docs/data-formats.md; usage: ``--help``.
 """
 
 from __future__ import annotations

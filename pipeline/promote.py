@@ -286,7 +286,7 @@ def _version_description(metrics: dict[str, float], tags: dict[str, str], datase
         f"P@H<={radius}: **{number('query_precision_within_radius')}**{empty}.\n\n"
         f"Figures (PR curves, P@N, top-k retrieval grid), curve data and packed codes: artifacts `evaluation/` of run `{run_id}` "
         f"(`evaluation/pr_curves.png`, `evaluation/p_at_n.png`, `evaluation/retrieval_grid.png`).\n\n"
-        f"Input: uint8 RGB images (N, H, W, 3); output: int8 codes (N, {bits}) in {{-1, +1}} (README, \"The logged model\")."
+        f"Input: uint8 RGB images (N, H, W, 3); output: int8 codes (N, {bits}) in {{-1, +1}} (docs/serving.md, \"The logged model\")."
     )
 
 
@@ -379,7 +379,7 @@ def promotion_lock(client, uri: str, name: str):
     the kernel when the process dies). Anything else (a tracking server): the registered
     model ``<name>.promote-lock``, whose creation fails for everyone but one (the store's
     unique name); deleted on release; taken over when the same lock has been held for
-    LOCK_WAIT_S (its holder died). See the README for what that leaves."""
+    LOCK_WAIT_S (its holder died). See docs/operations.md for what that leaves."""
     if uri.startswith("sqlite:"):
         path = sqlite_path(uri)
         if path is None:  # in-memory: one process only

@@ -16,10 +16,10 @@ Then starts a real ``mlflow server`` on that store (a free local port), and with
 Chromium (``apt-get install -y chromium``, driven over its DevTools protocol) saves into
 ``--out`` (default ``screenshots/``, ignored by git) what a user sees who has closed MLflow's
 Assistant side panel once (a fresh browser opens it over a third of the page) and picked
-"Model training" at the top left (README, "MLflow UI"):
+"Model training" at the top left (docs/mlflow-ui.md):
 
 * ``1-runs-table.png``: the experiment's training runs with the ``query_map`` column added
-  (README, "MLflow UI": Columns -> Metrics), sorted by it, best first;
+  (docs/mlflow-ui.md: Columns -> Metrics), sorted by it, best first;
 * ``2-run.png``: the training run (metrics, dataset, tags);
 * ``3-run-artifacts.png``: its ``evaluation/`` artifacts (the figures);
 * ``4-logged-model.png``: the logged model, its metric search set to ``query`` (the
@@ -175,7 +175,7 @@ def _browser() -> str:
 
 
 #: What a user's browser remembers once they have closed MLflow's Assistant panel and picked
-#: "Model training" at the top left, as README's "MLflow UI" says (keys of MLflow 3.17's UI:
+#: "Model training" at the top left, as docs/mlflow-ui.md says (keys of MLflow 3.17's UI:
 #: its ``useLocalStorage`` hook stores ``<key>_v<version>`` as JSON). A fresh profile would
 #: otherwise open the panel over the right third of every page and show the GenAI menu.
 UI_STORAGE = {
@@ -355,14 +355,14 @@ def take(url: str, out: Path, dataset: str = DATASET) -> list[Path]:
         print(f"wrote {out / file}")
 
     try:
-        # The runs table as README's "MLflow UI" has a user set it up: the query_map column
+        # The runs table as docs/mlflow-ui.md has a user set it up: the query_map column
         # (Columns -> Metrics), sorted by it, best first. The UI keeps the columns it shows
         # in the browser's storage; the script adds the column there, as the Columns menu does.
         table = f"{url}/#/experiments/{exp}/runs?orderByKey={quote('metrics.`query_map`')}&orderByAsc=false"
         browser.open(table, run_name, "the runs table")
         key = browser.run("Object.keys(localStorage).find(k => k.includes('ExperimentPage') && k.endsWith('ReactComponentState')) || null")
         if key is None:
-            raise SystemExit("the MLflow UI kept no runs-table state: this script knows MLflow 3.17's UI (README, 'MLflow UI', says how to add the column by hand)")
+            raise SystemExit("the MLflow UI kept no runs-table state: this script knows MLflow 3.17's UI (docs/mlflow-ui.md says how to add the column by hand)")
         column = json.dumps("metrics.`query_map`")
         browser.run(
             f"(() => {{ const k = {json.dumps(key)}, s = JSON.parse(localStorage.getItem(k));"

@@ -121,7 +121,7 @@ def _local_ray_sessions() -> set[str]:
 
 
 def test_dvc_repro_runs_the_dag_then_nothing_then_only_what_a_parameter_touches(ray_head, tmp_path):
-    """The README's way to run many stages: a Ray head started once (`ray start --head`) that
+    """The documented way to run many stages (docs/pipeline.md): a Ray head started once (`ray start --head`) that
     every stage DVC runs joins (RAY_ADDRESS) instead of starting and stopping its own
     instance; checked: no stage started a local instance."""
     from mlflow.tracking import MlflowClient

@@ -472,16 +472,18 @@ def test_a_job_uploaded_by_ray_runs_the_compiled_kernels(checkout_with_secrets, 
 
 
 def test_one_mlflow_name_throughout():
-    """Every MLflow URL in the READMEs and manifests is the Service's cluster DNS name (a short
-    `mlflow` does not resolve from the Ray pods' namespace), and every Ray pod and job uses it."""
+    """Every MLflow URL in the READMEs, the documentation and the manifests is the Service's
+    cluster DNS name (a short `mlflow` does not resolve from the Ray pods' namespace), and
+    every Ray pod and job uses it."""
     docs = {d["kind"]: d for d in _load(INFRA / "mlflow" / "kubernetes.yaml")}
     meta, port = docs["Service"]["metadata"], docs["Service"]["spec"]["ports"][0]["port"]
     expected = f"http://{meta['name']}.{meta['namespace']}.svc.cluster.local:{port}"
-    files = [ROOT / "README.md", INFRA / "README.md", *sorted(INFRA.rglob("*.yaml")), *sorted(INFRA.rglob("*.yml"))]
+    files = [ROOT / "README.md", INFRA / "README.md", *sorted((ROOT / "docs").rglob("*.md")), *sorted(INFRA.rglob("*.yaml")), *sorted(INFRA.rglob("*.yml"))]
     for path in files:
         for url in re.findall(r"https?://mlflow[\w.-]*(?::\d+)?", path.read_text()):
             assert url == expected, f"{path.relative_to(ROOT)}: {url} (expected {expected})"
-    assert expected in (ROOT / "README.md").read_text() and expected in (INFRA / "README.md").read_text()
+    # the pages that tell a cluster user which URL to set
+    assert expected in (ROOT / "docs" / "cluster.md").read_text() and expected in (INFRA / "README.md").read_text()
     for name, spec in _cluster_specs().items():
         for group in [spec["headGroupSpec"], *spec["workerGroupSpecs"]]:
             for c in group["template"]["spec"]["containers"]:
