@@ -8,8 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .objective import Shard, Step
-from .settings import LossSettings
+from .objective import Shard, Step, check_hparams
 
 __all__ = ["DPFAHLoss", "LossParts", "similarity"]
 
@@ -49,37 +48,38 @@ class DPFAHLoss(nn.Module):
     """
 
     terms = ("l1", "l2", "l3")
+    #: The hyper-parameters and their defaults, declared here once (the registry entry
+    #: :class:`dpfah.methods.DPFAH` is this class): the paper's best weights eta = 10 and
+    #: zeta = 0.1 (its Tables 3 and 4, Eq. 15), the band delta = 1.1, in-batch pairs (the
+    #: paper does not say which pairs; ``bank``: the batch against every row seen so far).
+    defaults = {"eta": 10.0, "zeta": 0.1, "delta": 1.1, "pairs": "batch"}
+    choices = {"pairs": ("batch", "bank")}
+    at_least = {"eta": 0.0, "zeta": 0.0, "delta": 0.0}
 
     def __init__(
         self,
-        eta: float = 10.0,
-        zeta: float = 0.1,
-        delta: float = 1.1,
+        eta: float | None = None,
+        zeta: float | None = None,
+        delta: float | None = None,
         *,
-        pairs: str = "batch",
+        pairs: str | None = None,
         bank_size: int | None = None,
         bits: int | None = None,
         num_classes: int | None = None,
     ) -> None:
+        """Each hyper-parameter not given (None) takes its default (:attr:`defaults`)."""
         super().__init__()
-        for name, value in (("eta", eta), ("zeta", zeta), ("delta", delta)):
-            if not value >= 0:
-                raise ValueError(f"{name} must be >= 0, got {value}")
-        if pairs not in ("batch", "bank"):
-            raise ValueError(f"pairs={pairs!r}: choose batch or bank")
-        self.eta, self.zeta, self.delta = float(eta), float(zeta), float(delta)
-        self.pairs = pairs
-        if pairs == "bank":
+        given = {"eta": eta, "zeta": zeta, "delta": delta, "pairs": pairs}
+        p = {**self.defaults, **{k: v for k, v in given.items() if v is not None}}
+        check_hparams("dpfah", p, self.choices, self.at_least)
+        self.eta, self.zeta, self.delta = float(p["eta"]), float(p["zeta"]), float(p["delta"])
+        self.pairs = p["pairs"]
+        if self.pairs == "bank":
             if not bank_size or not bits or not num_classes:
                 raise ValueError("pairs='bank' needs bank_size (one row per training sample index), bits and num_classes")
             self.register_buffer("bank_u", torch.zeros(bank_size, bits))
             self.register_buffer("bank_labels", torch.zeros(bank_size, num_classes))
             self.register_buffer("bank_seen", torch.zeros(bank_size, dtype=torch.bool))
-
-    @classmethod
-    def from_settings(cls, settings: LossSettings, *, bank_size: int | None = None, bits: int | None = None, num_classes: int | None = None) -> DPFAHLoss:
-        s = settings
-        return cls(s.eta, s.zeta, s.delta, pairs=s.pairs, bank_size=bank_size, bits=bits, num_classes=num_classes)
 
     def total(self, l1, l2, l3):
         """The objective from its parts (tensors or floats): the formula, in one place."""

@@ -27,7 +27,19 @@ from typing import NamedTuple, Protocol, runtime_checkable
 import torch
 import torch.distributed as dist
 
-__all__ = ["Shard", "Step", "Objective", "world"]
+__all__ = ["Shard", "Step", "Objective", "check_hparams", "world"]
+
+
+def check_hparams(name: str, values: dict, choices: dict, at_least: dict) -> None:
+    """``ValueError`` naming the first of ``values`` (hyper-parameter -> value) of method
+    ``name`` that is not among its ``choices`` or below its ``at_least`` bound."""
+    for key, allowed in choices.items():
+        if values.get(key) not in allowed:
+            raise ValueError(f"{name}: {key}={values.get(key)!r}: choose one of {', '.join(map(str, allowed))}")
+    for key, low in at_least.items():
+        value = values.get(key)
+        if value is not None and not value >= low:
+            raise ValueError(f"{name}: {key} must be >= {low:g}, got {value!r}")
 
 
 def world() -> tuple[int, int]:

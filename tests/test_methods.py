@@ -519,15 +519,18 @@ def test_registry_declares_every_method():
 
 
 def test_dpfah_entry_keeps_dpfah_loss_numerics():
-    from dpfah.settings import LossSettings
-
     u, logits, labels, index = _batch(seed=8, multi=True)
-    entry = methods.build("dpfah", LossSettings(eta=2.0, zeta=0.3), bits=BITS, num_classes=CLASSES).double()
+    entry = methods.build("dpfah", {"eta": 2.0, "zeta": 0.3}, bits=BITS, num_classes=CLASSES).double()
     plain = DPFAHLoss(2.0, 0.3).double()
     assert entry.state_dict().keys() == plain.state_dict().keys()
     a = entry.step(u, logits, labels, index, Shard(1, 0, 8))
     b = plain.step(u, logits, labels, index, Shard(1, 0, 8))
     assert a.stats == b.stats and a.surrogate.item() == b.surrogate.item()
+    # Its knobs are declared once, DPFAHLoss's, with the paper's values as defaults.
+    assert methods.get("dpfah").defaults is DPFAHLoss.defaults == {"eta": 10.0, "zeta": 0.1, "delta": 1.1, "pairs": "batch"}
+    assert (DPFAHLoss().eta, DPFAHLoss().zeta, DPFAHLoss().delta, DPFAHLoss().pairs) == (10.0, 0.1, 1.1, "batch")
+    with pytest.raises(ValueError, match=r"^dpfah: delta must be >= 0, got -1$"):
+        methods.build("dpfah", {"delta": -1}, bits=BITS, num_classes=CLASSES)
 
 
 # ------------------------------------------------------------------ through fit

@@ -80,10 +80,11 @@ def test_resumed_run_is_recorded_once_in_mlflow(ray_trained):
     assert run.data.tags["protocol"] == "custom" and len(run.data.tags["manifest_sha256"]) == 64
     # which kernels the run used is on record (the compiled ones where they built)
     assert run.data.tags["kernel.hamming"] and run.data.tags["kernel.ranking"]
-    # loss.use_tuned: the search's eta and zeta at 16 bits, the rest from params
+    # use_tuned: the search's eta and zeta at 16 bits, the rest from params (MLflow keeps
+    # every knob of the method as loss.<knob>)
     assert (run.data.params["loss.eta"], run.data.params["loss.zeta"], run.data.params["loss.delta"]) == ("3.0", "0.5", "0.05")
     assert (run.data.tags["weights_from"], run.data.tags["tuned_trial_run_id"], run.data.tags["tuned_search_run_id"]) == ("tune", "trial-16", "search")
-    assert params.loss.eta != 3.0 and params.loss.zeta != 0.5
+    assert params.objectives["dpfah"].get("eta") != 3.0 and params.objectives["dpfah"].get("zeta") != 0.5
     assert run.data.params["loss.pairs"] == "bank" and run.data.params["num_workers"] == "2"
     assert run.data.tags["model.selected_by"] == "best validation mAP"
     for name in ("validation/map", "train/loss", "train/loss_l1", "train/loss_l2", "train/loss_l3", "train/images_per_s", "validation/best_map", "validation/best_epoch"):

@@ -35,7 +35,7 @@ from torch import nn
 
 from ..codes import binarize
 from ..loss import similarity
-from ..objective import Shard, Step, world
+from ..objective import Shard, Step, check_hparams, world
 
 __all__ = ["Declared", "Method", "PairwiseMethod", "Pairs", "Part", "double_grad", "likelihood", "broadcast_"]
 
@@ -82,7 +82,8 @@ class Declared:
 
     * ``name``: the registry name; ``defaults``: every hyper-parameter and its default (the
       paper's where it gives one, see each docstring); ``tunable``: the ones worth searching;
-      ``choices``: the allowed values of the categorical ones;
+      ``choices``: the allowed values of the categorical ones; ``at_least``: lower bounds of
+      numeric ones;
     * ``terms``: the reported parts. ``needs_train_size(params)`` says whether a training-set
       size (one state row per training item index) is needed.
     """
@@ -91,18 +92,18 @@ class Declared:
     defaults: ClassVar[dict[str, Any]]
     tunable: ClassVar[tuple[str, ...]] = ()
     choices: ClassVar[dict[str, tuple[Any, ...]]] = {}
+    at_least: ClassVar[dict[str, float]] = {}
     terms: ClassVar[tuple[str, ...]]
 
     @classmethod
     def resolve(cls, params: Mapping[str, Any], bits: int, num_classes: int, train_size: int | None) -> dict[str, Any]:
-        """The defaults updated by ``params``; ``ValueError`` naming what is wrong."""
+        """The defaults updated by ``params`` (a None value keeps the default); ``ValueError``
+        naming what is wrong."""
         unknown = sorted(set(params) - set(cls.defaults))
         if unknown:
             raise ValueError(f"{cls.name}: unknown hyper-parameter(s) {unknown}; it has {sorted(cls.defaults)}")
-        resolved = {**cls.defaults, **params}
-        for key, allowed in cls.choices.items():
-            if resolved[key] not in allowed:
-                raise ValueError(f"{cls.name}: {key}={resolved[key]!r}: choose one of {', '.join(map(str, allowed))}")
+        resolved = {**cls.defaults, **{k: v for k, v in params.items() if v is not None}}
+        check_hparams(cls.name, resolved, cls.choices, cls.at_least)
         if bits < 1 or num_classes < 1:
             raise ValueError(f"{cls.name}: bits and num_classes must be >= 1, got {bits}, {num_classes}")
         if cls.needs_train_size(resolved) and not (train_size and train_size > 0):

@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Any
 
 from ..loss import DPFAHLoss
-from ..settings import PAIRS
 from .base import Declared
 
 __all__ = ["DPFAH"]
@@ -13,17 +12,18 @@ __all__ = ["DPFAH"]
 
 class DPFAH(Declared, DPFAHLoss):
     """:class:`~dpfah.loss.DPFAHLoss` unchanged (L1 + eta L2 + zeta L3; see its docstring),
-    with the registry's declarations. Defaults: the paper's eta = 10, zeta = 0.1, delta = 1.1
-    (the CPU profile of params.yaml uses eta = 1). ``pairs``: ``batch`` or ``bank`` (the
+    with the registry's declarations. Its hyper-parameters, defaults (the paper's), choices
+    and bounds are DPFAHLoss's, declared there once. ``pairs``: ``batch`` or ``bank`` (the
     bank pairs the batch with every row seen so far, needs train_size).
 
     State: the bank with ``pairs="bank"``. Data-parallel: see DPFAHLoss.step.
     """
 
     name = "dpfah"
-    defaults = {"eta": 10.0, "zeta": 0.1, "delta": 1.1, "pairs": "batch"}
     tunable = ("eta", "zeta")
-    choices = {"pairs": PAIRS}
+    # (Declared's empty defaults would hide DPFAHLoss's: name them.)
+    choices = DPFAHLoss.choices
+    at_least = DPFAHLoss.at_least
 
     @classmethod
     def needs_train_size(cls, params) -> bool:
