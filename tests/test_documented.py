@@ -482,9 +482,9 @@ def test_bank_pairs_under_a_real_process_group_equal_one_process():
     for u, _, labels, index in _bank_batches():
         for row, i in enumerate(index.tolist()):
             latest[i] = (u[row], labels[row])
-    assert single.bank_seen.nonzero().flatten().tolist() == sorted(latest)
+    assert single.memory.seen.nonzero().flatten().tolist() == sorted(latest)
     for i, (code, lab) in latest.items():
-        assert torch.equal(single.bank_u[i], code) and torch.equal(single.bank_labels[i], lab)
+        assert torch.equal(single.memory.codes[i], code) and torch.equal(single.memory.labels[i], lab)
 
 
 # ----------------------------------------------------------------------------- profile and objective stage

@@ -13,10 +13,11 @@ __all__ = ["DPFAH"]
 class DPFAH(Declared, DPFAHLoss):
     """:class:`~dpfah.loss.DPFAHLoss` unchanged (L1 + eta L2 + zeta L3; see its docstring),
     with the registry's declarations. Its hyper-parameters, defaults (the paper's), choices
-    and bounds are DPFAHLoss's, declared there once. ``pairs``: ``batch`` or ``bank`` (the
-    bank pairs the batch with every row seen so far, needs train_size).
+    and bounds are DPFAHLoss's, declared there once. ``pairs``: ``batch``, ``bank`` (the
+    batch against every training item seen so far) or ``memory`` (against every training
+    item, unseen ones as zero rows); both need train_size.
 
-    State: the bank with ``pairs="bank"``. Data-parallel: see DPFAHLoss.step.
+    State: the memory with ``pairs`` bank or memory. Data-parallel: see DPFAHLoss.step.
     """
 
     name = "dpfah"
@@ -24,10 +25,6 @@ class DPFAH(Declared, DPFAHLoss):
     # (Declared's empty defaults would hide DPFAHLoss's: name them.)
     choices = DPFAHLoss.choices
     at_least = DPFAHLoss.at_least
-
-    @classmethod
-    def needs_train_size(cls, params) -> bool:
-        return params.get("pairs") == "bank"
 
     def __init__(self, *, bits: int, num_classes: int, train_size: int | None = None, **params: Any) -> None:
         p = self.resolve(params, bits, num_classes, train_size)
