@@ -38,7 +38,7 @@ from dpfah.data import EvalStream, TrainStream, read_manifest  # noqa: E402
 from dpfah.loss import DPFAHLoss  # noqa: E402
 from dpfah.metrics import mean_average_precision  # noqa: E402
 from dpfah.model import DPFAH  # noqa: E402
-from dpfah.settings import LossSettings, ModelSettings, TrainSettings  # noqa: E402
+from dpfah.settings import ModelSettings, TrainSettings  # noqa: E402
 from dpfah.train import encode, fit, validation_map  # noqa: E402
 
 PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
@@ -103,9 +103,8 @@ def train_time_boxed(shards: str, device: torch.device, args) -> dict:
         epochs=10_000, batch_size=args.batch, image_size=args.size, optimizer="rmsprop", lr=5e-5, weight_decay=1e-5,
         schedule="constant", crop_scale=(0.5, 1.0),
     )  # fmt: skip
-    loss = LossSettings(eta=10.0, zeta=0.1)
     model = DPFAH.build(64, manifest.num_classes, ModelSettings(), seed=0)
-    objective = DPFAHLoss.from_settings(loss)
+    objective = DPFAHLoss()  # its defaults: the paper's eta 10, zeta 0.1
     stream = TrainStream(shards, args.batch, seed=0)
     loader = DataLoader(stream, batch_size=None, num_workers=args.workers, pin_memory=device.type == "cuda", persistent_workers=False)
     steps = len(stream) if not args.max_steps else min(len(stream), args.max_steps)

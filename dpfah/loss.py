@@ -8,8 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .objective import Shard, Step
-from .settings import LossSettings
+from .objective import PAIR_SETS, Memory, Shard, Step, check_hparams
 
 __all__ = ["DPFAHLoss", "LossParts", "similarity"]
 
@@ -49,37 +48,38 @@ class DPFAHLoss(nn.Module):
     """
 
     terms = ("l1", "l2", "l3")
+    #: The hyper-parameters and their defaults, declared here once (the registry entry
+    #: :class:`dpfah.methods.DPFAH` is this class): the paper's best weights eta = 10 and
+    #: zeta = 0.1 (its Tables 3 and 4, Eq. 15), the band delta = 1.1, in-batch pairs (the
+    #: paper does not say which pairs; ``bank``: the batch against every training item seen
+    #: so far, this project's memory choice for DPFAH; ``memory``: against every training
+    #: item, unseen ones as zero rows, as the comparison methods' code zoo does).
+    defaults = {"eta": 10.0, "zeta": 0.1, "delta": 1.1, "pairs": "batch"}
+    choices = {"pairs": PAIR_SETS}
+    at_least = {"eta": 0.0, "zeta": 0.0, "delta": 0.0}
 
     def __init__(
         self,
-        eta: float = 10.0,
-        zeta: float = 0.1,
-        delta: float = 1.1,
+        eta: float | None = None,
+        zeta: float | None = None,
+        delta: float | None = None,
         *,
-        pairs: str = "batch",
+        pairs: str | None = None,
         bank_size: int | None = None,
         bits: int | None = None,
         num_classes: int | None = None,
     ) -> None:
+        """Each hyper-parameter not given (None) takes its default (:attr:`defaults`)."""
         super().__init__()
-        for name, value in (("eta", eta), ("zeta", zeta), ("delta", delta)):
-            if not value >= 0:
-                raise ValueError(f"{name} must be >= 0, got {value}")
-        if pairs not in ("batch", "bank"):
-            raise ValueError(f"pairs={pairs!r}: choose batch or bank")
-        self.eta, self.zeta, self.delta = float(eta), float(zeta), float(delta)
-        self.pairs = pairs
-        if pairs == "bank":
+        given = {"eta": eta, "zeta": zeta, "delta": delta, "pairs": pairs}
+        p = {**self.defaults, **{k: v for k, v in given.items() if v is not None}}
+        check_hparams("dpfah", p, self.choices, self.at_least)
+        self.eta, self.zeta, self.delta = float(p["eta"]), float(p["zeta"]), float(p["delta"])
+        self.pairs = p["pairs"]
+        if self.pairs != "batch":
             if not bank_size or not bits or not num_classes:
-                raise ValueError("pairs='bank' needs bank_size (one row per training sample index), bits and num_classes")
-            self.register_buffer("bank_u", torch.zeros(bank_size, bits))
-            self.register_buffer("bank_labels", torch.zeros(bank_size, num_classes))
-            self.register_buffer("bank_seen", torch.zeros(bank_size, dtype=torch.bool))
-
-    @classmethod
-    def from_settings(cls, settings: LossSettings, *, bank_size: int | None = None, bits: int | None = None, num_classes: int | None = None) -> DPFAHLoss:
-        s = settings
-        return cls(s.eta, s.zeta, s.delta, pairs=s.pairs, bank_size=bank_size, bits=bits, num_classes=num_classes)
+                raise ValueError(f"pairs={self.pairs!r} needs bank_size (one row per training sample index), bits and num_classes")
+            self.memory = Memory(bank_size, bits, num_classes)
 
     def total(self, l1, l2, l3):
         """The objective from its parts (tensors or floats): the formula, in one place."""
@@ -168,19 +168,16 @@ class DPFAHLoss(nn.Module):
     def step(self, u: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor, index: torch.Tensor, shard: Shard) -> Step:
         """The objective on this rank's rows of the global batch (see :meth:`sharded`).
 
-        The columns are the global batch gathered from every rank, or, with the bank, every
-        bank row seen so far after the global batch has been written into it (so the batch
-        meets itself, as in DPSH). ``stats``: the pair sum over this rank's pairs, and the
+        The columns are the global batch gathered from every rank, or, with ``bank``
+        (``memory``), the rows of the memory seen so far (all of them) after the global batch
+        has been written into it (so the batch meets itself, as in DPSH). ``stats``: the pair sum over this rank's pairs, and the
         rank's mean L2 and L3 (weight 1 each: the epoch value is their mean over steps and
         ranks, equal local batches)."""
         all_u = shard.gather(u.detach())
         all_labels = shard.gather(labels)
-        if self.pairs == "bank":
-            all_index = shard.gather(torch.as_tensor(index, device=u.device).long())
-            self.bank_u[all_index] = all_u
-            self.bank_labels[all_index] = all_labels
-            self.bank_seen[all_index] = True
-            pair_u, pair_labels = self.bank_u[self.bank_seen], self.bank_labels[self.bank_seen]
+        if self.pairs != "batch":
+            self.memory.write(shard.gather(torch.as_tensor(index, device=u.device).long()), all_u, all_labels)
+            pair_u, pair_labels = self.memory.columns(self.pairs)
             offset, num_pairs = None, shard.global_batch * pair_u.shape[0]
         else:
             pair_u, pair_labels = all_u, all_labels

@@ -16,7 +16,8 @@ that moves with ``.to(device)`` and is checkpointed with ``state_dict()``) with:
 * ``start_epoch(epoch)``: called before each epoch (schedules such as HashNet's beta,
   per-epoch solvers); a no-op by default.
 
-:class:`Shard` tells ``step`` where it runs and gathers tensors from every rank.
+:class:`Shard` tells ``step`` where it runs and gathers tensors from every rank;
+:class:`Memory` is the state of the objectives that pair the batch with every training item.
 """
 
 from __future__ import annotations
@@ -26,8 +27,28 @@ from typing import NamedTuple, Protocol, runtime_checkable
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
-__all__ = ["Shard", "Step", "Objective", "world"]
+__all__ = ["Memory", "PAIR_SETS", "Shard", "Step", "Objective", "check_hparams", "world"]
+
+#: Which pairs a pairwise objective sees (every method's ``pairs`` hyper-parameter):
+#: ``batch``: the (global) mini-batch, ordered pairs i != j; ``memory``: the batch against
+#: every row of a :class:`Memory`, rows not written yet included (zero codes, no label: they
+#: count as dissimilar pairs with theta = 0; DeepHash-pytorch's U, DPSH style); ``bank``:
+#: the batch against only the rows written so far.
+PAIR_SETS = ("batch", "memory", "bank")
+
+
+def check_hparams(name: str, values: dict, choices: dict, at_least: dict) -> None:
+    """``ValueError`` naming the first of ``values`` (hyper-parameter -> value) of method
+    ``name`` that is not among its ``choices`` or below its ``at_least`` bound."""
+    for key, allowed in choices.items():
+        if values.get(key) not in allowed:
+            raise ValueError(f"{name}: {key}={values.get(key)!r}: choose one of {', '.join(map(str, allowed))}")
+    for key, low in at_least.items():
+        value = values.get(key)
+        if value is not None and not value >= low:
+            raise ValueError(f"{name}: {key} must be >= {low:g}, got {value!r}")
 
 
 def world() -> tuple[int, int]:
@@ -62,6 +83,32 @@ class Shard:
         parts = [torch.empty_like(t) for _ in range(self.world_size)]
         dist.all_gather(parts, t.contiguous())
         return torch.cat(parts)
+
+
+class Memory(nn.Module):
+    """The latest (detached) code and label vector of every training item, one row per item
+    index, zero-initialised, replicated on every rank: each step writes the all-gathered
+    batch before its loss (so the batch meets itself). Buffers, so they move with ``.to`` and
+    are checkpointed. One mechanism, read two ways (:data:`PAIR_SETS`): every row
+    (``memory``) or only the rows written so far (``bank``)."""
+
+    def __init__(self, size: int, bits: int, num_classes: int) -> None:
+        super().__init__()
+        self.register_buffer("codes", torch.zeros(size, bits))
+        self.register_buffer("labels", torch.zeros(size, num_classes))
+        self.register_buffer("seen", torch.zeros(size, dtype=torch.bool))
+
+    def write(self, index: torch.Tensor, codes: torch.Tensor, labels: torch.Tensor) -> None:
+        self.codes[index] = codes.to(self.codes.dtype)
+        self.labels[index] = labels.to(self.labels.dtype)
+        self.seen[index] = True
+
+    def columns(self, pairs: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(codes, labels) the batch is paired with: every row for ``memory``, the rows
+        written so far for ``bank``."""
+        if pairs == "bank":
+            return self.codes[self.seen], self.labels[self.seen]
+        return self.codes, self.labels
 
 
 class Step(NamedTuple):

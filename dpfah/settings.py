@@ -1,12 +1,13 @@
 """The settings of a training, declared once: fields, types, defaults and their checks.
 
-Three frozen dataclasses, one per part a training is built from:
+Two frozen dataclasses, one per part of a training besides its objective:
 
 * :class:`TrainSettings`: how the loop trains (epochs, batch, optimiser, schedule, ...);
 * :class:`ModelSettings`: the network around the code length (the backbone, PFA on/off,
-  its lambda, the backbone's starting weights);
-* :class:`LossSettings`: the DPFAH objective (the weights eta and zeta, the band delta,
-  which pairs the likelihood sees).
+  its lambda, the backbone's starting weights).
+
+The objective is a method of :mod:`dpfah.methods`; each declares its own hyper-parameters
+and their defaults (DPFAH's too).
 
 The pipeline's ``params.yaml`` sections are these same classes (``pipeline.config`` adds
 only the fields about running them: workers, GPUs, storage), so a knob, its default and its
@@ -40,11 +41,9 @@ __all__ = [
     "pick",
     "TrainSettings",
     "ModelSettings",
-    "LossSettings",
     "OPTIMIZERS",
     "SCHEDULES",
     "PRECISIONS",
-    "PAIRS",
     "BACKBONES",
 ]
 
@@ -96,10 +95,6 @@ def pick(cls: type, source: Any, **changes: Any) -> Any:
 OPTIMIZERS = ("rmsprop", "adamw", "sgd")
 SCHEDULES = ("constant", "cosine", "onecycle")
 PRECISIONS = ("auto", "fp32", "bf16")
-PAIRS = ("batch", "bank")
-#: The methods of :mod:`dpfah.methods`, by registry name (declared here too, so that reading
-#: params.yaml needs no torch; a test keeps the two equal).
-METHODS = ("dpfah", "dpsh", "dsh", "dhn", "hashnet", "dsdh", "dfh", "idhn", "dbdh", "lcdsh")
 BACKBONES = ("resnet18", "alexnet")
 
 
@@ -138,22 +133,6 @@ class ModelSettings:
     lam: float = field(default=1e-4, metadata=checked(above(0)))  # PFA's lambda
     backbone_weights: str | None = None  # a local torchvision state dict of the backbone (ImageNet)
     backbone: Literal["resnet18", "alexnet"] = field(default="resnet18", metadata={"noun": "backbone"})
-
-    def __post_init__(self) -> None:
-        check_fields(self)
-
-
-@dataclass(frozen=True)
-class LossSettings:
-    """The DPFAH objective L1 + eta L2 + zeta L3 (params.yaml's ``loss``).
-
-    The paper's best weights (224 px, ImageNet start) are eta 10, zeta 0.1 (the paper
-    profile); on the CPU profile (32 px, from scratch, 8 epochs) eta 1 does far better."""
-
-    eta: float = field(default=1.0, metadata=checked(at_least(0)))  # weight of the quantisation band L2
-    zeta: float = field(default=0.1, metadata=checked(at_least(0)))  # weight of the classification loss L3
-    delta: float = field(default=1.1, metadata=checked(at_least(0)))  # half-width of the band
-    pairs: Literal["batch", "bank"] = field(default="batch", metadata={"noun": "pair set"})  # batch x batch, or batch x memory bank
 
     def __post_init__(self) -> None:
         check_fields(self)

@@ -13,8 +13,11 @@ that names it, as is a value of the wrong type or out of range.
 
 The training sections are the library's own settings (``dpfah.settings``): ``train``
 extends :class:`~dpfah.settings.TrainSettings` with how the pipeline runs it, ``model`` is
-:class:`~dpfah.settings.ModelSettings`, ``loss`` extends :class:`~dpfah.settings.LossSettings`;
-a knob is declared once, there, with its default and its check. ``--profile NAME`` merges
+:class:`~dpfah.settings.ModelSettings`; a knob is declared once, there, with its default and
+its check. A method's hyper-parameters (DPFAH's like any other's) are declared by the method
+(:mod:`dpfah.methods`) and given under ``objectives.<method>``. Keys of earlier versions
+(``loss.*``, ``tune.eta``/``zeta``/``*_range``) are read as their new keys with a warning
+(:data:`ALIASES`). ``--profile NAME`` merges
 ``profiles/NAME.yaml`` over the file before the ``--set`` overrides.
 
 Adding a stage's section is one frozen dataclass (fields with types and defaults; optional
@@ -32,6 +35,7 @@ import os
 import re
 import types
 import typing
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,7 +43,7 @@ from typing import Any, Literal
 
 import yaml
 
-from dpfah.settings import METHODS, LossSettings, ModelSettings, TrainSettings, above, at_least, finite
+from dpfah.settings import ModelSettings, TrainSettings, above, at_least, finite
 from dpfah.settings import checked as _check
 
 from .errors import ConfigError
@@ -58,9 +62,9 @@ __all__ = [
     "DatasetConfig",
     "TrainConfig",
     "ModelSettings",
-    "LossConfig",
     "MlflowConfig",
     "TuneConfig",
+    "ALIASES",
     "EvaluateConfig",
     "PromoteConfig",
     "Params",
@@ -93,6 +97,13 @@ class Invalid(Exception):
 
 
 # ----------------------------------------------------------------------------- field checks
+
+
+def _methods() -> tuple[str, ...]:
+    """The method registry's names (:mod:`dpfah.methods`, imported on first use: it needs torch)."""
+    from .methods import method_names
+
+    return method_names()
 
 
 def matches(pattern: str, what: str) -> Callable[[Any], str | None]:
@@ -220,16 +231,6 @@ class TrainConfig(TrainSettings):
             raise Invalid("fail_at_epoch", f"{self.fail_at_epoch} is not an epoch of this training (epochs count from 0: 0..{self.epochs - 1})")
 
 
-@dataclass(frozen=True)
-class LossConfig(LossSettings):
-    """The `loss` section: the DPFAH objective (:class:`dpfah.settings.LossSettings`) and
-    where its weights come from."""
-
-    # true: eta and zeta come from the tune stage's tune/<dataset>/best.json (the best at
-    # the training's code length, else the best overall); the values above are ignored.
-    use_tuned: bool = False
-
-
 def _value_list(low: float, what: str) -> Callable[[Any], str | None]:
     return lambda v: None if v and all(x >= low for x in v) else f"must list one or more {what} >= {low}"
 
@@ -243,19 +244,14 @@ def _log_range(v: tuple[float, ...] | None) -> str | None:
 @dataclass(frozen=True)
 class TuneConfig:
     """The `tune` stage: a Ray Tune search over the code length and the hyper-parameters
-    train.method declares (DPFAH: eta and zeta, from the lists below; pipeline.tune checks
-    the knobs against the method)."""
+    train.method declares (pipeline.tune checks the knobs against the method)."""
 
     datasets: tuple[str, ...] = ()  # dvc.yaml's tune@<dataset> stages; none by default (opt in)
     search: Literal["grid", "random"] = field(default="grid", metadata={"noun": "search"})
-    eta: tuple[float, ...] = field(default=(1.0, 10.0), metadata=_check(_value_list(0, "values")))
-    zeta: tuple[float, ...] = field(default=(0.1, 1.0), metadata=_check(_value_list(0, "values")))
     bits: tuple[int, ...] = field(default=(16, 64), metadata=_check(_value_list(1, "code lengths")))
-    eta_range: tuple[float, ...] | None = field(default=None, metadata=_check(_log_range))
-    zeta_range: tuple[float, ...] | None = field(default=None, metadata=_check(_log_range))
-    # Any method's knobs: knob -> values to try (grid: every combination; random: a choice),
-    # and knob -> [low, high] sampled log-uniformly (random only). DPFAH's eta and zeta are
-    # the lists above; `space` adds its other knobs (delta, pairs).
+    # train.method's knobs, any method's alike: knob -> values to try (grid: every
+    # combination; random: a choice), and knob -> [low, high] sampled log-uniformly (random
+    # only). params.yaml gives DPFAH's eta and zeta.
     space: dict[str, tuple[Any, ...]] = field(default_factory=dict)
     ranges: dict[str, tuple[float, ...]] = field(default_factory=dict)
     num_samples: int = field(default=1, metadata=_check(at_least(1)))
@@ -273,9 +269,6 @@ class TuneConfig:
             if _log_range(bounds):
                 raise Invalid(f"ranges.{knob}", _log_range(bounds))
         if self.search == "grid":
-            for key in ("eta_range", "zeta_range"):
-                if getattr(self, key) is not None:
-                    raise Invalid(key, "only with search: random (a grid takes the eta and zeta lists)")
             if self.ranges:
                 raise Invalid(f"ranges.{next(iter(self.ranges))}", "only with search: random (a grid takes the lists of `space`)")
             if self.num_samples != 1:
@@ -352,9 +345,10 @@ class PromoteConfig:
 class VariantConfig:
     """A named training recipe that stands in `train.methods` beside the plain methods: a
     method with changes to the network (`model`) and to the method's hyper-parameters
-    (`objective`; for dpfah the keys of `loss`). The paper's ablation rows are variants."""
+    (`objective`: the method's knobs, over `objectives.<method>`). The paper's ablation rows
+    are variants."""
 
-    method: str = field(default="dpfah", metadata=_check(lambda v: None if v in METHODS else f"unknown method {v!r} (known: {', '.join(METHODS)})"))
+    method: str = field(default="dpfah", metadata=_check(lambda v: None if v in _methods() else f"unknown method {v!r} (known: {', '.join(_methods())})"))
     model: dict[str, Any] = field(default_factory=dict)
     objective: dict[str, Any] = field(default_factory=dict)
     description: str = ""
@@ -381,33 +375,35 @@ class Params:
     bits: tuple[int, ...] = field(default=(64,), metadata=_check(lambda v: None if v and all(b >= 1 for b in v) else "must list code lengths >= 1"))
     train: TrainConfig = field(default_factory=TrainConfig)
     model: ModelSettings = field(default_factory=ModelSettings)
-    loss: LossConfig = field(default_factory=LossConfig)
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     index: IndexConfig = field(default_factory=IndexConfig)
     promote: PromoteConfig = field(default_factory=PromoteConfig)
-    # Hyper-parameters of the other methods, under the method's name (e.g. `dsh: {alpha:
-    # 0.05}`); what is not given keeps the method's default (its paper's). DPFAH's are `loss`.
+    # Hyper-parameters of the methods, under the method's name (e.g. `dsh: {alpha: 0.05}`,
+    # `dpfah: {eta: 1.0}`); what is not given (or null) keeps the method's default (its paper's).
     objectives: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # true: the trainings of the method the tune stage searched take its best knobs from
+    # tune/<dataset>/best.json (the best at the training's code length, else the best
+    # overall) over `objectives.<method>`; other methods keep theirs.
+    use_tuned: bool = False
     # Named variants (a method plus network and hyper-parameter changes), usable wherever a
     # method name is (train.method, train.methods).
     variants: dict[str, VariantConfig] = field(default_factory=dict)
 
     def validate(self) -> None:
+        known = _methods()
         for name, variant in self.variants.items():
-            if not NAME_RE.match(name) or name in METHODS:
+            if not NAME_RE.match(name) or name in known:
                 raise Invalid("variants", f"variant name {name!r} must match {NAME_RE.pattern} and not be a method's name")
             self.variant_model(name)  # the network changes: known keys, valid values
         for key, names in (("train.method", (self.train.method,)), ("train.methods", self.train.methods)):
             for name in names:
-                if name not in METHODS and name not in self.variants:
-                    raise Invalid(key, f"unknown method or variant {name!r} (methods: {', '.join(METHODS)}; variants: {', '.join(self.variants) or 'none'})")
+                if name not in known and name not in self.variants:
+                    raise Invalid(key, f"unknown method or variant {name!r} (methods: {', '.join(known)}; variants: {', '.join(self.variants) or 'none'})")
         for name in self.objectives:
-            if name == "dpfah":
-                raise Invalid("objectives.dpfah", "DPFAH's hyper-parameters are the `loss` section")
-            if name not in METHODS:
-                raise Invalid("objectives", f"unknown method {name!r} (known: {', '.join(METHODS)})")
+            if name not in known:
+                raise Invalid("objectives", f"unknown method {name!r} (known: {', '.join(known)})")
         if self.objectives or any(v.objective for v in self.variants.values()):
             from .methods import check_hyperparameters  # imports torch: only when there is something to check
 
@@ -449,6 +445,71 @@ class Params:
 
 # ----------------------------------------------------------------------------- reading
 
+#: Keys of earlier versions -> their keys now. An old key is read as the new one with a
+#: warning naming both; given beside its new key, it is an error.
+ALIASES = {
+    "loss.eta": "objectives.dpfah.eta",
+    "loss.zeta": "objectives.dpfah.zeta",
+    "loss.delta": "objectives.dpfah.delta",
+    "loss.pairs": "objectives.dpfah.pairs",
+    "loss.use_tuned": "use_tuned",
+    "tune.eta": "tune.space.eta",
+    "tune.zeta": "tune.space.zeta",
+    "tune.eta_range": "tune.ranges.eta",
+    "tune.zeta_range": "tune.ranges.zeta",
+}
+#: Sections of earlier versions, all of whose keys are aliases.
+_OLD_SECTIONS = {"loss": "DPFAH's knobs are objectives.dpfah.* and loss.use_tuned is use_tuned"}
+
+
+def _renamed(old: str) -> str:
+    new = ALIASES[old]
+    warnings.warn(f"params: {old} is an old name of {new}; read as {new} (rename it)", FutureWarning, stacklevel=3)
+    return new
+
+
+def _section_at(root: dict[str, Any], parts: Sequence[str], error: Callable[[str], str]) -> dict[str, Any]:
+    """The mapping at ``parts`` below ``root``, made where missing; ``ConfigError(error(p))``
+    where the dotted prefix ``p`` holds a value."""
+    node = root
+    for i, part in enumerate(parts):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        elif not isinstance(child, dict):
+            raise ConfigError(error(".".join(parts[: i + 1])))
+        node = child
+    return node
+
+
+def _translate(raw: dict[str, Any]) -> dict[str, Any]:
+    """``raw`` with the keys of :data:`ALIASES` moved to their new places (a null range stays
+    unset); ``ConfigError`` for an old key beside its new one."""
+    import copy
+
+    if not any(section in raw for section in ("loss", "tune")):
+        return raw
+    out = copy.deepcopy(raw)
+    for old in ALIASES:
+        section, key = old.split(".")
+        node = out.get(section)
+        if not isinstance(node, dict) or key not in node:
+            continue
+        value = node.pop(key)
+        new = _renamed(old)
+        *path, last = new.split(".")
+        target = _section_at(out, path, lambda where: f"{old}: an old name of {new}, but {where} is a value, not a section")
+        if last in target:
+            raise ConfigError(f"{old}: an old name of {new}, which is also given: give {new} only")
+        if value is not None or not old.endswith("_range"):
+            target[last] = value
+    for section, where in _OLD_SECTIONS.items():
+        if section in out and isinstance(out[section], dict):
+            if out[section]:
+                raise ConfigError(f"{section}.{next(iter(out[section]))}: unknown key (the `{section}` section is gone: {where})")
+            del out[section]
+    return out
+
 
 def read_params_file(path: str | Path) -> dict[str, Any]:
     path = Path(path)
@@ -481,25 +542,22 @@ def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, 
         parts = key.strip().split(".")
         if not eq or not all(parts):
             raise ConfigError(f"--set {item!r}: expected dotted.key=value")
+        if key.strip() in ALIASES:
+            if key.strip().endswith("_range") and yaml.safe_load(text) is None:
+                continue  # an old null range: nothing to set
+            key = _renamed(key.strip())
+            parts = key.split(".")
         try:
             value = yaml.safe_load(text)
         except yaml.YAMLError:
             raise ConfigError(f"--set {item!r}: value is not valid YAML") from None
-        node = out
-        for i, part in enumerate(parts[:-1]):
-            child = node.get(part)
-            if child is None:
-                child = node[part] = {}
-            elif not isinstance(child, dict):
-                raise ConfigError(f"--set {key}: {'.'.join(parts[: i + 1])} is a value, not a section")
-            node = child
-        node[parts[-1]] = value
+        _section_at(out, parts[:-1], lambda where: f"--set {key}: {where} is a value, not a section")[parts[-1]] = value
     return out
 
 
 def parse_params(raw: Mapping[str, Any]) -> Params:
     """Typed, validated :class:`Params` from a parsed params mapping."""
-    return _build(Params, raw, "")
+    return _build(Params, _translate(dict(raw)), "")
 
 
 def profile_overlay(name: str, params_path: str | Path = DEFAULT_PARAMS) -> dict[str, Any]:
@@ -519,9 +577,9 @@ def load_params(path: str | Path = DEFAULT_PARAMS, overrides: Sequence[str] = ()
 
     A profile given here applies to this process only; ``python -m pipeline.profile NAME``
     writes one into params.yaml, where DVC sees it."""
-    raw = read_params_file(path)
+    raw = _translate(read_params_file(path))
     if profile is not None:
-        raw = merge(raw, profile_overlay(profile, path))
+        raw = merge(raw, _translate(profile_overlay(profile, path)))
     return parse_params(apply_overrides(raw, overrides))
 
 

@@ -1,5 +1,7 @@
 """The methods' hyper-parameters as params.yaml gives them, checked against what each method
-of :mod:`dpfah.methods` declares (names, types, choices), with errors naming the dotted key."""
+of :mod:`dpfah.methods` declares (names, types, choices, bounds), with errors naming the
+dotted key. DPFAH is one of them, like the others. A knob set to null keeps the method's
+default."""
 
 from __future__ import annotations
 
@@ -8,7 +10,14 @@ from typing import Any
 
 from .errors import ConfigError
 
-__all__ = ["check_hyperparameters", "declared_hyperparameters", "tunable_hyperparameters"]
+__all__ = ["as_declared", "check_hyperparameters", "declared_hyperparameters", "method_names", "tunable_hyperparameters"]
+
+
+def method_names() -> tuple[str, ...]:
+    """The registry's names (:func:`dpfah.methods.names`)."""
+    from dpfah.methods import names
+
+    return names()
 
 
 def _kind(default: Any) -> tuple[type | tuple[type, ...], str]:
@@ -25,45 +34,50 @@ def _kind(default: Any) -> tuple[type | tuple[type, ...], str]:
     return str, "a string"
 
 
-def _declared(method: str) -> tuple[dict[str, Any], dict[str, tuple[Any, ...]]]:
-    """(defaults, choices) of ``method``. DPFAH's from :class:`dpfah.settings.LossSettings`
-    (no torch: reading params.yaml stays light); the others' from their classes."""
-    if method == "dpfah":
-        import dataclasses
-
-        from dpfah.settings import PAIRS, LossSettings
-
-        return {f.name: f.default for f in dataclasses.fields(LossSettings)}, {"pairs": PAIRS}
-    from dpfah.methods import get
-
-    cls = get(method)
-    return dict(cls.defaults), dict(cls.choices)
-
-
 def declared_hyperparameters(method: str) -> dict[str, Any]:
     """``method``'s hyper-parameters and their defaults."""
-    return _declared(method)[0]
+    from dpfah.methods import get
+
+    return dict(get(method).defaults)
 
 
 def tunable_hyperparameters(method: str) -> tuple[str, ...]:
-    """The knobs ``method`` declares worth searching (DPFAH: eta and zeta)."""
+    """The knobs ``method`` declares worth searching."""
     from dpfah.methods import get
 
     return tuple(get(method).tunable)
 
 
 def check_hyperparameters(method: str, values: Mapping[str, Any], where: str) -> None:
-    """``values`` (hyper-parameter -> value) are ones ``method`` has, of the type of its
-    default and, for the categorical ones, among its choices."""
+    """``values`` (hyper-parameter -> value) are ones ``method`` has, null (its default) or of
+    the type of its default, for the categorical ones among its choices, and within its
+    bounds."""
     if not values:
         return
-    defaults, choices = _declared(method)
+    from dpfah.methods import get
+
+    cls = get(method)
+    defaults, choices = cls.defaults, cls.choices
     for key, value in values.items():
         if key not in defaults:
             raise ConfigError(f"{where}.{key}: {method} has no hyper-parameter {key!r} (it has: {', '.join(sorted(defaults))})")
+        if value is None:
+            continue
         types, noun = _kind(defaults[key])
         if not isinstance(value, types) or (isinstance(value, bool) and types is not bool):
             raise ConfigError(f"{where}.{key}: expected {noun}, got {value!r}")
         allowed = choices.get(key)
         if allowed is not None and value not in allowed:
             raise ConfigError(f"{where}.{key}: {value!r} is not one of {', '.join(map(str, allowed))}")
+        low = cls.at_least.get(key)
+        if low is not None and not value >= low:
+            raise ConfigError(f"{where}.{key}: must be >= {low:g}, got {value!r}")
+
+
+def as_declared(method: str, knob: str, value: Any) -> Any:
+    """``value`` of the kind of ``method``'s default for ``knob``: a number where the default
+    is a float becomes a float (1 -> 1.0), so runs log and compare it alike."""
+    default = declared_hyperparameters(method).get(knob)
+    if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    return value

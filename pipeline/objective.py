@@ -3,10 +3,10 @@
     python -m pipeline.objective --dataset cifar10 --bits 64 [--method NAME] [--params FILE] [--set key=value ...]
 
 A training runs a method of :mod:`dpfah.methods` or a named variant (a method with network
-and hyper-parameter changes). DPFAH's loss weights come from params.yaml's ``loss``
-section, or, with ``loss.use_tuned``, from the tune stage's ``tune/<dataset>/best.json``
-(the best trial at this code length, else the best overall); the other methods' from
-``objectives.<method>`` over their papers' defaults. DVC has no conditional dependencies,
+and hyper-parameter changes). A method's hyper-parameters (DPFAH's like any other's) come
+from ``objectives.<method>`` over its own defaults (its paper's), and, with ``use_tuned``
+and a search over that method, its searched knobs from the tune stage's
+``tune/<dataset>/best.json`` (the best trial at this code length, else the best overall). DVC has no conditional dependencies,
 so this stage makes the dependency exact: it reads all of that and writes
 ``objectives/<dataset>-<bits>-<method>.json`` (the method, its hyper-parameters, a
 variant's network changes, and where the weights came from), and the training depends on
@@ -27,13 +27,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dpfah.settings import METHODS, LossSettings, pick
-
 from .artifacts import DEFAULT_METHOD, best_file, objective_file, write_json_atomic
 from .config import Params, add_config_args, config_from_args
 from .errors import ConfigError, run_main
+from .methods import as_declared, method_names
 
-__all__ = ["Recipe", "resolve", "resolve_dpfah", "write", "read", "main"]
+__all__ = ["Recipe", "resolve", "tuned", "write", "read", "main"]
 
 
 @dataclass(frozen=True)
@@ -49,63 +48,55 @@ class Recipe:
     model: dict[str, Any]
     source: dict[str, str]
 
-    @classmethod
-    def dpfah(cls, loss: LossSettings, source: dict[str, str] | None = None) -> Recipe:
-        """DPFAH with these loss settings (Tune's trials)."""
-        return cls(DEFAULT_METHOD, DEFAULT_METHOD, dataclasses.asdict(loss), {}, dict(source or {"weights_from": "params"}))
 
-
-def _tuned(dataset: str, bits: int, root: str | os.PathLike) -> tuple[dict[str, float], dict[str, str]]:
+def tuned(dataset: str, bits: int, root: str | os.PathLike = ".") -> tuple[str, dict[str, Any], dict[str, str]]:
+    """(the method searched, its best knobs, where they came from) of ``tune/<dataset>/best.json``:
+    the best trial at ``bits``, else the best overall."""
     path = best_file(dataset, root)
     if not path.is_file():
         raise ConfigError(
-            f"loss.use_tuned: {path} not found (run the search first: python -m pipeline.tune --dataset {dataset}, "
+            f"use_tuned: {path} not found (run the search first: python -m pipeline.tune --dataset {dataset}, "
             f"or dvc repro tune@{dataset} with {dataset} in tune.datasets)"
         )
     try:
         record = json.loads(path.read_text())
-        if record.get("method", DEFAULT_METHOD) != DEFAULT_METHOD:
-            raise ConfigError(f"loss.use_tuned: {path} is a search over {record['method']}'s knobs, not DPFAH's eta and zeta")
+        method = str(record.get("method", DEFAULT_METHOD))
         entry = record.get("by_bits", {}).get(str(bits)) or record
-        weights = {"eta": float(entry["eta"]), "zeta": float(entry["zeta"])}
+        knobs = {k: entry[k] for k in record.get("knobs", ("eta", "zeta"))}
     except (ValueError, KeyError, TypeError, AttributeError) as e:
-        raise ConfigError(f"loss.use_tuned: {path} is not a tune result ({type(e).__name__}: {e})") from None
+        raise ConfigError(f"use_tuned: {path} is not a tune result ({type(e).__name__}: {e})") from None
     source = {
         "tuned_from": str(path),
         "tuned_search_run_id": str(record.get("search_run_id", "")),
         "tuned_trial_run_id": str(entry.get("run_id", "")),
         "tuned_bits": str(entry.get("bits", "")),
     }
-    return weights, source
-
-
-def resolve_dpfah(params: Params, dataset: str, bits: int, root: str | os.PathLike = ".") -> tuple[LossSettings, dict[str, str]]:
-    """(DPFAH's loss settings, where eta and zeta came from) for ``dataset`` at ``bits``."""
-    params.dataset(dataset)
-    if not params.loss.use_tuned:
-        return pick(LossSettings, params.loss), {"weights_from": "params"}
-    weights, source = _tuned(dataset, bits, root)
-    return pick(LossSettings, params.loss, **weights), {"weights_from": "tune", **source}
+    return method, knobs, source
 
 
 def resolve(params: Params, dataset: str, bits: int, method: str | None = None, root: str | os.PathLike = ".") -> Recipe:
     """The recipe of ``method`` (default: train.method; a method or a variant) for
-    ``dataset`` at ``bits``: DPFAH's from `loss` (or the search, with loss.use_tuned), the
-    others' from `objectives.<method>`, then a variant's own changes on top."""
+    ``dataset`` at ``bits``: the method's `objectives.<method>` (a null keeps its default),
+    with use_tuned and a search over that method its searched knobs from the search, then a
+    variant's own changes on top."""
     entry = method or params.train.method
     params.dataset(dataset)
     variant = params.variants.get(entry)
-    if variant is None and entry not in METHODS:
-        raise ConfigError(f"--method {entry}: unknown method or variant (methods: {', '.join(METHODS)}; variants: {', '.join(params.variants) or 'none'})")
+    if variant is None and entry not in method_names():
+        raise ConfigError(f"--method {entry}: unknown method or variant (methods: {', '.join(method_names())}; variants: {', '.join(params.variants) or 'none'})")
     base = variant.method if variant else entry
-    if base == DEFAULT_METHOD:
-        loss, source = resolve_dpfah(params, dataset, bits, root)
-        hparams = dataclasses.asdict(loss)
-    else:
-        hparams, source = dict(params.objectives.get(base, {})), {"weights_from": "params"}
+    hparams, source = dict(params.objectives.get(base, {})), {"weights_from": "params"}
+    if params.use_tuned:
+        searched, knobs, tuned_source = tuned(dataset, bits, root)
+        if searched == base:
+            hparams.update(knobs)
+            source = {"weights_from": "tune", **tuned_source}
+        else:
+            print(f"note: use_tuned: {tuned_source['tuned_from']} is a search over {searched}'s knobs; {entry} keeps objectives.{base}", file=sys.stderr)
     if variant is not None:
         hparams.update(variant.objective)
         source = {**source, "variant": entry}
+    hparams = {k: as_declared(base, k, v) for k, v in hparams.items() if v is not None}  # null: the method's default
     return Recipe(entry, base, hparams, dict(variant.model) if variant else {}, source)
 
 
@@ -133,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m pipeline.objective",
         description="Resolve what one training optimises - the method (or variant), its hyper-parameters (for DPFAH "
-        "params.yaml's `loss`, or with loss.use_tuned the search's best eta and zeta; for the others `objectives.<method>`) "
+        "params.yaml's `objectives.<method>` over the method's defaults, with use_tuned the search's best knobs) "
         "and a variant's network changes - into objectives/<dataset>-<bits>-<method>.json, the file the train stage reads under DVC.",
     )
     parser.add_argument("--dataset", required=True, help="dataset name from params.yaml")

@@ -65,7 +65,7 @@ def apply_profile(name: str, params_path: str | Path = DEFAULT_PARAMS, *, dry_ru
             value_out: Any = seq
         else:
             value_out = value
-        if old != value:
+        if old != value or last not in node:  # a null it sets is a value too (a method's own default)
             changes.append((dotted, None if old is None else _plain(old), value))
             node[last] = value_out
     buf = io.StringIO()

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dpfah.settings import LossSettings, ModelSettings, TrainSettings, pick
+from dpfah.settings import ModelSettings, TrainSettings, pick
 
 from . import objective as objective_stage
 from .objective import Recipe
@@ -468,8 +468,6 @@ def run_training(
     method: str | None = None,
     seed: int | None = None,
     recipe: Recipe | None = None,
-    loss: LossSettings | None = None,
-    loss_source: dict[str, str] | None = None,
     run_name: str | None = None,
     write_run_file: bool = True,
     parent_run_id: str | None = None,
@@ -482,9 +480,8 @@ def run_training(
     """Fit one hashing model on Ray Train and record it in MLflow; returns the run's outcome.
 
     ``method`` (a method or variant; default train.method) is resolved by
-    ``pipeline.objective`` unless ``recipe`` (an objective file's) is given; ``loss`` (with
-    ``loss_source``, tags saying where it came from) makes it DPFAH with those settings (Tune
-    passes each trial's eta and zeta). ``seed``: the training seed (weights, data order,
+    ``pipeline.objective`` unless ``recipe`` (an objective file's, or a Tune trial's) is
+    given. ``seed``: the training seed (weights, data order,
     augmentation; default: params.yaml's ``seed``).
     ``batch_source(epoch, rank, world_size)`` replaces the shard stream (tests use it to give
     every worker count the same global batches); ``callbacks`` go to Ray Train's RunConfig
@@ -507,9 +504,7 @@ def run_training(
         raise ConfigError(f"--bits {bits}: must be >= 1")
     shards = params.shards_dir(dataset)
     manifest = prepared_manifest(params, dataset)  # one line naming the directory when prepare has not run
-    if loss is not None:
-        recipe = Recipe.dpfah(loss, loss_source)
-    elif recipe is None:
+    if recipe is None:
         recipe = objective_stage.resolve(params, dataset, bits, method)
     seed = params.seed if seed is None else seed
     uri = tracking_uri(params)

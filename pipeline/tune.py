@@ -2,10 +2,9 @@
 
     python -m pipeline.tune --dataset cifar10 [--params FILE] [--set key=value ...]
 
-The search runs train.method over the knobs it declares (DPFAH: eta and zeta from
-``tune.eta`` and ``tune.zeta``, as well as any of its knobs in ``tune.space``; another
-method: the knobs of ``tune.space`` and ``tune.ranges``); a knob the method does not have
-is an error naming it and what the method has. The driver (this process) opens the search's MLflow run, then runs a Tune search whose
+The search runs train.method over the knobs of ``tune.space`` and ``tune.ranges``, any
+method alike (params.yaml gives DPFAH's eta and zeta); a knob the method does not have is
+an error naming it and what the method has. The driver (this process) opens the search's MLflow run, then runs a Tune search whose
 trials each fit a ``TorchTrainer`` through :func:`pipeline.train.run_training` (the same
 training as the train stage, its MLflow run nested under the search's). Rank 0's per-epoch
 reports reach Tune through ``TuneReportCallback``; ASHA stops trials whose validation mAP
@@ -13,7 +12,7 @@ reports reach Tune through ``TuneReportCallback``; ASHA stops trials whose valid
 names: its Ray Train run resumes from its last checkpoint, its MLflow run is reopened.
 Afterwards the driver marks the runs of stopped trials KILLED and writes
 ``tune/<dataset>/best.json`` (the best configuration by validation mAP, overall and per code
-length: the trainings read it when ``loss.use_tuned`` is true, through ``pipeline.objective``) and a summary table
+length: the trainings of that method read it when ``use_tuned`` is true, through ``pipeline.objective``) and a summary table
 (``summary.md``, ``summary.csv``), also logged to the search's MLflow run.
 
 The query set is never looked at: trials are compared on the validation split only.
@@ -71,7 +70,7 @@ class TrialRow:
     """One trial of a search, as the summary and best.json see it."""
 
     trial_id: str
-    hparams: dict[str, Any]  # the searched knobs' values (DPFAH: eta, zeta)
+    hparams: dict[str, Any]  # the searched knobs' values
     bits: int
     val_map: float  # the best validation mAP over the epochs it ran (nan: none)
     best_epoch: int
@@ -80,14 +79,6 @@ class TrialRow:
     run_id: str  # its MLflow run ("" when none was found)
     run_name: str
     error: str = ""
-
-    @property
-    def eta(self) -> float:
-        return float(self.hparams.get("eta", math.nan))
-
-    @property
-    def zeta(self) -> float:
-        return float(self.hparams.get("zeta", math.nan))
 
 
 @dataclass(frozen=True)
@@ -106,42 +97,32 @@ class SearchOutcome:
 
 def searched_knobs(params: Params) -> dict[str, tuple[str, tuple[Any, ...]]]:
     """What the search varies besides the code length: knob -> ("values", the values to
-    try) or ("range", (low, high)) sampled log-uniformly, for train.method.
-
-    DPFAH: eta and zeta from ``tune.eta``/``tune.zeta`` (``tune.eta_range``/``zeta_range``
-    with a random search), then its other knobs of ``tune.space``/``tune.ranges``. Another
-    method: the knobs of ``tune.space`` and ``tune.ranges``. A ``ConfigError`` names a knob
-    the method does not have (and lists what it has), a value of the wrong kind, a variant
-    (its own settings would be overridden) and a method given nothing to search."""
-    from .methods import check_hyperparameters, declared_hyperparameters, tunable_hyperparameters
+    try) or ("range", (low, high)) sampled log-uniformly, for train.method: the knobs of
+    ``tune.space`` and ``tune.ranges`` (a knob in both: its range, with a random search).
+    A ``ConfigError`` names a knob the method does not have (and lists what it has), a value
+    of the wrong kind, a variant (its own settings would be overridden) and a method given
+    nothing to search."""
+    from .methods import as_declared, check_hyperparameters, declared_hyperparameters, tunable_hyperparameters
 
     c, method = params.tune, params.train.method
     if method in params.variants:
         raise ConfigError(f"train.method: {method} is a variant; the search varies a method's own hyper-parameters: set train.method to a method")
     have = declared_hyperparameters(method)
     knobs: dict[str, tuple[str, tuple[Any, ...]]] = {}
-    if method == DPFAH:
-        for knob, values, bounds in (("eta", c.eta, c.eta_range), ("zeta", c.zeta, c.zeta_range)):
-            knobs[knob] = ("range", bounds) if bounds else ("values", values)
     for section, entries in (("space", c.space), ("ranges", c.ranges)):
         for knob, value in entries.items():
             where = f"tune.{section}.{knob}"
             if knob not in have:
                 raise ConfigError(f"{where}: {method} has no hyper-parameter {knob!r} (it has: {', '.join(sorted(have))}; worth searching: {', '.join(tunable_hyperparameters(method))})")
-            if method == DPFAH and knob in ("eta", "zeta"):
-                raise ConfigError(f"{where}: DPFAH's {knob} is searched over tune.{knob} (tune.{knob}_range with a random search)")
-            if knob in knobs:
-                raise ConfigError(f"{where}: {knob} is also in tune.{'ranges' if section == 'space' else 'space'}: give it once")
             if section == "space":
                 for v in value:
                     check_hyperparameters(method, {knob: v}, "tune.space")
-                # a number where the method's default is a float stays a float (1 -> 1.0)
-                value = tuple(float(v) if isinstance(have[knob], float) and not isinstance(v, bool) else v for v in value)
+                value = tuple(as_declared(method, knob, v) for v in value)
                 knobs[knob] = ("values", value)
             else:
                 if isinstance(have[knob], (bool, str, tuple, list)):
                     raise ConfigError(f"{where}: {knob} is not a number (its default is {have[knob]!r}): list its values under tune.space")
-                knobs[knob] = ("range", value)
+                knobs[knob] = ("range", value)  # a range (random search only) wins over the knob's list
     if not knobs:
         raise ConfigError(
             f"tune.space: empty, and {method} has no default search; give the values of one or more of its knobs, "
@@ -219,7 +200,7 @@ def trial_recipe(params: Params, dataset: str, config: dict[str, Any]):
     from . import objective
 
     bits = int(config["bits"])
-    base = objective.resolve(replace(params, loss=replace(params.loss, use_tuned=False)), dataset, bits)
+    base = objective.resolve(replace(params, use_tuned=False), dataset, bits)
     searched = {k: v for k, v in config.items() if k != "bits"}
     return replace(base, hparams={**base.hparams, **searched}, source={"weights_from": "search"})
 
@@ -305,8 +286,6 @@ class _PlacementGroupJanitor:
         self.removed += removed
         return removed
 
-
-DPFAH = "dpfah"
 
 
 def _check_search(params: Params, dataset: str):
@@ -492,7 +471,7 @@ def _close_children(client, experiment_id: str, parent_id: str) -> None:
             client.set_terminated(run.info.run_id, "KILLED")
 
 
-def _collect(results, client, experiment_id: str, parent_id: str, search_name: str, epochs: int, knobs: Sequence[str] = ("eta", "zeta")) -> list[TrialRow]:
+def _collect(results, client, experiment_id: str, parent_id: str, search_name: str, epochs: int, knobs: Sequence[str]) -> list[TrialRow]:
     by_name: dict[str, list] = {}
     for run in _children(client, experiment_id, parent_id):
         by_name.setdefault(run.data.tags.get("ray_run_name", ""), []).append(run)
@@ -584,7 +563,7 @@ def _select_best(rows: Sequence[TrialRow], among: str | None = None) -> TrialRow
     return max(pool, key=lambda r: (r.val_map, -r.bits, r.trial_id))
 
 
-def _best_record(rows, best, search_name, parent_id, tracking_uri, configured_uri, experiment, manifest_sha, dataset, params, method=DPFAH) -> dict[str, Any]:
+def _best_record(rows, best, search_name, parent_id, tracking_uri, configured_uri, experiment, manifest_sha, dataset, params, method) -> dict[str, Any]:
     def entry(r: TrialRow) -> dict[str, Any]:
         return {
             **r.hparams,
@@ -592,7 +571,7 @@ def _best_record(rows, best, search_name, parent_id, tracking_uri, configured_ur
             "val_map": r.val_map,
             "best_epoch": r.best_epoch,
             "run_id": r.run_id,
-            # the trial's logged model, named as pipeline.train names it (a trial trains dpfah)
+            # the trial's logged model, named as pipeline.train names it (a trial trains `method`)
             "model_uri": f"runs:/{r.run_id}/{model_name(params, dataset, r.bits, method)}" if r.run_id and r.status == STATUS_COMPLETED else None,
             "status": r.status,
         }
@@ -646,9 +625,9 @@ def _pivot(rows: Sequence[TrialRow], key, label: str, bit_lengths: Sequence[int]
 def summary_markdown(rows: Sequence[TrialRow], meta: dict[str, Any], best: TrialRow | None, *, pivots: bool = True) -> str:
     """The search as Markdown: validation mAP by each searched knob against the code length
     (for DPFAH's eta and zeta the shape of the paper's Tables 3 and 4), the full grid, and
-    every trial. ``meta["knobs"]``: the searched knobs (default eta, zeta)."""
+    every trial. ``meta["knobs"]``: the searched knobs (default: those of the rows)."""
     bit_lengths = sorted({r.bits for r in rows})
-    knobs = list(meta.get("knobs") or ("eta", "zeta"))
+    knobs = list(meta.get("knobs") or _knobs(rows))
     lines = [
         f"# Tune search `{meta['name']}`",
         "",
@@ -682,7 +661,13 @@ def summary_markdown(rows: Sequence[TrialRow], meta: dict[str, Any], best: Trial
     return "\n".join(lines) + "\n"
 
 
-def summary_csv(rows: Sequence[TrialRow], knobs: Sequence[str] = ("eta", "zeta")) -> str:
+def _knobs(rows: Sequence[TrialRow]) -> list[str]:
+    """The searched knobs of ``rows``, in the order the trials give them."""
+    return list(dict.fromkeys(k for r in rows for k in r.hparams))
+
+
+def summary_csv(rows: Sequence[TrialRow], knobs: Sequence[str] | None = None) -> str:
+    knobs = list(knobs or _knobs(rows))
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(["trial_id", *knobs, "bits", "val_map", "best_epoch", "epochs", "status", "run_id"])
@@ -697,15 +682,15 @@ def summary_csv(rows: Sequence[TrialRow], knobs: Sequence[str] = ("eta", "zeta")
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m pipeline.tune",
-        description="Search train.method's hyper-parameters (DPFAH: the loss weights eta and zeta) and the code length with Ray Tune on a prepared "
+        description="Search train.method's hyper-parameters (tune.space, tune.ranges) and the code length with Ray Tune on a prepared "
         "dataset: every trial is a distributed training (the train stage's settings), ASHA stops trials whose "
         "validation mAP lags, and MLflow keeps the search as a parent run with one child run per trial. "
-        "Writes tune/<dataset>/best.json (the best by validation mAP; loss.use_tuned=true makes the "
-        "trainings use it) and tune/<dataset>/summary.md and summary.csv.",
+        "Writes tune/<dataset>/best.json (the best by validation mAP; use_tuned=true makes the "
+        "method's trainings use it) and tune/<dataset>/summary.md and summary.csv.",
         epilog="The search space and scheduler are params.yaml's `tune` section, e.g. "
-        "--set 'tune.eta=[1,5,10,15]' --set 'tune.zeta=[0.05,0.1,0.5,1]' --set 'tune.bits=[16,32,48,64]' "
-        "(the paper's grid), or --set tune.search=random --set tune.num_samples=20 --set 'tune.eta_range=[0.5,20]'. "
-        "Another method's knobs: --set train.method=dsh --set 'tune.space.alpha=[0.01,0.1]' (a knob the method lacks is an error). "
+        "--set 'tune.space.eta=[1,5,10,15]' --set 'tune.space.zeta=[0.05,0.1,0.5,1]' --set 'tune.bits=[16,32,48,64]' "
+        "(the paper's grid for DPFAH), or --set tune.search=random --set tune.num_samples=20 --set 'tune.ranges.eta=[0.5,20]'. "
+        "Another method's knobs replace the mapping: --set train.method=dsh --set 'tune.space={alpha: [0.01, 0.1]}' (a knob the method lacks is an error). "
         "Trials run at once: tune.max_concurrent_trials, by default the cluster's GPUs (CPUs) // train.num_workers.",
     )
     parser.add_argument("--dataset", required=True, help="dataset name from params.yaml (its shards must be prepared, with a validation split)")

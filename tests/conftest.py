@@ -111,7 +111,7 @@ def mlflow_server(tmp_path_factory):
 @pytest.fixture(scope="session")
 def ray_trained(ray_local, mlflow_server, tmp_path_factory):
     """The session's two real Ray Train fits of DPFAH (16 bits, ``pairs: bank``, 16 px from
-    32 px images, 3 epochs of the same 3 global batches of 8, ``loss.use_tuned`` with a
+    32 px images, 3 epochs of the same 3 global batches of 8, ``use_tuned`` with a
     search result beside it) on a 3-class dataset whose classes overlap:
 
     * ``uninterrupted``: 1 worker, no fault (the epoch log only), SQLite store;
@@ -130,7 +130,7 @@ def ray_trained(ray_local, mlflow_server, tmp_path_factory):
     images = make_class_folder(out / "images", noise=130.0)
     prepare(toy_params(out, images), "toy", progress=False)
     source = GlobalBatches(out / "data" / "shards" / "toy", steps=3, global_batch=8)
-    # loss.use_tuned: eta and zeta from a search's best.json (the 16-bit entry), the rest
+    # use_tuned: eta and zeta from a search's best.json (the 16-bit entry), the rest
     # from params (delta 0.05: the quantisation term is not zero, so eta shows in the loss)
     best = {"eta": 9.0, "zeta": 0.9, "bits": 8, "run_id": "trial-8", "search_run_id": "search", "by_bits": {"16": {"eta": 3.0, "zeta": 0.5, "bits": 16, "run_id": "trial-16"}}}
     (out / "tune" / "toy").mkdir(parents=True)
@@ -138,7 +138,7 @@ def ray_trained(ray_local, mlflow_server, tmp_path_factory):
     # lr 1e-3: a stable descent, so the 1- and 2-worker runs stay equal to rounding; at 1e-2
     # the loss rose and rounding (another CPU, another reduction order) grew to 9 % of the weights
     settings = ["train.epochs=3", "train.image_size=16", "train.freeze_bn=true", "train.optimizer=sgd", "train.lr=0.001",
-                "loss.pairs=bank", "loss.use_tuned=true", "loss.delta=0.05", f"train.storage_path={out / 'ray'}"]  # fmt: skip
+                "objectives.dpfah.pairs=bank", "use_tuned=true", "objectives.dpfah.delta=0.05", f"train.storage_path={out / 'ray'}"]  # fmt: skip
     runs = {}
     cwd, before = os.getcwd(), os.environ.pop("MLFLOW_TRACKING_URI", None)
     os.chdir(out)  # the run record goes to ./runs/

@@ -76,7 +76,7 @@ def test_overrides_are_yaml_scalars_and_can_add_entries():
             ("train.crop_scale=[0.9, 0.5]", "train.crop_scale: must be [lo, hi] with 0 < lo <= hi <= 1"),
             ("profile=paper", "profile: not a parameter any more: apply a profile to params.yaml with `python -m pipeline.profile NAME`"),
             ("train.eta=1", "train.eta: unknown key"),
-            ("loss.pairs=all", "loss.pairs: unknown pair set 'all' (choose batch or bank)"),
+            ("objectives.dpfah.pairs=all", "objectives.dpfah.pairs: 'all' is not one of batch, memory, bank"),
             ("train.crop_scale=[0.5, 2]", "train.crop_scale: must be [lo, hi] with 0 < lo <= hi <= 1, got [0.5, 2.0]"),
             ("model.lam=0", "model.lam: must be > 0, got 0.0"),
             ("bits=[]", "bits: must list code lengths >= 1"),
@@ -97,11 +97,11 @@ def test_overrides_are_yaml_scalars_and_can_add_entries():
         ("data.root=", "data.root: missing value (expected a string)"),
         # inf passes every `>= low` check, so floats are checked to be finite first (issue #11)
         ("train.lr=.inf", "train.lr: must be a finite number, got inf"),
-        ("loss.eta=.inf", "loss.eta: must be a finite number, got inf"),
-        ("loss.zeta=-.inf", "loss.zeta: must be a finite number, got -inf"),
+        ("objectives.dpfah.eta=.inf", "objectives.dpfah.eta: must be a finite number, got inf"),
+        ("objectives.dpfah.zeta=-.inf", "objectives.dpfah.zeta: must be a finite number, got -inf"),
         ("train.lr=.nan", "train.lr: must be a finite number, got nan"),
         ("train.crop_scale=[0.5, .inf]", "train.crop_scale[1]: must be a finite number, got inf"),
-        ("tune.eta=[1, .inf]", "tune.eta[1]: must be a finite number, got inf"),
+        ("tune.space.eta=[1, .inf]", "tune.space.eta[1]: must be a finite number, got inf"),
         ("train.fail_at_epoch=-3", "train.fail_at_epoch: must be >= 0, got -3"),
         ("train.fail_at_epoch=8", "train.fail_at_epoch: 8 is not an epoch of this training (epochs count from 0: 0..7)"),
         ('train.storage_path=""', "train.storage_path: '' is not a path or URI (where Ray Train keeps checkpoints)"),
@@ -111,9 +111,12 @@ def test_overrides_are_yaml_scalars_and_can_add_entries():
         ("train.seeds=[]", "train.seeds: must list distinct seeds >= 0"),
         ("objectives.dsh.alpha=big", "objectives.dsh.alpha: expected a number, got 'big'"),
         ("objectives.dsh.beta=1", "objectives.dsh.beta: dsh has no hyper-parameter 'beta' (it has: alpha, margin, pairs)"),
-        ("objectives.hashnet.pairs=bank", "objectives.hashnet.pairs: 'bank' is not one of batch, memory"),
+        ("objectives.hashnet.pairs=all", "objectives.hashnet.pairs: 'all' is not one of batch, memory, bank"),
+        ("objectives.dsdh.pairs=bank", "objectives.dsdh.pairs: 'bank' is not one of memory"),
         ("objectives.dsh.alpha=.inf", "objectives.dsh.alpha: must be a finite number, got inf"),
-        ("objectives.dpfah.eta=1", "objectives.dpfah: DPFAH's hyper-parameters are the `loss` section"),
+        ("objectives.dpfah.eta=-1", "objectives.dpfah.eta: must be >= 0, got -1"),
+        ("objectives.dpfah.alpha=1", "objectives.dpfah.alpha: dpfah has no hyper-parameter 'alpha' (it has: delta, eta, pairs, zeta)"),
+        ("loss.bogus=1", "loss.bogus: unknown key (the `loss` section is gone: DPFAH's knobs are objectives.dpfah.*"),
         ("objectives.vgg.x=1", "objectives: unknown method 'vgg'"),
         ("variants.resnet18.model.backbone=vgg", "variants.resnet18.model.backbone: unknown backbone 'vgg' (choose resnet18 or alexnet)"),
         ("variants.resnet18.model.depth=3", "variants.resnet18.model.depth: unknown key (known: pfa, lam, backbone_weights, backbone)"),
@@ -146,7 +149,7 @@ def _float_keys(cls, prefix: str):
 
 def test_every_float_key_refuses_inf_and_nan():
     keys = dict(_float_keys(Params, ""))
-    assert {"train.lr", "loss.eta", "loss.zeta", "loss.delta", "model.lam", "tune.reduction_factor", "tune.eta_range"} <= set(keys)
+    assert {"train.lr", "model.lam", "tune.reduction_factor"} <= set(keys)  # (a method's knobs: test_errors_name_the_key)
     for key, scalar in keys.items():
         for text, shown in ((".inf", "inf"), ("-.inf", "-inf"), (".nan", "nan")):
             value = text if scalar else f"[{text}, 1.0]"
@@ -159,12 +162,13 @@ def test_every_float_key_refuses_inf_and_nan():
 def test_library_settings_refuse_inf_too():
     import math
 
-    from dpfah.settings import LossSettings, TrainSettings
+    from dpfah.loss import DPFAHLoss
+    from dpfah.settings import TrainSettings
 
     with pytest.raises(ValueError, match=r"^lr: must be a finite number, got inf$"):
         TrainSettings(lr=math.inf)
-    with pytest.raises(ValueError, match=r"^eta: must be a finite number, got nan$"):
-        LossSettings(eta=math.nan)
+    with pytest.raises(ValueError, match=r"^dpfah: eta must be >= 0, got nan$"):
+        DPFAHLoss(eta=math.nan)
     with pytest.raises(ValueError, match=r"^crop_scale: must be a finite number, got inf$"):
         TrainSettings(crop_scale=(0.5, math.inf))
 
@@ -239,11 +243,17 @@ def test_params_yaml_repeats_the_declared_defaults():
     from pipeline.config import Params, parse_params
 
     raw = yaml.safe_load(PARAMS.read_text())
-    for section in ("train", "model", "loss", "evaluate", "promote", "tune", "mlflow"):
+    for section in ("train", "model", "evaluate", "promote", "tune", "mlflow"):
         sub = {k: v for k, v in raw.items() if k in (section, "datasets", "prepare")}
-        assert getattr(parse_params(sub), section) == getattr(Params(), section), section
+        got, declared = getattr(parse_params(sub), section), getattr(Params(), section)
+        if section == "tune":  # the default search is over the default train.method's knobs, DPFAH's
+            assert got.space == {"eta": (1.0, 10.0), "zeta": (0.1, 1.0)} and declared.space == {}
+            got = dataclasses.replace(got, space={})
+        assert got == declared, section
         assert set(raw[section]) == {f.name for f in dataclasses.fields(getattr(Params(), section))}, f"{section}: every key is in params.yaml"
-    assert tuple(raw["bits"]) == Params().bits and raw["seed"] == Params().seed
+    assert tuple(raw["bits"]) == Params().bits and raw["seed"] == Params().seed and raw["use_tuned"] is Params().use_tuned
+    # A method's knobs: only what the CPU profile changes from the method's own defaults.
+    assert raw["objectives"] == {"dpfah": {"eta": 1.0}}
 
 
 def test_profile_applies_per_run_or_into_params_yaml(tmp_path, capsys):
@@ -251,8 +261,14 @@ def test_profile_applies_per_run_or_into_params_yaml(tmp_path, capsys):
 
     from pipeline.profile import apply_profile, main
 
+    from dpfah import methods
+    from pipeline.objective import resolve
+
     paper = load_params(PARAMS, profile="paper")
-    assert paper.bits == (16, 32, 48, 64) and paper.train.image_size == 224 and paper.loss.eta == 10.0
+    assert paper.bits == (16, 32, 48, 64) and paper.train.image_size == 224 and paper.objectives["dpfah"] == {"eta": None, "zeta": None}
+    assert resolve(paper, "cifar10", 64).hparams == {}  # DPFAH's own defaults: the paper's
+    assert methods.build("dpfah", {}, bits=64, num_classes=10).eta == 10.0
+    assert resolve(load_params(PARAMS), "cifar10", 64).hparams == {"eta": 1.0}
     assert load_params(PARAMS, ["train.epochs=3"], profile="paper").train.epochs == 3  # --set wins over the profile
     with pytest.raises(ConfigError, match="profile: unknown profile 'nope'"):
         load_params(PARAMS, profile="nope")
@@ -265,23 +281,44 @@ def test_profile_applies_per_run_or_into_params_yaml(tmp_path, capsys):
     assert apply_profile("paper", params_file, dry_run=True) and params_file.read_text() == before
     assert run_main(main, ["paper", "--params", str(params_file)]) == 0
     out = capsys.readouterr().out
-    assert "bits: [64] -> [16, 32, 48, 64]" in out and "loss.eta: 1.0 -> 10.0" in out
+    assert "bits: [64] -> [16, 32, 48, 64]" in out and "objectives.dpfah.eta: 1.0 -> None" in out
     assert load_params(params_file) == paper  # the file now holds exactly the profile's run
     text = params_file.read_text()
-    assert "# The DPFAH objective L1 + eta L2 + zeta L3" in text and "  lr: 5.0e-05" in text  # comments kept, floats YAML 1.1
+    assert "# DPFAH (L1 + eta L2 + zeta L3)" in text and "  lr: 5.0e-05" in text  # comments kept, floats YAML 1.1
     assert sum(a != b for a, b in zip(before.splitlines(), text.splitlines())) == 12  # nothing else moved
     assert apply_profile("paper", params_file) == []  # again: nothing to do
     assert run_main(main, ["nope", "--params", str(params_file)]) == 2
     assert "unknown profile 'nope'" in capsys.readouterr().err
 
 
-def test_the_method_names_are_the_registry_s():
-    """params.yaml is checked against dpfah.settings.METHODS (no torch); it must be the
-    registry's list."""
-    from dpfah import methods
-    from dpfah.settings import METHODS
+def test_old_keys_are_read_as_their_new_ones_with_a_warning(tmp_path):
+    """The keys of the `loss` section and tune.eta/zeta/*_range are aliases: read as
+    objectives.dpfah.*, use_tuned and tune.space/ranges, each with a warning naming both,
+    from --set as from a file (an old params.yaml)."""
+    import yaml
 
-    assert methods.names() == METHODS
+    with pytest.warns(FutureWarning) as caught:
+        p = load_params(PARAMS, ["loss.eta=3", "loss.use_tuned=true", "tune.eta=[2, 4]", "tune.search=random", "tune.zeta_range=[0.1, 1]"])
+    assert p.objectives["dpfah"] == {"eta": 3} and p.use_tuned is True
+    assert p.tune.space["eta"] == (2, 4) and p.tune.ranges == {"zeta": (0.1, 1.0)}
+    said = {str(w.message) for w in caught}
+    assert "params: loss.eta is an old name of objectives.dpfah.eta; read as objectives.dpfah.eta (rename it)" in said
+    assert {"loss.use_tuned is an old name of use_tuned", "tune.eta is an old name of tune.space.eta", "tune.zeta_range is an old name of tune.ranges.zeta"} <= {m.split(": ", 1)[1].split(";")[0] for m in said}
+
+    raw = yaml.safe_load(PARAMS.read_text())
+    del raw["objectives"], raw["use_tuned"]
+    raw["loss"] = {"eta": 1.0, "zeta": 0.1, "delta": 1.1, "pairs": "batch", "use_tuned": False}
+    raw["tune"] = {k: v for k, v in raw["tune"].items() if k != "space"} | {"eta": [1.0, 10.0], "zeta": [0.1, 1.0], "eta_range": None, "zeta_range": None}
+    old = tmp_path / "params.yaml"
+    old.write_text(yaml.safe_dump(raw))
+    with pytest.warns(FutureWarning) as caught:
+        p = load_params(old)
+    assert "params: loss.delta is an old name of objectives.dpfah.delta; read as objectives.dpfah.delta (rename it)" in {str(w.message) for w in caught}
+    assert p.objectives["dpfah"] == {"eta": 1.0, "zeta": 0.1, "delta": 1.1, "pairs": "batch"} and p.tune == load_params(PARAMS).tune
+    assert p.use_tuned is False
+    raw["objectives"] = {"dpfah": {"eta": 2.0}}  # e.g. `dvc exp run -S loss.eta=...` on a new params.yaml
+    with pytest.warns(FutureWarning), pytest.raises(ConfigError, match=r"^loss.eta: an old name of objectives.dpfah.eta, which is also given: give objectives.dpfah.eta only$"):
+        parse_params({**raw, "loss": {"eta": 2.0}})
 
 
 def test_variants_resolve_to_their_method_network_and_hyper_parameters():
@@ -290,7 +327,7 @@ def test_variants_resolve_to_their_method_network_and_hyper_parameters():
     params = load_params(PARAMS, ["objectives.dsh.alpha=0.05", "datasets.cifar10.kind=cifar10"])
     row1 = resolve(params, "cifar10", 48, "resnet18")
     assert (row1.entry, row1.method, row1.model) == ("resnet18", "dpfah", {"pfa": False})
-    assert (row1.hparams["eta"], row1.hparams["zeta"], row1.hparams["delta"]) == (0.0, 0.0, params.loss.delta)
+    assert row1.hparams == {"eta": 0.0, "zeta": 0.0}  # over DPFAH's defaults (delta 1.1, batch pairs)
     assert row1.source == {"weights_from": "params", "variant": "resnet18"}
     dsh = resolve(params, "cifar10", 48, "dsh")
     assert (dsh.method, dsh.hparams, dsh.model) == ("dsh", {"alpha": 0.05}, {})

@@ -187,7 +187,7 @@ def test_dvc_repro_runs_the_dag_then_nothing_then_only_what_a_parameter_touches(
     assert [int(v.version) for v in client.search_model_versions(f"name = 'dpfah-toy-{BITS}b'")] == [1]
 
     # 4. A search result appears (what tune@toy writes): the trainings do not use it
-    #    (loss.use_tuned is false), so only their cheap objective stage reruns.
+    #    (use_tuned is false), so only their cheap objective stage reruns.
     best = {"eta": 5.0, "zeta": 0.5, "bits": BITS, "run_id": "trial", "search_run_id": "search", "by_bits": {}}
     (repo / "tune" / "toy").mkdir()
     (repo / "tune" / "toy" / "best.json").write_text(json.dumps(best))
@@ -235,7 +235,8 @@ def test_a_profile_written_into_params_is_what_dvc_plans(tmp_path):
     planned = {line.split()[0] for line in listed.splitlines() if line.split() and line.split()[0].startswith(("train@", "evaluate@", "promote@"))}
     assert planned == {f"{stage}@cifar10-{b}-dpfah-0" for stage in ("train", "evaluate", "promote") for b in (16, 32, 48, 64)}, listed
     params = yaml.safe_load((repo / "params.yaml").read_text())
-    assert (params["train"]["image_size"], params["train"]["optimizer"], params["loss"]["eta"]) == (224, "rmsprop", 10.0)
+    # DPFAH's eta and zeta back to its own defaults (null), the paper's 10 and 0.1
+    assert (params["train"]["image_size"], params["train"]["optimizer"], params["objectives"]["dpfah"]) == (224, "rmsprop", {"eta": None, "zeta": None})
 
 
 # ----------------------------------------------------------------------------- ray job submit

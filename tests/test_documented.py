@@ -446,7 +446,7 @@ def _bank_worker(rank, world_size, port, out):
 
 
 def test_bank_pairs_under_a_real_process_group_equal_one_process():
-    """loss.pairs bank with two gloo processes: the gathered indices and codes write the
+    """DPFAH's pairs bank with two gloo processes: the gathered indices and codes write the
     same bank on both ranks as one process writes from the global batch, and the gradients
     (averaged as DDP does) and the epoch terms are one process's on the global batch."""
     import socket
@@ -482,9 +482,9 @@ def test_bank_pairs_under_a_real_process_group_equal_one_process():
     for u, _, labels, index in _bank_batches():
         for row, i in enumerate(index.tolist()):
             latest[i] = (u[row], labels[row])
-    assert single.bank_seen.nonzero().flatten().tolist() == sorted(latest)
+    assert single.memory.seen.nonzero().flatten().tolist() == sorted(latest)
     for i, (code, lab) in latest.items():
-        assert torch.equal(single.bank_u[i], code) and torch.equal(single.bank_labels[i], lab)
+        assert torch.equal(single.memory.codes[i], code) and torch.equal(single.memory.labels[i], lab)
 
 
 # ----------------------------------------------------------------------------- profile and objective stage
@@ -509,32 +509,35 @@ def test_profile_paper_applies_every_value_it_names_and_keeps_every_other(tmp_pa
     from pipeline.objective import main
 
     profile = _flat(yaml.safe_load((REPO / "profiles" / "paper.yaml").read_text()))
-    assert len(profile) == 14  # bits, 11 train values, eta and zeta
+    assert len(profile) == 14  # bits, 11 train values, DPFAH's eta and zeta (null: its defaults, the paper's)
     (tmp_path / "profiles").mkdir()
     (tmp_path / "profiles" / "paper.yaml").write_text((REPO / "profiles" / "paper.yaml").read_text())
-    text = PARAMS_FILE.read_text().replace("  weight_decay: 1.0e-5", "  weight_decay: 0.25").replace("  zeta: 0.1 ", "  zeta: 0.7 ")
-    text = text.replace("  steps_per_epoch: null", "  steps_per_epoch: 9").replace("  delta: 1.1 ", "  delta: 1.3 ")
+    text = PARAMS_FILE.read_text().replace("  weight_decay: 1.0e-5", "  weight_decay: 0.25").replace("  dpfah: {eta: 1.0}", "  dpfah: {eta: 1.0, zeta: 0.7, delta: 1.3}")
+    text = text.replace("  steps_per_epoch: null", "  steps_per_epoch: 9")
     params_file = tmp_path / "params.yaml"
     params_file.write_text(text)
     base = _flat(load_params(params_file))
-    assert (base["train.weight_decay"], base["loss.zeta"], base["train.steps_per_epoch"], base["loss.delta"]) == (0.25, 0.7, 9, 1.3)
+    assert (base["train.weight_decay"], base["objectives.dpfah.zeta"], base["train.steps_per_epoch"], base["objectives.dpfah.delta"]) == (0.25, 0.7, 9, 1.3)
     paper = _flat(load_params(params_file, profile="paper"))
     assert paper.keys() == base.keys()
     for key, value in profile.items():
         assert paper[key] == value, key
     for key in base.keys() - profile.keys():
         assert paper[key] == base[key], key
-    assert (paper["train.weight_decay"], paper["loss.zeta"]) == (1e-5, 0.1)
+    assert (paper["train.weight_decay"], paper["objectives.dpfah.zeta"]) == (1e-5, None)
 
     monkeypatch.chdir(tmp_path)
     assert run_main(main, ["--dataset", "cifar10", "--bits", "48", "--params", str(params_file), "--profile", "paper"]) == 0
     doc = json.loads((tmp_path / "objectives" / "cifar10-48-dpfah.json").read_text())
-    assert (doc["hparams"]["eta"], doc["hparams"]["zeta"], doc["hparams"]["delta"]) == (10.0, 0.1, 1.3)
-    assert doc["source"] == {"weights_from": "params"}
+    assert doc["hparams"] == {"delta": 1.3} and doc["source"] == {"weights_from": "params"}
+    from dpfah import methods
+
+    trained = methods.build(doc["method"], doc["hparams"], bits=48, num_classes=10)
+    assert (trained.eta, trained.zeta, trained.delta) == (10.0, 0.1, 1.3)  # the paper's weights: DPFAH's defaults
 
 
 def test_objective_stage_with_use_tuned_writes_the_tuned_weights_of_the_code_length(tmp_path, monkeypatch, capsys):
-    """loss.use_tuned=true through `python -m pipeline.objective` (in process): eta and zeta
+    """use_tuned=true through `python -m pipeline.objective` (in process): eta and zeta
     from tune/<dataset>/best.json at the training's code length, the rest from params."""
     from pipeline import objective
     from tests.helpers import cli
@@ -546,7 +549,7 @@ def test_objective_stage_with_use_tuned_writes_the_tuned_weights_of_the_code_len
         "eta": 5.0, "zeta": 0.05, "bits": 64, "run_id": "t64", "search_run_id": "s",
         "by_bits": {"16": {"eta": 15.0, "zeta": 1.0, "bits": 16, "run_id": "t16"}, "64": {"eta": 5.0, "zeta": 0.05, "bits": 64, "run_id": "t64"}},
     }))  # fmt: skip
-    args = ["--params", str(PARAMS_FILE), "--set", "loss.use_tuned=true", "--set", "loss.delta=0.9"]
+    args = ["--params", str(PARAMS_FILE), "--set", "use_tuned=true", "--set", "objectives.dpfah.delta=0.9"]
     for bits, want in ((16, (15.0, 1.0, "t16")), (64, (5.0, 0.05, "t64")), (32, (5.0, 0.05, "t64"))):
         code, text = cli(objective, ["--dataset", "cifar10", "--bits", str(bits), *args], capsys)
         assert code == 0 and "(from tune)" in text, text
@@ -673,7 +676,7 @@ def test_tune_scheduler_none_runs_every_trial_to_the_end_and_asha_stops_before_t
 
 @pytest.mark.slow
 def test_random_search_without_scheduler_on_ray(ray_local, toy_dataset, tmp_path, monkeypatch):
-    """tune.search random with eta_range and scheduler none, for real on the local Ray: the
+    """tune.search random with tune.ranges.eta and scheduler none, for real on the local Ray: the
     one trial's eta is drawn log-uniformly inside the range (not a grid value), zeta
     and bits come from their lists, the trial runs all its epochs, and best.json names it.
     tune.ranges adds another of the method's knobs (DPFAH's delta), drawn and trained with."""
@@ -686,7 +689,7 @@ def test_random_search_without_scheduler_on_ray(ray_local, toy_dataset, tmp_path
     monkeypatch.chdir(tmp_path)
     params = toy_params(
         work, images, "train.epochs=2", f"train.storage_path={tmp_path / 'ray'}", f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
-        "tune.search=random", "tune.eta_range=[0.3,3]", "tune.zeta=[0.2]", "tune.bits=[8]", "tune.num_samples=1",
+        "tune.search=random", "tune.ranges.eta=[0.3,3]", "tune.space.zeta=[0.2]", "tune.bits=[8]", "tune.num_samples=1",
         "tune.scheduler=none", "tune.max_failures=0", "tune.ranges.delta=[1.05,1.5]",
     )  # fmt: skip
     try:
@@ -695,13 +698,14 @@ def test_random_search_without_scheduler_on_ray(ray_local, toy_dataset, tmp_path
         os.environ.pop("MLFLOW_TRACKING_URI", None)
     (row,) = outcome.rows
     assert row.status == "completed" and row.epochs == 2 and 0 <= row.val_map <= 1
-    assert 0.3 <= row.eta <= 3 and row.eta not in (1.0, 10.0) and (row.zeta, row.bits) == (0.2, 8)
+    eta = row.hparams["eta"]
+    assert 0.3 <= eta <= 3 and eta not in (1.0, 10.0) and (row.hparams["zeta"], row.bits) == (0.2, 8)
     best = json.loads(Path(outcome.best_file).read_text())
-    assert (best["eta"], best["zeta"], best["bits"], best["run_id"]) == (row.eta, 0.2, 8, row.run_id)
+    assert (best["eta"], best["zeta"], best["bits"], best["run_id"]) == (eta, 0.2, 8, row.run_id)
     delta = row.hparams["delta"]
     assert 1.05 <= delta <= 1.5 and best["delta"] == delta and best["knobs"] == ["eta", "zeta", "delta"]
     run = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(row.run_id)
-    assert float(run.data.params["loss.eta"]) == pytest.approx(row.eta) and run.info.status == "FINISHED"
+    assert float(run.data.params["loss.eta"]) == pytest.approx(eta) and run.info.status == "FINISHED"
     assert float(run.data.params["loss.delta"]) == pytest.approx(delta)
     parent = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(outcome.parent_run_id)
     assert (parent.data.params["tune.search"], parent.data.params["tune.scheduler"]) == ("random", "none")

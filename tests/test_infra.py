@@ -330,7 +330,7 @@ def test_tune_runs_as_many_trials_at_once_as_the_worker_group_holds():
     assert c.max_concurrent_trials == at_once, f"entrypoint asks for {c.max_concurrent_trials} trials at once, the group holds {at_once}"
     # what the stage itself computes: the explicit setting, and its default on the full group
     assert max_concurrency(params) == at_once == max_concurrency(replace(params, tune=replace(c, max_concurrent_trials=None)), {"GPU": group_gpus})
-    assert len(c.eta) * len(c.zeta) * len(c.bits) >= at_once  # the grid fills the group
+    assert len(c.space["eta"]) * len(c.space["zeta"]) * len(c.bits) >= at_once  # the grid fills the group
     for g in groups:  # a trial fits a pod, with one CPU per Train worker
         per_pod = _gpus(g) // t.num_workers
         assert per_pod >= 1 and _gpus(g) % t.num_workers == 0

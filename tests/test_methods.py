@@ -17,7 +17,7 @@ from dpfah import methods
 from dpfah.loss import DPFAHLoss
 from dpfah.methods.dfh import center_step
 from dpfah.methods.dsdh import dcc
-from dpfah.objective import Objective, Shard
+from dpfah.objective import Memory, Objective, Shard
 from dpfah.train import Batch, TrainSettings, fit
 from tests.helpers import TinyNet as _Tiny
 
@@ -27,6 +27,7 @@ BITS, CLASSES, TRAIN = 6, 4, 16
 CONFIGS = [
     ("dpsh", {}),
     ("dpsh", {"pairs": "batch"}),
+    ("dpsh", {"pairs": "bank"}),  # the same memory, only the rows written so far
     ("dsh", {}),
     ("dhn", {}),
     ("hashnet", {}),
@@ -38,6 +39,7 @@ CONFIGS = [
     ("lcdsh", {}),
     ("dpfah", {}),
     ("dpfah", {"pairs": "bank"}),
+    ("dpfah", {"pairs": "memory"}),
 ]
 # Non-default weights, so a term given the wrong coefficient cannot pass by coincidence.
 ODD = [
@@ -78,16 +80,11 @@ def _make(name, params, seed=1):
     filled, HashNet's schedule advanced, DSDH's classifier set."""
     obj = methods.build(name, params, bits=BITS, num_classes=CLASSES, train_size=TRAIN).double()
     g = torch.Generator().manual_seed(seed)
-    if hasattr(obj, "memory_codes"):
+    if hasattr(obj, "memory"):
         rows = torch.arange(0, TRAIN, 2)
-        obj.memory_codes[rows] = torch.randn(len(rows), BITS, generator=g, dtype=torch.float64)
-        obj.memory_labels[rows] = (torch.rand(len(rows), CLASSES, generator=g) < 0.5).double()
-        obj.memory_seen[rows] = True
-    if hasattr(obj, "bank_u"):
-        rows = torch.arange(0, TRAIN, 2)
-        obj.bank_u[rows] = torch.randn(len(rows), BITS, generator=g, dtype=torch.float64)
-        obj.bank_labels[rows] = (torch.rand(len(rows), CLASSES, generator=g) < 0.5).double()
-        obj.bank_seen[rows] = True
+        obj.memory.codes[rows] = torch.randn(len(rows), BITS, generator=g, dtype=torch.float64)
+        obj.memory.labels[rows] = (torch.rand(len(rows), CLASSES, generator=g) < 0.5).double()
+        obj.memory.seen[rows] = True
     if name == "hashnet":
         obj.iteration.fill_(450)  # schedule "iteration": beta = (1 + 0.005 * 400) ** 0.5 = sqrt(3)
         obj.epoch.fill_(45)  # schedule "epoch": beta = sqrt(45 // 20 + 1) = sqrt(3)
@@ -113,16 +110,23 @@ def _log1pexp(x):
     return torch.log1p(torch.exp(x))
 
 
+def _memory_after(obj, h, labels, index):
+    """(codes, labels) of the memory's columns after this batch was written (constants):
+    every row for ``memory``, the rows written so far for ``bank``."""
+    codes, col_labels, seen = obj.memory.codes.clone(), obj.memory.labels.clone(), obj.memory.seen.clone()
+    codes[index], col_labels[index], seen[index] = h.detach(), labels, True
+    keep = seen if obj.hparams["pairs"] == "bank" else torch.ones_like(seen)
+    return codes[keep], col_labels[keep]
+
+
 def _pair_set(obj, h, labels, index):
     """(rows, columns, pairs) of the objective's pair set: columns are the differentiable batch
     codes (in-batch pairs, i != j) or the memory after this batch was written (constants)."""
     n = h.shape[0]
     if obj.hparams["pairs"] == "batch":
         return list(h), list(labels), [(i, j) for i in range(n) for j in range(n) if i != j]
-    codes, col_labels = obj.memory_codes.clone(), obj.memory_labels.clone()
-    codes[index] = h.detach()
-    col_labels[index] = labels
-    return list(codes), list(col_labels), [(i, j) for i in range(n) for j in range(TRAIN)]
+    codes, col_labels = _memory_after(obj, h, labels, index)
+    return list(codes), list(col_labels), [(i, j) for i in range(n) for j in range(len(codes))]
 
 
 def _dpsh_likelihood_sum(u, labels, cols, ycols, pairs):
@@ -248,11 +252,8 @@ def ref_dpfah(obj, u, logits, labels, index):
     """DPFAHLoss itself (the registry entry must not change its numerics); its formula is
     checked against loops in test_model.py."""
     loss = DPFAHLoss(obj.eta, obj.zeta, obj.delta)
-    if obj.pairs == "bank":
-        seen = obj.bank_seen.clone()
-        bank_u, bank_labels = obj.bank_u.clone(), obj.bank_labels.clone()
-        bank_u[index], bank_labels[index], seen[index] = u.detach(), labels, True
-        return loss(u, logits, labels, bank_u[seen], bank_labels[seen]).total
+    if obj.pairs != "batch":
+        return loss(u, logits, labels, *_memory_after(obj, u, labels, index)).total
     return loss(u, logits, labels).total
 
 
@@ -336,13 +337,13 @@ def test_dsdh_dcc_matches_the_paper_update():
 
 def test_dsdh_epoch_start_solves_b_and_w_over_the_seen_items():
     obj = _make("dsdh", {})
-    untouched = obj.codes_b[~obj.memory_seen].clone()
+    untouched = obj.codes_b[~obj.memory.seen].clone()
     obj.start_epoch(0)  # nothing before the first epoch
     assert obj.classifier_w.abs().sum() == 0
-    seen = obj.memory_seen
+    seen = obj.memory.seen
     p = obj.hparams
     want_b, want_w = _dcc_plain(
-        obj.codes_b[seen].numpy().T, obj.memory_codes[seen].numpy().T, obj.memory_labels[seen].numpy().T, p["mu"], p["nu"], p["eta"], p["dcc_iter"]
+        obj.codes_b[seen].numpy().T, obj.memory.codes[seen].numpy().T, obj.memory.labels[seen].numpy().T, p["mu"], p["nu"], p["eta"], p["dcc_iter"]
     )
     obj.start_epoch(1)
     np.testing.assert_array_equal(obj.codes_b[seen].numpy().T, want_b)
@@ -499,6 +500,26 @@ def test_ranks_compute_what_one_process_computes(name, params, world_size):
 # ------------------------------------------------------------------ registry
 
 
+@pytest.mark.parametrize("name", ["dpsh", "dpfah"])
+def test_memory_and_bank_are_one_memory_read_two_ways(name):
+    """One mechanism (dpfah.objective.Memory), two documented behaviours: ``memory`` (the code
+    zoo's U, the comparison methods' default) pairs the batch with every row, and a row not
+    written yet is a zero code with no label: a dissimilar pair with theta = 0, log 2 each;
+    ``bank`` (DPFAH's choice) pairs it with the rows written so far only. Same state, same
+    writes: the pair sums differ by exactly the unseen rows' log 2s."""
+    u, logits, labels, index = _batch(seed=3)
+    steps = {}
+    for pairs in ("memory", "bank"):
+        obj = _make(name, {"pairs": pairs})
+        assert isinstance(obj.memory, Memory) and obj.state_dict().keys() >= {"memory.codes", "memory.labels", "memory.seen"}
+        steps[pairs] = obj.step(u.clone(), logits, labels, index, Shard(1, 0, 8))
+        unseen = int((~obj.memory.seen).sum())
+    term = "likelihood" if name == "dpsh" else "l1"
+    (mem_sum, mem_pairs), (bank_sum, bank_pairs) = steps["memory"].stats[term], steps["bank"].stats[term]
+    assert unseen > 0 and (mem_pairs, bank_pairs) == (8 * TRAIN, 8 * (TRAIN - unseen))
+    assert mem_sum == pytest.approx(bank_sum + 8 * unseen * math.log(2), rel=1e-12)
+
+
 def test_registry_declares_every_method():
     assert set(methods.names()) == {"dpfah", "dpsh", "dsh", "dhn", "hashnet", "dsdh", "dfh", "idhn", "dbdh", "lcdsh"}
     for name in methods.names():
@@ -519,15 +540,18 @@ def test_registry_declares_every_method():
 
 
 def test_dpfah_entry_keeps_dpfah_loss_numerics():
-    from dpfah.settings import LossSettings
-
     u, logits, labels, index = _batch(seed=8, multi=True)
-    entry = methods.build("dpfah", LossSettings(eta=2.0, zeta=0.3), bits=BITS, num_classes=CLASSES).double()
+    entry = methods.build("dpfah", {"eta": 2.0, "zeta": 0.3}, bits=BITS, num_classes=CLASSES).double()
     plain = DPFAHLoss(2.0, 0.3).double()
     assert entry.state_dict().keys() == plain.state_dict().keys()
     a = entry.step(u, logits, labels, index, Shard(1, 0, 8))
     b = plain.step(u, logits, labels, index, Shard(1, 0, 8))
     assert a.stats == b.stats and a.surrogate.item() == b.surrogate.item()
+    # Its knobs are declared once, DPFAHLoss's, with the paper's values as defaults.
+    assert methods.get("dpfah").defaults is DPFAHLoss.defaults == {"eta": 10.0, "zeta": 0.1, "delta": 1.1, "pairs": "batch"}
+    assert (DPFAHLoss().eta, DPFAHLoss().zeta, DPFAHLoss().delta, DPFAHLoss().pairs) == (10.0, 0.1, 1.1, "batch")
+    with pytest.raises(ValueError, match=r"^dpfah: delta must be >= 0, got -1$"):
+        methods.build("dpfah", {"delta": -1}, bits=BITS, num_classes=CLASSES)
 
 
 # ------------------------------------------------------------------ through fit

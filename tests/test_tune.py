@@ -54,13 +54,14 @@ def test_tune_section_defaults_and_errors_name_the_key():
     from pipeline.config import load_params
 
     p = load_params(ROOT / "params.yaml")
-    assert p.tune.search == "grid" and p.tune.scheduler == "asha" and p.loss.use_tuned is False
+    assert p.tune.search == "grid" and p.tune.scheduler == "asha" and p.use_tuned is False
+    assert p.tune.space == {"eta": (1.0, 10.0), "zeta": (0.1, 1.0)} and p.tune.ranges == {}
     assert p.tune.datasets == ()  # opt in: no tune@ stage by default
     for override, key in [
-        ("tune.eta_range=[1,10]", "tune.eta_range"),  # ranges are for random search
+        ("tune.ranges.eta=[1,10]", "tune.ranges.eta"),  # ranges are for random search
         ("tune.reduction_factor=1", "tune.reduction_factor"),
         ("tune.bits=[0]", "tune.bits"),
-        ("tune.zeta=[]", "tune.zeta"),
+        ("tune.space.zeta=[]", "tune.space.zeta"),
         ("tune.scheduler=hyperband", "tune.scheduler"),
         ("tune.max_concurrent_trials=0", "tune.max_concurrent_trials"),
         ("tune.budget=3", "tune.budget"),
@@ -68,8 +69,8 @@ def test_tune_section_defaults_and_errors_name_the_key():
     ]:
         with pytest.raises(ConfigError, match=rf"^{key}"):
             load_params(ROOT / "params.yaml", [override])
-    with pytest.raises(ConfigError, match="^tune.zeta_range"):
-        load_params(ROOT / "params.yaml", ["tune.search=random", "tune.zeta_range=[1,0.1]"])
+    with pytest.raises(ConfigError, match="^tune.ranges.zeta"):
+        load_params(ROOT / "params.yaml", ["tune.search=random", "tune.ranges.zeta=[1,0.1]"])
 
 
 def test_search_space_grid_and_random():
@@ -78,16 +79,16 @@ def test_search_space_grid_and_random():
     from pipeline.config import load_params
     from pipeline.tune import search_space
 
-    grid = load_params(ROOT / "params.yaml", ["tune.eta=[1,5]", "tune.zeta=[0.1]", "tune.bits=[16,32,64]"])
+    grid = load_params(ROOT / "params.yaml", ["tune.space.eta=[1,5]", "tune.space.zeta=[0.1]", "tune.bits=[16,32,64]"])
     space, alg, n = search_space(grid, max_concurrent=3)
     assert space == {"eta": {"grid_search": [1.0, 5.0]}, "zeta": {"grid_search": [0.1]}, "bits": {"grid_search": [16, 32, 64]}}
     assert n == 1 and alg.max_concurrent == 3
 
-    rnd = load_params(ROOT / "params.yaml", ["tune.search=random", "tune.eta_range=[0.5,20]", "tune.num_samples=7"])
+    rnd = load_params(ROOT / "params.yaml", ["tune.search=random", "tune.ranges.eta=[0.5,20]", "tune.num_samples=7"])
     space, alg, n = search_space(rnd)
     assert isinstance(space["eta"], Float) and (space["eta"].lower, space["eta"].upper) == (0.5, 20.0)
     assert "LogUniform" in type(space["eta"].get_sampler()).__name__
-    assert isinstance(space["zeta"], Categorical) and list(space["zeta"].categories) == list(rnd.tune.zeta)
+    assert isinstance(space["zeta"], Categorical) and list(space["zeta"].categories) == list(rnd.tune.space["zeta"])
     assert isinstance(space["bits"], Categorical) and n == 7
 
 
@@ -123,7 +124,7 @@ def test_summary_tables_like_the_papers_tables_3_and_4():
         _row(10.0, 1.0, 64, math.nan, status="error", epochs=0),
     ]
     best = _select_best(rows)
-    assert (best.eta, best.zeta, best.bits) == (10.0, 0.1, 64)  # 0.80 was stopped early: completed trials win
+    assert (best.hparams, best.bits) == ({"eta": 10.0, "zeta": 0.1}, 64)  # 0.80 was stopped early: completed trials win
     meta = {"name": "s", "dataset": "d", "protocol": "p", "search": "grid", "scheduler": "asha", "epochs": 4, "image_size": 32, "num_workers": 2}
     md = summary_markdown(rows, meta, best)
     by_eta = md.split("## Validation mAP by eta")[1].split("##")[0]
@@ -145,9 +146,9 @@ def test_objective_takes_the_tuned_weights_at_the_same_code_length(toy_dataset, 
     from pipeline.artifacts import best_file
 
     work, images = toy_dataset
-    tuned = toy_params(work, images, "loss.use_tuned=true", "loss.eta=7", "loss.delta=2")
-    with pytest.raises(ConfigError, match=r"^loss.use_tuned: .*best.json not found"):
-        objective.resolve_dpfah(tuned, "toy", 16, root=tmp_path)
+    tuned = toy_params(work, images, "use_tuned=true", "objectives.dpfah.eta=7", "objectives.dpfah.delta=2")
+    with pytest.raises(ConfigError, match=r"^use_tuned: .*best.json not found"):
+        objective.resolve(tuned, "toy", 16, root=tmp_path)
     path = best_file("toy", tmp_path)
     path.parent.mkdir(parents=True)
     record = {
@@ -155,13 +156,16 @@ def test_objective_takes_the_tuned_weights_at_the_same_code_length(toy_dataset, 
         "by_bits": {"16": {"eta": 1.0, "zeta": 1.0, "bits": 16, "run_id": "r16"}, "64": {"eta": 10.0, "zeta": 0.1, "bits": 64, "run_id": "r64"}},
     }  # fmt: skip
     path.write_text(json.dumps(record))
-    loss, source = objective.resolve_dpfah(tuned, "toy", 16, root=tmp_path)
-    assert (loss.eta, loss.zeta, loss.delta) == (1.0, 1.0, 2.0)  # eta, zeta from the search; the rest from params
+    got = objective.resolve(tuned, "toy", 16, root=tmp_path)  # a record without "method"/"knobs": DPFAH's eta, zeta
+    assert got.hparams == {"eta": 1.0, "zeta": 1.0, "delta": 2.0}  # eta, zeta from the search; the rest from params
+    source = got.source
     assert source["tuned_trial_run_id"] == "r16" and source["tuned_search_run_id"] == "parent" and source["weights_from"] == "tune"
-    loss, source = objective.resolve_dpfah(tuned, "toy", 32, root=tmp_path)  # not searched at 32 bits: the overall best
-    assert (loss.eta, loss.zeta) == (10.0, 0.1) and source["tuned_bits"] == "64"
-    loss, source = objective.resolve_dpfah(toy_params(work, images, "loss.eta=7"), "toy", 16, root=tmp_path)
-    assert (loss.eta, source) == (7.0, {"weights_from": "params"})  # use_tuned off: best.json is not read
+    got = objective.resolve(tuned, "toy", 32, root=tmp_path)  # not searched at 32 bits: the overall best
+    assert (got.hparams["eta"], got.hparams["zeta"]) == (10.0, 0.1) and got.source["tuned_bits"] == "64"
+    got = objective.resolve(toy_params(work, images, "objectives.dpfah.eta=7"), "toy", 16, root=tmp_path)
+    assert (got.hparams, got.source) == ({"eta": 7.0}, {"weights_from": "params"})  # use_tuned off: best.json is not read
+    dsh = objective.resolve(toy_params(work, images, "use_tuned=true", "objectives.dsh.alpha=0.5"), "toy", 16, "dsh", root=tmp_path)
+    assert (dsh.hparams, dsh.source) == ({"alpha": 0.5}, {"weights_from": "params"})  # a search over dpfah: dsh keeps its knobs
 
     # The file the train stage reads under DVC round-trips, and names what it belongs to.
     recipe = objective.resolve(tuned, "toy", 16, root=tmp_path)
@@ -171,20 +175,20 @@ def test_objective_takes_the_tuned_weights_at_the_same_code_length(toy_dataset, 
     with pytest.raises(ConfigError, match="not 'toy' at 32"):
         objective.read(written, "toy", 32)
     path.write_text("{not json")
-    with pytest.raises(ConfigError, match="^loss.use_tuned: .* is not a tune result"):
-        objective.resolve_dpfah(tuned, "toy", 16, root=tmp_path)
+    with pytest.raises(ConfigError, match="^use_tuned: .* is not a tune result"):
+        objective.resolve(tuned, "toy", 16, root=tmp_path)
 
 
 def test_train_without_the_search_result_it_is_told_to_use_stops_before_ray(toy_dataset, tmp_path, monkeypatch):
-    """loss.use_tuned=true and no tune/<dataset>/best.json: one error naming the key, before
+    """use_tuned=true and no tune/<dataset>/best.json: one error naming the key, before
     any MLflow run or Ray start. (A real fit with the tuned eta and zeta: conftest's
     ``ray_trained``, checked in test_stage_train.)"""
     import pipeline.train as train
 
     work, images = toy_dataset
     monkeypatch.chdir(tmp_path)
-    params = toy_params(work, images, "loss.use_tuned=true", f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}")
-    with pytest.raises(ConfigError, match="^loss.use_tuned: .*best.json not found"):
+    params = toy_params(work, images, "use_tuned=true", f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}")
+    with pytest.raises(ConfigError, match="^use_tuned: .*best.json not found"):
         train.run_training(params, "toy", 16, write_run_file=False)
     assert not (tmp_path / "mlflow.db").exists()
 
@@ -215,7 +219,6 @@ def test_cli_help_and_user_errors(tmp_path):
 
 
 def test_dvc_tune_stage_reads_everything_but_what_the_search_owns(tmp_path):
-    from dpfah.settings import LossSettings
     from pipeline.config import TuneConfig
 
     stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
@@ -224,20 +227,17 @@ def test_dvc_tune_stage_reads_everything_but_what_the_search_owns(tmp_path):
     do = stage["do"]
     assert do["cmd"] == "python -m pipeline.tune --dataset ${item}"
     params = do["params"]
-    # Whole sections for what a trial trains with; of `loss`, every field but eta and zeta
-    # (the search sets them); never `bits` (the search has its own) or loss.use_tuned.
-    assert {"seed", "tune", "train", "model", "mlflow", "objectives"} <= set(params) and "loss" not in params and "bits" not in params
-    loss_keys = {p.split(".", 1)[1] for p in params if p.startswith("loss.")}
-    expected = {f.name for f in dataclasses.fields(LossSettings)} - {"eta", "zeta"}
-    assert loss_keys == expected, f"add to dvc.yaml's tune params: {sorted(expected - loss_keys)}; drop: {sorted(loss_keys - expected)}"
+    # Whole sections for what a trial trains with (a method's knobs: `objectives`, any method
+    # alike, no hand-split per method); never `bits` (the search has its own) or use_tuned.
+    assert set(params) == {"seed", "tune", "train", "model", "mlflow", "objectives"}
     assert "${data.root}/shards/${item}" in do["deps"] and "pipeline/tune.py" in do["deps"]
     outs = {next(iter(o)) if isinstance(o, dict) else o for o in do["outs"]}
     assert outs == {"tune/${item}/best.json", "tune/${item}/summary.md", "tune/${item}/summary.csv"}
-    assert {f.name for f in dataclasses.fields(TuneConfig)} >= {"datasets", "eta", "zeta", "bits"}
-    # The trainings never read the search's folder or `loss` directly: their objective
+    assert {f.name for f in dataclasses.fields(TuneConfig)} >= {"datasets", "space", "ranges", "bits"}
+    # The trainings never read the search's folder or `objectives` directly: their objective
     # stage does, and writes the one file they depend on.
-    assert "tune" not in stages["train"]["deps"] and "loss" not in stages["train"]["params"]
-    assert "tune" in stages["objective"]["deps"] and stages["objective"]["params"] == ["loss", "objectives", "variants"]
+    assert "tune" not in stages["train"]["deps"] and "objectives" not in stages["train"]["params"]
+    assert "tune" in stages["objective"]["deps"] and stages["objective"]["params"] == ["objectives", "variants", "use_tuned"]
     # The training reads every key of `train` but the matrix lists (its method and seed come
     # from the matrix), so adding a method or seed retrains nothing that exists.
     from pipeline.config import TrainConfig
@@ -316,8 +316,8 @@ def search(ray_local, toy_dataset, tmp_path_factory):
         "train.epochs=2",
         f"train.storage_path={out / 'ray'}",
         f"mlflow.tracking_uri=sqlite:///{out / 'mlflow.db'}",
-        "tune.eta=[1]",
-        "tune.zeta=[1]",
+        "tune.space.eta=[1]",
+        "tune.space.zeta=[1]",
         "tune.bits=[16,1]",
         "tune.grace_period=1",
         "tune.reduction_factor=2",
@@ -345,7 +345,7 @@ def test_search_stops_a_trial_early_and_finishes_the_others(search):
     outcome, out, _ = search
     rows = {r.bits: r for r in outcome.rows}
     assert sorted(rows) == [1, 16]
-    assert all(r.eta == 1.0 and r.zeta == 1.0 for r in rows.values())
+    assert all(r.hparams == {"eta": 1.0, "zeta": 1.0} for r in rows.values())
     assert rows[16].status == "completed" and rows[16].epochs == 2
     assert rows[1].status == "stopped" and rows[1].epochs == 1
     assert not [r for r in outcome.rows if r.status == "error"]
@@ -404,7 +404,7 @@ def test_without_retries_a_failed_trial_fails_the_search_and_says_why(ray_local,
     work, images = toy_dataset
     overrides = toy_overrides(
         work, images, "train.num_workers=1", "train.epochs=2", f"train.storage_path={tmp_path / 'ray'}", f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
-        "tune.eta=[1]", "tune.zeta=[1]", "tune.bits=[16]", "tune.scheduler=none", "train.fail_at_epoch=0", "train.max_failures=0", "tune.max_failures=0",
+        "tune.space.eta=[1]", "tune.space.zeta=[1]", "tune.bits=[16]", "tune.scheduler=none", "train.fail_at_epoch=0", "train.max_failures=0", "tune.max_failures=0",
     )  # fmt: skip
     with _searching_in(tmp_path):
         code = run_main(main, ["--dataset", "toy", "--params", str(PARAMS_FILE), "--out", str(tmp_path / "out"), *(a for o in overrides for a in ("--set", o))])
@@ -471,12 +471,12 @@ def test_best_configuration_file_and_summary(search):
     assert best["val_map"] == pytest.approx(top.val_map) and best["search_run_id"] == outcome.parent_run_id
     assert set(best["by_bits"]) == {"1", "16"} and best["by_bits"]["1"]["status"] == "stopped"
     assert best["dataset"] == "toy" and len(best["manifest_sha256"]) == 64
-    # The trainings read it (loss.use_tuned, through the objective stage).
+    # The trainings read it (use_tuned, through the objective stage).
     from pipeline.config import load_params
 
-    params = load_params(ROOT / "params.yaml", ["datasets.toy.kind=custom", "loss.use_tuned=true"])
-    loss, source = objective.resolve_dpfah(params, "toy", 16, root=out)
-    assert (loss.eta, loss.zeta) == (1.0, 1.0) and source["tuned_trial_run_id"] == top.run_id
+    params = load_params(ROOT / "params.yaml", ["datasets.toy.kind=custom", "use_tuned=true"])
+    recipe = objective.resolve(params, "toy", 16, root=out)
+    assert recipe.hparams == {"eta": 1.0, "zeta": 1.0} and recipe.source["tuned_trial_run_id"] == top.run_id
     # The best trial's model is in MLflow.
     with _tracking(f"sqlite:///{out / 'mlflow.db'}"):
         model = mlflow.pytorch.load_model(best["model_uri"])
@@ -510,50 +510,54 @@ def test_search_refuses_knobs_the_method_does_not_have(toy_dataset):
 
     work, images = toy_dataset
     with pytest.raises(ConfigError, match=r"^tune.space.zeta: dsh has no hyper-parameter 'zeta' \(it has: alpha, margin, pairs; worth searching: alpha\)"):
-        run_search(toy_params(work, images, "train.method=dsh", "tune.space.zeta=[0.1]"), "toy")
+        run_search(toy_params(work, images, "train.method=dsh", "tune.space={zeta: [0.1]}"), "toy")
+    # params.yaml's space is DPFAH's knobs: another method replaces the mapping, or is told
+    with pytest.raises(ConfigError, match=r"^tune.space.eta: dsh has no hyper-parameter 'eta'"):
+        run_search(toy_params(work, images, "train.method=dsh", "tune.space.alpha=[0.1]"), "toy")
     with pytest.raises(ConfigError, match=r"^tune.ranges.gamma: dpsh has no hyper-parameter 'gamma' \(it has: eta, pairs"):
-        run_search(toy_params(work, images, "train.method=dpsh", "tune.search=random", "tune.ranges.gamma=[0.1,1]"), "toy")
+        run_search(toy_params(work, images, "train.method=dpsh", "tune.search=random", "tune.space={}", "tune.ranges.gamma=[0.1,1]"), "toy")
     with pytest.raises(ConfigError, match=r"^tune.space: empty, and dsh has no default search.*tune.space.alpha=.*it has: alpha, margin, pairs"):
-        run_search(toy_params(work, images, "train.method=dsh"), "toy")
+        run_search(toy_params(work, images, "train.method=dsh", "tune.space={}"), "toy")
     with pytest.raises(ConfigError, match=r"^tune.space.lam: dpfah has no hyper-parameter 'lam' \(it has: delta, eta, pairs, zeta; worth searching: eta, zeta\)"):
         run_search(toy_params(work, images, "tune.space.lam=[1]"), "toy")
-    with pytest.raises(ConfigError, match=r"^tune.space.eta: DPFAH's eta is searched over tune.eta"):
-        run_search(toy_params(work, images, "tune.space.eta=[1]"), "toy")
     with pytest.raises(ConfigError, match=r"^tune.space.pairs: 'nope' is not one of"):
-        run_search(toy_params(work, images, "train.method=dsh", "tune.space.pairs=[batch,nope]"), "toy")
+        run_search(toy_params(work, images, "train.method=dsh", "tune.space={pairs: [batch, nope]}"), "toy")
     with pytest.raises(ConfigError, match=r"^tune.ranges.pairs: pairs is not a number"):
-        run_search(toy_params(work, images, "train.method=dsh", "tune.search=random", "tune.ranges.pairs=[1,2]"), "toy")
+        run_search(toy_params(work, images, "train.method=dsh", "tune.search=random", "tune.space={}", "tune.ranges.pairs=[1,2]"), "toy")
     with pytest.raises(ConfigError, match=r"^train.method: resnet18 is a variant"):
         run_search(toy_params(work, images, "train.method=resnet18"), "toy")
 
 
 def test_search_space_and_trials_of_another_method(toy_dataset):
-    """tune.space/tune.ranges for a method other than DPFAH: its declared knobs make the grid
-    (or the random draws), tune.eta/zeta play no part, and a trial trains that method with
-    the searched values over objectives.<method> and the method's defaults."""
+    """tune.space/tune.ranges for any method, DPFAH's the same way: its declared knobs make
+    the grid (or the random draws), and a trial trains that method with the searched values
+    over objectives.<method> and the method's defaults."""
     from ray.tune.search.sample import Categorical, Float
 
     from pipeline.tune import search_space, searched_knobs, trial_recipe
 
     work, images = toy_dataset
-    grid = toy_params(work, images, "train.method=dsh", "tune.space.alpha=[0.01,1]", "tune.space.pairs=[batch,memory]", "tune.bits=[8]", "objectives.dsh.margin=3")
+    grid = toy_params(work, images, "train.method=dsh", "tune.space={alpha: [0.01, 1], pairs: [batch, memory]}", "tune.bits=[8]", "objectives.dsh.margin=3")
     assert searched_knobs(grid) == {"alpha": ("values", (0.01, 1.0)), "pairs": ("values", ("batch", "memory"))}  # 1 -> 1.0: alpha is a float
     space, _, samples = search_space(grid)
     assert space == {"alpha": {"grid_search": [0.01, 1.0]}, "pairs": {"grid_search": ["batch", "memory"]}, "bits": {"grid_search": [8]}}
     recipe = trial_recipe(grid, "toy", {"alpha": 1.0, "pairs": "memory", "bits": 8})
     assert (recipe.method, recipe.hparams, recipe.source) == ("dsh", {"margin": 3, "alpha": 1.0, "pairs": "memory"}, {"weights_from": "search"})
 
-    rnd = toy_params(work, images, "train.method=hashnet", "tune.search=random", "tune.num_samples=5", "tune.ranges.alpha=[0.01,1]", "tune.space.gamma=[0.5]")
+    rnd = toy_params(work, images, "train.method=hashnet", "tune.search=random", "tune.num_samples=5", "tune.ranges.alpha=[0.01,1]", "tune.space={gamma: [0.5]}")
     space, _, samples = search_space(rnd)
     assert samples == 5 and set(space) == {"alpha", "gamma", "bits"}
     assert isinstance(space["alpha"], Float) and (space["alpha"].lower, space["alpha"].upper) == (0.01, 1.0)
     assert isinstance(space["gamma"], Categorical) and list(space["gamma"].categories) == [0.5]
 
-    # DPFAH: eta and zeta as before, plus its other knobs of tune.space; a trial never reads best.json
-    dpfah = toy_params(work, images, "tune.eta=[2]", "tune.zeta=[0.5]", "tune.space.delta=[1.5]", "loss.use_tuned=true")
+    # DPFAH: its knobs of tune.space like any method's; a trial never reads best.json
+    dpfah = toy_params(work, images, "tune.space.eta=[2]", "tune.space.zeta=[0.5]", "tune.space.delta=[1.5]", "use_tuned=true", "objectives.dpfah.pairs=bank")
     assert searched_knobs(dpfah) == {"eta": ("values", (2.0,)), "zeta": ("values", (0.5,)), "delta": ("values", (1.5,))}
     recipe = trial_recipe(dpfah, "toy", {"eta": 2.0, "zeta": 0.5, "delta": 1.5, "bits": 16})
-    assert (recipe.method, recipe.hparams["eta"], recipe.hparams["zeta"], recipe.hparams["delta"]) == ("dpfah", 2.0, 0.5, 1.5)
+    assert (recipe.method, recipe.hparams) == ("dpfah", {"eta": 2.0, "zeta": 0.5, "delta": 1.5, "pairs": "bank"})
+    # a range (random search) wins over the knob's list: params.yaml lists eta, a user draws it
+    drawn = toy_params(work, images, "tune.search=random", "tune.ranges.eta=[0.5,20]")
+    assert searched_knobs(drawn) == {"eta": ("range", (0.5, 20.0)), "zeta": ("values", (0.1, 1.0))}
 
 
 def test_summary_of_a_search_over_other_knobs():
@@ -576,11 +580,18 @@ def test_summary_of_a_search_over_other_knobs():
     assert (table[3]["alpha"], table[3]["pairs"], table[3]["val_map"]) == ("1.0", "memory", "0.400000")
 
 
-def test_use_tuned_refuses_a_search_over_another_method(toy_dataset, tmp_path):
+def test_use_tuned_takes_a_search_s_knobs_for_its_method_only(toy_dataset, tmp_path, capsys):
+    """use_tuned, any method alike: a search over dsh gives dsh's trainings its knobs (over
+    objectives.dsh), and leaves DPFAH's with theirs, saying so."""
     from pipeline import objective
 
     work, images = toy_dataset
     (tmp_path / "tune" / "toy").mkdir(parents=True)
-    (tmp_path / "tune" / "toy" / "best.json").write_text(json.dumps({"method": "dsh", "alpha": 0.1, "bits": 16, "by_bits": {}}))
-    with pytest.raises(ConfigError, match=r"^loss.use_tuned: .*best.json is a search over dsh's knobs"):
-        objective.resolve_dpfah(toy_params(work, images, "loss.use_tuned=true"), "toy", 16, root=tmp_path)
+    record = {"method": "dsh", "knobs": ["alpha"], "alpha": 0.1, "bits": 16, "by_bits": {"16": {"alpha": 0.3, "bits": 16, "run_id": "r"}}}
+    (tmp_path / "tune" / "toy" / "best.json").write_text(json.dumps(record))
+    params = toy_params(work, images, "use_tuned=true", "objectives.dsh.margin=3")
+    dsh = objective.resolve(params, "toy", 16, "dsh", root=tmp_path)
+    assert dsh.hparams == {"margin": 3, "alpha": 0.3} and dsh.source["weights_from"] == "tune" and dsh.source["tuned_trial_run_id"] == "r"
+    dpfah = objective.resolve(params, "toy", 16, "dpfah", root=tmp_path)
+    assert (dpfah.hparams, dpfah.source) == ({"eta": 1.0}, {"weights_from": "params"})
+    assert "best.json is a search over dsh's knobs; dpfah keeps objectives.dpfah" in capsys.readouterr().err

@@ -33,6 +33,7 @@ METHODS: dict[str, type] = {cls.name: cls for cls in (DPFAH, DPSH, DSH, DHN, Has
 
 
 def names() -> tuple[str, ...]:
+    """The registry names, in the order above (DPFAH first, then the paper's Table 6)."""
     return tuple(METHODS)
 
 

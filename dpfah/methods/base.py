@@ -16,10 +16,11 @@ Pairs (:class:`Pairs`) are this rank's rows against columns that are constants:
 * ``"batch"``: the whole global batch (all-gathered), ordered pairs i != j. The pair terms of
   every method here are symmetric in (i, j), so the true gradient of a row is twice the
   constant-column one: :func:`double_grad` doubles it without changing the value.
-* ``"memory"``: a replicated memory of the latest (detached) code and label of every training
-  item, zero-initialised (DPSH's U; zero rows are dissimilar, theta = 0), into which every
-  rank writes the all-gathered batch before the loss, so the batch meets itself. The memory
-  is a buffer: it moves with ``.to``, is checkpointed by ``state_dict``.
+* ``"memory"``: a replicated :class:`~dpfah.objective.Memory` of the latest (detached) code
+  and label of every training item, zero-initialised (DPSH's U; zero rows are dissimilar,
+  theta = 0), into which every rank writes the all-gathered batch before the loss, so the
+  batch meets itself. ``"bank"``: the same memory, only the rows written so far (DPFAH's
+  choice). Buffers: they move with ``.to``, are checkpointed by ``state_dict``.
 """
 
 from __future__ import annotations
@@ -35,11 +36,9 @@ from torch import nn
 
 from ..codes import binarize
 from ..loss import similarity
-from ..objective import Shard, Step, world
+from ..objective import PAIR_SETS, Memory, Shard, Step, check_hparams, world
 
 __all__ = ["Declared", "Method", "PairwiseMethod", "Pairs", "Part", "double_grad", "likelihood", "broadcast_"]
-
-PAIR_SETS = ("batch", "memory")
 
 
 class Part(NamedTuple):
@@ -82,7 +81,8 @@ class Declared:
 
     * ``name``: the registry name; ``defaults``: every hyper-parameter and its default (the
       paper's where it gives one, see each docstring); ``tunable``: the ones worth searching;
-      ``choices``: the allowed values of the categorical ones;
+      ``choices``: the allowed values of the categorical ones; ``at_least``: lower bounds of
+      numeric ones;
     * ``terms``: the reported parts. ``needs_train_size(params)`` says whether a training-set
       size (one state row per training item index) is needed.
     """
@@ -91,18 +91,18 @@ class Declared:
     defaults: ClassVar[dict[str, Any]]
     tunable: ClassVar[tuple[str, ...]] = ()
     choices: ClassVar[dict[str, tuple[Any, ...]]] = {}
+    at_least: ClassVar[dict[str, float]] = {}
     terms: ClassVar[tuple[str, ...]]
 
     @classmethod
     def resolve(cls, params: Mapping[str, Any], bits: int, num_classes: int, train_size: int | None) -> dict[str, Any]:
-        """The defaults updated by ``params``; ``ValueError`` naming what is wrong."""
+        """The defaults updated by ``params`` (a None value keeps the default); ``ValueError``
+        naming what is wrong."""
         unknown = sorted(set(params) - set(cls.defaults))
         if unknown:
             raise ValueError(f"{cls.name}: unknown hyper-parameter(s) {unknown}; it has {sorted(cls.defaults)}")
-        resolved = {**cls.defaults, **params}
-        for key, allowed in cls.choices.items():
-            if resolved[key] not in allowed:
-                raise ValueError(f"{cls.name}: {key}={resolved[key]!r}: choose one of {', '.join(map(str, allowed))}")
+        resolved = {**cls.defaults, **{k: v for k, v in params.items() if v is not None}}
+        check_hparams(cls.name, resolved, cls.choices, cls.at_least)
         if bits < 1 or num_classes < 1:
             raise ValueError(f"{cls.name}: bits and num_classes must be >= 1, got {bits}, {num_classes}")
         if cls.needs_train_size(resolved) and not (train_size and train_size > 0):
@@ -111,7 +111,8 @@ class Declared:
 
     @classmethod
     def needs_train_size(cls, params: Mapping[str, Any]) -> bool:
-        return False
+        """Whether ``params`` pair the batch with a memory (one row per training item)."""
+        return params.get("pairs", "batch") != "batch"
 
     @classmethod
     def from_settings(cls, settings: Any = None, *, bits: int, num_classes: int, train_size: int | None = None):
@@ -226,14 +227,8 @@ class PairwiseMethod(Method):
 
     def __init__(self, **kw: Any) -> None:
         super().__init__(**kw)
-        if self.hparams["pairs"] == "memory":
-            self.register_buffer("memory_codes", torch.zeros(self.train_size, self.bits))
-            self.register_buffer("memory_labels", torch.zeros(self.train_size, self.num_classes))
-            self.register_buffer("memory_seen", torch.zeros(self.train_size, dtype=torch.bool))
-
-    @classmethod
-    def needs_train_size(cls, params: Mapping[str, Any]) -> bool:
-        return params.get("pairs") == "memory"
+        if self.hparams["pairs"] != "batch":
+            self.memory = Memory(self.train_size, self.bits, self.num_classes)
 
     def code(self, u: torch.Tensor) -> torch.Tensor:
         return u
@@ -241,12 +236,9 @@ class PairwiseMethod(Method):
     def pairs(self, h: torch.Tensor, labels: torch.Tensor, index: torch.Tensor, shard: Shard) -> Pairs:
         all_h, all_labels = shard.gather(h.detach()), shard.gather(labels)
         rows = slice(shard.offset, shard.offset + h.shape[0])
-        if self.hparams["pairs"] == "memory":
-            all_index = shard.gather(index)
-            self.memory_codes[all_index] = all_h.to(self.memory_codes.dtype)
-            self.memory_labels[all_index] = all_labels.to(self.memory_labels.dtype)
-            self.memory_seen[all_index] = True
-            codes, col_labels = self.memory_codes.to(h.dtype), self.memory_labels.to(h.dtype)
+        if self.hparams["pairs"] != "batch":
+            self.memory.write(shard.gather(index), all_h, all_labels)
+            codes, col_labels = (c.to(h.dtype) for c in self.memory.columns(self.hparams["pairs"]))
             valid = torch.ones(all_h.shape[0], codes.shape[0], dtype=torch.bool, device=h.device)
             return Pairs(codes, col_labels, all_h, all_labels, valid, rows, False)
         n = all_h.shape[0]

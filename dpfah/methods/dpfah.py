@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Any
 
 from ..loss import DPFAHLoss
-from ..settings import PAIRS
 from .base import Declared
 
 __all__ = ["DPFAH"]
@@ -13,21 +12,19 @@ __all__ = ["DPFAH"]
 
 class DPFAH(Declared, DPFAHLoss):
     """:class:`~dpfah.loss.DPFAHLoss` unchanged (L1 + eta L2 + zeta L3; see its docstring),
-    with the registry's declarations. Defaults: the paper's eta = 10, zeta = 0.1, delta = 1.1
-    (the CPU profile of params.yaml uses eta = 1). ``pairs``: ``batch`` or ``bank`` (the
-    bank pairs the batch with every row seen so far, needs train_size).
+    with the registry's declarations. Its hyper-parameters, defaults (the paper's), choices
+    and bounds are DPFAHLoss's, declared there once. ``pairs``: ``batch``, ``bank`` (the
+    batch against every training item seen so far) or ``memory`` (against every training
+    item, unseen ones as zero rows); both need train_size.
 
-    State: the bank with ``pairs="bank"``. Data-parallel: see DPFAHLoss.step.
+    State: the memory with ``pairs`` bank or memory. Data-parallel: see DPFAHLoss.step.
     """
 
     name = "dpfah"
-    defaults = {"eta": 10.0, "zeta": 0.1, "delta": 1.1, "pairs": "batch"}
     tunable = ("eta", "zeta")
-    choices = {"pairs": PAIRS}
-
-    @classmethod
-    def needs_train_size(cls, params) -> bool:
-        return params.get("pairs") == "bank"
+    # (Declared's empty defaults would hide DPFAHLoss's: name them.)
+    choices = DPFAHLoss.choices
+    at_least = DPFAHLoss.at_least
 
     def __init__(self, *, bits: int, num_classes: int, train_size: int | None = None, **params: Any) -> None:
         p = self.resolve(params, bits, num_classes, train_size)

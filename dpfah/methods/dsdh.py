@@ -69,14 +69,14 @@ class DSDH(PairwiseMethod):
 
     @torch.no_grad()
     def start_epoch(self, epoch: int) -> None:
-        seen = self.memory_seen
+        seen = self.memory.seen
         if epoch < 1 or not bool(seen.any()):
             return
         p = self.hparams
         b, w = dcc(
             self.codes_b[seen].double().T.contiguous(),
-            self.memory_codes[seen].double().T,
-            self.memory_labels[seen].double().T,
+            self.memory.codes[seen].double().T,
+            self.memory.labels[seen].double().T,
             p["mu"], p["nu"], p["eta"], int(p["dcc_iter"]),
         )
         self.codes_b[seen] = b.T.to(self.codes_b.dtype)
