@@ -15,16 +15,17 @@ row per image, bit j in column j. :func:`dpfah.codes.pack_codes` packs them into
 ``ceil(bits / 64)`` ``uint64`` words per image (bit j of the code in bit j % 64 of word
 j // 64, set for +1): the form the evaluation's ``codes/*.parquet`` and the Hamming search use.
 
-Refused, each with one sentence that says what was expected (:meth:`ImageEncoder.check_images`): no
-images; an array that is not ``(N, H, W, 3)``; floating-point values (floats in 0..1 read as
-0..255 would be a black image: scale by 255 and round first); integers outside 0..255; an
-image over ``max_image_pixels`` pixels or with a side over ``max_image_side``; a request over
-``max_request_pixels`` pixels in all (N * H * W). The limits are attributes of the encoder
-(so of the logged model, and tags of it), checked before any pixel is converted;
-:data:`MAX_IMAGE_PIXELS`, :data:`MAX_IMAGE_SIDE` and :data:`MAX_REQUEST_PIXELS` are the
-defaults and what an encoder pickled before the limits existed gets. The resize holds one
-image at a time and, on the CPU, a float copy of at most ``_STRIP_VALUES`` values of it
-(a strip of rows), never a float copy of the whole image or request.
+Refused, each with one sentence that says what was expected
+(:meth:`ImageEncoder.check_images`): no images; an array that is not ``(N, H, W, 3)``;
+floating-point values (floats in 0..1 read as 0..255 would be a black image: scale by 255
+and round first); integers outside 0..255; an image over ``max_image_pixels`` pixels or
+with a side over ``max_image_side``; a request over ``max_request_pixels`` pixels in all
+(N * H * W). The limits are attributes of the encoder (so of the logged model; train logs
+them as its tags too), checked before any pixel is converted; :data:`MAX_IMAGE_PIXELS`,
+:data:`MAX_IMAGE_SIDE` and :data:`MAX_REQUEST_PIXELS` are the defaults, and what an encoder
+pickled before the limits existed gets. The resize holds one image at a time and, on the
+CPU, a float copy of at most ``_STRIP_VALUES`` values of it (a strip of rows), never a float
+copy of the whole image or request.
 
 Serving (``mlflow models serve``, MLflow 3.17): ``POST /invocations`` with
 ``{"inputs": [image, ...]}``, each image a list of H rows of W ``[r, g, b]`` integers. The
@@ -33,13 +34,15 @@ numbers to its dtype before the model sees them (floats in 0..1 became 0, a blac
 answered 200) and answers an empty list or a 2-D array with its own message, which echoes
 the input. A refusal here is a 400 ``INVALID_PARAMETER_VALUE`` whose ``message`` is the one
 sentence (MLflow's server would otherwise prefix "Failed to predict data '<the input>'").
-What stays MLflow's: images of different sizes in one request fail in its JSON parse, a
-400 with numpy's "inhomogeneous shape" words (send one image per request, or resize them to
-one size); its server has no 413 and no limit on the body size, and parses the whole body
-(the issue that set these limits measured 2.7 s for one 1024 x 1024 image and 7.3 GB of
-server memory for a 4000 x 4000 one: about 0.45 GB per million pixels) before the model
-checks the limits: bound the body in a proxy in front (JSON takes about 16 bytes a pixel,
-so ``client_max_body_size 80m`` in nginx for the default request limit) and the time with
+What stays MLflow's: an empty list and images of different sizes never reach the model.
+``{"inputs": []}`` is a 400 "Encountered an unexpected error while evaluating the model"
+with a stack trace (its PyTorch wrapper refuses the list MLflow makes of it); images of
+different sizes fail in its JSON parse, a 400 in numpy's words ("inhomogeneous shape"):
+send them one per request, or resized to one size. Its server has no 413 and no limit on
+the body size, and parses the whole body (reported: 2.7 s for one 1024 x 1024 image, 7.3 GB
+of server memory for a 4000 x 4000 one, about 0.45 GB a megapixel) before the model checks
+the limits: bound the body in a proxy in front (JSON takes about 16 bytes a pixel, so
+``client_max_body_size 80m`` in nginx for the default request limit) and the time with
 ``mlflow models serve -t`` (``MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT``, 60 s by default: it
 answers 504 but the request's thread runs on).
 
@@ -64,7 +67,7 @@ __all__ = ["ImageEncoder", "MAX_IMAGE_PIXELS", "MAX_IMAGE_SIDE", "MAX_REQUEST_PI
 
 #: Pixels (H * W) one image may have: a 2048 x 2048 image, 4.2 MP. The network sees
 #: ``image_size`` pixels a side (224 in the paper's profile), so larger images only cost the
-#: server (MLflow's JSON parse about 0.45 GB and 2.7 s a megapixel, see the module's notes):
+#: server (MLflow's JSON parse takes about 0.45 GB and 2.7 s a megapixel, see the module):
 #: at the limit a request parses in about 11 s, well inside the server's 60 s default.
 MAX_IMAGE_PIXELS = 2048 * 2048
 #: Longest side an image may have: bounds the resize's intermediate (H x image_size floats).

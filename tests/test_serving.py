@@ -192,6 +192,7 @@ def test_served_requests_that_mlflow_refuses_before_the_model_are_400s(served):
     issue's wanted sentences are not reachable from the model; see dpfah/encoder.py)."""
     status, answer = _post(served, {"inputs": []})
     assert status == 400 and "unexpected error while evaluating the model" in answer["message"], answer
+    assert "does not support List or Dict input types" in answer["stack_trace"], answer
     ragged = [np.zeros((8, 8, 3), np.uint8).tolist(), np.zeros((4, 6, 3), np.uint8).tolist()]
     status, answer = _post(served, {"inputs": ragged})
     assert status == 400 and "inhomogeneous shape" in answer["message"] and len(answer["message"]) < 250, answer
