@@ -46,10 +46,10 @@ the limits: bound the body in a proxy in front (JSON takes about 16 bytes a pixe
 ``mlflow models serve -t`` (``MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT``, 60 s by default: it
 answers 504 but the request's thread runs on).
 
-Outside MLflow a refusal is a ``ValueError``; inside it (the class is made when MLflow can
-be imported) also an ``mlflow.exceptions.MlflowException``. Torch and torchvision only
-otherwise (like the rest of ``dpfah``): nothing of MLflow is imported unless an input is
-refused.
+A refusal is a ``ValueError``, and also an instance of ``refusal_base`` when the encoder has
+one: ``pipeline.train`` logs it with MLflow's ``MlflowException`` and INVALID_PARAMETER_VALUE
+(a 400 in the scoring server), pickled by reference, so that this module imports nothing of
+MLflow (torch and torchvision only, like the rest of ``dpfah``).
 """
 from __future__ import annotations
 
@@ -80,21 +80,18 @@ _STRIP_VALUES = 1 << 21
 
 
 @functools.cache
-def _refusal_class() -> type[ValueError]:
-    """ValueError; within MLflow also an MlflowException (INVALID_PARAMETER_VALUE: HTTP 400
-    in the scoring server) whose message stays the sentence it was made with: MLflow 3.17's
-    server rewrites a model's MlflowException message to "Failed to predict data '<the whole
-    input>'. Error: ...", which would echo the images back."""
-    try:
-        from mlflow.exceptions import MlflowException
-        from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
-    except ImportError:
+def _refusal_class(base: type[Exception] | None) -> type[ValueError]:
+    """ValueError, or a subclass of ``base`` and ValueError whose ``message`` stays the
+    sentence it was made with: MLflow 3.17's scoring server rewrites a model's
+    MlflowException message to "Failed to predict data '<the whole input>'. Error: ...",
+    which would echo the images back."""
+    if base is None:
         return ValueError
 
-    class ImageInputError(MlflowException, ValueError):
-        def __init__(self, sentence: str) -> None:
+    class ImageInputError(base, ValueError):
+        def __init__(self, sentence: str, **kwargs) -> None:
             self._sentence = sentence
-            super().__init__(sentence, error_code=INVALID_PARAMETER_VALUE)
+            super().__init__(sentence, **kwargs)
 
         @property
         def message(self) -> str:
@@ -107,10 +104,6 @@ def _refusal_class() -> type[ValueError]:
     return ImageInputError
 
 
-def _refuse(sentence: str) -> ValueError:
-    return _refusal_class()(sentence)
-
-
 class ImageEncoder(nn.Module):
     """``forward(images (N, H, W, 3) of integers 0..255) -> codes int8 (N, bits)`` in
     {-1, +1}; the network in fp32, in eval mode. ``net``: the DPFAH network; ``image_size``:
@@ -120,6 +113,9 @@ class ImageEncoder(nn.Module):
     max_image_pixels: int = MAX_IMAGE_PIXELS
     max_image_side: int = MAX_IMAGE_SIDE
     max_request_pixels: int = MAX_REQUEST_PIXELS
+    #: what a refusal also is, and the keyword arguments it is made with (see the module)
+    refusal_base: type[Exception] | None = None
+    refusal_kwargs: dict | None = None
 
     def __init__(
         self,
@@ -129,6 +125,8 @@ class ImageEncoder(nn.Module):
         max_image_pixels: int = MAX_IMAGE_PIXELS,
         max_image_side: int = MAX_IMAGE_SIDE,
         max_request_pixels: int = MAX_REQUEST_PIXELS,
+        refusal_base: type[Exception] | None = None,
+        refusal_kwargs: dict | None = None,
     ) -> None:
         super().__init__()
         if image_size < 1:
@@ -140,6 +138,7 @@ class ImageEncoder(nn.Module):
         self.max_image_pixels = int(max_image_pixels)
         self.max_image_side = int(max_image_side)
         self.max_request_pixels = int(max_request_pixels)
+        self.refusal_base, self.refusal_kwargs = refusal_base, refusal_kwargs
         self._normalize = DeviceAugment()
 
     @property
@@ -154,6 +153,9 @@ class ImageEncoder(nn.Module):
     def limits(self) -> dict[str, int]:
         return {"max_image_pixels": self.max_image_pixels, "max_image_side": self.max_image_side, "max_request_pixels": self.max_request_pixels}
 
+    def _refuse(self, sentence: str) -> ValueError:
+        return _refusal_class(self.refusal_base)(sentence, **(self.refusal_kwargs or {}))
+
     def check_images(self, images) -> torch.Tensor:
         """``images`` as a uint8 (N, H, W, 3) tensor, or a refusal (a ValueError, see the
         module) that says in one sentence what was expected. Shape, type and limits are
@@ -162,28 +164,28 @@ class ImageEncoder(nn.Module):
         shape = tuple(images.shape)
         expected = "expected RGB images as an array (N, H, W, 3) of integers 0..255 (uint8)"
         if (images.dim() <= 1 and images.numel() == 0) or (images.dim() > 1 and shape[0] == 0):
-            raise _refuse(f"The request holds no images: {expected}, with N >= 1.")
+            raise self._refuse(f"The request holds no images: {expected}, with N >= 1.")
         if images.dim() != 4 or shape[-1] != 3:
-            raise _refuse(f"Got an array of shape {shape}: {expected} (send a single image as a list of one image).")
+            raise self._refuse(f"Got an array of shape {shape}: {expected} (send a single image as a list of one image).")
         if images.is_floating_point() or images.is_complex() or images.dtype == torch.bool:
-            raise _refuse(f"Got {str(images.dtype).replace('torch.', '')} values: {expected}; floats in 0..1 must be multiplied by 255 and rounded first.")
+            raise self._refuse(f"Got {str(images.dtype).replace('torch.', '')} values: {expected}; floats in 0..1 must be multiplied by 255 and rounded first.")
         n, h, w, _ = shape
         if h * w == 0:
-            raise _refuse(f"Got images of {h} x {w} pixels: {expected}, with H and W >= 1.")
+            raise self._refuse(f"Got images of {h} x {w} pixels: {expected}, with H and W >= 1.")
         if h * w > self.max_image_pixels or max(h, w) > self.max_image_side:
-            raise _refuse(
+            raise self._refuse(
                 f"Images of {h} x {w} = {h * w} pixels are over this model's limit of {self.max_image_pixels} pixels "
                 f"and {self.max_image_side} a side per image: scale them down before sending."
             )
         if n * h * w > self.max_request_pixels:
-            raise _refuse(
+            raise self._refuse(
                 f"{n} images of {h} x {w} are {n * h * w} pixels in all, over this model's limit of "
                 f"{self.max_request_pixels} pixels per request: send fewer images per request."
             )
         if images.dtype != torch.uint8:
             low, high = int(images.min()), int(images.max())
             if low < 0 or high > 255:
-                raise _refuse(f"Got values from {low} to {high}: {expected}.")
+                raise self._refuse(f"Got values from {low} to {high}: {expected}.")
             images = images.to(torch.uint8)
         return images
 

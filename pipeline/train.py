@@ -648,13 +648,17 @@ def log_model_artifact(net, image_size: int, name: str, *, step: int = 0, **limi
     (``models:/m-...``)."""
     import mlflow.pytorch
     import numpy as np
+    from mlflow.exceptions import MlflowException
     from mlflow.models import ModelSignature
+    from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
     from mlflow.types.schema import Schema, TensorSpec
 
     import dpfah
     from dpfah.encoder import ImageEncoder
 
-    model = ImageEncoder(net, image_size, **limits).eval()
+    # refusals of bad input are MLflow's INVALID_PARAMETER_VALUE: a 400 from its scoring server
+    refusal = {"refusal_base": MlflowException, "refusal_kwargs": {"error_code": INVALID_PARAMETER_VALUE}}
+    model = ImageEncoder(net, image_size, **limits, **refusal).eval()
     signature = ModelSignature(outputs=Schema([TensorSpec(np.dtype(np.int8), (-1, model.bits))]))
     example = np.random.default_rng(0).integers(0, 256, (2, EXAMPLE_SIZE, EXAMPLE_SIZE, 3), dtype=np.uint8)
     tags = {

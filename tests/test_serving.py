@@ -72,12 +72,31 @@ def test_an_encoder_pickled_before_the_limits_existed_loads_with_the_defaults():
     from dpfah.encoder import MAX_IMAGE_PIXELS, MAX_IMAGE_SIDE, MAX_REQUEST_PIXELS, ImageEncoder
 
     encoder = ImageEncoder(_network(), SIZE)
-    for name in ("max_image_pixels", "max_image_side", "max_request_pixels"):
+    for name in ("max_image_pixels", "max_image_side", "max_request_pixels", "refusal_base", "refusal_kwargs"):
         del encoder.__dict__[name]  # the state an encoder of the earlier class pickled
     loaded = pickle.loads(pickle.dumps(encoder))
     assert loaded.limits == {"max_image_pixels": MAX_IMAGE_PIXELS, "max_image_side": MAX_IMAGE_SIDE, "max_request_pixels": MAX_REQUEST_PIXELS}
     assert MAX_IMAGE_PIXELS == MAX_REQUEST_PIXELS == 2048 * 2048 and MAX_IMAGE_SIDE == 8192
     assert loaded(np.zeros((1, 20, 20, 3), np.uint8)).shape == (1, BITS)
+    with pytest.raises(ValueError, match="no images"):
+        loaded(np.zeros((0, 4, 4, 3), np.uint8))
+
+
+def test_a_refusal_is_also_the_given_base_and_keeps_its_sentence():
+    """What train logs: MLflow's exception with INVALID_PARAMETER_VALUE (a 400), whose message
+    the scoring server cannot rewrite into "Failed to predict data '<the input>'"."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+
+    from dpfah.encoder import ImageEncoder
+
+    encoder = ImageEncoder(_network(), SIZE, refusal_base=MlflowException, refusal_kwargs={"error_code": INVALID_PARAMETER_VALUE})
+    with pytest.raises(MlflowException) as refused:
+        pickle.loads(pickle.dumps(encoder))(np.zeros((2, 3), np.uint8))
+    assert isinstance(refused.value, ValueError) and refused.value.get_http_status_code() == 400
+    sentence = refused.value.message
+    refused.value.message = f"Failed to predict data '{np.zeros((2, 3))}'. \nError: {sentence}"  # what the server does
+    assert json.loads(refused.value.serialize_as_json())["message"] == sentence
 
 
 @pytest.mark.parametrize(
