@@ -630,27 +630,39 @@ def _log_model(job: Job, state: dict[str, Any], name: str, image_size: int, step
     return log_model_artifact(net, image_size, name, step=step)
 
 
-def log_model_artifact(net, image_size: int, name: str, *, step: int = 0) -> str:
+def log_model_artifact(net, image_size: int, name: str, *, step: int = 0, **limits: int) -> str:
     """Log the trained network ``net`` to the active MLflow run as the model ``name`` (the
-    registry name): a pickled :class:`dpfah.encoder.ImageEncoder` (uint8 RGB images
-    (N, H, W, 3) in, int8 {-1, +1} codes (N, bits) out) with that signature and an input
-    example, the ``dpfah`` package packaged with it (``code/dpfah``: it loads where the
-    project is not installed, with only its requirements.txt). Returns its URI
+    registry name): a pickled :class:`dpfah.encoder.ImageEncoder` (RGB images (N, H, W, 3)
+    of integers 0..255 in, int8 {-1, +1} codes (N, bits) out) with an output signature and an
+    input example, the ``dpfah`` package packaged with it (``code/dpfah``: it loads where the
+    project is not installed, with only its requirements.txt). ``limits``: the encoder's
+    (``max_image_pixels``, ``max_image_side``, ``max_request_pixels``; its defaults
+    otherwise), also logged as tags. The signature has no input schema on purpose: with one,
+    MLflow's server casts the request's numbers to its dtype before the model can refuse
+    them (floats in 0..1 became a black image); see dpfah/encoder.py. Returns its URI
     (``models:/m-...``)."""
     import mlflow.pytorch
     import numpy as np
+    from mlflow.exceptions import MlflowException
     from mlflow.models import ModelSignature
+    from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
     from mlflow.types.schema import Schema, TensorSpec
 
     import dpfah
     from dpfah.encoder import ImageEncoder
 
-    model = ImageEncoder(net, image_size).eval()
-    signature = ModelSignature(
-        inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, -1, 3))]),
-        outputs=Schema([TensorSpec(np.dtype(np.int8), (-1, model.bits))]),
-    )
+    # refusals of bad input are MLflow's INVALID_PARAMETER_VALUE: a 400 from its scoring server
+    refusal = {"refusal_base": MlflowException, "refusal_kwargs": {"error_code": INVALID_PARAMETER_VALUE}}
+    model = ImageEncoder(net, image_size, **limits, **refusal).eval()
+    signature = ModelSignature(outputs=Schema([TensorSpec(np.dtype(np.int8), (-1, model.bits))]))
     example = np.random.default_rng(0).integers(0, 256, (2, EXAMPLE_SIZE, EXAMPLE_SIZE, 3), dtype=np.uint8)
+    tags = {
+        "bits": str(model.bits),
+        "image_size": str(image_size),
+        "input": "RGB images (N, H, W, 3) of integers 0..255 (uint8), any H, W within the max_* limits",
+        "output": f"int8 codes (N, {model.bits}) in {{-1, +1}}",
+        **{key: str(value) for key, value in model.limits.items()},
+    }
     with tempfile.TemporaryDirectory(prefix="dpfah-code-") as tmp:
         # the package's Python sources only (no caches, no C sources of the optional kernels)
         package = shutil.copytree(os.path.dirname(dpfah.__file__), os.path.join(tmp, "dpfah"), ignore=shutil.ignore_patterns("__pycache__", "*.c", "*.h", "*.so"))
@@ -664,7 +676,7 @@ def log_model_artifact(net, image_size: int, name: str, *, step: int = 0) -> str
                 signature=signature,
                 input_example=example,
                 step=step,
-                tags={"bits": str(model.bits), "image_size": str(image_size), "input": "uint8 RGB images (N, H, W, 3), any H, W", "output": f"int8 codes (N, {model.bits}) in {{-1, +1}}"},
+                tags=tags,
             )
     return info.model_uri
 

@@ -179,7 +179,8 @@ def test_logged_model_reloads_as_dpfah_with_the_same_codes(ray_trained):
     from mlflow.models import Model
 
     meta = Model.load(str(model_dir / "MLmodel"))
-    assert [(s.type.name, s.shape) for s in meta.signature.inputs.inputs] == [("uint8", (-1, -1, -1, 3))]
+    # outputs only: an input schema would make MLflow cast a request's numbers before the model checks them
+    assert meta.signature.inputs is None
     assert [(s.type.name, s.shape) for s in meta.signature.outputs.inputs] == [("int8", (-1, 16))]
     assert (model_dir / "input_example.json").exists() and (model_dir / "code" / "dpfah" / "encoder.py").exists()
 
