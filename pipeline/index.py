@@ -72,8 +72,7 @@ import numpy as np
 from .artifacts import DEFAULT_METHOD, prepared_manifest, write_atomic, write_json_atomic
 from .config import Params, add_config_args, config_from_args
 from .errors import ConfigError, DataError, PipelineError, run_main
-from .promote import model_name
-from .registry import MismatchError, load_checked_model
+from .registry import MismatchError, load_checked_model, model_name
 from .tracking import connect, get_run, git_commit, mlflow_errors, tracking_uri
 
 __all__ = [
