@@ -23,7 +23,7 @@ then logs to the training's MLflow run the same metrics (same names, same values
 ``eval.*`` describing the evaluation (``eval.id`` among them), under ``evaluation/`` the
 metrics file, the curve data, figures (PR curves, P@N, a top-k retrieval grid with wrong
 results marked) and the packed codes (``codes/database.parquet``, ``codes/query.parquet``;
-see :func:`load_codes`), and last the completion marker ``eval.complete`` (= ``eval.id``)
+see :func:`pipeline.codefiles.load_codes`), and last the completion marker ``eval.complete`` (= ``eval.id``)
 with ``eval.completed_at``. Promote refuses a run whose marker is missing or belongs to an
 earlier evaluation: an evaluation that failed part-way is never promoted.
 """
@@ -45,6 +45,7 @@ from typing import Any
 import numpy as np
 
 from .artifacts import DEFAULT_METHOD, evaluation_file, metric_values, metrics_file, plots_dir, query_codes_file, write_atomic, write_json_atomic
+from .codefiles import ARTIFACT_DIR, codes_table
 from .config import Params, add_config_args, config_from_args
 from .errors import ConfigError, DataError, run_main
 from .figures import class_name, figure, plot_grid, thumbnail
@@ -61,9 +62,8 @@ from .registry import (
 from .timing import record, span
 from .tracking import connect, dataset_digest, dataset_name, get_run, git_commit, mlflow_errors
 
-__all__ = ["Evaluation", "Subject", "load_subject", "evaluate", "flat_metrics", "codes_table", "load_codes", "write_dvc_outputs", "main"]
+__all__ = ["Evaluation", "Subject", "load_subject", "evaluate", "flat_metrics", "write_dvc_outputs", "main"]
 
-ARTIFACT_DIR = "evaluation"
 P_AT = (10, 100, 500, 1000)  # P@N values reported as scalars (those within the curve)
 
 
@@ -202,35 +202,6 @@ def write_dvc_outputs(root, dataset: str, bits: int, which: dict[str, Any], doc:
     metrics = metric_values(doc)
     write_json_atomic(evaluation_file(dataset, bits, root, **which), {k: v for k, v in doc.items() if k not in metrics})
     return write_json_atomic(metrics_file(dataset, bits, root, **which), metrics), plot_dir, plots
-
-
-def codes_table(codes: np.ndarray, labels: np.ndarray, index: np.ndarray, meta: dict[str, str]):
-    """A pyarrow table: ``index`` int64, ``code`` packed uint64 words, ``labels`` uint8 vector."""
-    import pyarrow as pa
-
-    from dpfah.codes import pack_codes
-
-    packed = pack_codes(codes)
-    code = pa.FixedSizeListArray.from_arrays(pa.array(packed.reshape(-1), pa.uint64()), packed.shape[1])
-    lab = pa.FixedSizeListArray.from_arrays(pa.array(np.ascontiguousarray(labels).reshape(-1), pa.uint8()), labels.shape[1])
-    table = pa.table({"index": pa.array(index, pa.int64()), "code": code, "labels": lab})
-    return table.replace_schema_metadata({k.encode(): str(v).encode() for k, v in meta.items()})
-
-
-def load_codes(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, str]]:
-    """Read a codes Parquet file: packed codes (n, words) uint64, labels (n, classes) uint8,
-    indices (n,) int64 and the metadata (bits, dataset, split, run_id, manifest_sha256)."""
-    import pyarrow.parquet as pq
-
-    table = pq.read_table(path)
-    n = table.num_rows
-    code = table.column("code").combine_chunks()
-    lab = table.column("labels").combine_chunks()
-    packed = np.asarray(code.values.to_numpy(zero_copy_only=False), dtype=np.uint64).reshape(n, code.type.list_size)
-    labels = np.asarray(lab.values.to_numpy(zero_copy_only=False), dtype=np.uint8).reshape(n, lab.type.list_size)
-    index = table.column("index").to_numpy()
-    meta = {k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items()}
-    return packed, labels, index, meta
 
 
 # ----------------------------------------------------------------------------- figures

@@ -489,7 +489,7 @@ def evaluation_codes(params: Params, collection: Collection, resolved: ResolvedM
     from dpfah.data import read_samples
 
     from .console import quiet_libraries
-    from .evaluate import ARTIFACT_DIR, load_codes
+    from .codefiles import ARTIFACT_DIR, load_codes
     from .registry import EVAL_COMPLETE_TAG, EVAL_ID_TAG
 
     quiet_libraries()  # MLflow's download bar
