@@ -2,7 +2,8 @@
 
 Evaluate and promote (and anything that uses a trained model) start from the record that
 train writes (``runs/<dataset>-<bits>.json``) or from a run id, and check that the run is a
-finished training of that dataset and code length before using its model.
+finished training of that dataset and code length before using its model
+(:func:`load_subject`: the run checked against the shards, its model loaded).
 """
 
 from __future__ import annotations
@@ -10,13 +11,14 @@ from __future__ import annotations
 import json
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .artifacts import DEFAULT_METHOD, run_file
-from .config import MlflowConfig
-from .errors import ConfigError, PipelineError
-from .tracking import mlflow_errors, resolve_uri, tracking_uri
+from .config import MlflowConfig, Params
+from .errors import ConfigError, DataError, PipelineError
+from .tracking import connect, get_run, mlflow_errors, resolve_uri, tracking_uri
 
 __all__ = [
     "EVAL_ID_TAG",
@@ -32,6 +34,8 @@ __all__ = [
     "run_model_uri",
     "load_checked_model",
     "check_finite_weights",
+    "Subject",
+    "load_subject",
 ]
 
 
@@ -184,3 +188,71 @@ def load_checked_model(model_uri: str, run_id: str, uri: str, map_location="cpu"
             sys.path[:] = path  # MLflow prepends the model's packaged code (code/dpfah): ours stays first
     check_finite_weights(model, run_id, model_uri)
     return model.net if isinstance(model, ImageEncoder) else model
+
+
+# ----------------------------------------------------------------------------- a run with its model, for evaluate and the report
+
+
+def _read_manifest(shards: str):
+    from dpfah.data import ShardError, read_manifest
+
+    try:
+        return read_manifest(shards)
+    except ShardError as e:
+        raise DataError(str(e)) from None
+
+
+@dataclass(frozen=True)
+class Subject:
+    """A trained run checked against the data, with its model loaded (what evaluate
+    encodes with; the report's Grad-CAM figure loads its models the same way)."""
+
+    run_id: str
+    record: dict[str, Any] | None
+    uri: str
+    client: Any
+    manifest: Any
+    shards: str
+    model_uri: str
+    model: Any
+    image_size: int
+    device: Any  # torch.device the splits are encoded on
+
+
+def load_subject(params: Params, dataset: str, bits: int, run_id: str | None, root, device, which: dict[str, Any]) -> Subject:
+    """The run of the record (or ``run_id``), checked to be a finished training of this
+    dataset and length on these very shards, with its model loaded on ``device``."""
+    record: dict[str, Any] | None = None
+    if run_id is None:
+        record, record_path = read_run_record(dataset, bits, root, **which)
+        run_id, source = record["run_id"], str(record_path)
+    else:
+        source = "--run-id"
+    uri = record_tracking_uri(record, params)
+    client = connect(uri)
+    run = get_run(client, run_id, uri, source)
+    check_training_run(run, dataset, bits, source)
+
+    shards = params.shards_dir(dataset)
+    manifest = _read_manifest(shards)
+    sha = manifest.sha256
+    trained_on = run.data.tags.get("manifest_sha256")
+    if trained_on != sha:
+        raise MismatchError(
+            f"the shards at {shards} (manifest sha256 {sha[:12]}, {manifest.dataset}/{manifest.protocol}) are not the ones "
+            f"MLflow run {run_id} was trained on (sha256 {str(trained_on)[:12]}): re-run train, or point data.root at its data"
+        )
+    if record is not None and record.get("manifest_sha256") not in (None, sha):
+        raise MismatchError(f"{source}: manifest_sha256 {str(record['manifest_sha256'])[:12]} does not match the shards at {shards} ({sha[:12]})")
+
+    model_uri = run_model_uri(client, run, uri, record.get("model_uri") if record else None)
+    model = load_checked_model(model_uri, run_id, uri, map_location=device)  # finite weights, or a refusal
+    if getattr(model, "bits", None) != bits or getattr(model, "num_classes", None) != manifest.num_classes:
+        raise MismatchError(
+            f"model {model_uri} has {getattr(model, 'bits', '?')} bits and {getattr(model, 'num_classes', '?')} classes; "
+            f"the {dataset} shards need {bits} bits and {manifest.num_classes} classes"
+        )
+    model.to(device)
+    image_size = int(run.data.params.get("train.image_size", params.train.image_size))
+    return Subject(run_id, record, uri, client, manifest, shards, model_uri, model, image_size, device)
+
