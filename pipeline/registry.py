@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -255,4 +256,96 @@ def load_subject(params: Params, dataset: str, bits: int, run_id: str | None, ro
     model.to(device)
     image_size = int(run.data.params.get("train.image_size", params.train.image_size))
     return Subject(run_id, record, uri, client, manifest, shards, model_uri, model, image_size, device)
+
+
+# ----------------------------------------------------------------------------- a models:/ URI resolved to its version, for index and search
+
+
+class ModelNotFound(PipelineError):
+    """The registered model, its alias or its version does not exist."""
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    given: str  # as asked for (e.g. models:/dpfah-cifar10-64b@champion)
+    uri: str  # pinned: models:/<name>/<version>, or the logged model's models:/m-...
+    name: str | None
+    version: int | None
+    run_id: str
+    tracking_uri: str
+    bits: int
+    image_size: int
+    dataset: str | None
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "given": self.given,
+            "uri": self.uri,
+            "name": self.name,
+            "version": self.version,
+            "run_id": self.run_id,
+            "tracking_uri": self.tracking_uri,
+            "bits": self.bits,
+            "image_size": self.image_size,
+            "trained_on": self.dataset,
+        }
+
+
+_ALIAS_URI = re.compile(r"^models:/([^/@]+)@([^/@]+)$")
+
+
+_VERSION_URI = re.compile(r"^models:/([^/@]+)/(\d+)$")
+
+
+_LOGGED_URI = re.compile(r"^models:/(m-[0-9a-fA-F]+)$")
+
+
+def default_model_uri(params: Params, dataset: str, bits: int, method: str = DEFAULT_METHOD) -> str:
+    """``models:/<promote.model_name>@<promote.alias>`` for this dataset, length and method."""
+    return f"models:/{model_name(params, dataset, bits, method)}@{params.promote.alias}"
+
+
+def resolve_model(params: Params, given: str, uri: str | None = None) -> ResolvedModel:
+    """The model version ``given`` names, with its training run's code length and image size.
+    ``uri``: the tracking store (default: MLFLOW_TRACKING_URI or ``mlflow.tracking_uri``)."""
+    from mlflow.exceptions import MlflowException
+
+    uri = uri or tracking_uri(params)
+    client = connect(uri)
+    name = version = None
+    with mlflow_errors(f"resolving model {given}", uri):
+        try:
+            if m := _ALIAS_URI.match(given):
+                name, alias = m.groups()
+                mv = client.get_model_version_by_alias(name, alias)
+                version, run_id = int(mv.version), mv.run_id
+            elif m := _VERSION_URI.match(given):
+                name, version = m.group(1), int(m.group(2))
+                run_id = client.get_model_version(name, str(version)).run_id
+            elif m := _LOGGED_URI.match(given):
+                run_id = client.get_logged_model(m.group(1)).source_run_id
+            else:
+                raise ConfigError(f"--model {given}: expected models:/<name>@<alias>, models:/<name>/<version> or models:/m-<id>")
+        except MlflowException as e:
+            if e.error_code not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND"):
+                raise
+            hint = "promote a model first (python -m pipeline.promote --dataset D --bits L) or name one with --model"
+            raise ModelNotFound(f"{given}: no such model in {uri} ({str(e.message).splitlines()[0]}); {hint}") from None
+    if not run_id:
+        raise MismatchError(f"{given}: the model has no training run (registered from outside pipeline.train?)")
+    run = get_run(client, run_id, uri, given)
+    p = run.data.params
+    if "bits" not in p:
+        raise MismatchError(f"{given}: MLflow run {run_id} has no bits param: not a pipeline.train run")
+    pinned = f"models:/{name}/{version}" if name is not None else given
+    image_size = int(p.get("train.image_size", params.train.image_size))
+    return ResolvedModel(given, pinned, name, version, run_id, uri, int(p["bits"]), image_size, p.get("dataset"))
+
+
+def load_model(resolved: ResolvedModel, device="cpu"):
+    """The model of ``resolved``, checked (finite weights, its code length)."""
+    model = load_checked_model(resolved.uri, resolved.run_id, resolved.tracking_uri, map_location=device)
+    if getattr(model, "bits", None) != resolved.bits:
+        raise MismatchError(f"model {resolved.uri} gives {getattr(model, 'bits', '?')}-bit codes; its run trained {resolved.bits} bits")
+    return model.eval()
 
