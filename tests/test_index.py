@@ -211,3 +211,22 @@ def test_a_split_the_evaluation_encoded_takes_its_codes_once_verified(champion, 
         assert (again.directory / "codes.npy").read_bytes() == (encoded / "codes.npy").read_bytes()
     finally:
         MlflowClient(uri).delete_tag(run_id, EVAL_COMPLETE_TAG)  # the champion unevaluated again
+
+
+def test_a_list_file_is_read_as_prepare_reads_one(tmp_path, capsys):
+    """index reads a `<path> [labels]` list with prepare's reader (sources.list_tokens): a
+    line that is not UTF-8 stops the stage with one line naming the file, the line and the
+    byte (not a path decoded with replacement characters that then is "missing"); a byte
+    order mark is dropped. Fails before any model is looked up."""
+    from pipeline.collection import open_collection
+    from pipeline.config import load_params
+
+    listed = tmp_path / "list.txt"
+    listed.write_bytes("\ufeffa.png 1 0\n\nb.png 0 1\n".encode() + "café.png 1 1\n".encode("latin-1"))
+    argv = ["--images", str(listed), "--model", "models:/none/1", "--out", str(tmp_path / "out"), "--quiet"]
+    code, text = cli(index_stage, argv, capsys)
+    assert (code, text) == (2, f"error: {listed}:4: not UTF-8 text (byte 0xe9 at column 4); save the list as UTF-8\n")
+
+    listed.write_bytes("\ufeffb.png 1 0\n\na.png 0 1\n".encode())
+    got = open_collection(load_params(), images=str(listed))
+    assert got.keys == ["a.png", "b.png"] and got.labels.tolist() == [[0, 1], [1, 0]]
