@@ -5,7 +5,7 @@
 A training runs a method of :mod:`dpfah.methods` or a named variant (a method with network
 and hyper-parameter changes). DPFAH's loss weights come from params.yaml's ``loss``
 section, or, with ``loss.use_tuned``, from the tune stage's ``tune/<dataset>/best.json``
-(the best trial at this code length, else the best overall); the other methods' from
+(the best trial at this code length, else the best overall; :mod:`pipeline.recipes`); the other methods' from
 ``objectives.<method>`` over their papers' defaults. DVC has no conditional dependencies,
 so this stage makes the dependency exact: it reads all of that and writes
 ``objectives/<dataset>-<bits>-<method>.json`` (the method, its hyper-parameters, a
@@ -18,115 +18,14 @@ does not retrain them.
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import json
-import os
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
-from dpfah.settings import METHODS, LossSettings, pick
+from .config import add_config_args, config_from_args
+from .errors import run_main
+from .recipes import resolve, write
 
-from .artifacts import DEFAULT_METHOD, best_file, objective_file, write_json_atomic
-from .config import Params, add_config_args, config_from_args
-from .errors import ConfigError, run_main
-
-__all__ = ["Recipe", "resolve", "resolve_dpfah", "write", "read", "main"]
-
-
-@dataclass(frozen=True)
-class Recipe:
-    """What one training optimises: ``entry`` (a method or variant name, as train.methods
-    lists it) runs ``method`` (a :mod:`dpfah.methods` name) with ``hparams`` over the
-    method's defaults and ``model`` changes to the network; ``source`` says where the
-    hyper-parameters came from (tags of the run)."""
-
-    entry: str
-    method: str
-    hparams: dict[str, Any]
-    model: dict[str, Any]
-    source: dict[str, str]
-
-    @classmethod
-    def dpfah(cls, loss: LossSettings, source: dict[str, str] | None = None) -> Recipe:
-        """DPFAH with these loss settings (Tune's trials)."""
-        return cls(DEFAULT_METHOD, DEFAULT_METHOD, dataclasses.asdict(loss), {}, dict(source or {"weights_from": "params"}))
-
-
-def _tuned(dataset: str, bits: int, root: str | os.PathLike) -> tuple[dict[str, float], dict[str, str]]:
-    path = best_file(dataset, root)
-    if not path.is_file():
-        raise ConfigError(
-            f"loss.use_tuned: {path} not found (run the search first: python -m pipeline.tune --dataset {dataset}, "
-            f"or dvc repro tune@{dataset} with {dataset} in tune.datasets)"
-        )
-    try:
-        record = json.loads(path.read_text())
-        if record.get("method", DEFAULT_METHOD) != DEFAULT_METHOD:
-            raise ConfigError(f"loss.use_tuned: {path} is a search over {record['method']}'s knobs, not DPFAH's eta and zeta")
-        entry = record.get("by_bits", {}).get(str(bits)) or record
-        weights = {"eta": float(entry["eta"]), "zeta": float(entry["zeta"])}
-    except (ValueError, KeyError, TypeError, AttributeError) as e:
-        raise ConfigError(f"loss.use_tuned: {path} is not a tune result ({type(e).__name__}: {e})") from None
-    source = {
-        "tuned_from": str(path),
-        "tuned_search_run_id": str(record.get("search_run_id", "")),
-        "tuned_trial_run_id": str(entry.get("run_id", "")),
-        "tuned_bits": str(entry.get("bits", "")),
-    }
-    return weights, source
-
-
-def resolve_dpfah(params: Params, dataset: str, bits: int, root: str | os.PathLike = ".") -> tuple[LossSettings, dict[str, str]]:
-    """(DPFAH's loss settings, where eta and zeta came from) for ``dataset`` at ``bits``."""
-    params.dataset(dataset)
-    if not params.loss.use_tuned:
-        return pick(LossSettings, params.loss), {"weights_from": "params"}
-    weights, source = _tuned(dataset, bits, root)
-    return pick(LossSettings, params.loss, **weights), {"weights_from": "tune", **source}
-
-
-def resolve(params: Params, dataset: str, bits: int, method: str | None = None, root: str | os.PathLike = ".") -> Recipe:
-    """The recipe of ``method`` (default: train.method; a method or a variant) for
-    ``dataset`` at ``bits``: DPFAH's from `loss` (or the search, with loss.use_tuned), the
-    others' from `objectives.<method>`, then a variant's own changes on top."""
-    entry = method or params.train.method
-    params.dataset(dataset)
-    variant = params.variants.get(entry)
-    if variant is None and entry not in METHODS:
-        raise ConfigError(f"--method {entry}: unknown method or variant (methods: {', '.join(METHODS)}; variants: {', '.join(params.variants) or 'none'})")
-    base = variant.method if variant else entry
-    if base == DEFAULT_METHOD:
-        loss, source = resolve_dpfah(params, dataset, bits, root)
-        hparams = dataclasses.asdict(loss)
-    else:
-        hparams, source = dict(params.objectives.get(base, {})), {"weights_from": "params"}
-    if variant is not None:
-        hparams.update(variant.objective)
-        source = {**source, "variant": entry}
-    return Recipe(entry, base, hparams, dict(variant.model) if variant else {}, source)
-
-
-def write(recipe: Recipe, dataset: str, bits: int, root: str | os.PathLike = ".") -> Path:
-    doc = {"dataset": dataset, "bits": bits, **{k: v for k, v in dataclasses.asdict(recipe).items()}}
-    doc["hparams"] = {k: list(v) if isinstance(v, tuple) else v for k, v in recipe.hparams.items()}
-    return write_json_atomic(objective_file(dataset, bits, root, method=recipe.entry), doc)
-
-
-def read(path: str | os.PathLike, dataset: str, bits: int) -> Recipe:
-    """The recipe of an objective file, checked to belong to ``dataset`` at ``bits``."""
-    path = Path(path)
-    try:
-        doc: dict[str, Any] = json.loads(path.read_text())
-        if (doc["dataset"], doc["bits"]) != (dataset, bits):
-            raise ConfigError(f"{path}: the objective of {doc['dataset']!r} at {doc['bits']} bits, not {dataset!r} at {bits}")
-        return Recipe(doc["entry"], doc["method"], dict(doc["hparams"]), dict(doc["model"]), {k: str(v) for k, v in doc.get("source", {}).items()})
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: not found (python -m pipeline.objective --dataset {dataset} --bits {bits} writes it)") from None
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise ConfigError(f"{path}: not an objective file ({type(e).__name__}: {e})") from None
+__all__ = ["main"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -35,8 +35,8 @@ from typing import Any
 
 from dpfah.settings import LossSettings, ModelSettings, TrainSettings, pick
 
-from . import objective as objective_stage
-from .objective import Recipe
+from . import recipes
+from .recipes import Recipe
 from .registry import MODEL_NAME_TAG, model_name
 from .artifacts import run_file, write_json_atomic
 from .cluster import check_request, ensure_ray, shutdown_before_exit, shutdown_if_started, started_here, train_run_defaults
@@ -510,7 +510,7 @@ def run_training(
     if loss is not None:
         recipe = Recipe.dpfah(loss, loss_source)
     elif recipe is None:
-        recipe = objective_stage.resolve(params, dataset, bits, method)
+        recipe = recipes.resolve(params, dataset, bits, method)
     seed = params.seed if seed is None else seed
     uri = tracking_uri(params)
     storage = resolve_uri(t.storage_path)
@@ -706,7 +706,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     params = config_from_args(args)
     check_store(tracking_uri(params), create=True)  # before the imports and Ray: fail in a second
-    recipe = objective_stage.read(args.objective, args.dataset, args.bits) if args.objective else None
+    recipe = recipes.read(args.objective, args.dataset, args.bits) if args.objective else None
     if recipe is not None and args.method and args.method != recipe.entry:
         raise ConfigError(f"--method {args.method}: {args.objective} is the objective of {recipe.entry}")
     with span("train: run_training"):

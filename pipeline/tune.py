@@ -216,10 +216,10 @@ def _trial_run_name(search_name: str, trial_id: str, config: dict[str, Any]) -> 
 def trial_recipe(params: Params, dataset: str, config: dict[str, Any]):
     """What a trial trains: train.method with its knobs from params (never from best.json)
     and the searched ones (``config``, with ``bits``) from the search."""
-    from . import objective
+    from . import recipes
 
     bits = int(config["bits"])
-    base = objective.resolve(replace(params, loss=replace(params.loss, use_tuned=False)), dataset, bits)
+    base = recipes.resolve(replace(params, loss=replace(params.loss, use_tuned=False)), dataset, bits)
     searched = {k: v for k, v in config.items() if k != "bits"}
     return replace(base, hparams={**base.hparams, **searched}, source={"weights_from": "search"})
 

@@ -285,7 +285,7 @@ def test_the_method_names_are_the_registry_s():
 
 
 def test_variants_resolve_to_their_method_network_and_hyper_parameters():
-    from pipeline.objective import resolve
+    from pipeline.recipes import resolve
 
     params = load_params(PARAMS, ["objectives.dsh.alpha=0.05", "datasets.cifar10.kind=cifar10"])
     row1 = resolve(params, "cifar10", 48, "resnet18")

@@ -196,7 +196,7 @@ def test_a_variant_whose_network_cannot_take_the_image_size_is_refused_before_ra
     """dbdh-alexnet at the CPU profile's 32 px: one line naming the key and the fix, before
     any Ray worker would have failed (and been retried) on it."""
     from pipeline.errors import ConfigError
-    from pipeline.objective import read, resolve, write
+    from pipeline.recipes import read, resolve, write
     from pipeline.train import run_training
 
     work, images = toy_dataset

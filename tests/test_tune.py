@@ -141,13 +141,13 @@ def test_summary_tables_like_the_papers_tables_3_and_4():
 
 
 def test_objective_takes_the_tuned_weights_at_the_same_code_length(toy_dataset, tmp_path):
-    from pipeline import objective
+    from pipeline import recipes
     from pipeline.artifacts import best_file
 
     work, images = toy_dataset
     tuned = toy_params(work, images, "loss.use_tuned=true", "loss.eta=7", "loss.delta=2")
     with pytest.raises(ConfigError, match=r"^loss.use_tuned: .*best.json not found"):
-        objective.resolve_dpfah(tuned, "toy", 16, root=tmp_path)
+        recipes.resolve_dpfah(tuned, "toy", 16, root=tmp_path)
     path = best_file("toy", tmp_path)
     path.parent.mkdir(parents=True)
     record = {
@@ -155,24 +155,24 @@ def test_objective_takes_the_tuned_weights_at_the_same_code_length(toy_dataset, 
         "by_bits": {"16": {"eta": 1.0, "zeta": 1.0, "bits": 16, "run_id": "r16"}, "64": {"eta": 10.0, "zeta": 0.1, "bits": 64, "run_id": "r64"}},
     }  # fmt: skip
     path.write_text(json.dumps(record))
-    loss, source = objective.resolve_dpfah(tuned, "toy", 16, root=tmp_path)
+    loss, source = recipes.resolve_dpfah(tuned, "toy", 16, root=tmp_path)
     assert (loss.eta, loss.zeta, loss.delta) == (1.0, 1.0, 2.0)  # eta, zeta from the search; the rest from params
     assert source["tuned_trial_run_id"] == "r16" and source["tuned_search_run_id"] == "parent" and source["weights_from"] == "tune"
-    loss, source = objective.resolve_dpfah(tuned, "toy", 32, root=tmp_path)  # not searched at 32 bits: the overall best
+    loss, source = recipes.resolve_dpfah(tuned, "toy", 32, root=tmp_path)  # not searched at 32 bits: the overall best
     assert (loss.eta, loss.zeta) == (10.0, 0.1) and source["tuned_bits"] == "64"
-    loss, source = objective.resolve_dpfah(toy_params(work, images, "loss.eta=7"), "toy", 16, root=tmp_path)
+    loss, source = recipes.resolve_dpfah(toy_params(work, images, "loss.eta=7"), "toy", 16, root=tmp_path)
     assert (loss.eta, source) == (7.0, {"weights_from": "params"})  # use_tuned off: best.json is not read
 
     # The file the train stage reads under DVC round-trips, and names what it belongs to.
-    recipe = objective.resolve(tuned, "toy", 16, root=tmp_path)
+    recipe = recipes.resolve(tuned, "toy", 16, root=tmp_path)
     assert (recipe.entry, recipe.method, recipe.hparams["eta"], recipe.source["weights_from"]) == ("dpfah", "dpfah", 1.0, "tune")
-    written = objective.write(recipe, "toy", 16, root=tmp_path)
-    assert written.name == "toy-16-dpfah.json" and objective.read(written, "toy", 16) == recipe
+    written = recipes.write(recipe, "toy", 16, root=tmp_path)
+    assert written.name == "toy-16-dpfah.json" and recipes.read(written, "toy", 16) == recipe
     with pytest.raises(ConfigError, match="not 'toy' at 32"):
-        objective.read(written, "toy", 32)
+        recipes.read(written, "toy", 32)
     path.write_text("{not json")
     with pytest.raises(ConfigError, match="^loss.use_tuned: .* is not a tune result"):
-        objective.resolve_dpfah(tuned, "toy", 16, root=tmp_path)
+        recipes.resolve_dpfah(tuned, "toy", 16, root=tmp_path)
 
 
 def test_train_without_the_search_result_it_is_told_to_use_stops_before_ray(toy_dataset, tmp_path, monkeypatch):
@@ -462,7 +462,7 @@ def test_best_configuration_file_and_summary(search):
     import mlflow.pytorch
 
     from dpfah.model import DPFAH
-    from pipeline import objective
+    from pipeline import recipes
 
     outcome, out, _ = search
     best = json.loads(Path(outcome.best_file).read_text())
@@ -475,7 +475,7 @@ def test_best_configuration_file_and_summary(search):
     from pipeline.config import load_params
 
     params = load_params(ROOT / "params.yaml", ["datasets.toy.kind=custom", "loss.use_tuned=true"])
-    loss, source = objective.resolve_dpfah(params, "toy", 16, root=out)
+    loss, source = recipes.resolve_dpfah(params, "toy", 16, root=out)
     assert (loss.eta, loss.zeta) == (1.0, 1.0) and source["tuned_trial_run_id"] == top.run_id
     # The best trial's model is in MLflow.
     with _tracking(f"sqlite:///{out / 'mlflow.db'}"):
@@ -577,10 +577,10 @@ def test_summary_of_a_search_over_other_knobs():
 
 
 def test_use_tuned_refuses_a_search_over_another_method(toy_dataset, tmp_path):
-    from pipeline import objective
+    from pipeline import recipes
 
     work, images = toy_dataset
     (tmp_path / "tune" / "toy").mkdir(parents=True)
     (tmp_path / "tune" / "toy" / "best.json").write_text(json.dumps({"method": "dsh", "alpha": 0.1, "bits": 16, "by_bits": {}}))
     with pytest.raises(ConfigError, match=r"^loss.use_tuned: .*best.json is a search over dsh's knobs"):
-        objective.resolve_dpfah(toy_params(work, images, "loss.use_tuned=true"), "toy", 16, root=tmp_path)
+        recipes.resolve_dpfah(toy_params(work, images, "loss.use_tuned=true"), "toy", 16, root=tmp_path)
