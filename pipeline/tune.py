@@ -6,7 +6,7 @@ The search runs train.method over the knobs it declares (DPFAH: eta and zeta fro
 ``tune.eta`` and ``tune.zeta``, as well as any of its knobs in ``tune.space``; another
 method: the knobs of ``tune.space`` and ``tune.ranges``); a knob the method does not have
 is an error naming it and what the method has. The driver (this process) opens the search's MLflow run, then runs a Tune search whose
-trials each fit a ``TorchTrainer`` through :func:`pipeline.train.run_training` (the same
+trials each fit a ``TorchTrainer`` through :func:`pipeline.train_driver.run_training` (the same
 training as the train stage, its MLflow run nested under the search's). Rank 0's per-epoch
 reports reach Tune through ``TuneReportCallback``; ASHA stops trials whose validation mAP
 (``val_map``) lags. A trial that fails is retried (``tune.max_failures``) under the same
@@ -42,7 +42,7 @@ from .config import Params, add_config_args, config_from_args
 from .errors import ConfigError, PipelineError, run_main
 from .registry import model_name
 from .tracking import connect, git_commit, resolve_uri, tracked_run
-from .train import run_training
+from .train_driver import run_training
 
 __all__ = [
     "TrialRow",

@@ -179,7 +179,7 @@ def test_train_without_the_search_result_it_is_told_to_use_stops_before_ray(toy_
     """loss.use_tuned=true and no tune/<dataset>/best.json: one error naming the key, before
     any MLflow run or Ray start. (A real fit with the tuned eta and zeta: conftest's
     ``ray_trained``, checked in test_stage_train.)"""
-    import pipeline.train as train
+    import pipeline.train_driver as train
 
     work, images = toy_dataset
     monkeypatch.chdir(tmp_path)
@@ -364,7 +364,7 @@ def test_a_failed_trial_is_retried_from_its_last_checkpoint(search):
     run again) and ran to the end, in the trial's one MLflow run."""
     from mlflow.tracking import MlflowClient
 
-    from pipeline.train import load_state
+    from pipeline.train_worker import load_state
 
     outcome, out, _ = search
     row = next(r for r in outcome.rows if r.bits == 16)
