@@ -21,6 +21,11 @@ def _module_name(path: Path) -> str:
     return ".".join(parts)
 
 
+def _is_module(name: str) -> bool:
+    path = ROOT / Path(*name.split("."))
+    return path.with_suffix(".py").exists() or (path / "__init__.py").exists()
+
+
 def _imports(path: Path) -> list[tuple[str, tuple[str, ...], int]]:
     """(imported module, names imported from it, line) of every import in the file,
     relative imports resolved."""
@@ -38,8 +43,8 @@ def _imports(path: Path) -> list[tuple[str, tuple[str, ...], int]]:
                 target = node.module or ""
             names = tuple(alias.name for alias in node.names)
             found.append((target, names, node.lineno))
-            # `from . import x` imports the submodule x
-            found += [(f"{target}.{n}", (), node.lineno) for n in names if (ROOT / Path(*f"{target}.{n}".split("."))).with_suffix(".py").exists()]
+            # `from . import x` imports the submodule (or subpackage) x
+            found += [(f"{target}.{n}", (), node.lineno) for n in names if _is_module(f"{target}.{n}")]
     return found
 
 
