@@ -3,7 +3,8 @@
 Evaluate and promote (and anything that uses a trained model) start from the record that
 train writes (``runs/<dataset>-<bits>.json``) or from a run id, and check that the run is a
 finished training of that dataset and code length before using its model
-(:func:`load_subject`: the run checked against the shards, its model loaded).
+(:func:`load_subject`: the run checked against the shards, its model loaded). Index and
+search name a model by a ``models:/`` URI instead (:func:`resolve_model`: pinned to its version).
 """
 
 from __future__ import annotations
@@ -37,6 +38,11 @@ __all__ = [
     "check_finite_weights",
     "Subject",
     "load_subject",
+    "ModelNotFound",
+    "ResolvedModel",
+    "default_model_uri",
+    "resolve_model",
+    "load_model",
 ]
 
 
