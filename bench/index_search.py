@@ -3,7 +3,7 @@
 Search (always): an index folder of 1,000,000 random 64-bit codes (seeded) is written as
 `pipeline.index` writes one, then
 
-* load: ``pipeline.search.load_index`` (memory-mapped codes, the keys column) plus building the
+* load: ``pipeline.index_format.load_index`` (memory-mapped codes, the keys column) plus building the
   kernel's layout (``HammingIndex``), the time before the first query can run;
 * one query: ``pipeline.search.search`` of one query, top 10, repeated: p50 and p99 latency,
   Python included, on the threads this process may use (2 cores here);
@@ -68,7 +68,8 @@ def _fake_index(directory: Path, n: int, seed: int) -> np.ndarray:
 
 def bench_search(n: int, queries: int, repeat: int, seed: int) -> dict:
     from dpfah.codes import HammingIndex
-    from pipeline.search import load_index, search
+    from pipeline.index_format import load_index
+    from pipeline.search import search
 
     with tempfile.TemporaryDirectory(prefix="dpfah-bench-index-") as tmp:
         directory = Path(tmp) / "index"

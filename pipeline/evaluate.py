@@ -23,7 +23,7 @@ then logs to the training's MLflow run the same metrics (same names, same values
 ``eval.*`` describing the evaluation (``eval.id`` among them), under ``evaluation/`` the
 metrics file, the curve data, figures (PR curves, P@N, a top-k retrieval grid with wrong
 results marked) and the packed codes (``codes/database.parquet``, ``codes/query.parquet``;
-see :func:`load_codes`), and last the completion marker ``eval.complete`` (= ``eval.id``)
+see :func:`pipeline.codefiles.load_codes`), and last the completion marker ``eval.complete`` (= ``eval.id``)
 with ``eval.completed_at``. Promote refuses a run whose marker is missing or belongs to an
 earlier evaluation: an evaluation that failed part-way is never promoted.
 """
@@ -45,25 +45,16 @@ from typing import Any
 import numpy as np
 
 from .artifacts import DEFAULT_METHOD, evaluation_file, metric_values, metrics_file, plots_dir, query_codes_file, write_atomic, write_json_atomic
+from .codefiles import ARTIFACT_DIR, codes_table
 from .config import Params, add_config_args, config_from_args
 from .errors import ConfigError, DataError, run_main
 from .figures import class_name, figure, plot_grid, thumbnail
-from .registry import (
-    EVAL_COMPLETE_TAG,
-    EVAL_ID_TAG,
-    MismatchError,
-    check_training_run,
-    load_checked_model,
-    read_run_record,
-    record_tracking_uri,
-    run_model_uri,
-)
+from .registry import EVAL_COMPLETE_TAG, EVAL_ID_TAG, Subject, load_subject
 from .timing import record, span
-from .tracking import connect, dataset_digest, dataset_name, get_run, git_commit, mlflow_errors
+from .tracking import dataset_digest, dataset_name, git_commit, mlflow_errors
 
-__all__ = ["Evaluation", "Subject", "load_subject", "evaluate", "flat_metrics", "codes_table", "load_codes", "write_dvc_outputs", "main"]
+__all__ = ["Evaluation", "evaluate", "flat_metrics", "write_dvc_outputs", "main"]
 
-ARTIFACT_DIR = "evaluation"
 P_AT = (10, 100, 500, 1000)  # P@N values reported as scalars (those within the curve)
 
 
@@ -82,15 +73,6 @@ class Evaluation:
 
 
 # ----------------------------------------------------------------------------- checks
-
-
-def _read_manifest(shards: str):
-    from dpfah.data import ShardError, read_manifest
-
-    try:
-        return read_manifest(shards)
-    except ShardError as e:
-        raise DataError(str(e)) from None
 
 
 def _device(choice: str):
@@ -204,35 +186,6 @@ def write_dvc_outputs(root, dataset: str, bits: int, which: dict[str, Any], doc:
     return write_json_atomic(metrics_file(dataset, bits, root, **which), metrics), plot_dir, plots
 
 
-def codes_table(codes: np.ndarray, labels: np.ndarray, index: np.ndarray, meta: dict[str, str]):
-    """A pyarrow table: ``index`` int64, ``code`` packed uint64 words, ``labels`` uint8 vector."""
-    import pyarrow as pa
-
-    from dpfah.codes import pack_codes
-
-    packed = pack_codes(codes)
-    code = pa.FixedSizeListArray.from_arrays(pa.array(packed.reshape(-1), pa.uint64()), packed.shape[1])
-    lab = pa.FixedSizeListArray.from_arrays(pa.array(np.ascontiguousarray(labels).reshape(-1), pa.uint8()), labels.shape[1])
-    table = pa.table({"index": pa.array(index, pa.int64()), "code": code, "labels": lab})
-    return table.replace_schema_metadata({k.encode(): str(v).encode() for k, v in meta.items()})
-
-
-def load_codes(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, str]]:
-    """Read a codes Parquet file: packed codes (n, words) uint64, labels (n, classes) uint8,
-    indices (n,) int64 and the metadata (bits, dataset, split, run_id, manifest_sha256)."""
-    import pyarrow.parquet as pq
-
-    table = pq.read_table(path)
-    n = table.num_rows
-    code = table.column("code").combine_chunks()
-    lab = table.column("labels").combine_chunks()
-    packed = np.asarray(code.values.to_numpy(zero_copy_only=False), dtype=np.uint64).reshape(n, code.type.list_size)
-    labels = np.asarray(lab.values.to_numpy(zero_copy_only=False), dtype=np.uint8).reshape(n, lab.type.list_size)
-    index = table.column("index").to_numpy()
-    meta = {k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items()}
-    return packed, labels, index, meta
-
-
 # ----------------------------------------------------------------------------- figures
 
 
@@ -292,61 +245,6 @@ def _grid_rows(manifest, q_codes, d_codes, q_labels, d_labels, n_queries: int, t
 
 
 # ----------------------------------------------------------------------------- the stage
-
-
-@dataclass(frozen=True)
-class Subject:
-    """A trained run checked against the data, with its model loaded (what evaluate
-    encodes with; the report's Grad-CAM figure loads its models the same way)."""
-
-    run_id: str
-    record: dict[str, Any] | None
-    uri: str
-    client: Any
-    manifest: Any
-    shards: str
-    model_uri: str
-    model: Any
-    image_size: int
-    device: Any  # torch.device the splits are encoded on
-
-
-def load_subject(params: Params, dataset: str, bits: int, run_id: str | None, root, device, which: dict[str, Any]) -> Subject:
-    """The run of the record (or ``run_id``), checked to be a finished training of this
-    dataset and length on these very shards, with its model loaded on ``device``."""
-    record: dict[str, Any] | None = None
-    if run_id is None:
-        record, record_path = read_run_record(dataset, bits, root, **which)
-        run_id, source = record["run_id"], str(record_path)
-    else:
-        source = "--run-id"
-    uri = record_tracking_uri(record, params)
-    client = connect(uri)
-    run = get_run(client, run_id, uri, source)
-    check_training_run(run, dataset, bits, source)
-
-    shards = params.shards_dir(dataset)
-    manifest = _read_manifest(shards)
-    sha = manifest.sha256
-    trained_on = run.data.tags.get("manifest_sha256")
-    if trained_on != sha:
-        raise MismatchError(
-            f"the shards at {shards} (manifest sha256 {sha[:12]}, {manifest.dataset}/{manifest.protocol}) are not the ones "
-            f"MLflow run {run_id} was trained on (sha256 {str(trained_on)[:12]}): re-run train, or point data.root at its data"
-        )
-    if record is not None and record.get("manifest_sha256") not in (None, sha):
-        raise MismatchError(f"{source}: manifest_sha256 {str(record['manifest_sha256'])[:12]} does not match the shards at {shards} ({sha[:12]})")
-
-    model_uri = run_model_uri(client, run, uri, record.get("model_uri") if record else None)
-    model = load_checked_model(model_uri, run_id, uri, map_location=device)  # finite weights, or a refusal
-    if getattr(model, "bits", None) != bits or getattr(model, "num_classes", None) != manifest.num_classes:
-        raise MismatchError(
-            f"model {model_uri} has {getattr(model, 'bits', '?')} bits and {getattr(model, 'num_classes', '?')} classes; "
-            f"the {dataset} shards need {bits} bits and {manifest.num_classes} classes"
-        )
-    model.to(device)
-    image_size = int(run.data.params.get("train.image_size", params.train.image_size))
-    return Subject(run_id, record, uri, client, manifest, shards, model_uri, model, image_size, device)
 
 
 def _build_artifacts(art: Path, subject: Subject, params: Params, dataset: str, bits: int, doc, report, codes) -> None:

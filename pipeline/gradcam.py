@@ -14,7 +14,7 @@ The target layer is the deepest stage of the trunk whose output map is at least
 value (a constant heat map). PFA sits after the stem, so every stage's output includes it.
 
 The models are the trainings' logged models, loaded and checked as evaluate loads them
-(:func:`pipeline.evaluate.load_subject`); the images are the first query images of distinct
+(:func:`pipeline.registry.load_subject`); the images are the first query images of distinct
 classes, decoded and normalised as evaluation does, at the training's image size.
 """
 
@@ -201,7 +201,7 @@ def compute(params: Params, dataset: str, bits: int, labels: np.ndarray, index: 
     from dpfah.augment import DeviceAugment, decode_batch
     from dpfah.data import ShardError, read_samples
 
-    from .evaluate import load_subject
+    from .registry import load_subject
     from .figures import class_name
 
     seed = min(params.train.seeds)

@@ -1,10 +1,11 @@
 """Stage `index`: encode a collection with a registered model into a searchable index folder.
 
-The collection is a prepared split, an image folder, a tar archive or a list file; the model
-is ``--model`` or the champion for --dataset/--bits/--method, resolved once to its version.
-Encoding runs on Ray Data, block by block, and resumes after a kill; a split the model's
-evaluation already encoded takes its logged codes once verified. How it works, and the index
-folder's files: docs/serving.md and docs/data-formats.md; usage: ``--help``.
+The collection is a prepared split, an image folder, a tar archive or a list file
+(:mod:`pipeline.collection`); the model is ``--model`` or the champion for
+--dataset/--bits/--method, resolved once to its version. Encoding runs on Ray Data, block by
+block (:mod:`pipeline.encoding`), and resumes after a kill; a split the model's evaluation
+already encoded takes its logged codes once verified. How it works, and the index folder's
+files (:mod:`pipeline.index_format`): docs/serving.md and docs/data-formats.md; usage: ``--help``.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ import io
 import json
 import logging
 import os
-import re
 import shutil
 import sys
 import time
@@ -27,39 +27,25 @@ from typing import Any
 
 import numpy as np
 
-from .artifacts import DEFAULT_METHOD, prepared_manifest, write_atomic, write_json_atomic
+from .artifacts import DEFAULT_METHOD, write_atomic, write_json_atomic
+from .collection import Collection, open_collection
 from .config import Params, add_config_args, config_from_args
-from .errors import ConfigError, DataError, PipelineError, run_main
-from .promote import model_name
-from .registry import MismatchError, load_checked_model
-from .tracking import connect, get_run, git_commit, mlflow_errors, tracking_uri
+from .encoding import encode_images
+from .errors import ConfigError, DataError, run_main
+from .index_format import FORMAT, write_index
+from .registry import ResolvedModel, default_model_uri, load_model, resolve_model
+from .tracking import connect, get_run
 
 __all__ = [
-    "FORMAT",
-    "ResolvedModel",
-    "Collection",
     "IndexResult",
-    "resolve_model",
-    "open_collection",
-    "encode_images",
     "build_index",
     "default_out",
-    "sha256_file",
     "main",
 ]
 
-FORMAT = "dpfah-index/1"
-MANIFEST = "manifest.json"
-CODES = "codes.npy"
-KEYS = "keys.parquet"
-LABELS = "labels.npy"
 PLAN = "plan.json"
 #: Fault injection for tests: ``after-blocks:N`` stops the run (an error) once N blocks are written.
 FAULT_ENV = "DPFAH_INDEX_FAULT"
-
-
-class ModelNotFound(PipelineError):
-    """The registered model, its alias or its version does not exist."""
 
 
 def default_out(dataset: str, bits: int) -> Path:
@@ -67,144 +53,7 @@ def default_out(dataset: str, bits: int) -> Path:
     return Path("index") / f"{dataset}-{bits}"
 
 
-# ----------------------------------------------------------------------------- the model
-
-
-@dataclass(frozen=True)
-class ResolvedModel:
-    given: str  # as asked for (e.g. models:/dpfah-cifar10-64b@champion)
-    uri: str  # pinned: models:/<name>/<version>, or the logged model's models:/m-...
-    name: str | None
-    version: int | None
-    run_id: str
-    tracking_uri: str
-    bits: int
-    image_size: int
-    dataset: str | None
-
-    def describe(self) -> dict[str, Any]:
-        return {
-            "given": self.given,
-            "uri": self.uri,
-            "name": self.name,
-            "version": self.version,
-            "run_id": self.run_id,
-            "tracking_uri": self.tracking_uri,
-            "bits": self.bits,
-            "image_size": self.image_size,
-            "trained_on": self.dataset,
-        }
-
-
-_ALIAS_URI = re.compile(r"^models:/([^/@]+)@([^/@]+)$")
-_VERSION_URI = re.compile(r"^models:/([^/@]+)/(\d+)$")
-_LOGGED_URI = re.compile(r"^models:/(m-[0-9a-fA-F]+)$")
-
-
-def default_model_uri(params: Params, dataset: str, bits: int, method: str = DEFAULT_METHOD) -> str:
-    """``models:/<promote.model_name>@<promote.alias>`` for this dataset, length and method."""
-    return f"models:/{model_name(params, dataset, bits, method)}@{params.promote.alias}"
-
-
-def resolve_model(params: Params, given: str, uri: str | None = None) -> ResolvedModel:
-    """The model version ``given`` names, with its training run's code length and image size.
-    ``uri``: the tracking store (default: MLFLOW_TRACKING_URI or ``mlflow.tracking_uri``)."""
-    from mlflow.exceptions import MlflowException
-
-    uri = uri or tracking_uri(params)
-    client = connect(uri)
-    name = version = None
-    with mlflow_errors(f"resolving model {given}", uri):
-        try:
-            if m := _ALIAS_URI.match(given):
-                name, alias = m.groups()
-                mv = client.get_model_version_by_alias(name, alias)
-                version, run_id = int(mv.version), mv.run_id
-            elif m := _VERSION_URI.match(given):
-                name, version = m.group(1), int(m.group(2))
-                run_id = client.get_model_version(name, str(version)).run_id
-            elif m := _LOGGED_URI.match(given):
-                run_id = client.get_logged_model(m.group(1)).source_run_id
-            else:
-                raise ConfigError(f"--model {given}: expected models:/<name>@<alias>, models:/<name>/<version> or models:/m-<id>")
-        except MlflowException as e:
-            if e.error_code not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND"):
-                raise
-            hint = "promote a model first (python -m pipeline.promote --dataset D --bits L) or name one with --model"
-            raise ModelNotFound(f"{given}: no such model in {uri} ({str(e.message).splitlines()[0]}); {hint}") from None
-    if not run_id:
-        raise MismatchError(f"{given}: the model has no training run (registered from outside pipeline.train?)")
-    run = get_run(client, run_id, uri, given)
-    p = run.data.params
-    if "bits" not in p:
-        raise MismatchError(f"{given}: MLflow run {run_id} has no bits param: not a pipeline.train run")
-    pinned = f"models:/{name}/{version}" if name is not None else given
-    image_size = int(p.get("train.image_size", params.train.image_size))
-    return ResolvedModel(given, pinned, name, version, run_id, uri, int(p["bits"]), image_size, p.get("dataset"))
-
-
-def load_model(resolved: ResolvedModel, device="cpu"):
-    """The model of ``resolved``, checked (finite weights, its code length)."""
-    model = load_checked_model(resolved.uri, resolved.run_id, resolved.tracking_uri, map_location=device)
-    if getattr(model, "bits", None) != resolved.bits:
-        raise MismatchError(f"model {resolved.uri} gives {getattr(model, 'bits', '?')}-bit codes; its run trained {resolved.bits} bits")
-    return model.eval()
-
-
 # ----------------------------------------------------------------------------- encoding
-
-
-def _decode_problem(data: bytes, error: Exception) -> str:
-    from .sources import check_image
-
-    return check_image(data) or f"cannot decode image ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})"
-
-
-def encode_images(model, images: Sequence[bytes | None], device, image_size: int, precision: str, *, convert: bool = True):
-    """Codes of encoded images, as evaluate computes them (``dpfah.train.encode``: decoded and
-    resized on ``device``, eval mode, binarised). ``convert``: first turn images the training
-    decoder would not read as PIL does into prepare's RGB PNG (files; prepared shards hold
-    them converted already). Returns (int8 +1/-1 codes of the good images, good mask,
-    {position: why} for the rest); a None image is skipped (its reader said why)."""
-    import torch
-
-    from dpfah.augment import decode_batch
-    from dpfah.data import Batch, as_rgb_png, conversion_reason
-    from dpfah.train import encode
-
-    ok = np.zeros(len(images), dtype=bool)
-    problems: dict[int, str] = {}
-    ready: list[tuple[int, bytes]] = []
-    for i, data in enumerate(images):
-        if data is None:
-            continue
-        if convert:
-            try:
-                if conversion_reason(data) is not None:
-                    data = as_rgb_png(data)
-            except Exception as e:  # PIL raises many types for unreadable data
-                problems[i] = _decode_problem(data, e)
-                continue
-        ready.append((i, data))
-    good = [i for i, _ in ready]
-    try:
-        pixels = decode_batch([d for _, d in ready], image_size, device) if ready else None
-    except Exception:  # one bad image spoils the batch: decode one by one to name it
-        parts, good = [], []
-        for i, data in ready:
-            try:
-                parts.append(decode_batch([data], image_size, device))
-                good.append(i)
-            except Exception as e:
-                problems[i] = _decode_problem(data, e)
-        pixels = torch.cat(parts) if parts else None
-    if not good:
-        return np.zeros((0, model.bits), np.int8), ok, problems
-    n = len(good)
-    batch = Batch(pixels, torch.zeros((n, 1), dtype=torch.uint8), torch.arange(n))
-    codes, _, _ = encode(model, [batch], device, image_size, precision)
-    ok[good] = True
-    return codes, ok, problems
 
 
 class BlockEncoder:
@@ -250,161 +99,6 @@ def encode_block(enc: BlockEncoder, block: int) -> bytes:
     return buf.getvalue()
 
 
-# ----------------------------------------------------------------------------- sources
-
-
-class SplitReader:
-    """Items of a prepared split, by position (= index in the split)."""
-
-    def __init__(self, manifest, split: str):
-        self.manifest, self.split = manifest, split
-
-    def read(self, start: int, stop: int) -> list[tuple[bytes | None, str | None]]:
-        from dpfah.data import read_samples
-
-        got = read_samples(self.manifest, self.split, range(start, stop))
-        return [(got[i], None) for i in range(start, stop)]
-
-
-class FileReader:
-    """Image files by path (``root``/ref)."""
-
-    def __init__(self, root: str, refs: Sequence[str]):
-        self.root, self.refs = root, list(refs)
-
-    def where(self, i: int) -> str:
-        return os.path.join(self.root, self.refs[i])
-
-    def read(self, start: int, stop: int) -> list[tuple[bytes | None, str | None]]:
-        out: list[tuple[bytes | None, str | None]] = []
-        for i in range(start, stop):
-            try:
-                with open(self.where(i), "rb") as f:
-                    out.append((f.read(), None))
-            except FileNotFoundError:
-                out.append((None, "missing file"))
-            except OSError as e:
-                out.append((None, f"cannot read ({e.strerror or e})"))
-        return out
-
-
-class TarReader:
-    """Image files of a tar archive (read into memory once per actor, as prepare does)."""
-
-    def __init__(self, path: str, refs: Sequence[str]):
-        self.path, self.refs = path, list(refs)
-        self._files: dict[str, bytes] | None = None
-
-    def where(self, i: int) -> str:
-        return f"{self.path}!{self.refs[i]}"
-
-    def read(self, start: int, stop: int) -> list[tuple[bytes | None, str | None]]:
-        from .sources import read_tar
-
-        if self._files is None:
-            _, self._files = read_tar(Path(self.path), self.path, progress=False)
-        return [(self._files.get(self.refs[i]), None if self.refs[i] in self._files else "missing file") for i in range(start, stop)]
-
-
-@dataclass
-class Collection:
-    """What to index: each item's key (rows of the index, in this order), labels when known."""
-
-    keys: list[str]
-    labels: np.ndarray | None
-    classes: list[str] | None
-    reader: Any  # SplitReader | FileReader | TarReader
-    identity: dict[str, Any]  # the source, for the manifest and the resume check
-    convert: bool  # images may need prepare's conversion (files, not prepared shards)
-    paths: list[str] | None = None  # a prepared split's source paths
-
-    def where(self, i: int) -> str:
-        return self.reader.where(i) if hasattr(self.reader, "where") else f"{self.identity['split']}[{self.keys[i]}]"
-
-
-def _list_entries(path: Path, given: str) -> tuple[list[str], np.ndarray | None]:
-    """``<path> [0/1 ...]`` lines: the paths and, when every line has them, the label vectors."""
-    from .sources import list_lines
-
-    paths, vectors, seen = [], [], {}
-    for lineno, raw in enumerate(list_lines(path), 1):
-        tokens = raw.decode("utf-8", errors="replace").split()
-        if not tokens:
-            continue
-        ref, values = tokens[0], tokens[1:]
-        if any(v not in ("0", "1") for v in values):
-            raise DataError(f"{given}:{lineno}: expected `<path> [0/1 label vector]`, got {' '.join(tokens)[:80]!r}")
-        if ref in seen:
-            raise DataError(f"{given}:{lineno}: {ref} is listed twice (first at line {seen[ref]})")
-        seen[ref] = lineno
-        paths.append(ref)
-        vectors.append(values)
-    lengths = {len(v) for v in vectors}
-    if len(lengths) > 1:
-        raise DataError(f"{given}: lines carry label vectors of different lengths ({sorted(lengths)}); give all or none")
-    labels = np.array(vectors, dtype=np.uint8).reshape(len(paths), -1) if lengths and lengths != {0} else None
-    return paths, labels
-
-
-def open_collection(params: Params, *, dataset: str | None = None, split: str | None = None, images: str | None = None, root: str | None = None) -> Collection:
-    """The collection to index: a prepared ``split`` of ``dataset``, or ``images`` (a folder,
-    a tar archive or a list file; ``root``: where a list's relative paths start)."""
-    import pyarrow.parquet as pq
-
-    from dpfah.data import TABLE_FILE
-
-    from .sources import IMAGE_EXTS, DirectorySource, file_identity, open_source
-
-    if split is not None:
-        if dataset is None:
-            raise ConfigError("--split needs --dataset")
-        manifest = prepared_manifest(params, dataset)
-        info = manifest.split(split) if split in manifest.splits else None
-        if info is None:
-            raise ConfigError(f"--split {split}: {dataset} has no such split (has {', '.join(manifest.splits)})")
-        table = pq.read_table(os.path.join(manifest.directory, TABLE_FILE), filters=[("split", "=", split)])
-        table = table.sort_by("index")
-        if table.num_rows != info.count or not np.array_equal(table.column("index").to_numpy(), np.arange(info.count)):
-            raise DataError(f"{manifest.directory}/{TABLE_FILE}: split {split!r} does not list indices 0..{info.count - 1}")
-        lab = table.column("labels").combine_chunks()
-        labels = np.asarray(lab.values.to_numpy(zero_copy_only=False), dtype=np.uint8).reshape(info.count, lab.type.list_size)
-        identity = {"type": "split", "dataset": dataset, "split": split, "protocol": manifest.protocol, "directory": manifest.directory, "manifest_sha256": manifest.sha256}
-        keys = [str(i) for i in range(info.count)]
-        return Collection(keys, labels, list(manifest.classes), SplitReader(manifest, split), identity, False, table.column("path").to_pylist())
-    if images is None:
-        raise ConfigError("give --split (with --dataset) or --images (a folder, a .tar archive or a list file)")
-    path = Path(images).expanduser()
-    if not path.exists():
-        raise ConfigError(f"--images {images}: not found")
-    if path.is_dir():
-        source = DirectorySource(path, images)
-        refs = source.refs()
-        identity = {"type": "directory", "path": str(path.resolve()), "images": len(refs)}
-        reader: Any = FileReader(str(path.resolve()), refs)
-    elif _is_tar(path):
-        source = open_source(images, allow_cifar10=False)
-        refs = source.refs()
-        identity = {**source.identity, "path": str(path.resolve()), "images": len(refs)}
-        reader = TarReader(str(path.resolve()), refs)
-    else:
-        refs, labels = _list_entries(path, images)
-        base = Path(root).expanduser() if root else path.parent
-        order = sorted(range(len(refs)), key=refs.__getitem__)
-        refs = [refs[i] for i in order]
-        labels = labels[order] if labels is not None else None
-        identity = {**file_identity(path, images), "type": "list", "path": str(path.resolve()), "root": str(base.resolve()), "images": len(refs)}
-        return Collection(refs, labels, None, FileReader(str(base.resolve()), refs), identity, True)
-    if not refs:
-        raise DataError(f"{images}: no image files ({', '.join(sorted(IMAGE_EXTS))})")
-    return Collection(refs, None, None, reader, identity, True)
-
-
-def _is_tar(path: Path) -> bool:
-    import tarfile
-
-    return path.is_file() and tarfile.is_tarfile(path)
-
-
 # ----------------------------------------------------------------------------- the evaluation's codes
 
 #: The prepared splits evaluate encodes and logs (``evaluation/codes/<split>.parquet``).
@@ -448,7 +142,7 @@ def evaluation_codes(params: Params, collection: Collection, resolved: ResolvedM
     from dpfah.data import read_samples
 
     from .console import quiet_libraries
-    from .evaluate import ARTIFACT_DIR, load_codes
+    from .codefiles import ARTIFACT_DIR, load_codes
     from .registry import EVAL_COMPLETE_TAG, EVAL_ID_TAG
 
     quiet_libraries()  # MLflow's download bar
@@ -507,14 +201,6 @@ class IndexResult:
 
 def _sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _block_file(partial: Path, block: int) -> Path:
@@ -658,44 +344,6 @@ def _assemble(partial: Path, blocks: int, collection: Collection, params: Params
     return np.concatenate(codes), np.concatenate(keep).astype(np.int64), skipped
 
 
-def _write_index(
-    tmp: Path, packed: np.ndarray, keep: np.ndarray, collection: Collection, resolved: ResolvedModel, skipped, plan, device: str, used: str, codes_from: str
-) -> dict[str, Any]:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    tmp.mkdir(parents=True)
-    np.save(tmp / CODES, np.ascontiguousarray(packed, dtype=np.uint64))
-    columns = {"key": pa.array([collection.keys[j] for j in keep], pa.string())}
-    if collection.paths is not None:
-        columns["path"] = pa.array([collection.paths[j] for j in keep], pa.string())
-    pq.write_table(pa.table(columns), tmp / KEYS)
-    files = [CODES, KEYS]
-    if collection.labels is not None:
-        np.save(tmp / LABELS, np.ascontiguousarray(collection.labels[keep], dtype=np.uint8))
-        files.append(LABELS)
-    manifest = {
-        "format": FORMAT,
-        "model": resolved.describe(),
-        "bits": resolved.bits,
-        "words": int(packed.shape[1]),
-        "count": int(len(keep)),
-        "source": collection.identity,
-        "classes": collection.classes,
-        "skipped": {"count": len(skipped), "items": skipped},
-        "files": {name: {"sha256": sha256_file(tmp / name), "bytes": (tmp / name).stat().st_size} for name in files},
-        "block_size": plan["block_size"],
-        "precision": plan["precision"],
-        "encoded_on": device,
-        "precision_used": used,  # what a query must be encoded with to match (search does)
-        "codes_from": codes_from,  # "encoded", or the evaluation whose verified codes were taken
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "git_commit": git_commit(),
-    }
-    write_json_atomic(tmp / MANIFEST, manifest)  # last: its presence marks the index complete
-    return manifest
-
-
 def _swap_into_place(tmp: Path, out: Path) -> None:
     """``tmp`` becomes ``out``; an older index there is removed only once the new one is in place."""
     old = out.with_name(f".{out.name}.old-{os.getpid()}")
@@ -744,7 +392,7 @@ def build_index(
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        manifest = _write_index(tmp, packed, keep, collection, resolved, skipped, plan, device, used, codes_from)
+        manifest = write_index(tmp, packed, keep, collection, resolved, skipped, plan, device, used, codes_from)
         _swap_into_place(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

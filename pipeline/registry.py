@@ -2,21 +2,25 @@
 
 Evaluate and promote (and anything that uses a trained model) start from the record that
 train writes (``runs/<dataset>-<bits>.json``) or from a run id, and check that the run is a
-finished training of that dataset and code length before using its model.
+finished training of that dataset and code length before using its model
+(:func:`load_subject`: the run checked against the shards, its model loaded). Index and
+search name a model by a ``models:/`` URI instead (:func:`resolve_model`: pinned to its version).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .artifacts import DEFAULT_METHOD, run_file
-from .config import MlflowConfig
-from .errors import ConfigError, PipelineError
-from .tracking import mlflow_errors, resolve_uri, tracking_uri
+from .config import MlflowConfig, Params
+from .errors import ConfigError, DataError, PipelineError
+from .tracking import connect, get_run, mlflow_errors, resolve_uri, tracking_uri
 
 __all__ = [
     "EVAL_ID_TAG",
@@ -32,6 +36,13 @@ __all__ = [
     "run_model_uri",
     "load_checked_model",
     "check_finite_weights",
+    "Subject",
+    "load_subject",
+    "ModelNotFound",
+    "ResolvedModel",
+    "default_model_uri",
+    "resolve_model",
+    "load_model",
 ]
 
 
@@ -184,3 +195,163 @@ def load_checked_model(model_uri: str, run_id: str, uri: str, map_location="cpu"
             sys.path[:] = path  # MLflow prepends the model's packaged code (code/dpfah): ours stays first
     check_finite_weights(model, run_id, model_uri)
     return model.net if isinstance(model, ImageEncoder) else model
+
+
+# ----------------------------------------------------------------------------- a run with its model, for evaluate and the report
+
+
+def _read_manifest(shards: str):
+    from dpfah.data import ShardError, read_manifest
+
+    try:
+        return read_manifest(shards)
+    except ShardError as e:
+        raise DataError(str(e)) from None
+
+
+@dataclass(frozen=True)
+class Subject:
+    """A trained run checked against the data, with its model loaded (what evaluate
+    encodes with; the report's Grad-CAM figure loads its models the same way)."""
+
+    run_id: str
+    record: dict[str, Any] | None
+    uri: str
+    client: Any
+    manifest: Any
+    shards: str
+    model_uri: str
+    model: Any
+    image_size: int
+    device: Any  # torch.device the splits are encoded on
+
+
+def load_subject(params: Params, dataset: str, bits: int, run_id: str | None, root, device, which: dict[str, Any]) -> Subject:
+    """The run of the record (or ``run_id``), checked to be a finished training of this
+    dataset and length on these very shards, with its model loaded on ``device``."""
+    record: dict[str, Any] | None = None
+    if run_id is None:
+        record, record_path = read_run_record(dataset, bits, root, **which)
+        run_id, source = record["run_id"], str(record_path)
+    else:
+        source = "--run-id"
+    uri = record_tracking_uri(record, params)
+    client = connect(uri)
+    run = get_run(client, run_id, uri, source)
+    check_training_run(run, dataset, bits, source)
+
+    shards = params.shards_dir(dataset)
+    manifest = _read_manifest(shards)
+    sha = manifest.sha256
+    trained_on = run.data.tags.get("manifest_sha256")
+    if trained_on != sha:
+        raise MismatchError(
+            f"the shards at {shards} (manifest sha256 {sha[:12]}, {manifest.dataset}/{manifest.protocol}) are not the ones "
+            f"MLflow run {run_id} was trained on (sha256 {str(trained_on)[:12]}): re-run train, or point data.root at its data"
+        )
+    if record is not None and record.get("manifest_sha256") not in (None, sha):
+        raise MismatchError(f"{source}: manifest_sha256 {str(record['manifest_sha256'])[:12]} does not match the shards at {shards} ({sha[:12]})")
+
+    model_uri = run_model_uri(client, run, uri, record.get("model_uri") if record else None)
+    model = load_checked_model(model_uri, run_id, uri, map_location=device)  # finite weights, or a refusal
+    if getattr(model, "bits", None) != bits or getattr(model, "num_classes", None) != manifest.num_classes:
+        raise MismatchError(
+            f"model {model_uri} has {getattr(model, 'bits', '?')} bits and {getattr(model, 'num_classes', '?')} classes; "
+            f"the {dataset} shards need {bits} bits and {manifest.num_classes} classes"
+        )
+    model.to(device)
+    image_size = int(run.data.params.get("train.image_size", params.train.image_size))
+    return Subject(run_id, record, uri, client, manifest, shards, model_uri, model, image_size, device)
+
+
+# ----------------------------------------------------------------------------- a models:/ URI resolved to its version, for index and search
+
+
+class ModelNotFound(PipelineError):
+    """The registered model, its alias or its version does not exist."""
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    given: str  # as asked for (e.g. models:/dpfah-cifar10-64b@champion)
+    uri: str  # pinned: models:/<name>/<version>, or the logged model's models:/m-...
+    name: str | None
+    version: int | None
+    run_id: str
+    tracking_uri: str
+    bits: int
+    image_size: int
+    dataset: str | None
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "given": self.given,
+            "uri": self.uri,
+            "name": self.name,
+            "version": self.version,
+            "run_id": self.run_id,
+            "tracking_uri": self.tracking_uri,
+            "bits": self.bits,
+            "image_size": self.image_size,
+            "trained_on": self.dataset,
+        }
+
+
+_ALIAS_URI = re.compile(r"^models:/([^/@]+)@([^/@]+)$")
+
+
+_VERSION_URI = re.compile(r"^models:/([^/@]+)/(\d+)$")
+
+
+_LOGGED_URI = re.compile(r"^models:/(m-[0-9a-fA-F]+)$")
+
+
+def default_model_uri(params: Params, dataset: str, bits: int, method: str = DEFAULT_METHOD) -> str:
+    """``models:/<promote.model_name>@<promote.alias>`` for this dataset, length and method."""
+    return f"models:/{model_name(params, dataset, bits, method)}@{params.promote.alias}"
+
+
+def resolve_model(params: Params, given: str, uri: str | None = None) -> ResolvedModel:
+    """The model version ``given`` names, with its training run's code length and image size.
+    ``uri``: the tracking store (default: MLFLOW_TRACKING_URI or ``mlflow.tracking_uri``)."""
+    from mlflow.exceptions import MlflowException
+
+    uri = uri or tracking_uri(params)
+    client = connect(uri)
+    name = version = None
+    with mlflow_errors(f"resolving model {given}", uri):
+        try:
+            if m := _ALIAS_URI.match(given):
+                name, alias = m.groups()
+                mv = client.get_model_version_by_alias(name, alias)
+                version, run_id = int(mv.version), mv.run_id
+            elif m := _VERSION_URI.match(given):
+                name, version = m.group(1), int(m.group(2))
+                run_id = client.get_model_version(name, str(version)).run_id
+            elif m := _LOGGED_URI.match(given):
+                run_id = client.get_logged_model(m.group(1)).source_run_id
+            else:
+                raise ConfigError(f"--model {given}: expected models:/<name>@<alias>, models:/<name>/<version> or models:/m-<id>")
+        except MlflowException as e:
+            if e.error_code not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND"):
+                raise
+            hint = "promote a model first (python -m pipeline.promote --dataset D --bits L) or name one with --model"
+            raise ModelNotFound(f"{given}: no such model in {uri} ({str(e.message).splitlines()[0]}); {hint}") from None
+    if not run_id:
+        raise MismatchError(f"{given}: the model has no training run (registered from outside pipeline.train?)")
+    run = get_run(client, run_id, uri, given)
+    p = run.data.params
+    if "bits" not in p:
+        raise MismatchError(f"{given}: MLflow run {run_id} has no bits param: not a pipeline.train run")
+    pinned = f"models:/{name}/{version}" if name is not None else given
+    image_size = int(p.get("train.image_size", params.train.image_size))
+    return ResolvedModel(given, pinned, name, version, run_id, uri, int(p["bits"]), image_size, p.get("dataset"))
+
+
+def load_model(resolved: ResolvedModel, device="cpu"):
+    """The model of ``resolved``, checked (finite weights, its code length)."""
+    model = load_checked_model(resolved.uri, resolved.run_id, resolved.tracking_uri, map_location=device)
+    if getattr(model, "bits", None) != resolved.bits:
+        raise MismatchError(f"model {resolved.uri} gives {getattr(model, 'bits', '?')}-bit codes; its run trained {resolved.bits} bits")
+    return model.eval()
+

@@ -418,7 +418,7 @@ def figure_p_at_h(params: Params, members: Sequence[Member], path: Path, dataset
 
 def _query_codes(member: Member) -> tuple[np.ndarray, np.ndarray]:
     """(+1/-1 codes, label matrix) of a member's query split."""
-    from .evaluate import load_codes
+    from .codefiles import load_codes
 
     packed, labels, _, _ = load_codes(member.codes_path)
     # dpfah.codes.unpack_codes' layout (little-endian words, bit i of the code = bit i), without its torch import
@@ -519,7 +519,7 @@ def figure_gradcam(pair, path: Path, dataset: str) -> None:
 
 def _gradcam_section(params: Params, dataset: str, members: Sequence[Member], out: Path, root: str | os.PathLike) -> tuple[list[str], dict[str, Any]]:
     """Fig. 3 at Table 5's code length, or the sentence saying why it is not drawn."""
-    from .evaluate import load_codes
+    from .codefiles import load_codes
     from .gradcam import compute
 
     bits = ablation_bits(params)

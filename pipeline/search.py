@@ -18,104 +18,22 @@ one Parquet column; nothing is read row by row in Python.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from .config import Params, add_config_args, config_from_args
-from .errors import ConfigError, DataError, PipelineError, run_main
-from .index import CODES, FORMAT, KEYS, LABELS, MANIFEST, encode_images, load_model, resolve_model
-from .registry import MismatchError, record_tracking_uri
+from .encoding import encode_images
+from .errors import ConfigError, DataError, run_main
+from .index_format import Index, load_index
+from .registry import MismatchError, load_model, record_tracking_uri, resolve_model
 
-__all__ = ["Index", "Hit", "load_index", "search", "query_codes", "main"]
-
-
-class NotAnIndex(PipelineError):
-    """The folder holds no complete index (or one whose files do not match its manifest)."""
-
-
-@dataclass
-class Index:
-    directory: Path
-    manifest: dict[str, Any]
-    codes: np.ndarray  # (n, words) uint64, memory-mapped
-    keys: Any  # pyarrow StringArray
-    labels: np.ndarray | None  # (n, classes) uint8, memory-mapped
-    paths: Any | None  # pyarrow StringArray (prepared splits: the source path)
-    _hamming: Any = field(default=None, repr=False)
-
-    def __len__(self) -> int:
-        return self.codes.shape[0]
-
-    @property
-    def bits(self) -> int:
-        return int(self.manifest["bits"])
-
-    def hamming(self):
-        """The search kernel over the codes, built once (``dpfah.codes.HammingIndex``)."""
-        if self._hamming is None:
-            from dpfah.codes import HammingIndex
-
-            self._hamming = HammingIndex(self.codes)
-        return self._hamming
-
-    def rows_of(self, keys: Sequence[str]) -> np.ndarray:
-        """Row of each key (vectorised lookup); an unknown key is an error naming it."""
-        import pyarrow as pa
-        import pyarrow.compute as pc
-
-        rows = pc.index_in(pa.array(list(keys), pa.string()), value_set=self.keys).to_numpy(zero_copy_only=False)
-        missing = [k for k, r in zip(keys, rows) if r is None or (isinstance(r, float) and np.isnan(r))]
-        if missing:
-            raise DataError(f"{self.directory}: no item with key {missing[0]!r} ({len(missing)} unknown key(s))")
-        return np.asarray(rows, dtype=np.int64)
-
-    def key(self, row: int) -> str:
-        return self.keys[int(row)].as_py()
-
-
-def load_index(directory: str | os.PathLike, *, verify: bool = False) -> Index:
-    """Open an index folder: the manifest checked, the codes and labels memory-mapped, the keys
-    read as one column. ``verify``: also check every file's sha256 against the manifest."""
-    import pyarrow.parquet as pq
-
-    directory = Path(directory)
-    path = directory / MANIFEST
-    if not path.is_file():
-        partial = directory.with_name(directory.name + ".partial")
-        if partial.exists():
-            raise NotAnIndex(f"{directory}: not complete (an indexing run stopped; run the same python -m pipeline.index again to resume)")
-        raise NotAnIndex(f"{directory}: no index ({MANIFEST} not found; build one with python -m pipeline.index)")
-    try:
-        manifest = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise NotAnIndex(f"{path}: unreadable ({type(e).__name__}: {e})") from None
-    if manifest.get("format") != FORMAT:
-        raise NotAnIndex(f"{path}: format {manifest.get('format')!r}, expected {FORMAT!r}")
-    if verify:
-        from .index import sha256_file
-
-        for name, info in manifest["files"].items():
-            if sha256_file(directory / name) != info["sha256"]:
-                raise NotAnIndex(f"{directory / name}: sha256 does not match {MANIFEST}")
-    n, words = int(manifest["count"]), int(manifest["words"])
-    codes = np.load(directory / CODES, mmap_mode="r")
-    if codes.shape != (n, words) or codes.dtype != np.uint64:
-        raise NotAnIndex(f"{directory / CODES}: {codes.dtype} {codes.shape}, the manifest says uint64 ({n}, {words})")
-    table = pq.read_table(directory / KEYS)
-    keys = table.column("key").combine_chunks()
-    paths = table.column("path").combine_chunks() if "path" in table.column_names else None
-    labels = np.load(directory / LABELS, mmap_mode="r") if LABELS in manifest["files"] else None
-    if len(keys) != n or (labels is not None and labels.shape[0] != n):
-        raise NotAnIndex(f"{directory}: {len(keys)} keys and {None if labels is None else labels.shape[0]} label rows for {n} codes")
-    return Index(directory, manifest, codes, keys, labels, paths)
+__all__ = ["Hit", "search", "query_codes", "main"]
 
 
 @dataclass(frozen=True)

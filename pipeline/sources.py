@@ -348,28 +348,37 @@ def list_lines(path: Path) -> list[bytes]:
     return data.removeprefix(_BOM).splitlines()
 
 
-def read_list(path: Path, given: str, key: str, num_classes: int, report) -> list[ListEntry]:
-    """Entries of a `<path> <v_1> ... <v_C>` list (UTF-8, plain or gzipped). A bad line goes to
-    ``report(where, reason)``, which raises or records it; blank lines are ignored."""
-    if not path.is_file():
-        raise ConfigError(f"{key}: {given}: not found")
+def list_tokens(path: Path, given: str) -> list[tuple[int, list[str]]]:
+    """(line number, whitespace-separated tokens) of each non-blank line of a `<path> <labels>`
+    list file (UTF-8, plain or gzipped): the one reader of the format, for prepare's lists and
+    index's. A file that cannot be read, or a line that is not UTF-8, is a DataError naming
+    the file (and the line, the byte and its column)."""
     try:
         lines = list_lines(path)
     except (OSError, EOFError, zlib.error) as e:
         raise DataError(f"{given}: cannot read the list ({type(e).__name__}: {e})") from None
-    entries: list[ListEntry] = []
-    seen: dict[str, int] = {}
+    out: list[tuple[int, list[str]]] = []
     for lineno, raw in enumerate(lines, 1):
-        where = f"{given}:{lineno}"
         try:
             line = raw.decode("utf-8")
         except UnicodeDecodeError as e:
             raise DataError(
-                f"{where}: not UTF-8 text (byte 0x{raw[e.start]:02x} at column {e.start + 1}); save the list as UTF-8"
+                f"{given}:{lineno}: not UTF-8 text (byte 0x{raw[e.start]:02x} at column {e.start + 1}); save the list as UTF-8"
             ) from None
-        tokens = line.split()
-        if not tokens:
-            continue
+        if tokens := line.split():
+            out.append((lineno, tokens))
+    return out
+
+
+def read_list(path: Path, given: str, key: str, num_classes: int, report) -> list[ListEntry]:
+    """Entries of a `<path> <v_1> ... <v_C>` list (:func:`list_tokens`). A bad line goes to
+    ``report(where, reason)``, which raises or records it; blank lines are ignored."""
+    if not path.is_file():
+        raise ConfigError(f"{key}: {given}: not found")
+    entries: list[ListEntry] = []
+    seen: dict[str, int] = {}
+    for lineno, tokens in list_tokens(path, given):
+        where = f"{given}:{lineno}"
         if all(t in ("0", "1") for t in tokens):
             report(where, "no image path: the line is only a label vector (expected `<path> <0/1 label vector>`)")
             continue

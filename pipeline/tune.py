@@ -5,7 +5,7 @@
 The search runs train.method over the knobs of ``tune.space`` and ``tune.ranges``, any
 method alike (params.yaml gives DPFAH's eta and zeta); a knob the method does not have is
 an error naming it and what the method has. The driver (this process) opens the search's MLflow run, then runs a Tune search whose
-trials each fit a ``TorchTrainer`` through :func:`pipeline.train.run_training` (the same
+trials each fit a ``TorchTrainer`` through :func:`pipeline.train_driver.run_training` (the same
 training as the train stage, its MLflow run nested under the search's). Rank 0's per-epoch
 reports reach Tune through ``TuneReportCallback``; ASHA stops trials whose validation mAP
 (``val_map``) lags. A trial that fails is retried (``tune.max_failures``) under the same
@@ -41,7 +41,7 @@ from .config import Params, add_config_args, config_from_args
 from .errors import ConfigError, PipelineError, run_main
 from .registry import model_name
 from .tracking import connect, git_commit, resolve_uri, tracked_run
-from .train import run_training
+from .train_driver import run_training
 
 __all__ = [
     "TrialRow",
@@ -197,10 +197,10 @@ def _trial_run_name(search_name: str, trial_id: str, config: dict[str, Any]) -> 
 def trial_recipe(params: Params, dataset: str, config: dict[str, Any]):
     """What a trial trains: train.method with its knobs from params (never from best.json)
     and the searched ones (``config``, with ``bits``) from the search."""
-    from . import objective
+    from . import recipes
 
     bits = int(config["bits"])
-    base = objective.resolve(replace(params, use_tuned=False), dataset, bits)
+    base = recipes.resolve(replace(params, use_tuned=False), dataset, bits)
     searched = {k: v for k, v in config.items() if k != "bits"}
     return replace(base, hparams={**base.hparams, **searched}, source={"weights_from": "search"})
 

@@ -123,7 +123,7 @@ def ray_trained(ray_local, mlflow_server, tmp_path_factory):
     import os
 
     from pipeline.prepare import prepare
-    from pipeline.train import run_training
+    from pipeline.train_driver import run_training
     from tests.helpers import GlobalBatches, wait_healthy
 
     out = tmp_path_factory.mktemp("ray-trained")

@@ -280,7 +280,7 @@ def stop_mlflow_server(proc) -> None:
 
 
 class GlobalBatches:
-    """``batch_source(epoch, rank, world_size)`` for pipeline.train.run_training: every epoch
+    """``batch_source(epoch, rank, world_size)`` for pipeline.train_driver.run_training: every epoch
     ``steps`` global batches of ``global_batch`` training images of the prepared shards at
     ``shards`` (decoded, in a permutation seeded by the epoch), each rank taking its slice,
     so that any worker count sees exactly the same global batch at every step. The indices

@@ -262,7 +262,7 @@ def test_profile_applies_per_run_or_into_params_yaml(tmp_path, capsys):
     from pipeline.profile import apply_profile, main
 
     from dpfah import methods
-    from pipeline.objective import resolve
+    from pipeline.recipes import resolve
 
     paper = load_params(PARAMS, profile="paper")
     assert paper.bits == (16, 32, 48, 64) and paper.train.image_size == 224 and paper.objectives["dpfah"] == {"eta": None, "zeta": None}
@@ -322,7 +322,7 @@ def test_old_keys_are_read_as_their_new_ones_with_a_warning(tmp_path):
 
 
 def test_variants_resolve_to_their_method_network_and_hyper_parameters():
-    from pipeline.objective import resolve
+    from pipeline.recipes import resolve
 
     params = load_params(PARAMS, ["objectives.dsh.alpha=0.05", "datasets.cifar10.kind=cifar10"])
     row1 = resolve(params, "cifar10", 48, "resnet18")

@@ -391,7 +391,7 @@ def test_train_stage_runs_as_a_ray_job(ray_head, toy_dataset, tmp_path, monkeypa
     shards = work / "data" / "shards" / "toy"
     (q_img, q_lab), (d_img, d_lab) = read_split_plain(shards, "query"), read_split_plain(shards, "database")
     from dpfah.codes import unpack_codes
-    from pipeline.evaluate import load_codes
+    from pipeline.codefiles import load_codes
 
     logged = Path(client.download_artifacts(run_id, "evaluation/codes", str(tmp_path / "codes-dl")))
     qc = plain_codes(model, q_img, logged=unpack_codes(load_codes(logged / "query.parquet")[0], BITS))

@@ -66,7 +66,7 @@ def test_metrics_match_a_plain_reimplementation(trained):
     import mlflow.pytorch
 
     from dpfah.codes import unpack_codes
-    from pipeline.evaluate import load_codes
+    from pipeline.codefiles import load_codes
 
     out, shards, result = trained["out"], trained["shards"], trained["result"]
     from pipeline.artifacts import metric_values
@@ -219,7 +219,7 @@ def test_reevaluation_with_another_r_and_a_url_data_root(trained, tmp_path):
     d = read_split_plain(trained["shards"], "database")
     q = read_split_plain(trained["shards"], "query")
     from dpfah.codes import unpack_codes
-    from pipeline.evaluate import load_codes
+    from pipeline.codefiles import load_codes
 
     local = Path(client.download_artifacts(doc["run_id"], "evaluation/codes", str(out / "dl")))
     dc = unpack_codes(load_codes(local / "database.parquet")[0], BITS)
@@ -389,7 +389,7 @@ def test_a_trained_model_evaluated_and_promoted_on_a_tracking_server(ray_trained
 
     from dpfah.codes import unpack_codes
     from pipeline import evaluate, promote
-    from pipeline.evaluate import load_codes
+    from pipeline.codefiles import load_codes
     from pipeline.tracking import using_tracking_uri
 
     out, server = ray_trained["out"], ray_trained["server"]

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from pipeline import index as index_stage
+from pipeline import index_format
 from pipeline import search as search_stage
 from tests.helpers import BITS, cli, fake_training_run, toy_params
 
@@ -70,7 +71,7 @@ def test_the_index_holds_evaluates_codes_keys_and_labels_of_the_split(champion, 
     assert (m["count"], m["bits"], m["model"]["uri"], m["model"]["version"], m["model"]["run_id"]) == (78, BITS, f"models:/{NAME}/1", 1, record["run_id"])
     assert m["model"]["given"] == CHAMPION and m["source"]["split"] == "database" and m["skipped"]["count"] == 0
     assert (database_index.blocks, database_index.encoded_blocks) == (5, 5)
-    index = search_stage.load_index(database_index.directory, verify=True)
+    index = index_format.load_index(database_index.directory, verify=True)
     packed, labels = _evaluate_codes(params, record)
     np.testing.assert_array_equal(np.asarray(index.codes), packed)
     np.testing.assert_array_equal(np.asarray(index.labels), labels)
@@ -79,7 +80,7 @@ def test_the_index_holds_evaluates_codes_keys_and_labels_of_the_split(champion, 
 
 
 def test_search_by_key_and_radius_is_exact_with_ties_by_key(database_index):
-    index = search_stage.load_index(database_index.directory)
+    index = index_format.load_index(database_index.directory)
     codes = np.asarray(index.codes)
     dist = np.bitwise_count(codes[:, 0][:, None] ^ codes[:, 0][None, :]).astype(np.int64)
     rows = index.rows_of(["5", "40"])
@@ -103,8 +104,8 @@ def test_a_killed_index_resumes_without_reencoding_and_equals_the_uninterrupted_
         index_stage.build_index(params, out, model=CHAMPION, dataset="toy", split="database", progress=False)
     assert not out.exists()  # nothing that looks like an index
     assert len(list((tmp_path / "toy-8.partial" / "blocks").glob("*.npz"))) == 2
-    with pytest.raises(search_stage.NotAnIndex, match="not complete"):
-        search_stage.load_index(out)
+    with pytest.raises(index_format.NotAnIndex, match="not complete"):
+        index_format.load_index(out)
     monkeypatch.delenv(index_stage.FAULT_ENV)
     resumed = index_stage.build_index(params, out, model=CHAMPION, dataset="toy", split="database", progress=False)
     assert (resumed.blocks, resumed.encoded_blocks) == (5, 3)
@@ -210,3 +211,22 @@ def test_a_split_the_evaluation_encoded_takes_its_codes_once_verified(champion, 
         assert (again.directory / "codes.npy").read_bytes() == (encoded / "codes.npy").read_bytes()
     finally:
         MlflowClient(uri).delete_tag(run_id, EVAL_COMPLETE_TAG)  # the champion unevaluated again
+
+
+def test_a_list_file_is_read_as_prepare_reads_one(tmp_path, capsys):
+    """index reads a `<path> [labels]` list with prepare's reader (sources.list_tokens): a
+    line that is not UTF-8 stops the stage with one line naming the file, the line and the
+    byte (not a path decoded with replacement characters that then is "missing"); a byte
+    order mark is dropped. Fails before any model is looked up."""
+    from pipeline.collection import open_collection
+    from pipeline.config import load_params
+
+    listed = tmp_path / "list.txt"
+    listed.write_bytes("\ufeffa.png 1 0\n\nb.png 0 1\n".encode() + "café.png 1 1\n".encode("latin-1"))
+    argv = ["--images", str(listed), "--model", "models:/none/1", "--out", str(tmp_path / "out"), "--quiet"]
+    code, text = cli(index_stage, argv, capsys)
+    assert (code, text) == (2, f"error: {listed}:4: not UTF-8 text (byte 0xe9 at column 4); save the list as UTF-8\n")
+
+    listed.write_bytes("\ufeffb.png 1 0\n\na.png 0 1\n".encode())
+    got = open_collection(load_params(), images=str(listed))
+    assert got.keys == ["a.png", "b.png"] and got.labels.tolist() == [[0, 1], [1, 0]]

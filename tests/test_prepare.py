@@ -542,7 +542,8 @@ def test_lists_multi_label_through_fit_and_the_evaluate_stage(tmp_path, monkeypa
     from dpfah.model import DPFAH
     from dpfah.settings import TrainSettings, pick
     from dpfah.train import fit, validation_map
-    from pipeline.evaluate import evaluate, load_codes
+    from pipeline.codefiles import load_codes
+    from pipeline.evaluate import evaluate
     from tests.helpers import fake_training_run, plain_metrics
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)

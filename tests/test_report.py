@@ -37,7 +37,8 @@ def write_evaluation(root: Path, method: str, bits: int, seed: int, dataset: str
     flips fewer bits than the others, so it ranks better. Returns the metrics document."""
     from dpfah.metrics import retrieval_report
     from pipeline.artifacts import run_file, write_json_atomic
-    from pipeline.evaluate import codes_table, flat_metrics, write_dvc_outputs
+    from pipeline.codefiles import codes_table
+    from pipeline.evaluate import flat_metrics, write_dvc_outputs
 
     rng = np.random.default_rng([list(FLIPS).index(method), bits, seed])
     ql = np.eye(N_CLASSES, dtype=np.uint8)[np.arange(N_QUERY) % N_CLASSES]
@@ -316,7 +317,7 @@ def test_gradcam_figure_from_two_logged_models_with_and_without_pfa(repo, toy_da
     # through the report: the query split's labels from evaluate's codes file, the figure, its sentence
     import pyarrow.parquet as pq
 
-    from pipeline.evaluate import codes_table
+    from pipeline.codefiles import codes_table
     from pipeline.report import Member, _gradcam_section
 
     codes = tmp_path / "query.parquet"

@@ -1,7 +1,7 @@
 """Serving the logged model: what ``dpfah.encoder.ImageEncoder`` refuses and how, in process
 and behind the real ``mlflow models serve`` (one server for the module, 127.0.0.1 only).
 
-The model is logged by ``pipeline.train.log_model_artifact`` (the train stage's logging)
+The model is logged by ``pipeline.train_driver.log_model_artifact`` (the train stage's logging)
 from an untrained DPFAH network, without Ray, with small limits so that a request over them
 is a few kilobytes. Each refusal must be a 400 whose message is one sentence naming what
 was expected, not an echo of the input; afterwards the server still answers a good request
@@ -135,7 +135,7 @@ def served(tmp_path_factory):
     import mlflow
 
     from pipeline.tracking import using_tracking_uri
-    from pipeline.train import log_model_artifact
+    from pipeline.train_driver import log_model_artifact
     from tests.helpers import free_port, wait_answering
 
     work = tmp_path_factory.mktemp("serving")

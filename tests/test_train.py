@@ -348,7 +348,7 @@ def test_fit_from_the_shard_stream_learns_real_cifar10(cifar10_prepared):
     from dpfah.data import EvalStream, TrainStream
     from dpfah.settings import pick
     from pipeline.config import load_params
-    from pipeline.objective import resolve
+    from pipeline.recipes import resolve
 
     root, prepared = cifar10_prepared
     shards = prepared.directory

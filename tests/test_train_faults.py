@@ -28,7 +28,7 @@ def test_non_finite_loss_stops_training_once_with_the_step(ray_local, toy_datase
     the run, the error names the epoch and step, and the MLflow run ends FAILED."""
     from mlflow.tracking import MlflowClient
 
-    from pipeline.train import TrainingFailed, run_training
+    from pipeline.train_driver import TrainingFailed, run_training
 
     work, images = toy_dataset
     params = toy_params(
@@ -60,7 +60,7 @@ def test_training_without_a_validation_split_keeps_the_last_epoch(ray_local, tmp
     from mlflow.tracking import MlflowClient
 
     from pipeline.prepare import prepare
-    from pipeline.train import run_training
+    from pipeline.train_driver import run_training
 
     _, images = toy_dataset
     params = toy_params(tmp_path, images, "datasets.toy.validation=0", "train.epochs=2")
@@ -148,7 +148,7 @@ def test_runs_left_running_by_a_dead_driver_are_marked_failed(tmp_path):
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    from pipeline.train import _driver_tags, _fail_abandoned_runs
+    from pipeline.train_driver import _driver_tags, _fail_abandoned_runs
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(uri)
@@ -175,7 +175,7 @@ def test_checkpoints_the_controller_never_registered_are_deleted(tmp_path):
 
     from pyarrow import fs
 
-    from pipeline.train import _drop_unregistered_checkpoints
+    from pipeline.train_driver import _drop_unregistered_checkpoints
 
     for name in ("checkpoint_a", "checkpoint_b", "checkpoint_orphan", "other_dir"):
         (tmp_path / name).mkdir()
@@ -196,8 +196,8 @@ def test_a_variant_whose_network_cannot_take_the_image_size_is_refused_before_ra
     """dbdh-alexnet at the CPU profile's 32 px: one line naming the key and the fix, before
     any Ray worker would have failed (and been retried) on it."""
     from pipeline.errors import ConfigError
-    from pipeline.objective import read, resolve, write
-    from pipeline.train import run_training
+    from pipeline.recipes import read, resolve, write
+    from pipeline.train_driver import run_training
 
     work, images = toy_dataset
     params = toy_params(work, images, f"mlflow.tracking_uri=sqlite:///{tmp_path / 'm.db'}")

@@ -142,13 +142,13 @@ def test_summary_tables_like_the_papers_tables_3_and_4():
 
 
 def test_objective_takes_the_tuned_weights_at_the_same_code_length(toy_dataset, tmp_path):
-    from pipeline import objective
+    from pipeline import recipes
     from pipeline.artifacts import best_file
 
     work, images = toy_dataset
     tuned = toy_params(work, images, "use_tuned=true", "objectives.dpfah.eta=7", "objectives.dpfah.delta=2")
     with pytest.raises(ConfigError, match=r"^use_tuned: .*best.json not found"):
-        objective.resolve(tuned, "toy", 16, root=tmp_path)
+        recipes.resolve(tuned, "toy", 16, root=tmp_path)
     path = best_file("toy", tmp_path)
     path.parent.mkdir(parents=True)
     record = {
@@ -156,34 +156,34 @@ def test_objective_takes_the_tuned_weights_at_the_same_code_length(toy_dataset, 
         "by_bits": {"16": {"eta": 1.0, "zeta": 1.0, "bits": 16, "run_id": "r16"}, "64": {"eta": 10.0, "zeta": 0.1, "bits": 64, "run_id": "r64"}},
     }  # fmt: skip
     path.write_text(json.dumps(record))
-    got = objective.resolve(tuned, "toy", 16, root=tmp_path)  # a record without "method"/"knobs": DPFAH's eta, zeta
+    got = recipes.resolve(tuned, "toy", 16, root=tmp_path)  # a record without "method"/"knobs": DPFAH's eta, zeta
     assert got.hparams == {"eta": 1.0, "zeta": 1.0, "delta": 2.0}  # eta, zeta from the search; the rest from params
     source = got.source
     assert source["tuned_trial_run_id"] == "r16" and source["tuned_search_run_id"] == "parent" and source["weights_from"] == "tune"
-    got = objective.resolve(tuned, "toy", 32, root=tmp_path)  # not searched at 32 bits: the overall best
+    got = recipes.resolve(tuned, "toy", 32, root=tmp_path)  # not searched at 32 bits: the overall best
     assert (got.hparams["eta"], got.hparams["zeta"]) == (10.0, 0.1) and got.source["tuned_bits"] == "64"
-    got = objective.resolve(toy_params(work, images, "objectives.dpfah.eta=7"), "toy", 16, root=tmp_path)
+    got = recipes.resolve(toy_params(work, images, "objectives.dpfah.eta=7"), "toy", 16, root=tmp_path)
     assert (got.hparams, got.source) == ({"eta": 7.0}, {"weights_from": "params"})  # use_tuned off: best.json is not read
-    dsh = objective.resolve(toy_params(work, images, "use_tuned=true", "objectives.dsh.alpha=0.5"), "toy", 16, "dsh", root=tmp_path)
+    dsh = recipes.resolve(toy_params(work, images, "use_tuned=true", "objectives.dsh.alpha=0.5"), "toy", 16, "dsh", root=tmp_path)
     assert (dsh.hparams, dsh.source) == ({"alpha": 0.5}, {"weights_from": "params"})  # a search over dpfah: dsh keeps its knobs
 
     # The file the train stage reads under DVC round-trips, and names what it belongs to.
-    recipe = objective.resolve(tuned, "toy", 16, root=tmp_path)
+    recipe = recipes.resolve(tuned, "toy", 16, root=tmp_path)
     assert (recipe.entry, recipe.method, recipe.hparams["eta"], recipe.source["weights_from"]) == ("dpfah", "dpfah", 1.0, "tune")
-    written = objective.write(recipe, "toy", 16, root=tmp_path)
-    assert written.name == "toy-16-dpfah.json" and objective.read(written, "toy", 16) == recipe
+    written = recipes.write(recipe, "toy", 16, root=tmp_path)
+    assert written.name == "toy-16-dpfah.json" and recipes.read(written, "toy", 16) == recipe
     with pytest.raises(ConfigError, match="not 'toy' at 32"):
-        objective.read(written, "toy", 32)
+        recipes.read(written, "toy", 32)
     path.write_text("{not json")
     with pytest.raises(ConfigError, match="^use_tuned: .* is not a tune result"):
-        objective.resolve(tuned, "toy", 16, root=tmp_path)
+        recipes.resolve(tuned, "toy", 16, root=tmp_path)
 
 
 def test_train_without_the_search_result_it_is_told_to_use_stops_before_ray(toy_dataset, tmp_path, monkeypatch):
     """use_tuned=true and no tune/<dataset>/best.json: one error naming the key, before
     any MLflow run or Ray start. (A real fit with the tuned eta and zeta: conftest's
     ``ray_trained``, checked in test_stage_train.)"""
-    import pipeline.train as train
+    import pipeline.train_driver as train
 
     work, images = toy_dataset
     monkeypatch.chdir(tmp_path)
@@ -364,7 +364,7 @@ def test_a_failed_trial_is_retried_from_its_last_checkpoint(search):
     run again) and ran to the end, in the trial's one MLflow run."""
     from mlflow.tracking import MlflowClient
 
-    from pipeline.train import load_state
+    from pipeline.train_worker import load_state
 
     outcome, out, _ = search
     row = next(r for r in outcome.rows if r.bits == 16)
@@ -462,7 +462,7 @@ def test_best_configuration_file_and_summary(search):
     import mlflow.pytorch
 
     from dpfah.model import DPFAH
-    from pipeline import objective
+    from pipeline import recipes
 
     outcome, out, _ = search
     best = json.loads(Path(outcome.best_file).read_text())
@@ -475,7 +475,7 @@ def test_best_configuration_file_and_summary(search):
     from pipeline.config import load_params
 
     params = load_params(ROOT / "params.yaml", ["datasets.toy.kind=custom", "use_tuned=true"])
-    recipe = objective.resolve(params, "toy", 16, root=out)
+    recipe = recipes.resolve(params, "toy", 16, root=out)
     assert recipe.hparams == {"eta": 1.0, "zeta": 1.0} and recipe.source["tuned_trial_run_id"] == top.run_id
     # The best trial's model is in MLflow.
     with _tracking(f"sqlite:///{out / 'mlflow.db'}"):
@@ -583,15 +583,15 @@ def test_summary_of_a_search_over_other_knobs():
 def test_use_tuned_takes_a_search_s_knobs_for_its_method_only(toy_dataset, tmp_path, capsys):
     """use_tuned, any method alike: a search over dsh gives dsh's trainings its knobs (over
     objectives.dsh), and leaves DPFAH's with theirs, saying so."""
-    from pipeline import objective
+    from pipeline import recipes
 
     work, images = toy_dataset
     (tmp_path / "tune" / "toy").mkdir(parents=True)
     record = {"method": "dsh", "knobs": ["alpha"], "alpha": 0.1, "bits": 16, "by_bits": {"16": {"alpha": 0.3, "bits": 16, "run_id": "r"}}}
     (tmp_path / "tune" / "toy" / "best.json").write_text(json.dumps(record))
     params = toy_params(work, images, "use_tuned=true", "objectives.dsh.margin=3")
-    dsh = objective.resolve(params, "toy", 16, "dsh", root=tmp_path)
+    dsh = recipes.resolve(params, "toy", 16, "dsh", root=tmp_path)
     assert dsh.hparams == {"margin": 3, "alpha": 0.3} and dsh.source["weights_from"] == "tune" and dsh.source["tuned_trial_run_id"] == "r"
-    dpfah = objective.resolve(params, "toy", 16, "dpfah", root=tmp_path)
+    dpfah = recipes.resolve(params, "toy", 16, "dpfah", root=tmp_path)
     assert (dpfah.hparams, dpfah.source) == ({"eta": 1.0}, {"weights_from": "params"})
     assert "best.json is a search over dsh's knobs; dpfah keeps objectives.dpfah" in capsys.readouterr().err

@@ -1,0 +1,165 @@
+"""The index folder's format, written by ``pipeline.index`` and read by ``pipeline.search``::
+
+    codes.npy       (n, ceil(bits/64)) uint64 packed codes (dpfah.codes.pack_codes), row i = item i
+    keys.parquet    key (string) of each row, and for a prepared split its source path
+    labels.npy      (n, classes) uint8, when the source has labels
+    manifest.json   format, model (URI, version, run), bits, count, source, skipped, sha256 of each file,
+                    codes_from (encoded, or the evaluation whose codes were taken), created
+
+The manifest is written last: its presence marks the index complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .artifacts import write_json_atomic
+from .errors import DataError, PipelineError
+from .tracking import git_commit
+
+__all__ = ["FORMAT", "MANIFEST", "CODES", "KEYS", "LABELS", "NotAnIndex", "Index", "load_index", "write_index", "sha256_file"]
+
+
+FORMAT = "dpfah-index/1"
+MANIFEST = "manifest.json"
+CODES = "codes.npy"
+KEYS = "keys.parquet"
+LABELS = "labels.npy"
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_index(
+    tmp: Path, packed: np.ndarray, keep: np.ndarray, collection, resolved, skipped, plan, device: str, used: str, codes_from: str
+) -> dict[str, Any]:
+    """Write the index folder ``tmp`` (new): the rows ``keep`` of ``collection``
+    (a :class:`pipeline.collection.Collection`) with their ``packed`` codes, encoded by
+    ``resolved`` (a :class:`pipeline.registry.ResolvedModel`); the manifest last."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    tmp.mkdir(parents=True)
+    np.save(tmp / CODES, np.ascontiguousarray(packed, dtype=np.uint64))
+    columns = {"key": pa.array([collection.keys[j] for j in keep], pa.string())}
+    if collection.paths is not None:
+        columns["path"] = pa.array([collection.paths[j] for j in keep], pa.string())
+    pq.write_table(pa.table(columns), tmp / KEYS)
+    files = [CODES, KEYS]
+    if collection.labels is not None:
+        np.save(tmp / LABELS, np.ascontiguousarray(collection.labels[keep], dtype=np.uint8))
+        files.append(LABELS)
+    manifest = {
+        "format": FORMAT,
+        "model": resolved.describe(),
+        "bits": resolved.bits,
+        "words": int(packed.shape[1]),
+        "count": int(len(keep)),
+        "source": collection.identity,
+        "classes": collection.classes,
+        "skipped": {"count": len(skipped), "items": skipped},
+        "files": {name: {"sha256": sha256_file(tmp / name), "bytes": (tmp / name).stat().st_size} for name in files},
+        "block_size": plan["block_size"],
+        "precision": plan["precision"],
+        "encoded_on": device,
+        "precision_used": used,  # what a query must be encoded with to match (search does)
+        "codes_from": codes_from,  # "encoded", or the evaluation whose verified codes were taken
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "git_commit": git_commit(),
+    }
+    write_json_atomic(tmp / MANIFEST, manifest)  # last: its presence marks the index complete
+    return manifest
+
+
+class NotAnIndex(PipelineError):
+    """The folder holds no complete index (or one whose files do not match its manifest)."""
+
+
+@dataclass
+class Index:
+    directory: Path
+    manifest: dict[str, Any]
+    codes: np.ndarray  # (n, words) uint64, memory-mapped
+    keys: Any  # pyarrow StringArray
+    labels: np.ndarray | None  # (n, classes) uint8, memory-mapped
+    paths: Any | None  # pyarrow StringArray (prepared splits: the source path)
+    _hamming: Any = field(default=None, repr=False)
+
+    def __len__(self) -> int:
+        return self.codes.shape[0]
+
+    @property
+    def bits(self) -> int:
+        return int(self.manifest["bits"])
+
+    def hamming(self):
+        """The search kernel over the codes, built once (``dpfah.codes.HammingIndex``)."""
+        if self._hamming is None:
+            from dpfah.codes import HammingIndex
+
+            self._hamming = HammingIndex(self.codes)
+        return self._hamming
+
+    def rows_of(self, keys: Sequence[str]) -> np.ndarray:
+        """Row of each key (vectorised lookup); an unknown key is an error naming it."""
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        rows = pc.index_in(pa.array(list(keys), pa.string()), value_set=self.keys).to_numpy(zero_copy_only=False)
+        missing = [k for k, r in zip(keys, rows) if r is None or (isinstance(r, float) and np.isnan(r))]
+        if missing:
+            raise DataError(f"{self.directory}: no item with key {missing[0]!r} ({len(missing)} unknown key(s))")
+        return np.asarray(rows, dtype=np.int64)
+
+    def key(self, row: int) -> str:
+        return self.keys[int(row)].as_py()
+
+
+def load_index(directory: str | os.PathLike, *, verify: bool = False) -> Index:
+    """Open an index folder: the manifest checked, the codes and labels memory-mapped, the keys
+    read as one column. ``verify``: also check every file's sha256 against the manifest."""
+    import pyarrow.parquet as pq
+
+    directory = Path(directory)
+    path = directory / MANIFEST
+    if not path.is_file():
+        partial = directory.with_name(directory.name + ".partial")
+        if partial.exists():
+            raise NotAnIndex(f"{directory}: not complete (an indexing run stopped; run the same python -m pipeline.index again to resume)")
+        raise NotAnIndex(f"{directory}: no index ({MANIFEST} not found; build one with python -m pipeline.index)")
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise NotAnIndex(f"{path}: unreadable ({type(e).__name__}: {e})") from None
+    if manifest.get("format") != FORMAT:
+        raise NotAnIndex(f"{path}: format {manifest.get('format')!r}, expected {FORMAT!r}")
+    if verify:
+        for name, info in manifest["files"].items():
+            if sha256_file(directory / name) != info["sha256"]:
+                raise NotAnIndex(f"{directory / name}: sha256 does not match {MANIFEST}")
+    n, words = int(manifest["count"]), int(manifest["words"])
+    codes = np.load(directory / CODES, mmap_mode="r")
+    if codes.shape != (n, words) or codes.dtype != np.uint64:
+        raise NotAnIndex(f"{directory / CODES}: {codes.dtype} {codes.shape}, the manifest says uint64 ({n}, {words})")
+    table = pq.read_table(directory / KEYS)
+    keys = table.column("key").combine_chunks()
+    paths = table.column("path").combine_chunks() if "path" in table.column_names else None
+    labels = np.load(directory / LABELS, mmap_mode="r") if LABELS in manifest["files"] else None
+    if len(keys) != n or (labels is not None and labels.shape[0] != n):
+        raise NotAnIndex(f"{directory}: {len(keys)} keys and {None if labels is None else labels.shape[0]} label rows for {n} codes")
+    return Index(directory, manifest, codes, keys, labels, paths)
+
