@@ -52,7 +52,7 @@ def _fake_index(directory: Path, n: int, seed: int) -> np.ndarray:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from pipeline.index import CODES, FORMAT, KEYS, MANIFEST, sha256_file
+    from pipeline.index_format import CODES, FORMAT, KEYS, MANIFEST, sha256_file
     from pipeline.artifacts import write_json_atomic
 
     rng = np.random.default_rng(seed)
@@ -124,7 +124,8 @@ def bench_index(data_root: str, dataset: str, split: str, model: str, tracking: 
     from dpfah.codes import pack_codes
     from pipeline import evaluate as evaluate_stage
     from pipeline.config import load_params
-    from pipeline.index import build_index, load_model, resolve_model
+    from pipeline.index import build_index
+    from pipeline.registry import load_model, resolve_model
 
     params = load_params(Path(__file__).resolve().parents[1] / "params.yaml", [f"data.root={data_root}", f"mlflow.tracking_uri={tracking}"])
     resolved = resolve_model(params, model)

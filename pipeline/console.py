@@ -7,7 +7,7 @@ links at the end of a run on a tracking server, its artifact download progress b
 its pickle warning are not shown: the stage prints one line
 per epoch and a summary instead. ``--verbose`` (or DPFAH_VERBOSE=1) shows them all, as
 they were. Warnings and errors of the libraries are always shown, except the pickle
-warning, which is about a choice the project made (see ``pipeline/train.py: _log_model``).
+warning, which is about a choice the project made (see ``pipeline/train_driver.py: _log_model``).
 """
 
 from __future__ import annotations
