@@ -33,7 +33,10 @@ step() { echo "== $1 ($(( $(date +%s) - start )) s)"; }
 step "device"
 "$PY" -c "import sys, torch; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU')" | tee "$OUT/device.txt"
 step "compiled kernels (numpy fallback if they do not build)"
-"$PY" setup.py -q build_ext --inplace > "$OUT/build.log" 2>&1 || echo "kernels did not build: see $OUT/build.log"
+# the compiler's object files in a temporary folder, not build/ in the checkout
+build_temp=$(mktemp -d)
+"$PY" setup.py -q build_ext --inplace --build-temp "$build_temp/temp" --build-lib "$build_temp/lib" > "$OUT/build.log" 2>&1 || echo "kernels did not build: see $OUT/build.log"
+rm -rf "$build_temp"
 "$PY" -c "import dpfah.kernels as k; print('kernels:', k.status())" | tee -a "$OUT/device.txt"
 step "CUDA tests"
 timeout 100 "$PY" -m pytest -m gpu tests/test_gpu.py -q -s -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log"

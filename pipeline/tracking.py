@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 from .errors import PipelineError
@@ -242,6 +244,35 @@ EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"
 
 
+def artifact_root(uri: str) -> str | None:
+    """Where a new experiment of the store at ``uri`` keeps its artifacts: for a SQLite store,
+    ``mlruns/`` beside the database file (MLflow's own default is ``./mlruns`` of whatever
+    directory the process runs in, so one store would scatter its artifacts over every
+    working directory it was used from); None (the server's choice) for any other store."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    database = Path(uri[len("sqlite:///") :].split("?", 1)[0])
+    return (database.expanduser().resolve().parent / "mlruns").as_uri()
+
+
+def open_experiment(name: str, uri: str):
+    """The experiment ``name`` of the active store (``uri``), created where
+    :func:`artifact_root` says when it does not exist yet, and made the active one."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    experiment = mlflow.get_experiment_by_name(name)
+    root = artifact_root(uri)
+    if experiment is None and root is not None:
+        folder = re.sub(r"[^A-Za-z0-9._-]", "_", name)
+        try:
+            mlflow.create_experiment(name, artifact_location=f"{root}/{folder}")
+        except MlflowException as e:  # another process created it meanwhile
+            if mlflow.get_experiment_by_name(name) is None:
+                raise e
+    return mlflow.set_experiment(name)
+
+
 @contextlib.contextmanager
 def tracked_run(uri: str, experiment: str, run_name: str, *, parent_run_id: str | None = None, reopen: bool = False) -> Iterator[Any]:
     """Open an MLflow run (the fluent API's active run) in ``experiment`` and close it:
@@ -263,7 +294,7 @@ def tracked_run(uri: str, experiment: str, run_name: str, *, parent_run_id: str 
     quiet_libraries()  # every stage that opens a run (report, tune too): MLflow's INFO lines and links off
     with using_tracking_uri(uri):
         with mlflow_errors(f"opening a run in experiment {experiment}", uri):
-            exp = mlflow.set_experiment(experiment)
+            exp = open_experiment(experiment, uri)
             if (exp.tags or {}).get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:
                 mlflow.set_experiment_tag(EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)  # opens as training runs, not GenAI traces
             earlier = _same_child(exp.experiment_id, parent_run_id, run_name) if reopen and parent_run_id else None

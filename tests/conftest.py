@@ -35,16 +35,22 @@ def _untracked_top_level() -> set[str]:
     return {p.name for p in _REPO.iterdir()}
 
 
+#: The repository root's entries when the session started; an entry that appears later is
+#: reported once, by the first test after which it is there.
+_ROOT_AT_START = _untracked_top_level()
+
+
 @pytest.fixture(autouse=True)
 def _writes_only_under_tmp(request):
-    """Every test writes only under its temporary paths: one that leaves a new entry in the
-    repository root (MLflow's ./mlruns or ./mlflow.db of a store opened with the checkout as
-    the working directory, a ray_results/, ...) fails, naming it."""
-    before = _untracked_top_level()
+    """Every test writes only under its temporary paths: a new entry in the repository root
+    (MLflow's ./mlruns or ./mlflow.db of a store opened with the checkout as the working
+    directory, a build/, a ray_results/, ...) fails the test after which it appeared, naming
+    it, whether the test or a fixture it set up (module or session scoped) wrote it."""
     yield
-    new = sorted(_untracked_top_level() - before)
+    new = sorted(_untracked_top_level() - _ROOT_AT_START)
     if new:
-        pytest.fail(f"{request.node.nodeid} left {new} in the repository root {_REPO}; write under tmp_path", pytrace=False)
+        _ROOT_AT_START.update(new)
+        pytest.fail(f"{request.node.nodeid} (or a fixture it set up) left {new} in the repository root {_REPO}; write under tmp_path", pytrace=False)
 
 
 @pytest.fixture(scope="session")

@@ -96,13 +96,13 @@ def fake_training_run(
     import mlflow.pytorch
 
     from dpfah.model import DPFAH
-    from pipeline.tracking import using_tracking_uri
+    from pipeline.tracking import open_experiment, using_tracking_uri
 
     if model is None:
         torch.manual_seed(seed)
         model = DPFAH(bits, num_classes).eval()
     with using_tracking_uri(tracking_uri):
-        experiment = mlflow.set_experiment(f"dpfah-{dataset}")
+        experiment = open_experiment(f"dpfah-{dataset}", tracking_uri)
         with mlflow.start_run(experiment_id=experiment.experiment_id) as run:
             mlflow.log_params({"dataset": dataset, "bits": bits, "train.image_size": image_size})
             mlflow.set_tags({"dataset": dataset, "protocol": "custom", "manifest_sha256": manifest_sha256, "git_commit": "test"})
