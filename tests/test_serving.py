@@ -134,14 +134,15 @@ def served(tmp_path_factory):
     the good images computed here from the network)."""
     import mlflow
 
-    from pipeline.tracking import using_tracking_uri
+    from pipeline.tracking import open_experiment, using_tracking_uri
     from pipeline.train_driver import log_model_artifact
     from tests.helpers import free_port, wait_answering
 
     work = tmp_path_factory.mktemp("serving")
     net = _network()
-    with using_tracking_uri(f"sqlite:///{work / 'mlflow.db'}"):
-        mlflow.set_experiment("serving")
+    store = f"sqlite:///{work / 'mlflow.db'}"
+    with using_tracking_uri(store):
+        open_experiment("serving", store)  # artifacts beside the store, not in ./mlruns
         with mlflow.start_run():
             uri = log_model_artifact(net, SIZE, "dpfah-serving-test", **LIMITS)
         local = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(work / "model"))
