@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -168,3 +169,31 @@ def prepared_manifest(params, name: str):
         raise DataError(f"{directory}: no prepared dataset (no {MANIFEST_FILE}); prepare it first: {command}") from None
     except ShardError as e:
         raise DataError(str(e)) from None
+
+
+def not_replaceable(folder: str | os.PathLike, allowed: Callable[[Path], bool], *, what: str, marker: str | None = None) -> str | None:
+    """Why a stage must not replace ``folder`` whole (None: it may): it may be absent, empty,
+    or ``what`` (every entry one that ``allowed`` accepts, and ``marker`` among them when
+    given). The current folder and a file system's root never may. A user's folder named by
+    mistake (``--out .``, ``--out photos`` beside ``--images photos``) is refused, never
+    deleted."""
+    folder = Path(folder)
+    if not folder.exists() and not folder.is_symlink():
+        return None
+    resolved = folder.resolve()
+    if resolved == Path.cwd().resolve() or resolved == Path(resolved.anchor):
+        return f"{folder} is the current or the root folder"
+    if folder.is_symlink() or not folder.is_dir():
+        return f"{folder} exists and is not a folder"
+    others, names = [], set()
+    for entry in folder.iterdir():
+        names.add(entry.name)
+        if not allowed(entry):
+            others.append(entry.name)
+            if len(others) == 3:
+                break
+    if others:
+        return f"{folder} holds files that are not {what} ({', '.join(sorted(others))}{', ...' if len(others) == 3 else ''})"
+    if names and marker is not None and marker not in names:
+        return f"{folder} is not {what} (no {marker})"
+    return None

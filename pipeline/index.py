@@ -27,12 +27,12 @@ from typing import Any
 
 import numpy as np
 
-from .artifacts import DEFAULT_METHOD, write_atomic, write_json_atomic
+from .artifacts import DEFAULT_METHOD, not_replaceable, write_atomic, write_json_atomic
 from .collection import Collection, open_collection
 from .config import Params, add_config_args, config_from_args
 from .encoding import encode_images
 from .errors import ConfigError, DataError, run_main
-from .index_format import FORMAT, write_index
+from .index_format import CODES, FORMAT, KEYS, LABELS, MANIFEST, write_index
 from .registry import ResolvedModel, default_model_uri, load_model, resolve_model
 from .tracking import connect, get_run
 
@@ -344,6 +344,37 @@ def _assemble(partial: Path, blocks: int, collection: Collection, params: Params
     return np.concatenate(codes), np.concatenate(keep).astype(np.int64), skipped
 
 
+#: What an index folder and an unfinished build (``<out>.partial``) hold: nothing else is
+#: ever deleted (see :func:`check_out`).
+_INDEX_FILES = frozenset({MANIFEST, CODES, KEYS, LABELS})
+_PARTIAL_ENTRIES = frozenset({PLAN, "blocks"})
+#: A manifest larger than this is not one this project wrote (it lists skipped items only).
+_MANIFEST_MAX_BYTES = 256 * 2**20
+
+
+def check_out(out: str | os.PathLike) -> Path:
+    """``out`` as a path an index build may write: absent, an empty folder, or an index this
+    project wrote (its manifest's format, and no file but the format's), and so may its
+    ``<out>.partial``. Anything else is refused before any work, since the build replaces
+    the folder whole."""
+    out = Path(out)
+    why = not_replaceable(out, lambda e: e.name in _INDEX_FILES, what="an index", marker=MANIFEST)
+    if why is None and (out / MANIFEST).is_file():
+        try:
+            size = (out / MANIFEST).stat().st_size
+            manifest = json.loads((out / MANIFEST).read_text()) if size <= _MANIFEST_MAX_BYTES else {}
+        except (OSError, ValueError):
+            manifest = {}
+        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+            why = f"{out / MANIFEST} is not the manifest of an index ({FORMAT})"
+    if why is None:
+        partial = out.with_name(out.name + ".partial")
+        why = not_replaceable(partial, lambda e: e.name in _PARTIAL_ENTRIES, what="an unfinished index", marker=PLAN)
+    if why:
+        raise ConfigError(f"--out {out}: {why}; an index is written only to a new or empty folder or over an index (nothing else is replaced)")
+    return out
+
+
 def _swap_into_place(tmp: Path, out: Path) -> None:
     """``tmp`` becomes ``out``; an older index there is removed only once the new one is in place."""
     old = out.with_name(f".{out.name}.old-{os.getpid()}")
@@ -372,7 +403,7 @@ def build_index(
     from dpfah.train import precision_used
 
     t0 = time.perf_counter()
-    out = Path(out)
+    out = check_out(out)
     collection = open_collection(params, dataset=dataset, split=split, images=images, root=root)
     resolved = resolve_model(params, model)
     loaded = load_model(resolved)
@@ -456,7 +487,7 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument("--split", metavar="SPLIT", help="index this split of the prepared --dataset (e.g. database)")
     what.add_argument("--images", metavar="PATH", help="index an image folder, a .tar archive of images, or a list file")
     parser.add_argument("--root", metavar="DIR", help="where a list file's relative paths start (default: the list's folder)")
-    parser.add_argument("--out", metavar="DIR", help="the index folder (default with --split: index/<dataset>-<bits>)")
+    parser.add_argument("--out", metavar="DIR", help="the index folder (default with --split: index/<dataset>-<bits>): new, empty, or an index, which is replaced; any other folder is refused, never deleted")
     parser.add_argument(
         "--reencode", action="store_true",
         help="encode a query or database split even when the model's evaluation logged its codes (they are reused once verified)",

@@ -43,9 +43,9 @@ from typing import Any
 import numpy as np
 
 from . import paper
-from .artifacts import DEFAULT_METHOD, metrics_file, plots_dir, query_codes_file, report_dir, run_file, tune_dir, write_atomic
+from .artifacts import DEFAULT_METHOD, metrics_file, not_replaceable, plots_dir, query_codes_file, report_dir, run_file, tune_dir, write_atomic
 from .config import Params, add_config_args, config_from_args
-from .errors import PipelineError, run_main
+from .errors import ConfigError, PipelineError, run_main
 
 __all__ = ["MAP_KEY", "RADIUS_KEY", "metric", "t_quantile", "interval", "Cell", "collect", "build_report", "main"]
 
@@ -59,6 +59,9 @@ ABLATION_STEPS = ("+ PFA", "+ L2/L3")
 ABLATION_REFERENCE = "dbdh-alexnet"
 TSNE_POINTS = 2000  # query codes in a t-SNE (a seeded subsample beyond this)
 KNN = 10  # neighbours of the number beside the t-SNE
+#: What a report folder holds (report.md, its figures and tables): a folder with anything
+#: else is not replaced (write_report)
+REPORT_SUFFIXES = frozenset({".md", ".png", ".csv"})
 
 
 class ReportError(PipelineError):
@@ -620,6 +623,9 @@ def write_report(params: Params, dataset: str, out_dir: str | os.PathLike | None
     """Build the report beside ``out_dir`` and swap it into place: a failure leaves the
     previous report as it was."""
     out = Path(out_dir) if out_dir is not None else report_dir(dataset, root)
+    why = not_replaceable(out, lambda e: e.is_file() and e.suffix in REPORT_SUFFIXES, what="a report", marker="report.md")
+    if why:
+        raise ConfigError(f"--out {out}: {why}; a report is written only to a new or empty folder or over a report (nothing else is replaced)")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     old = out.with_name(f".{out.name}.old-{os.getpid()}")
@@ -663,7 +669,7 @@ def build_parser() -> argparse.ArgumentParser:
         "(method, bits, seed) is an error naming it: run `dvc repro` first.",
     )
     parser.add_argument("--dataset", required=True, help="dataset name from params.yaml")
-    parser.add_argument("--out", metavar="DIR", default=None, help="where the report goes (default: reports/<dataset>)")
+    parser.add_argument("--out", metavar="DIR", default=None, help="where the report goes (default: reports/<dataset>): new, empty, or a report, which is replaced; any other folder is refused, never deleted")
     parser.add_argument("--no-mlflow", action="store_true", help="do not log the report to MLflow")
     add_config_args(parser)
     return parser

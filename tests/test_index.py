@@ -230,3 +230,46 @@ def test_a_list_file_is_read_as_prepare_reads_one(tmp_path, capsys):
     listed.write_bytes("\ufeffb.png 1 0\n\na.png 0 1\n".encode())
     got = open_collection(load_params(), images=str(listed))
     assert got.keys == ["a.png", "b.png"] and got.labels.tolist() == [[0, 1], [1, 0]]
+
+
+def test_out_never_replaces_a_folder_that_is_not_an_index(champion, database_index, tmp_path, monkeypatch, capsys):
+    """An index build replaces its --out folder whole, so it refuses (one line, exit 2, before
+    any work) a folder that is not an index: a user's folder, the images being indexed, the
+    current folder, a manifest of another format, a user's <out>.partial; and replaces an index."""
+    from pipeline.errors import ConfigError
+    from pipeline.report import write_report
+
+    params, _, images = champion
+    mine = tmp_path / "u"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    photos = shutil.copytree(images / sorted(p.name for p in images.iterdir())[0], tmp_path / "photos")
+    before = sorted(p.name for p in photos.iterdir())
+    code, text = cli(index_stage, ["--images", str(photos), "--out", str(photos), "--model", "models:/nothing/1"], capsys)
+    assert code == 2 and len(text.strip().splitlines()) == 1, text
+    assert f"--out {photos}: {photos} holds files that are not an index" in text
+    assert sorted(p.name for p in photos.iterdir()) == before  # every photo still there
+    for out, why in ((mine, r"holds files that are not an index \(notes.txt\)"), (tmp_path, "holds files that are not an index")):
+        with pytest.raises(ConfigError, match=why):
+            index_stage.build_index(params, out, model=CHAMPION, images=str(images))
+    # the report stage's --out: the same rule
+    with pytest.raises(ConfigError, match="holds files that are not a report"):
+        write_report(params, "toy", mine)
+    assert (mine / "notes.txt").read_text() == "mine"
+    monkeypatch.chdir(mine)
+    with pytest.raises(ConfigError, match="is the current or the root folder"):
+        index_stage.build_index(params, ".", model=CHAMPION, images=str(images))
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "manifest.json").write_text(json.dumps({"format": "someone-else/1"}))
+    with pytest.raises(ConfigError, match="is not the manifest of an index"):
+        index_stage.build_index(params, other, model=CHAMPION, images=str(images))
+    (tmp_path / "fresh.partial").mkdir()
+    (tmp_path / "fresh.partial" / "draft.txt").write_text("mine too")
+    with pytest.raises(ConfigError, match="are not an unfinished index"):
+        index_stage.build_index(params, tmp_path / "fresh", model=CHAMPION, images=str(images))
+    assert (tmp_path / "fresh.partial" / "draft.txt").exists()
+    # an index, an empty folder and a new path may be written
+    assert index_stage.check_out(database_index.directory) == database_index.directory
+    (tmp_path / "empty").mkdir()
+    index_stage.check_out(tmp_path / "empty"), index_stage.check_out(tmp_path / "new")
