@@ -32,7 +32,7 @@ from .collection import Collection, open_collection
 from .config import Params, add_config_args, config_from_args
 from .encoding import encode_images
 from .errors import ConfigError, DataError, run_main
-from .index_format import CODES, FORMAT, KEYS, LABELS, MANIFEST, write_index
+from .index_format import CODES, FORMAT, KEYS, LABELS, MANIFEST, NotAnIndex, read_manifest, write_index
 from .registry import ResolvedModel, default_model_uri, load_model, resolve_model
 from .tracking import connect, get_run
 
@@ -348,8 +348,6 @@ def _assemble(partial: Path, blocks: int, collection: Collection, params: Params
 #: ever deleted (see :func:`check_out`).
 _INDEX_FILES = frozenset({MANIFEST, CODES, KEYS, LABELS})
 _PARTIAL_ENTRIES = frozenset({PLAN, "blocks"})
-#: A manifest larger than this is not one this project wrote (it lists skipped items only).
-_MANIFEST_MAX_BYTES = 256 * 2**20
 
 
 def check_out(out: str | os.PathLike) -> Path:
@@ -361,12 +359,9 @@ def check_out(out: str | os.PathLike) -> Path:
     why = not_replaceable(out, lambda e: e.name in _INDEX_FILES, what="an index", marker=MANIFEST)
     if why is None and (out / MANIFEST).is_file():
         try:
-            size = (out / MANIFEST).stat().st_size
-            manifest = json.loads((out / MANIFEST).read_text()) if size <= _MANIFEST_MAX_BYTES else {}
-        except (OSError, ValueError):
-            manifest = {}
-        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-            why = f"{out / MANIFEST} is not the manifest of an index ({FORMAT})"
+            read_manifest(out)  # the manifest only: a corrupt index of ours may be rebuilt
+        except NotAnIndex as e:
+            why = f"not an index this project wrote ({e})"
     if why is None:
         partial = out.with_name(out.name + ".partial")
         why = not_replaceable(partial, lambda e: e.name in _PARTIAL_ENTRIES, what="an unfinished index", marker=PLAN)

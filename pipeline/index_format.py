@@ -26,7 +26,7 @@ from .artifacts import write_json_atomic
 from .errors import DataError, PipelineError
 from .tracking import git_commit
 
-__all__ = ["FORMAT", "MANIFEST", "CODES", "KEYS", "LABELS", "NotAnIndex", "Index", "load_index", "write_index", "sha256_file"]
+__all__ = ["FORMAT", "MANIFEST", "CODES", "KEYS", "LABELS", "NotAnIndex", "Index", "read_manifest", "load_index", "write_index", "sha256_file"]
 
 
 FORMAT = "dpfah-index/1"
@@ -129,6 +129,26 @@ class Index:
         return self.keys[int(row)].as_py()
 
 
+#: A manifest larger than this is not one this project wrote (it lists skipped items only).
+MANIFEST_MAX_BYTES = 256 * 2**20
+
+
+def read_manifest(directory: str | os.PathLike) -> dict[str, Any]:
+    """The manifest of the index folder ``directory``, its format checked; NotAnIndex when it
+    is unreadable, too large or of another format."""
+    path = Path(directory) / MANIFEST
+    try:
+        if path.stat().st_size > MANIFEST_MAX_BYTES:
+            raise NotAnIndex(f"{path}: over {MANIFEST_MAX_BYTES} bytes, not an index manifest")
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise NotAnIndex(f"{path}: unreadable ({type(e).__name__}: {e})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
+        raise NotAnIndex(f"{path}: format {found!r}, expected {FORMAT!r}")
+    return manifest
+
+
 def load_index(directory: str | os.PathLike, *, verify: bool = False) -> Index:
     """Open an index folder: the manifest checked, the codes and labels memory-mapped, the keys
     read as one column. ``verify``: also check every file's sha256 against the manifest."""
@@ -141,12 +161,7 @@ def load_index(directory: str | os.PathLike, *, verify: bool = False) -> Index:
         if partial.exists():
             raise NotAnIndex(f"{directory}: not complete (an indexing run stopped; run the same python -m pipeline.index again to resume)")
         raise NotAnIndex(f"{directory}: no index ({MANIFEST} not found; build one with python -m pipeline.index)")
-    try:
-        manifest = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise NotAnIndex(f"{path}: unreadable ({type(e).__name__}: {e})") from None
-    if manifest.get("format") != FORMAT:
-        raise NotAnIndex(f"{path}: format {manifest.get('format')!r}, expected {FORMAT!r}")
+    manifest = read_manifest(directory)
     if verify:
         for name, info in manifest["files"].items():
             if sha256_file(directory / name) != info["sha256"]:

@@ -31,13 +31,13 @@ def _restore_tracking_uri():
 _REPO = Path(__file__).resolve().parents[1]
 
 
-def _untracked_top_level() -> set[str]:
+def _top_level() -> set[str]:
     return {p.name for p in _REPO.iterdir()}
 
 
 #: The repository root's entries when the session started; an entry that appears later is
 #: reported once, by the first test after which it is there.
-_ROOT_AT_START = _untracked_top_level()
+_ROOT_AT_START = _top_level()
 
 
 @pytest.fixture(autouse=True)
@@ -47,7 +47,7 @@ def _writes_only_under_tmp(request):
     directory, a build/, a ray_results/, ...) fails the test after which it appeared, naming
     it, whether the test or a fixture it set up (module or session scoped) wrote it."""
     yield
-    new = sorted(_untracked_top_level() - _ROOT_AT_START)
+    new = sorted(_top_level() - _ROOT_AT_START)
     if new:
         _ROOT_AT_START.update(new)
         pytest.fail(f"{request.node.nodeid} (or a fixture it set up) left {new} in the repository root {_REPO}; write under tmp_path", pytrace=False)
