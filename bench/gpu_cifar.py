@@ -27,7 +27,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
@@ -59,7 +58,9 @@ def prepare_cifar(source: str, work: Path, dataset: str = "cifar10") -> str:
     from pipeline.config import load_params
     from pipeline.prepare import prepare
 
-    params = load_params(PARAMS, [f"data.root={work}", f"datasets.{dataset}.source={source}", f"prepare.datasets=[{dataset}]"])
+    params = load_params(
+        PARAMS, [f"data.root={work}", f"datasets.{dataset}.source={source}", f"prepare.datasets=[{dataset}]"]
+    )
     shards = params.shards_dir(dataset)
     if not (Path(shards) / "manifest.json").is_file():
         prepare(params, dataset, progress=False)
@@ -67,7 +68,12 @@ def prepare_cifar(source: str, work: Path, dataset: str = "cifar10") -> str:
 
 
 def _eval_loader(shards: str, split: str, batch: int, workers: int):
-    return DataLoader(EvalStream(shards, split, batch_size=batch), batch_size=None, num_workers=workers, pin_memory=torch.cuda.is_available())
+    return DataLoader(
+        EvalStream(shards, split, batch_size=batch),
+        batch_size=None,
+        num_workers=workers,
+        pin_memory=torch.cuda.is_available(),
+    )
 
 
 def encode_throughput(shards: str, device: torch.device, size: int, batch: int, workers: int, limit_s: float) -> dict:
@@ -93,7 +99,14 @@ def encode_throughput(shards: str, device: torch.device, size: int, batch: int, 
     if device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
-    return {"images": seen, "seconds": seconds, "images_per_s": seen / seconds, "image_size": size, "batch": batch, "precision": "auto"}
+    return {
+        "images": seen,
+        "seconds": seconds,
+        "images_per_s": seen / seconds,
+        "image_size": size,
+        "batch": batch,
+        "precision": "auto",
+    }
 
 
 def train_time_boxed(shards: str, device: torch.device, args) -> dict:
@@ -106,7 +119,9 @@ def train_time_boxed(shards: str, device: torch.device, args) -> dict:
     model = DPFAH.build(64, manifest.num_classes, ModelSettings(), seed=0)
     objective = DPFAHLoss()  # its defaults: the paper's eta 10, zeta 0.1
     stream = TrainStream(shards, args.batch, seed=0)
-    loader = DataLoader(stream, batch_size=None, num_workers=args.workers, pin_memory=device.type == "cuda", persistent_workers=False)
+    loader = DataLoader(
+        stream, batch_size=None, num_workers=args.workers, pin_memory=device.type == "cuda", persistent_workers=False
+    )
     steps = len(stream) if not args.max_steps else min(len(stream), args.max_steps)
 
     def train_batches(epoch: int):
@@ -114,7 +129,13 @@ def train_time_boxed(shards: str, device: torch.device, args) -> dict:
         return loader
 
     def validate(net) -> float:
-        return validation_map(net, _eval_loader(shards, "validation", 256, args.workers), _eval_loader(shards, "train", 256, args.workers), device, args.size)
+        return validation_map(
+            net,
+            _eval_loader(shards, "validation", 256, args.workers),
+            _eval_loader(shards, "train", 256, args.workers),
+            device,
+            args.size,
+        )
 
     budget = args.minutes * 60
     t0 = time.perf_counter()
@@ -156,12 +177,22 @@ def train_time_boxed(shards: str, device: torch.device, args) -> dict:
         "n_queries": int(len(q_codes)),
         "n_db": int(len(d_codes)),
         "score_s": time.perf_counter() - t1,
-        "settings": {"image_size": args.size, "batch": args.batch, "optimizer": "rmsprop", "lr": 5e-5, "eta": 10.0, "zeta": 0.1, "bits": 64, "pfa": True},
+        "settings": {
+            "image_size": args.size,
+            "batch": args.batch,
+            "optimizer": "rmsprop",
+            "lr": 5e-5,
+            "eta": 10.0,
+            "zeta": 0.1,
+            "bits": 64,
+            "pfa": True,
+        },
     }
 
 
 def summary(directory: Path) -> dict:
     """One JSON and one table from the files a bench/gpu_check.sh run left in ``directory``."""
+
     def load(name):
         path = directory / name
         return json.loads(path.read_text()) if path.is_file() else None
@@ -177,9 +208,19 @@ def summary(directory: Path) -> dict:
         rows.append(("train ratio ours / reference (target >= 3x, >= 12,000 img/s)", f"{throughput['ratio']:.2f}x"))
     if cifar:
         enc = cifar["encode"]
-        rows.append((f"encode img/s incl. decode, {enc['image_size']} px, bf16 on a GPU (target >= 30,000)", f"{enc['images_per_s']:,.0f} ({enc['images']:,} images)"))
+        rows.append(
+            (
+                f"encode img/s incl. decode, {enc['image_size']} px, bf16 on a GPU (target >= 30,000)",
+                f"{enc['images_per_s']:,.0f} ({enc['images']:,} images)",
+            )
+        )
         t = cifar["train"]
-        rows.append((f"CIFAR-10 {t['settings']['image_size']} px from scratch, {t['epochs']} epochs in {t['train_s']:.0f} s", f"val mAP {t['best_val_map']:.4f} (epoch {t['best_epoch']}), query mAP@ALL {t['query_map_at_all']:.4f}"))
+        rows.append(
+            (
+                f"CIFAR-10 {t['settings']['image_size']} px from scratch, {t['epochs']} epochs in {t['train_s']:.0f} s",
+                f"val mAP {t['best_val_map']:.4f} (epoch {t['best_epoch']}), query mAP@ALL {t['query_map_at_all']:.4f}",
+            )
+        )
         rows.append(("train img/s per epoch (CIFAR-10 shards)", ", ".join(f"{x:,.0f}" for x in t["images_per_s"])))
         out["device"] = cifar.get("device")
     width = max(len(r[0]) for r in rows)
@@ -215,8 +256,13 @@ def main(argv=None) -> int:
     shards = args.shards or prepare_cifar(args.source, Path(args.work))
     prepare_s = time.perf_counter() - t0
     result = {"device": device_name(device), "torch": torch.__version__, "shards": shards, "prepare_s": prepare_s}
-    result["encode"] = encode_throughput(shards, device, args.size, 512 if cuda else 64, args.workers, args.encode_seconds)
-    print(f"encode: {result['encode']['images_per_s']:,.0f} img/s ({result['encode']['images']:,} images, decode included)", flush=True)
+    result["encode"] = encode_throughput(
+        shards, device, args.size, 512 if cuda else 64, args.workers, args.encode_seconds
+    )
+    print(
+        f"encode: {result['encode']['images_per_s']:,.0f} img/s ({result['encode']['images']:,} images, decode included)",
+        flush=True,
+    )
     result["train"] = train_time_boxed(shards, device, args)
     t = result["train"]
     print(f"train: {t['epochs']} epochs in {t['train_s']:.0f} s; best validation mAP {t['best_val_map']:.4f} at epoch {t['best_epoch']}; "

@@ -33,7 +33,6 @@ import datetime
 import json
 import os
 import platform
-import shutil
 import sys
 import tempfile
 import time
@@ -52,16 +51,27 @@ def _fake_index(directory: Path, n: int, seed: int) -> np.ndarray:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from pipeline.index_format import CODES, FORMAT, KEYS, MANIFEST, sha256_file
     from pipeline.artifacts import write_json_atomic
+    from pipeline.index_format import CODES, FORMAT, KEYS, MANIFEST, sha256_file
 
     rng = np.random.default_rng(seed)
     codes = rng.integers(0, 2**64, size=(n, 1), dtype=np.uint64)
     directory.mkdir(parents=True)
     np.save(directory / CODES, codes)
     pq.write_table(pa.table({"key": pa.array([f"img/{i:07d}.jpg" for i in range(n)], pa.string())}), directory / KEYS)
-    files = {name: {"sha256": sha256_file(directory / name), "bytes": (directory / name).stat().st_size} for name in (CODES, KEYS)}
-    manifest = {"format": FORMAT, "bits": 64, "words": 1, "count": n, "files": files, "model": {"uri": "models:/bench/1"}, "source": {"type": "directory"}}
+    files = {
+        name: {"sha256": sha256_file(directory / name), "bytes": (directory / name).stat().st_size}
+        for name in (CODES, KEYS)
+    }
+    manifest = {
+        "format": FORMAT,
+        "bits": 64,
+        "words": 1,
+        "count": n,
+        "files": files,
+        "model": {"uri": "models:/bench/1"},
+        "source": {"type": "directory"},
+    }
     write_json_atomic(directory / MANIFEST, manifest)
     return codes
 
@@ -127,16 +137,32 @@ def bench_index(data_root: str, dataset: str, split: str, model: str, tracking: 
     from pipeline.index import build_index
     from pipeline.registry import load_model, resolve_model
 
-    params = load_params(Path(__file__).resolve().parents[1] / "params.yaml", [f"data.root={data_root}", f"mlflow.tracking_uri={tracking}"])
+    params = load_params(
+        Path(__file__).resolve().parents[1] / "params.yaml",
+        [f"data.root={data_root}", f"mlflow.tracking_uri={tracking}"],
+    )
     resolved = resolve_model(params, model)
     loaded = load_model(resolved)
     shards = params.shards_dir(dataset)
     t = time.perf_counter()
-    codes, _, _ = evaluate_stage._encode_split(loaded, shards, split, params, torch.device("cpu"), resolved.image_size, False)
+    codes, _, _ = evaluate_stage._encode_split(
+        loaded, shards, split, params, torch.device("cpu"), resolved.image_size, False
+    )
     t_eval = time.perf_counter() - t
     n = len(codes)
-    out: dict = {"dataset": dataset, "split": split, "items": n, "model": resolved.uri, "image_size": resolved.image_size,
-                 "evaluate": {"seconds": t_eval, "images_per_s": n / t_eval, "loader_workers": params.evaluate.loader_workers, "torch_threads": torch.get_num_threads()}}
+    out: dict = {
+        "dataset": dataset,
+        "split": split,
+        "items": n,
+        "model": resolved.uri,
+        "image_size": resolved.image_size,
+        "evaluate": {
+            "seconds": t_eval,
+            "images_per_s": n / t_eval,
+            "loader_workers": params.evaluate.loader_workers,
+            "torch_threads": torch.get_num_threads(),
+        },
+    }
     from pipeline.cluster import ensure_ray
 
     ensure_ray()  # one local Ray for both runs (as a `ray start --head` would be)
@@ -144,7 +170,9 @@ def bench_index(data_root: str, dataset: str, split: str, model: str, tracking: 
         for workers in (1, 2):
             p = dataclasses.replace(params, index=dataclasses.replace(params.index, workers=workers))
             t = time.perf_counter()
-            result = build_index(p, Path(tmp) / f"w{workers}", model=model, dataset=dataset, split=split, progress=False)
+            result = build_index(
+                p, Path(tmp) / f"w{workers}", model=model, dataset=dataset, split=split, progress=False
+            )
             wall = time.perf_counter() - t
             same = np.array_equal(np.load(Path(tmp) / f"w{workers}" / "codes.npy"), pack_codes(codes))
             out[f"index_{workers}_workers"] = {
@@ -159,37 +187,87 @@ def bench_index(data_root: str, dataset: str, split: str, model: str, tracking: 
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.index_search", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.index_search", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--n", type=int, default=1_000_000, help="codes in the search index (default 1,000,000)")
     parser.add_argument("--queries", type=int, default=1000, help="queries in the batch (default 1,000)")
     parser.add_argument("--repeat", type=int, default=2000, help="single-query repetitions for p50/p99 (default 2,000)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--data-root", help="data.root of a prepared dataset: also bench indexing one of its splits (--split)")
+    parser.add_argument(
+        "--data-root", help="data.root of a prepared dataset: also bench indexing one of its splits (--split)"
+    )
     parser.add_argument("--dataset", default="cifar10")
-    parser.add_argument("--split", default="train", help="the split to encode (default train: 4,500 CIFAR-10 images, a minute a run on 2 cores; database: 59,000)")
-    parser.add_argument("--model", help="models:/ URI of the model that indexes (e.g. models:/dpfah-cifar10-64b@champion)")
+    parser.add_argument(
+        "--split",
+        default="train",
+        help="the split to encode (default train: 4,500 CIFAR-10 images, a minute a run on 2 cores; database: 59,000)",
+    )
+    parser.add_argument(
+        "--model", help="models:/ URI of the model that indexes (e.g. models:/dpfah-cifar10-64b@champion)"
+    )
     parser.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db"))
     parser.add_argument("--out", default=str(DEFAULT_OUT))
     args = parser.parse_args(argv)
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
-    doc = {"when": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "machine": platform.processor() or platform.machine(), "cpus": len(os.sched_getaffinity(0))}
+    doc = {
+        "when": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "machine": platform.processor() or platform.machine(),
+        "cpus": len(os.sched_getaffinity(0)),
+    }
     doc["search"] = s = bench_search(args.n, args.queries, args.repeat, args.seed)
     rows = [
-        ("search: load index + kernel layout", f"{s['n']:,} x 64 bits", f"{(s['load_s'] + s['kernel_layout_s']) * 1e3:.0f} ms ({s['load_s'] * 1e3:.0f} + {s['kernel_layout_s'] * 1e3:.0f})", "target < 1 s"),
-        ("search: 1 query, top 10, p50", f"{s['threads']} threads, {s['kernel']}", f"{s['one_query_top10_p50_ms']:.2f} ms", "target < 2 ms"),
+        (
+            "search: load index + kernel layout",
+            f"{s['n']:,} x 64 bits",
+            f"{(s['load_s'] + s['kernel_layout_s']) * 1e3:.0f} ms ({s['load_s'] * 1e3:.0f} + {s['kernel_layout_s'] * 1e3:.0f})",
+            "target < 1 s",
+        ),
+        (
+            "search: 1 query, top 10, p50",
+            f"{s['threads']} threads, {s['kernel']}",
+            f"{s['one_query_top10_p50_ms']:.2f} ms",
+            "target < 2 ms",
+        ),
         ("search: 1 query, top 10, p99", "", f"{s['one_query_top10_p99_ms']:.2f} ms", ""),
-        ("search: 1,000 queries, top 1000", "pipeline.search.search", f"{s['batch_top1000_qps']:,.0f} q/s", f"{s['batch_ratio']:.2f}x HammingIndex"),
+        (
+            "search: 1,000 queries, top 1000",
+            "pipeline.search.search",
+            f"{s['batch_top1000_qps']:,.0f} q/s",
+            f"{s['batch_ratio']:.2f}x HammingIndex",
+        ),
         ("  same, HammingIndex.search", "bench/search.py's row", f"{s['hammingindex_top1000_qps']:,.0f} q/s", "1.00x"),
     ]
     if args.data_root and args.model:
         doc["index"] = ix = bench_index(args.data_root, args.dataset, args.split, args.model, args.tracking_uri)
         ref = ix["evaluate"]["images_per_s"]
-        rows.append((f"encode {ix['dataset']} {ix['split']}: evaluate's encoder", f"{ix['items']:,} img, {ix['evaluate']['loader_workers']} loader workers", f"{ref:,.0f} img/s", "1.00x"))
+        rows.append(
+            (
+                f"encode {ix['dataset']} {ix['split']}: evaluate's encoder",
+                f"{ix['items']:,} img, {ix['evaluate']['loader_workers']} loader workers",
+                f"{ref:,.0f} img/s",
+                "1.00x",
+            )
+        )
         for w in (1, 2):
             r = ix[f"index_{w}_workers"]
-            rows.append((f"pipeline.index, {w} Ray worker(s): encoding", "codes equal" if r["codes_equal_evaluate"] else "CODES DIFFER", f"{r['encode_images_per_s']:,.0f} img/s", f"{r['encode_ratio_to_evaluate']:.2f}x (target >= 0.9x)"))
-            rows.append((f"pipeline.index, {w} Ray worker(s): whole run", "", f"{r['wall_images_per_s']:,.0f} img/s ({r['wall_s']:.1f} s)", f"{r['wall_ratio_to_evaluate']:.2f}x"))
+            rows.append(
+                (
+                    f"pipeline.index, {w} Ray worker(s): encoding",
+                    "codes equal" if r["codes_equal_evaluate"] else "CODES DIFFER",
+                    f"{r['encode_images_per_s']:,.0f} img/s",
+                    f"{r['encode_ratio_to_evaluate']:.2f}x (target >= 0.9x)",
+                )
+            )
+            rows.append(
+                (
+                    f"pipeline.index, {w} Ray worker(s): whole run",
+                    "",
+                    f"{r['wall_images_per_s']:,.0f} img/s ({r['wall_s']:.1f} s)",
+                    f"{r['wall_ratio_to_evaluate']:.2f}x",
+                )
+            )
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     for r in rows:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())

@@ -53,8 +53,14 @@ def _run(cmd: list[str], cwd: Path, env: dict[str, str]) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.methods_cifar", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--source", default=os.environ.get("DPFAH_CIFAR10_SOURCE"), help="CIFAR-10 archive (default: $DPFAH_CIFAR10_SOURCE)")
-    parser.add_argument("--methods", default=",".join(ALL), help="comma-separated methods or variants (default: all ten)")
+    parser.add_argument(
+        "--source",
+        default=os.environ.get("DPFAH_CIFAR10_SOURCE"),
+        help="CIFAR-10 archive (default: $DPFAH_CIFAR10_SOURCE)",
+    )
+    parser.add_argument(
+        "--methods", default=",".join(ALL), help="comma-separated methods or variants (default: all ten)"
+    )
     parser.add_argument("--bits", type=int, default=64)
     parser.add_argument("--epochs", type=int, default=None, help="train.epochs (default: params.yaml's)")
     parser.add_argument("--steps", type=int, default=None, help="train.steps_per_epoch cap (default: the whole split)")
@@ -69,7 +75,12 @@ def main(argv=None) -> int:
     shutil.rmtree(work, ignore_errors=True)
     repo = work / "repo"
     _copy(repo)
-    env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", RAY_AUTH_MODE="disabled", PYTHONPATH=str(repo))
+    env = dict(
+        os.environ,
+        PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+        RAY_AUTH_MODE="disabled",
+        PYTHONPATH=str(repo),
+    )
     env.pop("RAY_ADDRESS", None)
     env.pop("MLFLOW_TRACKING_URI", None)
     git = ["git", "-c", "user.name=bench", "-c", "user.email=bench@example.com"]
@@ -127,7 +138,12 @@ def main(argv=None) -> int:
     print("\n".join(lines))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    doc = {"command": sets, "machine": {"cpus": os.cpu_count(), "platform": platform.platform()}, "total_s": total, "rows": rows}
+    doc = {
+        "command": sets,
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+        "total_s": total,
+        "rows": rows,
+    }
     out.write_text(json.dumps(doc, indent=2) + "\n")
     print(f"wrote {out}")
     return 0

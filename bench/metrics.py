@@ -154,9 +154,7 @@ def run_case(case: dict, args) -> dict:
     if args.numpy_fallback:
         M._USE_COMPILED = False
         try:
-            np_s, np_map = timed(
-                lambda: M.mean_average_precision(qc, dc, ql, dl, topk=topk, n_threads=args.threads), 1
-            )
+            np_s, np_map = timed(lambda: M.mean_average_precision(qc, dc, ql, dl, topk=topk, n_threads=args.threads), 1)
         finally:
             M._USE_COMPILED = M._ranking is not None
         row["numpy_fallback_s"] = np_s
@@ -211,8 +209,10 @@ def main(argv=None) -> int:
         args.repeats = 1 if args.quick else 3
 
     rows = [run_case(c, args) for c in CASES]
-    print(f"dpfah.metrics vs plain per-query numpy ({args.bits}-bit codes, flip {args.flip}, seed {args.seed}; "
-          f"{os.cpu_count()} CPUs; plain timed on a subset, scaled per query)")
+    print(
+        f"dpfah.metrics vs plain per-query numpy ({args.bits}-bit codes, flip {args.flip}, seed {args.seed}; "
+        f"{os.cpu_count()} CPUs; plain timed on a subset, scaled per query)"
+    )
     print_table(
         rows,
         [

@@ -72,13 +72,35 @@ def run_cost(a: argparse.Namespace, train: int, validation: int, query: int, dat
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.paper_cost", description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog="See the module docstring for where each default comes from.")
-    parser.add_argument("--train-img-s", type=float, default=9000.0, help="training images per second per GPU (default 9000: H200, stack notes)")
-    parser.add_argument("--encode-img-s", type=float, default=30000.0, help="encoding images per second on one GPU (default 30000: H200)")
-    parser.add_argument("--gpus", type=int, default=4, help="GPU workers per training (the paper profile's train.num_workers)")
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.paper_cost",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="See the module docstring for where each default comes from.",
+    )
+    parser.add_argument(
+        "--train-img-s",
+        type=float,
+        default=9000.0,
+        help="training images per second per GPU (default 9000: H200, stack notes)",
+    )
+    parser.add_argument(
+        "--encode-img-s",
+        type=float,
+        default=30000.0,
+        help="encoding images per second on one GPU (default 30000: H200)",
+    )
+    parser.add_argument(
+        "--gpus", type=int, default=4, help="GPU workers per training (the paper profile's train.num_workers)"
+    )
     parser.add_argument("--epochs", type=int, default=60, help="epochs per training (the paper profile's)")
     parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--train-fixed-s", type=float, default=40.0, help="a training's cost outside its epochs (measured on CPU: 35-45 s)")
+    parser.add_argument(
+        "--train-fixed-s",
+        type=float,
+        default=40.0,
+        help="a training's cost outside its epochs (measured on CPU: 35-45 s)",
+    )
     parser.add_argument("--evaluate-fixed-s", type=float, default=10.0, help="an evaluation's cost beyond encoding")
     parser.add_argument("--promote-fixed-s", type=float, default=10.0, help="a promotion (CPU only: wall time, no GPU)")
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "paper_cost.json"))
@@ -91,7 +113,15 @@ def main(argv=None) -> int:
     for name, sizes in DATASETS.items():
         one = run_cost(a, *sizes)
         runs = ENTRIES * BITS * a.seeds
-        rows.append({"dataset": name, "runs": runs, "per_run": one, "gpu_h": runs * one["gpu_s"] / 3600, "wall_h_one_node": runs * one["wall_s"] / 3600})
+        rows.append(
+            {
+                "dataset": name,
+                "runs": runs,
+                "per_run": one,
+                "gpu_h": runs * one["gpu_s"] / 3600,
+                "wall_h_one_node": runs * one["wall_s"] / 3600,
+            }
+        )
         total_gpu_s += runs * one["gpu_s"]
         total_wall_s += runs * one["wall_s"]
         total_fixed += runs * one["fixed_gpu_s"]
@@ -100,16 +130,29 @@ def main(argv=None) -> int:
         f"train {a.train_img_s:,.0f} img/s per GPU, encode {a.encode_img_s:,.0f} img/s, fixed: train {a.train_fixed_s:.0f} s, "
         f"evaluate {a.evaluate_fixed_s:.0f} s, promote {a.promote_fixed_s:.0f} s"
     )
-    print(f"{'dataset':12s} {'runs':>5s} {'train min':>10s} {'GPU-min/run':>12s} {'GPU-hours':>10s} {'hours, one 4-GPU node':>22s}")
+    print(
+        f"{'dataset':12s} {'runs':>5s} {'train min':>10s} {'GPU-min/run':>12s} {'GPU-hours':>10s} {'hours, one 4-GPU node':>22s}"
+    )
     for r in rows:
         p = r["per_run"]
-        print(f"{r['dataset']:12s} {r['runs']:5d} {p['train_wall_s'] / 60:10.1f} {p['gpu_s'] / 60:12.1f} {r['gpu_h']:10.1f} {r['wall_h_one_node']:22.1f}")
+        print(
+            f"{r['dataset']:12s} {r['runs']:5d} {p['train_wall_s'] / 60:10.1f} {p['gpu_s'] / 60:12.1f} {r['gpu_h']:10.1f} {r['wall_h_one_node']:22.1f}"
+        )
     runs = sum(r["runs"] for r in rows)
     print(f"{'all':12s} {runs:5d} {'':10s} {'':12s} {total_gpu_s / 3600:10.1f} {total_wall_s / 3600:22.1f}")
-    print(f"of which fixed costs (GPUs held outside the epochs): {total_fixed / 3600:.1f} GPU-hours ({100 * total_fixed / total_gpu_s:.0f} %)")
+    print(
+        f"of which fixed costs (GPUs held outside the epochs): {total_fixed / 3600:.1f} GPU-hours ({100 * total_fixed / total_gpu_s:.0f} %)"
+    )
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    doc = {"assumptions": {k: v for k, v in vars(a).items() if k != "out"}, "datasets": rows, "runs": runs, "gpu_hours": total_gpu_s / 3600, "wall_hours_one_node": total_wall_s / 3600, "fixed_gpu_hours": total_fixed / 3600}
+    doc = {
+        "assumptions": {k: v for k, v in vars(a).items() if k != "out"},
+        "datasets": rows,
+        "runs": runs,
+        "gpu_hours": total_gpu_s / 3600,
+        "wall_hours_one_node": total_wall_s / 3600,
+        "fixed_gpu_hours": total_fixed / 3600,
+    }
     tmp = out.with_suffix(".tmp")
     tmp.write_text(json.dumps(doc, indent=2) + "\n")
     tmp.replace(out)

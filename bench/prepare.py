@@ -75,7 +75,10 @@ def build_official_archive(source: str, out: Path) -> Path:
 def time_prepare(source: str, work: Path, repeat: int) -> dict:
     best = None
     for r in range(repeat):
-        params = load_params(ROOT / "params.yaml", [f"datasets.cifar10.source={source}", f"data.root={work / f'run{r}'}", "datasets.cifar10.md5=null"])
+        params = load_params(
+            ROOT / "params.yaml",
+            [f"datasets.cifar10.source={source}", f"data.root={work / f'run{r}'}", "datasets.cifar10.md5=null"],
+        )
         result = prepare(params, "cifar10", progress=False)
         if best is None or result.seconds["total"] < best.seconds["total"]:
             best = result
@@ -94,7 +97,13 @@ def time_readers(directory: Path) -> list[dict]:
     for decode in (False, True):
         t = time.perf_counter()
         n = sum(len(b.index) for b in EvalStream(directory, "database", batch_size=512, decode=decode))
-        rows.append({"reader": f"EvalStream database{' decode=True' if decode else ''}", "samples": n, "seconds": time.perf_counter() - t})
+        rows.append(
+            {
+                "reader": f"EvalStream database{' decode=True' if decode else ''}",
+                "samples": n,
+                "seconds": time.perf_counter() - t,
+            }
+        )
     stream = TrainStream(directory, 128, seed=0)
     t = time.perf_counter()
     n = sum(len(b.index) for b in stream)
@@ -106,13 +115,18 @@ def time_readers(directory: Path) -> list[dict]:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--source", default=os.environ.get("DPFAH_CIFAR10_SOURCE"), help="CIFAR-10 (default: $DPFAH_CIFAR10_SOURCE)")
+    parser.add_argument(
+        "--source", default=os.environ.get("DPFAH_CIFAR10_SOURCE"), help="CIFAR-10 (default: $DPFAH_CIFAR10_SOURCE)"
+    )
     parser.add_argument("--repeat", type=int, default=1, help="runs per source; the fastest is reported")
     parser.add_argument("--no-archive", action="store_true", help="skip the official python-archive run")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "prepare.json"))
     args = parser.parse_args(argv)
     if not args.source or not Path(args.source).exists():
-        print("error: give CIFAR-10 with --source or DPFAH_CIFAR10_SOURCE (e.g. ../shared/data/cifar10-jpg.tar.gz)", file=sys.stderr)
+        print(
+            "error: give CIFAR-10 with --source or DPFAH_CIFAR10_SOURCE (e.g. ../shared/data/cifar10-jpg.tar.gz)",
+            file=sys.stderr,
+        )
         return 2
 
     results = []
@@ -133,13 +147,17 @@ def main(argv=None) -> int:
             r.pop("directory")
             results.append({"source": label, **r})
 
-    print(f"\nprepare, CIFAR-10 (cifar10-59k: {SOURCE_IMAGES:,} source images, 65,000 samples written); {os.cpu_count()} CPUs")
+    print(
+        f"\nprepare, CIFAR-10 (cifar10-59k: {SOURCE_IMAGES:,} source images, 65,000 samples written); {os.cpu_count()} CPUs"
+    )
     head = f"{'source':<26}{'read src s':>11}{'check s':>9}{'write s':>9}{'total s':>9}{'img/s':>9}{'MB written':>12}"
     print(head + "\n" + "-" * len(head))
     for r in results:
         s = r["seconds"]
-        print(f"{r['source']:<26}{s['read_sources']:>11.2f}{s['check_images']:>9.2f}{s['write_shards']:>9.2f}{s['total']:>9.2f}"
-              f"{r['images_per_s']:>9,.0f}{r['bytes_written'] / 1e6:>12.1f}")
+        print(
+            f"{r['source']:<26}{s['read_sources']:>11.2f}{s['check_images']:>9.2f}{s['write_shards']:>9.2f}{s['total']:>9.2f}"
+            f"{r['images_per_s']:>9,.0f}{r['bytes_written'] / 1e6:>12.1f}"
+        )
     print(f"\nreaders, one process ({results[0]['source']} shards)")
     head = f"{'reader':<36}{'samples':>9}{'s':>8}{'samples/s':>11}"
     print(head + "\n" + "-" * len(head))

@@ -93,7 +93,9 @@ def _settings(work: Path, images: Path, steps: int) -> list[str]:
     return out
 
 
-def _run_stage(stage: str, args: list[str], cwd: Path, env: dict[str, str], spans_file: Path) -> tuple[float, float, list[dict]]:
+def _run_stage(
+    stage: str, args: list[str], cwd: Path, env: dict[str, str], spans_file: Path
+) -> tuple[float, float, list[dict]]:
     spans_file.unlink(missing_ok=True)
     start = time.time()
     proc = subprocess.run(
@@ -128,11 +130,15 @@ def train_breakdown(start: float, end: float, spans: list[dict]) -> dict[str, fl
     first_worker = min((s["start"] for s in spans if s["name"] == "worker: started"), default=None)
     parts["ray train: worker group start"] = (first_worker - fit["start"]) if fit and first_worker else float("nan")
     last_worker = max((s["end"] for s in workers), default=None)
-    parts["ray train: fit ends (after the last report)"] = (fit["end"] - last_worker) if fit and last_worker else float("nan")
+    parts["ray train: fit ends (after the last report)"] = (
+        (fit["end"] - last_worker) if fit and last_worker else float("nan")
+    )
     parts["exit: shutdown after the stage returned"] = (end - run["end"]) if run else float("nan")
     total = end - start
     # "of which" rows are inside another row: not added again
-    parts["(not broken down)"] = total - sum(v for k, v in parts.items() if v == v and not k.lstrip().startswith("of which"))
+    parts["(not broken down)"] = total - sum(
+        v for k, v in parts.items() if v == v and not k.lstrip().startswith("of which")
+    )
     work = sum(_total(spans, n) for n in WORK)
     return {"total": total, "work": work, "fixed": total - work, "parts": parts}
 
@@ -156,13 +162,24 @@ def run_mode(mode: str, base: Path, images: Path, steps: int, env: dict[str, str
     work.mkdir(parents=True)
     sets = _settings(work, images, steps)
     params = ["--params", str(REPO / "params.yaml")]
-    subprocess.run([sys.executable, "-m", "pipeline.prepare", "--dataset", "toy", *params, *sets], cwd=work, env=env, check=True, capture_output=True, timeout=300)
+    subprocess.run(
+        [sys.executable, "-m", "pipeline.prepare", "--dataset", "toy", *params, *sets],
+        cwd=work,
+        env=env,
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
     spans_file = work / "spans.jsonl"
     result = {}
     s, e, spans = _run_stage("train", ["--dataset", "toy", "--bits", "8", *params, *sets], work, env, spans_file)
     result["train"] = train_breakdown(s, e, spans)
-    s, e, spans = _run_stage("evaluate", ["--dataset", "toy", "--bits", "8", "--quiet", *params, *sets], work, env, spans_file)
-    result["evaluate"] = simple_breakdown("evaluate", s, e, spans, work_names=("encode the query and database splits", "retrieval metrics"))
+    s, e, spans = _run_stage(
+        "evaluate", ["--dataset", "toy", "--bits", "8", "--quiet", *params, *sets], work, env, spans_file
+    )
+    result["evaluate"] = simple_breakdown(
+        "evaluate", s, e, spans, work_names=("encode the query and database splits", "retrieval metrics")
+    )
     s, e, spans = _run_stage("promote", ["--dataset", "toy", "--bits", "8", *params, *sets], work, env, spans_file)
     result["promote"] = simple_breakdown("promote", s, e, spans)
     return result
@@ -192,7 +209,11 @@ class RayHead:
         log = open(Path(self.temp) / "head.log", "w")
         self.proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + 180
-        probe = [sys.executable, "-c", f"import ray; ray.init(address='{self.address}', log_to_driver=False); ray.shutdown()"]
+        probe = [
+            sys.executable,
+            "-c",
+            f"import ray; ray.init(address='{self.address}', log_to_driver=False); ray.shutdown()",
+        ]
         while subprocess.run(probe, env=env, capture_output=True, timeout=120).returncode != 0:
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 raise SystemExit(f"the Ray head did not start: {(Path(self.temp) / 'head.log').read_text()[-2000:]}")
@@ -219,8 +240,14 @@ def _table(results: dict[str, dict], head_seconds: float) -> str:
             names += [n for n in results[m][stage]["parts"] if n not in names]
         lines.append(f"{stage} (seconds)")
         for n in names:
-            lines.append(f"  {n:52s}" + "".join(f"{results[m][stage]['parts'].get(n, float('nan')):14.2f}" for m in modes))
-        for key, label in (("total", "total"), ("work", "the work (epoch steps + validation; encode + metrics)"), ("fixed", "fixed cost = total - work")):
+            lines.append(
+                f"  {n:52s}" + "".join(f"{results[m][stage]['parts'].get(n, float('nan')):14.2f}" for m in modes)
+            )
+        for key, label in (
+            ("total", "total"),
+            ("work", "the work (epoch steps + validation; encode + metrics)"),
+            ("fixed", "fixed cost = total - work"),
+        ):
             lines.append(f"  {label:52s}" + "".join(f"{results[m][stage][key]:14.2f}" for m in modes))
     lines.append(f"(`ray start --head` itself, once, before the running-Ray runs: {head_seconds:.1f} s)")
     return "\n".join(lines)
@@ -235,7 +262,12 @@ def main(argv=None) -> int:
     # PYTHONPATH: the stages (and the Ray workers, which inherit it) run this checkout's code,
     # not whatever copy of the project the environment has installed (an editable install of
     # another checkout would otherwise be what is measured)
-    env.update(RAY_AUTH_MODE="disabled", PYTHONUNBUFFERED="1", PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}", PYTHONPATH=str(REPO))
+    env.update(
+        RAY_AUTH_MODE="disabled",
+        PYTHONUNBUFFERED="1",
+        PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}",
+        PYTHONPATH=str(REPO),
+    )
     base = Path(tempfile.mkdtemp(prefix="dpfah-overhead-"))
     try:
         images = make_class_folder(base / "images")  # the tests' toy images: 3 classes of 30 PNGs, 32 px
@@ -243,18 +275,35 @@ def main(argv=None) -> int:
         head = RayHead()
         head.start(env)
         try:
-            results["running Ray"] = run_mode("running Ray", base, images, args.steps, {**env, "RAY_ADDRESS": head.address})
+            results["running Ray"] = run_mode(
+                "running Ray", base, images, args.steps, {**env, "RAY_ADDRESS": head.address}
+            )
         finally:
             head.stop()
     finally:
         shutil.rmtree(base, ignore_errors=True)
     machine = f"{os.cpu_count()} cores, {platform.processor() or platform.machine()}"
     load = os.getloadavg()
-    print(f"fixed cost of a run, toy dataset, one epoch of {args.steps} steps, on {machine} (code: {REPO}; load average at the end {load[0]:.1f} {load[1]:.1f} {load[2]:.1f})")
+    print(
+        f"fixed cost of a run, toy dataset, one epoch of {args.steps} steps, on {machine} (code: {REPO}; load average at the end {load[0]:.1f} {load[1]:.1f} {load[2]:.1f})"
+    )
     print(_table(results, head.seconds))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"machine": machine, "code": str(REPO), "load_average_at_end": load, "steps": args.steps, "ray_head_start_s": head.seconds, "results": results}, indent=2) + "\n")
+    out.write_text(
+        json.dumps(
+            {
+                "machine": machine,
+                "code": str(REPO),
+                "load_average_at_end": load,
+                "steps": args.steps,
+                "ray_head_start_s": head.seconds,
+                "results": results,
+            },
+            indent=2,
+        )
+        + "\n"
+    )
     return 0
 
 

@@ -299,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
         "load_average_after": load,
         "python": platform.python_version(),
         "numpy": np.__version__,
-        "when": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "when": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "rows": rows,
     }
     a.out.parent.mkdir(parents=True, exist_ok=True)

@@ -41,7 +41,7 @@ def make_jpegs(n: int, size: int, classes: int, seed: int) -> tuple[list[bytes],
     rng = np.random.default_rng(seed)
     labels = rng.integers(0, classes, size=n)
     images = []
-    for i in range(n):
+    for _i in range(n):
         small = rng.integers(0, 256, size=(8, 8, 3), dtype=np.uint8)
         img = Image.fromarray(small).resize((size, size), Image.BILINEAR)
         buf = io.BytesIO()
@@ -91,13 +91,28 @@ class _PilDataset(Dataset):
 
 def run_ours(images, labels, args, device) -> dict:
     settings = TrainSettings(
-        epochs=2, batch_size=args.batch, image_size=args.size, optimizer="rmsprop", lr=5e-5, weight_decay=1e-5, schedule="constant",
+        epochs=2,
+        batch_size=args.batch,
+        image_size=args.size,
+        optimizer="rmsprop",
+        lr=5e-5,
+        weight_decay=1e-5,
+        schedule="constant",
     )
     model = DPFAH.build(64, labels.shape[1], ModelSettings(pfa=True), seed=0)
-    loader = DataLoader(_BytesStream(images, labels, args.batch), batch_size=None, num_workers=1)  # a reader process, as the shard stream has
+    loader = DataLoader(
+        _BytesStream(images, labels, args.batch), batch_size=None, num_workers=1
+    )  # a reader process, as the shard stream has
     reports = []
-    fit(settings, model, DPFAHLoss(), train_batches=lambda epoch: loader, steps_per_epoch=args.steps,
-        report=lambda m, s: reports.append(m), device=device)
+    fit(
+        settings,
+        model,
+        DPFAHLoss(),
+        train_batches=lambda epoch: loader,
+        steps_per_epoch=args.steps,
+        report=lambda m, s: reports.append(m),
+        device=device,
+    )
     second = reports[-1]
     return {"images_per_s": second["images_per_s"], "epoch_s": second["epoch_s"], "images": args.steps * args.batch}
 
@@ -108,8 +123,13 @@ def run_reference(images, labels, args, device) -> dict:
     loss_fn = DPFAHLoss()
     opt = torch.optim.RMSprop(model.parameters(), lr=5e-5, weight_decay=1e-5)
     loader = DataLoader(
-        _PilDataset(images, labels, args.size), batch_size=args.batch, shuffle=True, drop_last=True,
-        num_workers=args.workers, pin_memory=device.type == "cuda", persistent_workers=args.workers > 0,
+        _PilDataset(images, labels, args.size),
+        batch_size=args.batch,
+        shuffle=True,
+        drop_last=True,
+        num_workers=args.workers,
+        pin_memory=device.type == "cuda",
+        persistent_workers=args.workers > 0,
     )
 
     def epoch() -> tuple[float, int]:
@@ -139,11 +159,20 @@ def run_reference(images, labels, args, device) -> dict:
 def main(argv=None) -> int:
     cuda = torch.cuda.is_available()
     parser = argparse.ArgumentParser(prog="python -m bench.train_throughput", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--size", type=int, default=224 if cuda else 112, help="training image size (default 224 on a GPU, 112 on a CPU)")
+    parser.add_argument(
+        "--size",
+        type=int,
+        default=224 if cuda else 112,
+        help="training image size (default 224 on a GPU, 112 on a CPU)",
+    )
     parser.add_argument("--source-size", type=int, default=256, help="stored JPEG size in px (default 256)")
-    parser.add_argument("--batch", type=int, default=128 if cuda else 16, help="batch size (default 128 on a GPU, 16 on a CPU)")
+    parser.add_argument(
+        "--batch", type=int, default=128 if cuda else 16, help="batch size (default 128 on a GPU, 16 on a CPU)"
+    )
     parser.add_argument("--steps", type=int, default=20 if cuda else 4, help="timed steps per epoch")
-    parser.add_argument("--workers", type=int, default=min(16, os.cpu_count() or 1), help="reference DataLoader workers")
+    parser.add_argument(
+        "--workers", type=int, default=min(16, os.cpu_count() or 1), help="reference DataLoader workers"
+    )
     parser.add_argument("--out", default="bench/results/train_throughput.json")
     args = parser.parse_args(argv)
 
@@ -155,16 +184,26 @@ def main(argv=None) -> int:
         r = fn(images, labels, args, device)
         rows.append({"loop": name, **r})
     ratio = rows[1]["images_per_s"] / rows[0]["images_per_s"]
-    card = torch.cuda.get_device_name(0) if cuda else f"CPU ({os.cpu_count()} cores, {platform.processor() or platform.machine()})"
-    print(f"training throughput, DPFAH-64 with PFA, {args.size} px, batch {args.batch}, {args.steps} timed steps, on {card}")
+    card = (
+        torch.cuda.get_device_name(0)
+        if cuda
+        else f"CPU ({os.cpu_count()} cores, {platform.processor() or platform.machine()})"
+    )
+    print(
+        f"training throughput, DPFAH-64 with PFA, {args.size} px, batch {args.batch}, {args.steps} timed steps, on {card}"
+    )
     print(f"{'loop':42s} {'img/s':>10s} {'s':>8s}")
     for r in rows:
         print(f"{r['loop']:42s} {r['images_per_s']:10.1f} {r['epoch_s']:8.2f}")
     print(f"ratio ours / reference: {ratio:.2f}x")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"device": card, "settings": vars(args), "rows": rows, "ratio": ratio,
-                               "torch": torch.__version__}, indent=2) + "\n")
+    out.write_text(
+        json.dumps(
+            {"device": card, "settings": vars(args), "rows": rows, "ratio": ratio, "torch": torch.__version__}, indent=2
+        )
+        + "\n"
+    )
     return 0
 
 

@@ -101,7 +101,9 @@ class DeviceAugment:
         self.mean = torch.tensor(mean).view(1, 3, 1, 1) * 255
         self.std = torch.tensor(std).view(1, 3, 1, 1) * 255
 
-    def normalize(self, images: torch.Tensor, dtype=torch.float32, memory_format=torch.contiguous_format) -> torch.Tensor:
+    def normalize(
+        self, images: torch.Tensor, dtype=torch.float32, memory_format=torch.contiguous_format
+    ) -> torch.Tensor:
         x = (images.float() - self.mean.to(images.device)) / self.std.to(images.device)
         return x.to(dtype=dtype, memory_format=memory_format)
 

@@ -118,9 +118,7 @@ def _as_packed(x, name: str) -> np.ndarray:
     if a.dtype == np.int64:
         a = a.view(np.uint64)
     elif a.dtype != np.uint64:
-        raise TypeError(
-            f"{name}: packed codes must be uint64 (or int64) words from pack_codes, got dtype {a.dtype}"
-        )
+        raise TypeError(f"{name}: packed codes must be uint64 (or int64) words from pack_codes, got dtype {a.dtype}")
     if a.ndim != 2:
         raise ValueError(f"{name}: packed codes must be 2-D (n, words), got shape {a.shape}")
     if a.shape[1] < 1:
@@ -245,9 +243,7 @@ class HammingIndex:
     def _queries(self, query_packed) -> np.ndarray:
         q = _as_packed(query_packed, "query_packed")
         if q.shape[1] != self.words:
-            raise ValueError(
-                f"query and database codes differ in length: {q.shape[1]} vs {self.words} words"
-            )
+            raise ValueError(f"query and database codes differ in length: {q.shape[1]} vs {self.words} words")
         return q
 
     def _chunk(self, n_q: int, query_chunk: int | None) -> int:
@@ -459,9 +455,13 @@ def topk_hamming_torch(query_codes: torch.Tensor, db_codes: torch.Tensor, k: int
         if x.dtype == torch.bool or x.is_complex():
             raise TypeError(f"{name} must hold +1/-1 values in a real dtype, got {x.dtype}")
     if query_codes.shape[1] != db_codes.shape[1]:
-        raise ValueError(f"query and database codes differ in length: {query_codes.shape[1]} vs {db_codes.shape[1]} bits")
+        raise ValueError(
+            f"query and database codes differ in length: {query_codes.shape[1]} vs {db_codes.shape[1]} bits"
+        )
     if query_codes.device != db_codes.device:
-        raise ValueError(f"query and database tensors are on different devices: {query_codes.device} vs {db_codes.device}")
+        raise ValueError(
+            f"query and database tensors are on different devices: {query_codes.device} vs {db_codes.device}"
+        )
     bits = int(db_codes.shape[1])
     if bits < 1 or bits > 2**24:
         raise ValueError(f"bits must be in 1..2**24 for exact float32 distances, got {bits}")

@@ -144,7 +144,9 @@ class Manifest:
         try:
             return self.splits[name]
         except KeyError:
-            raise ShardError(f"{_join(self.directory, MANIFEST_FILE)}: no split {name!r} (has {', '.join(self.splits)})") from None
+            raise ShardError(
+                f"{_join(self.directory, MANIFEST_FILE)}: no split {name!r} (has {', '.join(self.splits)})"
+            ) from None
 
     def shard_paths(self, name: str) -> list[str]:
         return [_join(self.directory, s.file) for s in self.split(name).shards]
@@ -185,7 +187,9 @@ def read_manifest(directory: str | os.PathLike) -> Manifest:
         for name, info in raw["splits"].items():
             shards = tuple(ShardInfo(str(s["file"]), int(s["count"]), str(s["sha256"])) for s in info["shards"])
             if sum(s.count for s in shards) != int(info["count"]):
-                raise ShardError(f"{path}: split {name!r} counts {info['count']} but its shards hold {sum(s.count for s in shards)}")
+                raise ShardError(
+                    f"{path}: split {name!r} counts {info['count']} but its shards hold {sum(s.count for s in shards)}"
+                )
             splits[name] = SplitInfo(name, int(info["count"]), shards)
         return Manifest(
             directory=directory,
@@ -573,7 +577,9 @@ def _sixteen_bit_grey(im, data: bytes) -> bool:
 def _refuse_32_bit(im, data: bytes) -> None:
     if im.mode in ("I", "F") and not _sixteen_bit_grey(im, data):
         kind = "integer" if im.mode == "I" else "float"
-        raise UnsupportedImage(f"{im.format} image of 32-bit {kind} pixels (mode {im.mode}): no 8-bit RGB form; save it as 8-bit")
+        raise UnsupportedImage(
+            f"{im.format} image of 32-bit {kind} pixels (mode {im.mode}): no 8-bit RGB form; save it as 8-bit"
+        )
 
 
 def conversion_reason(data: bytes) -> str | None:

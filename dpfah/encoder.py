@@ -51,6 +51,7 @@ one: ``pipeline.train`` logs it with MLflow's ``MlflowException`` and INVALID_PA
 (a 400 in the scoring server), pickled by reference, so that this module imports nothing of
 MLflow (torch and torchvision only, like the rest of ``dpfah``).
 """
+
 from __future__ import annotations
 
 import functools
@@ -132,7 +133,9 @@ class ImageEncoder(nn.Module):
         if image_size < 1:
             raise ValueError(f"image_size must be >= 1, got {image_size}")
         if min(max_image_pixels, max_image_side, max_request_pixels) < 1:
-            raise ValueError(f"the limits must be >= 1, got {max_image_pixels=}, {max_image_side=}, {max_request_pixels=}")
+            raise ValueError(
+                f"the limits must be >= 1, got {max_image_pixels=}, {max_image_side=}, {max_request_pixels=}"
+            )
         self.net = net.eval()
         self.image_size = int(image_size)
         self.max_image_pixels = int(max_image_pixels)
@@ -151,7 +154,11 @@ class ImageEncoder(nn.Module):
 
     @property
     def limits(self) -> dict[str, int]:
-        return {"max_image_pixels": self.max_image_pixels, "max_image_side": self.max_image_side, "max_request_pixels": self.max_request_pixels}
+        return {
+            "max_image_pixels": self.max_image_pixels,
+            "max_image_side": self.max_image_side,
+            "max_request_pixels": self.max_request_pixels,
+        }
 
     def _refuse(self, sentence: str) -> ValueError:
         return _refusal_class(self.refusal_base)(sentence, **(self.refusal_kwargs or {}))
@@ -166,9 +173,13 @@ class ImageEncoder(nn.Module):
         if (images.dim() <= 1 and images.numel() == 0) or (images.dim() > 1 and shape[0] == 0):
             raise self._refuse(f"The request holds no images: {expected}, with N >= 1.")
         if images.dim() != 4 or shape[-1] != 3:
-            raise self._refuse(f"Got an array of shape {shape}: {expected} (send a single image as a list of one image).")
+            raise self._refuse(
+                f"Got an array of shape {shape}: {expected} (send a single image as a list of one image)."
+            )
         if images.is_floating_point() or images.is_complex() or images.dtype == torch.bool:
-            raise self._refuse(f"Got {str(images.dtype).replace('torch.', '')} values: {expected}; floats in 0..1 must be multiplied by 255 and rounded first.")
+            raise self._refuse(
+                f"Got {str(images.dtype).replace('torch.', '')} values: {expected}; floats in 0..1 must be multiplied by 255 and rounded first."
+            )
         n, h, w, _ = shape
         if h * w == 0:
             raise self._refuse(f"Got images of {h} x {w} pixels: {expected}, with H and W >= 1.")
@@ -202,7 +213,9 @@ class ImageEncoder(nn.Module):
         half = torch.empty((1, 3, height, size), dtype=torch.float32)
         for top in range(0, height, rows):
             strip = image[..., top : top + rows, :].to(torch.float32, memory_format=torch.contiguous_format)
-            half[..., top : top + rows, :] = F.interpolate(strip, size=(strip.shape[-2], size), mode="bilinear", antialias=True, align_corners=False)
+            half[..., top : top + rows, :] = F.interpolate(
+                strip, size=(strip.shape[-2], size), mode="bilinear", antialias=True, align_corners=False
+            )
         x = F.interpolate(half, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
         return x.round_().clamp_(0, 255).to(torch.uint8)
 

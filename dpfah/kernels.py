@@ -27,8 +27,8 @@ from __future__ import annotations
 
 import importlib
 import logging
-import sys
 import os
+import sys
 import threading
 from types import ModuleType
 
@@ -147,7 +147,9 @@ def main(argv: list[str] | None = None) -> int:
         description="Say which compiled kernel each part of dpfah runs here (or 'numpy' for the fallback), "
         "from which file, and where dpfah itself was imported from.",
     )
-    parser.add_argument("--require", action="store_true", help="exit 1 when a part falls back to numpy (cluster image, node setup)")
+    parser.add_argument(
+        "--require", action="store_true", help="exit 1 when a part falls back to numpy (cluster image, node setup)"
+    )
     args = parser.parse_args(argv)
     package = sys.modules[__package__ or "dpfah"]
     print(f"dpfah: {getattr(package, '__file__', '?')}")

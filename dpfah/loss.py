@@ -78,7 +78,9 @@ class DPFAHLoss(nn.Module):
         self.pairs = p["pairs"]
         if self.pairs != "batch":
             if not bank_size or not bits or not num_classes:
-                raise ValueError(f"pairs={self.pairs!r} needs bank_size (one row per training sample index), bits and num_classes")
+                raise ValueError(
+                    f"pairs={self.pairs!r} needs bank_size (one row per training sample index), bits and num_classes"
+                )
             self.memory = Memory(bank_size, bits, num_classes)
 
     def total(self, l1, l2, l3):
@@ -165,7 +167,9 @@ class DPFAHLoss(nn.Module):
     def start_epoch(self, epoch: int) -> None:
         pass
 
-    def step(self, u: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor, index: torch.Tensor, shard: Shard) -> Step:
+    def step(
+        self, u: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor, index: torch.Tensor, shard: Shard
+    ) -> Step:
         """The objective on this rank's rows of the global batch (see :meth:`sharded`).
 
         The columns are the global batch gathered from every rank, or, with ``bank``

@@ -587,4 +587,3 @@ def retrieval_report(
             "recall": (sc.rec_sum / data.nq)[idx],
         }
     return out
-

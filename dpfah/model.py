@@ -112,13 +112,25 @@ class DPFAH(nn.Module):
             nn.init.normal_(head.bias, std=init_std)
 
     @classmethod
-    def build(cls, bits: int, num_classes: int, settings: ModelSettings = ModelSettings(), *, seed: int | None = None) -> DPFAH:
+    def build(
+        cls,
+        bits: int,
+        num_classes: int,
+        settings: ModelSettings = ModelSettings(),  # noqa: B008 (frozen dataclass)
+        *,
+        seed: int | None = None,
+    ) -> DPFAH:
         """The network of ``settings``; with ``seed``, torch's generator is seeded first, so
         every data-parallel rank starts from the same weights."""
         if seed is not None:
             torch.manual_seed(seed)
         return cls(
-            bits, num_classes, pfa=settings.pfa, lam=settings.lam, backbone_weights=settings.backbone_weights, backbone=settings.backbone
+            bits,
+            num_classes,
+            pfa=settings.pfa,
+            lam=settings.lam,
+            backbone_weights=settings.backbone_weights,
+            backbone=settings.backbone,
         )
 
     @property

@@ -120,7 +120,9 @@ class Step(NamedTuple):
 class Objective(Protocol):
     terms: tuple[str, ...]
 
-    def step(self, u: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor, index: torch.Tensor, shard: Shard) -> Step: ...
+    def step(
+        self, u: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor, index: torch.Tensor, shard: Shard
+    ) -> Step: ...
 
     def total(self, **terms: float) -> float: ...
 

@@ -118,7 +118,9 @@ class TrainSettings:
     schedule: Literal["constant", "cosine", "onecycle"] = field(default="onecycle", metadata={"noun": "schedule"})
     freeze_bn: bool = False  # BN in eval mode (running statistics fixed) while training
     sync_bn: bool = True  # SyncBatchNorm across GPU ranks (ignored on CPU, where torch has none)
-    precision: Literal["auto", "fp32", "bf16"] = field(default="auto", metadata={"noun": "precision"})  # auto: bf16 on a GPU
+    precision: Literal["auto", "fp32", "bf16"] = field(
+        default="auto", metadata={"noun": "precision"}
+    )  # auto: bf16 on a GPU
     crop_scale: tuple[float, ...] = field(default=(0.5, 1.0), metadata=checked(_crop_scale))
 
     def __post_init__(self) -> None:

@@ -136,9 +136,13 @@ def _build_schedule(opt: torch.optim.Optimizer, s: TrainSettings, steps_per_epoc
         # 1cycle also cycles momentum (0.95 -> 0.85 -> 0.95) by default: kept for adamw (its
         # beta1, the usual 1cycle recipe), off for sgd and rmsprop, which keep their own
         # (train.momentum; none for the paper's RMSProp).
-        return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=s.lr, total_steps=total, cycle_momentum=s.optimizer == "adamw")
+        return torch.optim.lr_scheduler.OneCycleLR(
+            opt, max_lr=s.lr, total_steps=total, cycle_momentum=s.optimizer == "adamw"
+        )
     if s.schedule == "cosine":
-        return torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total) / total)))
+        return torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total) / total))
+        )
     return torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
 
 
@@ -230,7 +234,9 @@ class _Trainer:
     """The state of one fit: model (DDP-wrapped under a process group), objective,
     optimiser, schedule, and the best model so far. ``fit`` drives it epoch by epoch."""
 
-    def __init__(self, s: TrainSettings, model: nn.Module, objective: nn.Module, device: torch.device, steps_per_epoch: int):
+    def __init__(
+        self, s: TrainSettings, model: nn.Module, objective: nn.Module, device: torch.device, steps_per_epoch: int
+    ):
         size, rank = world()
         if s.batch_size % size:
             raise ValueError(f"global batch_size {s.batch_size} is not divisible by the {size} workers")
@@ -282,12 +288,16 @@ class _Trainer:
             try:
                 batch = next(batches)
             except StopIteration:
-                raise RuntimeError(f"the training stream ended after {step} of {self.steps_per_epoch} steps in epoch {epoch}") from None
+                raise RuntimeError(
+                    f"the training stream ended after {step} of {self.steps_per_epoch} steps in epoch {epoch}"
+                ) from None
             labels = torch.as_tensor(batch.labels, device=device).float()
             if labels.shape[0] != shard.local_batch:
                 raise RuntimeError(f"rank {shard.rank} got a batch of {labels.shape[0]}, expected {shard.local_batch}")
             rand = sample_uniforms(batch.index, seed, epoch)
-            images = self.augment(_to_images(batch.images, s.image_size, device), train=True, rand=rand, memory_format=self.memory_format)
+            images = self.augment(
+                _to_images(batch.images, s.image_size, device), train=True, rand=rand, memory_format=self.memory_format
+            )
             with _autocast(device, s.precision):
                 u, logits = net(images)
             surrogate, stats = self.objective.step(u.float(), logits.float(), labels, batch.index, shard)

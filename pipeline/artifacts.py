@@ -171,7 +171,9 @@ def prepared_manifest(params, name: str):
         raise DataError(str(e)) from None
 
 
-def not_replaceable(folder: str | os.PathLike, allowed: Callable[[Path], bool], *, what: str, marker: str | None = None) -> str | None:
+def not_replaceable(
+    folder: str | os.PathLike, allowed: Callable[[Path], bool], *, what: str, marker: str | None = None
+) -> str | None:
     """Why a stage must not replace ``folder`` whole (None: it may): it may be absent, empty,
     or ``what`` (every entry one that ``allowed`` accepts, and ``marker`` among them when
     given). The current folder and a file system's root never may. A user's folder named by

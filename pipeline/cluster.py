@@ -11,7 +11,14 @@ from .console import verbose
 from .errors import ConfigError
 from .timing import ENV as TIMINGS_ENV
 
-__all__ = ["ensure_ray", "started_here", "check_request", "shutdown_if_started", "shutdown_before_exit", "train_run_defaults"]
+__all__ = [
+    "ensure_ray",
+    "started_here",
+    "check_request",
+    "shutdown_if_started",
+    "shutdown_before_exit",
+    "train_run_defaults",
+]
 
 
 def started_here() -> bool:

@@ -27,7 +27,9 @@ def codes_table(codes: np.ndarray, labels: np.ndarray, index: np.ndarray, meta: 
 
     packed = pack_codes(codes)
     code = pa.FixedSizeListArray.from_arrays(pa.array(packed.reshape(-1), pa.uint64()), packed.shape[1])
-    lab = pa.FixedSizeListArray.from_arrays(pa.array(np.ascontiguousarray(labels).reshape(-1), pa.uint8()), labels.shape[1])
+    lab = pa.FixedSizeListArray.from_arrays(
+        pa.array(np.ascontiguousarray(labels).reshape(-1), pa.uint8()), labels.shape[1]
+    )
     table = pa.table({"index": pa.array(index, pa.int64()), "code": code, "labels": lab})
     return table.replace_schema_metadata({k.encode(): str(v).encode() for k, v in meta.items()})
 
@@ -46,4 +48,3 @@ def load_codes(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, np.ndar
     index = table.column("index").to_numpy()
     meta = {k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items()}
     return packed, labels, index, meta
-

@@ -75,7 +75,10 @@ class TarReader:
 
         if self._files is None:
             _, self._files = read_tar(Path(self.path), self.path, progress=False)
-        return [(self._files.get(self.refs[i]), None if self.refs[i] in self._files else "missing file") for i in range(start, stop)]
+        return [
+            (self._files.get(self.refs[i]), None if self.refs[i] in self._files else "missing file")
+            for i in range(start, stop)
+        ]
 
 
 @dataclass
@@ -110,12 +113,21 @@ def _list_entries(path: Path, given: str) -> tuple[list[str], np.ndarray | None]
         vectors.append(values)
     lengths = {len(v) for v in vectors}
     if len(lengths) > 1:
-        raise DataError(f"{given}: lines carry label vectors of different lengths ({sorted(lengths)}); give all or none")
+        raise DataError(
+            f"{given}: lines carry label vectors of different lengths ({sorted(lengths)}); give all or none"
+        )
     labels = np.array(vectors, dtype=np.uint8).reshape(len(paths), -1) if lengths and lengths != {0} else None
     return paths, labels
 
 
-def open_collection(params: Params, *, dataset: str | None = None, split: str | None = None, images: str | None = None, root: str | None = None) -> Collection:
+def open_collection(
+    params: Params,
+    *,
+    dataset: str | None = None,
+    split: str | None = None,
+    images: str | None = None,
+    root: str | None = None,
+) -> Collection:
     """The collection to index: a prepared ``split`` of ``dataset``, or ``images`` (a folder,
     a tar archive or a list file; ``root``: where a list's relative paths start)."""
     import pyarrow.parquet as pq
@@ -134,12 +146,31 @@ def open_collection(params: Params, *, dataset: str | None = None, split: str | 
         table = pq.read_table(os.path.join(manifest.directory, TABLE_FILE), filters=[("split", "=", split)])
         table = table.sort_by("index")
         if table.num_rows != info.count or not np.array_equal(table.column("index").to_numpy(), np.arange(info.count)):
-            raise DataError(f"{manifest.directory}/{TABLE_FILE}: split {split!r} does not list indices 0..{info.count - 1}")
+            raise DataError(
+                f"{manifest.directory}/{TABLE_FILE}: split {split!r} does not list indices 0..{info.count - 1}"
+            )
         lab = table.column("labels").combine_chunks()
-        labels = np.asarray(lab.values.to_numpy(zero_copy_only=False), dtype=np.uint8).reshape(info.count, lab.type.list_size)
-        identity = {"type": "split", "dataset": dataset, "split": split, "protocol": manifest.protocol, "directory": manifest.directory, "manifest_sha256": manifest.sha256}
+        labels = np.asarray(lab.values.to_numpy(zero_copy_only=False), dtype=np.uint8).reshape(
+            info.count, lab.type.list_size
+        )
+        identity = {
+            "type": "split",
+            "dataset": dataset,
+            "split": split,
+            "protocol": manifest.protocol,
+            "directory": manifest.directory,
+            "manifest_sha256": manifest.sha256,
+        }
         keys = [str(i) for i in range(info.count)]
-        return Collection(keys, labels, list(manifest.classes), SplitReader(manifest, split), identity, False, table.column("path").to_pylist())
+        return Collection(
+            keys,
+            labels,
+            list(manifest.classes),
+            SplitReader(manifest, split),
+            identity,
+            False,
+            table.column("path").to_pylist(),
+        )
     if images is None:
         raise ConfigError("give --split (with --dataset) or --images (a folder, a .tar archive or a list file)")
     path = Path(images).expanduser()
@@ -161,7 +192,13 @@ def open_collection(params: Params, *, dataset: str | None = None, split: str | 
         order = sorted(range(len(refs)), key=refs.__getitem__)
         refs = [refs[i] for i in order]
         labels = labels[order] if labels is not None else None
-        identity = {**file_identity(path, images), "type": "list", "path": str(path.resolve()), "root": str(base.resolve()), "images": len(refs)}
+        identity = {
+            **file_identity(path, images),
+            "type": "list",
+            "path": str(path.resolve()),
+            "root": str(base.resolve()),
+            "images": len(refs),
+        }
         return Collection(refs, labels, None, FileReader(str(base.resolve()), refs), identity, True)
     if not refs:
         raise DataError(f"{images}: no image files ({', '.join(sorted(IMAGE_EXTS))})")
@@ -172,4 +209,3 @@ def _is_tar(path: Path) -> bool:
     import tarfile
 
     return path.is_file() and tarfile.is_tarfile(path)
-

@@ -212,14 +212,24 @@ class TrainConfig(TrainSettings):
     eval_batch_size: int = field(default=256, metadata=_check(at_least(1)))
     max_failures: int = field(default=2, metadata=_check(at_least(0)))
     collective_timeout_s: int = field(default=600, metadata=_check(at_least(10)))
-    storage_path: str = field(default="ray_results", metadata=_check(matches(r".*\S", "a path or URI (where Ray Train keeps checkpoints)")))
+    storage_path: str = field(
+        default="ray_results", metadata=_check(matches(r".*\S", "a path or URI (where Ray Train keeps checkpoints)"))
+    )
     # The method one training runs: a name of dpfah.methods (dpfah, dsh, hashnet, ...) or
     # of the `variants` section; `python -m pipeline.train --method` overrides it.
     method: str = field(default="dpfah", metadata=_check(matches(NAME_RE.pattern, "a method or variant name")))
     # What `dvc repro` trains, evaluates and promotes: every entry of `methods` (methods or
     # variants) at every code length in `bits` with every training seed in `seeds`.
-    methods: tuple[str, ...] = field(default=("dpfah",), metadata=_check(lambda v: None if v and len(set(v)) == len(v) else "must list distinct names"))
-    seeds: tuple[int, ...] = field(default=(0,), metadata=_check(lambda v: None if v and len(set(v)) == len(v) and min(v) >= 0 else "must list distinct seeds >= 0"))
+    methods: tuple[str, ...] = field(
+        default=("dpfah",),
+        metadata=_check(lambda v: None if v and len(set(v)) == len(v) else "must list distinct names"),
+    )
+    seeds: tuple[int, ...] = field(
+        default=(0,),
+        metadata=_check(
+            lambda v: None if v and len(set(v)) == len(v) and min(v) >= 0 else "must list distinct seeds >= 0"
+        ),
+    )
     # fault injection for tests: the last rank dies once as epoch fail_at_epoch + 1 starts
     # (counted from 0; the last epoch: no fault, each rank only notes the epochs it starts)
     fail_at_epoch: int | None = field(default=None, metadata=_check(at_least(0)))
@@ -228,7 +238,10 @@ class TrainConfig(TrainSettings):
         if self.batch_size % self.num_workers:
             raise Invalid("batch_size", f"{self.batch_size} is not divisible by num_workers {self.num_workers}")
         if self.fail_at_epoch is not None and self.fail_at_epoch >= self.epochs:
-            raise Invalid("fail_at_epoch", f"{self.fail_at_epoch} is not an epoch of this training (epochs count from 0: 0..{self.epochs - 1})")
+            raise Invalid(
+                "fail_at_epoch",
+                f"{self.fail_at_epoch} is not an epoch of this training (epochs count from 0: 0..{self.epochs - 1})",
+            )
 
 
 def _value_list(low: float, what: str) -> Callable[[Any], str | None]:
@@ -270,9 +283,14 @@ class TuneConfig:
                 raise Invalid(f"ranges.{knob}", _log_range(bounds))
         if self.search == "grid":
             if self.ranges:
-                raise Invalid(f"ranges.{next(iter(self.ranges))}", "only with search: random (a grid takes the lists of `space`)")
+                raise Invalid(
+                    f"ranges.{next(iter(self.ranges))}", "only with search: random (a grid takes the lists of `space`)"
+                )
             if self.num_samples != 1:
-                raise Invalid("num_samples", "a grid runs each point once (training is seeded: repeats would be identical); use search: random")
+                raise Invalid(
+                    "num_samples",
+                    "a grid runs each point once (training is seeded: repeats would be identical); use search: random",
+                )
 
 
 def _map_at(v: dict[str, int | None]) -> str | None:
@@ -313,7 +331,9 @@ class IndexConfig:
     """The `index` stage: encode a collection with a registered model into a searchable index."""
 
     # Ray Data actors that encode; null: one per GPU of the cluster (one GPU each), else 1.
-    workers: int | None = field(default=None, metadata=_check(lambda v: None if v is None or v >= 1 else "must be >= 1 or null"))
+    workers: int | None = field(
+        default=None, metadata=_check(lambda v: None if v is None or v >= 1 else "must be >= 1 or null")
+    )
     batch_size: int = field(default=256, metadata=_check(at_least(1)))  # images per forward pass
     block_size: int = field(default=4096, metadata=_check(at_least(1)))  # items per resumable block
     precision: Literal["auto", "fp32", "bf16"] = field(default="auto", metadata={"noun": "precision"})
@@ -336,9 +356,14 @@ class PromoteConfig:
         try:
             self.model_name.format(dataset="d", bits=1, method="m")
         except (KeyError, IndexError, ValueError) as e:
-            raise Invalid("model_name", f"{self.model_name!r} may use only {{dataset}}, {{bits}} and {{method}} ({type(e).__name__}: {e})") from None
+            raise Invalid(
+                "model_name",
+                f"{self.model_name!r} may use only {{dataset}}, {{bits}} and {{method}} ({type(e).__name__}: {e})",
+            ) from None
         if not _ALIAS_RE.match(self.alias) or self.alias == "latest" or re.match(r"^v\d+$", self.alias):
-            raise Invalid("alias", f"{self.alias!r} is not a usable MLflow alias (letters, digits, _ and -; not 'latest' or v<N>)")
+            raise Invalid(
+                "alias", f"{self.alias!r} is not a usable MLflow alias (letters, digits, _ and -; not 'latest' or v<N>)"
+            )
 
 
 @dataclass(frozen=True)
@@ -348,11 +373,15 @@ class VariantConfig:
     (`objective`: the method's knobs, over `objectives.<method>`). The paper's ablation rows
     are variants."""
 
-    method: str = field(default="dpfah", metadata=_check(lambda v: None if v in _methods() else f"unknown method {v!r} (known: {', '.join(_methods())})"))
+    method: str = field(
+        default="dpfah",
+        metadata=_check(
+            lambda v: None if v in _methods() else f"unknown method {v!r} (known: {', '.join(_methods())})"
+        ),
+    )
     model: dict[str, Any] = field(default_factory=dict)
     objective: dict[str, Any] = field(default_factory=dict)
     description: str = ""
-
 
 
 @dataclass(frozen=True)
@@ -372,7 +401,10 @@ class Params:
     datasets: dict[str, DatasetConfig] = field(default_factory=dict)
     # The code lengths `dvc repro` trains (dvc.yaml's matrix reads this list; a training
     # itself reads only its own length, so adding one here trains only the new one).
-    bits: tuple[int, ...] = field(default=(64,), metadata=_check(lambda v: None if v and all(b >= 1 for b in v) else "must list code lengths >= 1"))
+    bits: tuple[int, ...] = field(
+        default=(64,),
+        metadata=_check(lambda v: None if v and all(b >= 1 for b in v) else "must list code lengths >= 1"),
+    )
     train: TrainConfig = field(default_factory=TrainConfig)
     model: ModelSettings = field(default_factory=ModelSettings)
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
@@ -393,14 +425,19 @@ class Params:
 
     def validate(self) -> None:
         known = _methods()
-        for name, variant in self.variants.items():
+        for name in self.variants:
             if not NAME_RE.match(name) or name in known:
-                raise Invalid("variants", f"variant name {name!r} must match {NAME_RE.pattern} and not be a method's name")
+                raise Invalid(
+                    "variants", f"variant name {name!r} must match {NAME_RE.pattern} and not be a method's name"
+                )
             self.variant_model(name)  # the network changes: known keys, valid values
         for key, names in (("train.method", (self.train.method,)), ("train.methods", self.train.methods)):
             for name in names:
                 if name not in known and name not in self.variants:
-                    raise Invalid(key, f"unknown method or variant {name!r} (methods: {', '.join(known)}; variants: {', '.join(self.variants) or 'none'})")
+                    raise Invalid(
+                        key,
+                        f"unknown method or variant {name!r} (methods: {', '.join(known)}; variants: {', '.join(self.variants) or 'none'})",
+                    )
         for name in self.objectives:
             if name not in known:
                 raise Invalid("objectives", f"unknown method {name!r} (known: {', '.join(known)})")
@@ -413,10 +450,14 @@ class Params:
                 check_hyperparameters(variant.method, variant.objective, f"variants.{name}.objective")
         for name in self.datasets:
             if not NAME_RE.match(name):
-                raise Invalid("datasets", f"dataset name {name!r} must match {NAME_RE.pattern} (it names files and DVC stages)")
+                raise Invalid(
+                    "datasets", f"dataset name {name!r} must match {NAME_RE.pattern} (it names files and DVC stages)"
+                )
         for name in self.prepare.datasets:
             if name not in self.datasets:
-                raise Invalid("prepare.datasets", f"unknown dataset {name!r} (defined: {', '.join(self.datasets) or 'none'})")
+                raise Invalid(
+                    "prepare.datasets", f"unknown dataset {name!r} (defined: {', '.join(self.datasets) or 'none'})"
+                )
 
     def variant_model(self, name: str) -> ModelSettings:
         """The `model` section with variant ``name``'s network changes (none for a method)."""
@@ -429,7 +470,9 @@ class Params:
         try:
             return self.datasets[name]
         except KeyError:
-            raise ConfigError(f"datasets.{name}: no such dataset (defined: {', '.join(self.datasets) or 'none'})") from None
+            raise ConfigError(
+                f"datasets.{name}: no such dataset (defined: {', '.join(self.datasets) or 'none'})"
+            ) from None
 
     def shards_dir(self, dataset: str) -> str:
         """Where ``dataset``'s shards and manifest live: ``<data.root>/shards/<dataset>``.
@@ -498,7 +541,11 @@ def _translate(raw: dict[str, Any]) -> dict[str, Any]:
         value = node.pop(key)
         new = _renamed(old)
         *path, last = new.split(".")
-        target = _section_at(out, path, lambda where: f"{old}: an old name of {new}, but {where} is a value, not a section")
+        target = _section_at(
+            out,
+            path,
+            lambda where: f"{old}: an old name of {new}, but {where} is a value, not a section",  # noqa: B023
+        )
         if last in target:
             raise ConfigError(f"{old}: an old name of {new}, which is also given: give {new} only")
         if value is not None or not old.endswith("_range"):
@@ -506,7 +553,9 @@ def _translate(raw: dict[str, Any]) -> dict[str, Any]:
     for section, where in _OLD_SECTIONS.items():
         if section in out and isinstance(out[section], dict):
             if out[section]:
-                raise ConfigError(f"{section}.{next(iter(out[section]))}: unknown key (the `{section}` section is gone: {where})")
+                raise ConfigError(
+                    f"{section}.{next(iter(out[section]))}: unknown key (the `{section}` section is gone: {where})"
+                )
             del out[section]
     return out
 
@@ -551,7 +600,7 @@ def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, 
             value = yaml.safe_load(text)
         except yaml.YAMLError:
             raise ConfigError(f"--set {item!r}: value is not valid YAML") from None
-        _section_at(out, parts[:-1], lambda where: f"--set {key}: {where} is a value, not a section")[parts[-1]] = value
+        _section_at(out, parts[:-1], lambda where: f"--set {key}: {where} is a value, not a section")[parts[-1]] = value  # noqa: B023
     return out
 
 
@@ -571,7 +620,9 @@ def profile_overlay(name: str, params_path: str | Path = DEFAULT_PARAMS) -> dict
     return read_params_file(path)
 
 
-def load_params(path: str | Path = DEFAULT_PARAMS, overrides: Sequence[str] = (), *, profile: str | None = None) -> Params:
+def load_params(
+    path: str | Path = DEFAULT_PARAMS, overrides: Sequence[str] = (), *, profile: str | None = None
+) -> Params:
     """params.yaml, then a profile's overlay (``profiles/<profile>.yaml``), then the
     ``--set`` overrides, typed and checked.
 
@@ -653,7 +704,9 @@ def _type_name(tp: Any) -> str:
         return "a mapping"
     if origin is Literal:
         return f"one of {_choices(typing.get_args(tp))}"
-    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(tp, getattr(tp, "__name__", str(tp)))
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(
+        tp, getattr(tp, "__name__", str(tp))
+    )
 
 
 def _build(tp: Any, value: Any, key: str, meta: Mapping[str, Any] | None = None) -> Any:

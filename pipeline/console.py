@@ -75,7 +75,11 @@ def epoch_line(epoch: int, epochs: int, metrics: dict[str, float], elapsed: floa
     """``epoch 3/8  loss 0.8412  val mAP 0.5120 (best 0.5300 @ 2)  412 img/s  0:41 elapsed  ETA 1:02``."""
     parts = [f"epoch {epoch + 1}/{epochs}", f"loss {metrics['loss']:.4f}"]
     if "val_map" in metrics:
-        best = f" (best {metrics['best_val_map']:.4f} @ {int(metrics['best_epoch']) + 1})" if "best_val_map" in metrics else ""
+        best = (
+            f" (best {metrics['best_val_map']:.4f} @ {int(metrics['best_epoch']) + 1})"
+            if "best_val_map" in metrics
+            else ""
+        )
         parts.append(f"val mAP {metrics['val_map']:.4f}{best}")
     if "images_per_s" in metrics:
         parts.append(f"{metrics['images_per_s']:.0f} img/s")
@@ -90,7 +94,9 @@ class EpochPrinter:
     logged (``fetch() -> {epoch: metrics}``, polled every ``interval`` s on a thread).
     Epochs are numbered from 1 on the console; MLflow's steps count from 0."""
 
-    def __init__(self, fetch: Callable[[], dict[int, dict[str, float]]], epochs: int, *, interval: float = 1.0, out=None):
+    def __init__(
+        self, fetch: Callable[[], dict[int, dict[str, float]]], epochs: int, *, interval: float = 1.0, out=None
+    ):
         self.fetch, self.epochs, self.interval = fetch, epochs, interval
         self.out = out or sys.stdout
         self.printed: set[int] = set()

@@ -14,10 +14,15 @@ __all__ = ["encode_images"]
 def _decode_problem(data: bytes, error: Exception) -> str:
     from .sources import check_image
 
-    return check_image(data) or f"cannot decode image ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})"
+    return (
+        check_image(data)
+        or f"cannot decode image ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})"
+    )
 
 
-def encode_images(model, images: Sequence[bytes | None], device, image_size: int, precision: str, *, convert: bool = True):
+def encode_images(
+    model, images: Sequence[bytes | None], device, image_size: int, precision: str, *, convert: bool = True
+):
     """Codes of encoded images, as evaluate computes them (``dpfah.train.encode``: decoded and
     resized on ``device``, eval mode, binarised). ``convert``: first turn images the training
     decoder would not read as PIL does into prepare's RGB PNG (files; prepared shards hold
@@ -62,4 +67,3 @@ def encode_images(model, images: Sequence[bytes | None], device, image_size: int
     codes, _, _ = encode(model, [batch], device, image_size, precision)
     ok[good] = True
     return codes, ok, problems
-

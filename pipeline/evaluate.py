@@ -44,7 +44,16 @@ from typing import Any
 
 import numpy as np
 
-from .artifacts import DEFAULT_METHOD, evaluation_file, metric_values, metrics_file, plots_dir, query_codes_file, write_atomic, write_json_atomic
+from .artifacts import (
+    DEFAULT_METHOD,
+    evaluation_file,
+    metric_values,
+    metrics_file,
+    plots_dir,
+    query_codes_file,
+    write_atomic,
+    write_json_atomic,
+)
 from .codefiles import ARTIFACT_DIR, codes_table
 from .config import Params, add_config_args, config_from_args
 from .errors import ConfigError, DataError, run_main
@@ -100,7 +109,12 @@ def _encode_split(model, shards: str, split: str, params: Params, device, image_
         stream = EvalStream(shards, split, batch_size=e.batch_size, rank=0, world_size=1)
         loader = DataLoader(stream, batch_size=None, num_workers=e.loader_workers, pin_memory=device.type == "cuda")
         total = stream.num_samples
-        with tqdm(total=total, desc=f"encode {split}", unit="img", disable=False if progress else None if progress is None else True) as bar:
+        with tqdm(
+            total=total,
+            desc=f"encode {split}",
+            unit="img",
+            disable=False if progress else None if progress is None else True,
+        ) as bar:
 
             def batches() -> Iterator[Any]:
                 for batch in loader:
@@ -169,7 +183,9 @@ def _write_plots(directory: Path, report: dict[str, Any]) -> list[Path]:
     return [directory / name for name in files]
 
 
-def write_dvc_outputs(root, dataset: str, bits: int, which: dict[str, Any], doc: dict[str, Any], report: dict[str, Any], query_table) -> tuple[Path, Path, list[Path]]:
+def write_dvc_outputs(
+    root, dataset: str, bits: int, which: dict[str, Any], doc: dict[str, Any], report: dict[str, Any], query_table
+) -> tuple[Path, Path, list[Path]]:
     """The files DVC tracks, each written atomically: the curve data, the query codes (a
     :func:`codes_table`), the evaluation record (``doc`` but its ``query_*`` numbers), then
     the metrics file (those numbers only). Returns (metrics file, plots dir, plot files)."""
@@ -195,20 +211,42 @@ def _plot_pr(path: Path, report: dict[str, Any], title: str, radius: int = 2) ->
     fig = figure(10.0, 4.4)
     left, right = fig.subplots(1, 2)
     pr = report["pr_by_radius"]
-    left.plot(pr["recall"], pr["precision"], color="0.55", linewidth=1, marker=".", markersize=3, label="r = 0 .. bits", zorder=1)
+    left.plot(
+        pr["recall"],
+        pr["precision"],
+        color="0.55",
+        linewidth=1,
+        marker=".",
+        markersize=3,
+        label="r = 0 .. bits",
+        zorder=1,
+    )
     colours = ("#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd", "#8c564b")
     for r in range(min(len(pr["radius"]), len(colours))):
         p, rec = float(pr["precision"][r]), float(pr["recall"][r])
         marked = r == radius
         left.scatter(
-            [rec], [p], s=140 if marked else 36, marker="*" if marked else "o", color=colours[r], edgecolor="black", linewidth=0.6, zorder=3,
+            [rec],
+            [p],
+            s=140 if marked else 36,
+            marker="*" if marked else "o",
+            color=colours[r],
+            edgecolor="black",
+            linewidth=0.6,
+            zorder=3,
             label=f"r={r}: P {p:.3f}, R {rec:.3f}" + (f"  (P@H<={radius})" if marked else ""),
         )
     left.set(xlabel="recall", ylabel="precision", title="by Hamming radius r", xlim=(-0.02, 1.02), ylim=(0, 1.02))
     left.legend(loc="best", fontsize=7, framealpha=0.9)  # away from the points (a weak model has them low left)
     rank = report["pr_by_rank"]
     right.plot(rank["recall"], rank["precision"], marker=".", markersize=3)
-    right.set(xlabel="recall", ylabel="precision", title="by rank (top-k lists, k = 1 .. database)", xlim=(0, 1.02), ylim=(0, 1.02))
+    right.set(
+        xlabel="recall",
+        ylabel="precision",
+        title="by rank (top-k lists, k = 1 .. database)",
+        xlim=(0, 1.02),
+        ylim=(0, 1.02),
+    )
     for ax in (left, right):
         ax.grid(alpha=0.3)
     fig.suptitle(title)
@@ -240,7 +278,9 @@ def _grid_rows(manifest, q_codes, d_codes, q_labels, d_labels, n_queries: int, t
         for j, d in zip(idx[row], dist[row]):
             relevant = bool(np.any(q_labels[q].astype(bool) & d_labels[j].astype(bool)))
             results.append((thumbnail(d_bytes[int(j)]), relevant, int(d), class_name(d_labels[j], manifest.classes)))
-        rows.append({"query": thumbnail(q_bytes[int(q)]), "name": class_name(q_labels[q], manifest.classes), "results": results})
+        rows.append(
+            {"query": thumbnail(q_bytes[int(q)]), "name": class_name(q_labels[q], manifest.classes), "results": results}
+        )
     return rows
 
 
@@ -255,7 +295,13 @@ def _build_artifacts(art: Path, subject: Subject, params: Params, dataset: str, 
     e, manifest, run_id = params.evaluate, subject.manifest, subject.run_id
     (q_codes, q_labels, q_index), (d_codes, d_labels, d_index) = codes
     sha = manifest.sha256
-    details = {**doc, "model_uri": subject.model_uri, "protocol": manifest.protocol, "manifest_sha256": sha, "ties": "index"}
+    details = {
+        **doc,
+        "model_uri": subject.model_uri,
+        "protocol": manifest.protocol,
+        "manifest_sha256": sha,
+        "ties": "index",
+    }
     label = f"{dataset}, {bits} bits, run {run_id[:8]}"
     write_json_atomic(art / "metrics.json", details)
     scores = f"mAP@{doc['map_at']} {report['map']:.4f}, P@H<={e.radius} {report['precision_within_radius']:.4f}"
@@ -266,7 +312,9 @@ def _build_artifacts(art: Path, subject: Subject, params: Params, dataset: str, 
         plot_grid(art / "retrieval_grid.png", rows, f"top-{e.grid_topk} by Hamming distance (ties by index): {label}")
     meta = {"bits": bits, "dataset": dataset, "run_id": run_id, "manifest_sha256": sha}
     (art / "codes").mkdir()
-    pq.write_table(codes_table(d_codes, d_labels, d_index, {**meta, "split": "database"}), art / "codes" / "database.parquet")
+    pq.write_table(
+        codes_table(d_codes, d_labels, d_index, {**meta, "split": "database"}), art / "codes" / "database.parquet"
+    )
     pq.write_table(codes_table(q_codes, q_labels, q_index, {**meta, "split": "query"}), art / "codes" / "query.parquet")
 
 
@@ -307,10 +355,16 @@ def _log_to_run(subject: Subject, params: Params, doc, metrics, art: Path) -> No
             "dataset_name": dataset_name(doc["dataset"], subject.manifest.protocol),
             "dataset_digest": dataset_digest(subject.manifest.sha256),
         }
-        subject.client.log_batch(run_id, metrics=[Metric(k, v, now, 0, **link) for k, v in metrics.items()], tags=[RunTag(k, v) for k, v in tags.items()])
+        subject.client.log_batch(
+            run_id,
+            metrics=[Metric(k, v, now, 0, **link) for k, v in metrics.items()],
+            tags=[RunTag(k, v) for k, v in tags.items()],
+        )
         subject.client.log_artifacts(run_id, str(art), ARTIFACT_DIR)
         if os.environ.get(FAULT_ENV) == "before-marker":
-            raise RuntimeError(f"{FAULT_ENV}=before-marker: injected fault after logging evaluation {eval_id} to run {run_id}")
+            raise RuntimeError(
+                f"{FAULT_ENV}=before-marker: injected fault after logging evaluation {eval_id} to run {run_id}"
+            )
         done = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         subject.client.log_batch(run_id, tags=[RunTag(EVAL_COMPLETE_TAG, eval_id), RunTag("eval.completed_at", done)])
 
@@ -358,7 +412,8 @@ def evaluate(
 
     t = time.perf_counter()
     codes = tuple(
-        _encode_split(subject.model, subject.shards, split, params, device, subject.image_size, progress) for split in ("query", "database")
+        _encode_split(subject.model, subject.shards, split, params, device, subject.image_size, progress)
+        for split in ("query", "database")
     )
     (q_codes, q_labels, _), (d_codes, d_labels, _) = codes
     seconds["encode"] = time.perf_counter() - t
@@ -368,7 +423,9 @@ def evaluate(
     e = params.evaluate
     r = e.r_for(dataset)
     ranks = np.unique(np.linspace(1, max(len(d_codes), 1), e.pr_rank_points).round().astype(np.int64))
-    report = retrieval_report(q_codes, d_codes, q_labels, d_labels, topk=r, radius=e.radius, max_n=e.max_n, pr_ranks=ranks)
+    report = retrieval_report(
+        q_codes, d_codes, q_labels, d_labels, topk=r, radius=e.radius, max_n=e.max_n, pr_ranks=ranks
+    )
     metrics = flat_metrics(report)
     seconds["metrics"] = time.perf_counter() - t
     record("retrieval metrics", time.time() - seconds["metrics"])
@@ -396,7 +453,9 @@ def evaluate(
             _build_artifacts(art, subject, params, dataset, bits, doc, report, codes)
         q_codes, q_labels, q_index = codes[0]
         meta = {"bits": bits, "dataset": dataset, "split": "query", "method": which["method"], "seed": which["seed"]}
-        path, plot_dir, plots = write_dvc_outputs(root, dataset, bits, which, doc, report, codes_table(q_codes, q_labels, q_index, meta))
+        path, plot_dir, plots = write_dvc_outputs(
+            root, dataset, bits, which, doc, report, codes_table(q_codes, q_labels, q_index, meta)
+        )
         for f in plots:
             shutil.copy(f, art / f.name)  # the curve data as DVC has it
         with span("mlflow logging"):
@@ -426,11 +485,24 @@ def build_parser() -> argparse.ArgumentParser:
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--dataset", required=True, metavar="NAME", help="dataset name from params.yaml (its shards must be prepared)")
+    parser.add_argument(
+        "--dataset", required=True, metavar="NAME", help="dataset name from params.yaml (its shards must be prepared)"
+    )
     parser.add_argument("--bits", type=int, required=True, metavar="L", help="code length of the trained model")
-    parser.add_argument("--method", metavar="NAME", default=DEFAULT_METHOD, help="the method or variant trained (names the run record; default: dpfah)")
-    parser.add_argument("--seed", type=int, metavar="N", help="the training seed (names the run record; default: params.yaml's seed)")
-    parser.add_argument("--run-id", metavar="ID", help="evaluate this MLflow run's model instead of the run record's (e.g. after `ray job submit`)")
+    parser.add_argument(
+        "--method",
+        metavar="NAME",
+        default=DEFAULT_METHOD,
+        help="the method or variant trained (names the run record; default: dpfah)",
+    )
+    parser.add_argument(
+        "--seed", type=int, metavar="N", help="the training seed (names the run record; default: params.yaml's seed)"
+    )
+    parser.add_argument(
+        "--run-id",
+        metavar="ID",
+        help="evaluate this MLflow run's model instead of the run record's (e.g. after `ray job submit`)",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     add_config_args(parser)
     return parser
@@ -440,7 +512,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     record("evaluate: main entered", time.time())
     args = build_parser().parse_args(argv)
     params = config_from_args(args)
-    result = evaluate(params, args.dataset, args.bits, run_id=args.run_id, progress=False if args.quiet else None, method=args.method, seed=args.seed)
+    result = evaluate(
+        params,
+        args.dataset,
+        args.bits,
+        run_id=args.run_id,
+        progress=False if args.quiet else None,
+        method=args.method,
+        seed=args.seed,
+    )
     d = m = result.doc
     p_at = max((n for n in P_AT if p_at_name(n) in m), default=None)
     extra = f", P@{p_at} {m[p_at_name(p_at)]:.4f}" if p_at else ""

@@ -64,14 +64,22 @@ def plot_grid(path: Path, rows: list[dict[str, Any]], title: str) -> None:
             for spine in ax.spines.values():
                 spine.set_color(colour)
                 spine.set_linewidth(2 if ok is query else 4)
-            ax.set_xlabel(label, fontsize=8, color="black" if ok is query or ok is None else colour, fontweight="bold" if ok is query else "normal", labelpad=2)
+            ax.set_xlabel(
+                label,
+                fontsize=8,
+                color="black" if ok is query or ok is None else colour,
+                fontweight="bold" if ok is query else "normal",
+                labelpad=2,
+            )
             if i == 0:
                 ax.set_title("query" if j == 0 else f"rank {j}", fontsize=8)
     known = any(r[1] is not None for row in rows for r in row["results"])
     handles = [Patch(facecolor="white", edgecolor="black", linewidth=2, label="query; d = Hamming distance to it")]
     if known:
-        handles[:0] = [Patch(facecolor="white", edgecolor=_RIGHT, linewidth=3, label="relevant (shares a label with the query)"),
-                       Patch(facecolor="white", edgecolor=_WRONG, linewidth=3, label="not relevant")]
+        handles[:0] = [
+            Patch(facecolor="white", edgecolor=_RIGHT, linewidth=3, label="relevant (shares a label with the query)"),
+            Patch(facecolor="white", edgecolor=_WRONG, linewidth=3, label="not relevant"),
+        ]
     fig.legend(handles=handles, loc="outside lower center", ncol=len(handles), fontsize=8, frameon=False)
     fig.suptitle(title, fontsize=10)
     fig.savefig(path)

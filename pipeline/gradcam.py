@@ -31,7 +31,18 @@ from .artifacts import DEFAULT_METHOD
 from .config import Params
 from .errors import PipelineError
 
-__all__ = ["N_IMAGES", "MIN_SIDE", "code_output", "OwnCode", "cam_layer", "heat_maps", "pick_methods", "first_of_classes", "Pair", "compute"]
+__all__ = [
+    "N_IMAGES",
+    "MIN_SIDE",
+    "code_output",
+    "OwnCode",
+    "cam_layer",
+    "heat_maps",
+    "pick_methods",
+    "first_of_classes",
+    "Pair",
+    "compute",
+]
 
 N_IMAGES = 6  # query images in the figure (the first of as many distinct classes)
 MIN_SIDE = 4  # the smallest side of the target layer's map
@@ -104,7 +115,10 @@ def cam_layer(net, image_size: int) -> tuple[str, Any, int]:
 
     sides: dict[int, int] = {}
     stages = _candidates(net)
-    hooks = [m.register_forward_hook(lambda mod, inp, out, i=i: sides.__setitem__(i, min(out.shape[-2:]))) for i, (_, m) in enumerate(stages)]
+    hooks = [
+        m.register_forward_hook(lambda mod, inp, out, i=i: sides.__setitem__(i, min(out.shape[-2:])))
+        for i, (_, m) in enumerate(stages)
+    ]
     was_training = net.training
     try:
         net.eval()
@@ -143,7 +157,11 @@ def pick_methods(params: Params) -> tuple[str, str] | str:
     with_ = [m for m in (*WITH_PFA, *methods) if m in pfa and pfa[m]]
     if without and with_:
         return without[0], with_[0]
-    lacking = " and ".join(k for k, found in (("a method without PFA (e.g. resnet18)", without), ("a method with PFA (e.g. dpfah)", with_)) if not found)
+    lacking = " and ".join(
+        k
+        for k, found in (("a method without PFA (e.g. resnet18)", without), ("a method with PFA (e.g. dpfah)", with_))
+        if not found
+    )
     return f"train.methods ({', '.join(methods)}) lacks {lacking}"
 
 
@@ -184,7 +202,9 @@ def _resize(maps: np.ndarray, size: int) -> np.ndarray:
     return maps if maps.shape[-1] == size else np.stack([cv2.resize(m, (size, size)) for m in maps]).astype(np.float32)
 
 
-def compute(params: Params, dataset: str, bits: int, labels: np.ndarray, index: np.ndarray, root: str | os.PathLike = ".") -> Pair | str:
+def compute(
+    params: Params, dataset: str, bits: int, labels: np.ndarray, index: np.ndarray, root: str | os.PathLike = "."
+) -> Pair | str:
     """Heat maps of the first query images of distinct classes (``labels``, ``index``: the
     query split's, as evaluate wrote them) under the first seed's models of
     :func:`pick_methods`; a sentence saying why not when they cannot be made (no such
@@ -201,8 +221,8 @@ def compute(params: Params, dataset: str, bits: int, labels: np.ndarray, index: 
     from dpfah.augment import DeviceAugment, decode_batch
     from dpfah.data import ShardError, read_samples
 
-    from .registry import load_subject
     from .figures import class_name
+    from .registry import load_subject
 
     seed = min(params.train.seeds)
     cpu = torch.device("cpu")
@@ -230,4 +250,15 @@ def compute(params: Params, dataset: str, bits: int, labels: np.ndarray, index: 
         maps.append(_resize(heat_maps(s.model, DeviceAugment()(pixels, train=False), layer), size))
         layers.append(f"{name} ({side}x{side})")
     names = [class_name(labels[p], subjects[1].manifest.classes) for p in positions]
-    return Pair(bits, seed, indices, shown.permute(0, 2, 3, 1).numpy(), names, chosen, (subjects[0].run_id, subjects[1].run_id), tuple(layers), tuple(maps), size)
+    return Pair(
+        bits,
+        seed,
+        indices,
+        shown.permute(0, 2, 3, 1).numpy(),
+        names,
+        chosen,
+        (subjects[0].run_id, subjects[1].run_id),
+        tuple(layers),
+        tuple(maps),
+        size,
+    )

@@ -61,7 +61,18 @@ class BlockEncoder:
     a few block numbers; each comes back as the block file's bytes (npz: ``codes`` packed,
     ``ok`` mask, ``problems`` JSON)."""
 
-    def __init__(self, model, reader, count: int, block_size: int, image_size: int, precision: str, batch_size: int, convert: bool, threads: int):
+    def __init__(
+        self,
+        model,
+        reader,
+        count: int,
+        block_size: int,
+        image_size: int,
+        precision: str,
+        batch_size: int,
+        convert: bool,
+        threads: int,
+    ):
         import torch
 
         torch.set_num_threads(max(1, threads))  # Ray sets 1 thread per worker; the actor owns its CPUs
@@ -87,7 +98,9 @@ def encode_block(enc: BlockEncoder, block: int) -> bytes:
         for j, (_, why) in enumerate(part):
             if why is not None:
                 problems[a + j] = why
-        c, good, bad = encode_images(enc.model, [d for d, _ in part], enc.device, enc.image_size, enc.precision, convert=enc.convert)
+        c, good, bad = encode_images(
+            enc.model, [d for d, _ in part], enc.device, enc.image_size, enc.precision, convert=enc.convert
+        )
         codes.append(c)
         ok[a : a + len(part)] = good
         problems.update({a + j: why for j, why in bad.items()})
@@ -126,7 +139,9 @@ def _precision_here(precision: str) -> str:
     return precision_used(precision, "cuda" if torch.cuda.is_available() else "cpu")
 
 
-def evaluation_codes(params: Params, collection: Collection, resolved: ResolvedModel, model) -> tuple[EvaluationCodes | None, str | None]:
+def evaluation_codes(
+    params: Params, collection: Collection, resolved: ResolvedModel, model
+) -> tuple[EvaluationCodes | None, str | None]:
     """The codes of the prepared split ``collection`` that the evaluation of the model's run
     logged, when that evaluation is complete (``eval.complete`` = ``eval.id``), ran on the
     same prepared shards (manifest sha256) at the precision this index would use, and its
@@ -141,8 +156,8 @@ def evaluation_codes(params: Params, collection: Collection, resolved: ResolvedM
     from dpfah.codes import pack_codes
     from dpfah.data import read_samples
 
-    from .console import quiet_libraries
     from .codefiles import ARTIFACT_DIR, load_codes
+    from .console import quiet_libraries
     from .registry import EVAL_COMPLETE_TAG, EVAL_ID_TAG
 
     quiet_libraries()  # MLflow's download bar
@@ -156,32 +171,69 @@ def evaluation_codes(params: Params, collection: Collection, resolved: ResolvedM
     if not eval_id or tags.get(EVAL_COMPLETE_TAG) != eval_id:
         return None, f"run {run_id} has no complete evaluation"
     if tags.get("eval.manifest_sha256") != ident["manifest_sha256"]:
-        return None, f"evaluation {eval_id} ran on other shards (manifest sha256 {str(tags.get('eval.manifest_sha256'))[:12]}, these {ident['manifest_sha256'][:12]})"
+        return (
+            None,
+            f"evaluation {eval_id} ran on other shards (manifest sha256 {str(tags.get('eval.manifest_sha256'))[:12]}, these {ident['manifest_sha256'][:12]})",
+        )
     want = _precision_here(params.index.precision)
     if tags.get("eval.precision") != want:
-        return None, f"evaluation {eval_id} encoded in {tags.get('eval.precision') or 'an unrecorded precision'}, index.precision={params.index.precision} means {want} here"
+        return (
+            None,
+            f"evaluation {eval_id} encoded in {tags.get('eval.precision') or 'an unrecorded precision'}, index.precision={params.index.precision} means {want} here",
+        )
     n, words = len(collection.keys), -(-resolved.bits // 64)
     with tempfile.TemporaryDirectory(prefix="dpfah-index-") as tmp:
         try:
-            path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=f"{ARTIFACT_DIR}/codes/{split}.parquet", dst_path=tmp, tracking_uri=resolved.tracking_uri)
+            path = mlflow.artifacts.download_artifacts(
+                run_id=run_id,
+                artifact_path=f"{ARTIFACT_DIR}/codes/{split}.parquet",
+                dst_path=tmp,
+                tracking_uri=resolved.tracking_uri,
+            )
             packed, labels, order, meta = load_codes(path)
         except (MlflowException, OSError, ValueError, KeyError) as e:  # missing, unreadable or not a codes table
-            return None, f"evaluation {eval_id}'s {split} codes are unreadable ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
-    expected = {"split": split, "bits": str(resolved.bits), "run_id": run_id, "manifest_sha256": ident["manifest_sha256"]}
-    if any(meta.get(k) != v for k, v in expected.items()) or packed.shape != (n, words) or not np.array_equal(order, np.arange(n)):
-        return None, f"evaluation {eval_id}'s {split} codes describe another split, run or length ({packed.shape[0]} rows)"
+            return (
+                None,
+                f"evaluation {eval_id}'s {split} codes are unreadable ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})",
+            )
+    expected = {
+        "split": split,
+        "bits": str(resolved.bits),
+        "run_id": run_id,
+        "manifest_sha256": ident["manifest_sha256"],
+    }
+    if (
+        any(meta.get(k) != v for k, v in expected.items())
+        or packed.shape != (n, words)
+        or not np.array_equal(order, np.arange(n))
+    ):
+        return (
+            None,
+            f"evaluation {eval_id}'s {split} codes describe another split, run or length ({packed.shape[0]} rows)",
+        )
     if collection.labels is not None and not np.array_equal(labels, collection.labels):
         return None, f"evaluation {eval_id}'s {split} labels differ from the prepared split's"
-    sample = np.unique(np.linspace(0, n - 1, min(VERIFY_ITEMS, n)).round().astype(np.int64)) if n else np.zeros(0, np.int64)
+    sample = (
+        np.unique(np.linspace(0, n - 1, min(VERIFY_ITEMS, n)).round().astype(np.int64)) if n else np.zeros(0, np.int64)
+    )
     images = read_samples(collection.reader.manifest, split, sample)
-    on = torch.device("cuda" if tags.get("eval.device") == "cuda" and torch.cuda.is_available() else "cpu")  # as the evaluation did
-    check = copy.deepcopy(model).to(on) if on.type != "cpu" else model  # the model itself stays on the CPU for the actors
-    codes, ok, problems = encode_images(check, [images[int(i)] for i in sample], on, resolved.image_size, want, convert=collection.convert)
+    on = torch.device(
+        "cuda" if tags.get("eval.device") == "cuda" and torch.cuda.is_available() else "cpu"
+    )  # as the evaluation did
+    check = (
+        copy.deepcopy(model).to(on) if on.type != "cpu" else model
+    )  # the model itself stays on the CPU for the actors
+    codes, ok, problems = encode_images(
+        check, [images[int(i)] for i in sample], on, resolved.image_size, want, convert=collection.convert
+    )
     if problems or not ok.all():
         return None, f"{len(problems)} of the {len(sample)} sampled items did not encode"
     differ = int((pack_codes(codes) != packed[sample]).any(axis=1).sum())
     if differ:
-        return None, f"evaluation {eval_id}'s {split} codes differ from the model's on {differ} of {len(sample)} sampled items"
+        return (
+            None,
+            f"evaluation {eval_id}'s {split} codes differ from the model's on {differ} of {len(sample)} sampled items",
+        )
     source = f"evaluation {eval_id} of run {run_id}, verified on {len(sample)} items"
     return EvaluationCodes(packed, tags.get("eval.device") or "unrecorded", want, source), None
 
@@ -235,7 +287,10 @@ def _start_partial(partial: Path, plan: dict[str, Any]) -> None:
         if old == plan:
             return
         changed = sorted(k for k in set(plan) | set(old or {}) if (old or {}).get(k) != plan.get(k))
-        print(f"{partial}: an unfinished index of another plan (differs in {', '.join(changed)}): starting afresh", flush=True)
+        print(
+            f"{partial}: an unfinished index of another plan (differs in {', '.join(changed)}): starting afresh",
+            flush=True,
+        )
         shutil.rmtree(partial)
     (partial / "blocks").mkdir(parents=True, exist_ok=True)
     write_json_atomic(plan_file, plan)
@@ -254,7 +309,9 @@ def _block_device(path: Path) -> str:
 def _fail_on(problems: dict[int, str], start: int, collection: Collection) -> None:
     i, why = min(problems.items())
     where = collection.where(start + i)
-    raise DataError(f"{where}: {why} (index.on_bad_image: skip leaves such items out; {len(problems)} bad in this block)")
+    raise DataError(
+        f"{where}: {why} (index.on_bad_image: skip leaves such items out; {len(problems)} bad in this block)"
+    )
 
 
 def _resources(workers: int | None) -> tuple[int, float, float, int]:
@@ -267,11 +324,15 @@ def _resources(workers: int | None) -> tuple[int, float, float, int]:
     node_cpus = max((int(nd["Resources"].get("CPU", 0)) for nd in ray.nodes() if nd.get("Alive")), default=cpus)
     per = max(1, min(cpus // n, node_cpus)) if cpus >= n else 1
     if gpus and n > gpus:
-        raise ConfigError(f"index.workers={n}, but the cluster has {gpus} GPU(s): one GPU each (set index.workers <= {gpus})")
+        raise ConfigError(
+            f"index.workers={n}, but the cluster has {gpus} GPU(s): one GPU each (set index.workers <= {gpus})"
+        )
     return n, float(per), 1.0 if gpus else 0.0, per
 
 
-def _encode_blocks(todo: list[int], model, collection: Collection, resolved: ResolvedModel, params: Params, partial: Path, bar) -> float:
+def _encode_blocks(
+    todo: list[int], model, collection: Collection, resolved: ResolvedModel, params: Params, partial: Path, bar
+) -> float:
     """Encode the blocks ``todo`` on Ray Data, writing each as it comes; seconds spent."""
     import ray
     import ray.data
@@ -340,7 +401,10 @@ def _assemble(partial: Path, blocks: int, collection: Collection, params: Params
             _fail_on(problems, start, collection)
         codes.append(c)
         keep.append(start + np.flatnonzero(ok))
-        skipped += [{"where": collection.where(start + j), "key": collection.keys[start + j], "reason": why} for j, why in sorted(problems.items())]
+        skipped += [
+            {"where": collection.where(start + j), "key": collection.keys[start + j], "reason": why}
+            for j, why in sorted(problems.items())
+        ]
     return np.concatenate(codes), np.concatenate(keep).astype(np.int64), skipped
 
 
@@ -366,7 +430,9 @@ def check_out(out: str | os.PathLike) -> Path:
         partial = out.with_name(out.name + ".partial")
         why = not_replaceable(partial, lambda e: e.name in _PARTIAL_ENTRIES, what="an unfinished index", marker=PLAN)
     if why:
-        raise ConfigError(f"--out {out}: {why}; an index is written only to a new or empty folder or over an index (nothing else is replaced)")
+        raise ConfigError(
+            f"--out {out}: {why}; an index is written only to a new or empty folder or over an index (nothing else is replaced)"
+        )
     return out
 
 
@@ -408,12 +474,22 @@ def build_index(
     blocks = -(-count // size)
     reused, why = (None, None) if reencode else evaluation_codes(params, collection, resolved, loaded)
     if reused is not None:  # nothing to encode; an unfinished encoding in partial is not needed
-        packed, keep, skipped, device, seconds, done_items, todo = reused.packed, np.arange(count, dtype=np.int64), [], reused.device, 0.0, count, []
+        packed, keep, skipped, device, seconds, done_items, todo = (
+            reused.packed,
+            np.arange(count, dtype=np.int64),
+            [],
+            reused.device,
+            0.0,
+            count,
+            [],
+        )
         used, codes_from = reused.precision_used, reused.codes_from
     else:
         if why:
             print(f"not reusing the evaluation's codes: {why}; encoding", flush=True)
-        packed, keep, skipped, device, seconds, done_items, todo = _encode_collection(collection, resolved, loaded, params, partial, plan, progress)
+        packed, keep, skipped, device, seconds, done_items, todo = _encode_collection(
+            collection, resolved, loaded, params, partial, plan, progress
+        )
         used, codes_from = precision_used(plan["precision"], device), "encoded"
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -424,10 +500,14 @@ def build_index(
         shutil.rmtree(tmp, ignore_errors=True)
     shutil.rmtree(partial, ignore_errors=True)
     encoded = count - done_items
-    return IndexResult(out, manifest, len(todo), blocks, time.perf_counter() - t0, encoded / seconds if seconds else 0.0)
+    return IndexResult(
+        out, manifest, len(todo), blocks, time.perf_counter() - t0, encoded / seconds if seconds else 0.0
+    )
 
 
-def _encode_collection(collection: Collection, resolved: ResolvedModel, loaded, params: Params, partial: Path, plan, progress: bool | None):
+def _encode_collection(
+    collection: Collection, resolved: ResolvedModel, loaded, params: Params, partial: Path, plan, progress: bool | None
+):
     """Encode the blocks ``partial`` lacks (on Ray Data) and assemble all of them: (packed
     codes, kept positions, skipped, device, encoding seconds, items resumed, blocks encoded)."""
     from tqdm import tqdm
@@ -440,7 +520,13 @@ def _encode_collection(collection: Collection, resolved: ResolvedModel, loaded, 
     seconds = 0.0
     if todo:
         what = f"index {collection.identity.get('split') or Path(collection.identity.get('path', '')).name}"
-        with tqdm(total=count, initial=done_items, desc=what, unit="img", disable=False if progress else None if progress is None else True) as bar:
+        with tqdm(
+            total=count,
+            initial=done_items,
+            desc=what,
+            unit="img",
+            disable=False if progress else None if progress is None else True,
+        ) as bar:
             seconds = _encode_blocks(todo, loaded, collection, resolved, params, partial, bar)
     packed, keep, skipped = _assemble(partial, blocks, collection, params)
     device = _block_device(_block_file(partial, 0)) if blocks else "cpu"
@@ -474,15 +560,36 @@ def build_parser() -> argparse.ArgumentParser:
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--dataset", metavar="NAME", help="dataset of the model (and of --split); with --bits it names the champion")
-    parser.add_argument("--bits", type=int, metavar="L", help="code length of the model (with --dataset: names the champion)")
-    parser.add_argument("--method", metavar="NAME", default=DEFAULT_METHOD, help="method or variant whose champion encodes (default: dpfah)")
-    parser.add_argument("--model", metavar="URI", help="a models:/ URI instead of the champion (models:/<name>@<alias>, models:/<name>/<version>, models:/m-<id>)")
+    parser.add_argument(
+        "--dataset", metavar="NAME", help="dataset of the model (and of --split); with --bits it names the champion"
+    )
+    parser.add_argument(
+        "--bits", type=int, metavar="L", help="code length of the model (with --dataset: names the champion)"
+    )
+    parser.add_argument(
+        "--method",
+        metavar="NAME",
+        default=DEFAULT_METHOD,
+        help="method or variant whose champion encodes (default: dpfah)",
+    )
+    parser.add_argument(
+        "--model",
+        metavar="URI",
+        help="a models:/ URI instead of the champion (models:/<name>@<alias>, models:/<name>/<version>, models:/m-<id>)",
+    )
     what = parser.add_mutually_exclusive_group()
     what.add_argument("--split", metavar="SPLIT", help="index this split of the prepared --dataset (e.g. database)")
-    what.add_argument("--images", metavar="PATH", help="index an image folder, a .tar archive of images, or a list file")
-    parser.add_argument("--root", metavar="DIR", help="where a list file's relative paths start (default: the list's folder)")
-    parser.add_argument("--out", metavar="DIR", help="the index folder (default with --split: index/<dataset>-<bits>): new, empty, or an index, which is replaced; any other folder is refused, never deleted")
+    what.add_argument(
+        "--images", metavar="PATH", help="index an image folder, a .tar archive of images, or a list file"
+    )
+    parser.add_argument(
+        "--root", metavar="DIR", help="where a list file's relative paths start (default: the list's folder)"
+    )
+    parser.add_argument(
+        "--out",
+        metavar="DIR",
+        help="the index folder (default with --split: index/<dataset>-<bits>): new, empty, or an index, which is replaced; any other folder is refused, never deleted",
+    )
     parser.add_argument(
         "--reencode", action="store_true",
         help="encode a query or database split even when the model's evaluation logged its codes (they are reused once verified)",
@@ -517,9 +624,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if m["codes_from"] != "encoded":
         resumed = f", the codes of {m['codes_from']}"
     else:
-        resumed = f", {result.blocks - result.encoded_blocks} of {result.blocks} blocks resumed" if result.encoded_blocks < result.blocks else ""
+        resumed = (
+            f", {result.blocks - result.encoded_blocks} of {result.blocks} blocks resumed"
+            if result.encoded_blocks < result.blocks
+            else ""
+        )
     rate = f" ({result.images_per_s:,.0f} img/s encoding)" if result.images_per_s else ""
-    print(f"indexed {m['count']:,} items with {m['model']['uri']} ({m['bits']} bits){skipped}{resumed} -> {result.directory} in {result.seconds:.1f} s{rate}")
+    print(
+        f"indexed {m['count']:,} items with {m['model']['uri']} ({m['bits']} bits){skipped}{resumed} -> {result.directory} in {result.seconds:.1f} s{rate}"
+    )
     return 0
 
 

@@ -26,7 +26,19 @@ from .artifacts import write_json_atomic
 from .errors import DataError, PipelineError
 from .tracking import git_commit
 
-__all__ = ["FORMAT", "MANIFEST", "CODES", "KEYS", "LABELS", "NotAnIndex", "Index", "read_manifest", "load_index", "write_index", "sha256_file"]
+__all__ = [
+    "FORMAT",
+    "MANIFEST",
+    "CODES",
+    "KEYS",
+    "LABELS",
+    "NotAnIndex",
+    "Index",
+    "read_manifest",
+    "load_index",
+    "write_index",
+    "sha256_file",
+]
 
 
 FORMAT = "dpfah-index/1"
@@ -45,7 +57,16 @@ def sha256_file(path: Path) -> str:
 
 
 def write_index(
-    tmp: Path, packed: np.ndarray, keep: np.ndarray, collection, resolved, skipped, plan, device: str, used: str, codes_from: str
+    tmp: Path,
+    packed: np.ndarray,
+    keep: np.ndarray,
+    collection,
+    resolved,
+    skipped,
+    plan,
+    device: str,
+    used: str,
+    codes_from: str,
 ) -> dict[str, Any]:
     """Write the index folder ``tmp`` (new): the rows ``keep`` of ``collection``
     (a :class:`pipeline.collection.Collection`) with their ``packed`` codes, encoded by
@@ -159,7 +180,9 @@ def load_index(directory: str | os.PathLike, *, verify: bool = False) -> Index:
     if not path.is_file():
         partial = directory.with_name(directory.name + ".partial")
         if partial.exists():
-            raise NotAnIndex(f"{directory}: not complete (an indexing run stopped; run the same python -m pipeline.index again to resume)")
+            raise NotAnIndex(
+                f"{directory}: not complete (an indexing run stopped; run the same python -m pipeline.index again to resume)"
+            )
         raise NotAnIndex(f"{directory}: no index ({MANIFEST} not found; build one with python -m pipeline.index)")
     manifest = read_manifest(directory)
     if verify:
@@ -175,6 +198,7 @@ def load_index(directory: str | os.PathLike, *, verify: bool = False) -> Index:
     paths = table.column("path").combine_chunks() if "path" in table.column_names else None
     labels = np.load(directory / LABELS, mmap_mode="r") if LABELS in manifest["files"] else None
     if len(keys) != n or (labels is not None and labels.shape[0] != n):
-        raise NotAnIndex(f"{directory}: {len(keys)} keys and {None if labels is None else labels.shape[0]} label rows for {n} codes")
+        raise NotAnIndex(
+            f"{directory}: {len(keys)} keys and {None if labels is None else labels.shape[0]} label rows for {n} codes"
+        )
     return Index(directory, manifest, codes, keys, labels, paths)
-

@@ -10,7 +10,13 @@ from typing import Any
 
 from .errors import ConfigError
 
-__all__ = ["as_declared", "check_hyperparameters", "declared_hyperparameters", "method_names", "tunable_hyperparameters"]
+__all__ = [
+    "as_declared",
+    "check_hyperparameters",
+    "declared_hyperparameters",
+    "method_names",
+    "tunable_hyperparameters",
+]
 
 
 def method_names() -> tuple[str, ...]:
@@ -60,7 +66,9 @@ def check_hyperparameters(method: str, values: Mapping[str, Any], where: str) ->
     defaults, choices = cls.defaults, cls.choices
     for key, value in values.items():
         if key not in defaults:
-            raise ConfigError(f"{where}.{key}: {method} has no hyper-parameter {key!r} (it has: {', '.join(sorted(defaults))})")
+            raise ConfigError(
+                f"{where}.{key}: {method} has no hyper-parameter {key!r} (it has: {', '.join(sorted(defaults))})"
+            )
         if value is None:
             continue
         types, noun = _kind(defaults[key])

@@ -38,7 +38,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--dataset", required=True, help="dataset name from params.yaml")
     parser.add_argument("--bits", type=int, required=True, help="code length of the training")
-    parser.add_argument("--method", metavar="NAME", help="a method (dpfah, dsh, hashnet, ...) or a variant of params.yaml (default: train.method)")
+    parser.add_argument(
+        "--method",
+        metavar="NAME",
+        help="a method (dpfah, dsh, hashnet, ...) or a variant of params.yaml (default: train.method)",
+    )
     add_config_args(parser)
     return parser
 
@@ -48,7 +52,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     params = config_from_args(args)
     recipe = resolve(params, args.dataset, args.bits, args.method)
     path = write(recipe, args.dataset, args.bits)
-    shown = ", ".join(f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}" for k, v in recipe.hparams.items()) or "its defaults"
+    shown = (
+        ", ".join(f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}" for k, v in recipe.hparams.items())
+        or "its defaults"
+    )
     what = recipe.entry if recipe.entry == recipe.method else f"{recipe.entry} ({recipe.method})"
     print(f"{args.dataset} {args.bits} bits, {what}: {shown} (from {recipe.source['weights_from']}); wrote {path}")
     return 0

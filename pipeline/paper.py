@@ -30,7 +30,8 @@ _DATASETS = ("cifar10", "nuswide21", "imagenet100")
 
 #: TABLE6[dataset][method][bits] = the paper's mAP (methods by their dpfah.methods names).
 TABLE6: dict[str, dict[str, dict[int, float]]] = {
-    d: {m: dict(zip(_BITS, map(float, row.split()[4 * i : 4 * i + 4]))) for m, row in _ROWS.items()} for i, d in enumerate(_DATASETS)
+    d: {m: dict(zip(_BITS, map(float, row.split()[4 * i : 4 * i + 4]))) for m, row in _ROWS.items()}
+    for i, d in enumerate(_DATASETS)
 }
 
 #: Table 5 (CIFAR-10, 48 bits), by the variant names of params.yaml.

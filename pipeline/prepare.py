@@ -164,7 +164,9 @@ def _list_identity(path: Path, given: str, entries: int) -> dict[str, Any]:
     return {"path": given, "lines": entries, "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
 
 
-def _read_lists(named: dict[str, str], name: str, num_classes: int, bad: BadInput) -> tuple[dict[str, list], dict[str, Any]]:
+def _read_lists(
+    named: dict[str, str], name: str, num_classes: int, bad: BadInput
+) -> tuple[dict[str, list], dict[str, Any]]:
     entries, identity = {}, {}
     for attr, given in named.items():
         path = Path(given).expanduser()
@@ -173,7 +175,9 @@ def _read_lists(named: dict[str, str], name: str, num_classes: int, bad: BadInpu
     return entries, identity
 
 
-def _merge_lists(entries: dict[str, list], bad: BadInput) -> tuple[list[str], np.ndarray, list[str], dict[str, np.ndarray]]:
+def _merge_lists(
+    entries: dict[str, list], bad: BadInput
+) -> tuple[list[str], np.ndarray, list[str], dict[str, np.ndarray]]:
     """Union of the lists' images (sorted), their labels, where each was first listed, and
     each list as ids. An image listed twice with different labels is a bad item."""
     first: dict[str, Any] = {}
@@ -188,7 +192,9 @@ def _merge_lists(entries: dict[str, list], bad: BadInput) -> tuple[list[str], np
     pos = {r: i for i, r in enumerate(refs)}
     labels = np.stack([first[r].labels for r in refs]) if refs else np.zeros((0, 0), np.uint8)
     listed = [first[r].where for r in refs]
-    ids = {k: np.array(sorted(pos[e.ref] for e in items if e.ref in pos), dtype=np.int64) for k, items in entries.items()}
+    ids = {
+        k: np.array(sorted(pos[e.ref] for e in items if e.ref in pos), dtype=np.int64) for k, items in entries.items()
+    }
     return refs, labels, listed, ids
 
 
@@ -200,7 +206,12 @@ def _class_names(cfg, num_classes: int) -> list[str]:
 
 
 def _lists_catalog(cfg: ListsDataset, name: str, bad: BadInput, progress: bool | None) -> Catalog:
-    images = _required(cfg, name, "images", f"give the image root the list paths are relative to, e.g. --set datasets.{name}.images=/data/{name}")
+    images = _required(
+        cfg,
+        name,
+        "images",
+        f"give the image root the list paths are relative to, e.g. --set datasets.{name}.images=/data/{name}",
+    )
     named = {
         "query_list": _required(cfg, name, "query_list", "give the query list file"),
         "train_list": _required(cfg, name, "train_list", "give the training list file"),
@@ -233,7 +244,12 @@ def _lists_catalog(cfg: ListsDataset, name: str, bad: BadInput, progress: bool |
 
 
 def _custom_catalog(cfg: CustomDataset, name: str, bad: BadInput, progress: bool | None) -> Catalog:
-    images = _required(cfg, name, "images", f"give the image folder (one folder per class) or root of labels_list, e.g. --set datasets.{name}.images=/data/{name}")
+    images = _required(
+        cfg,
+        name,
+        "images",
+        f"give the image folder (one folder per class) or root of labels_list, e.g. --set datasets.{name}.images=/data/{name}",
+    )
     source = _source(images, f"datasets.{name}.images", allow_cifar10=False, progress=progress)
     if cfg.labels_list is None:
         return _folder_catalog(source)
@@ -285,7 +301,9 @@ def _image_problem(source: ImageSource, ref: str) -> tuple[str | None, str | Non
         return str(e), None
 
 
-def check_images(catalog: Catalog, ids: np.ndarray, bad: BadInput, progress: bool | None, desc: str) -> tuple[np.ndarray, dict[int, str]]:
+def check_images(
+    catalog: Catalog, ids: np.ndarray, bad: BadInput, progress: bool | None, desc: str
+) -> tuple[np.ndarray, dict[int, str]]:
     """Usable-image mask over the catalog (every image in ``ids`` read and decoded), and the
     images to store converted to RGB PNG (id -> why): those the training decoder would not
     read to PIL's pixels (dpfah.data.conversion_reason)."""
@@ -293,7 +311,9 @@ def check_images(catalog: Catalog, ids: np.ndarray, bad: BadInput, progress: boo
     convert: dict[int, str] = {}
     refs = [catalog.refs[i] for i in ids]
     results = _ordered_map(lambda ref: _image_problem(catalog.source, ref), refs, _THREADS)
-    for i, (problem, conversion) in tqdm(zip(ids, results), total=len(ids), desc=desc, unit="img", disable=progress is False or None):
+    for i, (problem, conversion) in tqdm(
+        zip(ids, results), total=len(ids), desc=desc, unit="img", disable=progress is False or None
+    ):
         if problem is None:
             ok[i] = True
             if conversion is not None:
@@ -308,10 +328,14 @@ def check_images(catalog: Catalog, ids: np.ndarray, bad: BadInput, progress: boo
 
 def _rng(seed: int, *words: str) -> np.random.Generator:
     """A generator for one purpose: the same (seed, words) always give the same stream."""
-    return np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, *(zlib.crc32(w.encode()) for w in words)])))
+    return np.random.Generator(
+        np.random.PCG64(np.random.SeedSequence([seed, *(zlib.crc32(w.encode()) for w in words)]))
+    )
 
 
-def _per_class(labels: np.ndarray, available: np.ndarray, count: int, seed: int, purpose: str, classes: list[str], what: str) -> np.ndarray:
+def _per_class(
+    labels: np.ndarray, available: np.ndarray, count: int, seed: int, purpose: str, classes: list[str], what: str
+) -> np.ndarray:
     """``count`` images of each class (in class order, without replacement across classes)."""
     available = available.copy()
     picked = []
@@ -325,13 +349,17 @@ def _per_class(labels: np.ndarray, available: np.ndarray, count: int, seed: int,
     return np.sort(np.concatenate(picked)) if picked else np.zeros(0, np.int64)
 
 
-def _validation(pool: np.ndarray, labels: np.ndarray, size: int, seed: int, classes: list[str], multi_label: bool, key: str):
+def _validation(
+    pool: np.ndarray, labels: np.ndarray, size: int, seed: int, classes: list[str], multi_label: bool, key: str
+):
     """(train, validation) ids: ``size`` images carved from the training pool, spread
     evenly over the classes present for single-label data."""
     if size == 0:
         return pool, np.zeros(0, np.int64)
     if size >= pool.size:
-        raise ConfigError(f"{key}: {size} validation images from a training pool of {pool.size} leaves no training image")
+        raise ConfigError(
+            f"{key}: {size} validation images from a training pool of {pool.size} leaves no training image"
+        )
     if multi_label:
         val = pool[_rng(seed, "validation").permutation(pool.size)[:size]]
     else:
@@ -374,7 +402,9 @@ def assign_splits(cfg: DatasetConfig, catalog: Catalog, ok: np.ndarray, seed: in
         if not with_train:
             rest[pool] = False
         database = np.flatnonzero(rest)
-    train, validation = _validation(pool, labels, cfg.validation, seed, catalog.classes, multi_label, f"datasets.{name}.validation")
+    train, validation = _validation(
+        pool, labels, cfg.validation, seed, catalog.classes, multi_label, f"datasets.{name}.validation"
+    )
     splits = {"train": train, "validation": validation, "query": query, "database": database}
     for split in ("train", "query", "database"):
         if splits[split].size == 0:
@@ -418,7 +448,9 @@ def _clean_stale(parent: Path, name: str) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def _write_split(out: Path, split: str, ids: np.ndarray, catalog: Catalog, shard_size: int, bar, convert: dict[int, str]) -> SplitInfo:
+def _write_split(
+    out: Path, split: str, ids: np.ndarray, catalog: Catalog, shard_size: int, bar, convert: dict[int, str]
+) -> SplitInfo:
     source = catalog.source
 
     def read(i: int) -> tuple[bytes, str]:
@@ -469,7 +501,9 @@ def prepare(params: Params, name: str, *, progress: bool | None = None) -> Prepa
     ``progress``: None shows bars on a terminal, False never."""
     cfg = params.dataset(name)
     if "://" in params.data.root:
-        raise ConfigError(f"data.root: {params.data.root}: prepare writes to a local directory (a URL is not supported yet)")
+        raise ConfigError(
+            f"data.root: {params.data.root}: prepare writes to a local directory (a URL is not supported yet)"
+        )
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()
     bad = BadInput(cfg.on_bad_image, f"datasets.{name}")
@@ -481,7 +515,9 @@ def prepare(params: Params, name: str, *, progress: bool | None = None) -> Prepa
     if catalog.source.generated:
         ok = np.ones(len(catalog.refs), dtype=bool)
     else:
-        wanted = np.unique(np.concatenate(list(catalog.fixed.values()))) if catalog.fixed else np.arange(len(catalog.refs))
+        wanted = (
+            np.unique(np.concatenate(list(catalog.fixed.values()))) if catalog.fixed else np.arange(len(catalog.refs))
+        )
         ok, convert = check_images(catalog, wanted, bad, progress, f"{name}: checking")
     seconds["check_images"] = time.perf_counter() - t
 
@@ -525,7 +561,10 @@ def _manifest(cfg, params, name, catalog, splits, infos, bad, convert, work) -> 
     members = {s: set(ids.tolist()) for s, ids in splits.items()}
     protocol = cfg.protocol
     stored = set().union(*members.values())
-    converted = sorted(({"where": catalog.where(i), "reason": why} for i, why in convert.items() if i in stored), key=lambda d: d["where"])
+    converted = sorted(
+        ({"where": catalog.where(i), "reason": why} for i, why in convert.items() if i in stored),
+        key=lambda d: d["where"],
+    )
     # Only when there are any: a dataset with nothing to convert keeps the manifest (and so
     # the identity, manifest_sha256) it had before conversions existed.
     extra = {"converted": {"count": len(converted), "to": "png (8-bit RGB)", "items": converted}} if converted else {}
@@ -550,7 +589,13 @@ def _manifest(cfg, params, name, catalog, splits, infos, bad, convert, work) -> 
         },
         "overlap": {
             f"{a}_in_{b}": len(members[a] & members[b])
-            for a, b in (("train", "database"), ("validation", "database"), ("query", "database"), ("query", "train"), ("query", "validation"))
+            for a, b in (
+                ("train", "database"),
+                ("validation", "database"),
+                ("query", "database"),
+                ("query", "train"),
+                ("query", "validation"),
+            )
         },
         "skipped": {"count": len(bad.items), "items": sorted(bad.items, key=lambda d: (d["where"], d["reason"]))},
         "table": {"file": TABLE_FILE, "sha256": _sha256(work / TABLE_FILE)},
@@ -601,7 +646,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if "converted" in m:
             skipped += f", {m['converted']['count']} stored converted to PNG (see manifest)"
         rate = result.images_written / result.seconds["total"]
-        print(f"{name} ({m['protocol']}, seed {m['seed']}): {counts}{skipped} -> {result.directory} in {result.seconds['total']:.1f} s ({rate:,.0f} img/s)")
+        print(
+            f"{name} ({m['protocol']}, seed {m['seed']}): {counts}{skipped} -> {result.directory} in {result.seconds['total']:.1f} s ({rate:,.0f} img/s)"
+        )
     return 0
 
 

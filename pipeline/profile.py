@@ -36,7 +36,9 @@ def _leaves(overlay: Mapping[str, Any], prefix: str = "") -> Iterator[tuple[str,
             yield dotted, value
 
 
-def apply_profile(name: str, params_path: str | Path = DEFAULT_PARAMS, *, dry_run: bool = False) -> list[tuple[str, Any, Any]]:
+def apply_profile(
+    name: str, params_path: str | Path = DEFAULT_PARAMS, *, dry_run: bool = False
+) -> list[tuple[str, Any, Any]]:
     """Set every value of profile ``name`` in ``params_path`` (comments kept); returns the
     ``(dotted key, old, new)`` of the values that changed."""
     from ruamel.yaml import YAML
@@ -99,7 +101,12 @@ def build_parser() -> argparse.ArgumentParser:
         "tracks the profile's values: e.g. `python -m pipeline.profile paper && dvc exp run`.",
     )
     parser.add_argument("name", help="profile name: profiles/NAME.yaml beside the parameters file (e.g. paper)")
-    parser.add_argument("--params", metavar="FILE", default=DEFAULT_PARAMS, help=f"parameters file to update (default: {DEFAULT_PARAMS})")
+    parser.add_argument(
+        "--params",
+        metavar="FILE",
+        default=DEFAULT_PARAMS,
+        help=f"parameters file to update (default: {DEFAULT_PARAMS})",
+    )
     parser.add_argument("--dry-run", action="store_true", help="print what would change, write nothing")
     return parser
 

@@ -44,9 +44,18 @@ from typing import Any
 
 from .artifacts import DEFAULT_METHOD, evaluation_file, metric_values, metrics_file, promotion_file, write_json_atomic
 from .config import Params, add_config_args, config_from_args
-from .errors import PipelineError, run_main
-from .registry import EVAL_COMPLETE_TAG, EVAL_ID_TAG, MismatchError, check_training_run, load_checked_model, model_name, read_run_record, run_model_uri
 from .console import quiet_libraries, stderr_muted
+from .errors import PipelineError, run_main
+from .registry import (
+    EVAL_COMPLETE_TAG,
+    EVAL_ID_TAG,
+    MismatchError,
+    check_training_run,
+    load_checked_model,
+    model_name,
+    read_run_record,
+    run_model_uri,
+)
 from .timing import record, span
 from .tracking import connect, get_run, mlflow_errors, sqlite_path, tracking_uri, using_tracking_uri
 
@@ -103,7 +112,9 @@ def _read_evaluation(dataset: str, bits: int, root, which: dict[str, Any]) -> tu
     try:
         doc = json.loads(path.read_text())
     except FileNotFoundError:
-        raise EvaluationMissing(f"{path}: no evaluation record (run python -m pipeline.evaluate --dataset {dataset} --bits {bits} first)") from None
+        raise EvaluationMissing(
+            f"{path}: no evaluation record (run python -m pipeline.evaluate --dataset {dataset} --bits {bits} first)"
+        ) from None
     except (OSError, json.JSONDecodeError) as e:
         raise EvaluationMissing(f"{path}: unreadable evaluation record ({type(e).__name__}: {e})") from None
     if not isinstance(doc, dict) or "run_id" not in doc:
@@ -128,7 +139,10 @@ def _find_version(client, name: str, run_id: str):
         if e.error_code != "RESOURCE_DOES_NOT_EXIST":
             raise
         try:
-            client.create_registered_model(name, description="Hashing models (uint8 images in, binary codes out), one version per promoted training; the alias (champion) marks the best by query mAP")
+            client.create_registered_model(
+                name,
+                description="Hashing models (uint8 images in, binary codes out), one version per promoted training; the alias (champion) marks the best by query mAP",
+            )
         except MlflowException as e2:
             if e2.error_code != "RESOURCE_ALREADY_EXISTS":
                 raise
@@ -137,7 +151,18 @@ def _find_version(client, name: str, run_id: str):
     return min(found, key=lambda v: int(v.version)) if found else None
 
 
-def _decide(client, name: str, version: int | None, run_id: str, value: float, holder: int | None, metric: str, map_at, sha: str, uri: str):
+def _decide(
+    client,
+    name: str,
+    version: int | None,
+    run_id: str,
+    value: float,
+    holder: int | None,
+    metric: str,
+    map_at,
+    sha: str,
+    uri: str,
+):
     """(decision, previous holder or None) for the candidate against the alias's holder."""
     if holder is not None and holder == version:
         return "unchanged", {"version": version, "run_id": run_id, "value": value}
@@ -162,7 +187,9 @@ def _decide(client, name: str, version: int | None, run_id: str, value: float, h
     return ("promoted" if value > champ_value else "kept"), previous
 
 
-def _from_dvc_files(dataset: str, bits: int, root, map_at, metric: str, which: dict[str, Any]) -> tuple[dict[str, Any], str, dict[str, Any]]:
+def _from_dvc_files(
+    dataset: str, bits: int, root, map_at, metric: str, which: dict[str, Any]
+) -> tuple[dict[str, Any], str, dict[str, Any]]:
     """(run record, where it is, metrics file): the DVC way, where the two must agree."""
     record, record_path = read_run_record(dataset, bits, root, **which)
     run_id = record["run_id"]
@@ -175,15 +202,21 @@ def _from_dvc_files(dataset: str, bits: int, root, map_at, metric: str, which: d
             f"(evaluate that run first: python -m pipeline.evaluate --dataset {dataset} --bits {bits})"
         )
     if (doc.get("dataset"), doc.get("bits")) != (dataset, bits):
-        raise MismatchError(f"{doc_path}: evaluation of {doc.get('dataset')!r} at {doc.get('bits')} bits, not {dataset!r} at {bits}")
+        raise MismatchError(
+            f"{doc_path}: evaluation of {doc.get('dataset')!r} at {doc.get('bits')} bits, not {dataset!r} at {bits}"
+        )
     if doc.get("map_at") != map_at:
-        raise MismatchError(f"{doc_path}: evaluated at mAP@{doc.get('map_at')} but evaluate.map_at gives mAP@{map_at} now: re-run evaluate")
+        raise MismatchError(
+            f"{doc_path}: evaluated at mAP@{doc.get('map_at')} but evaluate.map_at gives mAP@{map_at} now: re-run evaluate"
+        )
     if metric not in doc:
         raise EvaluationMissing(f"{doc_path}: no {metric}")
     return record, str(record_path), doc
 
 
-def _evaluated_value(run, doc, dataset: str, bits: int, root, metric: str, map_at, source: str, by_id: bool, which: dict[str, Any]) -> tuple[float, str]:
+def _evaluated_value(
+    run, doc, dataset: str, bits: int, root, metric: str, map_at, source: str, by_id: bool, which: dict[str, Any]
+) -> tuple[float, str]:
     """(the run's ``metric``, the shards' sha256 it was measured on), checked to be the
     evaluation of this run on the data it was trained on, as the metrics file says, and
     complete: its ``eval.complete`` marker, written last by evaluate, names its ``eval.id``."""
@@ -213,10 +246,14 @@ def _evaluated_value(run, doc, dataset: str, bits: int, root, metric: str, map_a
             f"{value!r} (another evaluation was logged since): re-run evaluate"
         )
     if tags.get("eval.map_at") != str(map_at):
-        raise MismatchError(f"MLflow run {run_id} was evaluated at mAP@{tags.get('eval.map_at')}, but evaluate.map_at gives mAP@{map_at}: re-run evaluate")
+        raise MismatchError(
+            f"MLflow run {run_id} was evaluated at mAP@{tags.get('eval.map_at')}, but evaluate.map_at gives mAP@{map_at}: re-run evaluate"
+        )
     sha = tags.get("eval.manifest_sha256", "")
     if sha != tags.get("manifest_sha256"):
-        raise MismatchError(f"MLflow run {run_id} was evaluated on other shards ({sha[:12]}) than it was trained on: re-run evaluate")
+        raise MismatchError(
+            f"MLflow run {run_id} was evaluated on other shards ({sha[:12]}) than it was trained on: re-run evaluate"
+        )
     return value, sha
 
 
@@ -254,13 +291,30 @@ def promote(
         quiet_libraries()  # MLflow's "Registered model ... already exists" and the like: ours says what happened
         run = get_run(client, run_id, uri, source)
     check_training_run(run, dataset, bits, source)
-    value, sha = _evaluated_value(run, doc, dataset, bits, root, metric, map_at, source, by_id=record is None, which=which)
+    value, sha = _evaluated_value(
+        run, doc, dataset, bits, root, metric, map_at, source, by_id=record is None, which=which
+    )
     tags = run.data.tags
     model_uri = run_model_uri(client, run, uri, record.get("model_uri") if record else None)
     with span("mlflow: load the model, check its weights"):
         load_checked_model(model_uri, run_id, uri)  # NaN or inf anywhere: refused, nothing registered
     with span("mlflow: register, decide, tag"), promotion_lock(client, uri, name):
-        out, version, registered, moved = _register_and_decide(client, uri, name, alias, metric, map_at, run_id, value, sha, tags, model_uri, dataset, bits, run.data.metrics)
+        out, version, registered, moved = _register_and_decide(
+            client,
+            uri,
+            name,
+            alias,
+            metric,
+            map_at,
+            run_id,
+            value,
+            sha,
+            tags,
+            model_uri,
+            dataset,
+            bits,
+            run.data.metrics,
+        )
     path = write_json_atomic(promotion_file(dataset, bits, root, **which), out)
     return Promotion(out, path, registered, moved)
 
@@ -270,7 +324,9 @@ def _rounded(value: float) -> str:
     return repr(round(float(value), 4))
 
 
-def _version_description(metrics: dict[str, float], tags: dict[str, str], dataset: str, bits: int, map_at, run_id: str) -> str:
+def _version_description(
+    metrics: dict[str, float], tags: dict[str, str], dataset: str, bits: int, map_at, run_id: str
+) -> str:
     """What a model version is, in the registry's words (Markdown): the data, the query
     metrics, where its figures are."""
     radius = tags.get("eval.radius", "2")
@@ -278,7 +334,11 @@ def _version_description(metrics: dict[str, float], tags: dict[str, str], datase
     def number(key: str) -> str:
         return f"{metrics[key]:.4f}" if key in metrics else "not measured"
 
-    empty = f" ({metrics['query_empty_ball_share']:.0%} of queries with an empty ball)" if "query_empty_ball_share" in metrics else ""
+    empty = (
+        f" ({metrics['query_empty_ball_share']:.0%} of queries with an empty ball)"
+        if "query_empty_ball_share" in metrics
+        else ""
+    )
     return (
         f"**{tags.get('method', 'dpfah')}** on **{dataset}** (protocol {tags.get('protocol', '?')}, shards {tags.get('manifest_sha256', '?')[:12]}), "
         f"**{bits} bits**.\n\n"
@@ -286,11 +346,13 @@ def _version_description(metrics: dict[str, float], tags: dict[str, str], datase
         f"P@H<={radius}: **{number('query_precision_within_radius')}**{empty}.\n\n"
         f"Figures (PR curves, P@N, top-k retrieval grid), curve data and packed codes: artifacts `evaluation/` of run `{run_id}` "
         f"(`evaluation/pr_curves.png`, `evaluation/p_at_n.png`, `evaluation/retrieval_grid.png`).\n\n"
-        f"Input: uint8 RGB images (N, H, W, 3); output: int8 codes (N, {bits}) in {{-1, +1}} (docs/serving.md, \"The logged model\")."
+        f'Input: uint8 RGB images (N, H, W, 3); output: int8 codes (N, {bits}) in {{-1, +1}} (docs/serving.md, "The logged model").'
     )
 
 
-def _register_and_decide(client, uri, name, alias, metric, map_at, run_id, value, sha, tags, model_uri, dataset, bits, run_metrics):
+def _register_and_decide(
+    client, uri, name, alias, metric, map_at, run_id, value, sha, tags, model_uri, dataset, bits, run_metrics
+):
     """Register the run's model once and move the alias when it wins; the record, the
     version, whether a version was created, whether the alias moved."""
     import mlflow
@@ -326,9 +388,17 @@ def _register_and_decide(client, uri, name, alias, metric, map_at, run_id, value
             decision, previous = _decide(client, name, version, run_id, value, holder, metric, map_at, sha, uri)
             if version is None:
                 with using_tracking_uri(uri), stderr_muted():  # our own line says what happened
-                    version = int(mlflow.register_model(model_uri, name, tags={k: v for k, v in version_tags.items() if v}).version)
+                    version = int(
+                        mlflow.register_model(
+                            model_uri, name, tags={k: v for k, v in version_tags.items() if v}
+                        ).version
+                    )
                 registered = True
-                client.update_model_version(name, str(version), description=_version_description(run_metrics, tags, dataset, bits, map_at, run_id))
+                client.update_model_version(
+                    name,
+                    str(version),
+                    description=_version_description(run_metrics, tags, dataset, bits, map_at, run_id),
+                )
             if decision == "promoted":
                 client.set_registered_model_alias(name, alias, str(version))
                 moved = True
@@ -336,7 +406,11 @@ def _register_and_decide(client, uri, name, alias, metric, map_at, run_id, value
                 if holder != version:  # a better one took it meanwhile (outside any lock of ours)
                     decision, moved = "kept", False
                     champion = client.get_model_version(name, str(holder))
-                    previous = {"version": holder, "run_id": champion.run_id, "value": get_run(client, champion.run_id, uri).data.metrics.get(metric)}
+                    previous = {
+                        "version": holder,
+                        "run_id": champion.run_id,
+                        "value": get_run(client, champion.run_id, uri).data.metrics.get(metric),
+                    }
             out = {
                 "dataset": dataset,
                 "bits": bits,
@@ -415,7 +489,9 @@ def _file_lock(path: str, uri: str):
                 break
             except BlockingIOError:
                 if time.monotonic() - start > LOCK_WAIT_S:
-                    raise LockTimeout(f"{path}: another promotion into {uri} has held this lock for over {LOCK_WAIT_S:g} s; try again when it ends") from None
+                    raise LockTimeout(
+                        f"{path}: another promotion into {uri} has held this lock for over {LOCK_WAIT_S:g} s; try again when it ends"
+                    ) from None
                 announced = _waiting(start, announced, f"another promotion into {uri} (lock {path})")
                 time.sleep(0.05)
         yield
@@ -433,7 +509,11 @@ def _registry_lock(client, uri: str, name: str):
     with mlflow_errors(f"taking the promotion lock {lock}", uri):
         while True:
             try:
-                client.create_registered_model(lock, tags={"owner": owner}, description=f"held by pipeline.promote while it promotes into {name}; removed when it ends")
+                client.create_registered_model(
+                    lock,
+                    tags={"owner": owner},
+                    description=f"held by pipeline.promote while it promotes into {name}; removed when it ends",
+                )
                 break
             except MlflowException as e:
                 # A server on SQLite may answer a contended write with a transient error
@@ -441,7 +521,10 @@ def _registry_lock(client, uri: str, name: str):
                 # exist": the name was taken when MLflow's SQL store tried to insert it and gone
                 # when it read the holder back to word its "already exists" error; the read
                 # below finds it released (or taken again) as well.
-                if e.error_code not in ("RESOURCE_ALREADY_EXISTS", "RESOURCE_DOES_NOT_EXIST", *TRANSIENT) or time.monotonic() - start > LOCK_WAIT_S:
+                if (
+                    e.error_code not in ("RESOURCE_ALREADY_EXISTS", "RESOURCE_DOES_NOT_EXIST", *TRANSIENT)
+                    or time.monotonic() - start > LOCK_WAIT_S
+                ):
                     raise
             try:
                 held = client.get_registered_model(lock)
@@ -457,12 +540,20 @@ def _registry_lock(client, uri: str, name: str):
             if seen is None or seen[0] != held.creation_timestamp:
                 seen = (held.creation_timestamp, time.monotonic())
             elif time.monotonic() - seen[1] > LOCK_WAIT_S:
-                print(f"promote: taking over {lock} at {uri}, held by {(held.tags or {}).get('owner', '?')} for over {LOCK_WAIT_S:g} s", file=sys.stderr, flush=True)
+                print(
+                    f"promote: taking over {lock} at {uri}, held by {(held.tags or {}).get('owner', '?')} for over {LOCK_WAIT_S:g} s",
+                    file=sys.stderr,
+                    flush=True,
+                )
                 with contextlib.suppress(MlflowException):
                     client.delete_registered_model(lock)
                 seen = None
                 continue
-            announced = _waiting(start, announced, f"another promotion into {name} at {uri} ({lock} held by {(held.tags or {}).get('owner', '?')})")
+            announced = _waiting(
+                start,
+                announced,
+                f"another promotion into {name} at {uri} ({lock} held by {(held.tags or {}).get('owner', '?')})",
+            )
             time.sleep(0.1 + 0.2 * random.random())
     try:
         yield
@@ -519,8 +610,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--dataset", required=True, metavar="NAME", help="dataset name from params.yaml")
     parser.add_argument("--bits", type=int, required=True, metavar="L", help="code length of the model")
-    parser.add_argument("--method", metavar="NAME", default=DEFAULT_METHOD, help="the method or variant trained (names the files and, by default, the registered model; default: dpfah)")
-    parser.add_argument("--seed", type=int, metavar="N", help="the training seed (names the files; default: params.yaml's seed)")
+    parser.add_argument(
+        "--method",
+        metavar="NAME",
+        default=DEFAULT_METHOD,
+        help="the method or variant trained (names the files and, by default, the registered model; default: dpfah)",
+    )
+    parser.add_argument(
+        "--seed", type=int, metavar="N", help="the training seed (names the files; default: params.yaml's seed)"
+    )
     parser.add_argument(
         "--run-id",
         metavar="ID",
@@ -537,9 +635,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     result = promote(params, args.dataset, args.bits, run_id=args.run_id, method=args.method, seed=args.seed)
     r = result.record
     prev = r["previous"]
-    versus = f"version {prev['version']} has {prev['value']:.4f}" if prev and prev.get("value") is not None else "no champion before"
+    versus = (
+        f"version {prev['version']} has {prev['value']:.4f}"
+        if prev and prev.get("value") is not None
+        else "no champion before"
+    )
     what = {
-        "promoted": f"{r['alias']} -> version {r['version']}" if result.moved else f"{r['alias']} on version {r['version']} (decided before)",
+        "promoted": f"{r['alias']} -> version {r['version']}"
+        if result.moved
+        else f"{r['alias']} on version {r['version']} (decided before)",
         "kept": f"{r['alias']} stays on version {r['alias_version']}",
         "unchanged": f"version {r['version']} already holds {r['alias']}",
     }[r["decision"]]

@@ -63,7 +63,9 @@ def tuned(dataset: str, bits: int, root: str | os.PathLike = ".") -> tuple[str, 
     return method, knobs, source
 
 
-def resolve(params: Params, dataset: str, bits: int, method: str | None = None, root: str | os.PathLike = ".") -> Recipe:
+def resolve(
+    params: Params, dataset: str, bits: int, method: str | None = None, root: str | os.PathLike = "."
+) -> Recipe:
     """The recipe of ``method`` (default: train.method; a method or a variant) for
     ``dataset`` at ``bits``: the method's `objectives.<method>` (a null keeps its default),
     with use_tuned and a search over that method its searched knobs from the search, then a
@@ -72,7 +74,9 @@ def resolve(params: Params, dataset: str, bits: int, method: str | None = None, 
     params.dataset(dataset)
     variant = params.variants.get(entry)
     if variant is None and entry not in method_names():
-        raise ConfigError(f"--method {entry}: unknown method or variant (methods: {', '.join(method_names())}; variants: {', '.join(params.variants) or 'none'})")
+        raise ConfigError(
+            f"--method {entry}: unknown method or variant (methods: {', '.join(method_names())}; variants: {', '.join(params.variants) or 'none'})"
+        )
     base = variant.method if variant else entry
     hparams, source = dict(params.objectives.get(base, {})), {"weights_from": "params"}
     if params.use_tuned:
@@ -81,7 +85,10 @@ def resolve(params: Params, dataset: str, bits: int, method: str | None = None, 
             hparams.update(knobs)
             source = {"weights_from": "tune", **tuned_source}
         else:
-            print(f"note: use_tuned: {tuned_source['tuned_from']} is a search over {searched}'s knobs; {entry} keeps objectives.{base}", file=sys.stderr)
+            print(
+                f"note: use_tuned: {tuned_source['tuned_from']} is a search over {searched}'s knobs; {entry} keeps objectives.{base}",
+                file=sys.stderr,
+            )
     if variant is not None:
         hparams.update(variant.objective)
         source = {**source, "variant": entry}
@@ -101,9 +108,19 @@ def read(path: str | os.PathLike, dataset: str, bits: int) -> Recipe:
     try:
         doc: dict[str, Any] = json.loads(path.read_text())
         if (doc["dataset"], doc["bits"]) != (dataset, bits):
-            raise ConfigError(f"{path}: the objective of {doc['dataset']!r} at {doc['bits']} bits, not {dataset!r} at {bits}")
-        return Recipe(doc["entry"], doc["method"], dict(doc["hparams"]), dict(doc["model"]), {k: str(v) for k, v in doc.get("source", {}).items()})
+            raise ConfigError(
+                f"{path}: the objective of {doc['dataset']!r} at {doc['bits']} bits, not {dataset!r} at {bits}"
+            )
+        return Recipe(
+            doc["entry"],
+            doc["method"],
+            dict(doc["hparams"]),
+            dict(doc["model"]),
+            {k: str(v) for k, v in doc.get("source", {}).items()},
+        )
     except FileNotFoundError:
-        raise ConfigError(f"{path}: not found (python -m pipeline.objective --dataset {dataset} --bits {bits} writes it)") from None
+        raise ConfigError(
+            f"{path}: not found (python -m pipeline.objective --dataset {dataset} --bits {bits} writes it)"
+        ) from None
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ConfigError(f"{path}: not an objective file ({type(e).__name__}: {e})") from None

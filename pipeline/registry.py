@@ -121,7 +121,9 @@ def check_training_run(run, dataset: str, bits: int, source: str) -> None:
     run_id = run.info.run_id
     params = run.data.params
     if run.info.status != "FINISHED":
-        raise MismatchError(f"MLflow run {run_id} (from {source}) is {run.info.status}, not FINISHED: its training did not complete")
+        raise MismatchError(
+            f"MLflow run {run_id} (from {source}) is {run.info.status}, not FINISHED: its training did not complete"
+        )
     trained = (params.get("dataset"), params.get("bits"))
     if trained[0] is None or trained[1] is None:
         raise MismatchError(f"MLflow run {run_id} (from {source}) has no dataset/bits params: not a pipeline.train run")
@@ -140,7 +142,9 @@ def run_model_uri(client, run, uri: str, record_uri: str | None = None) -> str:
             if record_uri.startswith("models:/m-"):
                 model = client.get_logged_model(record_uri[len("models:/") :])
                 if model.source_run_id != run_id:
-                    raise MismatchError(f"model {record_uri} was logged by run {model.source_run_id}, not by run {run_id}")
+                    raise MismatchError(
+                        f"model {record_uri} was logged by run {model.source_run_id}, not by run {run_id}"
+                    )
             return record_uri
         outputs = getattr(run, "outputs", None)
         candidates = [client.get_logged_model(o.model_id) for o in (outputs.model_outputs if outputs else [])]
@@ -183,9 +187,9 @@ def load_checked_model(model_uri: str, run_id: str, uri: str, map_location="cpu"
     have finite weights."""
     import mlflow.pytorch
 
-    from .tracking import using_tracking_uri
-
     from dpfah.encoder import ImageEncoder
+
+    from .tracking import using_tracking_uri
 
     path = list(sys.path)
     with mlflow_errors(f"loading model {model_uri}", uri), using_tracking_uri(uri):
@@ -226,7 +230,9 @@ class Subject:
     device: Any  # torch.device the splits are encoded on
 
 
-def load_subject(params: Params, dataset: str, bits: int, run_id: str | None, root, device, which: dict[str, Any]) -> Subject:
+def load_subject(
+    params: Params, dataset: str, bits: int, run_id: str | None, root, device, which: dict[str, Any]
+) -> Subject:
     """The run of the record (or ``run_id``), checked to be a finished training of this
     dataset and length on these very shards, with its model loaded on ``device``."""
     record: dict[str, Any] | None = None
@@ -250,7 +256,9 @@ def load_subject(params: Params, dataset: str, bits: int, run_id: str | None, ro
             f"MLflow run {run_id} was trained on (sha256 {str(trained_on)[:12]}): re-run train, or point data.root at its data"
         )
     if record is not None and record.get("manifest_sha256") not in (None, sha):
-        raise MismatchError(f"{source}: manifest_sha256 {str(record['manifest_sha256'])[:12]} does not match the shards at {shards} ({sha[:12]})")
+        raise MismatchError(
+            f"{source}: manifest_sha256 {str(record['manifest_sha256'])[:12]} does not match the shards at {shards} ({sha[:12]})"
+        )
 
     model_uri = run_model_uri(client, run, uri, record.get("model_uri") if record else None)
     model = load_checked_model(model_uri, run_id, uri, map_location=device)  # finite weights, or a refusal
@@ -331,7 +339,9 @@ def resolve_model(params: Params, given: str, uri: str | None = None) -> Resolve
             elif m := _LOGGED_URI.match(given):
                 run_id = client.get_logged_model(m.group(1)).source_run_id
             else:
-                raise ConfigError(f"--model {given}: expected models:/<name>@<alias>, models:/<name>/<version> or models:/m-<id>")
+                raise ConfigError(
+                    f"--model {given}: expected models:/<name>@<alias>, models:/<name>/<version> or models:/m-<id>"
+                )
         except MlflowException as e:
             if e.error_code not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND"):
                 raise
@@ -352,6 +362,7 @@ def load_model(resolved: ResolvedModel, device="cpu"):
     """The model of ``resolved``, checked (finite weights, its code length)."""
     model = load_checked_model(resolved.uri, resolved.run_id, resolved.tracking_uri, map_location=device)
     if getattr(model, "bits", None) != resolved.bits:
-        raise MismatchError(f"model {resolved.uri} gives {getattr(model, 'bits', '?')}-bit codes; its run trained {resolved.bits} bits")
+        raise MismatchError(
+            f"model {resolved.uri} gives {getattr(model, 'bits', '?')}-bit codes; its run trained {resolved.bits} bits"
+        )
     return model.eval()
-

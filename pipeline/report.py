@@ -43,7 +43,17 @@ from typing import Any
 import numpy as np
 
 from . import paper
-from .artifacts import DEFAULT_METHOD, metrics_file, not_replaceable, plots_dir, query_codes_file, report_dir, run_file, tune_dir, write_atomic
+from .artifacts import (
+    DEFAULT_METHOD,
+    metrics_file,
+    not_replaceable,
+    plots_dir,
+    query_codes_file,
+    report_dir,
+    run_file,
+    tune_dir,
+    write_atomic,
+)
 from .config import Params, add_config_args, config_from_args
 from .errors import ConfigError, PipelineError, run_main
 
@@ -160,7 +170,11 @@ def collect(params: Params, dataset: str, root: str | os.PathLike = ".") -> list
     missing, members = [], []
     for method, bits, seed in _members(params):
         which = {"method": method, "seed": seed}
-        files = [metrics_file(dataset, bits, root, **which), query_codes_file(dataset, bits, root, **which), run_file(dataset, bits, root, **which)]
+        files = [
+            metrics_file(dataset, bits, root, **which),
+            query_codes_file(dataset, bits, root, **which),
+            run_file(dataset, bits, root, **which),
+        ]
         files += [plots_dir(dataset, bits, root, **which) / f"{name}.csv" for name in CURVES]
         absent = [str(f) for f in files if not f.is_file()]
         if absent:
@@ -172,12 +186,19 @@ def collect(params: Params, dataset: str, root: str | os.PathLike = ".") -> list
             record = json.loads(files[2].read_text())
             curves = {name: _read_csv(f) for name, f in zip(CURVES, files[3:])}
         except (OSError, ValueError, IndexError) as e:
-            raise ReportError(f"(method {method}, {bits} bits, seed {seed}): unreadable input ({type(e).__name__}: {e})") from None
+            raise ReportError(
+                f"(method {method}, {bits} bits, seed {seed}): unreadable input ({type(e).__name__}: {e})"
+            ) from None
         val = record.get("best_val_map")
         members.append(Member(method, bits, seed, doc, curves, files[1], float("nan") if val is None else float(val)))
     if missing:
-        command = f"dvc repro evaluate (or python -m pipeline.evaluate --dataset {dataset} --bits B --method M --seed S)"
-        raise ReportError(f"{len(missing)} of {len(_members(params))} evaluated trainings of {dataset} are missing; run {command}:\n  " + "\n  ".join(missing))
+        command = (
+            f"dvc repro evaluate (or python -m pipeline.evaluate --dataset {dataset} --bits B --method M --seed S)"
+        )
+        raise ReportError(
+            f"{len(missing)} of {len(_members(params))} evaluated trainings of {dataset} are missing; run {command}:\n  "
+            + "\n  ".join(missing)
+        )
     return members
 
 
@@ -193,7 +214,9 @@ def _base_method(params: Params, entry: str) -> str:
     return variant.method if variant is not None else entry
 
 
-def table6(params: Params, dataset: str, members: Sequence[Member]) -> tuple[list[dict[str, Any]], dict[int, str | None]]:
+def table6(
+    params: Params, dataset: str, members: Sequence[Member]
+) -> tuple[list[dict[str, Any]], dict[int, str | None]]:
     """Rows (method, bits, cell, paper value, best mark) and, per code length, the method
     marked best (None: no interval separates the top from the next)."""
     rows, best = [], {}
@@ -201,7 +224,12 @@ def table6(params: Params, dataset: str, members: Sequence[Member]) -> tuple[lis
         cells = {m: interval([metric(x.metrics, MAP_KEY) for x in _by(members, m, bits)]) for m in params.train.methods}
         ranked = sorted(cells, key=lambda m: -cells[m].mean)
         top = ranked[0]
-        separated = len(ranked) > 1 and cells[top].half is not None and cells[ranked[1]].half is not None and cells[top].low > cells[ranked[1]].high
+        separated = (
+            len(ranked) > 1
+            and cells[top].half is not None
+            and cells[ranked[1]].half is not None
+            and cells[top].low > cells[ranked[1]].high
+        )
         best[bits] = top if separated else None
         for m in params.train.methods:
             p = paper.table6_value(dataset, m, bits) if m in paper.TABLE6.get(dataset, {}) else None
@@ -242,9 +270,13 @@ def table5(params: Params, dataset: str, members: Sequence[Member]) -> tuple[int
         rows.append({"row": m, "kind": "mAP", "cell": interval(values), "paper": paper.TABLE5[m] if on_paper else None})
     for step, (a, b) in zip(ABLATION_STEPS, zip(ABLATION, ABLATION[1:])):
         xa, xb = _by(members, a, bits), _by(members, b, bits)
-        diffs = [metric(y.metrics, MAP_KEY) - metric(x.metrics, MAP_KEY) for x, y in zip(xa, xb)]  # same seeds, same order
+        diffs = [
+            metric(y.metrics, MAP_KEY) - metric(x.metrics, MAP_KEY) for x, y in zip(xa, xb)
+        ]  # same seeds, same order
         reference = paper.TABLE5[b] - paper.TABLE5[a] if on_paper else None
-        rows.append({"row": f"{step} ({a} -> {b})", "kind": "paired difference", "cell": interval(diffs), "paper": reference})
+        rows.append(
+            {"row": f"{step} ({a} -> {b})", "kind": "paired difference", "cell": interval(diffs), "paper": reference}
+        )
     return bits, rows
 
 
@@ -293,7 +325,9 @@ def _save(fig, path: Path, text: dict[str, str] | None = None) -> None:
         if labels:
             panels.append(f"{ax.get_title() or 'plot'}: {', '.join(labels)}")
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", metadata={"Curves": " | ".join(panels), "Software": "pipeline.report", **(text or {})})
+    fig.savefig(
+        buf, format="png", metadata={"Curves": " | ".join(panels), "Software": "pipeline.report", **(text or {})}
+    )
     write_atomic(path, buf.getvalue())
 
 
@@ -301,7 +335,12 @@ def _style(params: Params, method: str) -> dict[str, Any]:
     """One look per method in every figure: ten colours, then the same colours dashed;
     DPFAH drawn thicker."""
     i = list(params.train.methods).index(method)
-    return {"label": method, "color": f"C{i % 10}", "linestyle": "-" if i < 10 else "--", "linewidth": 2.2 if method == DEFAULT_METHOD else 1.3}
+    return {
+        "label": method,
+        "color": f"C{i % 10}",
+        "linestyle": "-" if i < 10 else "--",
+        "linewidth": 2.2 if method == DEFAULT_METHOD else 1.3,
+    }
 
 
 def _legend(fig, ax) -> None:
@@ -354,7 +393,9 @@ def figure_p_at_n(params: Params, members: Sequence[Member], bits: int, path: Pa
     for m in params.train.methods:
         x, y = _mean_curve(_by(members, m, bits), "p_at_n")
         ax.plot(x, y, **_style(params, m))
-    ax.set(xlabel="N (top-N returned)", ylabel="precision", title=f"P@N, {dataset}, {bits} bits ({_seeds_note(params)})")
+    ax.set(
+        xlabel="N (top-N returned)", ylabel="precision", title=f"P@N, {dataset}, {bits} bits ({_seeds_note(params)})"
+    )
     _precision_axis(ax)
     ax.grid(alpha=0.3)
     _legend(fig, ax)
@@ -373,7 +414,11 @@ def figure_p_at_h(params: Params, members: Sequence[Member], path: Path, dataset
         errors = [c.half or 0.0 for c in cells]
         ax.errorbar(bits, [c.mean for c in cells], yerr=errors, marker="o", capsize=3, **_style(params, m))
         rows += [[m, b, *_cell_columns(c)] for b, c in zip(bits, cells)]
-    ax.set(xlabel="code length (bits)", ylabel=f"precision within Hamming radius {radius}", title=f"P@H<={radius}, {dataset} ({_seeds_note(params)})")
+    ax.set(
+        xlabel="code length (bits)",
+        ylabel=f"precision within Hamming radius {radius}",
+        title=f"P@H<={radius}, {dataset} ({_seeds_note(params)})",
+    )
     _precision_axis(ax)
     ax.set_xticks(bits)
     ax.grid(alpha=0.3)
@@ -388,7 +433,9 @@ def _query_codes(member: Member) -> tuple[np.ndarray, np.ndarray]:
 
     packed, labels, _, _ = load_codes(member.codes_path)
     # dpfah.codes.unpack_codes' layout (little-endian words, bit i of the code = bit i), without its torch import
-    bits01 = np.unpackbits(packed.astype("<u8").view(np.uint8).reshape(len(packed), -1), axis=1, bitorder="little")[:, : member.bits]
+    bits01 = np.unpackbits(packed.astype("<u8").view(np.uint8).reshape(len(packed), -1), axis=1, bitorder="little")[
+        :, : member.bits
+    ]
     return bits01.astype(np.float32) * 2 - 1, labels
 
 
@@ -409,14 +456,21 @@ def _tsne_choice(params: Params, members: Sequence[Member], bits: int) -> tuple[
     baselines = [m for m in params.train.methods if _base_method(params, m) != DEFAULT_METHOD]
     if not baselines:
         return None, "no baseline in train.methods"
-    scores = {m: np.nanmean([x.val_map for x in _by(members, m, bits)]) if any(not math.isnan(x.val_map) for x in _by(members, m, bits)) else -1.0 for m in baselines}
+    scores = {
+        m: np.nanmean([x.val_map for x in _by(members, m, bits)])
+        if any(not math.isnan(x.val_map) for x in _by(members, m, bits))
+        else -1.0
+        for m in baselines
+    }
     best = max(baselines, key=lambda m: scores[m])
     if scores[best] < 0:
         return best, "the first listed: no validation mAP recorded"
     return best, f"the best validation mAP among the baselines, {scores[best]:.4f}"
 
 
-def figure_tsne(params: Params, members: Sequence[Member], bits: int, path: Path, dataset: str, classes: Sequence[str] | None) -> dict[str, Any] | None:
+def figure_tsne(
+    params: Params, members: Sequence[Member], bits: int, path: Path, dataset: str, classes: Sequence[str] | None
+) -> dict[str, Any] | None:
     """t-SNE of the query codes of DPFAH and of the strongest baseline (first seed), each
     panel titled with its k-NN label agreement in Hamming space."""
     from sklearn.manifold import TSNE
@@ -442,7 +496,9 @@ def figure_tsne(params: Params, members: Sequence[Member], bits: int, path: Path
         # One OpenMP thread: sklearn's gradient threads spin, and on a busy machine that made
         # 30 points take 14 s instead of 0.2 (1000 points: 42 s against 16 s on 2 loaded cores).
         with threadpool_limits(limits=1, user_api="openmp"):
-            xy = TSNE(n_components=2, metric="hamming", init="random", perplexity=perplexity, random_state=0).fit_transform(codes)
+            xy = TSNE(
+                n_components=2, metric="hamming", init="random", perplexity=perplexity, random_state=0
+            ).fit_transform(codes)
         single = labels.sum(axis=1) == 1
         color = np.where(single, labels.argmax(axis=1), -1)
         for c in np.unique(color):
@@ -467,23 +523,38 @@ def figure_gradcam(pair, path: Path, dataset: str) -> None:
     n = len(pair.images)
     fig = _figure(6.6, 1.9 * n + 0.9)
     axes = fig.subplots(n, 3, squeeze=False)
-    heads = ["query image"] + [f"{m}: {what}\n{layer}" for m, what, layer in zip(pair.methods, ("without PFA", "with PFA"), pair.layers)]
+    heads = ["query image"] + [
+        f"{m}: {what}\n{layer}" for m, what, layer in zip(pair.methods, ("without PFA", "with PFA"), pair.layers)
+    ]
     for i in range(n):
         image = pair.images[i]
-        cells = [image] + [show_cam_on_image(image.astype(np.float32) / 255.0, maps[i], use_rgb=True, image_weight=0.5) for maps in pair.maps]
+        cells = [image] + [
+            show_cam_on_image(image.astype(np.float32) / 255.0, maps[i], use_rgb=True, image_weight=0.5)
+            for maps in pair.maps
+        ]
         for j, (ax, cell) in enumerate(zip(axes[i], cells)):
             ax.imshow(cell, interpolation="nearest")
             ax.set(xticks=[], yticks=[])
             if i == 0:
                 ax.set_title(heads[j], fontsize=8)
         axes[i, 0].set_ylabel(f"{pair.names[i]}\n(query {int(pair.indices[i])})", fontsize=8)
-    fig.colorbar(ScalarMappable(Normalize(0, 1), "jet"), ax=axes[:, -1].tolist(), shrink=0.5, label="Grad-CAM, each map scaled to [0, 1]")
-    fig.suptitle(f"Grad-CAM of the hash layer (target sign(u)·u), {dataset}, {pair.bits} bits, seed {pair.seed}, {pair.image_size} px", fontsize=9)
+    fig.colorbar(
+        ScalarMappable(Normalize(0, 1), "jet"),
+        ax=axes[:, -1].tolist(),
+        shrink=0.5,
+        label="Grad-CAM, each map scaled to [0, 1]",
+    )
+    fig.suptitle(
+        f"Grad-CAM of the hash layer (target sign(u)·u), {dataset}, {pair.bits} bits, seed {pair.seed}, {pair.image_size} px",
+        fontsize=9,
+    )
     columns = ["query image", f"{pair.methods[0]} (without PFA)", f"{pair.methods[1]} (with PFA)"]
     _save(fig, path, {"Rows": " | ".join(pair.names), "Columns": " | ".join(columns)})
 
 
-def _gradcam_section(params: Params, dataset: str, members: Sequence[Member], out: Path, root: str | os.PathLike) -> tuple[list[str], dict[str, Any]]:
+def _gradcam_section(
+    params: Params, dataset: str, members: Sequence[Member], out: Path, root: str | os.PathLike
+) -> tuple[list[str], dict[str, Any]]:
     """Fig. 3 at Table 5's code length, or the sentence saying why it is not drawn."""
     from .codefiles import load_codes
     from .gradcam import compute
@@ -495,7 +566,10 @@ def _gradcam_section(params: Params, dataset: str, members: Sequence[Member], ou
     pair = compute(params, dataset, bits, labels, index, root)
     if isinstance(pair, str):
         print(f"Grad-CAM: not drawn: {pair}", flush=True)
-        return [f"Grad-CAM heat maps with and without PFA (Fig 3): not drawn: {pair}.", ""], {"bits": bits, "missing": pair}
+        return [f"Grad-CAM heat maps with and without PFA (Fig 3): not drawn: {pair}.", ""], {
+            "bits": bits,
+            "missing": pair,
+        }
     name = f"gradcam_{bits}.png"
     figure_gradcam(pair, out / name, dataset)
     (without, runs0, layer0), (with_, runs1, layer1) = zip(pair.methods, pair.runs, pair.layers)
@@ -508,7 +582,14 @@ def _gradcam_section(params: Params, dataset: str, members: Sequence[Member], ou
         f"![Grad-CAM]({name})",
         "",
     ]
-    return lines, {"bits": bits, "figure": name, "methods": pair.methods, "runs": pair.runs, "layers": pair.layers, "indices": pair.indices.tolist()}
+    return lines, {
+        "bits": bits,
+        "figure": name,
+        "methods": pair.methods,
+        "runs": pair.runs,
+        "layers": pair.layers,
+        "indices": pair.indices.tolist(),
+    }
 
 
 # ----------------------------------------------------------------------------- the report
@@ -518,13 +599,21 @@ def _tune_section(dataset: str, root: str | os.PathLike, out: Path) -> list[str]
     summary = tune_dir(dataset, root) / "summary.md"
     table = tune_dir(dataset, root) / "summary.csv"
     if not summary.is_file():
-        return [f"No search for {dataset} (tune/{dataset}/summary.md): `dvc exp run -S 'tune.datasets=[{dataset}]'` runs one.", ""]
+        return [
+            f"No search for {dataset} (tune/{dataset}/summary.md): `dvc exp run -S 'tune.datasets=[{dataset}]'` runs one.",
+            "",
+        ]
     text = summary.read_text()
     pivots = text.split("## Trials, best first")[0].split("\n## ", 1)
     body = ("## " + pivots[1]) if len(pivots) > 1 else text
     if table.is_file():
         shutil.copy(table, out / "tune_summary.csv")
-    return [f"From the tune stage's `{summary}` (validation mAP; the query set is not used):", "", body.replace("## ", "### ").strip(), ""]
+    return [
+        f"From the tune stage's `{summary}` (validation mAP; the query set is not used):",
+        "",
+        body.replace("## ", "### ").strip(),
+        "",
+    ]
 
 
 def _classes(params: Params, dataset: str) -> list[str] | None:
@@ -545,11 +634,32 @@ def build_report(params: Params, dataset: str, out: Path, root: str | os.PathLik
     rows6, best = table6(params, dataset, members)
     write_atomic(
         out / "table6.csv",
-        _csv_text(["method", "bits", *CELL_HEADER, "paper", "best_separated"], [[r["method"], r["bits"], *_cell_columns(r["cell"]), "" if r["paper"] is None else r["paper"], int(r["best"])] for r in rows6]),
+        _csv_text(
+            ["method", "bits", *CELL_HEADER, "paper", "best_separated"],
+            [
+                [
+                    r["method"],
+                    r["bits"],
+                    *_cell_columns(r["cell"]),
+                    "" if r["paper"] is None else r["paper"],
+                    int(r["best"]),
+                ]
+                for r in rows6
+            ],
+        ),
     )
     ablation = table5(params, dataset, members)
     if ablation:
-        write_atomic(out / "table5.csv", _csv_text(["row", "kind", *CELL_HEADER, "paper"], [[r["row"], r["kind"], *_cell_columns(r["cell"]), "" if r["paper"] is None else r["paper"]] for r in ablation[1]]))
+        write_atomic(
+            out / "table5.csv",
+            _csv_text(
+                ["row", "kind", *CELL_HEADER, "paper"],
+                [
+                    [r["row"], r["kind"], *_cell_columns(r["cell"]), "" if r["paper"] is None else r["paper"]]
+                    for r in ablation[1]
+                ],
+            ),
+        )
 
     figures = []
     for b in bits_list:
@@ -589,14 +699,27 @@ def build_report(params: Params, dataset: str, out: Path, root: str | os.PathLik
         lines += [f"No method is marked at {', '.join(unmarked)} bits: the top interval overlaps the next.", ""]
     lines += ["## Table 5: ablation", ""]
     if ablation:
-        lines += [f"At {ablation[0]} bits; steps are paired differences over the same seeds.", "", *_table5_md(ablation[1]), ""]
+        lines += [
+            f"At {ablation[0]} bits; steps are paired differences over the same seeds.",
+            "",
+            *_table5_md(ablation[1]),
+            "",
+        ]
         if dataset != "cifar10" or ablation[0] != paper.TABLE5_BITS:
             lines += ["† The paper's Table 5 is CIFAR-10 at 48 bits: no paper values here.", ""]
     else:
-        lines += [f"Not run: train.methods lacks {', '.join(m for m in ABLATION if m not in methods)} (`dvc exp run -S 'train.methods=[{','.join(ABLATION)}]'`).", ""]
+        lines += [
+            f"Not run: train.methods lacks {', '.join(m for m in ABLATION if m not in methods)} (`dvc exp run -S 'train.methods=[{','.join(ABLATION)}]'`).",
+            "",
+        ]
     lines += ["## Figures", ""]
     for b in bits_list:
-        lines += [f"PR curves ({b} bits, paper Figs 8-10): ![pr {b}](pr_{b}.png)", "", f"P@N ({b} bits, Figs 12-14): ![p@n {b}](p_at_n_{b}.png)", ""]
+        lines += [
+            f"PR curves ({b} bits, paper Figs 8-10): ![pr {b}](pr_{b}.png)",
+            "",
+            f"P@N ({b} bits, Figs 12-14): ![p@n {b}](p_at_n_{b}.png)",
+            "",
+        ]
     lines += [f"P@H<={radius} against the code length (Fig 11): ![p@h](p_at_h.png)", ""]
     if tsne:
         agree = "; ".join(f"{m} {v:.3f}" for m, v in tsne["agreement"].items())
@@ -616,16 +739,30 @@ def build_report(params: Params, dataset: str, out: Path, root: str | os.PathLik
     lines += gradcam_lines
     lines += ["## Tables 3-4: the tune grid", ""] + _tune_section(dataset, root, out)
     write_atomic(out / "report.md", "\n".join(lines))
-    return {"members": len(members), "table6": rows6, "table5": ablation, "figures": figures, "tsne": tsne, "gradcam": gradcam, "seconds": time.perf_counter() - t0}
+    return {
+        "members": len(members),
+        "table6": rows6,
+        "table5": ablation,
+        "figures": figures,
+        "tsne": tsne,
+        "gradcam": gradcam,
+        "seconds": time.perf_counter() - t0,
+    }
 
 
-def write_report(params: Params, dataset: str, out_dir: str | os.PathLike | None = None, root: str | os.PathLike = ".") -> tuple[Path, dict[str, Any]]:
+def write_report(
+    params: Params, dataset: str, out_dir: str | os.PathLike | None = None, root: str | os.PathLike = "."
+) -> tuple[Path, dict[str, Any]]:
     """Build the report beside ``out_dir`` and swap it into place: a failure leaves the
     previous report as it was."""
     out = Path(out_dir) if out_dir is not None else report_dir(dataset, root)
-    why = not_replaceable(out, lambda e: e.is_file() and e.suffix in REPORT_SUFFIXES, what="a report", marker="report.md")
+    why = not_replaceable(
+        out, lambda e: e.is_file() and e.suffix in REPORT_SUFFIXES, what="a report", marker="report.md"
+    )
     if why:
-        raise ConfigError(f"--out {out}: {why}; a report is written only to a new or empty folder or over a report (nothing else is replaced)")
+        raise ConfigError(
+            f"--out {out}: {why}; a report is written only to a new or empty folder or over a report (nothing else is replaced)"
+        )
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     old = out.with_name(f".{out.name}.old-{os.getpid()}")
@@ -651,7 +788,13 @@ def log_report(params: Params, dataset: str, out: Path, result: dict[str, Any]) 
     name = f"report-{dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
     with tracked_run(tracking_uri(params), f"{params.mlflow.experiment}-{dataset}", name) as run:
         mlflow.set_tags({"kind": "report", "dataset": dataset, "git_commit": git_commit()})
-        mlflow.log_params({"methods": ",".join(params.train.methods), "bits": ",".join(map(str, params.bits)), "seeds": ",".join(map(str, params.train.seeds))})
+        mlflow.log_params(
+            {
+                "methods": ",".join(params.train.methods),
+                "bits": ",".join(map(str, params.bits)),
+                "seeds": ",".join(map(str, params.train.seeds)),
+            }
+        )
         mlflow.log_metrics({f"map.{r['method']}.{r['bits']}b": r["cell"].mean for r in result["table6"]})
         mlflow.log_artifacts(str(out), artifact_path="report")
         return run.info.run_id
@@ -669,7 +812,12 @@ def build_parser() -> argparse.ArgumentParser:
         "(method, bits, seed) is an error naming it: run `dvc repro` first.",
     )
     parser.add_argument("--dataset", required=True, help="dataset name from params.yaml")
-    parser.add_argument("--out", metavar="DIR", default=None, help="where the report goes (default: reports/<dataset>): new, empty, or a report, which is replaced; any other folder is refused, never deleted")
+    parser.add_argument(
+        "--out",
+        metavar="DIR",
+        default=None,
+        help="where the report goes (default: reports/<dataset>): new, empty, or a report, which is replaced; any other folder is refused, never deleted",
+    )
     parser.add_argument("--no-mlflow", action="store_true", help="do not log the report to MLflow")
     add_config_args(parser)
     return parser
@@ -684,7 +832,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         check_store(tracking_uri(params), create=True)  # seconds, before any work
     out, result = write_report(params, args.dataset, args.out)
     logged = "" if args.no_mlflow else f"; MLflow run {log_report(params, args.dataset, out, result)}"
-    print(f"report of {result['members']} evaluated trainings: {out / 'report.md'} and {len(result['figures'])} figures{logged}")
+    print(
+        f"report of {result['members']} evaluated trainings: {out / 'report.md'} and {len(result['figures'])} figures{logged}"
+    )
     return 0
 
 

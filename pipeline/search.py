@@ -71,7 +71,9 @@ def query_codes(index: Index, images: Sequence[str], params: Params):
     uri = record_tracking_uri({"tracking_uri": m.get("tracking_uri")}, params)
     resolved = resolve_model(params, m["uri"], uri)
     if resolved.run_id != m["run_id"] or resolved.bits != index.bits:
-        raise MismatchError(f"{m['uri']} is now run {resolved.run_id} ({resolved.bits} bits); the index was built with run {m['run_id']} ({index.bits} bits)")
+        raise MismatchError(
+            f"{m['uri']} is now run {resolved.run_id} ({resolved.bits} bits); the index was built with run {m['run_id']} ({index.bits} bits)"
+        )
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = load_model(resolved, device)
     data: list[bytes | None] = []
@@ -82,7 +84,9 @@ def query_codes(index: Index, images: Sequence[str], params: Params):
         except OSError as e:
             data.append(None)
             problems[path] = f"cannot read ({e.strerror or e})"
-    codes, ok, bad = encode_images(model, data, device, resolved.image_size, index.manifest.get("precision_used", "fp32"))
+    codes, ok, bad = encode_images(
+        model, data, device, resolved.image_size, index.manifest.get("precision_used", "fp32")
+    )
     problems.update({images[i]: why for i, why in bad.items()})
     return pack_codes(codes) if len(codes) else np.zeros((0, int(index.manifest["words"])), np.uint64), ok, problems
 
@@ -100,7 +104,11 @@ def _label(index: Index, row: int) -> str:
 
 def table(index: Index, names: Sequence[str], hits: Sequence[Hit]) -> str:
     """The results as a fixed-width text table."""
-    header = ["query", "rank", "key", "distance"] + (["label"] if index.labels is not None else []) + (["path"] if index.paths is not None else [])
+    header = (
+        ["query", "rank", "key", "distance"]
+        + (["label"] if index.labels is not None else [])
+        + (["path"] if index.paths is not None else [])
+    )
     rows = []
     for name, hit in zip(names, hits):
         if len(hit.rows) == 0:
@@ -142,7 +150,9 @@ def item_bytes(index: Index, rows: Sequence[int]) -> dict[int, bytes]:
     return {r: (base / k).read_bytes() for r, k in keys.items()}
 
 
-def draw_grid(path: str | os.PathLike, index: Index, queries: Sequence[tuple[str, bytes, np.ndarray | None]], hits: Sequence[Hit]) -> Path:
+def draw_grid(
+    path: str | os.PathLike, index: Index, queries: Sequence[tuple[str, bytes, np.ndarray | None]], hits: Sequence[Hit]
+) -> Path:
     """A figure: a row per query (its image, then its results by rank, captioned with key and
     distance; framed green/red when labels tell relevance)."""
     from .figures import class_name, plot_grid, thumbnail
@@ -165,7 +175,9 @@ def draw_grid(path: str | os.PathLike, index: Index, queries: Sequence[tuple[str
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     m = index.manifest
-    plot_grid(path, rows, f"{index.directory.name}: {m['count']:,} items, {m['bits']} bits, {m['model']['uri']} (ties by key)")
+    plot_grid(
+        path, rows, f"{index.directory.name}: {m['count']:,} items, {m['bits']} bits, {m['model']['uri']} (ties by key)"
+    )
     return path
 
 
@@ -192,11 +204,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("index", metavar="INDEX", help="the index folder")
     parser.add_argument("images", nargs="*", metavar="IMAGE", help="query image files")
-    parser.add_argument("--key", action="append", default=[], metavar="KEY", help="an item of the index as a query (repeatable)")
+    parser.add_argument(
+        "--key", action="append", default=[], metavar="KEY", help="an item of the index as a query (repeatable)"
+    )
     parser.add_argument("-k", type=int, default=10, metavar="K", help="results per query (default 10)")
-    parser.add_argument("--radius", type=int, metavar="R", help="every item within Hamming distance R instead of the top k")
+    parser.add_argument(
+        "--radius", type=int, metavar="R", help="every item within Hamming distance R instead of the top k"
+    )
     parser.add_argument("--grid", metavar="PNG", help="also draw the queries and their results into this figure")
-    parser.add_argument("--verify", action="store_true", help="check the index files' sha256 against its manifest first")
+    parser.add_argument(
+        "--verify", action="store_true", help="check the index files' sha256 against its manifest first"
+    )
     add_config_args(parser)
     return parser
 
@@ -233,7 +251,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         rows = index.rows_of(args.key)
         names += [f"key {k}" for k in args.key]
         packed.append(np.asarray(index.codes[rows]))
-        queries += [(f"key {k}", None, None if index.labels is None else np.asarray(index.labels[r])) for k, r in zip(args.key, rows)]
+        queries += [
+            (f"key {k}", None, None if index.labels is None else np.asarray(index.labels[r]))
+            for k, r in zip(args.key, rows)
+        ]
     if not names:
         raise DataError("no usable query (every query image failed; see above)")
     t = time.perf_counter()
@@ -241,7 +262,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     took = time.perf_counter() - t
     print(table(index, names, hits))
     what = f"within distance {args.radius}" if args.radius is not None else f"top {args.k}"
-    print(f"{len(names)} quer{'y' if len(names) == 1 else 'ies'}, {what} of {len(index):,} items ({index.bits} bits): loaded in {loaded * 1e3:.0f} ms, searched in {took * 1e3:.1f} ms")
+    print(
+        f"{len(names)} quer{'y' if len(names) == 1 else 'ies'}, {what} of {len(index):,} items ({index.bits} bits): loaded in {loaded * 1e3:.0f} ms, searched in {took * 1e3:.1f} ms"
+    )
     if args.grid:
         if args.key:  # the key queries' own images
             key_rows = index.rows_of(args.key)

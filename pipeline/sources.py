@@ -250,7 +250,10 @@ def read_tar(path: Path, given: str, *, progress: bool | None = None) -> tuple[d
     pickles: dict[str, bytes] = {}
     files: dict[str, bytes] = {}
     try:
-        with _open_decompressed(path) as f, tqdm(desc=f"reading {path.name}", unit=" files", disable=progress is False or None) as bar:
+        with (
+            _open_decompressed(path) as f,
+            tqdm(desc=f"reading {path.name}", unit=" files", disable=progress is False or None) as bar,
+        ):
             for name, _, read in tar_members(f, given):
                 m = _CIFAR10_MEMBER.search(name)
                 if m:
@@ -290,7 +293,9 @@ def folder_labels(source: ImageSource, refs: list[str]) -> tuple[list[str], np.n
     parents = [PurePosixPath(r).parent.name for r in refs]
     for ref, parent in zip(refs, parents):
         if not parent:
-            raise DataError(f"{source.where(ref)}: not in a class folder (expected <class>/<image> under {source.given})")
+            raise DataError(
+                f"{source.where(ref)}: not in a class folder (expected <class>/<image> under {source.given})"
+            )
     classes = sorted(set(parents))
     index = {c: i for i, c in enumerate(classes)}
     return classes, np.array([index[p] for p in parents], dtype=np.int64)
@@ -311,7 +316,9 @@ def download(url: str, directory: Path, md5: str | None, *, progress: bool | Non
     try:
         with urllib.request.urlopen(url, timeout=60) as response, open(part, "wb") as out:
             total = int(response.headers.get("Content-Length") or 0) or None
-            with tqdm(total=total, desc=f"downloading {name}", unit="B", unit_scale=True, disable=progress is False or None) as bar:
+            with tqdm(
+                total=total, desc=f"downloading {name}", unit="B", unit_scale=True, disable=progress is False or None
+            ) as bar:
                 for chunk in iter(lambda: response.read(1 << 20), b""):
                     out.write(chunk)
                     digest.update(chunk)

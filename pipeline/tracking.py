@@ -179,8 +179,12 @@ def _check_server(uri: str, timeout_s: float) -> None:
         if e.code in (401, 403):
             return
         if e.code == 404:
-            raise RegistryUnreachable(f"MLflow tracking server {uri}: no MLflow tracking API there (HTTP 404 for {url}); check the URL") from None
-        raise RegistryUnreachable(f"MLflow tracking server {uri} cannot be used (HTTP {e.code} {e.reason}); {hint}") from None
+            raise RegistryUnreachable(
+                f"MLflow tracking server {uri}: no MLflow tracking API there (HTTP 404 for {url}); check the URL"
+            ) from None
+        raise RegistryUnreachable(
+            f"MLflow tracking server {uri} cannot be used (HTTP {e.code} {e.reason}); {hint}"
+        ) from None
     except (urllib.error.URLError, OSError) as e:
         reason = getattr(e, "reason", e)
         if isinstance(reason, TimeoutError) or "timed out" in str(reason):
@@ -233,7 +237,9 @@ def mlflow_errors(what: str, uri: str) -> Iterator[None]:
     except Exception as e:  # requests / sqlalchemy errors surface as their own types
         module = type(e).__module__.split(".")[0]
         if module in ("requests", "urllib3", "sqlalchemy", "sqlite3"):
-            raise RegistryUnreachable(f"{what} at {uri}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+            raise RegistryUnreachable(
+                f"{what} at {uri}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            ) from None
         raise
 
 
@@ -274,7 +280,9 @@ def open_experiment(name: str, uri: str):
 
 
 @contextlib.contextmanager
-def tracked_run(uri: str, experiment: str, run_name: str, *, parent_run_id: str | None = None, reopen: bool = False) -> Iterator[Any]:
+def tracked_run(
+    uri: str, experiment: str, run_name: str, *, parent_run_id: str | None = None, reopen: bool = False
+) -> Iterator[Any]:
     """Open an MLflow run (the fluent API's active run) in ``experiment`` and close it:
     FINISHED when the block completes, KILLED on Ctrl-C, FAILED otherwise.
 
@@ -296,7 +304,9 @@ def tracked_run(uri: str, experiment: str, run_name: str, *, parent_run_id: str 
         with mlflow_errors(f"opening a run in experiment {experiment}", uri):
             exp = open_experiment(experiment, uri)
             if (exp.tags or {}).get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:
-                mlflow.set_experiment_tag(EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)  # opens as training runs, not GenAI traces
+                mlflow.set_experiment_tag(
+                    EXPERIMENT_KIND_TAG, EXPERIMENT_KIND
+                )  # opens as training runs, not GenAI traces
             earlier = _same_child(exp.experiment_id, parent_run_id, run_name) if reopen and parent_run_id else None
             if earlier is not None:
                 run = mlflow.start_run(run_id=earlier, experiment_id=exp.experiment_id)
@@ -359,7 +369,9 @@ def git_commit() -> str:
         return env
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, check=True)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, timeout=10
+        )
         return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
     except (OSError, subprocess.SubprocessError):
         return "unknown"
@@ -449,7 +461,12 @@ def log_dataset(client, run_id: str, dataset: str, manifest, shards: str, contex
     from mlflow.entities import Dataset, DatasetInput, InputTag
 
     sizes = {name: manifest.split(name).count for name in manifest.splits if manifest.splits.get(name) is not None}
-    profile = {"splits": sizes, "num_classes": manifest.num_classes, "manifest_sha256": manifest.sha256, "split_seed": manifest.seed}
+    profile = {
+        "splits": sizes,
+        "num_classes": manifest.num_classes,
+        "manifest_sha256": manifest.sha256,
+        "split_seed": manifest.seed,
+    }
     entity = Dataset(
         name=dataset_name(dataset, manifest.protocol),
         digest=dataset_digest(manifest.sha256),

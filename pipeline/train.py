@@ -45,8 +45,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--dataset", required=True, help="dataset name from params.yaml (its shards must be prepared)")
     parser.add_argument("--bits", type=int, required=True, help="code length, e.g. 16, 32, 48 or 64")
-    parser.add_argument("--method", metavar="NAME", help="a method (dpfah, dsh, hashnet, ...) or a variant of params.yaml (default: train.method)")
-    parser.add_argument("--seed", type=int, metavar="N", help="training seed: weights, data order, augmentation (default: params.yaml's seed)")
+    parser.add_argument(
+        "--method",
+        metavar="NAME",
+        help="a method (dpfah, dsh, hashnet, ...) or a variant of params.yaml (default: train.method)",
+    )
+    parser.add_argument(
+        "--seed",
+        type=int,
+        metavar="N",
+        help="training seed: weights, data order, augmentation (default: params.yaml's seed)",
+    )
     parser.add_argument(
         "--objective",
         metavar="FILE",
@@ -73,7 +82,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if outcome.best_val_map is not None
         else f"no validation split, the last epoch's model: {at}"
     )
-    print(f"trained {args.dataset} {args.bits} bits ({outcome.method}): {chosen}; MLflow run {outcome.run_id}; model {outcome.model_uri}; wrote {outcome.run_file}")
+    print(
+        f"trained {args.dataset} {args.bits} bits ({outcome.method}): {chosen}; MLflow run {outcome.run_id}; model {outcome.model_uri}; wrote {outcome.run_file}"
+    )
     return 0
 
 

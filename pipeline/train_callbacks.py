@@ -34,4 +34,7 @@ class EpochMetricsToMlflow(UserCallback):
             if self._client is None:
                 self._client = MlflowClient(self.tracking_uri)
             now, step = int(time.time() * 1000), int(values["epoch"])
-            self._client.log_batch(self.run_id, metrics=[Metric(training_metric(k), float(v), now, step) for k, v in values.items() if k != "epoch"])
+            self._client.log_batch(
+                self.run_id,
+                metrics=[Metric(training_metric(k), float(v), now, step) for k, v in values.items() if k != "epoch"],
+            )

@@ -25,7 +25,16 @@ from .errors import ConfigError, PipelineError
 from .recipes import Recipe
 from .registry import MODEL_NAME_TAG, model_name
 from .timing import record, span
-from .tracking import git_commit, log_dataset, model_requirements, requirements_known, resolve_uri, tracked_run, tracking_uri, training_metric
+from .tracking import (
+    git_commit,
+    log_dataset,
+    model_requirements,
+    requirements_known,
+    resolve_uri,
+    tracked_run,
+    tracking_uri,
+    training_metric,
+)
 from .train_worker import DIVERGED, STATE_FILE, Job, load_state, process_start_time, worker_loop
 
 __all__ = ["TrainOutcome", "TrainingFailed", "run_training", "log_model_artifact"]
@@ -104,7 +113,11 @@ def _drop_unregistered_checkpoints(result) -> None:
     except OSError:
         return
     for entry in entries:
-        if entry.type == pafs.FileType.Directory and entry.base_name.startswith("checkpoint_") and entry.base_name not in kept:
+        if (
+            entry.type == pafs.FileType.Directory
+            and entry.base_name.startswith("checkpoint_")
+            and entry.base_name not in kept
+        ):
             result.filesystem.delete_dir(entry.path)
 
 
@@ -182,7 +195,11 @@ def _driver_tags() -> dict[str, str]:
     driver died (SIGKILL, a lost machine) from one still going."""
     import socket
 
-    return {"driver.host": socket.gethostname(), "driver.pid": str(os.getpid()), "driver.started": f"{process_start_time() or 0:.0f}"}
+    return {
+        "driver.host": socket.gethostname(),
+        "driver.pid": str(os.getpid()),
+        "driver.started": f"{process_start_time() or 0:.0f}",
+    }
 
 
 def _alive(pid: int, started: str) -> bool:
@@ -205,7 +222,9 @@ def _fail_abandoned_runs(experiment_id: str, current_run_id: str, uri: str) -> l
     host = _driver_tags()["driver.host"]
     client = MlflowClient(uri)
     runs = client.search_runs(
-        [experiment_id], filter_string=f"attributes.status = 'RUNNING' and tags.`driver.host` = '{host}'", max_results=200
+        [experiment_id],
+        filter_string=f"attributes.status = 'RUNNING' and tags.`driver.host` = '{host}'",
+        max_results=200,
     )
     failed = []
     for r in runs:
@@ -214,11 +233,15 @@ def _fail_abandoned_runs(experiment_id: str, current_run_id: str, uri: str) -> l
             continue
         if _alive(int(tags["driver.pid"]), tags.get("driver.started", "0")):
             continue
-        client.set_tag(r.info.run_id, "failed_reason", f"its driver (pid {tags['driver.pid']} on {host}) ended without closing it")
+        client.set_tag(
+            r.info.run_id, "failed_reason", f"its driver (pid {tags['driver.pid']} on {host}) ended without closing it"
+        )
         client.set_terminated(r.info.run_id, "FAILED")
         failed.append(r.info.run_id)
     if failed:
-        print(f"marked {len(failed)} run(s) FAILED whose training driver died without closing them: {', '.join(failed)}")
+        print(
+            f"marked {len(failed)} run(s) FAILED whose training driver died without closing them: {', '.join(failed)}"
+        )
     return failed
 
 
@@ -256,8 +279,8 @@ def run_training(
         import ray.train.torch  # noqa: F401
         import torch  # noqa: F401
 
-        from .console import quiet_libraries
         from .artifacts import prepared_manifest
+        from .console import quiet_libraries
 
     quiet_libraries()
     t = params.train
@@ -271,7 +294,9 @@ def run_training(
     seed = params.seed if seed is None else seed
     uri = tracking_uri(params)
     storage = resolve_uri(t.storage_path)
-    name = run_name or f"{dataset}-{bits}b-{recipe.entry}-s{seed}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+    name = (
+        run_name or f"{dataset}-{bits}b-{recipe.entry}-s{seed}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+    )
     model = dataclasses.replace(params.model, **recipe.model)  # a variant's network changes
     if model.backbone == "alexnet" and t.image_size < ALEXNET_MIN_SIZE:
         raise ConfigError(
@@ -301,7 +326,9 @@ def run_training(
 
     validating = validate and manifest.splits.get("validation") is not None and manifest.split("validation").count > 0
     if validate and not validating:
-        print(f"{dataset} has no validation split (validation: 0): training without validation; the last epoch's model stands")
+        print(
+            f"{dataset} has no validation split (validation: 0): training without validation; the last epoch's model stands"
+        )
     job = dataclasses.replace(job, validate=validating)
 
     experiment = f"{params.mlflow.experiment}-{dataset}"
@@ -310,7 +337,9 @@ def run_training(
         with span("ray: start or connect"):
             ensure_ray()
             started = started_here()
-            check_request(t.num_workers, t.use_gpu, command=f"python -m pipeline.train --dataset {dataset} --bits {bits}")
+            check_request(
+                t.num_workers, t.use_gpu, command=f"python -m pipeline.train --dataset {dataset} --bits {bits}"
+            )
             train_run_defaults()
         opened = time.time()
         with tracked_run(uri, experiment, name, parent_run_id=parent_run_id, reopen=parent_run_id is not None) as run:
@@ -325,9 +354,14 @@ def run_training(
                 # MLflow first: a Tune scheduler may stop the trial as soon as it sees the report
                 from .train_callbacks import EpochMetricsToMlflow  # imports Ray Train: only when training
 
-                trainer = _trainer(job, params, name, storage, [EpochMetricsToMlflow(uri, run_id, skip=DIVERGED), *callbacks])
+                trainer = _trainer(
+                    job, params, name, storage, [EpochMetricsToMlflow(uri, run_id, skip=DIVERGED), *callbacks]
+                )
             if parent_run_id is None:  # a stage run: a line per epoch (Tune reports its own way)
-                print(f"training {dataset} {bits} bits: {t.num_workers} worker(s) on {'GPU' if t.use_gpu else 'CPU'}, {t.epochs} epochs; MLflow run {run_id} ({uri})", flush=True)
+                print(
+                    f"training {dataset} {bits} bits: {t.num_workers} worker(s) on {'GPU' if t.use_gpu else 'CPU'}, {t.epochs} epochs; MLflow run {run_id} ({uri})",
+                    flush=True,
+                )
             with span("ray train: fit"), _epoch_printer(uri, run_id, t.epochs, enabled=parent_run_id is None):
                 state, checkpoint_path = _fit(trainer, name)
             history = state["history"]
@@ -346,7 +380,11 @@ def run_training(
                 mlflow.log_metrics({training_metric(k): v for k, v in summary.items()}, step=last_epoch)
                 logged_name = model_name(params, dataset, bits, recipe.entry)
                 mlflow.set_tag(MODEL_NAME_TAG, logged_name)
-                model_uri = _log_model(job, state, logged_name, t.image_size, last_epoch) if log_model else f"runs:/{run_id}/{logged_name}"
+                model_uri = (
+                    _log_model(job, state, logged_name, t.image_size, last_epoch)
+                    if log_model
+                    else f"runs:/{run_id}/{logged_name}"
+                )
                 experiment_name = mlflow.get_experiment(run.info.experiment_id).name
             closing = time.time()
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the run ended KILLED above; stop our Ray too
@@ -354,7 +392,9 @@ def run_training(
         raise
     record("mlflow: close the run", closing)
 
-    outcome = TrainOutcome(run_id, model_uri, best_val_map, best_epoch, len(history), None, checkpoint_path, recipe.entry)
+    outcome = TrainOutcome(
+        run_id, model_uri, best_val_map, best_epoch, len(history), None, checkpoint_path, recipe.entry
+    )
     if write_run_file:
         run_record = {
             "run_id": run_id,
@@ -427,7 +467,11 @@ def log_model_artifact(net, image_size: int, name: str, *, step: int = 0, **limi
     }
     with tempfile.TemporaryDirectory(prefix="dpfah-code-") as tmp:
         # the package's Python sources only (no caches, no C sources of the optional kernels)
-        package = shutil.copytree(os.path.dirname(dpfah.__file__), os.path.join(tmp, "dpfah"), ignore=shutil.ignore_patterns("__pycache__", "*.c", "*.h", "*.so"))
+        package = shutil.copytree(
+            os.path.dirname(dpfah.__file__),
+            os.path.join(tmp, "dpfah"),
+            ignore=shutil.ignore_patterns("__pycache__", "*.c", "*.h", "*.so"),
+        )
         with requirements_known():
             info = mlflow.pytorch.log_model(
                 model,
@@ -445,4 +489,3 @@ def log_model_artifact(net, image_size: int, name: str, *, step: int = 0, **limi
 
 def _absolute(path: str | None) -> str | None:
     return os.path.abspath(path) if path else None
-

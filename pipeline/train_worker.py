@@ -54,7 +54,11 @@ def _batches(job: Job, rank: int, size: int, device):
     if job.batch_source is not None:  # tests: a deterministic global batch sliced by rank
         from dpfah.data import read_manifest  # a memory bank still has a row per training sample
 
-        return (lambda epoch: job.batch_source(epoch, rank, size)), job.steps_per_epoch, read_manifest(job.shards).split("train").count
+        return (
+            (lambda epoch: job.batch_source(epoch, rank, size)),
+            job.steps_per_epoch,
+            read_manifest(job.shards).split("train").count,
+        )
     from torch.utils.data import DataLoader
 
     from dpfah.data import TrainStream
@@ -95,7 +99,9 @@ def _validator(job: Job, rank: int, size: int, device):
 
     def validate(model) -> float:
         with span("worker: validation"):
-            query = DataLoader(EvalStream(job.shards, "validation", **kwargs), batch_size=None, num_workers=job.loader_workers)
+            query = DataLoader(
+                EvalStream(job.shards, "validation", **kwargs), batch_size=None, num_workers=job.loader_workers
+            )
             db = DataLoader(EvalStream(job.shards, "train", **kwargs), batch_size=None, num_workers=job.loader_workers)
             return validation_map(model, query, db, device, job.train.image_size, job.train.precision)
 
@@ -186,7 +192,6 @@ def process_start_time(pid: str = "self") -> float | None:
 def worker_loop(job: Job) -> dict[str, Any] | None:
     """Runs on every Ray Train worker: this rank's data, the model and objective, then fit."""
     import ray.train
-    import torch
     from ray.train.torch import get_device
 
     from dpfah import methods
@@ -237,4 +242,3 @@ def worker_loop(job: Job) -> dict[str, Any] | None:
     if rank == 0:
         return {"best_val_map": result.best_val_map, "best_epoch": result.best_epoch, "epochs_run": result.epochs_run}
     return None
-

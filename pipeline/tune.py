@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import csv
 import io
-import json
 import math
 import os
 import sys
@@ -33,7 +32,6 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
-
 
 from .artifacts import TUNE_DIR, tune_dir, write_atomic, write_json_atomic
 from .cluster import ensure_ray
@@ -106,14 +104,18 @@ def searched_knobs(params: Params) -> dict[str, tuple[str, tuple[Any, ...]]]:
 
     c, method = params.tune, params.train.method
     if method in params.variants:
-        raise ConfigError(f"train.method: {method} is a variant; the search varies a method's own hyper-parameters: set train.method to a method")
+        raise ConfigError(
+            f"train.method: {method} is a variant; the search varies a method's own hyper-parameters: set train.method to a method"
+        )
     have = declared_hyperparameters(method)
     knobs: dict[str, tuple[str, tuple[Any, ...]]] = {}
     for section, entries in (("space", c.space), ("ranges", c.ranges)):
         for knob, value in entries.items():
             where = f"tune.{section}.{knob}"
             if knob not in have:
-                raise ConfigError(f"{where}: {method} has no hyper-parameter {knob!r} (it has: {', '.join(sorted(have))}; worth searching: {', '.join(tunable_hyperparameters(method))})")
+                raise ConfigError(
+                    f"{where}: {method} has no hyper-parameter {knob!r} (it has: {', '.join(sorted(have))}; worth searching: {', '.join(tunable_hyperparameters(method))})"
+                )
             if section == "space":
                 for v in value:
                     check_hyperparameters(method, {knob: v}, "tune.space")
@@ -121,7 +123,9 @@ def searched_knobs(params: Params) -> dict[str, tuple[str, tuple[Any, ...]]]:
                 knobs[knob] = ("values", value)
             else:
                 if isinstance(have[knob], (bool, str, tuple, list)):
-                    raise ConfigError(f"{where}: {knob} is not a number (its default is {have[knob]!r}): list its values under tune.space")
+                    raise ConfigError(
+                        f"{where}: {knob} is not a number (its default is {have[knob]!r}): list its values under tune.space"
+                    )
                 knobs[knob] = ("range", value)  # a range (random search only) wins over the knob's list
     if not knobs:
         raise ConfigError(
@@ -287,7 +291,6 @@ class _PlacementGroupJanitor:
         return removed
 
 
-
 def _check_search(params: Params, dataset: str):
     from .artifacts import prepared_manifest
 
@@ -295,7 +298,9 @@ def _check_search(params: Params, dataset: str):
     searched_knobs(params)
     manifest = prepared_manifest(params, dataset)
     if manifest.split("validation").count == 0:
-        raise ConfigError(f"datasets.{dataset}.validation: the search compares trials on the validation split, which is empty (prepare it with validation > 0)")
+        raise ConfigError(
+            f"datasets.{dataset}.validation: the search compares trials on the validation split, which is empty (prepare it with validation > 0)"
+        )
     epochs, c = params.train.epochs, params.tune
     if c.scheduler == "asha" and c.grace_period >= epochs:
         raise ConfigError(
@@ -346,14 +351,18 @@ def _tuner(params: Params, dataset: str, search_name: str, parent_id: str, concu
     space, search_alg, num_samples = search_space(params, concurrency)
     # The trials' Ray Train runs go beside the Tune experiment: <storage>/<search>/<trial run>.
     trial_params = replace(params, train=replace(t, storage_path=f"{t.storage_path.rstrip('/')}/{search_name}"))
-    trainable = tune.with_parameters(_trial, params=trial_params, dataset=dataset, search_name=search_name, parent_run_id=parent_id)
+    trainable = tune.with_parameters(
+        _trial, params=trial_params, dataset=dataset, search_name=search_name, parent_run_id=parent_id
+    )
     return tune.Tuner(
         # The Train workers hold the CPUs/GPUs; the trial itself only waits on them. A token of
         # memory instead of the usual 0.01 CPU: with CPU workers that fill a node exactly
         # (2 workers, 2 CPUs), 0.01 CPU leaves 1.99 and the worker group never starts.
         tune.with_resources(trainable, {"cpu": 0, "memory": TRIAL_MEMORY}),
         param_space=space,
-        tune_config=tune.TuneConfig(metric=METRIC, mode="max", search_alg=search_alg, scheduler=_scheduler(params), num_samples=num_samples),
+        tune_config=tune.TuneConfig(
+            metric=METRIC, mode="max", search_alg=search_alg, scheduler=_scheduler(params), num_samples=num_samples
+        ),
         run_config=tune.RunConfig(
             name=search_name,
             storage_path=t.storage_path,
@@ -421,8 +430,12 @@ def run_search(
                     "ray_run_name": search_name,
                 }
             )
-            mlflow.log_params({f"tune.{k}": list(v) if isinstance(v, tuple) else v for k, v in asdict(c).items() if k != "datasets"})
-            mlflow.log_params({"dataset": dataset, "train.epochs": t.epochs, "num_workers": t.num_workers, "use_gpu": t.use_gpu})
+            mlflow.log_params(
+                {f"tune.{k}": list(v) if isinstance(v, tuple) else v for k, v in asdict(c).items() if k != "datasets"}
+            )
+            mlflow.log_params(
+                {"dataset": dataset, "train.epochs": t.epochs, "num_workers": t.num_workers, "use_gpu": t.use_gpu}
+            )
             ensure_ray()
             concurrency = _concurrency(p)
             mlflow.log_params({"max_concurrent_trials": concurrency})
@@ -447,12 +460,30 @@ def run_search(
             }
             md_path, csv_path = _write_outputs(out, rows, best, meta)
             if best is None:
-                raise SearchFailed(f"search {search_name}: no trial completed or was stopped early with a validation mAP{_failures(rows, c.max_failures)} (see {md_path} and the MLflow runs)")
+                raise SearchFailed(
+                    f"search {search_name}: no trial completed or was stopped early with a validation mAP{_failures(rows, c.max_failures)} (see {md_path} and the MLflow runs)"
+                )
             experiment_name = mlflow.get_experiment(experiment_id).name
-            record = _best_record(rows, best, search_name, parent_id, uri, params.mlflow.tracking_uri, experiment_name, manifest.sha256, dataset, params, p.train.method)
+            record = _best_record(
+                rows,
+                best,
+                search_name,
+                parent_id,
+                uri,
+                params.mlflow.tracking_uri,
+                experiment_name,
+                manifest.sha256,
+                dataset,
+                params,
+                p.train.method,
+            )
             best_path = write_json_atomic(out / "best.json", record)
             mlflow.log_artifact(str(best_path), artifact_path="summary")
-            numeric = {f"search/best_{k}": float(v) for k, v in best.hparams.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+            numeric = {
+                f"search/best_{k}": float(v)
+                for k, v in best.hparams.items()
+                if isinstance(v, (int, float)) and not isinstance(v, bool)
+            }
             mlflow.log_metrics({"validation/best_map": best.val_map, **numeric, "search/best_bits": best.bits})
             mlflow.set_tags({"best_run_id": best.run_id, "best_run_name": best.run_name})
         finally:
@@ -461,7 +492,9 @@ def run_search(
 
 
 def _children(client, experiment_id: str, parent_id: str) -> list:
-    return client.search_runs([experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_id}'", max_results=10000)
+    return client.search_runs(
+        [experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_id}'", max_results=10000
+    )
 
 
 def _close_children(client, experiment_id: str, parent_id: str) -> None:
@@ -471,7 +504,9 @@ def _close_children(client, experiment_id: str, parent_id: str) -> None:
             client.set_terminated(run.info.run_id, "KILLED")
 
 
-def _collect(results, client, experiment_id: str, parent_id: str, search_name: str, epochs: int, knobs: Sequence[str]) -> list[TrialRow]:
+def _collect(
+    results, client, experiment_id: str, parent_id: str, search_name: str, epochs: int, knobs: Sequence[str]
+) -> list[TrialRow]:
     by_name: dict[str, list] = {}
     for run in _children(client, experiment_id, parent_id):
         by_name.setdefault(run.data.tags.get("ray_run_name", ""), []).append(run)
@@ -563,7 +598,9 @@ def _select_best(rows: Sequence[TrialRow], among: str | None = None) -> TrialRow
     return max(pool, key=lambda r: (r.val_map, -r.bits, r.trial_id))
 
 
-def _best_record(rows, best, search_name, parent_id, tracking_uri, configured_uri, experiment, manifest_sha, dataset, params, method) -> dict[str, Any]:
+def _best_record(
+    rows, best, search_name, parent_id, tracking_uri, configured_uri, experiment, manifest_sha, dataset, params, method
+) -> dict[str, Any]:
     def entry(r: TrialRow) -> dict[str, Any]:
         return {
             **r.hparams,
@@ -572,7 +609,9 @@ def _best_record(rows, best, search_name, parent_id, tracking_uri, configured_ur
             "best_epoch": r.best_epoch,
             "run_id": r.run_id,
             # the trial's logged model, named as pipeline.train names it (a trial trains `method`)
-            "model_uri": f"runs:/{r.run_id}/{model_name(params, dataset, r.bits, method)}" if r.run_id and r.status == STATUS_COMPLETED else None,
+            "model_uri": f"runs:/{r.run_id}/{model_name(params, dataset, r.bits, method)}"
+            if r.run_id and r.status == STATUS_COMPLETED
+            else None,
             "status": r.status,
         }
 
@@ -614,7 +653,10 @@ def _cell(rows: Sequence[TrialRow]) -> str:
 
 def _pivot(rows: Sequence[TrialRow], key, label: str, bit_lengths: Sequence[int]) -> list[str]:
     values = sorted({key(r) for r in rows}, key=lambda v: tuple(map(_order, v)) if isinstance(v, tuple) else _order(v))
-    lines = [f"| {label} | " + " | ".join(f"{b} bits" for b in bit_lengths) + " |", "|---" * (len(bit_lengths) + 1) + "|"]
+    lines = [
+        f"| {label} | " + " | ".join(f"{b} bits" for b in bit_lengths) + " |",
+        "|---" * (len(bit_lengths) + 1) + "|",
+    ]
     for v in values:
         cells = [_cell([r for r in rows if key(r) == v and r.bits == b]) for b in bit_lengths]
         shown = ", ".join(_fmt(x) for x in v) if isinstance(v, tuple) else _fmt(v)
@@ -622,7 +664,9 @@ def _pivot(rows: Sequence[TrialRow], key, label: str, bit_lengths: Sequence[int]
     return lines
 
 
-def summary_markdown(rows: Sequence[TrialRow], meta: dict[str, Any], best: TrialRow | None, *, pivots: bool = True) -> str:
+def summary_markdown(
+    rows: Sequence[TrialRow], meta: dict[str, Any], best: TrialRow | None, *, pivots: bool = True
+) -> str:
     """The search as Markdown: validation mAP by each searched knob against the code length
     (for DPFAH's eta and zeta the shape of the paper's Tables 3 and 4), the full grid, and
     every trial. ``meta["knobs"]``: the searched knobs (default: those of the rows)."""
@@ -650,14 +694,23 @@ def summary_markdown(rows: Sequence[TrialRow], meta: dict[str, Any], best: Trial
             lines += _pivot(rows, lambda r, k=knob: r.hparams.get(k), knob, bit_lengths) + [""]
         if len(knobs) > 1:
             lines += [f"## Every ({', '.join(knobs)})", ""]
-            lines += _pivot(rows, lambda r: tuple(r.hparams.get(k) for k in knobs), ", ".join(knobs), bit_lengths) + [""]
+            lines += _pivot(rows, lambda r: tuple(r.hparams.get(k) for k in knobs), ", ".join(knobs), bit_lengths) + [
+                ""
+            ]
     head = " | ".join(knobs)
-    lines += ["## Trials, best first", "", f"| {head} | bits | val mAP | best epoch | epochs | status | MLflow run |", "|---" * (len(knobs) + 6) + "|"]
+    lines += [
+        "## Trials, best first",
+        "",
+        f"| {head} | bits | val mAP | best epoch | epochs | status | MLflow run |",
+        "|---" * (len(knobs) + 6) + "|",
+    ]
     ranked = sorted(rows, key=lambda r: (math.isnan(r.val_map), -(r.val_map if not math.isnan(r.val_map) else 0)))
     for r in ranked:
         shown = "" if math.isnan(r.val_map) else f"{r.val_map:.4f}"
         status = r.status + (f" ({r.error})" if r.error else "")
-        lines.append(f"| {' | '.join(_fmt(r.hparams.get(k)) for k in knobs)} | {r.bits} | {shown} | {r.best_epoch} | {r.epochs} | {status} | `{r.run_id}` |")
+        lines.append(
+            f"| {' | '.join(_fmt(r.hparams.get(k)) for k in knobs)} | {r.bits} | {shown} | {r.best_epoch} | {r.epochs} | {status} | `{r.run_id}` |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -672,7 +725,18 @@ def summary_csv(rows: Sequence[TrialRow], knobs: Sequence[str] | None = None) ->
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(["trial_id", *knobs, "bits", "val_map", "best_epoch", "epochs", "status", "run_id"])
     for r in rows:
-        writer.writerow([r.trial_id, *(r.hparams.get(k, "") for k in knobs), r.bits, "" if math.isnan(r.val_map) else f"{r.val_map:.6f}", r.best_epoch, r.epochs, r.status, r.run_id])
+        writer.writerow(
+            [
+                r.trial_id,
+                *(r.hparams.get(k, "") for k in knobs),
+                r.bits,
+                "" if math.isnan(r.val_map) else f"{r.val_map:.6f}",
+                r.best_epoch,
+                r.epochs,
+                r.status,
+                r.run_id,
+            ]
+        )
     return buf.getvalue()
 
 
@@ -693,8 +757,14 @@ def build_parser() -> argparse.ArgumentParser:
         "Another method's knobs replace the mapping: --set train.method=dsh --set 'tune.space={alpha: [0.01, 0.1]}' (a knob the method lacks is an error). "
         "Trials run at once: tune.max_concurrent_trials, by default the cluster's GPUs (CPUs) // train.num_workers.",
     )
-    parser.add_argument("--dataset", required=True, help="dataset name from params.yaml (its shards must be prepared, with a validation split)")
-    parser.add_argument("--out", metavar="DIR", default=None, help=f"where best.json and the summary go (default: {TUNE_DIR}/<dataset>)")
+    parser.add_argument(
+        "--dataset",
+        required=True,
+        help="dataset name from params.yaml (its shards must be prepared, with a validation split)",
+    )
+    parser.add_argument(
+        "--out", metavar="DIR", default=None, help=f"where best.json and the summary go (default: {TUNE_DIR}/<dataset>)"
+    )
     add_config_args(parser)
     return parser
 
@@ -707,7 +777,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     stopped = sum(r.status == STATUS_STOPPED for r in outcome.rows)
     failed = sum(r.status == STATUS_ERROR for r in outcome.rows)
     if failed:
-        print(f"warning: search {outcome.name}{_failures(outcome.rows, params.tune.max_failures)} (see {outcome.summary_md})", file=sys.stderr)
+        print(
+            f"warning: search {outcome.name}{_failures(outcome.rows, params.tune.max_failures)} (see {outcome.summary_md})",
+            file=sys.stderr,
+        )
     print(
         f"search {outcome.name}: {len(outcome.rows)} trials ({stopped} stopped early, {failed} failed); best {', '.join(f'{k} {_fmt(v)}' for k, v in b.hparams.items())}, "
         f"{b.bits} bits: validation mAP {b.val_map:.4f} (MLflow run {b.run_id}); wrote {outcome.best_file}, {outcome.summary_md}"

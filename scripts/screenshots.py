@@ -89,7 +89,7 @@ def _images(work: Path, given: str | None) -> Path:
     from PIL import Image
 
     rng = np.random.default_rng(0)
-    for c, name in enumerate(("red", "green", "blue", "yellow")):
+    for _c, name in enumerate(("red", "green", "blue", "yellow")):
         colour = rng.integers(0, 256, 3)
         (out / name).mkdir(parents=True, exist_ok=True)
         for i in range(40):
@@ -124,9 +124,16 @@ def build_store(work: Path, images: str | None) -> Path:
     ]
     args = ["--params", str(REPO / "params.yaml"), *(a for s in sets for a in ("--set", s))]
     which = ["--dataset", DATASET]
-    for stage, extra in (("prepare", []), ("train", ["--bits", str(BITS)]), ("evaluate", ["--bits", str(BITS), "--quiet"]), ("promote", ["--bits", str(BITS)])):
+    for stage, extra in (
+        ("prepare", []),
+        ("train", ["--bits", str(BITS)]),
+        ("evaluate", ["--bits", str(BITS), "--quiet"]),
+        ("promote", ["--bits", str(BITS)]),
+    ):
         print(f"$ python -m pipeline.{stage} {' '.join(which + extra)} ...", flush=True)
-        subprocess.run([PYTHON, "-m", f"pipeline.{stage}", *which, *extra, *args], cwd=work, env=_stage_env(), check=True)
+        subprocess.run(
+            [PYTHON, "-m", f"pipeline.{stage}", *which, *extra, *args], cwd=work, env=_stage_env(), check=True
+        )
     return work
 
 
@@ -144,9 +151,24 @@ def mlflow_server(store: Path, timeout_s: float = 180.0):
     log_path = Path(tempfile.gettempdir()) / f"dpfah-mlflow-server-{port}.log"  # not in the store: it may be a checkout
     log = open(log_path, "w")
     server = subprocess.Popen(
-        [str(Path(PYTHON).with_name("mlflow")), "server", "--backend-store-uri", f"sqlite:///{store / 'mlflow.db'}",
-         "--artifacts-destination", str(store / "mlartifacts"), "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-        cwd=store, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        [
+            str(Path(PYTHON).with_name("mlflow")),
+            "server",
+            "--backend-store-uri",
+            f"sqlite:///{store / 'mlflow.db'}",
+            "--artifacts-destination",
+            str(store / "mlartifacts"),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+        ],
+        cwd=store,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
     try:
         deadline = time.time() + timeout_s
@@ -156,7 +178,7 @@ def mlflow_server(store: Path, timeout_s: float = 180.0):
                     break
             except OSError:
                 if server.poll() is not None or time.time() > deadline:
-                    raise SystemExit(f"mlflow server did not start (see {log_path})")
+                    raise SystemExit(f"mlflow server did not start (see {log_path})") from None
                 time.sleep(1)
         print(f"mlflow server at {url} (log: {log_path})")
         yield url
@@ -258,7 +280,14 @@ class Browser:
                 return answer.get("result", {})
 
     def size(self, width: int, height: int) -> None:
-        self.call("Emulation.setDeviceMetricsOverride", session=True, width=width, height=height, deviceScaleFactor=1, mobile=False)
+        self.call(
+            "Emulation.setDeviceMetricsOverride",
+            session=True,
+            width=width,
+            height=height,
+            deviceScaleFactor=1,
+            mobile=False,
+        )
 
     def run(self, script: str):
         """The value of a JavaScript expression in the page (awaited when a promise)."""
@@ -301,7 +330,9 @@ class Browser:
         """Type into the input with this placeholder, as a user does (React sees the keys)."""
         import json
 
-        if not self.run(f"(() => {{ const e = document.querySelector('input[placeholder={json.dumps(placeholder)}]'); if (!e) return false; e.focus(); return true; }})()"):
+        if not self.run(
+            f"(() => {{ const e = document.querySelector('input[placeholder={json.dumps(placeholder)}]'); if (!e) return false; e.focus(); return true; }})()"
+        ):
             raise SystemExit(f"the page has no input {placeholder!r}")
         self.call("Input.insertText", session=True, text=text)
 
@@ -335,7 +366,9 @@ def take(url: str, out: Path, dataset: str = DATASET) -> list[Path]:
     if experiment is None:
         raise SystemExit(f"{url}: no experiment dpfah-{dataset} in this store (--dataset names it)")
     runs = client.search_runs([experiment.experiment_id], "tags.`promote.version` != ''", max_results=100) or [
-        r for r in client.search_runs([experiment.experiment_id], max_results=100) if r.outputs and r.outputs.model_outputs
+        r
+        for r in client.search_runs([experiment.experiment_id], max_results=100)
+        if r.outputs and r.outputs.model_outputs
     ]  # the promoted trainings, else any with a logged model
     if not runs:
         raise SystemExit(f"{url}: experiment dpfah-{dataset} has no training run with a logged model")
@@ -360,9 +393,13 @@ def take(url: str, out: Path, dataset: str = DATASET) -> list[Path]:
         # in the browser's storage; the script adds the column there, as the Columns menu does.
         table = f"{url}/#/experiments/{exp}/runs?orderByKey={quote('metrics.`query_map`')}&orderByAsc=false"
         browser.open(table, run_name, "the runs table")
-        key = browser.run("Object.keys(localStorage).find(k => k.includes('ExperimentPage') && k.endsWith('ReactComponentState')) || null")
+        key = browser.run(
+            "Object.keys(localStorage).find(k => k.includes('ExperimentPage') && k.endsWith('ReactComponentState')) || null"
+        )
         if key is None:
-            raise SystemExit("the MLflow UI kept no runs-table state: this script knows MLflow 3.17's UI (docs/mlflow-ui.md says how to add the column by hand)")
+            raise SystemExit(
+                "the MLflow UI kept no runs-table state: this script knows MLflow 3.17's UI (docs/mlflow-ui.md says how to add the column by hand)"
+            )
         column = json.dumps("metrics.`query_map`")
         browser.run(
             f"(() => {{ const k = {json.dumps(key)}, s = JSON.parse(localStorage.getItem(k));"
@@ -380,12 +417,19 @@ def take(url: str, out: Path, dataset: str = DATASET) -> list[Path]:
         shot("1-runs-table.png")
         browser.open(f"{url}/#/experiments/{exp}/runs/{run_id}", "Metrics", "the run's page")
         shot("2-run.png", 1300)
-        browser.open(f"{url}/#/experiments/{exp}/runs/{run_id}/artifacts/evaluation/pr_curves.png", "pr_curves.png", "the run's artifacts", settle_s=4)
+        browser.open(
+            f"{url}/#/experiments/{exp}/runs/{run_id}/artifacts/evaluation/pr_curves.png",
+            "pr_curves.png",
+            "the run's artifacts",
+            settle_s=4,
+        )
         shot("3-run-artifacts.png")
         # The logged model: its metrics filtered to the evaluation's (linked to it and to the
         # dataset), as a user types "query" into the page's metric search.
         browser.open(f"{url}/#/experiments/{exp}/models/{model.model_id}", "Datasets used", "the logged model")
-        browser.wait_for("!!document.querySelector('input[placeholder=\"Search metrics\"]')", "the logged model's metric search")
+        browser.wait_for(
+            "!!document.querySelector('input[placeholder=\"Search metrics\"]')", "the logged model's metric search"
+        )
         browser.type_into("Search metrics", "query")
         time.sleep(2)
         shot("4-logged-model.png", 1300)
@@ -406,10 +450,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--store", help="a folder with the pipeline's mlflow.db (default: build one in --work)")
     parser.add_argument("--dataset", help="with --store: the experiment dpfah-<dataset> to show (default: cifar10)")
     parser.add_argument("--work", help="where to build the tiny store (default: a new temporary folder, kept)")
-    parser.add_argument("--images", help="a class-folder dataset for the tiny store (default: a CIFAR-10 subset or colour patches)")
+    parser.add_argument(
+        "--images", help="a class-folder dataset for the tiny store (default: a CIFAR-10 subset or colour patches)"
+    )
     args = parser.parse_args(argv)
     _browser()  # fail before any work
-    store = Path(args.store).resolve() if args.store else build_store(Path(args.work or tempfile.mkdtemp(prefix="dpfah-ui-")).resolve(), args.images)
+    store = (
+        Path(args.store).resolve()
+        if args.store
+        else build_store(Path(args.work or tempfile.mkdtemp(prefix="dpfah-ui-")).resolve(), args.images)
+    )
     with mlflow_server(store) as url:
         shots = take(url, Path(args.out).resolve(), args.dataset or ("cifar10" if args.store else DATASET))
     print(f"{len(shots)} screenshots in {Path(args.out).resolve()}; the store is {store}")

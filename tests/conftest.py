@@ -50,7 +50,10 @@ def _writes_only_under_tmp(request):
     new = sorted(_top_level() - _ROOT_AT_START)
     if new:
         _ROOT_AT_START.update(new)
-        pytest.fail(f"{request.node.nodeid} (or a fixture it set up) left {new} in the repository root {_REPO}; write under tmp_path", pytrace=False)
+        pytest.fail(
+            f"{request.node.nodeid} (or a fixture it set up) left {new} in the repository root {_REPO}; write under tmp_path",
+            pytrace=False,
+        )
 
 
 @pytest.fixture(scope="session")
@@ -99,7 +102,10 @@ def cifar10_prepared(tmp_path_factory, cifar10_source):
     from pipeline.prepare import prepare
 
     root = tmp_path_factory.mktemp("cifar10") / "data"
-    params = load_params(Path(__file__).resolve().parents[1] / "params.yaml", [f"data.root={root}", f"datasets.cifar10.source={cifar10_source}"])
+    params = load_params(
+        Path(__file__).resolve().parents[1] / "params.yaml",
+        [f"data.root={root}", f"datasets.cifar10.source={cifar10_source}"],
+    )
     return root, prepare(params, "cifar10", progress=False)
 
 
@@ -138,7 +144,14 @@ def ray_trained(ray_local, mlflow_server, tmp_path_factory):
     source = GlobalBatches(out / "data" / "shards" / "toy", steps=3, global_batch=8)
     # use_tuned: eta and zeta from a search's best.json (the 16-bit entry), the rest
     # from params (delta 0.05: the quantisation term is not zero, so eta shows in the loss)
-    best = {"eta": 9.0, "zeta": 0.9, "bits": 8, "run_id": "trial-8", "search_run_id": "search", "by_bits": {"16": {"eta": 3.0, "zeta": 0.5, "bits": 16, "run_id": "trial-16"}}}
+    best = {
+        "eta": 9.0,
+        "zeta": 0.9,
+        "bits": 8,
+        "run_id": "trial-8",
+        "search_run_id": "search",
+        "by_bits": {"16": {"eta": 3.0, "zeta": 0.5, "bits": 16, "run_id": "trial-16"}},
+    }
     (out / "tune" / "toy").mkdir(parents=True)
     (out / "tune" / "toy" / "best.json").write_text(json.dumps(best))
     # lr 1e-3: a stable descent, so the 1- and 2-worker runs stay equal to rounding; at 1e-2
@@ -150,13 +163,24 @@ def ray_trained(ray_local, mlflow_server, tmp_path_factory):
     os.chdir(out)  # the run record goes to ./runs/
     try:
         for name, extra, uri in (
-            ("uninterrupted", ["train.num_workers=1", "train.fail_at_epoch=2"], f"sqlite:///{out / 'mlflow.db'}"),  # the last epoch: the epoch log, no fault
+            (
+                "uninterrupted",
+                ["train.num_workers=1", "train.fail_at_epoch=2"],
+                f"sqlite:///{out / 'mlflow.db'}",
+            ),  # the last epoch: the epoch log, no fault
             ("resumed", ["train.num_workers=2", "train.fail_at_epoch=1", "train.max_failures=1"], mlflow_server),
         ):
             params = toy_params(out, images, *settings, *extra, f"mlflow.tracking_uri={uri}")
             assert uri != mlflow_server or wait_healthy(uri), f"the mlflow server at {uri} stopped answering"
             outcome = run_training(
-                params, "toy", 16, run_name=name, write_run_file=name == "resumed", log_model=name == "resumed", batch_source=source, steps_per_epoch=3
+                params,
+                "toy",
+                16,
+                run_name=name,
+                write_run_file=name == "resumed",
+                log_model=name == "resumed",
+                batch_source=source,
+                steps_per_epoch=3,
             )
             runs[name] = {"params": params, "outcome": outcome, "uri": uri}
     finally:

@@ -105,8 +105,12 @@ def fake_training_run(
         experiment = open_experiment(f"dpfah-{dataset}", tracking_uri)
         with mlflow.start_run(experiment_id=experiment.experiment_id) as run:
             mlflow.log_params({"dataset": dataset, "bits": bits, "train.image_size": image_size})
-            mlflow.set_tags({"dataset": dataset, "protocol": "custom", "manifest_sha256": manifest_sha256, "git_commit": "test"})
-            info = mlflow.pytorch.log_model(model, name="model", serialization_format="pickle", pip_requirements=["torch"])
+            mlflow.set_tags(
+                {"dataset": dataset, "protocol": "custom", "manifest_sha256": manifest_sha256, "git_commit": "test"}
+            )
+            info = mlflow.pytorch.log_model(
+                model, name="model", serialization_format="pickle", pip_requirements=["torch"]
+            )
             run_id = run.info.run_id
     if status != "FINISHED":
         mlflow.tracking.MlflowClient(tracking_uri).set_terminated(run_id, status)
@@ -150,7 +154,17 @@ SHA = "ab" * 32
 NAME = "dpfah-toy-8b"
 
 
-def evaluated_run(uri: str, root: Path, value: float, *, map_at="ALL", sha: str = SHA, write_files: bool = True, complete: bool = True, model=None) -> dict:
+def evaluated_run(
+    uri: str,
+    root: Path,
+    value: float,
+    *,
+    map_at="ALL",
+    sha: str = SHA,
+    write_files: bool = True,
+    complete: bool = True,
+    model=None,
+) -> dict:
     """A fake-trained run with an evaluation as pipeline.evaluate leaves it: the metric and
     ``eval.*`` tags on the run, the run record and metrics/toy-8-dpfah-s0.json under ``root``."""
     from mlflow.tracking import MlflowClient
@@ -257,7 +271,11 @@ def wait_healthy(uri: str, proc=None, timeout_s: float = 60) -> bool:
         try:
             with urllib.request.urlopen(f"{uri}/health", timeout=5):
                 pass
-            search = urllib.request.Request(f"{uri}/api/2.0/mlflow/experiments/search", data=b'{"max_results": 1}', headers={"Content-Type": "application/json"})
+            search = urllib.request.Request(
+                f"{uri}/api/2.0/mlflow/experiments/search",
+                data=b'{"max_results": 1}',
+                headers={"Content-Type": "application/json"},
+            )
             with urllib.request.urlopen(search, timeout=max(5.0, deadline - time.monotonic())):
                 return True
         except OSError:
@@ -406,7 +424,14 @@ def read_split_plain(shards: Path, split: str):
                 samples.setdefault(key, {})[ext] = tar.extractfile(member).read()
     rows = sorted(samples.values(), key=lambda s: int(s["index"]))
     assert [int(s["index"]) for s in rows] == list(range(manifest["splits"][split]["count"]))
-    images = np.stack([np.asarray(Image.open(io.BytesIO(next(v for k, v in s.items() if k not in ("index", "labels.npy")))).convert("RGB")) for s in rows])
+    images = np.stack(
+        [
+            np.asarray(
+                Image.open(io.BytesIO(next(v for k, v in s.items() if k not in ("index", "labels.npy")))).convert("RGB")
+            )
+            for s in rows
+        ]
+    )
     labels = np.stack([np.load(io.BytesIO(s["labels.npy"])) for s in rows])
     return images, labels
 

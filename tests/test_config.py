@@ -69,30 +69,48 @@ def test_overrides_are_yaml_scalars_and_can_add_entries():
 @pytest.mark.parametrize(
     "override,message",
     [
-        ("datasets.cifar10.protocol=x", "datasets.cifar10.protocol: unknown protocol 'x' (choose cifar10-59k or cifar10-54k)"),
+        (
+            "datasets.cifar10.protocol=x",
+            "datasets.cifar10.protocol: unknown protocol 'x' (choose cifar10-59k or cifar10-54k)",
+        ),
         ("datasets.cifar10.sorce=/x", "datasets.cifar10.sorce: unknown key"),
         ("trian.epochs=3", "trian: unknown section"),
-            ("train.optimizer=adam", "train.optimizer: unknown optimizer 'adam' (choose rmsprop, adamw or sgd)"),
-            ("train.crop_scale=[0.9, 0.5]", "train.crop_scale: must be [lo, hi] with 0 < lo <= hi <= 1"),
-            ("profile=paper", "profile: not a parameter any more: apply a profile to params.yaml with `python -m pipeline.profile NAME`"),
-            ("train.eta=1", "train.eta: unknown key"),
-            ("objectives.dpfah.pairs=all", "objectives.dpfah.pairs: 'all' is not one of batch, memory, bank"),
-            ("train.crop_scale=[0.5, 2]", "train.crop_scale: must be [lo, hi] with 0 < lo <= hi <= 1, got [0.5, 2.0]"),
-            ("model.lam=0", "model.lam: must be > 0, got 0.0"),
-            ("bits=[]", "bits: must list code lengths >= 1"),
+        ("train.optimizer=adam", "train.optimizer: unknown optimizer 'adam' (choose rmsprop, adamw or sgd)"),
+        ("train.crop_scale=[0.9, 0.5]", "train.crop_scale: must be [lo, hi] with 0 < lo <= hi <= 1"),
+        (
+            "profile=paper",
+            "profile: not a parameter any more: apply a profile to params.yaml with `python -m pipeline.profile NAME`",
+        ),
+        ("train.eta=1", "train.eta: unknown key"),
+        ("objectives.dpfah.pairs=all", "objectives.dpfah.pairs: 'all' is not one of batch, memory, bank"),
+        ("train.crop_scale=[0.5, 2]", "train.crop_scale: must be [lo, hi] with 0 < lo <= hi <= 1, got [0.5, 2.0]"),
+        ("model.lam=0", "model.lam: must be > 0, got 0.0"),
+        ("bits=[]", "bits: must list code lengths >= 1"),
         ("seed=-1", "seed: must be >= 0"),
         ("seed=abc", "seed: expected an integer, got 'abc'"),
         ("datasets.cifar10.shard_size=0", "datasets.cifar10.shard_size: must be >= 1"),
-        ("datasets.cifar10.on_bad_image=ignore", "datasets.cifar10.on_bad_image: unknown value 'ignore' (choose skip or fail)"),
+        (
+            "datasets.cifar10.on_bad_image=ignore",
+            "datasets.cifar10.on_bad_image: unknown value 'ignore' (choose skip or fail)",
+        ),
         ("datasets.cifar10.md5=xyz", "datasets.cifar10.md5: 'xyz' is not an md5"),
-        ("datasets.cifar10.kind=folder", "datasets.cifar10.kind: unknown kind 'folder' (choose cifar10, lists or custom)"),
+        (
+            "datasets.cifar10.kind=folder",
+            "datasets.cifar10.kind: unknown kind 'folder' (choose cifar10, lists or custom)",
+        ),
         ("datasets.imagenet100.all_list=/x", "datasets.imagenet100.all_list: give database_list or all_list, not both"),
         ("datasets.imagenet100.num_classes=null", "datasets.imagenet100.num_classes: missing"),
         ("datasets.nuswide21.class_names=[a, b]", "datasets.nuswide21.class_names: 2 names for num_classes 21"),
         ("datasets.mine.images=/x", "datasets.mine.kind: missing (choose cifar10, lists or custom)"),
-        ("prepare.datasets=[cifar10, nope]", "prepare.datasets: unknown dataset 'nope' (defined: cifar10, nuswide21, imagenet100)"),
+        (
+            "prepare.datasets=[cifar10, nope]",
+            "prepare.datasets: unknown dataset 'nope' (defined: cifar10, nuswide21, imagenet100)",
+        ),
         ("prepare.datasets=cifar10", "prepare.datasets: expected a list"),
-        ("datasets.cifar10.source.x=1", "--set datasets.cifar10.source.x: datasets.cifar10.source is a value, not a section"),
+        (
+            "datasets.cifar10.source.x=1",
+            "--set datasets.cifar10.source.x: datasets.cifar10.source is a value, not a section",
+        ),
         ("seed", "--set 'seed': expected dotted.key=value"),
         ("data.root=", "data.root: missing value (expected a string)"),
         # inf passes every `>= low` check, so floats are checked to be finite first (issue #11)
@@ -103,23 +121,41 @@ def test_overrides_are_yaml_scalars_and_can_add_entries():
         ("train.crop_scale=[0.5, .inf]", "train.crop_scale[1]: must be a finite number, got inf"),
         ("tune.space.eta=[1, .inf]", "tune.space.eta[1]: must be a finite number, got inf"),
         ("train.fail_at_epoch=-3", "train.fail_at_epoch: must be >= 0, got -3"),
-        ("train.fail_at_epoch=8", "train.fail_at_epoch: 8 is not an epoch of this training (epochs count from 0: 0..7)"),
+        (
+            "train.fail_at_epoch=8",
+            "train.fail_at_epoch: 8 is not an epoch of this training (epochs count from 0: 0..7)",
+        ),
         ('train.storage_path=""', "train.storage_path: '' is not a path or URI (where Ray Train keeps checkpoints)"),
         ("train.storage_path=' '", "train.storage_path: ' ' is not a path or URI"),
-        ("train.method=nosuch", "train.method: unknown method or variant 'nosuch' (methods: dpfah, dpsh, dsh, dhn, hashnet, dsdh, dfh, idhn, dbdh, lcdsh;"),
+        (
+            "train.method=nosuch",
+            "train.method: unknown method or variant 'nosuch' (methods: dpfah, dpsh, dsh, dhn, hashnet, dsdh, dfh, idhn, dbdh, lcdsh;",
+        ),
         ("train.methods=[dpfah,dsh,dpfah]", "train.methods: must list distinct names"),
         ("train.seeds=[]", "train.seeds: must list distinct seeds >= 0"),
         ("objectives.dsh.alpha=big", "objectives.dsh.alpha: expected a number, got 'big'"),
-        ("objectives.dsh.beta=1", "objectives.dsh.beta: dsh has no hyper-parameter 'beta' (it has: alpha, margin, pairs)"),
+        (
+            "objectives.dsh.beta=1",
+            "objectives.dsh.beta: dsh has no hyper-parameter 'beta' (it has: alpha, margin, pairs)",
+        ),
         ("objectives.hashnet.pairs=all", "objectives.hashnet.pairs: 'all' is not one of batch, memory, bank"),
         ("objectives.dsdh.pairs=bank", "objectives.dsdh.pairs: 'bank' is not one of memory"),
         ("objectives.dsh.alpha=.inf", "objectives.dsh.alpha: must be a finite number, got inf"),
         ("objectives.dpfah.eta=-1", "objectives.dpfah.eta: must be >= 0, got -1"),
-        ("objectives.dpfah.alpha=1", "objectives.dpfah.alpha: dpfah has no hyper-parameter 'alpha' (it has: delta, eta, pairs, zeta)"),
+        (
+            "objectives.dpfah.alpha=1",
+            "objectives.dpfah.alpha: dpfah has no hyper-parameter 'alpha' (it has: delta, eta, pairs, zeta)",
+        ),
         ("loss.bogus=1", "loss.bogus: unknown key (the `loss` section is gone: DPFAH's knobs are objectives.dpfah.*"),
         ("objectives.vgg.x=1", "objectives: unknown method 'vgg'"),
-        ("variants.resnet18.model.backbone=vgg", "variants.resnet18.model.backbone: unknown backbone 'vgg' (choose resnet18 or alexnet)"),
-        ("variants.resnet18.model.depth=3", "variants.resnet18.model.depth: unknown key (known: pfa, lam, backbone_weights, backbone)"),
+        (
+            "variants.resnet18.model.backbone=vgg",
+            "variants.resnet18.model.backbone: unknown backbone 'vgg' (choose resnet18 or alexnet)",
+        ),
+        (
+            "variants.resnet18.model.depth=3",
+            "variants.resnet18.model.depth: unknown key (known: pfa, lam, backbone_weights, backbone)",
+        ),
         ("variants.resnet18.objective.eta=yes", "variants.resnet18.objective.eta: expected a number, got True"),
         ("variants.dsh.method=dsh", "variants: variant name 'dsh' must match"),
         ("variants.mine.method=vgg", "variants.mine.method: unknown method 'vgg'"),
@@ -149,7 +185,9 @@ def _float_keys(cls, prefix: str):
 
 def test_every_float_key_refuses_inf_and_nan():
     keys = dict(_float_keys(Params, ""))
-    assert {"train.lr", "model.lam", "tune.reduction_factor"} <= set(keys)  # (a method's knobs: test_errors_name_the_key)
+    assert {"train.lr", "model.lam", "tune.reduction_factor"} <= set(
+        keys
+    )  # (a method's knobs: test_errors_name_the_key)
     for key, scalar in keys.items():
         for text, shown in ((".inf", "inf"), ("-.inf", "-inf"), (".nan", "nan")):
             value = text if scalar else f"[{text}, 1.0]"
@@ -185,8 +223,24 @@ def test_a_stage_refuses_inf_in_one_line(tmp_path):
         ("train.fail_at_epoch=-3", "error: train.fail_at_epoch: must be >= 0, got -3\n"),
     ):
         proc = subprocess.run(
-            [sys.executable, "-m", "pipeline.train", "--dataset", "cifar10", "--bits", "64", "--params", str(PARAMS), "--set", override],
-            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+            [
+                sys.executable,
+                "-m",
+                "pipeline.train",
+                "--dataset",
+                "cifar10",
+                "--bits",
+                "64",
+                "--params",
+                str(PARAMS),
+                "--set",
+                override,
+            ],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
         )
         assert (proc.returncode, proc.stderr) == (2, line)
     assert os.listdir(tmp_path) == [], "nothing started, nothing written"
@@ -217,7 +271,11 @@ def test_file_errors(tmp_path):
     empty = tmp_path / "empty.yaml"
     empty.write_text("prepare:\n  datasets: []\n")
     p = load_params(empty)
-    assert p.datasets == {} and p.prepare.datasets == () and p == Params(prepare=dataclasses.replace(Params().prepare, datasets=()))
+    assert (
+        p.datasets == {}
+        and p.prepare.datasets == ()
+        and p == Params(prepare=dataclasses.replace(Params().prepare, datasets=()))
+    )
 
 
 def test_argparse_helper_and_exit_status(capsys):
@@ -250,8 +308,12 @@ def test_params_yaml_repeats_the_declared_defaults():
             assert got.space == {"eta": (1.0, 10.0), "zeta": (0.1, 1.0)} and declared.space == {}
             got = dataclasses.replace(got, space={})
         assert got == declared, section
-        assert set(raw[section]) == {f.name for f in dataclasses.fields(getattr(Params(), section))}, f"{section}: every key is in params.yaml"
-    assert tuple(raw["bits"]) == Params().bits and raw["seed"] == Params().seed and raw["use_tuned"] is Params().use_tuned
+        assert set(raw[section]) == {f.name for f in dataclasses.fields(getattr(Params(), section))}, (
+            f"{section}: every key is in params.yaml"
+        )
+    assert (
+        tuple(raw["bits"]) == Params().bits and raw["seed"] == Params().seed and raw["use_tuned"] is Params().use_tuned
+    )
     # A method's knobs: only what the CPU profile changes from the method's own defaults.
     assert raw["objectives"] == {"dpfah": {"eta": 1.0}}
 
@@ -259,13 +321,16 @@ def test_params_yaml_repeats_the_declared_defaults():
 def test_profile_applies_per_run_or_into_params_yaml(tmp_path, capsys):
     import shutil
 
-    from pipeline.profile import apply_profile, main
-
     from dpfah import methods
+    from pipeline.profile import apply_profile, main
     from pipeline.recipes import resolve
 
     paper = load_params(PARAMS, profile="paper")
-    assert paper.bits == (16, 32, 48, 64) and paper.train.image_size == 224 and paper.objectives["dpfah"] == {"eta": None, "zeta": None}
+    assert (
+        paper.bits == (16, 32, 48, 64)
+        and paper.train.image_size == 224
+        and paper.objectives["dpfah"] == {"eta": None, "zeta": None}
+    )
     assert resolve(paper, "cifar10", 64).hparams == {}  # DPFAH's own defaults: the paper's
     assert methods.build("dpfah", {}, bits=64, num_classes=10).eta == 10.0
     assert resolve(load_params(PARAMS), "cifar10", 64).hparams == {"eta": 1.0}
@@ -298,26 +363,50 @@ def test_old_keys_are_read_as_their_new_ones_with_a_warning(tmp_path):
     import yaml
 
     with pytest.warns(FutureWarning) as caught:
-        p = load_params(PARAMS, ["loss.eta=3", "loss.use_tuned=true", "tune.eta=[2, 4]", "tune.search=random", "tune.zeta_range=[0.1, 1]"])
+        p = load_params(
+            PARAMS,
+            ["loss.eta=3", "loss.use_tuned=true", "tune.eta=[2, 4]", "tune.search=random", "tune.zeta_range=[0.1, 1]"],
+        )
     assert p.objectives["dpfah"] == {"eta": 3} and p.use_tuned is True
     assert p.tune.space["eta"] == (2, 4) and p.tune.ranges == {"zeta": (0.1, 1.0)}
     said = {str(w.message) for w in caught}
     assert "params: loss.eta is an old name of objectives.dpfah.eta; read as objectives.dpfah.eta (rename it)" in said
-    assert {"loss.use_tuned is an old name of use_tuned", "tune.eta is an old name of tune.space.eta", "tune.zeta_range is an old name of tune.ranges.zeta"} <= {m.split(": ", 1)[1].split(";")[0] for m in said}
+    assert {
+        "loss.use_tuned is an old name of use_tuned",
+        "tune.eta is an old name of tune.space.eta",
+        "tune.zeta_range is an old name of tune.ranges.zeta",
+    } <= {m.split(": ", 1)[1].split(";")[0] for m in said}
 
     raw = yaml.safe_load(PARAMS.read_text())
     del raw["objectives"], raw["use_tuned"]
     raw["loss"] = {"eta": 1.0, "zeta": 0.1, "delta": 1.1, "pairs": "batch", "use_tuned": False}
-    raw["tune"] = {k: v for k, v in raw["tune"].items() if k != "space"} | {"eta": [1.0, 10.0], "zeta": [0.1, 1.0], "eta_range": None, "zeta_range": None}
+    raw["tune"] = {k: v for k, v in raw["tune"].items() if k != "space"} | {
+        "eta": [1.0, 10.0],
+        "zeta": [0.1, 1.0],
+        "eta_range": None,
+        "zeta_range": None,
+    }
     old = tmp_path / "params.yaml"
     old.write_text(yaml.safe_dump(raw))
     with pytest.warns(FutureWarning) as caught:
         p = load_params(old)
-    assert "params: loss.delta is an old name of objectives.dpfah.delta; read as objectives.dpfah.delta (rename it)" in {str(w.message) for w in caught}
-    assert p.objectives["dpfah"] == {"eta": 1.0, "zeta": 0.1, "delta": 1.1, "pairs": "batch"} and p.tune == load_params(PARAMS).tune
+    assert (
+        "params: loss.delta is an old name of objectives.dpfah.delta; read as objectives.dpfah.delta (rename it)"
+        in {str(w.message) for w in caught}
+    )
+    assert (
+        p.objectives["dpfah"] == {"eta": 1.0, "zeta": 0.1, "delta": 1.1, "pairs": "batch"}
+        and p.tune == load_params(PARAMS).tune
+    )
     assert p.use_tuned is False
     raw["objectives"] = {"dpfah": {"eta": 2.0}}  # e.g. `dvc exp run -S loss.eta=...` on a new params.yaml
-    with pytest.warns(FutureWarning), pytest.raises(ConfigError, match=r"^loss.eta: an old name of objectives.dpfah.eta, which is also given: give objectives.dpfah.eta only$"):
+    with (
+        pytest.warns(FutureWarning),
+        pytest.raises(
+            ConfigError,
+            match=r"^loss.eta: an old name of objectives.dpfah.eta, which is also given: give objectives.dpfah.eta only$",
+        ),
+    ):
         parse_params({**raw, "loss": {"eta": 2.0}})
 
 
@@ -333,6 +422,9 @@ def test_variants_resolve_to_their_method_network_and_hyper_parameters():
     assert (dsh.method, dsh.hparams, dsh.model) == ("dsh", {"alpha": 0.05}, {})
     assert resolve(params, "cifar10", 48).entry == "dpfah"  # train.method
     alex = resolve(params, "cifar10", 48, "dbdh-alexnet")
-    assert alex.model == {"backbone": "alexnet", "pfa": False} and params.variant_model("dbdh-alexnet").backbone == "alexnet"
+    assert (
+        alex.model == {"backbone": "alexnet", "pfa": False}
+        and params.variant_model("dbdh-alexnet").backbone == "alexnet"
+    )
     with pytest.raises(ConfigError, match="--method nosuch: unknown method or variant"):
         resolve(params, "cifar10", 48, "nosuch")

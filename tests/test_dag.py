@@ -117,7 +117,10 @@ def ran_stages(output: str) -> set[str]:
 def _local_ray_sessions() -> set[str]:
     """Session folders of the Ray instances started on this machine in Ray's default temp dir
     (RAY_TMPDIR, else TMPDIR, else /tmp on Linux)."""
-    return {p.name for p in Path(os.environ.get("RAY_TMPDIR") or os.environ.get("TMPDIR") or "/tmp", "ray").glob("session_2*")}
+    return {
+        p.name
+        for p in Path(os.environ.get("RAY_TMPDIR") or os.environ.get("TMPDIR") or "/tmp", "ray").glob("session_2*")
+    }
 
 
 def test_dvc_repro_runs_the_dag_then_nothing_then_only_what_a_parameter_touches(ray_head, tmp_path):
@@ -142,14 +145,24 @@ def test_dvc_repro_runs_the_dag_then_nothing_then_only_what_a_parameter_touches(
 
     # 1. The whole DAG.
     first = run([str(BIN / "dvc"), "repro", "promote"], repo, env)
-    assert ran_stages(first) == {"prepare@toy", f"objective@toy-{BITS}-dpfah", f"train@toy-{BITS}-dpfah-0", f"evaluate@toy-{BITS}-dpfah-0", f"promote@toy-{BITS}-dpfah-0"}, first
+    assert ran_stages(first) == {
+        "prepare@toy",
+        f"objective@toy-{BITS}-dpfah",
+        f"train@toy-{BITS}-dpfah-0",
+        f"evaluate@toy-{BITS}-dpfah-0",
+        f"promote@toy-{BITS}-dpfah-0",
+    }, first
     record = json.loads((repo / "runs" / f"toy-{BITS}-dpfah-s0.json").read_text())
     metrics = json.loads((repo / "metrics" / f"toy-{BITS}-dpfah-s0.json").read_text())
     promotion = json.loads((repo / "promotions" / f"toy-{BITS}-dpfah-s0.json").read_text())
     evaluation = json.loads((repo / "evaluations" / f"toy-{BITS}-dpfah-s0.json").read_text())
     assert evaluation["run_id"] == record["run_id"] == promotion["run_id"]
     assert set(metrics) == set(metric_values(metrics)), metrics  # the DVC metrics file: numbers only
-    assert (promotion["decision"], promotion["version"], promotion["model_name"]) == ("promoted", 1, f"dpfah-toy-{BITS}b")
+    assert (promotion["decision"], promotion["version"], promotion["model_name"]) == (
+        "promoted",
+        1,
+        f"dpfah-toy-{BITS}b",
+    )
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     run_data = client.get_run(record["run_id"]).data
     for name, value in metric_values(metrics).items():
@@ -175,7 +188,10 @@ def test_dvc_repro_runs_the_dag_then_nothing_then_only_what_a_parameter_touches(
     promotion_bytes = (repo / "promotions" / f"toy-{BITS}-dpfah-s0.json").read_bytes()
     exp = run([str(BIN / "dvc"), "exp", "run", "-S", "evaluate.radius=1", "promote"], repo, env)
     assert ran_stages(exp) == {f"evaluate@toy-{BITS}-dpfah-0", f"promote@toy-{BITS}-dpfah-0"}, exp
-    assert "Stage 'prepare@toy' didn't change, skipping" in exp and f"Stage 'train@toy-{BITS}-dpfah-0' didn't change, skipping" in exp
+    assert (
+        "Stage 'prepare@toy' didn't change, skipping" in exp
+        and f"Stage 'train@toy-{BITS}-dpfah-0' didn't change, skipping" in exp
+    )
     metrics2 = json.loads((repo / "metrics" / f"toy-{BITS}-dpfah-s0.json").read_text())
     evaluation2 = json.loads((repo / "evaluations" / f"toy-{BITS}-dpfah-s0.json").read_text())
     assert evaluation2["radius"] == 1 and evaluation2["run_id"] == record["run_id"]
@@ -197,19 +213,37 @@ def test_dvc_repro_runs_the_dag_then_nothing_then_only_what_a_parameter_touches(
 
     # 5. One more code length: only its own stages run; the trained length is not retrained.
     more = run([str(BIN / "dvc"), "exp", "run", "-S", f"bits=[{BITS},4]", "promote"], repo, env)
-    assert ran_stages(more) == {"objective@toy-4-dpfah", "train@toy-4-dpfah-0", "evaluate@toy-4-dpfah-0", "promote@toy-4-dpfah-0"}, more
+    assert ran_stages(more) == {
+        "objective@toy-4-dpfah",
+        "train@toy-4-dpfah-0",
+        "evaluate@toy-4-dpfah-0",
+        "promote@toy-4-dpfah-0",
+    }, more
     assert f"Stage 'train@toy-{BITS}-dpfah-0' didn't change, skipping" in more
     assert json.loads((repo / "runs" / f"toy-{BITS}-dpfah-s0.json").read_text())["run_id"] == record["run_id"]
     assert json.loads((repo / "evaluations" / "toy-4-dpfah-s0.json").read_text())["bits"] == 4
 
     # 6. A second method beside DPFAH: only its own stages run, through the same loop, and it
     #    is promoted into its own registered model; DPFAH's records and champion stay.
-    second = run([str(BIN / "dvc"), "exp", "run", "-S", f"bits=[{BITS}]", "-S", "train.methods=[dpfah,dsh]", "promote"], repo, env)
-    assert ran_stages(second) == {f"objective@toy-{BITS}-dsh", f"train@toy-{BITS}-dsh-0", f"evaluate@toy-{BITS}-dsh-0", f"promote@toy-{BITS}-dsh-0"}, second
+    second = run(
+        [str(BIN / "dvc"), "exp", "run", "-S", f"bits=[{BITS}]", "-S", "train.methods=[dpfah,dsh]", "promote"],
+        repo,
+        env,
+    )
+    assert ran_stages(second) == {
+        f"objective@toy-{BITS}-dsh",
+        f"train@toy-{BITS}-dsh-0",
+        f"evaluate@toy-{BITS}-dsh-0",
+        f"promote@toy-{BITS}-dsh-0",
+    }, second
     dsh = json.loads((repo / "runs" / f"toy-{BITS}-dsh-s0.json").read_text())
     assert (dsh["method"], dsh["method_base"], dsh["seed"]) == ("dsh", "dsh", 0) and dsh["run_id"] != record["run_id"]
     dsh_run = client.get_run(dsh["run_id"])
-    assert (dsh_run.data.tags["method"], dsh_run.data.tags["backbone"], dsh_run.data.params["loss.alpha"]) == ("dsh", "resnet18", "0.01")
+    assert (dsh_run.data.tags["method"], dsh_run.data.tags["backbone"], dsh_run.data.params["loss.alpha"]) == (
+        "dsh",
+        "resnet18",
+        "0.01",
+    )
     assert json.loads((repo / "promotions" / f"toy-{BITS}-dsh-s0.json").read_text())["model_name"] == f"dsh-toy-{BITS}b"
     assert client.get_model_version_by_alias(f"dsh-toy-{BITS}b", "champion").run_id == dsh["run_id"]
     assert client.get_model_version_by_alias(f"dpfah-toy-{BITS}b", "champion").run_id == record["run_id"]
@@ -225,18 +259,30 @@ def test_a_profile_written_into_params_is_what_dvc_plans(tmp_path):
     env = stage_env()
     run([str(BIN / "dvc"), "init", "--no-scm", "-q"], repo, env)
     listed = run([str(BIN / "dvc"), "stage", "list"], repo, env)
-    assert {line.split()[0] for line in listed.splitlines() if line.startswith("train@")} == {"train@cifar10-64-dpfah-0"}
+    assert {line.split()[0] for line in listed.splitlines() if line.startswith("train@")} == {
+        "train@cifar10-64-dpfah-0"
+    }
     # the index of the champion comes after its promotions (dvc repro ends with a searchable index)
     assert {line.split()[0] for line in listed.splitlines() if line.startswith("index@")} == {"index@cifar10-64"}
     upstream = run([str(BIN / "dvc"), "dag", "--md", "index@cifar10-64"], repo, env)
     assert "promote@cifar10-64-dpfah-0" in upstream and "prepare@cifar10" in upstream, upstream
     run([sys.executable, "-m", "pipeline.profile", "paper"], repo, env)
     listed = run([str(BIN / "dvc"), "stage", "list"], repo, env)
-    planned = {line.split()[0] for line in listed.splitlines() if line.split() and line.split()[0].startswith(("train@", "evaluate@", "promote@"))}
-    assert planned == {f"{stage}@cifar10-{b}-dpfah-0" for stage in ("train", "evaluate", "promote") for b in (16, 32, 48, 64)}, listed
+    planned = {
+        line.split()[0]
+        for line in listed.splitlines()
+        if line.split() and line.split()[0].startswith(("train@", "evaluate@", "promote@"))
+    }
+    assert planned == {
+        f"{stage}@cifar10-{b}-dpfah-0" for stage in ("train", "evaluate", "promote") for b in (16, 32, 48, 64)
+    }, listed
     params = yaml.safe_load((repo / "params.yaml").read_text())
     # DPFAH's eta and zeta back to its own defaults (null), the paper's 10 and 0.1
-    assert (params["train"]["image_size"], params["train"]["optimizer"], params["objectives"]["dpfah"]) == (224, "rmsprop", {"eta": None, "zeta": None})
+    assert (params["train"]["image_size"], params["train"]["optimizer"], params["objectives"]["dpfah"]) == (
+        224,
+        "rmsprop",
+        {"eta": None, "zeta": None},
+    )
 
 
 # ----------------------------------------------------------------------------- ray job submit
@@ -371,11 +417,17 @@ def test_train_stage_runs_as_a_ray_job(ray_head, toy_dataset, tmp_path, monkeypa
     from dpfah import kernels
 
     assert kernels.status()["ranking"] != "numpy", "the test environment itself has no compiled kernels"
-    assert (run_info.data.tags["kernel.hamming"], run_info.data.tags["kernel.ranking"]) == (kernels.status()["hamming"], kernels.status()["ranking"])
+    assert (run_info.data.tags["kernel.hamming"], run_info.data.tags["kernel.ranking"]) == (
+        kernels.status()["hamming"],
+        kernels.status()["ranking"],
+    )
 
     # The rest of the chain by run id (in this process: the job machinery is shown above).
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    params = load_params(REPO / "params.yaml", [f"{k}={v}" for k, v in sets.items()] + ["evaluate.loader_workers=0", "evaluate.grid_queries=1"])
+    params = load_params(
+        REPO / "params.yaml",
+        [f"{k}={v}" for k, v in sets.items()] + ["evaluate.loader_workers=0", "evaluate.grid_queries=1"],
+    )
     result = evaluate(params, "toy", BITS, run_id=run_id, progress=False, root=tmp_path)
     assert result.doc["run_id"] == run_id
     assert client.get_run(run_id).data.metrics["query_map"] == result.doc["query_map"]

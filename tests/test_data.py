@@ -56,7 +56,11 @@ def _make_split_with_tarfile(directory, split: str, counts: list[int], sizes=Non
                 npy = io.BytesIO()
                 np.save(npy, _labels(index))
                 size = sizes[index] if sizes else 4
-                for ext, data in (("png", _png(index, size)), ("labels.npy", npy.getvalue()), ("index", str(index).encode())):
+                for ext, data in (
+                    ("png", _png(index, size)),
+                    ("labels.npy", npy.getvalue()),
+                    ("index", str(index).encode()),
+                ):
                     info = tarfile.TarInfo(f"{key}.{ext}")
                     info.size = len(data)
                     tar.addfile(info, io.BytesIO(data))
@@ -75,7 +79,10 @@ def uneven(tmp_path_factory):
         "seed": 0,
         "classes": [f"c{i}" for i in range(CLASSES)],
         "multi_label": True,
-        "splits": {"train": _make_split_with_tarfile(d, "train", UNEVEN), "query": _make_split_with_tarfile(d, "query", [3, 1, 5])},
+        "splits": {
+            "train": _make_split_with_tarfile(d, "train", UNEVEN),
+            "query": _make_split_with_tarfile(d, "query", [3, 1, 5]),
+        },
     }
     (d / MANIFEST_FILE).write_text(json.dumps(manifest))
     return d
@@ -193,7 +200,15 @@ def test_read_samples_picks_single_samples_across_uneven_shards(uneven):
 
 def test_eval_decode_needs_one_size(tmp_path):
     split = _make_split_with_tarfile(tmp_path, "query", [3], sizes=[4, 4, 6])
-    manifest = {"format": FORMAT, "dataset": "x", "protocol": "x", "seed": 0, "classes": ["a"] * CLASSES, "multi_label": True, "splits": {"query": split}}
+    manifest = {
+        "format": FORMAT,
+        "dataset": "x",
+        "protocol": "x",
+        "seed": 0,
+        "classes": ["a"] * CLASSES,
+        "multi_label": True,
+        "splits": {"query": split},
+    }
     (tmp_path / MANIFEST_FILE).write_text(json.dumps(manifest))
     with pytest.raises(ShardError, match="one size"):
         list(EvalStream(tmp_path, "query", batch_size=3, decode=True))
@@ -294,6 +309,12 @@ def test_dpfah_never_imports_the_pipeline_stack():
 
     for path in Path(dpfah.__file__).parent.glob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):
-            names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else []
+            names = (
+                [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else [node.module or ""]
+                if isinstance(node, ast.ImportFrom) and not node.level
+                else []
+            )
             for name in names:
                 assert name.split(".")[0] not in ("pipeline", "ray", "mlflow", "dvc"), f"{path.name} imports {name}"

@@ -22,7 +22,12 @@ DOCS = ROOT / "docs"
 
 def _fenced(text: str) -> list[str]:
     """The lines of the ```bash blocks of a markdown text."""
-    return [line.strip() for block in re.findall(r"```bash\n(.*?)```", text, re.S) for line in block.splitlines() if line.strip()]
+    return [
+        line.strip()
+        for block in re.findall(r"```bash\n(.*?)```", text, re.S)
+        for line in block.splitlines()
+        if line.strip()
+    ]
 
 
 def test_the_readme_is_a_short_front_page():

@@ -127,7 +127,9 @@ def test_each_schedule_sets_the_learning_rate_of_every_step_by_its_formula(sched
     after the last step of each epoch (the epoch's reported lr), equals the formula."""
     images, labels = _images(32)
     epochs, steps, lr = 3, 4, 3e-3
-    settings = TrainSettings(epochs=epochs, batch_size=8, image_size=16, optimizer="adamw", lr=lr, schedule=schedule, precision="fp32")
+    settings = TrainSettings(
+        epochs=epochs, batch_size=8, image_size=16, optimizer="adamw", lr=lr, schedule=schedule, precision="fp32"
+    )
     torch.manual_seed(0)
     with _StepRecorder() as rec:
         reports = _fit(settings, TinyNet(8, 3), DPFAHLoss(eta=1, zeta=0.1), images, labels, steps)
@@ -135,7 +137,9 @@ def test_each_schedule_sets_the_learning_rate_of_every_step_by_its_formula(sched
     want = [SCHEDULE_FORMULAS[schedule](t, total, lr) for t in range(total)]
     assert rec.lrs == pytest.approx(want, rel=1e-9, abs=1e-15)
     for e, metrics in enumerate(reports):
-        assert metrics["lr"] == pytest.approx(SCHEDULE_FORMULAS[schedule]((e + 1) * steps, total, lr), rel=1e-9, abs=1e-15)
+        assert metrics["lr"] == pytest.approx(
+            SCHEDULE_FORMULAS[schedule]((e + 1) * steps, total, lr), rel=1e-9, abs=1e-15
+        )
     if schedule != "constant":  # the formula is not trivially flat over these steps
         assert max(want) / min(want) > 2
 
@@ -146,7 +150,16 @@ def test_rmsprop_with_the_cosine_schedule_updates_every_weight_by_the_rmsprop_ru
     RMSProp (alpha 0.99, eps 1e-8, L2 weight decay) at the cosine learning rate of the step."""
     images, labels = _images(32)
     epochs, steps, lr, wd = 2, 3, 5e-5, 1e-5
-    settings = TrainSettings(epochs=epochs, batch_size=8, image_size=16, optimizer="rmsprop", lr=lr, weight_decay=wd, schedule="cosine", precision="fp32")
+    settings = TrainSettings(
+        epochs=epochs,
+        batch_size=8,
+        image_size=16,
+        optimizer="rmsprop",
+        lr=lr,
+        weight_decay=wd,
+        schedule="cosine",
+        precision="fp32",
+    )
     torch.manual_seed(0)
     model = TinyNet(8, 3)
     with _StepRecorder(params_too=True) as rec:
@@ -170,7 +183,9 @@ def test_rmsprop_with_the_cosine_schedule_updates_every_weight_by_the_rmsprop_ru
 def test_rmsprop_has_no_momentum_under_every_schedule():
     images, labels = _images(16)
     for schedule in ("constant", "cosine", "onecycle"):
-        settings = TrainSettings(epochs=1, batch_size=8, image_size=16, optimizer="rmsprop", lr=5e-5, schedule=schedule, precision="fp32")
+        settings = TrainSettings(
+            epochs=1, batch_size=8, image_size=16, optimizer="rmsprop", lr=5e-5, schedule=schedule, precision="fp32"
+        )
         with _StepRecorder() as rec:
             _fit(settings, TinyNet(8, 3), DPFAHLoss(), images, labels, 2)
         assert [g["momentum"] for g in rec.groups] == [0, 0], schedule
@@ -179,7 +194,16 @@ def test_rmsprop_has_no_momentum_under_every_schedule():
 def test_sgd_uses_train_momentum_under_every_schedule():
     images, labels = _images(16)
     for schedule in ("constant", "cosine", "onecycle"):
-        settings = TrainSettings(epochs=1, batch_size=8, image_size=16, optimizer="sgd", lr=1e-3, momentum=0.5, schedule=schedule, precision="fp32")
+        settings = TrainSettings(
+            epochs=1,
+            batch_size=8,
+            image_size=16,
+            optimizer="sgd",
+            lr=1e-3,
+            momentum=0.5,
+            schedule=schedule,
+            precision="fp32",
+        )
         with _StepRecorder() as rec:
             _fit(settings, TinyNet(8, 3), DPFAHLoss(), images, labels, 2)
         assert [g["momentum"] for g in rec.groups] == [0.5, 0.5], schedule
@@ -190,10 +214,16 @@ def test_sgd_uses_train_momentum_under_every_schedule():
 
 def _fit_precision(precision):
     images, labels = _images(16, size=32)
-    settings = TrainSettings(epochs=1, batch_size=8, image_size=32, optimizer="adamw", lr=1e-3, schedule="constant", precision=precision)
+    settings = TrainSettings(
+        epochs=1, batch_size=8, image_size=32, optimizer="adamw", lr=1e-3, schedule="constant", precision=precision
+    )
     model = DPFAH.build(16, 3, ModelSettings(), seed=0)
     dtypes = set()
-    hooks = [m.register_forward_hook(lambda m, i, o: dtypes.add(o.dtype)) for m in model.modules() if isinstance(m, nn.Conv2d)]
+    hooks = [
+        m.register_forward_hook(lambda m, i, o: dtypes.add(o.dtype))
+        for m in model.modules()
+        if isinstance(m, nn.Conv2d)
+    ]
     reports = _fit(settings, model, DPFAHLoss(eta=1, zeta=0.1), images, labels, 2)
     for h in hooks:
         h.remove()
@@ -211,7 +241,9 @@ def test_precision_fp32_bf16_and_auto_through_fit_on_the_cpu():
         assert all(math.isfinite(m[k]) for k in ("loss", "loss_l1", "loss_l2", "loss_l3"))
     assert bf16["loss"] != fp32["loss"] and bf16["loss"] == pytest.approx(fp32["loss"], rel=0.05)
     assert auto["loss"] == fp32["loss"]
-    assert any(not torch.equal(bf16_weights[k], fp32_weights[k]) for k in fp32_weights if fp32_weights[k].is_floating_point())
+    assert any(
+        not torch.equal(bf16_weights[k], fp32_weights[k]) for k in fp32_weights if fp32_weights[k].is_floating_point()
+    )
     for k in fp32_weights:
         assert torch.equal(auto_weights[k], fp32_weights[k]), k
 
@@ -279,7 +311,13 @@ def test_evaluate_with_device_cpu_stays_on_the_cpu_when_a_gpu_is_there(toy_datas
     assert result.doc["n_queries"] == 12 and 0 <= result.doc["query_map"] <= 1
     if not real_gpu:
         with pytest.raises(RuntimeError, match="NVIDIA driver"):
-            evaluate(toy_params(work, images, f"mlflow.tracking_uri={uri}", "evaluate.grid_queries=0"), "toy", 8, progress=False, root=tmp_path)
+            evaluate(
+                toy_params(work, images, f"mlflow.tracking_uri={uri}", "evaluate.grid_queries=0"),
+                "toy",
+                8,
+                progress=False,
+                root=tmp_path,
+            )
 
 
 # ----------------------------------------------------------------------------- multi-label data
@@ -294,9 +332,16 @@ def test_multi_label_batches_through_fit_use_shared_label_similarity():
     formula on the codes the network produced, with similar = any shared label (a pair
     sharing only a second label counts), and L3 against the whole label vector."""
     images, _ = _images(16)
-    labels = torch.tensor([[1, 1, 0], [0, 1, 1], [1, 0, 0], [0, 0, 1], [1, 0, 1], [0, 1, 0], [1, 1, 1], [0, 0, 1]] * 2, dtype=torch.float32)
-    assert _shares(labels[0], labels[1]) and labels[0].argmax() != labels[1].argmax()  # similar only through a second label
-    settings = TrainSettings(epochs=2, batch_size=8, image_size=16, optimizer="adamw", lr=1e-2, schedule="constant", precision="fp32")
+    labels = torch.tensor(
+        [[1, 1, 0], [0, 1, 1], [1, 0, 0], [0, 0, 1], [1, 0, 1], [0, 1, 0], [1, 1, 1], [0, 0, 1]] * 2,
+        dtype=torch.float32,
+    )
+    assert (
+        _shares(labels[0], labels[1]) and labels[0].argmax() != labels[1].argmax()
+    )  # similar only through a second label
+    settings = TrainSettings(
+        epochs=2, batch_size=8, image_size=16, optimizer="adamw", lr=1e-2, schedule="constant", precision="fp32"
+    )
     torch.manual_seed(0)
     model = TinyNet(8, 3)
     seen = []
@@ -309,7 +354,14 @@ def test_multi_label_batches_through_fit_use_shared_label_similarity():
             yield b
 
     reports = []
-    fit(settings, model, DPFAHLoss(eta=2.0, zeta=0.5), train_batches=stream, steps_per_epoch=2, report=lambda m, s: reports.append(m))
+    fit(
+        settings,
+        model,
+        DPFAHLoss(eta=2.0, zeta=0.5),
+        train_batches=stream,
+        steps_per_epoch=2,
+        report=lambda m, s: reports.append(m),
+    )
     assert len(seen) == 4
     for e in range(2):
         l1s, l2s, l3s = [], [], []
@@ -388,7 +440,9 @@ def test_custom_dataset_with_a_multi_label_labels_list(tmp_path):
         assert sum(r["labels"][c] for r in by["train"] + by["validation"]) >= 5
     query = {r["path"] for r in by["query"]}
     assert not query & {r["path"] for r in by["database"] + by["train"] + by["validation"]}
-    assert {r["path"] for r in by["train"] + by["validation"]} <= {r["path"] for r in by["database"]}  # database_includes_train
+    assert {r["path"] for r in by["train"] + by["validation"]} <= {
+        r["path"] for r in by["database"]
+    }  # database_includes_train
     assert {r["path"] for r in by["database"]} | query == set(vectors)
 
     paths = {(r["split"], r["index"]): r["path"] for r in rows}
@@ -440,7 +494,9 @@ def _bank_worker(rank, world_size, port, out):
             step = objective.step(u_r, o_r, labels[rows], index[rows], Shard(world_size, rank, local))
             step.surrogate.backward()
             results.append((u_r.grad.clone(), o_r.grad.clone(), step.stats))
-        torch.save({"steps": results, "bank": {k: v.clone() for k, v in objective.state_dict().items()}}, f"{out}.{rank}")
+        torch.save(
+            {"steps": results, "bank": {k: v.clone() for k, v in objective.state_dict().items()}}, f"{out}.{rank}"
+        )
     finally:
         dist.destroy_process_group()
 
@@ -512,12 +568,21 @@ def test_profile_paper_applies_every_value_it_names_and_keeps_every_other(tmp_pa
     assert len(profile) == 14  # bits, 11 train values, DPFAH's eta and zeta (null: its defaults, the paper's)
     (tmp_path / "profiles").mkdir()
     (tmp_path / "profiles" / "paper.yaml").write_text((REPO / "profiles" / "paper.yaml").read_text())
-    text = PARAMS_FILE.read_text().replace("  weight_decay: 1.0e-5", "  weight_decay: 0.25").replace("  dpfah: {eta: 1.0}", "  dpfah: {eta: 1.0, zeta: 0.7, delta: 1.3}")
+    text = (
+        PARAMS_FILE.read_text()
+        .replace("  weight_decay: 1.0e-5", "  weight_decay: 0.25")
+        .replace("  dpfah: {eta: 1.0}", "  dpfah: {eta: 1.0, zeta: 0.7, delta: 1.3}")
+    )
     text = text.replace("  steps_per_epoch: null", "  steps_per_epoch: 9")
     params_file = tmp_path / "params.yaml"
     params_file.write_text(text)
     base = _flat(load_params(params_file))
-    assert (base["train.weight_decay"], base["objectives.dpfah.zeta"], base["train.steps_per_epoch"], base["objectives.dpfah.delta"]) == (0.25, 0.7, 9, 1.3)
+    assert (
+        base["train.weight_decay"],
+        base["objectives.dpfah.zeta"],
+        base["train.steps_per_epoch"],
+        base["objectives.dpfah.delta"],
+    ) == (0.25, 0.7, 9, 1.3)
     paper = _flat(load_params(params_file, profile="paper"))
     assert paper.keys() == base.keys()
     for key, value in profile.items():
@@ -527,7 +592,10 @@ def test_profile_paper_applies_every_value_it_names_and_keeps_every_other(tmp_pa
     assert (paper["train.weight_decay"], paper["objectives.dpfah.zeta"]) == (1e-5, None)
 
     monkeypatch.chdir(tmp_path)
-    assert run_main(main, ["--dataset", "cifar10", "--bits", "48", "--params", str(params_file), "--profile", "paper"]) == 0
+    assert (
+        run_main(main, ["--dataset", "cifar10", "--bits", "48", "--params", str(params_file), "--profile", "paper"])
+        == 0
+    )
     doc = json.loads((tmp_path / "objectives" / "cifar10-48-dpfah.json").read_text())
     assert doc["hparams"] == {"delta": 1.3} and doc["source"] == {"weights_from": "params"}
     from dpfah import methods
@@ -562,14 +630,69 @@ def test_objective_stage_with_use_tuned_writes_the_tuned_weights_of_the_code_len
 
 HELP = {
     "prepare": ["--dataset", "--params", "--profile", "--set", "--quiet", "shards"],
-    "objective": ["--dataset", "--bits", "--method", "--params", "--profile", "--set", "objectives/<dataset>-<bits>-<method>.json", "use_tuned"],
-    "train": ["--dataset", "--bits", "--method", "--seed", "--objective", "--params", "--profile", "--set", "--verbose", "runs/<dataset>-<bits>-<method>-s<seed>.json"],
-    "evaluate": ["--dataset", "--bits", "--method", "--seed", "--run-id", "--quiet", "--params", "--profile", "--set", "metrics/<dataset>-<bits>-<method>-s<seed>.json"],
-    "promote": ["--dataset", "--bits", "--method", "--seed", "--run-id", "--params", "--profile", "--set", "promote.alias", "promote.metric", "promote.model_name"],
+    "objective": [
+        "--dataset",
+        "--bits",
+        "--method",
+        "--params",
+        "--profile",
+        "--set",
+        "objectives/<dataset>-<bits>-<method>.json",
+        "use_tuned",
+    ],
+    "train": [
+        "--dataset",
+        "--bits",
+        "--method",
+        "--seed",
+        "--objective",
+        "--params",
+        "--profile",
+        "--set",
+        "--verbose",
+        "runs/<dataset>-<bits>-<method>-s<seed>.json",
+    ],
+    "evaluate": [
+        "--dataset",
+        "--bits",
+        "--method",
+        "--seed",
+        "--run-id",
+        "--quiet",
+        "--params",
+        "--profile",
+        "--set",
+        "metrics/<dataset>-<bits>-<method>-s<seed>.json",
+    ],
+    "promote": [
+        "--dataset",
+        "--bits",
+        "--method",
+        "--seed",
+        "--run-id",
+        "--params",
+        "--profile",
+        "--set",
+        "promote.alias",
+        "promote.metric",
+        "promote.model_name",
+    ],
     "tune": ["--dataset", "--out", "--params", "--profile", "--set", "tune/<dataset>/best.json", "tune.search=random"],
     "profile": ["name", "--params", "--dry-run"],
     "report": ["--dataset", "--out", "--no-mlflow", "--params", "--profile", "--set", "reports/<dataset>", "Table 6"],
-    "index": ["--dataset", "--bits", "--method", "--model", "--split", "--images", "--root", "--out", "--set", "index.on_bad_image", "ray job submit"],
+    "index": [
+        "--dataset",
+        "--bits",
+        "--method",
+        "--model",
+        "--split",
+        "--images",
+        "--root",
+        "--out",
+        "--set",
+        "index.on_bad_image",
+        "ray job submit",
+    ],
     "search": ["INDEX", "IMAGE", "--key", "-k", "--radius", "--grid", "--verify", "--set"],
 }
 
@@ -577,7 +700,14 @@ HELP = {
 @pytest.mark.parametrize("stage", sorted(HELP))
 def test_every_stage_answers_help(stage):
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
-    out = subprocess.run([sys.executable, "-m", f"pipeline.{stage}", "--help"], cwd=REPO, capture_output=True, text=True, env=env, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-m", f"pipeline.{stage}", "--help"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith(f"usage: python -m pipeline.{stage} ") and not out.stderr
     text = " ".join(out.stdout.split())  # argparse wraps lines
@@ -598,10 +728,18 @@ def _evaluated(uri, root, query_map, tie_aware, sha="cd" * 32):
     run_id = record["run_id"]
     client.log_metric(run_id, "query_map", query_map)
     client.log_metric(run_id, "query_map_tie_aware", tie_aware)
-    for key, value in {"eval.map_at": "ALL", "eval.manifest_sha256": sha, "eval.id": f"e-{run_id[:8]}", "eval.complete": f"e-{run_id[:8]}"}.items():
+    for key, value in {
+        "eval.map_at": "ALL",
+        "eval.manifest_sha256": sha,
+        "eval.id": f"e-{run_id[:8]}",
+        "eval.complete": f"e-{run_id[:8]}",
+    }.items():
         client.set_tag(run_id, key, value)
     write_record(root, record)
-    for folder, doc in (("evaluations", {"dataset": "toy", "bits": 8, "run_id": run_id, "map_at": "ALL"}), ("metrics", {"query_map": query_map, "query_map_tie_aware": tie_aware})):
+    for folder, doc in (
+        ("evaluations", {"dataset": "toy", "bits": 8, "run_id": run_id, "map_at": "ALL"}),
+        ("metrics", {"query_map": query_map, "query_map_tie_aware": tie_aware}),
+    ):
         path = root / folder / "toy-8-dpfah-s0.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(doc))
@@ -629,11 +767,20 @@ def test_promote_by_tie_aware_map_to_a_custom_alias_and_model_name(tmp_path, mon
 
     first = _evaluated(uri, tmp_path, query_map=0.70, tie_aware=0.50)
     r = promote(params, "toy", 8, root=tmp_path)
-    assert r.moved and (r.record["model_name"], r.record["alias"], r.record["metric"], r.record["value"]) == (name, "best", "query_map_tie_aware", 0.50)
+    assert r.moved and (r.record["model_name"], r.record["alias"], r.record["metric"], r.record["value"]) == (
+        name,
+        "best",
+        "query_map_tie_aware",
+        0.50,
+    )
 
     second = _evaluated(uri, tmp_path, query_map=0.60, tie_aware=0.55)  # worse by query_map, better tie-aware
     r = promote(params, "toy", 8, root=tmp_path)
-    assert r.moved and r.record["decision"] == "promoted" and r.record["previous"] == {"version": 1, "run_id": first, "value": 0.50}
+    assert (
+        r.moved
+        and r.record["decision"] == "promoted"
+        and r.record["previous"] == {"version": 1, "run_id": first, "value": 0.50}
+    )
     assert client.get_model_version_by_alias(name, "best").run_id == second
 
     third = _evaluated(uri, tmp_path, query_map=0.90, tie_aware=0.54)  # better by query_map, worse tie-aware
@@ -649,7 +796,12 @@ def test_promote_by_tie_aware_map_to_a_custom_alias_and_model_name(tmp_path, mon
     assert (tags["promote.query_map_tie_aware"], tags["promote.champion_query_map_tie_aware"]) == ("0.54", "0.55")
     assert "promote.query_map" not in tags
     saved = json.loads((tmp_path / "promotions" / "toy-8-dpfah-s0.json").read_text())
-    assert (saved["metric"], saved["alias"], saved["model_name"], saved["run_id"]) == ("query_map_tie_aware", "best", name, third)
+    assert (saved["metric"], saved["alias"], saved["model_name"], saved["run_id"]) == (
+        "query_map_tie_aware",
+        "best",
+        name,
+        third,
+    )
 
 
 # ----------------------------------------------------------------------------- tune: random search, no scheduler
@@ -725,7 +877,12 @@ def test_promote_compares_with_the_champion_as_re_evaluated(tmp_path, monkeypatc
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    sets = ["prepare.datasets=[toy]", "datasets.toy.kind=custom", "datasets.toy.images=/nonexistent", f"mlflow.tracking_uri={uri}"]
+    sets = [
+        "prepare.datasets=[toy]",
+        "datasets.toy.kind=custom",
+        "datasets.toy.images=/nonexistent",
+        f"mlflow.tracking_uri={uri}",
+    ]
     at_all, at_10 = load_params(PARAMS_FILE, sets), load_params(PARAMS_FILE, [*sets, "evaluate.map_at.toy=10"])
     client = MlflowClient(uri)
 
@@ -739,5 +896,9 @@ def test_promote_compares_with_the_champion_as_re_evaluated(tmp_path, monkeypatc
     for key, value in {"eval.map_at": "10", "eval.id": "again", "eval.complete": "again"}.items():
         client.set_tag(champion, key, value)
     r = promote(at_10, "toy", 8, root=tmp_path)
-    assert (r.record["decision"], r.record["run_id"], r.record["previous"]) == ("promoted", candidate, {"version": 1, "run_id": champion, "value": 0.60})
+    assert (r.record["decision"], r.record["run_id"], r.record["previous"]) == (
+        "promoted",
+        candidate,
+        {"version": 1, "run_id": champion, "value": 0.60},
+    )
     assert client.get_model_version_by_alias(NAME, "champion").run_id == candidate

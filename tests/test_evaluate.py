@@ -44,9 +44,9 @@ def _params_tracking_uri(monkeypatch):
 @pytest.fixture(scope="module")
 def trained(toy_dataset, tmp_path_factory):
     """A fake-trained toy model (MLflow run + run record) and its first evaluation."""
-    from pipeline.evaluate import evaluate
-
     import os
+
+    from pipeline.evaluate import evaluate
 
     os.environ.pop("MLFLOW_TRACKING_URI", None)  # see _params_tracking_uri
     work, images = toy_dataset
@@ -54,9 +54,20 @@ def trained(toy_dataset, tmp_path_factory):
     uri = f"sqlite:///{out / 'mlflow.db'}"
     shards = work / "data" / "shards" / "toy"
     record = fake_training_run(uri, shards_sha(shards), root=out, seed=1)
-    params = toy_params(work, images, f"mlflow.tracking_uri={uri}", "evaluate.loader_workers=0", "evaluate.grid_queries=3")
+    params = toy_params(
+        work, images, f"mlflow.tracking_uri={uri}", "evaluate.loader_workers=0", "evaluate.grid_queries=3"
+    )
     result = evaluate(params, "toy", BITS, progress=False, root=out)
-    return {"work": work, "images": images, "out": out, "uri": uri, "shards": shards, "record": record, "params": params, "result": result}
+    return {
+        "work": work,
+        "images": images,
+        "out": out,
+        "uri": uri,
+        "shards": shards,
+        "record": record,
+        "params": params,
+        "result": result,
+    }
 
 
 # ----------------------------------------------------------------------------- the stage
@@ -76,7 +87,12 @@ def test_metrics_match_a_plain_reimplementation(trained):
     # the DVC metrics file holds the numbers only; the evaluation record what they measure
     assert numbers == metric_values(json.loads(json.dumps(result.doc))) and set(numbers) | set(facts) == set(result.doc)
     doc = {**facts, **numbers}
-    assert (doc["dataset"], doc["bits"], doc["run_id"], doc["map_at"]) == ("toy", BITS, trained["record"]["run_id"], "ALL")
+    assert (doc["dataset"], doc["bits"], doc["run_id"], doc["map_at"]) == (
+        "toy",
+        BITS,
+        trained["record"]["run_id"],
+        "ALL",
+    )
     assert (doc["n_queries"], doc["n_db"], doc["topk"]) == (12, 78, 78)
 
     # Encode independently: tarfile + PIL + the model from MLflow, ImageNet normalisation.
@@ -102,7 +118,11 @@ def test_metrics_match_a_plain_reimplementation(trained):
     np.testing.assert_array_equal(ql, q_lab)
     # ... and the query codes DVC keeps (for the report) are the same
     dp, dl, di, dmeta = load_codes(out / "codes" / f"toy-{BITS}-dpfah-s0" / "query.parquet")
-    np.testing.assert_array_equal(dp, qp), np.testing.assert_array_equal(dl, ql), np.testing.assert_array_equal(di, np.arange(12))
+    (
+        np.testing.assert_array_equal(dp, qp),
+        np.testing.assert_array_equal(dl, ql),
+        np.testing.assert_array_equal(di, np.arange(12)),
+    )
     assert (dmeta["split"], dmeta["method"], dmeta["seed"]) == ("query", "dpfah", "0")
 
     ref = plain_metrics(qc, dc, q_lab, d_lab, topk=78, radius=2, n=10)
@@ -141,7 +161,10 @@ def test_dvc_and_mlflow_hold_the_same_numbers(trained):
     assert len(metric_values(doc)) >= 6 and set(metric_values(doc)) <= set(run.data.metrics)
     for name, value in metric_values(doc).items():
         assert run.data.metrics[name] == value, name  # exactly, not approximately
-    assert run.data.tags["eval.map_at"] == "ALL" and run.data.tags["eval.manifest_sha256"] == trained["record"]["manifest_sha256"]
+    assert (
+        run.data.tags["eval.map_at"] == "ALL"
+        and run.data.tags["eval.manifest_sha256"] == trained["record"]["manifest_sha256"]
+    )
     assert run.info.status == "FINISHED"
 
 
@@ -151,7 +174,16 @@ def test_figures_and_artifacts_are_logged(trained):
     client = MlflowClient(trained["uri"])
     run_id = trained["record"]["run_id"]
     names = {a.path for a in client.list_artifacts(run_id, "evaluation")}
-    expected = {"pr_curves.png", "p_at_n.png", "retrieval_grid.png", "metrics.json", "pr_radius.csv", "pr_rank.csv", "p_at_n.csv", "codes"}
+    expected = {
+        "pr_curves.png",
+        "p_at_n.png",
+        "retrieval_grid.png",
+        "metrics.json",
+        "pr_radius.csv",
+        "pr_rank.csv",
+        "p_at_n.csv",
+        "codes",
+    }
     assert {n.split("/", 1)[1] for n in names} == expected
     local = Path(client.download_artifacts(run_id, "evaluation", str(trained["out"] / "figs")))
     for png in ("pr_curves.png", "p_at_n.png", "retrieval_grid.png"):
@@ -159,7 +191,10 @@ def test_figures_and_artifacts_are_logged(trained):
             assert im.format == "PNG" and im.width > 300 and im.height > 200
     details = json.loads((local / "metrics.json").read_text())
     assert {k: details[k] for k in trained["result"].doc} == trained["result"].doc
-    assert details["manifest_sha256"] == trained["record"]["manifest_sha256"] and details["model_uri"] == trained["record"]["model_uri"]
+    assert (
+        details["manifest_sha256"] == trained["record"]["manifest_sha256"]
+        and details["model_uri"] == trained["record"]["model_uri"]
+    )
 
 
 def test_retrieval_grid_marks_wrong_results(trained):
@@ -180,7 +215,9 @@ def test_retrieval_grid_marks_wrong_results(trained):
         assert [d for _, _, d, _ in row["results"]] == list(dist[q, top])
         assert [ok for _, ok, _, _ in row["results"]] == [bool((q_lab[q] & d_lab[j]).any()) for j in top]
         # each retrieved image is named by its class
-        assert [name for _, _, _, name in row["results"]] == [manifest.classes[int(np.flatnonzero(d_lab[j])[0])] for j in top]
+        assert [name for _, _, _, name in row["results"]] == [
+            manifest.classes[int(np.flatnonzero(d_lab[j])[0])] for j in top
+        ]
         np.testing.assert_array_equal(row["query"], q_img[q])  # 32 px: the thumbnail is the image
         np.testing.assert_array_equal(row["results"][0][0], d_img[top[0]])
 
@@ -233,7 +270,9 @@ def test_reevaluation_with_another_r_and_a_url_data_root(trained, tmp_path):
         assert run.data.metrics[name] == value, name
     assert run.data.tags["eval.map_at"] == "10"
     assert 0 < grid_height("after") < before  # 2 rows of results now, not 3
-    details = json.loads(Path(client.download_artifacts(run_id, "evaluation/metrics.json", str(out / "after"))).read_text())
+    details = json.loads(
+        Path(client.download_artifacts(run_id, "evaluation/metrics.json", str(out / "after"))).read_text()
+    )
     assert (details["map_at"], details["query_map"]) == (10, doc["query_map"])
 
 
@@ -250,7 +289,9 @@ def test_missing_run_record(trained, tmp_path, monkeypatch, capsys):
     from pipeline import evaluate
 
     monkeypatch.chdir(tmp_path)
-    code, text = cli(evaluate, ["--dataset", "toy", "--bits", "8", "--params", str(_params_file()), *_sets(trained)], capsys)
+    code, text = cli(
+        evaluate, ["--dataset", "toy", "--bits", "8", "--params", str(_params_file()), *_sets(trained)], capsys
+    )
     assert code == 2
     assert text.strip().splitlines()[-1] == (
         "error: runs/toy-8-dpfah-s0.json: no run record (train first: python -m pipeline.train --dataset toy --bits 8 --method dpfah --seed 0; or give --run-id)"
@@ -262,11 +303,15 @@ def test_unknown_run_id(trained, tmp_path, monkeypatch, capsys):
 
     monkeypatch.chdir(tmp_path)
     write_record(tmp_path, {**trained["record"], "run_id": "f" * 32})
-    code, text = cli(evaluate, ["--dataset", "toy", "--bits", "8", "--params", str(_params_file()), *_sets(trained)], capsys)
+    code, text = cli(
+        evaluate, ["--dataset", "toy", "--bits", "8", "--params", str(_params_file()), *_sets(trained)], capsys
+    )
     assert code == 2 and text.count("\n") == 1
     assert f"error: MLflow run {'f' * 32} (from runs/toy-8-dpfah-s0.json) not found in {trained['uri']}" in text
     write_record(tmp_path, {k: v for k, v in trained["record"].items() if k != "run_id"})
-    code, text = cli(evaluate, ["--dataset", "toy", "--bits", "8", "--params", str(_params_file()), *_sets(trained)], capsys)
+    code, text = cli(
+        evaluate, ["--dataset", "toy", "--bits", "8", "--params", str(_params_file()), *_sets(trained)], capsys
+    )
     assert code == 2 and "error: runs/toy-8-dpfah-s0.json: no run_id" in text
 
 
@@ -277,10 +322,15 @@ def test_record_or_run_of_another_bit_length(trained, tmp_path, monkeypatch, cap
     write_record(tmp_path, trained["record"], name="toy-16-dpfah-s0.json")  # a copied record
     args = ["--params", str(_params_file()), *_sets(trained)]
     code, text = cli(evaluate, ["--dataset", "toy", "--bits", "16", *args], capsys)
-    assert code == 2 and "error: runs/toy-16-dpfah-s0.json: records dataset 'toy' at 8 bits, not 'toy' at 16 bits" in text
+    assert (
+        code == 2 and "error: runs/toy-16-dpfah-s0.json: records dataset 'toy' at 8 bits, not 'toy' at 16 bits" in text
+    )
     run_id = trained["record"]["run_id"]
     code, text = cli(evaluate, ["--dataset", "toy", "--bits", "16", "--run-id", run_id, *args], capsys)
-    assert code == 2 and f"error: MLflow run {run_id} (from --run-id) trained 'toy' at 8 bits, not 'toy' at 16 bits" in text
+    assert (
+        code == 2
+        and f"error: MLflow run {run_id} (from --run-id) trained 'toy' at 8 bits, not 'toy' at 16 bits" in text
+    )
     assert not (tmp_path / "metrics").exists()
 
 
@@ -293,24 +343,41 @@ def test_shards_the_model_was_not_trained_on(trained, tmp_path, monkeypatch, cap
     prepare(toy_params(other, trained["images"], "seed=5"), "toy", progress=False)
     monkeypatch.chdir(tmp_path)
     write_record(tmp_path, trained["record"])
-    argv = ["--dataset", "toy", "--bits", "8", "--params", str(_params_file()), *_sets(trained), "--set", f"data.root={other / 'data'}"]
+    argv = [
+        "--dataset",
+        "toy",
+        "--bits",
+        "8",
+        "--params",
+        str(_params_file()),
+        *_sets(trained),
+        "--set",
+        f"data.root={other / 'data'}",
+    ]
     code, text = cli(evaluate, argv, capsys)
     sha = shards_sha(other / "data" / "shards" / "toy")
     assert code == 2 and text.count("\n") == 1
     assert f"error: the shards at {other / 'data' / 'shards' / 'toy'} (manifest sha256 {sha[:12]}, toy/custom)" in text
-    assert f"MLflow run {trained['record']['run_id']} was trained on (sha256 {trained['record']['manifest_sha256'][:12]})" in text
+    assert (
+        f"MLflow run {trained['record']['run_id']} was trained on (sha256 {trained['record']['manifest_sha256'][:12]})"
+        in text
+    )
     assert not (tmp_path / "metrics").exists()
 
 
 def test_unfinished_run_and_unprepared_shards(trained, tmp_path, monkeypatch, capsys):
     from pipeline import evaluate
 
-    failed = fake_training_run(trained["uri"], trained["record"]["manifest_sha256"], status="FAILED", model=torch.nn.Linear(2, 2))
+    failed = fake_training_run(
+        trained["uri"], trained["record"]["manifest_sha256"], status="FAILED", model=torch.nn.Linear(2, 2)
+    )
     monkeypatch.chdir(tmp_path)
     args = ["--dataset", "toy", "--bits", "8", "--params", str(_params_file()), *_sets(trained)]
     code, text = cli(evaluate, [*args, "--run-id", failed["run_id"]], capsys)
     assert code == 2 and f"error: MLflow run {failed['run_id']} (from --run-id) is FAILED, not FINISHED" in text
-    code, text = cli(evaluate, [*args, "--run-id", trained["record"]["run_id"], "--set", f"data.root={tmp_path / 'nothing'}"], capsys)
+    code, text = cli(
+        evaluate, [*args, "--run-id", trained["record"]["run_id"], "--set", f"data.root={tmp_path / 'nothing'}"], capsys
+    )
     assert code == 2 and f"error: {tmp_path / 'nothing' / 'shards' / 'toy' / 'manifest.json'}: not found" in text
 
 
@@ -327,7 +394,10 @@ def test_unreachable_tracking_store(trained, tmp_path, monkeypatch, capsys):
     t = time.monotonic()
     code, text = cli(evaluate, [*base, "--set", f"mlflow.tracking_uri=http://127.0.0.1:{port}"], capsys)
     assert code == 2 and time.monotonic() - t < 30
-    assert f"error: MLflow tracking server http://127.0.0.1:{port} cannot be reached ([Errno 111] Connection refused)" in text
+    assert (
+        f"error: MLflow tracking server http://127.0.0.1:{port} cannot be reached ([Errno 111] Connection refused)"
+        in text
+    )
 
     # Something answers, but it is not an MLflow server (a wrong URL, a proxy page).
     import http.server
@@ -351,7 +421,10 @@ def test_unreachable_tracking_store(trained, tmp_path, monkeypatch, capsys):
     finally:
         server.shutdown()
     assert code == 2 and text.count("\n") == 1
-    assert f"error: MLflow tracking server {wrong}: no MLflow tracking API there (HTTP 404 for {wrong}/api/2.0/mlflow/" in text
+    assert (
+        f"error: MLflow tracking server {wrong}: no MLflow tracking API there (HTTP 404 for {wrong}/api/2.0/mlflow/"
+        in text
+    )
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'none.db'}")  # the environment wins over params
     code, text = cli(evaluate, base, capsys)
@@ -447,5 +520,7 @@ def test_a_trained_model_evaluated_and_promoted_on_a_tracking_server(ray_trained
     assert champion.run_id == outcome.run_id and champion.version == "1"
     with using_tracking_uri(server):
         served = mlflow.pytorch.load_model("models:/dpfah-toy-16b@champion").net.eval()
-    x = torch.from_numpy(plain_resize(read_split_plain(shards, "query")[0], 16).transpose(0, 3, 1, 2).astype(np.float32) / 255)
+    x = torch.from_numpy(
+        plain_resize(read_split_plain(shards, "query")[0], 16).transpose(0, 3, 1, 2).astype(np.float32) / 255
+    )
     torch.testing.assert_close(served.codes(x), model.float().codes(x), rtol=0, atol=0)

@@ -39,7 +39,9 @@ from dpfah.train import encode, fit
 
 pytestmark = [
     pytest.mark.gpu,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device: run on a GPU machine with bench/gpu_check.sh"),
+    pytest.mark.skipif(
+        not torch.cuda.is_available(), reason="no CUDA device: run on a GPU machine with bench/gpu_check.sh"
+    ),
 ]
 
 CUDA = torch.device("cuda")
@@ -76,7 +78,9 @@ def test_jpeg_decodes_on_the_gpu_like_the_cpu_decoder(subsampling, max_limit, me
     raw = _encoded([_smooth_image(rng, 64, 64) for _ in range(16)], "JPEG", quality=90, subsampling=subsampling)
     gpu, cpu = decode_batch(raw, 64, CUDA).cpu().int(), decode_batch(raw, 64, CPU).int()
     diff = (gpu - cpu).abs().float()
-    print(f"JPEG subsampling {subsampling}: max |gpu - cpu| {diff.max().item():.0f}, mean {diff.mean().item():.3f} levels")
+    print(
+        f"JPEG subsampling {subsampling}: max |gpu - cpu| {diff.max().item():.0f}, mean {diff.mean().item():.3f} levels"
+    )
     assert diff.mean().item() <= mean_limit
     if max_limit is not None:
         assert diff.max().item() <= max_limit
@@ -108,7 +112,9 @@ def _batches(images, labels, batch=16):
 
 def _fit(precision: str, steps: int = 4):
     images, labels = _toy()
-    settings = TrainSettings(epochs=1, batch_size=16, image_size=32, optimizer="adamw", lr=1e-3, schedule="constant", precision=precision)
+    settings = TrainSettings(
+        epochs=1, batch_size=16, image_size=32, optimizer="adamw", lr=1e-3, schedule="constant", precision=precision
+    )
     model = DPFAH.build(16, 4, seed=0)
     reports = []
     fit(settings, model, DPFAHLoss(eta=1.0), train_batches=lambda e: _batches(images, labels), steps_per_epoch=steps,
@@ -145,10 +151,19 @@ def test_search_and_map_of_gpu_tensors_equal_the_cpu_values():
     ql = np.eye(5, dtype=np.uint8)[rng.integers(0, 5, 50)]
     dl = np.eye(5, dtype=np.uint8)[rng.integers(0, 5, 3000)]
     idx_cpu, dist_cpu = topk_hamming(pack_codes(q), pack_codes(d), k=100)
-    qg, dg = torch.from_numpy(pack_codes(q).view(np.int64)).to(CUDA), torch.from_numpy(pack_codes(d).view(np.int64)).to(CUDA)
+    qg, dg = (
+        torch.from_numpy(pack_codes(q).view(np.int64)).to(CUDA),
+        torch.from_numpy(pack_codes(d).view(np.int64)).to(CUDA),
+    )
     idx_gpu, dist_gpu = topk_hamming(qg, dg, k=100, backend="torch")
     np.testing.assert_array_equal(torch.as_tensor(idx_gpu).cpu().numpy(), idx_cpu)  # ties by index on both
     np.testing.assert_array_equal(torch.as_tensor(dist_gpu).cpu().numpy(), dist_cpu)
     # mAP has no GPU kernel: CUDA tensors are brought to the CPU, with the same result
-    on_gpu = mean_average_precision(torch.from_numpy(q).to(CUDA), torch.from_numpy(d).to(CUDA), torch.from_numpy(ql).to(CUDA), torch.from_numpy(dl).to(CUDA), topk=1000)
+    on_gpu = mean_average_precision(
+        torch.from_numpy(q).to(CUDA),
+        torch.from_numpy(d).to(CUDA),
+        torch.from_numpy(ql).to(CUDA),
+        torch.from_numpy(dl).to(CUDA),
+        topk=1000,
+    )
     assert on_gpu == mean_average_precision(q, d, ql, dl, topk=1000)

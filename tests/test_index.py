@@ -68,7 +68,13 @@ def _evaluate_codes(params, record):
 def test_the_index_holds_evaluates_codes_keys_and_labels_of_the_split(champion, database_index):
     params, record, _ = champion
     m = database_index.manifest
-    assert (m["count"], m["bits"], m["model"]["uri"], m["model"]["version"], m["model"]["run_id"]) == (78, BITS, f"models:/{NAME}/1", 1, record["run_id"])
+    assert (m["count"], m["bits"], m["model"]["uri"], m["model"]["version"], m["model"]["run_id"]) == (
+        78,
+        BITS,
+        f"models:/{NAME}/1",
+        1,
+        record["run_id"],
+    )
     assert m["model"]["given"] == CHAMPION and m["source"]["split"] == "database" and m["skipped"]["count"] == 0
     assert (database_index.blocks, database_index.encoded_blocks) == (5, 5)
     index = index_format.load_index(database_index.directory, verify=True)
@@ -89,14 +95,16 @@ def test_search_by_key_and_radius_is_exact_with_ties_by_key(database_index):
         for q, hit in zip(rows, hits):
             d = dist[q]
             expected = np.lexsort((np.arange(len(d)), d))  # by distance, then row (= key order)
-            expected = expected[: k] if radius is None else expected[d[expected] <= radius]
+            expected = expected[:k] if radius is None else expected[d[expected] <= radius]
             np.testing.assert_array_equal(hit.rows, expected)
             np.testing.assert_array_equal(hit.distances, d[expected])
             if radius is not None:  # every item within the radius: the query's own row at 0
                 assert q in hit.rows[hit.distances == 0]
 
 
-def test_a_killed_index_resumes_without_reencoding_and_equals_the_uninterrupted_one(champion, database_index, tmp_path, monkeypatch):
+def test_a_killed_index_resumes_without_reencoding_and_equals_the_uninterrupted_one(
+    champion, database_index, tmp_path, monkeypatch
+):
     params, _, _ = champion
     out = tmp_path / "toy-8"
     monkeypatch.setenv(index_stage.FAULT_ENV, "after-blocks:2")
@@ -135,7 +143,21 @@ def test_a_corrupt_image_is_named_or_skipped_and_an_image_finds_its_duplicate(ra
     params, _, images = champion
     folder = _folder_with_a_bad_image(images, tmp_path / "mine")
     out = tmp_path / "mine-index"
-    code, text = cli(index_stage, ["--images", str(folder), "--model", CHAMPION, "--out", str(out), "--quiet", "--set", f"mlflow.tracking_uri={params.mlflow.tracking_uri}"], capsys)
+    code, text = cli(
+        index_stage,
+        [
+            "--images",
+            str(folder),
+            "--model",
+            CHAMPION,
+            "--out",
+            str(out),
+            "--quiet",
+            "--set",
+            f"mlflow.tracking_uri={params.mlflow.tracking_uri}",
+        ],
+        capsys,
+    )
     assert code == 2 and "broken.png: cannot decode image" in text and "index.on_bad_image: skip" in text, text
     assert not out.exists()
 
@@ -149,7 +171,16 @@ def test_a_corrupt_image_is_named_or_skipped_and_an_image_finds_its_duplicate(ra
     duplicate = tmp_path / "copy-of-img3.png"
     shutil.copy(folder / "img3.png", duplicate)
     grid = tmp_path / "grid.png"
-    argv = [str(out), str(duplicate), "--radius", "0", "--grid", str(grid), "--set", f"mlflow.tracking_uri={params.mlflow.tracking_uri}"]
+    argv = [
+        str(out),
+        str(duplicate),
+        "--radius",
+        "0",
+        "--grid",
+        str(grid),
+        "--set",
+        f"mlflow.tracking_uri={params.mlflow.tracking_uri}",
+    ]
     code, text = cli(search_stage, argv, capsys)
     assert code == 0, text
     # every item at distance 0 from the copy (an untrained model gives many equal codes): img3.png among them
@@ -157,7 +188,6 @@ def test_a_corrupt_image_is_named_or_skipped_and_an_image_finds_its_duplicate(ra
     assert lines and all(cols[3] == "0" for cols in lines) and "img3.png" in [cols[2] for cols in lines], text
     assert [cols[2] for cols in lines] == sorted(cols[2] for cols in lines)  # ties in key order
     assert grid.is_file() and grid.stat().st_size > 5000
-
 
 
 def test_a_split_the_evaluation_encoded_takes_its_codes_once_verified(champion, database_index, tmp_path, capsys):
@@ -181,8 +211,13 @@ def test_a_split_the_evaluation_encoded_takes_its_codes_once_verified(champion, 
     quick = dataclasses.replace(params, evaluate=dataclasses.replace(params.evaluate, grid_queries=2))
     eval_id = evaluate(quick, "toy", BITS, run_id=run_id, progress=False, root=tmp_path).doc["eval_id"]
     try:
-        taken = index_stage.build_index(params, tmp_path / "taken", model=CHAMPION, dataset="toy", split="database", progress=False)
-        assert taken.manifest["codes_from"] == f"evaluation {eval_id} of run {run_id}, verified on 64 items" and taken.encoded_blocks == 0
+        taken = index_stage.build_index(
+            params, tmp_path / "taken", model=CHAMPION, dataset="toy", split="database", progress=False
+        )
+        assert (
+            taken.manifest["codes_from"] == f"evaluation {eval_id} of run {run_id}, verified on 64 items"
+            and taken.encoded_blocks == 0
+        )
         encoded = database_index.directory
         for name in ("codes.npy", "keys.parquet", "labels.npy"):
             assert (taken.directory / name).read_bytes() == (encoded / name).read_bytes(), name
@@ -194,19 +229,29 @@ def test_a_split_the_evaluation_encoded_takes_its_codes_once_verified(champion, 
 
         # one bit of item 0 (a sampled item) flipped in the run's logged codes
         with using_tracking_uri(uri):
-            path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="evaluation/codes/database.parquet", dst_path=str(tmp_path / "dl"))
+            path = mlflow.artifacts.download_artifacts(
+                run_id=run_id, artifact_path="evaluation/codes/database.parquet", dst_path=str(tmp_path / "dl")
+            )
         table = pq.read_table(path)
-        words = np.asarray(table.column("code").combine_chunks().values.to_numpy(zero_copy_only=False), dtype=np.uint64).copy()
+        words = np.asarray(
+            table.column("code").combine_chunks().values.to_numpy(zero_copy_only=False), dtype=np.uint64
+        ).copy()
         words[0] ^= np.uint64(1)
-        code = pa.FixedSizeListArray.from_arrays(pa.array(words, pa.uint64()), table.schema.field("code").type.list_size)
+        code = pa.FixedSizeListArray.from_arrays(
+            pa.array(words, pa.uint64()), table.schema.field("code").type.list_size
+        )
         tampered = tmp_path / "tampered" / "database.parquet"
         tampered.parent.mkdir()
         pq.write_table(table.set_column(table.schema.get_field_index("code"), "code", code), tampered)
         MlflowClient(uri).log_artifact(run_id, str(tampered), "evaluation/codes")
         capsys.readouterr()
-        again = index_stage.build_index(params, tmp_path / "again", model=CHAMPION, dataset="toy", split="database", progress=False)
+        again = index_stage.build_index(
+            params, tmp_path / "again", model=CHAMPION, dataset="toy", split="database", progress=False
+        )
         note = capsys.readouterr().out
-        assert f"evaluation {eval_id}'s database codes differ from the model's on 1 of 64 sampled items; encoding" in note, note
+        assert (
+            f"evaluation {eval_id}'s database codes differ from the model's on 1 of 64 sampled items; encoding" in note
+        ), note
         assert again.manifest["codes_from"] == "encoded" and again.encoded_blocks == 5
         assert (again.directory / "codes.npy").read_bytes() == (encoded / "codes.npy").read_bytes()
     finally:
@@ -245,11 +290,16 @@ def test_out_never_replaces_a_folder_that_is_not_an_index(champion, database_ind
     (mine / "notes.txt").write_text("mine")
     photos = shutil.copytree(images / sorted(p.name for p in images.iterdir())[0], tmp_path / "photos")
     before = sorted(p.name for p in photos.iterdir())
-    code, text = cli(index_stage, ["--images", str(photos), "--out", str(photos), "--model", "models:/nothing/1"], capsys)
+    code, text = cli(
+        index_stage, ["--images", str(photos), "--out", str(photos), "--model", "models:/nothing/1"], capsys
+    )
     assert code == 2 and len(text.strip().splitlines()) == 1, text
     assert f"--out {photos}: {photos} holds files that are not an index" in text
     assert sorted(p.name for p in photos.iterdir()) == before  # every photo still there
-    for out, why in ((mine, r"holds files that are not an index \(notes.txt\)"), (tmp_path, "holds files that are not an index")):
+    for out, why in (
+        (mine, r"holds files that are not an index \(notes.txt\)"),
+        (tmp_path, "holds files that are not an index"),
+    ):
         with pytest.raises(ConfigError, match=why):
             index_stage.build_index(params, out, model=CHAMPION, images=str(images))
     # the report stage's --out: the same rule

@@ -104,7 +104,13 @@ def _check_cluster_spec(spec: dict) -> None:
         assert isinstance(group["rayStartParams"], dict)
         pod = group["template"]["spec"]
         assert pod["containers"]
-    gpu_groups = [g for g in groups if any("nvidia.com/gpu" in c.get("resources", {}).get("limits", {}) for c in g["template"]["spec"]["containers"])]
+    gpu_groups = [
+        g
+        for g in groups
+        if any(
+            "nvidia.com/gpu" in c.get("resources", {}).get("limits", {}) for c in g["template"]["spec"]["containers"]
+        )
+    ]
     assert gpu_groups, "no worker group with nvidia.com/gpu limits"
     for group in gpu_groups:
         pod = group["template"]["spec"]
@@ -152,8 +158,6 @@ def test_shared_volume_claim_is_read_write_many():
             assert claims == [claim["metadata"]["name"]]
 
 
-
-
 # ----------------------------------------------------------------------------- MLflow server
 
 
@@ -175,7 +179,9 @@ def test_mlflow_server_uses_a_database_and_an_object_store():
     head_env = {e["name"]: e["value"] for e in cluster["headGroupSpec"]["template"]["spec"]["containers"][0]["env"]}
     assert head_env["MLFLOW_TRACKING_URI"] == expected
     allowed = next(a for a in args if a.startswith("--allowed-hosts="))
-    assert f"{service['metadata']['name']}.{service['metadata']['namespace']}.svc.cluster.local:*" in allowed.split("=", 1)[1].split(",")
+    assert f"{service['metadata']['name']}.{service['metadata']['namespace']}.svc.cluster.local:*" in allowed.split(
+        "=", 1
+    )[1].split(",")
 
     dockerfile = (INFRA / "mlflow" / "Dockerfile").read_text()
     assert re.search(rf"^FROM ghcr.io/mlflow/mlflow:v{re.escape(MLFLOW)}$", dockerfile, re.M)
@@ -191,7 +197,14 @@ def test_mlflow_server_uses_a_database_and_an_object_store():
 def test_readme_walks_through_a_gpu_cluster_run():
     text = (INFRA / "README.md").read_text()
     assert "## Run on a GPU cluster" in text
-    for needle in ("ray up", "kubectl apply -f infra/kuberay", "ray job submit --working-dir .", "MLFLOW_TRACKING_URI", "data.root=/mnt/shared", "ray down"):
+    for needle in (
+        "ray up",
+        "kubectl apply -f infra/kuberay",
+        "ray job submit --working-dir .",
+        "MLFLOW_TRACKING_URI",
+        "data.root=/mnt/shared",
+        "ray down",
+    ):
         assert needle in text, needle
 
 
@@ -226,6 +239,7 @@ def test_every_manifest_validates_strictly(version):
     Kubernetes checked (strict: an unknown field is an error); the KubeRay resources against
     the ray.io/v1 schema, their pod templates against the same Kubernetes version's."""
     import kubernetes_validate as kv
+
     for path in K8S_MANIFESTS:
         for doc in _docs(path):
             kv.validate(doc, version, strict=True)
@@ -238,6 +252,7 @@ def test_every_manifest_validates_strictly(version):
 
 def test_manifests_validate_on_every_kubernetes_version_checked():
     import kubernetes_validate as kv
+
     for version in KUBERNETES_VERSIONS[1:-1]:
         for path in K8S_MANIFESTS:
             for doc in _docs(path):
@@ -248,6 +263,7 @@ def test_the_schemas_reject_what_the_api_server_would():
     """The validation is not vacuous: a misspelt field anywhere, a number where KubeRay takes a
     string, an unknown submission mode are errors."""
     import kubernetes_validate as kv
+
     validator = _kuberay_validator(KUBERNETES_VERSIONS[-1])
     job = _load(INFRA / "kuberay" / "rayjob.yaml")
     assert validator.is_valid(job)
@@ -272,7 +288,9 @@ def test_the_schemas_reject_what_the_api_server_would():
         assert not validator.is_valid(broken(edit))
     claim = _load(INFRA / "kuberay" / "shared-storage.yaml")
     with pytest.raises(kv.ValidationError):
-        kv.validate({**claim, "spec": {**claim["spec"], "accessMode": ["ReadWriteMany"]}}, KUBERNETES_VERSIONS[-1], strict=True)
+        kv.validate(
+            {**claim, "spec": {**claim["spec"], "accessMode": ["ReadWriteMany"]}}, KUBERNETES_VERSIONS[-1], strict=True
+        )
 
 
 # ----------------------------------------------------------------------------- cross-file facts
@@ -286,7 +304,10 @@ def _cluster_specs() -> dict[str, dict]:
 
 
 def _gpus(group: dict) -> int:
-    return sum(int(c.get("resources", {}).get("limits", {}).get("nvidia.com/gpu", 0)) for c in group["template"]["spec"]["containers"])
+    return sum(
+        int(c.get("resources", {}).get("limits", {}).get("nvidia.com/gpu", 0))
+        for c in group["template"]["spec"]["containers"]
+    )
 
 
 def _tune_params(argv: list[str]):
@@ -327,9 +348,15 @@ def test_tune_runs_as_many_trials_at_once_as_the_worker_group_holds():
     group_gpus = sum(g["maxReplicas"] * _gpus(g) for g in groups)
     at_once = group_gpus // t.num_workers
     assert at_once > 1, f"{group_gpus} GPUs // {t.num_workers} workers per trial: one trial at a time"
-    assert c.max_concurrent_trials == at_once, f"entrypoint asks for {c.max_concurrent_trials} trials at once, the group holds {at_once}"
+    assert c.max_concurrent_trials == at_once, (
+        f"entrypoint asks for {c.max_concurrent_trials} trials at once, the group holds {at_once}"
+    )
     # what the stage itself computes: the explicit setting, and its default on the full group
-    assert max_concurrency(params) == at_once == max_concurrency(replace(params, tune=replace(c, max_concurrent_trials=None)), {"GPU": group_gpus})
+    assert (
+        max_concurrency(params)
+        == at_once
+        == max_concurrency(replace(params, tune=replace(c, max_concurrent_trials=None)), {"GPU": group_gpus})
+    )
     assert len(c.space["eta"]) * len(c.space["zeta"]) * len(c.bits) >= at_once  # the grid fills the group
     for g in groups:  # a trial fits a pod, with one CPU per Train worker
         per_pod = _gpus(g) // t.num_workers
@@ -354,7 +381,17 @@ def _bytes(quantity: str | int) -> int:
     """A Kubernetes quantity (or Ray's byte count) in bytes."""
     m = re.fullmatch(r"(\d+)(Ki|Mi|Gi|Ti|k|M|G|T)?", str(quantity))
     assert m, quantity
-    scale = {None: 1, "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
+    scale = {
+        None: 1,
+        "Ki": 2**10,
+        "Mi": 2**20,
+        "Gi": 2**30,
+        "Ti": 2**40,
+        "k": 10**3,
+        "M": 10**6,
+        "G": 10**9,
+        "T": 10**12,
+    }
     return int(m.group(1)) * scale[m.group(2)]
 
 
@@ -367,7 +404,9 @@ def test_object_store_fits_in_dev_shm_with_room_for_the_data_loaders():
         for group in [spec["headGroupSpec"], *spec["workerGroupSpecs"]]:
             where = f"{name}: {group.get('groupName', 'head')}"
             store = group["rayStartParams"].get("object-store-memory")
-            assert store is not None, f"{where}: object-store-memory is not set (Ray's default is 30% of the pod's memory)"
+            assert store is not None, (
+                f"{where}: object-store-memory is not set (Ray's default is 30% of the pod's memory)"
+            )
             pod = group["template"]["spec"]
             shm_volumes = {v["name"]: v for v in pod["volumes"] if v.get("emptyDir", {}).get("medium") == "Memory"}
             for container in pod["containers"]:
@@ -384,7 +423,12 @@ def _ray_upload(root: Path, include_gitignore: bool = True) -> set[str]:
     from ray._private.runtime_env.packaging import _dir_travel
 
     files: set[str] = set()
-    _dir_travel(root, [], lambda p: files.add(p.relative_to(root).as_posix()) if p.is_file() else None, include_gitignore=include_gitignore)
+    _dir_travel(
+        root,
+        [],
+        lambda p: files.add(p.relative_to(root).as_posix()) if p.is_file() else None,
+        include_gitignore=include_gitignore,
+    )
     return files
 
 
@@ -431,8 +475,14 @@ def test_secrets_stay_out_of_git_and_of_every_upload(checkout_with_secrets):
     assert config["file_mounts"]["~/dpfah"] == "."
     assert {".gitignore", ".rayignore"} <= set(config["rsync_filter"])
     # The image's build context is an allowlist that never reaches infra/ or a .env file.
-    ignore = [line for line in (INFRA / "docker" / "Dockerfile.dockerignore").read_text().splitlines() if line and not line.startswith("#")]
-    assert ignore[0] == "*" and not [line for line in ignore if line.startswith("!") and ("infra" in line or ".env" in line)]
+    ignore = [
+        line
+        for line in (INFRA / "docker" / "Dockerfile.dockerignore").read_text().splitlines()
+        if line and not line.startswith("#")
+    ]
+    assert ignore[0] == "*" and not [
+        line for line in ignore if line.startswith("!") and ("infra" in line or ".env" in line)
+    ]
 
 
 def test_a_job_uploaded_by_ray_runs_the_compiled_kernels(checkout_with_secrets, tmp_path):
@@ -456,7 +506,14 @@ def test_a_job_uploaded_by_ray_runs_the_compiled_kernels(checkout_with_secrets, 
         shutil.copy2(checkout_with_secrets / rel, job / rel)
     assert not list(job.rglob("*.so"))
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    proc = subprocess.run([sys.executable, "-m", "dpfah.kernels", "--require"], cwd=job, env=env, capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-m", "dpfah.kernels", "--require"],
+        cwd=job,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     lines = dict(line.split(": ", 1) for line in proc.stdout.splitlines())
     assert Path(lines["dpfah"]).resolve() == (job / "dpfah" / "__init__.py").resolve()  # the upload's sources ran
@@ -466,7 +523,14 @@ def test_a_job_uploaded_by_ray_runs_the_compiled_kernels(checkout_with_secrets, 
         path = Path(re.fullmatch(rf"\({module}: (.+)\)", where).group(1)).resolve()
         assert path.suffix == ".so" and not path.is_relative_to(job.resolve())
 
-    bare = subprocess.run([sys.executable, "-S", "-m", "dpfah.kernels", "--require"], cwd=job, env=env, capture_output=True, text=True, timeout=60)
+    bare = subprocess.run(
+        [sys.executable, "-S", "-m", "dpfah.kernels", "--require"],
+        cwd=job,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert bare.returncode == 1 and "no compiled kernel for hamming, ranking" in bare.stderr, bare.stdout + bare.stderr
     assert "hamming: numpy" in bare.stdout
 
@@ -478,7 +542,13 @@ def test_one_mlflow_name_throughout():
     docs = {d["kind"]: d for d in _load(INFRA / "mlflow" / "kubernetes.yaml")}
     meta, port = docs["Service"]["metadata"], docs["Service"]["spec"]["ports"][0]["port"]
     expected = f"http://{meta['name']}.{meta['namespace']}.svc.cluster.local:{port}"
-    files = [ROOT / "README.md", INFRA / "README.md", *sorted((ROOT / "docs").rglob("*.md")), *sorted(INFRA.rglob("*.yaml")), *sorted(INFRA.rglob("*.yml"))]
+    files = [
+        ROOT / "README.md",
+        INFRA / "README.md",
+        *sorted((ROOT / "docs").rglob("*.md")),
+        *sorted(INFRA.rglob("*.yaml")),
+        *sorted(INFRA.rglob("*.yml")),
+    ]
     for path in files:
         for url in re.findall(r"https?://mlflow[\w.-]*(?::\d+)?", path.read_text()):
             assert url == expected, f"{path.relative_to(ROOT)}: {url} (expected {expected})"
@@ -500,7 +570,11 @@ def test_launcher_nodes_share_storage_and_run_a_current_ami():
 
     # Ray's built-in AMIs (read from its source: importing it needs boto3)
     source = Path(importlib.util.find_spec("ray.autoscaler._private.aws.config").origin).read_text()
-    (node,) = [n for n in ast.parse(source).body if isinstance(n, ast.Assign) and getattr(n.targets[0], "id", None) == "DEFAULT_AMI"]
+    (node,) = [
+        n
+        for n in ast.parse(source).body
+        if isinstance(n, ast.Assign) and getattr(n.targets[0], "id", None) == "DEFAULT_AMI"
+    ]
     DEFAULT_AMI = ast.literal_eval(node.value)
     assert len(DEFAULT_AMI) > 10
     config = _load(INFRA / "aws" / "cluster.yaml")
@@ -520,7 +594,9 @@ def test_launcher_nodes_share_storage_and_run_a_current_ami():
     amis = {nt["node_config"].get("ImageId") for nt in config["available_node_types"].values()}
     (ami,) = amis
     assert ami and ami not in DEFAULT_AMI.values()
-    assert re.fullmatch(r"ami-[0-9a-f]{8,17}|resolve:ssm:/aws/service/deeplearning/ami/x86_64/[\w.-]*ubuntu-24\.04/latest/ami-id", ami), ami
+    assert re.fullmatch(
+        r"ami-[0-9a-f]{8,17}|resolve:ssm:/aws/service/deeplearning/ami/x86_64/[\w.-]*ubuntu-24\.04/latest/ami-id", ami
+    ), ami
     if ami.startswith("resolve:ssm:"):  # the head's autoscaler resolves it for the workers: checked at `ray up`
         (check,) = [c for c in config["head_setup_commands"] if "get_parameters" in c]
         assert f"name = '{ami.removeprefix('resolve:ssm:')}'" in check and f"region_name='{region}'" in check
@@ -544,7 +620,9 @@ def test_cluster_image_installs_dependencies_before_the_code_and_requires_its_ke
     assert [s for s in steps[:deps] if s.startswith("COPY")] == ["COPY --chown=ray:users pyproject.toml ./"]
     assert "--mount=type=cache,target=/home/ray/.cache/pip" in steps[deps] and "--no-cache-dir" not in text
     # the requirements step really lists pyproject's pins
-    snippet = re.search(r'python -c "(.*?)" *\\\n *> /tmp/requirements.txt', steps[deps], re.S).group(1).replace('\\n', "\\n")
+    snippet = (
+        re.search(r'python -c "(.*?)" *\\\n *> /tmp/requirements.txt', steps[deps], re.S).group(1).replace("\\n", "\\n")
+    )
     out = subprocess.run([sys.executable, "-c", snippet], cwd=ROOT, capture_output=True, text=True, check=True).stdout
     assert out.split() == tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
     # kernels: required at build, then imported both from site-packages and as a job in WORKDIR does
@@ -564,4 +642,6 @@ def test_compose_images_are_pinned():
         if "image" in service:
             image, _, tag = service["image"].rpartition(":")
             assert image and tag and tag != "latest", f"{name}: {service['image']} is not pinned"
-    assert re.fullmatch(r"RELEASE\.\d{4}-\d\d-\d\dT\d\d-\d\d-\d\dZ", compose["services"]["minio"]["image"].split(":")[1])
+    assert re.fullmatch(
+        r"RELEASE\.\d{4}-\d\d-\d\dT\d\d-\d\d-\d\dZ", compose["services"]["minio"]["image"].split(":")[1]
+    )

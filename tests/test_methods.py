@@ -197,7 +197,13 @@ def ref_dsdh(obj, u, logits, labels, index):
 def ref_dfh(obj, u, logits, labels, index):
     p = obj.hparams
     centers = [[_sgn(obj.centers_v[k, c]) for c in range(CLASSES)] for k in range(BITS)]  # C = sign V, before the step
-    b = [[_sgn(p["mu"] * sum(centers[k][c] * float(labels[i, c]) for c in range(CLASSES)) + float(u[i, k].detach())) for k in range(BITS)] for i in range(len(u))]
+    b = [
+        [
+            _sgn(p["mu"] * sum(centers[k][c] * float(labels[i, c]) for c in range(CLASSES)) + float(u[i, k].detach()))
+            for k in range(BITS)
+        ]
+        for i in range(len(u))
+    ]
     cols, ycols, pairs = _pair_set(obj, u, labels, index)
     total = 0
     for i, j in pairs:
@@ -343,7 +349,13 @@ def test_dsdh_epoch_start_solves_b_and_w_over_the_seen_items():
     seen = obj.memory.seen
     p = obj.hparams
     want_b, want_w = _dcc_plain(
-        obj.codes_b[seen].numpy().T, obj.memory.codes[seen].numpy().T, obj.memory.labels[seen].numpy().T, p["mu"], p["nu"], p["eta"], p["dcc_iter"]
+        obj.codes_b[seen].numpy().T,
+        obj.memory.codes[seen].numpy().T,
+        obj.memory.labels[seen].numpy().T,
+        p["mu"],
+        p["nu"],
+        p["eta"],
+        p["dcc_iter"],
     )
     obj.start_epoch(1)
     np.testing.assert_array_equal(obj.codes_b[seen].numpy().T, want_b)
@@ -365,7 +377,9 @@ def _center_step_plain(v, y, b, vul, nta, steps, lr, milestones):
         grad = np.zeros_like(v)
         for a in range(k):
             for cls in range(c):
-                fit = sum(2 * (sum(v[a, q] * y[i, q] for q in range(c)) - b[i, a]) * y[i, cls] for i in range(n)) / (n * k)
+                fit = sum(2 * (sum(v[a, q] * y[i, q] for q in range(c)) - b[i, a]) * y[i, cls] for i in range(n)) / (
+                    n * k
+                )
                 e = v.T @ v - g
                 push = 4 * vul * sum(v[a, q] * e[q, cls] for q in range(c)) / c**2
                 binary = 2 * nta * (v[a, cls] - (1.0 if v[a, cls] >= 0 else -1.0)) / (k * c)
@@ -380,7 +394,16 @@ def test_dfh_center_step_matches_hand_derived_descent():
     v0 = rng.normal(scale=0.3, size=(k, c))
     y = (rng.random((n, c)) < 0.5).astype(float)
     b = np.where(rng.random((n, k)) < 0.5, 1.0, -1.0)
-    got = center_step(torch.from_numpy(v0), torch.from_numpy(y), torch.from_numpy(b), vul=0.7, nta=1.3, steps=12, lr=0.03, milestones=(5, 9))
+    got = center_step(
+        torch.from_numpy(v0),
+        torch.from_numpy(y),
+        torch.from_numpy(b),
+        vul=0.7,
+        nta=1.3,
+        steps=12,
+        lr=0.03,
+        milestones=(5, 9),
+    )
     want = _center_step_plain(v0, y, b, 0.7, 1.3, 12, 0.03, (5, 9))
     np.testing.assert_allclose(got.numpy(), want, rtol=1e-10, atol=1e-12)
 
@@ -454,7 +477,9 @@ def _run_ranks(objective, world_size, batches):
                 objectives[r].start_epoch(e)
                 rows = slice(r * local, (r + 1) * local)
                 u_r, o_r = u[rows].clone().requires_grad_(True), logits[rows].clone().requires_grad_(True)
-                step = objectives[r].step(u_r, o_r, labels[rows], index[rows], _ThreadShard(world_size, r, local, group))
+                step = objectives[r].step(
+                    u_r, o_r, labels[rows], index[rows], _ThreadShard(world_size, r, local, group)
+                )
                 step.surrogate.backward()
                 grads[e][0][rows] = u_r.grad / world_size
                 grads[e][1][rows] = o_r.grad / world_size
@@ -490,7 +515,9 @@ def test_ranks_compute_what_one_process_computes(name, params, world_size):
     for (gu, go, gs), (wu, wo, ws) in zip(got, want):
         torch.testing.assert_close(gu, wu, rtol=1e-10, atol=1e-13)
         torch.testing.assert_close(go, wo, rtol=1e-10, atol=1e-13)
-        assert {t: v / w for t, (v, w) in gs.items()} == pytest.approx({t: v / w for t, (v, w) in ws.items()}, rel=1e-10)
+        assert {t: v / w for t, (v, w) in gs.items()} == pytest.approx(
+            {t: v / w for t, (v, w) in ws.items()}, rel=1e-10
+        )
     for state in states:
         assert state.keys() == want_state.keys()
         for key in state:
@@ -511,7 +538,11 @@ def test_memory_and_bank_are_one_memory_read_two_ways(name):
     steps = {}
     for pairs in ("memory", "bank"):
         obj = _make(name, {"pairs": pairs})
-        assert isinstance(obj.memory, Memory) and obj.state_dict().keys() >= {"memory.codes", "memory.labels", "memory.seen"}
+        assert isinstance(obj.memory, Memory) and obj.state_dict().keys() >= {
+            "memory.codes",
+            "memory.labels",
+            "memory.seen",
+        }
         steps[pairs] = obj.step(u.clone(), logits, labels, index, Shard(1, 0, 8))
         unseen = int((~obj.memory.seen).sum())
     term = "likelihood" if name == "dpsh" else "l1"
@@ -536,7 +567,9 @@ def test_registry_declares_every_method():
         methods.build("dpsh", bits=8, num_classes=3)
     with pytest.raises(ValueError, match="schedule='linear'"):
         methods.build("hashnet", {"schedule": "linear"}, bits=8, num_classes=3)
-    assert methods.get("dpsh").needs_train_size({"pairs": "memory"}) and not methods.get("dsh").needs_train_size(methods.get("dsh").defaults)
+    assert methods.get("dpsh").needs_train_size({"pairs": "memory"}) and not methods.get("dsh").needs_train_size(
+        methods.get("dsh").defaults
+    )
 
 
 def test_dpfah_entry_keeps_dpfah_loss_numerics():
@@ -548,7 +581,11 @@ def test_dpfah_entry_keeps_dpfah_loss_numerics():
     b = plain.step(u, logits, labels, index, Shard(1, 0, 8))
     assert a.stats == b.stats and a.surrogate.item() == b.surrogate.item()
     # Its knobs are declared once, DPFAHLoss's, with the paper's values as defaults.
-    assert methods.get("dpfah").defaults is DPFAHLoss.defaults == {"eta": 10.0, "zeta": 0.1, "delta": 1.1, "pairs": "batch"}
+    assert (
+        methods.get("dpfah").defaults
+        is DPFAHLoss.defaults
+        == {"eta": 10.0, "zeta": 0.1, "delta": 1.1, "pairs": "batch"}
+    )
     assert (DPFAHLoss().eta, DPFAHLoss().zeta, DPFAHLoss().delta, DPFAHLoss().pairs) == (10.0, 0.1, 1.1, "batch")
     with pytest.raises(ValueError, match=r"^dpfah: delta must be >= 0, got -1$"):
         methods.build("dpfah", {"delta": -1}, bits=BITS, num_classes=CLASSES)
@@ -574,15 +611,24 @@ def _stream(images, labels, epoch):
 @pytest.mark.parametrize("name,params", CONFIGS, ids=IDS)
 def test_fit_trains_every_method_and_resumes_exactly(name, params):
     images, labels = _data()
-    settings = TrainSettings(epochs=3, batch_size=8, image_size=16, optimizer="adamw", lr=1e-2, schedule="constant", precision="fp32")
+    settings = TrainSettings(
+        epochs=3, batch_size=8, image_size=16, optimizer="adamw", lr=1e-2, schedule="constant", precision="fp32"
+    )
 
     def run(state=None):
         torch.manual_seed(0)
         model = _Tiny(8, 3)
         objective = methods.build(name, params, bits=8, num_classes=3, train_size=len(images))
         reports = []
-        fit(settings, model, objective, train_batches=lambda e: _stream(images, labels, e), steps_per_epoch=3,
-            report=lambda m, s: reports.append((m, s)), state=state)
+        fit(
+            settings,
+            model,
+            objective,
+            train_batches=lambda e: _stream(images, labels, e),
+            steps_per_epoch=3,
+            report=lambda m, s: reports.append((m, s)),
+            state=state,
+        )
         return reports
 
     full = run()
@@ -607,7 +653,9 @@ def _ddp_worker(rank, world_size, port, out):
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
     try:
         images, labels = _data()
-        settings = TrainSettings(epochs=2, batch_size=8, image_size=16, optimizer="adamw", lr=1e-2, schedule="constant", precision="fp32")
+        settings = TrainSettings(
+            epochs=2, batch_size=8, image_size=16, optimizer="adamw", lr=1e-2, schedule="constant", precision="fp32"
+        )
         local = 8 // world_size
         results = {}
         for name, params in CONFIGS:
@@ -621,9 +669,19 @@ def _ddp_worker(rank, world_size, port, out):
                     yield Batch(b.images[rows], b.labels[rows], b.index[rows])
 
             reports = []
-            fit(settings, model, objective, train_batches=batches, steps_per_epoch=3, report=lambda m, s: reports.append(m))
-            results[name + repr(params)] = (reports[-1]["loss"], {k: v.clone() for k, v in objective.state_dict().items()},
-                                            {k: v.clone() for k, v in model.state_dict().items()})
+            fit(
+                settings,
+                model,
+                objective,
+                train_batches=batches,
+                steps_per_epoch=3,
+                report=lambda m, s: reports.append(m),  # noqa: B023
+            )
+            results[name + repr(params)] = (
+                reports[-1]["loss"],
+                {k: v.clone() for k, v in objective.state_dict().items()},
+                {k: v.clone() for k, v in model.state_dict().items()},
+            )
         torch.save(results, f"{out}.{rank}")
     finally:
         dist.destroy_process_group()
@@ -640,7 +698,9 @@ def _diverging_worker(rank, world_size, port, out):
     try:
         images, labels = _data()
         lr = 1e-3 * (2 if rank == 1 else 1)
-        settings = TrainSettings(epochs=2, batch_size=8, image_size=16, optimizer="sgd", lr=lr, schedule="constant", precision="fp32")
+        settings = TrainSettings(
+            epochs=2, batch_size=8, image_size=16, optimizer="sgd", lr=lr, schedule="constant", precision="fp32"
+        )
         local = 8 // world_size
         torch.manual_seed(0)
         model = _Tiny(8, 3)
@@ -653,7 +713,14 @@ def _diverging_worker(rank, world_size, port, out):
 
         reports = []
         try:
-            fit(settings, model, objective, train_batches=batches, steps_per_epoch=3, report=lambda m, s: reports.append(m))
+            fit(
+                settings,
+                model,
+                objective,
+                train_batches=batches,
+                steps_per_epoch=3,
+                report=lambda m, s: reports.append(m),
+            )
             outcome = "finished"
         except RanksDiverged as e:
             outcome = str(e)
@@ -696,13 +763,22 @@ def test_fit_under_real_ddp_equals_one_process(tmp_path):
     mp.spawn(_ddp_worker, args=(2, port, out), nprocs=2, join=True)
     ranks = [torch.load(f"{out}.{r}", weights_only=False) for r in range(2)]
     images, labels = _data()
-    settings = TrainSettings(epochs=2, batch_size=8, image_size=16, optimizer="adamw", lr=1e-2, schedule="constant", precision="fp32")
+    settings = TrainSettings(
+        epochs=2, batch_size=8, image_size=16, optimizer="adamw", lr=1e-2, schedule="constant", precision="fp32"
+    )
     for name, params in CONFIGS:
         torch.manual_seed(0)
         model = _Tiny(8, 3)
         objective = methods.build(name, params, bits=8, num_classes=3, train_size=len(images))
         reports = []
-        fit(settings, model, objective, train_batches=lambda e: _stream(images, labels, e), steps_per_epoch=3, report=lambda m, s: reports.append(m))
+        fit(
+            settings,
+            model,
+            objective,
+            train_batches=lambda e: _stream(images, labels, e),
+            steps_per_epoch=3,
+            report=lambda m, s: reports.append(m),  # noqa: B023
+        )
         key = name + repr(params)
         for loss, state, weights in (r[key] for r in ranks):
             assert loss == pytest.approx(reports[-1]["loss"], rel=1e-4), key

@@ -183,7 +183,9 @@ def test_loss_with_memory_bank_matches_explicit_sum():
     u, logits, labels = _random_batch(n=4, multi=True, seed=1)
     bank_u, _, bank_labels = _random_batch(n=9, multi=True, seed=2)
     parts = DPFAHLoss()(u, logits, labels, bank_u=bank_u, bank_labels=bank_labels)
-    assert parts.l1.item() == pytest.approx(_l1_reference(u, labels, bank_u, bank_labels, skip_diagonal=False), rel=1e-10)
+    assert parts.l1.item() == pytest.approx(
+        _l1_reference(u, labels, bank_u, bank_labels, skip_diagonal=False), rel=1e-10
+    )
 
 
 def test_multilabel_similarity_means_any_shared_label():

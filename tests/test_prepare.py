@@ -69,10 +69,17 @@ def make_cifar_archive(path: Path, per_class: int, seed: int = 0) -> dict[str, t
     cuts = np.array_split(np.arange(labels.size), 6)
     batches = {}
     with tarfile.open(path, "w:gz") as tar:
-        members = {"batches.meta": {b"label_names": [c.encode() for c in CIFAR_CLASSES], b"num_cases_per_batch": len(cuts[0])}}
+        members = {
+            "batches.meta": {b"label_names": [c.encode() for c in CIFAR_CLASSES], b"num_cases_per_batch": len(cuts[0])}
+        }
         for name, rows in zip([f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"], cuts):
             batches[name] = (data[rows], labels[rows].tolist())
-            members[name] = {b"batch_label": name.encode(), b"labels": labels[rows].tolist(), b"data": data[rows], b"filenames": [b"x.png"] * rows.size}
+            members[name] = {
+                b"batch_label": name.encode(),
+                b"labels": labels[rows].tolist(),
+                b"data": data[rows],
+                b"filenames": [b"x.png"] * rows.size,
+            }
         for name, obj in members.items():
             raw = pickle.dumps(obj, protocol=2)
             info = tarfile.TarInfo(f"cifar-10-batches-py/{name}")
@@ -172,7 +179,13 @@ def test_cifar10_download_by_url_checks_md5(tmp_path, cifar_archive):
     with pytest.raises(DataError, match=r"md5 [0-9a-f]{32} does not match the expected 0{32}"):
         download(url, tmp_path / "other", "0" * 32)
     assert not list((tmp_path / "other").iterdir()), "no partial download left"
-    r = run(tmp_path, "cifar10", f"datasets.cifar10.source={url}", f"datasets.cifar10.md5={md5}", "datasets.cifar10.validation=0")
+    r = run(
+        tmp_path,
+        "cifar10",
+        f"datasets.cifar10.source={url}",
+        f"datasets.cifar10.md5={md5}",
+        "datasets.cifar10.validation=0",
+    )
     assert r.manifest["source"]["url"] == url and "path" not in r.manifest["source"]
     assert r.manifest["splits"]["validation"]["count"] == 0 and r.manifest["splits"]["train"]["count"] == 5000
     assert list(EvalStream(r.directory, "validation")) == []
@@ -191,7 +204,9 @@ def test_real_cifar10(tmp_path, cifar10_source, cifar10_prepared):
     query = list(EvalStream(a.directory, "query", batch_size=1000, decode=True))
     assert query[0].images.shape == (1000, 3, 32, 32)
     b = run(tmp_path / "b", "cifar10", f"datasets.cifar10.source={source}")
-    assert [s["sha256"] for s in b.manifest["splits"]["database"]["shards"]] == [s["sha256"] for s in m["splits"]["database"]["shards"]]
+    assert [s["sha256"] for s in b.manifest["splits"]["database"]["shards"]] == [
+        s["sha256"] for s in m["splits"]["database"]["shards"]
+    ]
     assert files_digest(a.directory) == files_digest(b.directory)
 
 
@@ -210,8 +225,15 @@ def make_folder(root: Path, classes=("ant", "bee", "cow"), per_class=12, ext="jp
 
 
 def custom(name: str, images: Path, *extra: str) -> list[str]:
-    return [f"datasets.{name}.kind=custom", f"datasets.{name}.images={images}", f"datasets.{name}.query_per_class=2",
-            f"datasets.{name}.train_per_class=4", f"datasets.{name}.validation=3", f"datasets.{name}.shard_size=5", *extra]
+    return [
+        f"datasets.{name}.kind=custom",
+        f"datasets.{name}.images={images}",
+        f"datasets.{name}.query_per_class=2",
+        f"datasets.{name}.train_per_class=4",
+        f"datasets.{name}.validation=3",
+        f"datasets.{name}.shard_size=5",
+        *extra,
+    ]
 
 
 def test_custom_image_folder_and_bad_images(tmp_path):
@@ -229,10 +251,17 @@ def test_custom_image_folder_and_bad_images(tmp_path):
     shards = tmp_path / "data" / "shards"
     assert not shards.exists() or os.listdir(shards) == [], "a failed run leaves nothing behind"
 
-    r = run(tmp_path, "toy", *custom("toy", root, "datasets.toy.on_bad_image=skip", "datasets.toy.database_includes_train=false"))
+    r = run(
+        tmp_path,
+        "toy",
+        *custom("toy", root, "datasets.toy.on_bad_image=skip", "datasets.toy.database_includes_train=false"),
+    )
     m = r.manifest
     assert m["skipped"]["count"] == 2
-    assert [i["where"] for i in m["skipped"]["items"]] == [str(root / "bee" / "truncated.jpg"), str(root / "cow" / "junk.jpg")]
+    assert [i["where"] for i in m["skipped"]["items"]] == [
+        str(root / "bee" / "truncated.jpg"),
+        str(root / "cow" / "junk.jpg"),
+    ]
     assert m["classes"] == ["ant", "bee", "cow"]
     counts = {s: m["splits"][s]["count"] for s in m["splits"]}
     assert counts == {"train": 9, "validation": 3, "query": 6, "database": 36 - 6 - 12}
@@ -247,7 +276,11 @@ def test_custom_image_folder_and_bad_images(tmp_path):
     paths = {row["index"]: row["path"] for row in rows if row["split"] == "query"}
     assert [(root / paths[i]).read_bytes() for i in got.index.tolist()] == got.images
 
-    again = run(tmp_path / "again", "toy", *custom("toy", root, "datasets.toy.on_bad_image=skip", "datasets.toy.database_includes_train=false"))
+    again = run(
+        tmp_path / "again",
+        "toy",
+        *custom("toy", root, "datasets.toy.on_bad_image=skip", "datasets.toy.database_includes_train=false"),
+    )
     assert files_digest(again.directory) == files_digest(r.directory), "same inputs and seed: byte-identical"
 
 
@@ -258,9 +291,16 @@ def test_custom_tar_folder_and_too_few_images(tmp_path):
     with tarfile.open(archive, "w:gz") as tar:
         tar.add(root, arcname="imgs")
     r = run(tmp_path, "toy", *custom("toy", archive, "datasets.toy.train_per_class=3"))
-    assert {s: v["count"] for s, v in r.manifest["splits"].items()} == {"train": 6, "validation": 3, "query": 6, "database": 9}
+    assert {s: v["count"] for s, v in r.manifest["splits"].items()} == {
+        "train": 6,
+        "validation": 3,
+        "query": 6,
+        "database": 9,
+    }
     assert r.manifest["source"]["type"] == "tar"
-    with pytest.raises(DataError, match=r"datasets.toy: class 'ant' has 3 usable images left for training, fewer than 4"):
+    with pytest.raises(
+        DataError, match=r"datasets.toy: class 'ant' has 3 usable images left for training, fewer than 4"
+    ):
         run(tmp_path, "toy", *custom("toy", archive))
 
 
@@ -339,15 +379,25 @@ def test_what_prepare_stores_the_training_decoder_reads_as_pil_does(tmp_path):
             if pixels is None:
                 pixels = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
             expected[f"{cls}/{name}"] = (pixels, lossless)
-    assert Image.open(root / "ant" / "grey16.png").mode == "I;16" and Image.open(root / "ant" / "cmyk.jpg").mode == "CMYK"
+    assert (
+        Image.open(root / "ant" / "grey16.png").mode == "I;16" and Image.open(root / "ant" / "cmyk.jpg").mode == "CMYK"
+    )
 
     argv = ["--dataset", "toy", "--params", str(PARAMS), "--quiet", "--set", f"data.root={tmp_path / 'data'}"]
-    proc = subprocess.run([sys.executable, "-m", "pipeline.prepare", *argv, *[x for o in custom("toy", root) for x in ("--set", o)]],
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipeline.prepare", *argv, *[x for o in custom("toy", root) for x in ("--set", o)]],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.startswith("toy (custom, seed 0): train 9, validation 3, query 6, database 33, 21 stored converted to PNG (see manifest) -> ")
+    assert proc.stdout.startswith(
+        "toy (custom, seed 0): train 9, validation 3, query 6, database 33, 21 stored converted to PNG (see manifest) -> "
+    )
     r = run(tmp_path / "again", "toy", *custom("toy", root))
-    assert files_digest(r.directory) == files_digest(tmp_path / "data" / "shards" / "toy"), "conversions are reproducible"
+    assert files_digest(r.directory) == files_digest(tmp_path / "data" / "shards" / "toy"), (
+        "conversions are reproducible"
+    )
     converted = r.manifest["converted"]
     assert converted["count"] == 3 * len(CONVERTED)
     assert {Path(i["where"]).name for i in converted["items"]} == CONVERTED
@@ -362,7 +412,9 @@ def test_what_prepare_stores_the_training_decoder_reads_as_pil_does(tmp_path):
         want, lossless = expected[path]
         diff = np.abs(got.astype(int) - want.astype(int)).max()
         # JPEG: the same libjpeg-turbo decodes both today (0); a different build may round differently
-        assert diff == 0 if lossless else diff <= 2, f"{path} ({split} {index}) under {how}: max pixel difference {diff}"
+        assert diff == 0 if lossless else diff <= 2, (
+            f"{path} ({split} {index}) under {how}: max pixel difference {diff}"
+        )
 
     seen = set()
     for split in ("train", "validation", "query", "database"):
@@ -392,7 +444,9 @@ def test_what_prepare_stores_the_training_decoder_reads_as_pil_does(tmp_path):
     aug = DeviceAugment()
     for split in ("query", "database"):  # as pipeline.evaluate encodes a split: EvalStream -> DataLoader -> encode
         model = Recorder()
-        loader = DataLoader(EvalStream(r.directory, split, batch_size=5, rank=0, world_size=1), batch_size=None, num_workers=1)
+        loader = DataLoader(
+            EvalStream(r.directory, split, batch_size=5, rank=0, world_size=1), batch_size=None, num_workers=1
+        )
         batches = list(loader)
         encode(model, batches, torch.device("cpu"), SIDE, "fp32")
         for batch, x in zip(batches, model.seen):
@@ -474,12 +528,27 @@ def imagenet_subset(tmp_path_factory):
 def test_imagenet100_lists(tmp_path, imagenet_subset):
     d, files, entries = imagenet_subset
     assert (len(entries["train"]), len(entries["query"]), len(entries["database"])) == (390, 150, 450)
-    r = run(tmp_path, "imagenet100", *lists("imagenet100", d / "images", **files), "datasets.imagenet100.validation=30", "datasets.imagenet100.shard_size=100")
+    r = run(
+        tmp_path,
+        "imagenet100",
+        *lists("imagenet100", d / "images", **files),
+        "datasets.imagenet100.validation=30",
+        "datasets.imagenet100.shard_size=100",
+    )
     m = r.manifest
     counts = {s: m["splits"][s]["count"] for s in m["splits"]}
     assert counts == {"train": 360, "validation": 30, "query": 150, "database": 450}
-    assert m["splits"]["validation"]["class_counts"][:3] == [10, 10, 10] and sum(m["splits"]["validation"]["class_counts"]) == 30
-    assert m["overlap"] == {"train_in_database": 360, "validation_in_database": 30, "query_in_database": 0, "query_in_train": 0, "query_in_validation": 0}
+    assert (
+        m["splits"]["validation"]["class_counts"][:3] == [10, 10, 10]
+        and sum(m["splits"]["validation"]["class_counts"]) == 30
+    )
+    assert m["overlap"] == {
+        "train_in_database": 360,
+        "validation_in_database": 30,
+        "query_in_database": 0,
+        "query_in_train": 0,
+        "query_in_validation": 0,
+    }
     assert m["classes"][:3] == ["00", "01", "02"] and len(m["classes"]) == 100
     assert m["lists"]["database_list"]["lines"] == 450
     expected = {p: v for p, v in entries["train"] + entries["query"] + entries["database"]}
@@ -515,7 +584,12 @@ def test_nuswide21_all_list_multi_label(tmp_path):
     everything = query + train + extra
     assert any(sum(v) > 1 for _, v in everything), "the lists are multi-label"
     m = r.manifest
-    assert {s: m["splits"][s]["count"] for s in m["splits"]} == {"train": 54, "validation": 6, "query": 30, "database": 100}
+    assert {s: m["splits"][s]["count"] for s in m["splits"]} == {
+        "train": 54,
+        "validation": 6,
+        "query": 30,
+        "database": 100,
+    }
     assert m["multi_label"] is True
     labels = dict(everything)
     rows = {(row["split"], row["index"]): row for row in table(r.directory)}
@@ -557,20 +631,37 @@ def test_lists_multi_label_through_fit_and_the_evaluate_stage(tmp_path, monkeypa
     reports = []
 
     def validate(net):
-        return validation_map(net, EvalStream(r.directory, "validation", batch_size=8), EvalStream(r.directory, "train", batch_size=8), torch.device("cpu"), 16)
+        return validation_map(
+            net,
+            EvalStream(r.directory, "validation", batch_size=8),
+            EvalStream(r.directory, "train", batch_size=8),
+            torch.device("cpu"),
+            16,
+        )
 
     fit(pick(TrainSettings, params.train), model, objective, train_batches=lambda epoch: stream, steps_per_epoch=len(stream),
         report=lambda m, s: reports.append(m), validate=validate)  # fmt: skip
     assert len(stream) == 6 and np.isfinite(reports[0]["loss"]) and 0 <= reports[0]["val_map"] <= 1
 
-    fake_training_run(uri, read_manifest(r.directory).sha256, dataset="nuswide21", bits=16, num_classes=21, image_size=16, model=model.eval(), root=tmp_path)
+    fake_training_run(
+        uri,
+        read_manifest(r.directory).sha256,
+        dataset="nuswide21",
+        bits=16,
+        num_classes=21,
+        image_size=16,
+        model=model.eval(),
+        root=tmp_path,
+    )
     doc = evaluate(params, "nuswide21", 16, progress=False, root=tmp_path).doc
     assert (doc["n_queries"], doc["n_db"]) == (30, 100)
     local = Path(MlflowClient(uri).download_artifacts(doc["run_id"], "evaluation/codes", str(tmp_path / "dl")))
     (qp, ql, _, _), (dp, dl, _, _) = load_codes(local / "query.parquet"), load_codes(local / "database.parquet")
     qc, dc = unpack_codes(qp, 16), unpack_codes(dp, 16)
     vectors = {(row["split"], row["index"]): row["labels"] for row in table(r.directory)}
-    assert ql.tolist() == [vectors[("query", i)] for i in range(30)] and dl.tolist() == [vectors[("database", i)] for i in range(100)]
+    assert ql.tolist() == [vectors[("query", i)] for i in range(30)] and dl.tolist() == [
+        vectors[("database", i)] for i in range(100)
+    ]
     assert (ql.sum(1) > 1).any() and (dl.sum(1) > 1).any()
     ref = plain_metrics(qc, dc, ql, dl, topk=doc["topk"], radius=2, n=10)
     assert doc["query_map"] == pytest.approx(ref["map"], abs=1e-12)
@@ -595,8 +686,13 @@ def test_list_problems_name_file_and_line(tmp_path, imagenet_subset):
     (tmp_path / "q.txt").write_text("\n".join(lines) + "\n\n")
     with pytest.raises(DataError, match=r"q.txt:3: malformed line"):
         run(tmp_path, "imagenet100", *args)
-    r = run(tmp_path, "imagenet100", *args, "datasets.imagenet100.on_bad_image=skip", "datasets.imagenet100.validation=0")
-    assert [i["where"] for i in r.manifest["skipped"]["items"]] == [f"{tmp_path / 'q.txt'}:3", f"{tmp_path / 'q.txt'}:5"]
+    r = run(
+        tmp_path, "imagenet100", *args, "datasets.imagenet100.on_bad_image=skip", "datasets.imagenet100.validation=0"
+    )
+    assert [i["where"] for i in r.manifest["skipped"]["items"]] == [
+        f"{tmp_path / 'q.txt'}:3",
+        f"{tmp_path / 'q.txt'}:5",
+    ]
     assert "value '2'" in r.manifest["skipped"]["items"][1]["reason"]
     assert r.manifest["splits"]["query"]["count"] == len(good) - 1
 
@@ -631,11 +727,27 @@ def test_list_file_encoding_and_lines_without_a_path(tmp_path):
     (root / "ant" / "café.jpg").write_bytes(jpeg(7))
     labels.write_bytes("".join(lines[:4] + ["ant/café.jpg 1 0 0\n"] + lines[4:]).encode("latin-1"))
     proc = subprocess.run(
-        [sys.executable, "-m", "pipeline.prepare", "--dataset", "toy", "--params", str(PARAMS), "--quiet",
-         "--set", f"data.root={tmp_path / 'data'}", *[x for o in sets for x in ("--set", o)]],
-        capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "pipeline.prepare",
+            "--dataset",
+            "toy",
+            "--params",
+            str(PARAMS),
+            "--quiet",
+            "--set",
+            f"data.root={tmp_path / 'data'}",
+            *[x for o in sets for x in ("--set", o)],
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
-    assert (proc.returncode, proc.stderr) == (2, f"error: {labels}:5: not UTF-8 text (byte 0xe9 at column 8); save the list as UTF-8\n")
+    assert (proc.returncode, proc.stderr) == (
+        2,
+        f"error: {labels}:5: not UTF-8 text (byte 0xe9 at column 8); save the list as UTF-8\n",
+    )
 
     labels.write_text("".join(lines[:2] + ["0 1 0\n"] + lines[2:]))
     with pytest.raises(DataError) as e:
@@ -652,7 +764,13 @@ def test_unset_images_and_missing_lists(tmp_path):
     with pytest.raises(ConfigError, match=r"^datasets.nuswide21.all_list: not set"):
         run(tmp_path, "nuswide21", f"datasets.nuswide21.images={tmp_path}")
     with pytest.raises(ConfigError, match=r"^datasets.nuswide21.train_list: .*nope.txt: not found"):
-        run(tmp_path, "nuswide21", f"datasets.nuswide21.images={tmp_path}", "datasets.nuswide21.all_list=x", f"datasets.nuswide21.train_list={tmp_path}/nope.txt")
+        run(
+            tmp_path,
+            "nuswide21",
+            f"datasets.nuswide21.images={tmp_path}",
+            "datasets.nuswide21.all_list=x",
+            f"datasets.nuswide21.train_list={tmp_path}/nope.txt",
+        )
     with pytest.raises(ConfigError, match=r"^datasets.cifar10.source: .*absent.tar.gz: not found"):
         run(tmp_path, "cifar10", f"datasets.cifar10.source={tmp_path}/absent.tar.gz")
 
@@ -731,8 +849,16 @@ def test_cli_subprocess_and_dvc_stage(tmp_path):
     assert "\ndatasets:\n" in text
     text = text.replace("\ndatasets:\n", "\ndatasets:\n" + toy, 1).replace("datasets: [cifar10]", "datasets: [toy]")
     (repo / "params.yaml").write_text(text)
-    env = {**os.environ, "PATH": f"{dvc.parent}{os.pathsep}{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1", "GIT_AUTHOR_NAME": "t",
-           "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+    env = {
+        **os.environ,
+        "PATH": f"{dvc.parent}{os.pathsep}{os.environ['PATH']}",
+        "DVC_NO_ANALYTICS": "1",
+        "GIT_AUTHOR_NAME": "t",
+        "GIT_AUTHOR_EMAIL": "t@t",
+        "GIT_COMMITTER_NAME": "t",
+        "GIT_COMMITTER_EMAIL": "t@t",
+    }
+
     def sh(*cmd):
         proc = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True)
         assert proc.returncode == 0, f"{cmd} failed:\n{proc.stdout}\n{proc.stderr}"
@@ -750,11 +876,19 @@ def test_cli_subprocess_and_dvc_stage(tmp_path):
     assert "cifar10" not in lock, "inactive datasets are not stages, and params are per dataset"
     assert "didn't change" in sh(str(dvc), "repro", "prepare@toy")
     # another dataset's parameters do not touch this stage; its own do
-    for old, new, stale in (("validation: 500  # 50 per class", "validation: 400", False), ("    shard_size: 5\n", "    shard_size: 4\n", True)):
+    for old, new, stale in (
+        ("validation: 500  # 50 per class", "validation: 400", False),
+        ("    shard_size: 5\n", "    shard_size: 4\n", True),
+    ):
         assert old in text
         (repo / "params.yaml").write_text(text.replace(old, new))
         assert ("prepare@toy" in sh(str(dvc), "status", "prepare@toy")) is stale
     # errors from the stage reach the user as one line, status 2
-    proc = subprocess.run([sys.executable, "-m", "pipeline.prepare", "--dataset", "toy", "--set", "datasets.toy.images=/nonexistent"],
-                          cwd=repo, env=env, capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipeline.prepare", "--dataset", "toy", "--set", "datasets.toy.images=/nonexistent"],
+        cwd=repo,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 2 and proc.stderr == "error: datasets.toy.images: /nonexistent: not found\n"

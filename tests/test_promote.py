@@ -19,7 +19,13 @@ def toy_params(uri: str, *extra: str):
 
     return load_params(
         Path(__file__).resolve().parents[1] / "params.yaml",
-        ["prepare.datasets=[toy]", "datasets.toy.kind=custom", "datasets.toy.images=/nonexistent", f"mlflow.tracking_uri={uri}", *extra],
+        [
+            "prepare.datasets=[toy]",
+            "datasets.toy.kind=custom",
+            "datasets.toy.images=/nonexistent",
+            f"mlflow.tracking_uri={uri}",
+            *extra,
+        ],
     )
 
 
@@ -46,7 +52,11 @@ def test_champion_moves_only_to_a_better_model(store):
     tags = client.get_run(first["run_id"]).data.tags
     assert "promote.champion_query_map" not in tags and "promote.champion_version" not in tags  # no empty tags
     description = client.get_model_version(NAME, "1").description  # what the version is, in words
-    assert "**toy**" in description and "Query mAP@ALL: **0.6000**" in description and "evaluation/pr_curves.png" in description
+    assert (
+        "**toy**" in description
+        and "Query mAP@ALL: **0.6000**" in description
+        and "evaluation/pr_curves.png" in description
+    )
 
     second = evaluated_run(uri, root, 0.55)  # worse
     result = promote(params, "toy", 8, root=root)
@@ -57,7 +67,11 @@ def test_champion_moves_only_to_a_better_model(store):
     assert rec["previous"] == {"version": 1, "run_id": first["run_id"], "value": 0.60}
     assert registry_state(uri) == ({"champion": 1}, [(1, first["run_id"]), (2, second["run_id"])])
     tags = client.get_run(second["run_id"]).data.tags
-    assert (tags["promote.decision"], tags["promote.query_map"], tags["promote.champion_query_map"]) == ("kept", "0.55", "0.6")
+    assert (tags["promote.decision"], tags["promote.query_map"], tags["promote.champion_query_map"]) == (
+        "kept",
+        "0.55",
+        "0.6",
+    )
     assert (tags["promote.version"], tags["promote.champion_version"], tags["promote.alias_version"]) == ("2", "1", "1")
 
     tie = evaluated_run(uri, root, 0.60)  # equal is not better
@@ -70,7 +84,11 @@ def test_champion_moves_only_to_a_better_model(store):
     assert aliases == {"champion": 4} and [v for v, _ in versions] == [1, 2, 3, 4]
     assert client.get_model_version_by_alias(NAME, "champion").run_id == third["run_id"]
     tags = client.get_run(third["run_id"]).data.tags
-    assert (tags["promote.decision"], tags["promote.query_map"], tags["promote.champion_query_map"]) == ("promoted", "0.7", "0.6")
+    assert (tags["promote.decision"], tags["promote.query_map"], tags["promote.champion_query_map"]) == (
+        "promoted",
+        "0.7",
+        "0.6",
+    )
 
     # Idempotent: the same run again registers nothing, moves nothing, rewrites the same file.
     before = (root / "promotions" / "toy-8-dpfah-s0.json").read_bytes()
@@ -101,7 +119,12 @@ def test_missing_or_foreign_evaluation_moves_nothing(store, monkeypatch, capsys)
     uri, root = store
     monkeypatch.chdir(root)
     base = ["--dataset", "toy", "--bits", "8", "--params", str(Path(__file__).resolve().parents[1] / "params.yaml")]
-    for item in ["prepare.datasets=[toy]", "datasets.toy.kind=custom", "datasets.toy.images=/nonexistent", f"mlflow.tracking_uri={uri}"]:
+    for item in [
+        "prepare.datasets=[toy]",
+        "datasets.toy.kind=custom",
+        "datasets.toy.images=/nonexistent",
+        f"mlflow.tracking_uri={uri}",
+    ]:
         base += ["--set", item]
     champion = evaluated_run(uri, root, 0.5)
     assert cli(stage, base, capsys)[0] == 0
@@ -113,12 +136,19 @@ def test_missing_or_foreign_evaluation_moves_nothing(store, monkeypatch, capsys)
     write_record(root, fresh)
     code, text = cli(stage, base, capsys)
     assert code == 2 and text.count("\n") == 1
-    assert f"error: evaluations/toy-8-dpfah-s0.json: evaluation of run {champion['run_id']}, but runs/toy-8-dpfah-s0.json names run {fresh['run_id']}" in text
+    assert (
+        f"error: evaluations/toy-8-dpfah-s0.json: evaluation of run {champion['run_id']}, but runs/toy-8-dpfah-s0.json names run {fresh['run_id']}"
+        in text
+    )
     assert registry_state(uri) == state
 
     (root / "metrics" / "toy-8-dpfah-s0.json").unlink()
     code, text = cli(stage, base, capsys)
-    assert code == 2 and "error: metrics/toy-8-dpfah-s0.json: no evaluation metrics (run python -m pipeline.evaluate --dataset toy --bits 8 first)" in text
+    assert (
+        code == 2
+        and "error: metrics/toy-8-dpfah-s0.json: no evaluation metrics (run python -m pipeline.evaluate --dataset toy --bits 8 first)"
+        in text
+    )
     assert registry_state(uri) == state
 
     # A run never evaluated (no metric in MLflow), by run id.
@@ -130,19 +160,30 @@ def test_missing_or_foreign_evaluation_moves_nothing(store, monkeypatch, capsys)
     # The file and MLflow disagree (a later evaluation was logged to the run).
     write_metrics(root, fresh, 0.95)
     code, text = cli(stage, base, capsys)
-    assert code == 2 and f"error: metrics/toy-8-dpfah-s0.json: query_map 0.95 differs from MLflow run {fresh['run_id']}'s 0.9" in text
+    assert (
+        code == 2
+        and f"error: metrics/toy-8-dpfah-s0.json: query_map 0.95 differs from MLflow run {fresh['run_id']}'s 0.9"
+        in text
+    )
     assert registry_state(uri) == state
 
     # Evaluated at another R than the parameters now ask for.
     write_metrics(root, fresh, 0.9)
     code, text = cli(stage, [*base, "--set", "evaluate.map_at.toy=10"], capsys)
-    assert code == 2 and "error: evaluations/toy-8-dpfah-s0.json: evaluated at mAP@ALL but evaluate.map_at gives mAP@10 now: re-run evaluate" in text
+    assert (
+        code == 2
+        and "error: evaluations/toy-8-dpfah-s0.json: evaluated at mAP@ALL but evaluate.map_at gives mAP@10 now: re-run evaluate"
+        in text
+    )
     assert registry_state(uri) == state
 
     # Numbers measured differently (the champion at another R) are not compared.
     other = evaluated_run(uri, root, 0.99, map_at=10)
     code, text = cli(stage, [*base, "--set", "evaluate.map_at.toy=10"], capsys)
-    assert code == 2 and f"{NAME} version 1 (run {champion['run_id']}) was evaluated at mAP@ALL on shards abababababab" in text
+    assert (
+        code == 2
+        and f"{NAME} version 1 (run {champion['run_id']}) was evaluated at mAP@ALL on shards abababababab" in text
+    )
     assert "this run at mAP@10 on abababababab: not comparable" in text
     assert registry_state(uri) == state  # nothing registered either
     del other
@@ -162,7 +203,12 @@ def test_missing_or_foreign_evaluation_moves_nothing(store, monkeypatch, capsys)
 
 def _stage_args(uri: str) -> list[str]:
     base = ["--dataset", "toy", "--bits", "8", "--params", str(Path(__file__).resolve().parents[1] / "params.yaml")]
-    for item in ["prepare.datasets=[toy]", "datasets.toy.kind=custom", "datasets.toy.images=/nonexistent", f"mlflow.tracking_uri={uri}"]:
+    for item in [
+        "prepare.datasets=[toy]",
+        "datasets.toy.kind=custom",
+        "datasets.toy.images=/nonexistent",
+        f"mlflow.tracking_uri={uri}",
+    ]:
         base += ["--set", item]
     return base
 
@@ -215,5 +261,8 @@ def test_model_with_non_finite_weights_is_never_registered(store, monkeypatch, c
     code, text = cli(stage, _stage_args(uri), capsys)
     assert code == 2 and text.count("\n") == 1
     assert text.startswith(f"error: MLflow run {run['run_id']}: model models:/m-")
-    assert "has non-finite weights: parameter 1.bias holds 1 NaN and 0 infinite of 2 values (the training diverged)" in text
+    assert (
+        "has non-finite weights: parameter 1.bias holds 1 NaN and 0 infinite of 2 values (the training diverged)"
+        in text
+    )
     assert not MlflowClient(uri).search_registered_models()

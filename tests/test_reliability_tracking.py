@@ -24,7 +24,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers import BITS, NAME, evaluated_run, fake_training_run, registry_state, start_mlflow_server, stop_mlflow_server, toy_overrides
+from tests.helpers import (
+    BITS,
+    NAME,
+    evaluated_run,
+    fake_training_run,
+    registry_state,
+    start_mlflow_server,
+    stop_mlflow_server,
+    toy_overrides,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -42,7 +51,9 @@ def _free_port() -> int:
 
 
 def _env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "RAY_ADDRESS")}
+    env = {
+        k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "RAY_ADDRESS")
+    }
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [env.get("PYTHONPATH")])])
     env["RAY_AUTH_MODE"] = "disabled"
     env.update(extra)
@@ -52,7 +63,14 @@ def _env(**extra: str) -> dict[str, str]:
 def _stage(module: str, args: list[str], cwd: Path, timeout: float = 300, **env: str) -> tuple[int, str, float]:
     """(exit status, stdout + stderr, seconds) of ``python -m pipeline.<module> args``."""
     t = time.monotonic()
-    done = subprocess.run([sys.executable, "-m", f"pipeline.{module}", *args], cwd=cwd, env=_env(**env), capture_output=True, text=True, timeout=timeout)
+    done = subprocess.run(
+        [sys.executable, "-m", f"pipeline.{module}", *args],
+        cwd=cwd,
+        env=_env(**env),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     return done.returncode, done.stdout + done.stderr, time.monotonic() - t
 
 
@@ -65,7 +83,12 @@ def _sets(items: list[str]) -> list[str]:
 
 def _promote_args(uri: str) -> list[str]:
     return ["--dataset", "toy", "--bits", str(BITS), "--params", str(PARAMS)] + _sets(
-        ["prepare.datasets=[toy]", "datasets.toy.kind=custom", "datasets.toy.images=/nonexistent", f"mlflow.tracking_uri={uri}"]
+        [
+            "prepare.datasets=[toy]",
+            "datasets.toy.kind=custom",
+            "datasets.toy.images=/nonexistent",
+            f"mlflow.tracking_uri={uri}",
+        ]
     )
 
 
@@ -124,16 +147,32 @@ def _race(uri: str, root: Path, values: list[float], copies: int) -> tuple[dict,
     code, text, _ = _stage("promote", [*_promote_args(uri), "--run-id", champion["run_id"]], root)
     # The first promotion into a fresh store prints our one line, nothing of MLflow's ("Registered
     # model ... already exists. Creating a new version", INFO lines, warnings): stdout and stderr.
-    assert (code, text) == (0, f"{NAME} version 1 (new): query_map 0.6000 (no champion before): champion -> version 1; wrote promotions/toy-8-dpfah-s0.json\n")
+    assert (code, text) == (
+        0,
+        f"{NAME} version 1 (new): query_map 0.6000 (no champion before): champion -> version 1; wrote promotions/toy-8-dpfah-s0.json\n",
+    )
     runs = {0.6: champion["run_id"], **{v: evaluated_run(uri, root, v, write_files=False)["run_id"] for v in values}}
     go = root / "go"
     procs = []
     for i, value in enumerate(values * copies):
-        argv = [sys.executable, "-c", RACER, str(root / f"ready-{i}"), str(go), *_promote_args(uri), "--run-id", runs[value]]
-        procs.append(subprocess.Popen(argv, cwd=root, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+        argv = [
+            sys.executable,
+            "-c",
+            RACER,
+            str(root / f"ready-{i}"),
+            str(go),
+            *_promote_args(uri),
+            "--run-id",
+            runs[value],
+        ]
+        procs.append(
+            subprocess.Popen(argv, cwd=root, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        )
     deadline = time.monotonic() + 240
     while not all((root / f"ready-{i}").exists() for i in range(len(procs))):
-        assert time.monotonic() < deadline and all(p.poll() is None for p in procs), [p.communicate()[0] for p in procs if p.poll() is not None]
+        assert time.monotonic() < deadline and all(p.poll() is None for p in procs), [
+            p.communicate()[0] for p in procs if p.poll() is not None
+        ]
         time.sleep(0.05)
     watcher = AliasWatcher(uri)
     watcher.start()
@@ -142,10 +181,20 @@ def _race(uri: str, root: Path, values: list[float], copies: int) -> tuple[dict,
     time.sleep(0.3)
     watcher.stop.set()
     watcher.join()
-    assert all(p.returncode == 0 for p in procs), [f"exit {p.returncode}: {out[-800:]}" for p, out in zip(procs, outputs) if p.returncode]
+    assert all(p.returncode == 0 for p in procs), [
+        f"exit {p.returncode}: {out[-800:]}" for p, out in zip(procs, outputs) if p.returncode
+    ]
     client = MlflowClient(uri)
     by_version = {int(v.version): v.run_id for v in client.search_model_versions(f"name = '{NAME}'")}
-    return runs, watcher.seen, {"state": registry_state(uri), "by_version": by_version, "names": [m.name for m in client.search_registered_models()]}
+    return (
+        runs,
+        watcher.seen,
+        {
+            "state": registry_state(uri),
+            "by_version": by_version,
+            "names": [m.name for m in client.search_registered_models()],
+        },
+    )
 
 
 def _check_race(runs: dict, seen: list[int], registry: dict, *, watch: bool) -> None:
@@ -255,7 +304,9 @@ def test_failed_evaluation_is_not_promoted(toy_dataset, tmp_path, monkeypatch):
     assert "eval.map_at" in tags and "eval.complete" not in tags  # what used to be promoted
     code, text, _ = _stage("promote", _promote_args(uri), tmp_path)
     assert code == 2 and text.count("\n") == 1 and "Traceback" not in text
-    assert text.startswith(f"error: MLflow run {run_id} (from runs/toy-8-dpfah-s0.json): its last evaluation ({tags['eval.id']}) has no completion marker")
+    assert text.startswith(
+        f"error: MLflow run {run_id} (from runs/toy-8-dpfah-s0.json): its last evaluation ({tags['eval.id']}) has no completion marker"
+    )
     assert text.rstrip().endswith("re-run python -m pipeline.evaluate --dataset toy --bits 8, then promote")
     assert not MlflowClient(uri).search_registered_models()
 
@@ -278,7 +329,9 @@ def test_evaluate_refuses_non_finite_weights(toy_dataset, tmp_path, monkeypatch)
     record = fake_training_run(uri, _shards_sha(toy_dataset), root=tmp_path, model=model)
     code, text, _ = _stage("evaluate", _evaluate_args(toy_dataset, uri), tmp_path)
     assert code == 2 and text.count("\n") == 1 and "Traceback" not in text
-    assert text.startswith(f"error: MLflow run {record['run_id']}: model {record['model_uri']} has non-finite weights: parameter {name} holds 1 NaN")
+    assert text.startswith(
+        f"error: MLflow run {record['run_id']}: model {record['model_uri']} has non-finite weights: parameter {name} holds 1 NaN"
+    )
     assert not (tmp_path / "metrics").exists()
 
 
@@ -289,7 +342,9 @@ def _store_cases(server, tmp_path: Path) -> list[tuple[str, str, dict[str, str]]
     """(label, URI, the cause each stage names) for every kind of unusable store."""
     os.killpg(server["proc"].pid, signal.SIGKILL)  # a server that was there and died
     server["proc"].wait()
-    refused = "cannot be reached ([Errno 111] Connection refused); start it, or set mlflow.tracking_uri / MLFLOW_TRACKING_URI"
+    refused = (
+        "cannot be reached ([Errno 111] Connection refused); start it, or set mlflow.tracking_uri / MLFLOW_TRACKING_URI"
+    )
     corrupt = tmp_path / "corrupt.db"
     corrupt.write_bytes(os.urandom(8192))
     blocker = tmp_path / "a-file"
@@ -316,7 +371,9 @@ def test_every_stage_fails_fast_on_an_unusable_store(server, toy_dataset, tmp_pa
     run_id = "0123456789abcdef0123456789abcdef"
     failures, timings = [], []
     for label, uri, causes in _store_cases(server, tmp_path):
-        trainish = ["--dataset", "toy", "--params", str(PARAMS)] + _sets(toy_overrides(work, images, f"mlflow.tracking_uri={uri}", "tune.datasets=[toy]"))
+        trainish = ["--dataset", "toy", "--params", str(PARAMS)] + _sets(
+            toy_overrides(work, images, f"mlflow.tracking_uri={uri}", "tune.datasets=[toy]")
+        )
         commands = {
             "train": ["--bits", str(BITS), *trainish],
             "tune": trainish,
@@ -332,7 +389,14 @@ def test_every_stage_fails_fast_on_an_unusable_store(server, toy_dataset, tmp_pa
             timings.append(f"{stage} / {label}: {seconds:.1f} s")
             expected = f"error: MLflow {'tracking server' if uri.startswith('http') else 'store'} {uri}"
             line = text.strip()
-            if not (code == 2 and seconds < FAIL_FAST_S and "\n" not in line and "Traceback" not in text and line.startswith(expected) and causes[stage] in line):
+            if not (
+                code == 2
+                and seconds < FAIL_FAST_S
+                and "\n" not in line
+                and "Traceback" not in text
+                and line.startswith(expected)
+                and causes[stage] in line
+            ):
                 failures.append(f"{stage} / {label}: exit {code} after {seconds:.1f} s: {text[-1500:]}")
     print("\n".join(timings))
     assert not failures, "\n\n".join(failures)

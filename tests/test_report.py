@@ -10,9 +10,13 @@ import json
 import math
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pytest
+
+if TYPE_CHECKING:
+    import torch
 
 from tests.test_dag import BIN, copy_project, edit_params, run, stage_env
 
@@ -49,8 +53,19 @@ def write_evaluation(root: Path, method: str, bits: int, seed: int, dataset: str
     report = retrieval_report(q, d, ql, dl, None, radius=2, max_n=50, pr_ranks=ranks)
     doc = {**flat_metrics(report), "bits": bits, "map_at": "ALL", "n_queries": N_QUERY, "n_db": N_DB}
     which = {"method": method, "seed": seed}
-    write_dvc_outputs(root, dataset, bits, which, doc, report, codes_table(q, ql, np.arange(N_QUERY), {"bits": bits, "split": "query"}))
-    write_json_atomic(run_file(dataset, bits, root, **which), {"best_val_map": 0.5 + 0.1 * (method == "dpfah"), "method": method, "seed": seed})
+    write_dvc_outputs(
+        root,
+        dataset,
+        bits,
+        which,
+        doc,
+        report,
+        codes_table(q, ql, np.arange(N_QUERY), {"bits": bits, "split": "query"}),
+    )
+    write_json_atomic(
+        run_file(dataset, bits, root, **which),
+        {"best_val_map": 0.5 + 0.1 * (method == "dpfah"), "method": method, "seed": seed},
+    )
     return doc
 
 
@@ -65,7 +80,13 @@ def repo(tmp_path_factory):
         root / "params.yaml",
         {
             "prepare.datasets": ["toy"],
-            "datasets.toy": {"kind": "custom", "images": str(work / "no-images"), "query_per_class": 10, "train_per_class": 10, "validation": 0},
+            "datasets.toy": {
+                "kind": "custom",
+                "images": str(work / "no-images"),
+                "query_per_class": 10,
+                "train_per_class": 10,
+                "validation": 0,
+            },
             "bits": list(BITS),
             "train.methods": list(METHODS),
             "train.seeds": list(SEEDS),
@@ -73,10 +94,25 @@ def repo(tmp_path_factory):
         },
     )
     docs = {(m, b, s): write_evaluation(root, m, b, s) for m in METHODS for b in BITS for s in SEEDS}
-    (root / "data" / "shards" / "toy").mkdir(parents=True)  # a dependency of the stage (Grad-CAM's images); not read here
+    (root / "data" / "shards" / "toy").mkdir(
+        parents=True
+    )  # a dependency of the stage (Grad-CAM's images); not read here
     (root / "data" / "shards" / "toy" / "README").write_text("no shards: the toy evaluations are written directly\n")
-    rows = [TrialRow(f"t{i}", {"eta": e, "zeta": 0.1}, 8, 0.4 + 0.1 * i, 0, 2, "completed", f"r{i}", "n") for i, e in enumerate((1.0, 10.0))]
-    meta = {"name": "s", "dataset": "toy", "protocol": "p", "search": "grid", "scheduler": "asha", "epochs": 2, "image_size": 32, "num_workers": 1, "knobs": ["eta", "zeta"]}
+    rows = [
+        TrialRow(f"t{i}", {"eta": e, "zeta": 0.1}, 8, 0.4 + 0.1 * i, 0, 2, "completed", f"r{i}", "n")
+        for i, e in enumerate((1.0, 10.0))
+    ]
+    meta = {
+        "name": "s",
+        "dataset": "toy",
+        "protocol": "p",
+        "search": "grid",
+        "scheduler": "asha",
+        "epochs": 2,
+        "image_size": 32,
+        "num_workers": 1,
+        "knobs": ["eta", "zeta"],
+    }
     (root / "tune" / "toy").mkdir(parents=True)
     (root / "tune" / "toy" / "summary.md").write_text(summary_markdown(rows, meta, rows[1]))
     (root / "tune" / "toy" / "summary.csv").write_text(summary_csv(rows))
@@ -96,7 +132,9 @@ def test_t_quantile_against_closed_forms():
 
     assert t_quantile(0.975, 1) == pytest.approx(math.tan(math.pi * 0.475), rel=1e-9)  # Cauchy
     assert t_quantile(0.975, 2) == pytest.approx(0.95 * math.sqrt(2 / (1 - 0.95**2)), rel=1e-9)
-    assert t_quantile(0.975, 9) == pytest.approx(2.262157, abs=1e-6) and t_quantile(0.975, 1000) == pytest.approx(1.962339, abs=1e-6)
+    assert t_quantile(0.975, 9) == pytest.approx(2.262157, abs=1e-6) and t_quantile(0.975, 1000) == pytest.approx(
+        1.962339, abs=1e-6
+    )
     single = interval([0.7])
     assert (single.mean, single.half, single.text()) == (0.7, None, "0.7000 (n = 1)")
 
@@ -107,11 +145,15 @@ def test_table6_cell_is_the_mean_of_the_metrics_files_with_a_hand_computed_inter
     rows = {(r["method"], int(r["bits"])): r for r in _table(report / "table6.csv")}
     assert set(rows) == {(m, b) for m in METHODS for b in BITS}
     for (method, bits), row in rows.items():
-        a, b = (json.loads((root / "metrics" / f"toy-{bits}-{method}-s{s}.json").read_text())["query_map"] for s in SEEDS)
+        a, b = (
+            json.loads((root / "metrics" / f"toy-{bits}-{method}-s{s}.json").read_text())["query_map"] for s in SEEDS
+        )
         assert (a, b) == (docs[(method, bits, 0)]["query_map"], docs[(method, bits, 1)]["query_map"])
         # two seeds: s = |a - b| / sqrt(2), half = t(0.975, 1) s / sqrt(2) = tan(0.475 pi) |a - b| / 2
         half = math.tan(math.pi * 0.475) * abs(a - b) / 2
-        assert float(row["mean"]) == pytest.approx((a + b) / 2, abs=1e-6) and float(row["half_width_95"]) == pytest.approx(half, abs=1e-6)
+        assert float(row["mean"]) == pytest.approx((a + b) / 2, abs=1e-6) and float(
+            row["half_width_95"]
+        ) == pytest.approx(half, abs=1e-6)
         assert row["n"] == "2" and row["paper"] == ""  # the paper has no toy dataset
     md = (report / "report.md").read_text()
     r = rows[("dpfah", 16)]
@@ -120,7 +162,10 @@ def test_table6_cell_is_the_mean_of_the_metrics_files_with_a_hand_computed_inter
     assert (report / "tune_summary.csv").is_file()
     assert "Table 5: ablation" in md and "Not run: train.methods lacks resnet18, resnet18-pfa" in md
     # dsh and dpfah both run with PFA (model.pfa): Fig 3 says so instead of failing
-    assert "Grad-CAM heat maps with and without PFA (Fig 3): not drawn: train.methods (dpfah, dsh) lacks a method without PFA (e.g. resnet18)." in md
+    assert (
+        "Grad-CAM heat maps with and without PFA (Fig 3): not drawn: train.methods (dpfah, dsh) lacks a method without PFA (e.g. resnet18)."
+        in md
+    )
     assert not list(report.glob("gradcam_*.png"))
 
 
@@ -140,7 +185,10 @@ def test_each_figure_is_a_png_with_one_curve_per_method(repo):
     with Image.open(report / "tsne_16.png") as im:
         assert im.format == "PNG"
     md = (report / "report.md").read_text()
-    assert "t-SNE of the query codes (Fig 7), 16 bits, seed 0: DPFAH and dsh (chosen as the best validation mAP among the baselines" in md
+    assert (
+        "t-SNE of the query codes (Fig 7), 16 bits, seed 0: DPFAH and dsh (chosen as the best validation mAP among the baselines"
+        in md
+    )
     agreement = float(md.split("label agreement in Hamming space")[1].split("dpfah ")[1].split(";")[0])
     assert 0 <= agreement <= 1
 
@@ -153,7 +201,9 @@ def test_report_is_an_mlflow_run_of_the_datasets_experiment(repo):
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name("dpfah-toy")
     (run,) = client.search_runs([exp.experiment_id], filter_string="tags.kind = 'report'")
-    assert run.data.metrics["map.dpfah.8b"] == pytest.approx(np.mean([docs[("dpfah", 8, s)]["query_map"] for s in SEEDS]))
+    assert run.data.metrics["map.dpfah.8b"] == pytest.approx(
+        np.mean([docs[("dpfah", 8, s)]["query_map"] for s in SEEDS])
+    )
     names = {a.path for a in client.list_artifacts(run.info.run_id, "report")}
     assert {"report/report.md", "report/table6.csv", "report/pr_8.png"} <= names
 
@@ -197,12 +247,13 @@ def test_a_missing_training_is_named_and_the_previous_report_stays(repo):
     moved = codes.with_suffix(".moved")
     shutil.move(codes, moved)
     try:
-        with pytest.raises(ReportError, match=r"1 of 8 .*\n  \(method dsh, 16 bits, seed 1\): .*codes/toy-16-dsh-s1/query.parquet$"):
+        with pytest.raises(
+            ReportError, match=r"1 of 8 .*\n  \(method dsh, 16 bits, seed 1\): .*codes/toy-16-dsh-s1/query.parquet$"
+        ):
             write_report(load_params(root / "params.yaml"), "toy", root=root)
     finally:
         shutil.move(moved, codes)
     assert (out / "report.md").read_text() == before and not list(out.parent.glob(".toy.*"))
-
 
 
 def test_table5_steps_are_paired_differences_over_the_seeds(tmp_path):
@@ -211,10 +262,23 @@ def test_table5_steps_are_paired_differences_over_the_seeds(tmp_path):
     from pipeline.config import load_params
     from pipeline.report import _table5_md, collect, table5
 
-    params = load_params(Path(__file__).resolve().parents[1] / "params.yaml", ["train.methods=[resnet18,resnet18-pfa,dpfah]", "bits=[48]", "train.seeds=[0,1,2]"])
-    maps = {(m, s): write_evaluation(tmp_path, m, 48, s, dataset="cifar10")["query_map"] for m in ("resnet18", "resnet18-pfa", "dpfah") for s in (0, 1, 2)}
+    params = load_params(
+        Path(__file__).resolve().parents[1] / "params.yaml",
+        ["train.methods=[resnet18,resnet18-pfa,dpfah]", "bits=[48]", "train.seeds=[0,1,2]"],
+    )
+    maps = {
+        (m, s): write_evaluation(tmp_path, m, 48, s, dataset="cifar10")["query_map"]
+        for m in ("resnet18", "resnet18-pfa", "dpfah")
+        for s in (0, 1, 2)
+    }
     bits, rows = table5(params, "cifar10", collect(params, "cifar10", tmp_path))
-    assert bits == 48 and [r["row"] for r in rows] == ["resnet18", "resnet18-pfa", "dpfah", "+ PFA (resnet18 -> resnet18-pfa)", "+ L2/L3 (resnet18-pfa -> dpfah)"]
+    assert bits == 48 and [r["row"] for r in rows] == [
+        "resnet18",
+        "resnet18-pfa",
+        "dpfah",
+        "+ PFA (resnet18 -> resnet18-pfa)",
+        "+ L2/L3 (resnet18-pfa -> dpfah)",
+    ]
     assert [r["paper"] for r in rows[:3]] == [0.8129, 0.8424, 0.8522]
     step = rows[3]
     diffs = [maps[("resnet18-pfa", s)] - maps[("resnet18", s)] for s in (0, 1, 2)]
@@ -222,13 +286,15 @@ def test_table5_steps_are_paired_differences_over_the_seeds(tmp_path):
     t2 = 0.95 / math.sqrt(2 * 0.975 * 0.025)  # t(0.975, 2), closed form
     assert step["cell"].half == pytest.approx(t2 * np.std(diffs, ddof=1) / math.sqrt(3), rel=1e-9)
     md = "\n".join(_table5_md(rows))
-    assert f"| + PFA (resnet18 -> resnet18-pfa) | paired difference | {step['cell'].text(signed=True)} | +0.0295 |" in md
+    assert (
+        f"| + PFA (resnet18 -> resnet18-pfa) | paired difference | {step['cell'].text(signed=True)} | +0.0295 |" in md
+    )
 
 
 # ----------------------------------------------------------------------------- Grad-CAM (Fig 3)
 
 
-def _hand_gradcam(net, x: "torch.Tensor", layer) -> np.ndarray:
+def _hand_gradcam(net, x: torch.Tensor, layer) -> np.ndarray:
     """Grad-CAM written out: A = the layer's activations, f = sum_i sign(u_i) u_i (sign
     fixed), w_k = spatial mean of df/dA_k, cam = relu(sum_k w_k A_k), scaled to [0, 1],
     resized to the image (bilinear, as the package does) and scaled again."""
@@ -264,7 +330,9 @@ def test_gradcam_target_is_the_images_own_code_and_the_package_computes_grad_cam
     u = torch.tensor([0.3, -2.0, 0.0, 1e-3], requires_grad=True)
     f = OwnCode()(u)
     f.backward()
-    assert f.item() == pytest.approx(0.3 + 2.0 + 0.0 + 1e-3) and torch.equal(u.grad, binarize(u.detach()))  # d f / d u = sign(u)
+    assert f.item() == pytest.approx(0.3 + 2.0 + 0.0 + 1e-3) and torch.equal(
+        u.grad, binarize(u.detach())
+    )  # d f / d u = sign(u)
     torch.manual_seed(0)
     net = DPFAH(8, 3)
     name, layer, side = cam_layer(net, 32)
@@ -321,12 +389,20 @@ def test_gradcam_figure_from_two_logged_models_with_and_without_pfa(repo, toy_da
     from pipeline.report import Member, _gradcam_section
 
     codes = tmp_path / "query.parquet"
-    pq.write_table(codes_table(np.ones((len(labels), 8), np.int8), labels, np.arange(len(labels)), {"bits": 8, "split": "query"}), codes)
+    pq.write_table(
+        codes_table(np.ones((len(labels), 8), np.int8), labels, np.arange(len(labels)), {"bits": 8, "split": "query"}),
+        codes,
+    )
     member = Member("resnet18", 8, 0, {}, {}, codes, 0.5)
     lines, result = _gradcam_section(params, "toy", [member], tmp_path, tmp_path)
-    assert result["figure"] == "gradcam_8.png" and result["runs"] == (records["resnet18"]["run_id"], records["dpfah"]["run_id"])
+    assert result["figure"] == "gradcam_8.png" and result["runs"] == (
+        records["resnet18"]["run_id"],
+        records["dpfah"]["run_id"],
+    )
     assert result["indices"] == pair.indices.tolist() and "![Grad-CAM](gradcam_8.png)" in lines
-    assert lines[0].startswith("Grad-CAM heat maps with and without PFA (Fig 3), 8 bits, seed 0: 6 query images (the first of each class")
+    assert lines[0].startswith(
+        "Grad-CAM heat maps with and without PFA (Fig 3), 8 bits, seed 0: 6 query images (the first of each class"
+    )
     path = tmp_path / "gradcam_8.png"
     with Image.open(path) as im:
         assert im.format == "PNG" and im.size[1] > im.size[0] > 300
@@ -338,7 +414,13 @@ def test_gradcam_figure_from_two_logged_models_with_and_without_pfa(repo, toy_da
     why = compute(params, "toy", 8, labels, np.arange(len(labels)), root=tmp_path)
     assert why.startswith("the model of resnet18 (8 bits, seed 0) could not be loaded: ") and "no run_id" in why
     as_dsh = toy_params(work, images, f"mlflow.tracking_uri={uri}", "train.methods=[dpfah,dsh]", "bits=[8]")
-    assert compute(as_dsh, "toy", 8, labels, np.arange(len(labels)), root=tmp_path) == "train.methods (dpfah, dsh) lacks a method without PFA (e.g. resnet18)"
+    assert (
+        compute(as_dsh, "toy", 8, labels, np.arange(len(labels)), root=tmp_path)
+        == "train.methods (dpfah, dsh) lacks a method without PFA (e.g. resnet18)"
+    )
     write_record(tmp_path, records["dpfah"], "toy-8-resnet18-s0.json")  # resnet18's record naming a network with PFA
     why = compute(params, "toy", 8, labels, np.arange(len(labels)), root=tmp_path)
-    assert why == f"the model of resnet18 (run {records['dpfah']['run_id']}) was trained with PFA, not as params.yaml builds it now"
+    assert (
+        why
+        == f"the model of resnet18 (run {records['dpfah']['run_id']}) was trained with PFA, not as params.yaml builds it now"
+    )

@@ -52,7 +52,10 @@ def _one_sentence(message: str) -> bool:
 # ----------------------------------------------------------------------------- in process
 
 
-@pytest.mark.parametrize("shape", [(2, 40, 40, 3), (1, 16, 16, 3), (1, 16, 40, 3), (3, 40, 16, 3), (1, 5, 7, 3), (1, 301, 203, 3), (1, 1, 1, 3)])
+@pytest.mark.parametrize(
+    "shape",
+    [(2, 40, 40, 3), (1, 16, 16, 3), (1, 16, 40, 3), (3, 40, 16, 3), (1, 5, 7, 3), (1, 301, 203, 3), (1, 1, 1, 3)],
+)
 def test_the_resize_in_strips_is_bit_for_bit_the_evaluation_resize(shape, monkeypatch):
     """The CPU resize (a strip of rows at a time; here strips of 1 and 7 rows and one strip)
     gives exactly evaluation's codes: torch resizes rows first, so strips change nothing."""
@@ -75,7 +78,11 @@ def test_an_encoder_pickled_before_the_limits_existed_loads_with_the_defaults():
     for name in ("max_image_pixels", "max_image_side", "max_request_pixels", "refusal_base", "refusal_kwargs"):
         del encoder.__dict__[name]  # the state an encoder of the earlier class pickled
     loaded = pickle.loads(pickle.dumps(encoder))
-    assert loaded.limits == {"max_image_pixels": MAX_IMAGE_PIXELS, "max_image_side": MAX_IMAGE_SIDE, "max_request_pixels": MAX_REQUEST_PIXELS}
+    assert loaded.limits == {
+        "max_image_pixels": MAX_IMAGE_PIXELS,
+        "max_image_side": MAX_IMAGE_SIDE,
+        "max_request_pixels": MAX_REQUEST_PIXELS,
+    }
     assert MAX_IMAGE_PIXELS == MAX_REQUEST_PIXELS == 2048 * 2048 and MAX_IMAGE_SIDE == 8192
     assert loaded(np.zeros((1, 20, 20, 3), np.uint8)).shape == (1, BITS)
     with pytest.raises(ValueError, match="no images"):
@@ -90,7 +97,9 @@ def test_a_refusal_is_also_the_given_base_and_keeps_its_sentence():
 
     from dpfah.encoder import ImageEncoder
 
-    encoder = ImageEncoder(_network(), SIZE, refusal_base=MlflowException, refusal_kwargs={"error_code": INVALID_PARAMETER_VALUE})
+    encoder = ImageEncoder(
+        _network(), SIZE, refusal_base=MlflowException, refusal_kwargs={"error_code": INVALID_PARAMETER_VALUE}
+    )
     with pytest.raises(MlflowException) as refused:
         pickle.loads(pickle.dumps(encoder))(np.zeros((2, 3), np.uint8))
     assert isinstance(refused.value, ValueError) and refused.value.get_http_status_code() == 400

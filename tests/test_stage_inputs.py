@@ -17,7 +17,11 @@ def _stage(module: str, argv: list[str], cwd: Path, **env: str) -> subprocess.Co
     base = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     return subprocess.run(
         [sys.executable, "-m", f"pipeline.{module}", *argv, "--params", str(PARAMS_FILE)],
-        cwd=cwd, env={**base, **env}, capture_output=True, text=True, timeout=600,
+        cwd=cwd,
+        env={**base, **env},
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
 
 
@@ -32,7 +36,9 @@ def test_train_and_tune_before_prepare_say_what_to_run(tmp_path):
     elsewhere = tmp_path / "elsewhere"
     proc = _stage("train", ["--dataset", "cifar10", "--bits", "64", "--set", f"data.root={elsewhere}"], tmp_path)
     assert proc.returncode == 2
-    assert proc.stderr.endswith(f"prepare it first: python -m pipeline.prepare --dataset cifar10 --set data.root={elsewhere}\n")
+    assert proc.stderr.endswith(
+        f"prepare it first: python -m pipeline.prepare --dataset cifar10 --set data.root={elsewhere}\n"
+    )
     assert os.listdir(tmp_path) == [], "no MLflow store, no Ray results: nothing started"
 
 
@@ -49,14 +55,21 @@ def test_evaluate_uses_the_tracking_uri_of_the_run_record(toy_dataset, tmp_path)
     proc = _stage("evaluate", argv, tmp_path)  # params: the default sqlite:///mlflow.db, which does not hold the run
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith(f"evaluated toy {BITS} bits (run {record['run_id']}, 12 queries x 78):")
-    assert json.loads((tmp_path / "evaluations" / f"toy-{BITS}-dpfah-s0.json").read_text())["run_id"] == record["run_id"]
+    assert (
+        json.loads((tmp_path / "evaluations" / f"toy-{BITS}-dpfah-s0.json").read_text())["run_id"] == record["run_id"]
+    )
     assert not (tmp_path / "mlflow.db").exists()
 
     other = tmp_path / "other.db"  # a store given explicitly wins over the record
     proc = _stage("evaluate", argv, tmp_path, MLFLOW_TRACKING_URI=f"sqlite:///{other}")
-    assert (proc.returncode, proc.stderr.splitlines()[-1]) == (2, f"error: MLflow store sqlite:///{other}: no such file (train first, or point mlflow.tracking_uri / MLFLOW_TRACKING_URI at the store that holds the runs)")
+    assert (proc.returncode, proc.stderr.splitlines()[-1]) == (
+        2,
+        f"error: MLflow store sqlite:///{other}: no such file (train first, or point mlflow.tracking_uri / MLFLOW_TRACKING_URI at the store that holds the runs)",
+    )
     proc = _stage("evaluate", [*argv, "--set", f"mlflow.tracking_uri=sqlite:///{other}"], tmp_path)
     assert proc.returncode == 2 and f"error: MLflow store sqlite:///{other}: no such file" in proc.stderr
     write_record(tmp_path, {**record, "tracking_uri": None})  # an older record without one: the parameters' store
     proc = _stage("evaluate", argv, tmp_path)
-    assert proc.returncode == 2 and f"error: MLflow store sqlite:///{tmp_path / 'mlflow.db'}: no such file" in proc.stderr
+    assert (
+        proc.returncode == 2 and f"error: MLflow store sqlite:///{tmp_path / 'mlflow.db'}: no such file" in proc.stderr
+    )

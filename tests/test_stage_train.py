@@ -13,7 +13,11 @@ pytestmark = pytest.mark.slow
 
 
 def _epochs_started(run_dir: Path, rank: int = 0) -> list[int]:
-    return [int(e) for e, r in (line.split() for line in (run_dir / ".epochs-started").read_text().splitlines() if line) if int(r) == rank]
+    return [
+        int(e)
+        for e, r in (line.split() for line in (run_dir / ".epochs-started").read_text().splitlines() if line)
+        if int(r) == rank
+    ]
 
 
 def _state(outcome) -> dict:
@@ -61,7 +65,7 @@ def test_two_workers_resumed_after_a_fault_end_where_one_worker_ends(ray_trained
     for part in ("model", "objective", "best_model"):
         for key, value in a[part].items():
             assert torch.isfinite(b[part][key].float()).all(), f"{part}.{key}"
-            torch.testing.assert_close(b[part][key], value, rtol=1e-4, atol=1e-5, msg=lambda m: f"{part}.{key}: {m}")
+            torch.testing.assert_close(b[part][key], value, rtol=1e-4, atol=1e-5, msg=lambda m: f"{part}.{key}: {m}")  # noqa: B023
             compared += 1
     assert compared > 200
     assert b["objective"]["memory.seen"].sum() > 24  # the bank holds rows of earlier epochs too
@@ -107,7 +111,9 @@ def test_two_workers_resumed_after_a_fault_end_where_one_worker_ends(ray_trained
     assert [h["val_map"] for h in b["history"]] == pytest.approx([h["val_map"] for h in a["history"]], abs=0.015)
     maps = sorted(h["val_map"] for h in a["history"])
     assert maps[-1] - maps[-2] > 0.03, f"no margin between the best epoch and the next: {maps}"
-    checkpoints = sorted(p.name for p in (runs / "resumed").iterdir() if p.is_dir() and p.name.startswith("checkpoint_"))
+    checkpoints = sorted(
+        p.name for p in (runs / "resumed").iterdir() if p.is_dir() and p.name.startswith("checkpoint_")
+    )
     assert len(checkpoints) <= 2, checkpoints  # CheckpointConfig.num_to_keep
 
 
@@ -127,16 +133,35 @@ def test_resumed_run_is_recorded_once_in_mlflow(ray_trained):
     assert run.data.tags["kernel.hamming"] and run.data.tags["kernel.ranking"]
     # use_tuned: the search's eta and zeta at 16 bits, the rest from params (MLflow keeps
     # every knob of the method as loss.<knob>)
-    assert (run.data.params["loss.eta"], run.data.params["loss.zeta"], run.data.params["loss.delta"]) == ("3.0", "0.5", "0.05")
-    assert (run.data.tags["weights_from"], run.data.tags["tuned_trial_run_id"], run.data.tags["tuned_search_run_id"]) == ("tune", "trial-16", "search")
+    assert (run.data.params["loss.eta"], run.data.params["loss.zeta"], run.data.params["loss.delta"]) == (
+        "3.0",
+        "0.5",
+        "0.05",
+    )
+    assert (
+        run.data.tags["weights_from"],
+        run.data.tags["tuned_trial_run_id"],
+        run.data.tags["tuned_search_run_id"],
+    ) == ("tune", "trial-16", "search")
     assert params.objectives["dpfah"].get("eta") != 3.0 and params.objectives["dpfah"].get("zeta") != 0.5
     assert run.data.params["loss.pairs"] == "bank" and run.data.params["num_workers"] == "2"
     assert run.data.tags["model.selected_by"] == "best validation mAP"
-    for name in ("validation/map", "train/loss", "train/loss_l1", "train/loss_l2", "train/loss_l3", "train/images_per_s", "validation/best_map", "validation/best_epoch"):
+    for name in (
+        "validation/map",
+        "train/loss",
+        "train/loss_l1",
+        "train/loss_l2",
+        "train/loss_l3",
+        "train/images_per_s",
+        "validation/best_map",
+        "validation/best_epoch",
+    ):
         steps = [m.step for m in client.get_metric_history(outcome.run_id, name)]
         assert sorted(steps) == [0, 1, 2], (name, steps)  # one point per epoch, at its epoch
     history = _state(outcome)["history"]
-    assert [m.value for m in sorted(client.get_metric_history(outcome.run_id, "train/loss"), key=lambda m: m.step)] == [h["loss"] for h in history]
+    assert [m.value for m in sorted(client.get_metric_history(outcome.run_id, "train/loss"), key=lambda m: m.step)] == [
+        h["loss"] for h in history
+    ]
     # ... and the workers' objective used them: each epoch's loss is l1 + 3.0 l2 + 0.5 l3
     # (the quantisation term is large in epoch 0 and falls as |u| settles inside delta)
     assert history[0]["loss_l2"] > 0.1 and all(h["loss_l3"] > 0.01 for h in history)
@@ -247,7 +272,11 @@ def test_logged_model_loads_and_encodes_without_the_project(ray_trained, tmp_pat
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "MLFLOW_TRACKING_URI")}
     done = subprocess.run(
         [sys.executable, "-I", "-c", _CLEAN_LOAD, local, str(tmp_path / "images.npy"), str(tmp_path / "codes.npy")],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(done.stdout.strip().splitlines()[-1])
@@ -259,7 +288,6 @@ def test_logged_model_loads_and_encodes_without_the_project(ray_trained, tmp_pat
 
     x = DeviceAugment()(resize_uint8(torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), 16), train=False)
     np.testing.assert_array_equal(served, encoder.net.codes(x).numpy())
-
 
 
 def test_the_logged_model_served_over_http_answers_with_its_codes(ray_trained, tmp_path):
@@ -287,7 +315,11 @@ def test_the_logged_model_served_over_http_answers_with_its_codes(ray_trained, t
     images = distinct_clear_images(encoder.net, 16, n=3)
     port = free_port()
     bin_dir = str(Path(sys.executable).parent)  # the venv's mlflow (and its python for the server)
-    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}", "MLFLOW_TRACKING_URI": ray_trained["server"]}
+    env = {
+        **os.environ,
+        "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
+        "MLFLOW_TRACKING_URI": ray_trained["server"],
+    }
     log = open(tmp_path / "serve.log", "w")
     proc = subprocess.Popen(
         ["mlflow", "models", "serve", "-m", outcome.model_uri, "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
@@ -296,7 +328,9 @@ def test_the_logged_model_served_over_http_answers_with_its_codes(ray_trained, t
     try:
         assert wait_answering(f"http://127.0.0.1:{port}/ping", proc, 180), (tmp_path / "serve.log").read_text()[-3000:]
         body = json.dumps({"inputs": images.tolist()}).encode()
-        request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body, headers={"Content-Type": "application/json"})
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/invocations", data=body, headers={"Content-Type": "application/json"}
+        )
         with urllib.request.urlopen(request, timeout=120) as r:
             answer = json.loads(r.read())
     finally:

@@ -140,7 +140,18 @@ def test_no_stage_imports_another_stage():
     (collection, sources), recipes (recipes), a training (train_driver, train_worker). So a
     stage can change without changing another, and its code deps in dvc.yaml are its own."""
     stages = _stages()
-    known = {"pipeline.prepare", "pipeline.objective", "pipeline.train", "pipeline.tune", "pipeline.evaluate", "pipeline.promote", "pipeline.report", "pipeline.index", "pipeline.search", "pipeline.profile"}
+    known = {
+        "pipeline.prepare",
+        "pipeline.objective",
+        "pipeline.train",
+        "pipeline.tune",
+        "pipeline.evaluate",
+        "pipeline.promote",
+        "pipeline.report",
+        "pipeline.index",
+        "pipeline.search",
+        "pipeline.profile",
+    }
     assert known <= stages, f"not found as stages: {sorted(known - stages)}"
     graph = _graph()
     wrong = sorted(f"{stage} imports the stage {target}" for stage in stages for target in graph[stage] & stages)
@@ -227,7 +238,9 @@ def code_dep_problems(module: str, deps: list[str], graph: dict[str, set[str]] |
     code = [d for d in deps if _is_code_dep(d)]
     missing = sorted(f for f in needed if not any(_covers(d, f) for d in code))
     stale = sorted(d for d in code if not any(_covers(d, f) for f in needed))
-    return [f"missing {f} (run by {module})" for f in missing] + [f"stale {d} ({module} does not run it)" for d in stale]
+    return [f"missing {f} (run by {module})" for f in missing] + [
+        f"stale {d} ({module} does not run it)" for d in stale
+    ]
 
 
 def test_the_kernels_sources_are_all_listed():
@@ -243,7 +256,9 @@ def test_each_dvc_stage_depends_on_exactly_the_code_it_runs():
     graph = _graph()
     stages = _dvc_stages()
     assert {m for m, _ in stages.values()} >= {"pipeline.train", "pipeline.tune", "pipeline.index"}
-    problems = [f"{name}: {p}" for name, (module, deps) in stages.items() for p in code_dep_problems(module, deps, graph)]
+    problems = [
+        f"{name}: {p}" for name, (module, deps) in stages.items() for p in code_dep_problems(module, deps, graph)
+    ]
     assert not problems, "dvc.yaml code deps:\n" + "\n".join(problems)
 
 
@@ -253,4 +268,7 @@ def test_the_code_deps_check_sees_a_missing_and_a_stale_entry():
     module, deps = _dvc_stages()["train"]
     assert "pipeline/train.py" in deps and not code_dep_problems(module, deps)
     changed = [d for d in deps if d != "dpfah/metrics.py"] + ["pipeline/search.py"]
-    assert code_dep_problems(module, changed) == ["missing dpfah/metrics.py (run by pipeline.train)", "stale pipeline/search.py (pipeline.train does not run it)"]
+    assert code_dep_problems(module, changed) == [
+        "missing dpfah/metrics.py (run by pipeline.train)",
+        "stale pipeline/search.py (pipeline.train does not run it)",
+    ]

@@ -63,13 +63,14 @@ def test_a_stage_run_as_main_exits_without_the_final_collection_and_loses_no_wri
     left alone."""
     import subprocess
     import sys
-
     from pathlib import Path
 
     repo = Path(__file__).resolve().parents[1]
     for module, frozen in (("__main__", True), ("some.module", False)):
         out = tmp_path / f"{module}.txt"
-        proc = subprocess.run([sys.executable, "-c", _EXIT_SCRIPT, str(out), module], cwd=repo, capture_output=True, text=True, timeout=60)
+        proc = subprocess.run(
+            [sys.executable, "-c", _EXIT_SCRIPT, str(out), module], cwd=repo, capture_output=True, text=True, timeout=60
+        )
         assert proc.returncode == 3, proc.stderr
         assert proc.stdout.strip() == f"frozen {frozen}"
         assert out.read_text() == "main\nexit hook\n"

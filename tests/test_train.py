@@ -65,7 +65,14 @@ def test_sharded_objective_with_bank(world_size):
         rows = slice(r * local, (r + 1) * local)
         u_r = u[rows].clone().requires_grad_(True)
         surrogate, *_ = loss.sharded(
-            u_r, logits[rows], labels[rows], bank_u, bank_labels, world_size=world_size, offset=None, num_pairs=u.shape[0] * 13
+            u_r,
+            logits[rows],
+            labels[rows],
+            bank_u,
+            bank_labels,
+            world_size=world_size,
+            offset=None,
+            num_pairs=u.shape[0] * 13,
         )
         surrogate.backward()
         grad_u[rows] = u_r.grad / world_size
@@ -142,7 +149,9 @@ def _toy_images(n, classes, size=32, seed=0):
 
 
 def _batches(images, labels, batch, shuffle_seed=None):
-    order = np.arange(len(images)) if shuffle_seed is None else np.random.default_rng(shuffle_seed).permutation(len(images))
+    order = (
+        np.arange(len(images)) if shuffle_seed is None else np.random.default_rng(shuffle_seed).permutation(len(images))
+    )
     for start in range(0, len(order) - batch + 1, batch):
         idx = order[start : start + batch]
         yield Batch(images[idx], labels[idx], torch.from_numpy(idx))
@@ -203,7 +212,9 @@ def test_fit_runs_reports_and_resumes(pairs):
         reports.append((metrics, state))
 
     def validate(model):
-        return validation_map(model, _batches(images[:16], labels[:16], 8), _batches(images[16:], labels[16:], 8), torch.device("cpu"), 32)
+        return validation_map(
+            model, _batches(images[:16], labels[:16], 8), _batches(images[16:], labels[16:], 8), torch.device("cpu"), 32
+        )
 
     def train_batches(epoch):
         for batch in _batches(images, labels, 8, shuffle_seed=epoch):
@@ -211,23 +222,34 @@ def test_fit_runs_reports_and_resumes(pairs):
             yield batch
 
     model, objective = parts()
-    model.register_forward_hook(lambda m, i, o: outputs.append((o[0].detach().double().numpy(), o[1].detach().double().numpy())) if m.training else None)
-    result = fit(settings, model, objective, train_batches=train_batches, steps_per_epoch=4, report=report, validate=validate)
+    model.register_forward_hook(
+        lambda m, i, o: (
+            outputs.append((o[0].detach().double().numpy(), o[1].detach().double().numpy())) if m.training else None
+        )
+    )
+    result = fit(
+        settings, model, objective, train_batches=train_batches, steps_per_epoch=4, report=report, validate=validate
+    )
     assert result.epochs_run == 3 and len(reports) == 3 and len(outputs) == len(seen) == 12
     assert [m["epoch"] for m, _ in reports] == [0, 1, 2]
     bank = {}
     for epoch, (metrics, state) in enumerate(reports):
         steps = [(*outputs[k], *seen[k], bank) for k in range(4 * epoch, 4 * epoch + 4)]
         l1, l2, l3 = _plain_epoch_terms(steps, pairs)
-        assert (metrics["loss_l1"], metrics["loss_l2"], metrics["loss_l3"]) == pytest.approx((l1, l2, l3), rel=1e-5, abs=1e-7)
+        assert (metrics["loss_l1"], metrics["loss_l2"], metrics["loss_l3"]) == pytest.approx(
+            (l1, l2, l3), rel=1e-5, abs=1e-7
+        )
         assert metrics["loss"] == pytest.approx(l1 + 10 * l2 + 0.1 * l3, rel=1e-5)
         assert np.isfinite(metrics["images_per_s"]) and metrics["images_per_s"] > 0
         # the validation mAP of this epoch's weights: 16 queries against 32 database images
         net = DPFAH.build(16, 3, ModelSettings(), seed=1).double().eval()
         net.load_state_dict(state["model"])
-        mean, std = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+        mean, std = (
+            torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1),
+            torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1),
+        )
         with torch.no_grad():
-            u = net(((images.double() / 255 - mean) / std))[0].numpy()
+            u = net((images.double() / 255 - mean) / std)[0].numpy()
         assert np.abs(u).min() > 1e-5  # no code bit within float32 rounding of 0 (which is below 1e-6 here)
         codes, y = np.where(u >= 0, 1, -1), labels.numpy()
         assert metrics["val_map"] == pytest.approx(_plain_map(codes[:16], codes[16:], y[:16], y[16:]), abs=1e-12)
@@ -262,8 +284,10 @@ def test_encode_accepts_encoded_bytes_and_sorts_by_index():
 
     model = DPFAH(16, 2)
     order = [4, 1, 5, 0, 3, 2]
-    batches = [Batch([encoded[i] for i in order[:3]], labels[order[:3]], torch.tensor(order[:3])),
-               Batch([encoded[i] for i in order[3:]], labels[order[3:]], torch.tensor(order[3:]))]
+    batches = [
+        Batch([encoded[i] for i in order[:3]], labels[order[:3]], torch.tensor(order[:3])),
+        Batch([encoded[i] for i in order[3:]], labels[order[3:]], torch.tensor(order[3:])),
+    ]
     codes, lab, index = encode(model, batches, torch.device("cpu"), 32)
     assert index.tolist() == list(range(6))
     np.testing.assert_array_equal(lab, labels.numpy().astype(np.uint8))
@@ -284,8 +308,14 @@ def test_settings_reject_bad_values():
 def test_fit_takes_only_an_objective():
     images, labels = _toy_images(16, 2)
     with pytest.raises(TypeError, match="not an objective"):
-        fit(TrainSettings(epochs=1, batch_size=8), DPFAH(8, 2), torch.nn.MSELoss(), train_batches=lambda e: _batches(images, labels, 8),
-            steps_per_epoch=1, report=lambda m, s: None)
+        fit(
+            TrainSettings(epochs=1, batch_size=8),
+            DPFAH(8, 2),
+            torch.nn.MSELoss(),
+            train_batches=lambda e: _batches(images, labels, 8),
+            steps_per_epoch=1,
+            report=lambda m, s: None,
+        )
 
 
 def test_augmentation_randomness_depends_on_the_sample_not_the_batch():
@@ -352,19 +382,30 @@ def test_fit_from_the_shard_stream_learns_real_cifar10(cifar10_prepared):
 
     root, prepared = cifar10_prepared
     shards = prepared.directory
-    params = load_params(Path(__file__).resolve().parents[1] / "params.yaml", [f"data.root={root}", f"train.epochs={CIFAR_EPOCHS}"])
+    params = load_params(
+        Path(__file__).resolve().parents[1] / "params.yaml", [f"data.root={root}", f"train.epochs={CIFAR_EPOCHS}"]
+    )
     settings = pick(TrainSettings, params.train)
     recipe = resolve(params, "cifar10", 32, None)
     stream = TrainStream(shards, settings.batch_size, seed=0)
     model = DPFAH.build(32, 10, params.model, seed=0)
-    objective = methods.build(recipe.method, recipe.hparams, bits=32, num_classes=10, train_size=stream.manifest.split("train").count)
+    objective = methods.build(
+        recipe.method, recipe.hparams, bits=32, num_classes=10, train_size=stream.manifest.split("train").count
+    )
 
     def batches(epoch):
         stream.set_epoch(epoch)
         return stream
 
     reports = []
-    fit(settings, model, objective, train_batches=batches, steps_per_epoch=CIFAR_STEPS, report=lambda m, s: reports.append(m))
+    fit(
+        settings,
+        model,
+        objective,
+        train_batches=batches,
+        steps_per_epoch=CIFAR_STEPS,
+        report=lambda m, s: reports.append(m),
+    )
     assert len(reports) == CIFAR_EPOCHS and all(np.isfinite(m["loss"]) for m in reports)
     query, db = EvalStream(shards, "validation", batch_size=256), EvalStream(shards, "train", batch_size=256)
     assert (query.num_samples, db.num_samples) == (500, 4500)

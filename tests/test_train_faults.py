@@ -90,7 +90,17 @@ def _stage_env(work: Path) -> dict[str, str]:
 
 
 def _train_cmd(work: Path, images: Path, *extra: str) -> list[str]:
-    argv = [sys.executable, "-m", "pipeline.train", "--dataset", "toy", "--bits", "8", "--params", str(ROOT / "params.yaml")]
+    argv = [
+        sys.executable,
+        "-m",
+        "pipeline.train",
+        "--dataset",
+        "toy",
+        "--bits",
+        "8",
+        "--params",
+        str(ROOT / "params.yaml"),
+    ]
     for item in toy_overrides(work, images, *extra):
         argv += ["--set", item]
     return argv
@@ -100,7 +110,9 @@ def test_a_gpu_request_on_a_cpu_machine_fails_at_once(toy_dataset, tmp_path):
     """The stage starts its own local Ray: 4 GPU workers cannot be met here, so it says what
     was asked, what the machine has and the two ways out, in one line, exit 2."""
     work, images = toy_dataset
-    cmd = _train_cmd(work, images, "train.use_gpu=true", "train.num_workers=4", f"mlflow.tracking_uri=sqlite:///{tmp_path / 'm.db'}")
+    cmd = _train_cmd(
+        work, images, "train.use_gpu=true", "train.num_workers=4", f"mlflow.tracking_uri=sqlite:///{tmp_path / 'm.db'}"
+    )
     done = subprocess.run(cmd, cwd=tmp_path, env=_stage_env(work), capture_output=True, text=True, timeout=300)
     assert done.returncode == 2, done.stderr[-3000:]
     errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
@@ -119,8 +131,17 @@ def test_sigterm_ends_the_run_killed_and_leaves_no_ray_processes(toy_dataset, tm
     work, images = toy_dataset
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     storage = tmp_path / "ray"
-    cmd = _train_cmd(work, images, "train.epochs=50", "train.fail_at_epoch=49", f"train.storage_path={storage}", f"mlflow.tracking_uri={uri}")
-    proc = subprocess.Popen(cmd, cwd=tmp_path, env=_stage_env(work), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    cmd = _train_cmd(
+        work,
+        images,
+        "train.epochs=50",
+        "train.fail_at_epoch=49",
+        f"train.storage_path={storage}",
+        f"mlflow.tracking_uri={uri}",
+    )
+    proc = subprocess.Popen(
+        cmd, cwd=tmp_path, env=_stage_env(work), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     try:
         deadline = time.time() + 240
         while not list(storage.glob("*/.epochs-started")) and time.time() < deadline and proc.poll() is None:
@@ -157,9 +178,13 @@ def test_runs_left_running_by_a_dead_driver_are_marked_failed(tmp_path):
     dead.send_signal(signal.SIGKILL)
     dead.wait()
     tags = _driver_tags()
-    abandoned = client.create_run(experiment, tags={**tags, "driver.pid": str(dead.pid)}, run_name="abandoned").info.run_id
+    abandoned = client.create_run(
+        experiment, tags={**tags, "driver.pid": str(dead.pid)}, run_name="abandoned"
+    ).info.run_id
     live = client.create_run(experiment, tags=tags, run_name="live").info.run_id  # this process: alive
-    other_host = client.create_run(experiment, tags={**tags, "driver.pid": str(dead.pid), "driver.host": "elsewhere"}).info.run_id
+    other_host = client.create_run(
+        experiment, tags={**tags, "driver.pid": str(dead.pid), "driver.host": "elsewhere"}
+    ).info.run_id
     current = client.create_run(experiment, tags=tags).info.run_id
     assert _fail_abandoned_runs(experiment, current, uri) == [abandoned]
     assert client.get_run(abandoned).info.status == "FAILED"
@@ -189,7 +214,12 @@ def test_checkpoints_the_controller_never_registered_are_deleted(tmp_path):
         filesystem=fs.LocalFileSystem(),
     )
     _drop_unregistered_checkpoints(result)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint_a", "checkpoint_b", "checkpoint_manager_snapshot.json", "other_dir"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "checkpoint_a",
+        "checkpoint_b",
+        "checkpoint_manager_snapshot.json",
+        "other_dir",
+    ]
 
 
 def test_a_variant_whose_network_cannot_take_the_image_size_is_refused_before_ray(toy_dataset, tmp_path):
@@ -201,8 +231,14 @@ def test_a_variant_whose_network_cannot_take_the_image_size_is_refused_before_ra
 
     work, images = toy_dataset
     params = toy_params(work, images, f"mlflow.tracking_uri=sqlite:///{tmp_path / 'm.db'}")
-    with pytest.raises(ConfigError, match=r"^train.image_size: 32 px is too small for dbdh-alexnet's AlexNet backbone \(it needs >= 63\); e.g. --set train.image_size=64$"):
+    with pytest.raises(
+        ConfigError,
+        match=r"^train.image_size: 32 px is too small for dbdh-alexnet's AlexNet backbone \(it needs >= 63\); e.g. --set train.image_size=64$",
+    ):
         run_training(params, "toy", 8, method="dbdh-alexnet", write_run_file=False)
     recipe = resolve(params, "toy", 8, "dbdh-alexnet", root=tmp_path)
     path = write(recipe, "toy", 8, root=tmp_path)
-    assert path.name == "toy-8-dbdh-alexnet.json" and read(path, "toy", 8).model == {"backbone": "alexnet", "pfa": False}
+    assert path.name == "toy-8-dbdh-alexnet.json" and read(path, "toy", 8).model == {
+        "backbone": "alexnet",
+        "pfa": False,
+    }

@@ -44,7 +44,17 @@ def _tracking(uri: str):
 def _row(eta, zeta, bits, val_map, status="completed", epochs=4, trial="t"):
     from pipeline.tune import TrialRow
 
-    return TrialRow(f"{trial}-{eta}-{zeta}-{bits}", {"eta": eta, "zeta": zeta}, bits, val_map, 1, epochs, status, f"run-{eta}-{zeta}-{bits}", "name")
+    return TrialRow(
+        f"{trial}-{eta}-{zeta}-{bits}",
+        {"eta": eta, "zeta": zeta},
+        bits,
+        val_map,
+        1,
+        epochs,
+        status,
+        f"run-{eta}-{zeta}-{bits}",
+        "name",
+    )
 
 
 # ----------------------------------------------------------------------------- config and space
@@ -81,7 +91,11 @@ def test_search_space_grid_and_random():
 
     grid = load_params(ROOT / "params.yaml", ["tune.space.eta=[1,5]", "tune.space.zeta=[0.1]", "tune.bits=[16,32,64]"])
     space, alg, n = search_space(grid, max_concurrent=3)
-    assert space == {"eta": {"grid_search": [1.0, 5.0]}, "zeta": {"grid_search": [0.1]}, "bits": {"grid_search": [16, 32, 64]}}
+    assert space == {
+        "eta": {"grid_search": [1.0, 5.0]},
+        "zeta": {"grid_search": [0.1]},
+        "bits": {"grid_search": [16, 32, 64]},
+    }
     assert n == 1 and alg.max_concurrent == 3
 
     rnd = load_params(ROOT / "params.yaml", ["tune.search=random", "tune.ranges.eta=[0.5,20]", "tune.num_samples=7"])
@@ -125,7 +139,16 @@ def test_summary_tables_like_the_papers_tables_3_and_4():
     ]
     best = _select_best(rows)
     assert (best.hparams, best.bits) == ({"eta": 10.0, "zeta": 0.1}, 64)  # 0.80 was stopped early: completed trials win
-    meta = {"name": "s", "dataset": "d", "protocol": "p", "search": "grid", "scheduler": "asha", "epochs": 4, "image_size": 32, "num_workers": 2}
+    meta = {
+        "name": "s",
+        "dataset": "d",
+        "protocol": "p",
+        "search": "grid",
+        "scheduler": "asha",
+        "epochs": 4,
+        "image_size": 32,
+        "num_workers": 2,
+    }
     md = summary_markdown(rows, meta, best)
     by_eta = md.split("## Validation mAP by eta")[1].split("##")[0]
     assert "| eta | 16 bits | 64 bits |" in by_eta
@@ -159,17 +182,34 @@ def test_objective_takes_the_tuned_weights_at_the_same_code_length(toy_dataset, 
     got = recipes.resolve(tuned, "toy", 16, root=tmp_path)  # a record without "method"/"knobs": DPFAH's eta, zeta
     assert got.hparams == {"eta": 1.0, "zeta": 1.0, "delta": 2.0}  # eta, zeta from the search; the rest from params
     source = got.source
-    assert source["tuned_trial_run_id"] == "r16" and source["tuned_search_run_id"] == "parent" and source["weights_from"] == "tune"
+    assert (
+        source["tuned_trial_run_id"] == "r16"
+        and source["tuned_search_run_id"] == "parent"
+        and source["weights_from"] == "tune"
+    )
     got = recipes.resolve(tuned, "toy", 32, root=tmp_path)  # not searched at 32 bits: the overall best
     assert (got.hparams["eta"], got.hparams["zeta"]) == (10.0, 0.1) and got.source["tuned_bits"] == "64"
     got = recipes.resolve(toy_params(work, images, "objectives.dpfah.eta=7"), "toy", 16, root=tmp_path)
-    assert (got.hparams, got.source) == ({"eta": 7.0}, {"weights_from": "params"})  # use_tuned off: best.json is not read
-    dsh = recipes.resolve(toy_params(work, images, "use_tuned=true", "objectives.dsh.alpha=0.5"), "toy", 16, "dsh", root=tmp_path)
-    assert (dsh.hparams, dsh.source) == ({"alpha": 0.5}, {"weights_from": "params"})  # a search over dpfah: dsh keeps its knobs
+    assert (got.hparams, got.source) == (
+        {"eta": 7.0},
+        {"weights_from": "params"},
+    )  # use_tuned off: best.json is not read
+    dsh = recipes.resolve(
+        toy_params(work, images, "use_tuned=true", "objectives.dsh.alpha=0.5"), "toy", 16, "dsh", root=tmp_path
+    )
+    assert (dsh.hparams, dsh.source) == (
+        {"alpha": 0.5},
+        {"weights_from": "params"},
+    )  # a search over dpfah: dsh keeps its knobs
 
     # The file the train stage reads under DVC round-trips, and names what it belongs to.
     recipe = recipes.resolve(tuned, "toy", 16, root=tmp_path)
-    assert (recipe.entry, recipe.method, recipe.hparams["eta"], recipe.source["weights_from"]) == ("dpfah", "dpfah", 1.0, "tune")
+    assert (recipe.entry, recipe.method, recipe.hparams["eta"], recipe.source["weights_from"]) == (
+        "dpfah",
+        "dpfah",
+        1.0,
+        "tune",
+    )
     written = recipes.write(recipe, "toy", 16, root=tmp_path)
     assert written.name == "toy-16-dpfah.json" and recipes.read(written, "toy", 16) == recipe
     with pytest.raises(ConfigError, match="not 'toy' at 32"):
@@ -206,11 +246,22 @@ def test_search_rejects_a_grace_period_that_leaves_nothing_to_stop(toy_dataset):
 
 def test_cli_help_and_user_errors(tmp_path):
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
-    out = subprocess.run([sys.executable, "-m", "pipeline.tune", "--help"], cwd=ROOT, capture_output=True, text=True, env=env, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-m", "pipeline.tune", "--help"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert out.returncode == 0 and "validation mAP" in out.stdout and "--dataset" in out.stdout
     out = subprocess.run(
         [sys.executable, "-m", "pipeline.tune", "--dataset", "nope", "--set", f"data.root={tmp_path}"],
-        cwd=ROOT, capture_output=True, text=True, env=env, timeout=120,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
     )
     assert out.returncode == 2 and out.stderr.strip().splitlines()[-1].startswith("error: datasets.nope")
 
@@ -237,30 +288,44 @@ def test_dvc_tune_stage_reads_everything_but_what_the_search_owns(tmp_path):
     # The trainings never read the search's folder or `objectives` directly: their objective
     # stage does, and writes the one file they depend on.
     assert "tune" not in stages["train"]["deps"] and "objectives" not in stages["train"]["params"]
-    assert "tune" in stages["objective"]["deps"] and stages["objective"]["params"] == ["objectives", "variants", "use_tuned"]
+    assert "tune" in stages["objective"]["deps"] and stages["objective"]["params"] == [
+        "objectives",
+        "variants",
+        "use_tuned",
+    ]
     # The training reads every key of `train` but the matrix lists (its method and seed come
     # from the matrix), so adding a method or seed retrains nothing that exists.
     from pipeline.config import TrainConfig
 
-    train_keys = {p.split(".", 1)[1] for p in stages["train"]["params"] if isinstance(p, str) and p.startswith("train.")}
+    train_keys = {
+        p.split(".", 1)[1] for p in stages["train"]["params"] if isinstance(p, str) and p.startswith("train.")
+    }
     expected = {f.name for f in dataclasses.fields(TrainConfig)} - {"method", "methods", "seeds"}
-    assert train_keys == expected, f"add to dvc.yaml's train params: {sorted(expected - train_keys)}; drop: {sorted(train_keys - expected)}"
+    assert train_keys == expected, (
+        f"add to dvc.yaml's train params: {sorted(expected - train_keys)}; drop: {sorted(train_keys - expected)}"
+    )
     assert "train" not in stages["train"]["params"] and "seed" not in stages["train"]["params"]
 
     # DVC itself resolves the stage once a dataset is listed, and orders it before the
     # objective of every training (and so before the trainings).
-    assert (ROOT / "tune" / "README.md").is_file(), "the tune folder must exist in git: the objective stage depends on it"
+    assert (ROOT / "tune" / "README.md").is_file(), (
+        "the tune folder must exist in git: the objective stage depends on it"
+    )
     for name in ("dvc.yaml", "params.yaml"):
         (tmp_path / name).write_text((ROOT / name).read_text())
     (tmp_path / "tune").mkdir()
     (tmp_path / "tune" / "README.md").write_text("kept\n")
-    (tmp_path / "params.yaml").write_text((ROOT / "params.yaml").read_text().replace("  datasets: []  ", "  datasets: [cifar10]  "))
+    (tmp_path / "params.yaml").write_text(
+        (ROOT / "params.yaml").read_text().replace("  datasets: []  ", "  datasets: [cifar10]  ")
+    )
     dvc = str(Path(sys.executable).with_name("dvc"))
     subprocess.run([dvc, "init", "--no-scm", "-q"], cwd=tmp_path, check=True, timeout=120)
     out = subprocess.run([dvc, "stage", "list"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "tune@cifar10" in out.stdout
-    dag = subprocess.run([dvc, "dag", "--dot", "train@cifar10-64-dpfah-0"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    dag = subprocess.run(
+        [dvc, "dag", "--dot", "train@cifar10-64-dpfah-0"], cwd=tmp_path, capture_output=True, text=True, timeout=120
+    )
     assert dag.returncode == 0, dag.stderr
     assert '"tune@cifar10" -> "objective@cifar10-64-dpfah"' in dag.stdout, dag.stdout
     assert '"objective@cifar10-64-dpfah" -> "train@cifar10-64-dpfah-0"' in dag.stdout, dag.stdout
@@ -354,7 +419,11 @@ def test_search_stops_a_trial_early_and_finishes_the_others(search):
 
 
 def _epochs_started(run_dir: Path, rank: int) -> list[int]:
-    return [int(e) for e, r in (line.split() for line in (run_dir / ".epochs-started").read_text().splitlines() if line) if int(r) == rank]
+    return [
+        int(e)
+        for e, r in (line.split() for line in (run_dir / ".epochs-started").read_text().splitlines() if line)
+        if int(r) == rank
+    ]
 
 
 @pytest.mark.slow
@@ -382,7 +451,8 @@ def test_a_failed_trial_is_retried_from_its_last_checkpoint(search):
 
     client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
     named = client.search_runs(
-        [client.get_run(outcome.parent_run_id).info.experiment_id], filter_string=f"attributes.run_name = '{row.run_name}'"
+        [client.get_run(outcome.parent_run_id).info.experiment_id],
+        filter_string=f"attributes.run_name = '{row.run_name}'",
     )
     assert [r.info.run_id for r in named] == [row.run_id]  # one run for both attempts
     run = named[0]
@@ -407,20 +477,42 @@ def test_without_retries_a_failed_trial_fails_the_search_and_says_why(ray_local,
         "tune.space.eta=[1]", "tune.space.zeta=[1]", "tune.bits=[16]", "tune.scheduler=none", "train.fail_at_epoch=0", "train.max_failures=0", "tune.max_failures=0",
     )  # fmt: skip
     with _searching_in(tmp_path):
-        code = run_main(main, ["--dataset", "toy", "--params", str(PARAMS_FILE), "--out", str(tmp_path / "out"), *(a for o in overrides for a in ("--set", o))])
+        code = run_main(
+            main,
+            [
+                "--dataset",
+                "toy",
+                "--params",
+                str(PARAMS_FILE),
+                "--out",
+                str(tmp_path / "out"),
+                *(a for o in overrides for a in ("--set", o)),
+            ],
+        )
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2, err
-    assert re.match(r"error: search \S+: no trial completed or was stopped early with a validation mAP; 1 of 1 trial\(s\) failed after 1 attempts each \(tune.max_failures=0\), e\.g\. (\S+-16b): TrainingFailed: training \1 failed: ", err[-1]), err[-1]
+    assert re.match(
+        r"error: search \S+: no trial completed or was stopped early with a validation mAP; 1 of 1 trial\(s\) failed after 1 attempts each \(tune.max_failures=0\), e\.g\. (\S+-16b): TrainingFailed: training \1 failed: ",
+        err[-1],
+    ), err[-1]
     (run_dir,) = [p.parent for p in (tmp_path / "ray").glob("*/*/.fault-injected")]
     assert _epochs_started(run_dir, 0) == [0, 1]  # not retried
     assert not (tmp_path / "out" / "best.json").exists()
-    assert re.search(r"^\| 1 \| 1 \| 16 \| [0-9.]* \| -?\d \| [01] \| error \(TrainingFailed: ", (tmp_path / "out" / "summary.md").read_text(), re.M)
+    assert re.search(
+        r"^\| 1 \| 1 \| 16 \| [0-9.]* \| -?\d \| [01] \| error \(TrainingFailed: ",
+        (tmp_path / "out" / "summary.md").read_text(),
+        re.M,
+    )
 
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
     parent = next(r for r in runs if r.data.tags.get("kind") == "tune-search")
     (child,) = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
-    assert (parent.info.status, parent.data.metrics["trials_failed"], parent.data.metrics["trials_completed"]) == ("FAILED", 1, 0)
+    assert (parent.info.status, parent.data.metrics["trials_failed"], parent.data.metrics["trials_completed"]) == (
+        "FAILED",
+        1,
+        0,
+    )
     assert (child.info.status, child.data.tags["tune.status"]) == ("FAILED", "error")
 
 
@@ -452,7 +544,9 @@ def test_search_is_one_mlflow_parent_with_a_child_run_per_trial(search):
         assert run.data.params["bits"] == str(row.bits) and run.data.params["num_workers"] == "2"
         steps = sorted(m.step for m in client.get_metric_history(row.run_id, "validation/map"))
         assert steps == list(range(row.epochs))  # per-epoch metrics, one per epoch it ran
-        assert max(m.value for m in client.get_metric_history(row.run_id, "validation/map")) == pytest.approx(row.val_map)
+        assert max(m.value for m in client.get_metric_history(row.run_id, "validation/map")) == pytest.approx(
+            row.val_map
+        )
     # Nothing of the search is left RUNNING.
     assert not client.search_runs([experiment], filter_string="attributes.status = 'RUNNING'")
 
@@ -509,21 +603,42 @@ def test_search_refuses_knobs_the_method_does_not_have(toy_dataset):
     from pipeline.tune import run_search
 
     work, images = toy_dataset
-    with pytest.raises(ConfigError, match=r"^tune.space.zeta: dsh has no hyper-parameter 'zeta' \(it has: alpha, margin, pairs; worth searching: alpha\)"):
+    with pytest.raises(
+        ConfigError,
+        match=r"^tune.space.zeta: dsh has no hyper-parameter 'zeta' \(it has: alpha, margin, pairs; worth searching: alpha\)",
+    ):
         run_search(toy_params(work, images, "train.method=dsh", "tune.space={zeta: [0.1]}"), "toy")
     # params.yaml's space is DPFAH's knobs: another method replaces the mapping, or is told
     with pytest.raises(ConfigError, match=r"^tune.space.eta: dsh has no hyper-parameter 'eta'"):
         run_search(toy_params(work, images, "train.method=dsh", "tune.space.alpha=[0.1]"), "toy")
-    with pytest.raises(ConfigError, match=r"^tune.ranges.gamma: dpsh has no hyper-parameter 'gamma' \(it has: eta, pairs"):
-        run_search(toy_params(work, images, "train.method=dpsh", "tune.search=random", "tune.space={}", "tune.ranges.gamma=[0.1,1]"), "toy")
-    with pytest.raises(ConfigError, match=r"^tune.space: empty, and dsh has no default search.*tune.space.alpha=.*it has: alpha, margin, pairs"):
+    with pytest.raises(
+        ConfigError, match=r"^tune.ranges.gamma: dpsh has no hyper-parameter 'gamma' \(it has: eta, pairs"
+    ):
+        run_search(
+            toy_params(
+                work, images, "train.method=dpsh", "tune.search=random", "tune.space={}", "tune.ranges.gamma=[0.1,1]"
+            ),
+            "toy",
+        )
+    with pytest.raises(
+        ConfigError,
+        match=r"^tune.space: empty, and dsh has no default search.*tune.space.alpha=.*it has: alpha, margin, pairs",
+    ):
         run_search(toy_params(work, images, "train.method=dsh", "tune.space={}"), "toy")
-    with pytest.raises(ConfigError, match=r"^tune.space.lam: dpfah has no hyper-parameter 'lam' \(it has: delta, eta, pairs, zeta; worth searching: eta, zeta\)"):
+    with pytest.raises(
+        ConfigError,
+        match=r"^tune.space.lam: dpfah has no hyper-parameter 'lam' \(it has: delta, eta, pairs, zeta; worth searching: eta, zeta\)",
+    ):
         run_search(toy_params(work, images, "tune.space.lam=[1]"), "toy")
     with pytest.raises(ConfigError, match=r"^tune.space.pairs: 'nope' is not one of"):
         run_search(toy_params(work, images, "train.method=dsh", "tune.space={pairs: [batch, nope]}"), "toy")
     with pytest.raises(ConfigError, match=r"^tune.ranges.pairs: pairs is not a number"):
-        run_search(toy_params(work, images, "train.method=dsh", "tune.search=random", "tune.space={}", "tune.ranges.pairs=[1,2]"), "toy")
+        run_search(
+            toy_params(
+                work, images, "train.method=dsh", "tune.search=random", "tune.space={}", "tune.ranges.pairs=[1,2]"
+            ),
+            "toy",
+        )
     with pytest.raises(ConfigError, match=r"^train.method: resnet18 is a variant"):
         run_search(toy_params(work, images, "train.method=resnet18"), "toy")
 
@@ -537,21 +652,55 @@ def test_search_space_and_trials_of_another_method(toy_dataset):
     from pipeline.tune import search_space, searched_knobs, trial_recipe
 
     work, images = toy_dataset
-    grid = toy_params(work, images, "train.method=dsh", "tune.space={alpha: [0.01, 1], pairs: [batch, memory]}", "tune.bits=[8]", "objectives.dsh.margin=3")
-    assert searched_knobs(grid) == {"alpha": ("values", (0.01, 1.0)), "pairs": ("values", ("batch", "memory"))}  # 1 -> 1.0: alpha is a float
+    grid = toy_params(
+        work,
+        images,
+        "train.method=dsh",
+        "tune.space={alpha: [0.01, 1], pairs: [batch, memory]}",
+        "tune.bits=[8]",
+        "objectives.dsh.margin=3",
+    )
+    assert searched_knobs(grid) == {
+        "alpha": ("values", (0.01, 1.0)),
+        "pairs": ("values", ("batch", "memory")),
+    }  # 1 -> 1.0: alpha is a float
     space, _, samples = search_space(grid)
-    assert space == {"alpha": {"grid_search": [0.01, 1.0]}, "pairs": {"grid_search": ["batch", "memory"]}, "bits": {"grid_search": [8]}}
+    assert space == {
+        "alpha": {"grid_search": [0.01, 1.0]},
+        "pairs": {"grid_search": ["batch", "memory"]},
+        "bits": {"grid_search": [8]},
+    }
     recipe = trial_recipe(grid, "toy", {"alpha": 1.0, "pairs": "memory", "bits": 8})
-    assert (recipe.method, recipe.hparams, recipe.source) == ("dsh", {"margin": 3, "alpha": 1.0, "pairs": "memory"}, {"weights_from": "search"})
+    assert (recipe.method, recipe.hparams, recipe.source) == (
+        "dsh",
+        {"margin": 3, "alpha": 1.0, "pairs": "memory"},
+        {"weights_from": "search"},
+    )
 
-    rnd = toy_params(work, images, "train.method=hashnet", "tune.search=random", "tune.num_samples=5", "tune.ranges.alpha=[0.01,1]", "tune.space={gamma: [0.5]}")
+    rnd = toy_params(
+        work,
+        images,
+        "train.method=hashnet",
+        "tune.search=random",
+        "tune.num_samples=5",
+        "tune.ranges.alpha=[0.01,1]",
+        "tune.space={gamma: [0.5]}",
+    )
     space, _, samples = search_space(rnd)
     assert samples == 5 and set(space) == {"alpha", "gamma", "bits"}
     assert isinstance(space["alpha"], Float) and (space["alpha"].lower, space["alpha"].upper) == (0.01, 1.0)
     assert isinstance(space["gamma"], Categorical) and list(space["gamma"].categories) == [0.5]
 
     # DPFAH: its knobs of tune.space like any method's; a trial never reads best.json
-    dpfah = toy_params(work, images, "tune.space.eta=[2]", "tune.space.zeta=[0.5]", "tune.space.delta=[1.5]", "use_tuned=true", "objectives.dpfah.pairs=bank")
+    dpfah = toy_params(
+        work,
+        images,
+        "tune.space.eta=[2]",
+        "tune.space.zeta=[0.5]",
+        "tune.space.delta=[1.5]",
+        "use_tuned=true",
+        "objectives.dpfah.pairs=bank",
+    )
     assert searched_knobs(dpfah) == {"eta": ("values", (2.0,)), "zeta": ("values", (0.5,)), "delta": ("values", (1.5,))}
     recipe = trial_recipe(dpfah, "toy", {"eta": 2.0, "zeta": 0.5, "delta": 1.5, "bits": 16})
     assert (recipe.method, recipe.hparams) == ("dpfah", {"eta": 2.0, "zeta": 0.5, "delta": 1.5, "pairs": "bank"})
@@ -566,9 +715,21 @@ def test_summary_of_a_search_over_other_knobs():
 
     rows = [
         TrialRow(f"t{i}", {"alpha": a, "pairs": p}, 16, v, 1, 4, "completed", f"r{i}", "n")
-        for i, (a, p, v) in enumerate([(0.01, "batch", 0.5), (0.01, "memory", 0.6), (1.0, "batch", 0.7), (1.0, "memory", 0.4)])
+        for i, (a, p, v) in enumerate(
+            [(0.01, "batch", 0.5), (0.01, "memory", 0.6), (1.0, "batch", 0.7), (1.0, "memory", 0.4)]
+        )
     ]
-    meta = {"name": "s", "dataset": "d", "protocol": "p", "search": "grid", "scheduler": "asha", "epochs": 4, "image_size": 32, "num_workers": 1, "knobs": ["alpha", "pairs"]}
+    meta = {
+        "name": "s",
+        "dataset": "d",
+        "protocol": "p",
+        "search": "grid",
+        "scheduler": "asha",
+        "epochs": 4,
+        "image_size": 32,
+        "num_workers": 1,
+        "knobs": ["alpha", "pairs"],
+    }
     md = summary_markdown(rows, meta, rows[2])
     assert "Best: alpha 1, pairs batch, 16 bits: 0.7000" in md
     by_alpha = md.split("## Validation mAP by alpha and code length (best over pairs)")[1].split("##")[0]
@@ -587,11 +748,21 @@ def test_use_tuned_takes_a_search_s_knobs_for_its_method_only(toy_dataset, tmp_p
 
     work, images = toy_dataset
     (tmp_path / "tune" / "toy").mkdir(parents=True)
-    record = {"method": "dsh", "knobs": ["alpha"], "alpha": 0.1, "bits": 16, "by_bits": {"16": {"alpha": 0.3, "bits": 16, "run_id": "r"}}}
+    record = {
+        "method": "dsh",
+        "knobs": ["alpha"],
+        "alpha": 0.1,
+        "bits": 16,
+        "by_bits": {"16": {"alpha": 0.3, "bits": 16, "run_id": "r"}},
+    }
     (tmp_path / "tune" / "toy" / "best.json").write_text(json.dumps(record))
     params = toy_params(work, images, "use_tuned=true", "objectives.dsh.margin=3")
     dsh = recipes.resolve(params, "toy", 16, "dsh", root=tmp_path)
-    assert dsh.hparams == {"margin": 3, "alpha": 0.3} and dsh.source["weights_from"] == "tune" and dsh.source["tuned_trial_run_id"] == "r"
+    assert (
+        dsh.hparams == {"margin": 3, "alpha": 0.3}
+        and dsh.source["weights_from"] == "tune"
+        and dsh.source["tuned_trial_run_id"] == "r"
+    )
     dpfah = recipes.resolve(params, "toy", 16, "dpfah", root=tmp_path)
     assert (dpfah.hparams, dpfah.source) == ({"eta": 1.0}, {"weights_from": "params"})
     assert "best.json is a search over dsh's knobs; dpfah keeps objectives.dpfah" in capsys.readouterr().err

@@ -156,7 +156,9 @@ class Method(Declared, nn.Module):
         """The objective from its terms' values (the formula, in one place)."""
         return sum(w * terms[t] for t, w in self.weights().items())
 
-    def parts(self, u: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor, index: torch.Tensor, shard: Shard) -> dict[str, Part]:
+    def parts(
+        self, u: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor, index: torch.Tensor, shard: Shard
+    ) -> dict[str, Part]:
         raise NotImplementedError
 
     def start_epoch(self, epoch: int) -> None:

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from .base import PairwiseMethod, Part, likelihood, sample_part
 from ..codes import binarize
+from .base import PairwiseMethod, Part, likelihood, sample_part
 
 __all__ = ["DBDH"]
 

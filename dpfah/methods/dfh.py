@@ -16,11 +16,16 @@ def center_objective(v: torch.Tensor, y: torch.Tensor, b: torch.Tensor, vul: flo
     over the batch's labels ``y`` (n, C) and codes ``b`` (n, K); V is (K, C), sign V a constant."""
     k, c = v.shape
     target = k * (2 * torch.eye(c, dtype=v.dtype, device=v.device) - 1)
-    return ((y @ v.T - b).pow(2).mean() + vul * (v.T @ v - target).pow(2).mean()
-            + nta * (v - binarize(v.detach())).pow(2).mean())
+    return (
+        (y @ v.T - b).pow(2).mean()
+        + vul * (v.T @ v - target).pow(2).mean()
+        + nta * (v - binarize(v.detach())).pow(2).mean()
+    )
 
 
-def center_step(v: torch.Tensor, y: torch.Tensor, b: torch.Tensor, *, vul: float, nta: float, steps: int, lr: float, milestones) -> torch.Tensor:
+def center_step(
+    v: torch.Tensor, y: torch.Tensor, b: torch.Tensor, *, vul: float, nta: float, steps: int, lr: float, milestones
+) -> torch.Tensor:
     """``steps`` plain gradient-descent steps on J (:func:`center_objective`) from ``v``, the
     learning rate times 0.1 at each milestone; returns the new V."""
     v = v.detach().clone()
@@ -86,8 +91,14 @@ class DFH(PairwiseMethod):
         b_all = binarize(p["mu"] * pairs.batch_labels @ centers.T + pairs.batch_codes)
         with torch.no_grad():
             v = center_step(
-                self.centers_v.double(), pairs.batch_labels.double(), b_all.double(), vul=p["vul"], nta=p["nta"],
-                steps=int(p["center_steps"]), lr=p["center_lr"], milestones=tuple(p["center_milestones"]),
+                self.centers_v.double(),
+                pairs.batch_labels.double(),
+                b_all.double(),
+                vul=p["vul"],
+                nta=p["nta"],
+                steps=int(p["center_steps"]),
+                lr=p["center_lr"],
+                milestones=tuple(p["center_milestones"]),
             )
             self.centers_v.copy_(v)
             broadcast_(self.centers_v)

@@ -28,5 +28,7 @@ class DPFAH(Declared, DPFAHLoss):
 
     def __init__(self, *, bits: int, num_classes: int, train_size: int | None = None, **params: Any) -> None:
         p = self.resolve(params, bits, num_classes, train_size)
-        super().__init__(p["eta"], p["zeta"], p["delta"], pairs=p["pairs"], bank_size=train_size, bits=bits, num_classes=num_classes)
+        super().__init__(
+            p["eta"], p["zeta"], p["delta"], pairs=p["pairs"], bank_size=train_size, bits=bits, num_classes=num_classes
+        )
         self.hparams = p

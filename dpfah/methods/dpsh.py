@@ -35,4 +35,3 @@ class DPSH(PairwiseMethod):
         theta = pairs.theta(u)
         s = pairs.row_similar(u.dtype)
         return {"likelihood": pairs.reduce(likelihood(theta, s)), "quantization": pairs.per_pair(quantization_gap(u))}
-

@@ -10,7 +10,9 @@ from .base import PairwiseMethod, Part, broadcast_, likelihood
 __all__ = ["DSDH", "dcc"]
 
 
-def dcc(b: torch.Tensor, u: torch.Tensor, y: torch.Tensor, mu: float, nu: float, eta: float, iterations: int) -> tuple[torch.Tensor, torch.Tensor]:
+def dcc(
+    b: torch.Tensor, u: torch.Tensor, y: torch.Tensor, mu: float, nu: float, eta: float, iterations: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The paper's alternation for the discrete codes B and the classifier W, columns = items.
 
     ``b`` (K, n) in {-1, +1}, ``u`` (K, n) the relaxed codes, ``y`` (C, n) the labels. Each
@@ -77,7 +79,10 @@ class DSDH(PairwiseMethod):
             self.codes_b[seen].double().T.contiguous(),
             self.memory.codes[seen].double().T,
             self.memory.labels[seen].double().T,
-            p["mu"], p["nu"], p["eta"], int(p["dcc_iter"]),
+            p["mu"],
+            p["nu"],
+            p["eta"],
+            int(p["dcc_iter"]),
         )
         self.codes_b[seen] = b.T.to(self.codes_b.dtype)
         self.classifier_w.copy_(w)

@@ -77,7 +77,9 @@ class HashNet(PairwiseMethod):
     @property
     def beta(self) -> float:
         p = self.hparams
-        return continuation_beta(p["schedule"], int(self.iteration), int(self.epoch), p["gamma"], p["power"], p["step_size"])
+        return continuation_beta(
+            p["schedule"], int(self.iteration), int(self.epoch), p["gamma"], p["power"], p["step_size"]
+        )
 
     def start_epoch(self, epoch: int) -> None:
         self.epoch.fill_(epoch)
