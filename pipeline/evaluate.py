@@ -2,30 +2,9 @@
 
     python -m pipeline.evaluate --dataset cifar10 --bits 64 [--run-id ID] [--params FILE] [--set key=value ...]
 
-Loads the model that ``pipeline.train`` logged (the run named by ``runs/<dataset>-<bits>-<method>-s<seed>.json``,
-or ``--run-id``), checks that the run was trained on these very shards (dataset, code length,
-the manifest's sha256), encodes the query and database splits once (batched, on the GPU when
-there is one) and computes with :func:`dpfah.metrics.retrieval_report`: mAP@R (R per dataset,
-``evaluate.map_at``) with index tie-breaking and tie-aware, P@H<=radius with the share of
-empty balls, the P@N curve and the PR curves by Hamming radius and by rank.
-
-Refuses (exit 2) a model with NaN or infinite weights, naming the run and the first bad
-tensor. Computes everything first (metrics, figures, codes), then writes, each atomically:
-
-* ``plots/<dataset>-<bits>-<method>-s<seed>/{pr_radius,pr_rank,p_at_n}.csv``: DVC plots;
-* ``codes/<dataset>-<bits>-<method>-s<seed>/query.parquet``: the packed query codes and labels
-  (the report's t-SNE; the database codes go to MLflow only);
-* ``metrics/<dataset>-<bits>-<method>-s<seed>.json``: DVC metrics, the ``query_*`` numbers only;
-* ``evaluations/<dataset>-<bits>-<method>-s<seed>.json``: what they measure: the run, the data, R,
-  the radius, the split sizes and this evaluation's ``eval_id``;
-
-then logs to the training's MLflow run the same metrics (same names, same values), tags
-``eval.*`` describing the evaluation (``eval.id`` among them), under ``evaluation/`` the
-metrics file, the curve data, figures (PR curves, P@N, a top-k retrieval grid with wrong
-results marked) and the packed codes (``codes/database.parquet``, ``codes/query.parquet``;
-see :func:`pipeline.codefiles.load_codes`), and last the completion marker ``eval.complete`` (= ``eval.id``)
-with ``eval.completed_at``. Promote refuses a run whose marker is missing or belongs to an
-earlier evaluation: an evaluation that failed part-way is never promoted.
+Encodes the query and database splits with the run's model and computes mAP@R, P@H<=radius,
+P@N and the PR curves; writes the DVC files (pipeline.evaluate_outputs), then logs metrics,
+figures and codes to the run, its completion marker last. What and why: docs/report.md.
 """
 
 from __future__ import annotations
@@ -46,25 +25,20 @@ import numpy as np
 
 from .artifacts import (
     DEFAULT_METHOD,
-    evaluation_file,
     metric_values,
-    metrics_file,
-    plots_dir,
-    query_codes_file,
-    write_atomic,
     write_json_atomic,
 )
 from .codefiles import ARTIFACT_DIR, codes_table
 from .config import Params, add_config_args, config_from_args
 from .errors import ConfigError, DataError, run_main
-from .figures import class_name, figure, plot_grid, thumbnail
+from .evaluate_outputs import P_AT, flat_metrics, p_at_name, write_dvc_outputs
+from .figures import class_name, plot_grid, thumbnail
+from .precision_plots import plot_p_at_n, plot_pr
 from .registry import EVAL_COMPLETE_TAG, EVAL_ID_TAG, Subject, load_subject
 from .timing import record, span
 from .tracking import dataset_digest, dataset_name, git_commit, mlflow_errors
 
-__all__ = ["Evaluation", "evaluate", "flat_metrics", "write_dvc_outputs", "main"]
-
-P_AT = (10, 100, 500, 1000)  # P@N values reported as scalars (those within the curve)
+__all__ = ["Evaluation", "evaluate", "main"]
 
 
 @dataclass(frozen=True)
@@ -141,125 +115,7 @@ def _read_samples(manifest, split: str, indices) -> dict[int, bytes]:
 # ----------------------------------------------------------------------------- metrics
 
 
-def p_at_name(n: int) -> str:
-    """The metric of P@n: N zero-padded to four digits (``query_p_at_0010`` ...
-    ``query_p_at_1000``), so that the runs table and ``dvc metrics show`` sort them by N."""
-    return f"query_p_at_{n:04d}"
-
-
-def flat_metrics(report: dict[str, Any]) -> dict[str, float]:
-    """The scalar metrics, named as they are in the metrics file and in MLflow."""
-    out = {
-        "query_map": float(report["map"]),
-        "query_map_tie_aware": float(report["map_tie_aware"]),
-        "query_zero_relevant_share": float(report["zero_relevant_share"]),
-        "query_precision_within_radius": float(report["precision_within_radius"]),
-        "query_empty_ball_share": float(report["empty_share"]),
-    }
-    ns, precision = report["p_at_n"]["n"], report["p_at_n"]["precision"]
-    for n in P_AT:
-        if n <= len(ns):
-            out[p_at_name(n)] = float(precision[n - 1])
-    return out
-
-
-def _csv(path: Path, header: Sequence[str], columns: Sequence[np.ndarray]) -> None:
-    lines = [",".join(header)]
-    for row in zip(*columns):
-        lines.append(",".join(repr(float(v)) if isinstance(v, (float, np.floating)) else str(int(v)) for v in row))
-    write_atomic(path, "\n".join(lines) + "\n")
-
-
-def _write_plots(directory: Path, report: dict[str, Any]) -> list[Path]:
-    directory.mkdir(parents=True, exist_ok=True)
-    pr, pn, rank = report["pr_by_radius"], report["p_at_n"], report["pr_by_rank"]
-    files = {
-        "pr_radius.csv": (("radius", "precision", "recall"), (pr["radius"], pr["precision"], pr["recall"])),
-        "pr_rank.csv": (("rank", "precision", "recall"), (rank["ranks"], rank["precision"], rank["recall"])),
-        "p_at_n.csv": (("n", "precision"), (pn["n"], pn["precision"])),
-    }
-    for name, (header, columns) in files.items():
-        _csv(directory / name, header, columns)
-    return [directory / name for name in files]
-
-
-def write_dvc_outputs(
-    root, dataset: str, bits: int, which: dict[str, Any], doc: dict[str, Any], report: dict[str, Any], query_table
-) -> tuple[Path, Path, list[Path]]:
-    """The files DVC tracks, each written atomically: the curve data, the query codes (a
-    :func:`codes_table`), the evaluation record (``doc`` but its ``query_*`` numbers), then
-    the metrics file (those numbers only). Returns (metrics file, plots dir, plot files)."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    plot_dir = plots_dir(dataset, bits, root, **which)
-    plots = _write_plots(plot_dir, report)
-    sink = pa.BufferOutputStream()
-    pq.write_table(query_table, sink)
-    write_atomic(query_codes_file(dataset, bits, root, **which), sink.getvalue().to_pybytes())
-    metrics = metric_values(doc)
-    write_json_atomic(evaluation_file(dataset, bits, root, **which), {k: v for k, v in doc.items() if k not in metrics})
-    return write_json_atomic(metrics_file(dataset, bits, root, **which), metrics), plot_dir, plots
-
-
 # ----------------------------------------------------------------------------- figures
-
-
-def _plot_pr(path: Path, report: dict[str, Any], title: str, radius: int = 2) -> None:
-    """PR by Hamming radius (left: each radius r=0..4 its own marker, named in the legend
-    with its precision and recall; the radius of P@H<=radius starred) and PR by rank (right)."""
-    fig = figure(10.0, 4.4)
-    left, right = fig.subplots(1, 2)
-    pr = report["pr_by_radius"]
-    left.plot(
-        pr["recall"],
-        pr["precision"],
-        color="0.55",
-        linewidth=1,
-        marker=".",
-        markersize=3,
-        label="r = 0 .. bits",
-        zorder=1,
-    )
-    colours = ("#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd", "#8c564b")
-    for r in range(min(len(pr["radius"]), len(colours))):
-        p, rec = float(pr["precision"][r]), float(pr["recall"][r])
-        marked = r == radius
-        left.scatter(
-            [rec],
-            [p],
-            s=140 if marked else 36,
-            marker="*" if marked else "o",
-            color=colours[r],
-            edgecolor="black",
-            linewidth=0.6,
-            zorder=3,
-            label=f"r={r}: P {p:.3f}, R {rec:.3f}" + (f"  (P@H<={radius})" if marked else ""),
-        )
-    left.set(xlabel="recall", ylabel="precision", title="by Hamming radius r", xlim=(-0.02, 1.02), ylim=(0, 1.02))
-    left.legend(loc="best", fontsize=7, framealpha=0.9)  # away from the points (a weak model has them low left)
-    rank = report["pr_by_rank"]
-    right.plot(rank["recall"], rank["precision"], marker=".", markersize=3)
-    right.set(
-        xlabel="recall",
-        ylabel="precision",
-        title="by rank (top-k lists, k = 1 .. database)",
-        xlim=(0, 1.02),
-        ylim=(0, 1.02),
-    )
-    for ax in (left, right):
-        ax.grid(alpha=0.3)
-    fig.suptitle(title)
-    fig.savefig(path)
-
-
-def _plot_p_at_n(path: Path, report: dict[str, Any], title: str) -> None:
-    fig = figure(5.0, 4.0)
-    ax = fig.subplots()
-    ax.plot(report["p_at_n"]["n"], report["p_at_n"]["precision"])
-    ax.set(xlabel="N (top-N returned)", ylabel="precision", title=title, ylim=(0, 1.02))
-    ax.grid(alpha=0.3)
-    fig.savefig(path)
 
 
 def _grid_rows(manifest, q_codes, d_codes, q_labels, d_labels, n_queries: int, topk: int) -> list[dict[str, Any]]:
@@ -305,8 +161,8 @@ def _build_artifacts(art: Path, subject: Subject, params: Params, dataset: str, 
     label = f"{dataset}, {bits} bits, run {run_id[:8]}"
     write_json_atomic(art / "metrics.json", details)
     scores = f"mAP@{doc['map_at']} {report['map']:.4f}, P@H<={e.radius} {report['precision_within_radius']:.4f}"
-    _plot_pr(art / "pr_curves.png", report, f"PR curves: {label}: {scores}", e.radius)
-    _plot_p_at_n(art / "p_at_n.png", report, f"P@N: {label}")
+    plot_pr(art / "pr_curves.png", report, f"PR curves: {label}: {scores}", e.radius)
+    plot_p_at_n(art / "p_at_n.png", report, f"P@N: {label}")
     rows = _grid_rows(manifest, q_codes, d_codes, q_labels, d_labels, e.grid_queries, e.grid_topk)
     if rows:
         plot_grid(art / "retrieval_grid.png", rows, f"top-{e.grid_topk} by Hamming distance (ties by index): {label}")
@@ -527,7 +383,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(
         f"evaluated {d['dataset']} {d['bits']} bits (run {d['run_id']}, {d['n_queries']:,} queries x {d['n_db']:,}): "
         f"mAP@{d['map_at']} {m['query_map']:.4f} (tie-aware {m['query_map_tie_aware']:.4f}), "
-        f"P@H<={d['radius']} {m['query_precision_within_radius']:.4f} ({m['query_empty_ball_share']:.0%} empty balls){extra}; "
+        f"P@H<={d['radius']} {m['query_precision_within_radius']:.4f} "
+        f"({m['query_empty_ball_share']:.0%} empty balls){extra}; "
         f"wrote {result.metrics_file} and {result.plots_dir}/ in {result.seconds['total']:.1f} s"
     )
     return 0

@@ -1,22 +1,6 @@
-"""Grad-CAM heat maps of the hashing output, with and without PFA (the paper's Fig. 3), for
-the report.
-
-The maps come from the ``grad-cam`` package (jacobgil/pytorch-grad-cam). Its ``BaseCAM``
-expects a model that returns one tensor and sums ``target(output)`` over the samples, so
-the DPFAH network (which returns ``(u, logits)``) is wrapped by :func:`code_output`, which
-returns u alone, and the target is :class:`OwnCode`: f(u) = sign(u)·u with sign(u) held
-fixed, the image's own binary code (its gradient with respect to u is sign(u)). The maps
-show where the activations that push u further towards the image's own code lie.
-
-The target layer is the deepest stage of the trunk whose output map is at least
-:data:`MIN_SIDE` pixels on a side: ResNet-18's ``layer4`` at the paper's 224 px (7x7), but
-``layer2`` at the CPU profile's 32 px, where ``layer4`` is 1x1 and its map would be one
-value (a constant heat map). PFA sits after the stem, so every stage's output includes it.
-
-The models are the trainings' logged models, loaded and checked as evaluate loads them
-(:func:`pipeline.registry.load_subject`); the images are the first query images of distinct
-classes, decoded and normalised as evaluation does, at the training's image size.
-"""
+"""Grad-CAM heat maps of the hashing output, with and without PFA (the paper's Fig. 3), for the
+report: the ``grad-cam`` package on the hash layer u, target the image's own code sign(u)·u, at the
+deepest trunk stage whose map is at least MIN_SIDE pixels wide. Why so: docs/report.md (Grad-CAM)."""
 
 from __future__ import annotations
 
@@ -233,7 +217,11 @@ def compute(
         except PipelineError as e:
             return f"the model of {method} ({bits} bits, seed {seed}) could not be loaded: {e}"
         if subject.model.uses_pfa != pfa:
-            return f"the model of {method} (run {subject.run_id}) was trained {'with' if subject.model.uses_pfa else 'without'} PFA, not as params.yaml builds it now"
+            trained = "with" if subject.model.uses_pfa else "without"
+            return (
+                f"the model of {method} (run {subject.run_id}) was trained {trained} PFA, "
+                "not as params.yaml builds it now"
+            )
         subjects.append(subject)
     positions = first_of_classes(labels)
     indices = index[positions]

@@ -197,6 +197,49 @@ def test_figures_and_artifacts_are_logged(trained):
     )
 
 
+def test_the_pr_figure_has_the_reports_convention(trained, tmp_path):
+    """The evaluation's PR panel: precision from 0 to 1 (as the report's and DVC's template),
+    the radii r = 0..4 marked on the curve and named with their precision and recall, the
+    empty-ball rule under the figure."""
+    from pipeline.precision_plots import EMPTY_BALL_RULE, RADIUS_MARKERS, plot_pr
+
+    report = trained["result"].report
+    fig = plot_pr(tmp_path / "pr.png", report, "t", radius=2)
+    left, right = fig.axes[:2]
+    assert left.get_ylim() == (0.0, 1.0) and right.get_ylim() == (0.0, 1.0)
+    pr = report["pr_by_radius"]
+    labels = left.get_legend_handles_labels()[1]
+    assert labels[0] == "r = 0 .. bits" and len(labels) == 1 + len(RADIUS_MARKERS)
+    for r, label in enumerate(labels[1:]):
+        assert label.startswith(f"r={r}: P {pr['precision'][r]:.3f}, R {pr['recall'][r]:.3f}")
+    assert labels[3].endswith("(P@H<=2)") and fig.get_supxlabel() == EMPTY_BALL_RULE
+
+
+def test_rates_that_are_counts_are_stored_as_the_exact_fraction():
+    """P@N is relevant items over N x queries: stored as that fraction, it prints as its exact
+    decimal (the mean of per-query shares can be an ulp off), and it is the same number."""
+    from dpfah.metrics import retrieval_report
+    from pipeline.evaluate_outputs import count_rate, flat_metrics, p_at_name
+
+    rng = np.random.default_rng(3)
+    nq, ndb, bits = 300, 1100, 16
+    q = np.where(rng.random((nq, bits)) < 0.5, -1.0, 1.0).astype(np.float32)
+    d = np.where(rng.random((ndb, bits)) < 0.5, -1.0, 1.0).astype(np.float32)
+    ql = np.eye(7, dtype=np.uint8)[rng.integers(0, 7, nq)]
+    dl = np.eye(7, dtype=np.uint8)[rng.integers(0, 7, ndb)]
+    report = retrieval_report(q, d, ql, dl, None, radius=2, max_n=1000, pr_ranks=np.array([1, 10, 100, 1100]))
+    m = flat_metrics(report)
+    order = np.argsort((bits - q @ d.T) / 2, axis=1, kind="stable")  # ties by index, as the metrics
+    relevant = (ql.astype(np.int32) @ dl.T.astype(np.int32)) > 0
+    for n in (10, 100, 500, 1000):
+        hits = int(np.take_along_axis(relevant, order[:, :n], axis=1).sum())
+        assert m[p_at_name(n)] == hits / (n * nq)  # exactly: the count over the total
+        assert m[p_at_name(n)] == pytest.approx(float(report["p_at_n"]["precision"][n - 1]), rel=1e-12, abs=0)
+    assert float(count_rate(0.4413000000000001, 10_000)) == 0.4413
+    assert float(count_rate(0.43390999999999996, 100_000)) == 0.43391
+    assert float(count_rate(0.123456789, 7)) == 0.123456789  # no count behind it: kept
+
+
 def test_retrieval_grid_marks_wrong_results(trained):
     from dpfah.data import read_manifest
     from pipeline.evaluate import _grid_rows
@@ -294,7 +337,8 @@ def test_missing_run_record(trained, tmp_path, monkeypatch, capsys):
     )
     assert code == 2
     assert text.strip().splitlines()[-1] == (
-        "error: runs/toy-8-dpfah-s0.json: no run record (train first: python -m pipeline.train --dataset toy --bits 8 --method dpfah --seed 0; or give --run-id)"
+        "error: runs/toy-8-dpfah-s0.json: no run record (train first: python -m pipeline.train --dataset toy "
+        "--bits 8 --method dpfah --seed 0; or give --run-id)"
     )
 
 

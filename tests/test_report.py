@@ -42,7 +42,7 @@ def write_evaluation(root: Path, method: str, bits: int, seed: int, dataset: str
     from dpfah.metrics import retrieval_report
     from pipeline.artifacts import run_file, write_json_atomic
     from pipeline.codefiles import codes_table
-    from pipeline.evaluate import flat_metrics, write_dvc_outputs
+    from pipeline.evaluate_outputs import flat_metrics, write_dvc_outputs
 
     rng = np.random.default_rng([list(FLIPS).index(method), bits, seed])
     ql = np.eye(N_CLASSES, dtype=np.uint8)[np.arange(N_QUERY) % N_CLASSES]
@@ -163,8 +163,8 @@ def test_table6_cell_is_the_mean_of_the_metrics_files_with_a_hand_computed_inter
     assert "Table 5: ablation" in md and "Not run: train.methods lacks resnet18, resnet18-pfa" in md
     # dsh and dpfah both run with PFA (model.pfa): Fig 3 says so instead of failing
     assert (
-        "Grad-CAM heat maps with and without PFA (Fig 3): not drawn: train.methods (dpfah, dsh) lacks a method without PFA (e.g. resnet18)."
-        in md
+        "Grad-CAM heat maps with and without PFA (Fig 3): not drawn: train.methods (dpfah, dsh) lacks a method "
+        "without PFA (e.g. resnet18)." in md
     )
     assert not list(report.glob("gradcam_*.png"))
 
@@ -186,8 +186,8 @@ def test_each_figure_is_a_png_with_one_curve_per_method(repo):
         assert im.format == "PNG"
     md = (report / "report.md").read_text()
     assert (
-        "t-SNE of the query codes (Fig 7), 16 bits, seed 0: DPFAH and dsh (chosen as the best validation mAP among the baselines"
-        in md
+        "t-SNE of the query codes (Fig 7), 16 bits, seed 0: DPFAH and dsh (chosen as the best validation mAP among "
+        "the baselines" in md
     )
     agreement = float(md.split("label agreement in Hamming space")[1].split("dpfah ")[1].split(";")[0])
     assert 0 <= agreement <= 1
@@ -205,7 +205,7 @@ def test_report_is_an_mlflow_run_of_the_datasets_experiment(repo):
         np.mean([docs[("dpfah", 8, s)]["query_map"] for s in SEEDS])
     )
     names = {a.path for a in client.list_artifacts(run.info.run_id, "report")}
-    assert {"report/report.md", "report/table6.csv", "report/pr_8.png"} <= names
+    assert {"report/report.md", "report/report.html", "report/table6.csv", "report/pr_8.png"} <= names
 
 
 def test_stage_reruns_only_when_a_metrics_file_changes(repo):
@@ -260,7 +260,7 @@ def test_table5_steps_are_paired_differences_over_the_seeds(tmp_path):
     """The ablation's rows and steps at 48 bits on 'cifar10' (the paper's values beside):
     each step's cell is the per-seed difference, its interval a hand computation."""
     from pipeline.config import load_params
-    from pipeline.report import _table5_md, collect, table5
+    from pipeline.report_tables import collect, table5, table5_md
 
     params = load_params(
         Path(__file__).resolve().parents[1] / "params.yaml",
@@ -285,7 +285,7 @@ def test_table5_steps_are_paired_differences_over_the_seeds(tmp_path):
     assert step["cell"].values == pytest.approx(diffs) and step["paper"] == pytest.approx(0.8424 - 0.8129)
     t2 = 0.95 / math.sqrt(2 * 0.975 * 0.025)  # t(0.975, 2), closed form
     assert step["cell"].half == pytest.approx(t2 * np.std(diffs, ddof=1) / math.sqrt(3), rel=1e-9)
-    md = "\n".join(_table5_md(rows))
+    md = "\n".join(table5_md(rows))
     assert (
         f"| + PFA (resnet18 -> resnet18-pfa) | paired difference | {step['cell'].text(signed=True)} | +0.0295 |" in md
     )
@@ -360,7 +360,7 @@ def test_gradcam_figure_from_two_logged_models_with_and_without_pfa(repo, toy_da
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     work, images = toy_dataset
     shards = work / "data" / "shards" / "toy"
-    uri = f"sqlite:///{repo[0].parent / 'mlflow.db'}"  # the toy DAG's store: its tables exist (creating them takes seconds)
+    uri = f"sqlite:///{repo[0].parent / 'mlflow.db'}"  # the toy DAG's store: its tables exist (creating them: seconds)
     records = {}
     for method, pfa, seed in (("resnet18", False, 1), ("dpfah", True, 2)):
         torch.manual_seed(seed)
@@ -386,7 +386,7 @@ def test_gradcam_figure_from_two_logged_models_with_and_without_pfa(repo, toy_da
     import pyarrow.parquet as pq
 
     from pipeline.codefiles import codes_table
-    from pipeline.report import Member, _gradcam_section
+    from pipeline.report import Member, gradcam_section
 
     codes = tmp_path / "query.parquet"
     pq.write_table(
@@ -394,7 +394,7 @@ def test_gradcam_figure_from_two_logged_models_with_and_without_pfa(repo, toy_da
         codes,
     )
     member = Member("resnet18", 8, 0, {}, {}, codes, 0.5)
-    lines, result = _gradcam_section(params, "toy", [member], tmp_path, tmp_path)
+    lines, result = gradcam_section(params, "toy", [member], tmp_path, tmp_path)
     assert result["figure"] == "gradcam_8.png" and result["runs"] == (
         records["resnet18"]["run_id"],
         records["dpfah"]["run_id"],
@@ -421,6 +421,137 @@ def test_gradcam_figure_from_two_logged_models_with_and_without_pfa(repo, toy_da
     write_record(tmp_path, records["dpfah"], "toy-8-resnet18-s0.json")  # resnet18's record naming a network with PFA
     why = compute(params, "toy", 8, labels, np.arange(len(labels)), root=tmp_path)
     assert (
-        why
-        == f"the model of resnet18 (run {records['dpfah']['run_id']}) was trained with PFA, not as params.yaml builds it now"
+        why == f"the model of resnet18 (run {records['dpfah']['run_id']}) was trained with PFA, "
+        "not as params.yaml builds it now"
     )
+
+
+# ----------------------------------------------------------------------------- issue 29: what MLflow and a browser show
+
+
+def test_the_html_report_embeds_every_figure_of_the_markdown(repo):
+    """report.html is self-contained: each figure report.md links is an <img> whose data URI
+    holds that very PNG; no script, no external source (MLflow shows it in an iframe)."""
+    import base64
+    import re
+
+    root, _, _, _ = repo
+    report = root / "reports" / "toy"
+    md, page = (report / "report.md").read_text(), (report / "report.html").read_text()
+    linked = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)
+    assert {"pr_8.png", "pr_16.png", "p_at_n_8.png", "p_at_h.png", "tsne_16.png"} <= set(linked)
+    images = re.findall(r'<img alt="[^"]*" title="([^"]+)" src="data:image/png;base64,([A-Za-z0-9+/=]+)">', page)
+    assert [name for name, _ in images] == linked
+    for name, data in images:
+        assert base64.b64decode(data) == (report / name).read_bytes(), name
+    assert "<script" not in page and not re.search(r"(src|href)=\"(https?:)?//", page)
+    assert "<table>" in page and "<h2>Table 6: query mAP@ALL by method and code length</h2>" in page
+    assert "<strong>" in page  # the marked best cell of Table 6
+
+
+def test_the_pr_panel_has_the_evaluations_convention(repo, tmp_path):
+    """PR by radius in the report: precision from 0 to 1 (as evaluate's figure and DVC's
+    template), each method's radii r = 0..4 marked, and the empty-ball rule said under the
+    figure and in report.md."""
+    from matplotlib.collections import PathCollection
+
+    from pipeline.config import load_params
+    from pipeline.precision_plots import EMPTY_BALL_RULE, RADIUS_MARKERS
+    from pipeline.report_figures import figure_pr
+    from pipeline.report_tables import collect
+
+    root, _, _, _ = repo
+    params = load_params(root / "params.yaml")
+    fig = figure_pr(params, collect(params, "toy", root), 16, tmp_path / "pr.png", "toy", 2)
+    left, right = fig.axes[:2]
+    assert left.get_ylim() == (0.0, 1.0) and right.get_ylim() == (0.0, 1.0)
+    markers = [c for c in left.collections if isinstance(c, PathCollection)]
+    assert len(markers) == len(RADIUS_MARKERS) * len(METHODS)
+    x, y = left.lines[0].get_data()  # the first method's curve: its r = 0..4 points are marked
+    marked = [tuple(c.get_offsets()[0]) for c in markers[: len(RADIUS_MARKERS)]]
+    assert marked == [pytest.approx((x[r], y[r])) for r in range(len(RADIUS_MARKERS))]
+    assert fig.get_supxlabel() == EMPTY_BALL_RULE
+    assert EMPTY_BALL_RULE in (root / "reports" / "toy" / "report.md").read_text()
+
+
+def test_p_at_h_against_the_code_length_needs_two_lengths(repo, tmp_path):
+    """With one code length Fig 11 would be one dot per method: not drawn, and the report
+    says why and gives the values (the CSV is written either way)."""
+    from pipeline.config import load_params
+    from pipeline.report import write_report
+
+    root, _, _, _ = repo
+    out, result = write_report(load_params(root / "params.yaml", ["bits=[8]"]), "toy", tmp_path / "one", root)
+    assert not (out / "p_at_h.png").exists() and "p_at_h.png" not in result["figures"]
+    md = (out / "report.md").read_text()
+    rows = _table(out / "p_at_h.csv")
+    assert [(r["method"], r["bits"]) for r in rows] == [("dpfah", "8"), ("dsh", "8")]
+    dpfah = rows[0]
+    assert (
+        "P@H<=2 against the code length (Fig 11): not drawn: one code length (8 bits) makes one point per method, "
+        "not a trend" in md
+    )
+    assert f"P@H<=2 at 8 bits: dpfah {float(dpfah['mean']):.3f} ± {float(dpfah['half_width_95']):.3f}" in md
+    assert (root / "reports" / "toy" / "p_at_h.png").is_file()  # two lengths: drawn
+
+
+def test_the_retrieval_grid_comes_from_the_evaluations_run(repo, tmp_path):
+    """The report shows the grid evaluate logged (evaluation/retrieval_grid.png of the run the
+    record names), byte for byte, embedded in the HTML; a run without one, or a record
+    without a run, is named with the reason instead."""
+    import base64
+
+    from mlflow.tracking import MlflowClient
+    from PIL import Image
+
+    from pipeline.config import load_params
+    from pipeline.report import Member, grid_section
+    from pipeline.report_html import markdown_to_html
+
+    root, _, _, _ = repo
+    params = load_params(root / "params.yaml")
+    client = MlflowClient(f"sqlite:///{root.parent / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("dpfah-toy").experiment_id
+    grid = tmp_path / "evaluation" / "retrieval_grid.png"
+    grid.parent.mkdir()
+    Image.new("RGB", (40, 20), (10, 200, 30)).save(grid)
+    with_grid, without = client.create_run(exp).info.run_id, client.create_run(exp).info.run_id
+    client.log_artifact(with_grid, str(grid), "evaluation")
+    members = [Member("dpfah", 16, 0, {}, {}, tmp_path, 0.5, with_grid), Member("dsh", 16, 0, {}, {}, tmp_path, 0.4)]
+    out = tmp_path / "out"
+    out.mkdir()
+    lines, names = grid_section(params, "toy", members, 16, out)
+    assert names == ["grid_dpfah_16.png"] and (out / names[0]).read_bytes() == grid.read_bytes()
+    assert sorted(p.name for p in out.iterdir()) == names  # the download folder is gone
+    assert f"dpfah (run {with_grid}):" in lines and "![grid dpfah](grid_dpfah_16.png)" in lines
+    assert "dsh: no grid: its run record names no MLflow run." in lines
+    page = markdown_to_html("\n".join(lines), out, "grid")
+    assert base64.b64encode(grid.read_bytes()).decode() in page
+
+    members[1] = Member("dsh", 16, 0, {}, {}, tmp_path, 0.4, without)
+    lines, names = grid_section(params, "toy", members, 16, out)
+    assert names == ["grid_dpfah_16.png"]
+    (why,) = [x for x in lines if x.startswith("dsh: no grid")]
+    assert why.startswith(f"dsh: no grid (run {without}): ") and "retrieval_grid.png" in why, why
+    # the toy report's records name no runs: said, not failed
+    md = (root / "reports" / "toy" / "report.md").read_text()
+    assert (
+        "Retrieval grids (Fig 15), 16 bits, seed 0:" in md
+        and "dpfah: no grid: its run record names no MLflow run." in md
+    )
+
+
+def test_dvc_plots_titles_name_the_training(repo):
+    """`dvc plots show`: each plot's title says which dataset, code length, method and seed."""
+    root, _, env, _ = repo
+    shown = json.loads(run([str(BIN / "dvc"), "plots", "show", "--json"], root, env))
+    titles = set()
+    for entries in shown["data"].values():
+        for entry in entries:
+            title = entry.get("content", {}).get("title", {})
+            titles.add(title.get("text") if isinstance(title, dict) else title)
+    for m in METHODS:
+        for b in BITS:
+            for s in SEEDS:
+                assert f"PR by Hamming radius: toy, {b} bits, {m}, seed {s}" in titles, sorted(map(str, titles))[:6]
+                assert f"P@N: toy, {b} bits, {m}, seed {s}" in titles
