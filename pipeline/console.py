@@ -72,11 +72,13 @@ def duration(seconds: float) -> str:
 
 
 def epoch_line(epoch: int, epochs: int, metrics: dict[str, float], elapsed: float, eta: float | None) -> str:
-    """``epoch 3/8  loss 0.8412  val mAP 0.5120 (best 0.5300 @ 2)  412 img/s  0:41 elapsed  ETA 1:02``."""
-    parts = [f"epoch {epoch + 1}/{epochs}", f"loss {metrics['loss']:.4f}"]
+    """``epoch 2 (3/8)  loss 0.8412  val mAP 0.5120 (best 0.5300 @ epoch 1)  412 img/s  0:41 elapsed  ETA 1:02``:
+    epochs numbered from 0, as MLflow's steps, the run record and the tune summary number them;
+    in brackets how many of the epochs have run."""
+    parts = [f"epoch {epoch} ({epoch + 1}/{epochs})", f"loss {metrics['loss']:.4f}"]
     if "val_map" in metrics:
         best = (
-            f" (best {metrics['best_val_map']:.4f} @ {int(metrics['best_epoch']) + 1})"
+            f" (best {metrics['best_val_map']:.4f} @ epoch {int(metrics['best_epoch'])})"
             if "best_val_map" in metrics
             else ""
         )
@@ -92,7 +94,7 @@ def epoch_line(epoch: int, epochs: int, metrics: dict[str, float], elapsed: floa
 class EpochPrinter:
     """Prints one line per finished epoch while a training runs, from what the run has
     logged (``fetch() -> {epoch: metrics}``, polled every ``interval`` s on a thread).
-    Epochs are numbered from 1 on the console; MLflow's steps count from 0."""
+    Epochs are numbered from 0, as MLflow's steps (:func:`epoch_line`)."""
 
     def __init__(
         self, fetch: Callable[[], dict[int, dict[str, float]]], epochs: int, *, interval: float = 1.0, out=None

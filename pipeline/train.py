@@ -1,6 +1,7 @@
 """Train a hashing model with Ray Train (DDP over N workers) and record it in MLflow.
 
-    python -m pipeline.train --dataset cifar10 --bits 64 [--method NAME] [--seed N] [--objective FILE] [--params FILE] [--profile NAME] [--set key=value ...]
+    python -m pipeline.train --dataset cifar10 --bits 64 [--method NAME] [--seed N] [--objective FILE]
+        [--params FILE] [--profile NAME] [--set key=value ...]
 
 The driver (this process, :mod:`pipeline.train_driver`) reads the prepared dataset's manifest, resolves what to train
 (``--objective``, the file the ``objective`` stage writes under DVC, or ``--method`` /
@@ -76,14 +77,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise ConfigError(f"--method {args.method}: {args.objective} is the objective of {recipe.entry}")
     with span("train: run_training"):
         outcome = run_training(params, args.dataset, args.bits, method=args.method, seed=args.seed, recipe=recipe)
-    at = f"epoch {outcome.best_epoch + 1} of {outcome.epochs} (step {outcome.best_epoch} in MLflow)"
+    at = f"epoch {outcome.best_epoch} of 0..{outcome.epochs - 1} (numbered from 0, as MLflow's steps)"
     chosen = (
         f"best validation mAP {outcome.best_val_map:.4f} at {at}"
         if outcome.best_val_map is not None
         else f"no validation split, the last epoch's model: {at}"
     )
     print(
-        f"trained {args.dataset} {args.bits} bits ({outcome.method}): {chosen}; MLflow run {outcome.run_id}; model {outcome.model_uri}; wrote {outcome.run_file}"
+        f"trained {args.dataset} {args.bits} bits ({outcome.method}): {chosen}; MLflow run {outcome.run_id}; "
+        f"model {outcome.model_uri}; wrote {outcome.run_file}"
     )
     return 0
 
