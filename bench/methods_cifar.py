@@ -126,13 +126,17 @@ def main(argv=None) -> int:
             }
         )
     lines = [
-        f"CIFAR-10 (cifar10-59k), {args.bits} bits, CPU profile (32 px, from scratch), epochs {args.epochs or 'params.yaml'}, "
-        f"steps/epoch {args.steps or 'all'}; {platform.processor() or platform.machine()}, {os.cpu_count()} cores; {total:.0f} s in all",
-        f"{'method':14s} {'query mAP@ALL':>14s} {'P@H<=2':>8s} {'val mAP':>8s} {'best ep':>8s} {'img/s':>8s} {'train s':>8s}",
+        f"CIFAR-10 (cifar10-59k), {args.bits} bits, CPU profile (32 px, from scratch), epochs "
+        f"{args.epochs or 'params.yaml'}, "
+        f"steps/epoch {args.steps or 'all'}; {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
+        f"{total:.0f} s in all",
+        f"{'method':14s} {'query mAP@ALL':>14s} {'P@H<=2':>8s} {'val mAP':>8s} {'best ep':>8s} {'img/s':>8s} "
+        f"{'train s':>8s}",
     ]
     for r in rows:
         lines.append(
-            f"{r['method']:14s} {r['query_map']:14.4f} {r['query_precision_within_radius'] or float('nan'):8.4f} {r['best_val_map']:8.4f} "
+            f"{r['method']:14s} {r['query_map']:14.4f} {r['query_precision_within_radius'] or float('nan'):8.4f} "
+            f"{r['best_val_map']:8.4f} "
             f"{r['best_epoch'] + 1:8d} {r['train_images_per_s'] or float('nan'):8.1f} {r['train_stage_s']:8.0f}"
         )
     print("\n".join(lines))

@@ -248,7 +248,8 @@ def start_mlflow_server(work: Path, env: dict[str, str] | None = None):
     mlflow_cli = Path(sys.executable).parent / "mlflow"
     with open(work / "server.log", "w") as log:
         proc = subprocess.Popen(
-            [str(mlflow_cli), "server", "--backend-store-uri", f"sqlite:///{work / 'server.db'}", "--artifacts-destination", str(work / "artifacts"),
+            [str(mlflow_cli), "server", "--backend-store-uri", f"sqlite:///{work / 'server.db'}",
+             "--artifacts-destination", str(work / "artifacts"),
              "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
             stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
         )  # fmt: skip
