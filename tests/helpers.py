@@ -532,3 +532,12 @@ def plain_tie_aware_map(dist: np.ndarray, rel: np.ndarray) -> float:
             c, c_rel = c + n, c_rel + k
         aps.append(total / r.sum())
     return float(np.mean(aps))
+
+
+def class_images(n, classes=3, size=16, seed=0):
+    """``n`` uint8 images (N, 3, size, size) of ``classes`` colours with noise, and their one-hot labels."""
+    rng = np.random.default_rng(seed)
+    y = np.arange(n) % classes
+    base = rng.integers(0, 256, size=(classes, 3, 1, 1))
+    x = np.clip(base[y] + rng.normal(0, 30, size=(n, 3, size, size)), 0, 255).astype(np.uint8)
+    return torch.from_numpy(x), torch.eye(classes)[torch.from_numpy(y)]
