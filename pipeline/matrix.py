@@ -143,13 +143,16 @@ def _trial(config: dict[str, Any], *, params: Params, root: str, chosen: Plan) -
 
     from .entry import evaluate_again, train_and_evaluate
 
+    started = time.time()
     os.chdir(root)  # the records' relative paths and a relative SQLite store resolve as in the stage
     key = RunKey(**config["key"])
     if key in chosen.evaluate:
         outcome = evaluate_again(params, key, chosen.inputs[key], root)
     else:
         outcome = train_and_evaluate(params, key, chosen.recipes[key], chosen.inputs[key], root)
-    tune.report({"query_map": outcome.query_map, "trained": outcome.trained, **outcome.seconds})
+    seconds = {f"{k}_s": v for k, v in outcome.seconds.items()}
+    report = {"query_map": outcome.query_map, "trained": outcome.trained, **seconds}
+    tune.report(report | {"started_at": started, "ended_at": time.time()})
 
 
 def _one_line(error: BaseException | None) -> str:
