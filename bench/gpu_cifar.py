@@ -154,7 +154,8 @@ def train_time_boxed(shards: str, device: torch.device, args) -> dict:
             raise _TimeUp
 
     try:
-        fit(settings, model, objective, train_batches=train_batches, steps_per_epoch=steps, report=report, device=device,
+        fit(settings, model, objective, train_batches=train_batches, steps_per_epoch=steps, report=report,
+            device=device,
             seed=0, validate=validate, on_epoch_end=on_epoch_end)  # fmt: skip
     except _TimeUp:
         pass
@@ -260,12 +261,14 @@ def main(argv=None) -> int:
         shards, device, args.size, 512 if cuda else 64, args.workers, args.encode_seconds
     )
     print(
-        f"encode: {result['encode']['images_per_s']:,.0f} img/s ({result['encode']['images']:,} images, decode included)",
+        f"encode: {result['encode']['images_per_s']:,.0f} img/s ({result['encode']['images']:,} images, decode "
+        "included)",
         flush=True,
     )
     result["train"] = train_time_boxed(shards, device, args)
     t = result["train"]
-    print(f"train: {t['epochs']} epochs in {t['train_s']:.0f} s; best validation mAP {t['best_val_map']:.4f} at epoch {t['best_epoch']}; "
+    print(f"train: {t['epochs']} epochs in {t['train_s']:.0f} s; best validation mAP {t['best_val_map']:.4f} "
+          f"at epoch {t['best_epoch']}; "
           f"query mAP@ALL {t['query_map_at_all']:.4f} ({t['n_queries']} x {t['n_db']})")  # fmt: skip
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -221,7 +221,8 @@ def main(argv=None) -> int:
         (
             "search: load index + kernel layout",
             f"{s['n']:,} x 64 bits",
-            f"{(s['load_s'] + s['kernel_layout_s']) * 1e3:.0f} ms ({s['load_s'] * 1e3:.0f} + {s['kernel_layout_s'] * 1e3:.0f})",
+            f"{(s['load_s'] + s['kernel_layout_s']) * 1e3:.0f} ms ({s['load_s'] * 1e3:.0f} + "
+            f"{s['kernel_layout_s'] * 1e3:.0f})",
             "target < 1 s",
         ),
         (

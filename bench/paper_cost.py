@@ -127,21 +127,25 @@ def main(argv=None) -> int:
         total_fixed += runs * one["fixed_gpu_s"]
     print(
         f"The paper at profile=paper ({a.epochs} epochs, 224 px, {a.gpus} GPU workers per training), {a.seeds} seeds; "
-        f"train {a.train_img_s:,.0f} img/s per GPU, encode {a.encode_img_s:,.0f} img/s, fixed: train {a.train_fixed_s:.0f} s, "
+        f"train {a.train_img_s:,.0f} img/s per GPU, encode {a.encode_img_s:,.0f} img/s, fixed: train "
+        f"{a.train_fixed_s:.0f} s, "
         f"evaluate {a.evaluate_fixed_s:.0f} s, promote {a.promote_fixed_s:.0f} s"
     )
     print(
-        f"{'dataset':12s} {'runs':>5s} {'train min':>10s} {'GPU-min/run':>12s} {'GPU-hours':>10s} {'hours, one 4-GPU node':>22s}"
+        f"{'dataset':12s} {'runs':>5s} {'train min':>10s} {'GPU-min/run':>12s} {'GPU-hours':>10s} "
+        f"{'hours, one 4-GPU node':>22s}"
     )
     for r in rows:
         p = r["per_run"]
         print(
-            f"{r['dataset']:12s} {r['runs']:5d} {p['train_wall_s'] / 60:10.1f} {p['gpu_s'] / 60:12.1f} {r['gpu_h']:10.1f} {r['wall_h_one_node']:22.1f}"
+            f"{r['dataset']:12s} {r['runs']:5d} {p['train_wall_s'] / 60:10.1f} {p['gpu_s'] / 60:12.1f} "
+            f"{r['gpu_h']:10.1f} {r['wall_h_one_node']:22.1f}"
         )
     runs = sum(r["runs"] for r in rows)
     print(f"{'all':12s} {runs:5d} {'':10s} {'':12s} {total_gpu_s / 3600:10.1f} {total_wall_s / 3600:22.1f}")
     print(
-        f"of which fixed costs (GPUs held outside the epochs): {total_fixed / 3600:.1f} GPU-hours ({100 * total_fixed / total_gpu_s:.0f} %)"
+        f"of which fixed costs (GPUs held outside the epochs): {total_fixed / 3600:.1f} GPU-hours "
+        f"({100 * total_fixed / total_gpu_s:.0f} %)"
     )
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)

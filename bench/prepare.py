@@ -148,7 +148,8 @@ def main(argv=None) -> int:
             results.append({"source": label, **r})
 
     print(
-        f"\nprepare, CIFAR-10 (cifar10-59k: {SOURCE_IMAGES:,} source images, 65,000 samples written); {os.cpu_count()} CPUs"
+        f"\nprepare, CIFAR-10 (cifar10-59k: {SOURCE_IMAGES:,} source images, 65,000 samples written); "
+        f"{os.cpu_count()} CPUs"
     )
     head = f"{'source':<26}{'read src s':>11}{'check s':>9}{'write s':>9}{'total s':>9}{'img/s':>9}{'MB written':>12}"
     print(head + "\n" + "-" * len(head))

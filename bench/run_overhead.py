@@ -285,7 +285,8 @@ def main(argv=None) -> int:
     machine = f"{os.cpu_count()} cores, {platform.processor() or platform.machine()}"
     load = os.getloadavg()
     print(
-        f"fixed cost of a run, toy dataset, one epoch of {args.steps} steps, on {machine} (code: {REPO}; load average at the end {load[0]:.1f} {load[1]:.1f} {load[2]:.1f})"
+        f"fixed cost of a run, toy dataset, one epoch of {args.steps} steps, on {machine} (code: {REPO}; load average "
+        f"at the end {load[0]:.1f} {load[1]:.1f} {load[2]:.1f})"
     )
     print(_table(results, head.seconds))
     out = Path(args.out)

@@ -190,7 +190,8 @@ def main(argv=None) -> int:
         else f"CPU ({os.cpu_count()} cores, {platform.processor() or platform.machine()})"
     )
     print(
-        f"training throughput, DPFAH-64 with PFA, {args.size} px, batch {args.batch}, {args.steps} timed steps, on {card}"
+        f"training throughput, DPFAH-64 with PFA, {args.size} px, batch {args.batch}, {args.steps} timed steps, on "
+        f"{card}"
     )
     print(f"{'loop':42s} {'img/s':>10s} {'s':>8s}")
     for r in rows:

@@ -241,11 +241,15 @@ def evaluate(
     root: str | os.PathLike = ".",
     method: str = DEFAULT_METHOD,
     seed: int | None = None,
+    subject: Subject | None = None,
+    record_extra: dict[str, Any] | None = None,
 ) -> Evaluation:
     """Evaluate the model of ``runs/<dataset>-<bits>-<method>-s<seed>.json`` (or of
     ``run_id``) on the dataset's query and database splits; write the DVC files under
     ``root`` and log everything to the model's MLflow run. ``seed``: the training seed
-    (default: params.yaml's ``seed``, as for train)."""
+    (default: params.yaml's ``seed``, as for train). ``subject``: the model just trained in
+    this process (:mod:`pipeline.entry`) instead of the record's, loaded from MLflow;
+    ``record_extra`` joins the evaluation record."""
     which = {"method": method, "seed": params.seed if seed is None else seed}
     with span("imports: torch, mlflow"):
         import mlflow.pytorch  # noqa: F401
@@ -263,7 +267,10 @@ def evaluate(
         raise ConfigError(f"--bits {bits}: must be >= 1")
     device = _device(params.evaluate.device)
     with span("mlflow: find the run, load the model"):
-        subject = load_subject(params, dataset, bits, run_id, root, device, which)
+        if subject is None:
+            subject = load_subject(params, dataset, bits, run_id, root, device, which)
+        else:
+            device = subject.device
     seconds["load"] = time.perf_counter() - t0
 
     t = time.perf_counter()
@@ -299,6 +306,7 @@ def evaluate(
         "radius": e.radius,
         "n_queries": int(report["n_queries"]),
         "n_db": int(report["n_db"]),
+        **(record_extra or {}),
     }
     # Everything computed first, then the DVC files (each written atomically), then MLflow,
     # whose completion marker comes last: a failure anywhere leaves a run promote refuses.

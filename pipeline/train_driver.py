@@ -261,6 +261,9 @@ def run_training(
     steps_per_epoch: int | None = None,
     validate: bool = True,
     log_model: bool = True,
+    fit_here: Callable[[Job, str, str], dict[str, Any]] | None = None,
+    record_extra: dict[str, Any] | None = None,
+    root: str | os.PathLike = ".",
 ) -> TrainOutcome:
     """Fit one hashing model on Ray Train and record it in MLflow; returns the run's outcome.
 
@@ -272,6 +275,9 @@ def run_training(
     every worker count the same global batches); ``callbacks`` go to Ray Train's RunConfig
     (Tune passes its report callback); ``parent_run_id`` nests the MLflow run (a run of the
     same name under it is reopened: a retried Tune trial continues its run).
+    ``fit_here(job, tracking_uri, run_id)``, where given, trains in this process instead of a
+    Ray Train group and returns the last epoch's state (:mod:`pipeline.entry`, one worker);
+    ``record_extra`` joins the run record, written under ``root``.
     """
     with span("imports: torch, mlflow, ray"):
         import mlflow  # noqa: F401
@@ -354,8 +360,10 @@ def run_training(
                 # MLflow first: a Tune scheduler may stop the trial as soon as it sees the report
                 from .train_callbacks import EpochMetricsToMlflow  # imports Ray Train: only when training
 
-                trainer = _trainer(
-                    job, params, name, storage, [EpochMetricsToMlflow(uri, run_id, skip=DIVERGED), *callbacks]
+                trainer = (
+                    _trainer(job, params, name, storage, [EpochMetricsToMlflow(uri, run_id, skip=DIVERGED), *callbacks])
+                    if fit_here is None
+                    else None
                 )
             if parent_run_id is None:  # a stage run: a line per epoch (Tune reports its own way)
                 print(
@@ -363,7 +371,13 @@ def run_training(
                     flush=True,
                 )
             with span("ray train: fit"), _epoch_printer(uri, run_id, t.epochs, enabled=parent_run_id is None):
-                state, checkpoint_path = _fit(trainer, name)
+                if fit_here is None:
+                    state, checkpoint_path = _fit(trainer, name)
+                else:
+                    try:
+                        state, checkpoint_path = fit_here(job, uri, run_id), ""
+                    except PipelineError as e:
+                        raise TrainingFailed(f"training {name}: {e}") from None
             history = state["history"]
             last_epoch = int(state["epoch"])
             if validating:
@@ -413,8 +427,9 @@ def run_training(
             "best_epoch": best_epoch,
             "selected_by": selected,
             "epochs": len(history),
+            **(record_extra or {}),
         }
-        path = write_json_atomic(run_file(dataset, bits, method=recipe.entry, seed=seed), run_record)
+        path = write_json_atomic(run_file(dataset, bits, root, method=recipe.entry, seed=seed), run_record)
         outcome = dataclasses.replace(outcome, run_file=str(path))
     return outcome
 

@@ -18,7 +18,16 @@ from dpfah.settings import ModelSettings, TrainSettings
 
 from .timing import record, span
 
-__all__ = ["STATE_FILE", "DIVERGED", "Job", "worker_loop", "load_state", "process_start_time"]
+__all__ = [
+    "STATE_FILE",
+    "DIVERGED",
+    "Job",
+    "worker_loop",
+    "load_state",
+    "process_start_time",
+    "batches_for",
+    "validator_for",
+]
 
 
 STATE_FILE = "state.pt"
@@ -242,3 +251,9 @@ def worker_loop(job: Job) -> dict[str, Any] | None:
     if rank == 0:
         return {"best_val_map": result.best_val_map, "best_epoch": result.best_epoch, "epochs_run": result.epochs_run}
     return None
+
+
+#: This rank's batches and its validation, for a training in one process without Ray Train
+#: (pipeline.entry): the same data a group of one reads.
+batches_for = _batches
+validator_for = _validator

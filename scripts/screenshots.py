@@ -231,8 +231,10 @@ class Browser:
 
         self.proc = subprocess.Popen(
             [_browser(), "--headless=new", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--no-first-run",
-             f"--user-data-dir={self.profile.name}", f"--window-size={width},{height}", "--remote-debugging-pipe", "about:blank"],
-            preexec_fn=child, close_fds=False, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+             f"--user-data-dir={self.profile.name}", f"--window-size={width},{height}",
+             "--remote-debugging-pipe", "about:blank"],
+            preexec_fn=child, close_fds=False, stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )  # fmt: skip
         os.close(to_r)
         os.close(from_w)
@@ -319,7 +321,8 @@ class Browser:
 
         clicked = self.run(
             f"(() => {{ const re = new RegExp({json.dumps(pattern)});"
-            " const hits = [...document.querySelectorAll('body *')].filter(e => e instanceof HTMLElement && e.offsetParent !== null && re.test((e.innerText || '').trim()));"
+            " const hits = [...document.querySelectorAll('body *')].filter(e => e instanceof HTMLElement && "
+            "e.offsetParent !== null && re.test((e.innerText || '').trim()));"
             " const inner = hits.filter(e => !hits.some(o => o !== e && e.contains(o)));"
             " if (!inner.length) return false; inner[0].click(); return true; })()"
         )
@@ -331,7 +334,8 @@ class Browser:
         import json
 
         if not self.run(
-            f"(() => {{ const e = document.querySelector('input[placeholder={json.dumps(placeholder)}]'); if (!e) return false; e.focus(); return true; }})()"
+            f"(() => {{ const e = document.querySelector('input[placeholder={json.dumps(placeholder)}]'); "
+            "if (!e) return false; e.focus(); return true; })()"
         ):
             raise SystemExit(f"the page has no input {placeholder!r}")
         self.call("Input.insertText", session=True, text=text)
@@ -394,11 +398,13 @@ def take(url: str, out: Path, dataset: str = DATASET) -> list[Path]:
         table = f"{url}/#/experiments/{exp}/runs?orderByKey={quote('metrics.`query_map`')}&orderByAsc=false"
         browser.open(table, run_name, "the runs table")
         key = browser.run(
-            "Object.keys(localStorage).find(k => k.includes('ExperimentPage') && k.endsWith('ReactComponentState')) || null"
+            "Object.keys(localStorage).find(k => k.includes('ExperimentPage') && k.endsWith('ReactComponentState')) "
+            "|| null"
         )
         if key is None:
             raise SystemExit(
-                "the MLflow UI kept no runs-table state: this script knows MLflow 3.17's UI (docs/mlflow-ui.md says how to add the column by hand)"
+                "the MLflow UI kept no runs-table state: this script knows MLflow 3.17's UI (docs/mlflow-ui.md says "
+                "how to add the column by hand)"
             )
         column = json.dumps("metrics.`query_map`")
         browser.run(
@@ -409,7 +415,8 @@ def take(url: str, out: Path, dataset: str = DATASET) -> list[Path]:
         browser.call("Page.reload", session=True)
         time.sleep(1)
         browser.wait_for(
-            f"[...document.querySelectorAll('[role=columnheader], .ag-header-cell')].some(h => h.innerText.includes('query_map'))"
+            "[...document.querySelectorAll('[role=columnheader], .ag-header-cell')].some(h => "
+            "h.innerText.includes('query_map'))"
             f" && document.body.innerText.includes({json.dumps(run_name)})",
             "the query_map column",
         )

@@ -51,7 +51,8 @@ def _writes_only_under_tmp(request):
     if new:
         _ROOT_AT_START.update(new)
         pytest.fail(
-            f"{request.node.nodeid} (or a fixture it set up) left {new} in the repository root {_REPO}; write under tmp_path",
+            f"{request.node.nodeid} (or a fixture it set up) left {new} in the repository root {_REPO}; write under "
+            "tmp_path",
             pytrace=False,
         )
 
@@ -156,8 +157,10 @@ def ray_trained(ray_local, mlflow_server, tmp_path_factory):
     (out / "tune" / "toy" / "best.json").write_text(json.dumps(best))
     # lr 1e-3: a stable descent, so the 1- and 2-worker runs stay equal to rounding; at 1e-2
     # the loss rose and rounding (another CPU, another reduction order) grew to 9 % of the weights
-    settings = ["train.epochs=3", "train.image_size=16", "train.freeze_bn=true", "train.optimizer=sgd", "train.lr=0.001",
-                "objectives.dpfah.pairs=bank", "use_tuned=true", "objectives.dpfah.delta=0.05", f"train.storage_path={out / 'ray'}"]  # fmt: skip
+    settings = ["train.epochs=3", "train.image_size=16", "train.freeze_bn=true", "train.optimizer=sgd",
+                "train.lr=0.001",
+                "objectives.dpfah.pairs=bank", "use_tuned=true", "objectives.dpfah.delta=0.05",
+                f"train.storage_path={out / 'ray'}"]  # fmt: skip
     runs = {}
     cwd, before = os.getcwd(), os.environ.pop("MLFLOW_TRACKING_URI", None)
     os.chdir(out)  # the run record goes to ./runs/

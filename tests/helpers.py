@@ -248,7 +248,8 @@ def start_mlflow_server(work: Path, env: dict[str, str] | None = None):
     mlflow_cli = Path(sys.executable).parent / "mlflow"
     with open(work / "server.log", "w") as log:
         proc = subprocess.Popen(
-            [str(mlflow_cli), "server", "--backend-store-uri", f"sqlite:///{work / 'server.db'}", "--artifacts-destination", str(work / "artifacts"),
+            [str(mlflow_cli), "server", "--backend-store-uri", f"sqlite:///{work / 'server.db'}",
+             "--artifacts-destination", str(work / "artifacts"),
              "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
             stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
         )  # fmt: skip
@@ -531,3 +532,12 @@ def plain_tie_aware_map(dist: np.ndarray, rel: np.ndarray) -> float:
             c, c_rel = c + n, c_rel + k
         aps.append(total / r.sum())
     return float(np.mean(aps))
+
+
+def class_images(n, classes=3, size=16, seed=0):
+    """``n`` uint8 images (N, 3, size, size) of ``classes`` colours with noise, and their one-hot labels."""
+    rng = np.random.default_rng(seed)
+    y = np.arange(n) % classes
+    base = rng.integers(0, 256, size=(classes, 3, 1, 1))
+    x = np.clip(base[y] + rng.normal(0, 30, size=(n, 3, size, size)), 0, 255).astype(np.uint8)
+    return torch.from_numpy(x), torch.eye(classes)[torch.from_numpy(y)]

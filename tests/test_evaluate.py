@@ -4,6 +4,7 @@ MLflow holding the same numbers, the artifacts, and one clear error per kind of 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import socket
 from pathlib import Path
@@ -13,8 +14,12 @@ import pytest
 import torch
 from PIL import Image
 
+from dpfah.model import DPFAH
+from dpfah.settings import ModelSettings
+from dpfah.train import Batch
 from tests.helpers import (
     BITS,
+    class_images,
     cli,
     fake_training_run,
     plain_codes,
@@ -27,6 +32,8 @@ from tests.helpers import (
     toy_params,
     write_record,
 )
+
+REPO = Path(__file__).resolve().parents[1]
 
 pytestmark = pytest.mark.slow
 
@@ -44,7 +51,6 @@ def _params_tracking_uri(monkeypatch):
 @pytest.fixture(scope="module")
 def trained(toy_dataset, tmp_path_factory):
     """A fake-trained toy model (MLflow run + run record) and its first evaluation."""
-    import os
 
     from pipeline.evaluate import evaluate
 
@@ -568,3 +574,75 @@ def test_a_trained_model_evaluated_and_promoted_on_a_tracking_server(ray_trained
         plain_resize(read_split_plain(shards, "query")[0], 16).transpose(0, 3, 1, 2).astype(np.float32) / 255
     )
     torch.testing.assert_close(served.codes(x), model.float().codes(x), rtol=0, atol=0)
+
+
+def test_evaluate_precision_bf16_encodes_in_bfloat16_on_the_cpu():
+    """evaluate.precision (encode): bf16 autocasts on the CPU; the codes agree with fp32's
+    except where u is within bfloat16's rounding of 0; auto on a CPU is exactly fp32."""
+    from dpfah.train import encode
+
+    images, labels = class_images(24, size=32)
+    model = DPFAH.build(64, 3, ModelSettings(), seed=0)
+    batches = [Batch(images[i : i + 8], labels[i : i + 8], torch.arange(i, i + 8)) for i in range(0, 24, 8)]
+    dtypes = []
+    hook = model.hash_head.register_forward_hook(lambda m, i, o: dtypes.append(o.dtype))
+    codes = {p: encode(model, batches, torch.device("cpu"), 32, precision=p)[0] for p in ("fp32", "bf16", "auto")}
+    hook.remove()
+    assert dtypes == [torch.float32] * 3 + [torch.bfloat16] * 3 + [torch.float32] * 3
+    assert np.array_equal(codes["auto"], codes["fp32"])
+    agree = (codes["bf16"] == codes["fp32"]).mean()
+    assert agree > 0.9
+
+
+# ----------------------------------------------------------------------------- evaluate.device
+
+
+def test_evaluate_device_choice(monkeypatch):
+    from pipeline.errors import ConfigError
+    from pipeline.evaluate import _device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert _device("cpu") == torch.device("cpu") and _device("auto") == torch.device("cpu")
+    with pytest.raises(ConfigError, match="^evaluate.device: cuda, but torch sees no GPU"):
+        _device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert _device("cpu") == torch.device("cpu")
+    assert _device("auto") == torch.device("cuda") and _device("cuda") == torch.device("cuda")
+
+
+@pytest.mark.slow
+def test_evaluate_with_device_cpu_stays_on_the_cpu_when_a_gpu_is_there(toy_dataset, tmp_path, monkeypatch):
+    """evaluate.device=cpu through the stage, with torch reporting a GPU: both splits are
+    encoded on the CPU by a model whose weights are on the CPU. (Where the GPU is only
+    claimed, as on a CPU machine, the default auto then fails: it would take the GPU.)"""
+    import dpfah.train
+    from dpfah.data import read_manifest
+    from pipeline.evaluate import evaluate
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    work, images = toy_dataset
+    shards = work / "data" / "shards" / "toy"
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    fake_training_run(uri, read_manifest(shards).sha256, root=tmp_path, seed=3)
+    params = toy_params(work, images, f"mlflow.tracking_uri={uri}", "evaluate.device=cpu", "evaluate.grid_queries=0")
+    real_gpu = torch.cuda.is_available()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    calls, original = [], dpfah.train.encode
+
+    def encode(model, batches, device, image_size, precision="auto"):
+        calls.append((torch.device(device), {p.device for p in model.parameters()}))
+        return original(model, batches, device, image_size, precision)
+
+    monkeypatch.setattr(dpfah.train, "encode", encode)
+    result = evaluate(params, "toy", 8, progress=False, root=tmp_path)
+    assert calls == [(torch.device("cpu"), {torch.device("cpu")})] * 2  # query, then database
+    assert result.doc["n_queries"] == 12 and 0 <= result.doc["query_map"] <= 1
+    if not real_gpu:
+        with pytest.raises(RuntimeError, match="NVIDIA driver"):
+            evaluate(
+                toy_params(work, images, f"mlflow.tracking_uri={uri}", "evaluate.grid_queries=0"),
+                "toy",
+                8,
+                progress=False,
+                root=tmp_path,
+            )

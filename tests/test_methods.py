@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,6 +22,8 @@ from dpfah.methods.dsdh import dcc
 from dpfah.objective import Memory, Objective, Shard
 from dpfah.train import Batch, TrainSettings, fit
 from tests.helpers import TinyNet as _Tiny
+
+REPO = Path(__file__).resolve().parents[1]
 
 BITS, CLASSES, TRAIN = 6, 4, 16
 
@@ -788,3 +792,90 @@ def test_fit_under_real_ddp_equals_one_process(tmp_path):
                 torch.testing.assert_close(weights[k], v, rtol=1e-3, atol=1e-4, msg=f"{key} {k}")
         for k in ranks[0][key][1]:  # the ranks agree exactly on the objective's state
             torch.testing.assert_close(ranks[0][key][1][k], ranks[1][key][1][k], rtol=0, atol=0)
+
+
+# ----------------------------------------------------------------------------- pairs: bank under real DDP
+
+
+def _bank_batches():
+    """Three global batches of 8 out of 12 training indices (rows overwritten across steps)."""
+    g = torch.Generator().manual_seed(11)
+    out = []
+    for _ in range(3):
+        u = torch.randn(8, 6, generator=g, dtype=torch.float64)
+        logits = torch.randn(8, 4, generator=g, dtype=torch.float64)
+        labels = (torch.rand(8, 4, generator=g) < 0.4).double()
+        labels[labels.sum(1) == 0, 1] = 1
+        index = torch.randperm(12, generator=g)[:8]
+        out.append((u, logits, labels, index))
+    return out
+
+
+def _bank_objective():
+    return DPFAHLoss(eta=1.5, zeta=0.3, pairs="bank", bank_size=12, bits=6, num_classes=4).double()
+
+
+def _bank_worker(rank, world_size, port, out):
+    """One rank of a real gloo group: the bank objective's step on its rows, with the real
+    Shard (index and codes all-gathered by torch.distributed)."""
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    try:
+        objective = _bank_objective()
+        local = 8 // world_size
+        results = []
+        for u, logits, labels, index in _bank_batches():
+            rows = slice(rank * local, (rank + 1) * local)
+            u_r, o_r = u[rows].clone().requires_grad_(True), logits[rows].clone().requires_grad_(True)
+            step = objective.step(u_r, o_r, labels[rows], index[rows], Shard(world_size, rank, local))
+            step.surrogate.backward()
+            results.append((u_r.grad.clone(), o_r.grad.clone(), step.stats))
+        torch.save(
+            {"steps": results, "bank": {k: v.clone() for k, v in objective.state_dict().items()}}, f"{out}.{rank}"
+        )
+    finally:
+        dist.destroy_process_group()
+
+
+def test_bank_pairs_under_a_real_process_group_equal_one_process():
+    """DPFAH's pairs bank with two gloo processes: the gathered indices and codes write the
+    same bank on both ranks as one process writes from the global batch, and the gradients
+    (averaged as DDP does) and the epoch terms are one process's on the global batch."""
+    import socket
+    import tempfile
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "bank")
+        mp.spawn(_bank_worker, args=(2, port, out), nprocs=2, join=True)
+        ranks = [torch.load(f"{out}.{r}", weights_only=False) for r in range(2)]
+    single = _bank_objective()
+    for t, (u, logits, labels, index) in enumerate(_bank_batches()):
+        u1, o1 = u.clone().requires_grad_(True), logits.clone().requires_grad_(True)
+        step = single.step(u1, o1, labels, index, Shard(1, 0, 8))
+        step.surrogate.backward()
+        grad_u = torch.cat([r["steps"][t][0] for r in ranks]) / 2
+        grad_o = torch.cat([r["steps"][t][1] for r in ranks]) / 2
+        torch.testing.assert_close(grad_u, u1.grad, rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(grad_o, o1.grad, rtol=1e-12, atol=1e-14)
+        for term, (value, weight) in step.stats.items():  # summed over the ranks as the loop does
+            total = sum(r["steps"][t][2][term][0] for r in ranks)
+            weights = sum(r["steps"][t][2][term][1] for r in ranks)
+            assert total / weights == pytest.approx(value / weight, rel=1e-12), term
+    for r in ranks:
+        for key, value in single.state_dict().items():
+            torch.testing.assert_close(r["bank"][key], value, rtol=0, atol=0, msg=key)
+    # The bank holds the latest code and labels of every index seen, whichever rank held it.
+    latest = {}
+    for u, _, labels, index in _bank_batches():
+        for row, i in enumerate(index.tolist()):
+            latest[i] = (u[row], labels[row])
+    assert single.memory.seen.nonzero().flatten().tolist() == sorted(latest)
+    for i, (code, lab) in latest.items():
+        assert torch.equal(single.memory.codes[i], code) and torch.equal(single.memory.labels[i], lab)

@@ -21,11 +21,16 @@ import torch
 from PIL import Image
 
 from dpfah.data import EvalStream, read_manifest, verify_shards
+from dpfah.model import DPFAH
+from dpfah.train import fit
 from pipeline import prepare as prepare_module
 from pipeline.config import load_params
 from pipeline.errors import ConfigError, DataError, run_main
 from pipeline.prepare import main, prepare
 from pipeline.sources import Cifar10ArchiveSource, download, open_source
+from tests.helpers import PARAMS_FILE, fake_training_run
+
+REPO = Path(__file__).resolve().parents[1]
 
 REPO = Path(__file__).resolve().parents[1]
 PARAMS = REPO / "params.yaml"
@@ -613,12 +618,11 @@ def test_lists_multi_label_through_fit_and_the_evaluate_stage(tmp_path, monkeypa
     from dpfah import methods
     from dpfah.codes import unpack_codes
     from dpfah.data import TrainStream
-    from dpfah.model import DPFAH
     from dpfah.settings import TrainSettings, pick
-    from dpfah.train import fit, validation_map
+    from dpfah.train import validation_map
     from pipeline.codefiles import load_codes
     from pipeline.evaluate import evaluate
-    from tests.helpers import fake_training_run, plain_metrics
+    from tests.helpers import plain_metrics
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     r, _, sets = _nuswide_subset(tmp_path)
@@ -892,3 +896,83 @@ def test_cli_subprocess_and_dvc_stage(tmp_path):
         text=True,
     )
     assert proc.returncode == 2 and proc.stderr == "error: datasets.toy.images: /nonexistent: not found\n"
+
+
+def _png(seed, size=12):
+    rng = np.random.default_rng(seed)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_custom_dataset_with_a_multi_label_labels_list(tmp_path):
+    """datasets.<name>.kind custom with labels_list (`<path> <0/1 vector>`, multi-label) and
+    num_classes: the splits are drawn per class (query_per_class images carrying each class,
+    train_per_class likewise, validation carved at random from training as for multi-label
+    data, the database everything else with the training images), the label vectors survive,
+    and the stored images decode, with the training decoder, to the files' pixels."""
+    from dpfah.augment import decode_batch
+    from dpfah.data import EvalStream
+    from pipeline.config import load_params
+    from pipeline.prepare import prepare
+
+    root = tmp_path / "photos"
+    rng = np.random.default_rng(1)
+    lines, vectors = [], {}
+    for i in range(60):
+        v = (rng.random(4) < 0.35).astype(int)
+        if not v.any():
+            v[i % 4] = 1
+        path = f"{'ab'[i % 2]}/img_{i:03d}.png"
+        (root / path).parent.mkdir(parents=True, exist_ok=True)
+        (root / path).write_bytes(_png(i))
+        lines.append(f"{path} {' '.join(map(str, v))}\n")
+        vectors[path] = v.tolist()
+    assert sum(sum(v) > 1 for v in vectors.values()) > 10
+    listing = tmp_path / "labels.txt"
+    listing.write_text("".join(lines))
+    sets = [
+        f"data.root={tmp_path / 'data'}",
+        "prepare.datasets=[mine]",
+        "datasets.mine.kind=custom",
+        f"datasets.mine.images={root}",
+        f"datasets.mine.labels_list={listing}",
+        "datasets.mine.num_classes=4",
+        "datasets.mine.class_names=[sky,sea,dog,car]",
+        "datasets.mine.query_per_class=2",
+        "datasets.mine.train_per_class=5",
+        "datasets.mine.validation=4",
+        "datasets.mine.shard_size=7",
+    ]
+    result = prepare(load_params(PARAMS_FILE, sets), "mine", progress=False)
+    m = result.manifest
+    assert m["multi_label"] is True and m["classes"] == ["sky", "sea", "dog", "car"]
+    assert m["lists"]["labels_list"]["lines"] == 60
+    counts = {s: m["splits"][s]["count"] for s in m["splits"]}
+    assert counts == {"query": 8, "train": 16, "validation": 4, "database": 52}
+
+    import pyarrow.parquet as pq
+
+    rows = pq.read_table(result.directory / "splits.parquet").to_pylist()
+    by = {s: [r for r in rows if r["split"] == s] for s in counts}
+    for r in rows:
+        assert r["labels"] == vectors[r["path"]]
+    for c in range(4):  # at least the drawn number per class (an image drawn for one class may carry others)
+        assert sum(r["labels"][c] for r in by["query"]) >= 2
+        assert sum(r["labels"][c] for r in by["train"] + by["validation"]) >= 5
+    query = {r["path"] for r in by["query"]}
+    assert not query & {r["path"] for r in by["database"] + by["train"] + by["validation"]}
+    assert {r["path"] for r in by["train"] + by["validation"]} <= {
+        r["path"] for r in by["database"]
+    }  # database_includes_train
+    assert {r["path"] for r in by["database"]} | query == set(vectors)
+
+    paths = {(r["split"], r["index"]): r["path"] for r in rows}
+    for split in ("query", "validation"):
+        for batch in EvalStream(result.directory, split, batch_size=5):
+            decoded = decode_batch(batch.images, 12)
+            for k, index in enumerate(batch.index.tolist()):
+                path = paths[(split, index)]
+                assert batch.labels[k].tolist() == vectors[path]
+                pixels = np.asarray(Image.open(root / path).convert("RGB")).transpose(2, 0, 1)
+                assert np.array_equal(decoded[k].numpy(), pixels), path

@@ -8,8 +8,21 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 
-from tests.helpers import NAME, SHA, cli, evaluated_run, fake_training_run, registry_state, write_metrics, write_record
+from tests.helpers import (
+    NAME,
+    PARAMS_FILE,
+    SHA,
+    cli,
+    evaluated_run,
+    fake_training_run,
+    registry_state,
+    write_metrics,
+    write_record,
+)
+
+REPO = Path(__file__).resolve().parents[1]
 
 pytestmark = pytest.mark.slow
 
@@ -266,3 +279,141 @@ def test_model_with_non_finite_weights_is_never_registered(store, monkeypatch, c
         in text
     )
     assert not MlflowClient(uri).search_registered_models()
+
+
+# ----------------------------------------------------------------------------- promote: metric, alias, model name
+
+
+def _evaluated(uri, root, query_map, tie_aware, sha="cd" * 32):
+    """A fake-trained run evaluated as pipeline.evaluate leaves it, with the two metrics
+    given separately (they rank runs differently below)."""
+    from mlflow.tracking import MlflowClient
+
+    record = fake_training_run(uri, sha, model=nn.Linear(2, 2))
+    client = MlflowClient(uri)
+    run_id = record["run_id"]
+    client.log_metric(run_id, "query_map", query_map)
+    client.log_metric(run_id, "query_map_tie_aware", tie_aware)
+    for key, value in {
+        "eval.map_at": "ALL",
+        "eval.manifest_sha256": sha,
+        "eval.id": f"e-{run_id[:8]}",
+        "eval.complete": f"e-{run_id[:8]}",
+    }.items():
+        client.set_tag(run_id, key, value)
+    write_record(root, record)
+    for folder, doc in (
+        ("evaluations", {"dataset": "toy", "bits": 8, "run_id": run_id, "map_at": "ALL"}),
+        ("metrics", {"query_map": query_map, "query_map_tie_aware": tie_aware}),
+    ):
+        path = root / folder / "toy-8-dpfah-s0.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(doc))
+    return run_id
+
+
+@pytest.mark.slow
+def test_promote_by_tie_aware_map_to_a_custom_alias_and_model_name(tmp_path, monkeypatch):
+    """promote.metric query_map_tie_aware, promote.alias best, promote.model_name
+    team/{dataset}/{bits}: the alias follows the tie-aware mAP where plain mAP disagrees,
+    under the custom name only (no dpfah-toy-8b, no champion)."""
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.config import load_params
+    from pipeline.promote import promote
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    params = load_params(
+        PARAMS_FILE,
+        [
+            "prepare.datasets=[toy]",
+            "datasets.toy.kind=custom",
+            "datasets.toy.images=/nonexistent",
+            f"mlflow.tracking_uri={uri}",
+            "promote.metric=query_map_tie_aware",
+            "promote.alias=best",
+            "promote.model_name=team-{dataset}-{bits}bit",
+        ],
+    )
+    client = MlflowClient(uri)
+    name = "team-toy-8bit"
+
+    first = _evaluated(uri, tmp_path, query_map=0.70, tie_aware=0.50)
+    r = promote(params, "toy", 8, root=tmp_path)
+    assert r.moved and (r.record["model_name"], r.record["alias"], r.record["metric"], r.record["value"]) == (
+        name,
+        "best",
+        "query_map_tie_aware",
+        0.50,
+    )
+
+    second = _evaluated(uri, tmp_path, query_map=0.60, tie_aware=0.55)  # worse by query_map, better tie-aware
+    r = promote(params, "toy", 8, root=tmp_path)
+    assert (
+        r.moved
+        and r.record["decision"] == "promoted"
+        and r.record["previous"] == {"version": 1, "run_id": first, "value": 0.50}
+    )
+    assert client.get_model_version_by_alias(name, "best").run_id == second
+
+    third = _evaluated(uri, tmp_path, query_map=0.90, tie_aware=0.54)  # better by query_map, worse tie-aware
+    r = promote(params, "toy", 8, root=tmp_path)
+    assert not r.moved and r.record["decision"] == "kept" and r.record["alias_version"] == 2
+    assert client.get_model_version_by_alias(name, "best").run_id == second
+
+    model = client.get_registered_model(name)
+    assert {k: int(v) for k, v in model.aliases.items()} == {"best": 2}
+    assert [m.name for m in client.search_registered_models()] == [name]  # nothing under dpfah-toy-8b
+    tags = client.get_run(third).data.tags
+    assert (tags["promote.decision"], tags["promote.alias"], tags["promote.model_name"]) == ("kept", "best", name)
+    assert (tags["promote.query_map_tie_aware"], tags["promote.champion_query_map_tie_aware"]) == ("0.54", "0.55")
+    assert "promote.query_map" not in tags
+    saved = json.loads((tmp_path / "promotions" / "toy-8-dpfah-s0.json").read_text())
+    assert (saved["metric"], saved["alias"], saved["model_name"], saved["run_id"]) == (
+        "query_map_tie_aware",
+        "best",
+        name,
+        third,
+    )
+
+
+@pytest.mark.slow
+def test_promote_compares_with_the_champion_as_re_evaluated(tmp_path, monkeypatch):
+    """A candidate evaluated at mAP@10 against a champion evaluated at mAP@ALL is refused as
+    not comparable; once the champion's run is re-evaluated at mAP@10 (as evaluate leaves a
+    run: the metric, eval.* tags, a new completion marker), promote compares with that new
+    value: a candidate better than it, though worse than its old value, takes the alias."""
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.config import load_params
+    from pipeline.promote import promote
+    from tests.helpers import NAME, evaluated_run
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    sets = [
+        "prepare.datasets=[toy]",
+        "datasets.toy.kind=custom",
+        "datasets.toy.images=/nonexistent",
+        f"mlflow.tracking_uri={uri}",
+    ]
+    at_all, at_10 = load_params(PARAMS_FILE, sets), load_params(PARAMS_FILE, [*sets, "evaluate.map_at.toy=10"])
+    client = MlflowClient(uri)
+
+    champion = evaluated_run(uri, tmp_path, 0.80)["run_id"]
+    assert promote(at_all, "toy", 8, root=tmp_path).record["decision"] == "promoted"
+    candidate = evaluated_run(uri, tmp_path, 0.70, map_at=10)["run_id"]
+    with pytest.raises(Exception, match="not comparable; re-evaluate the champion's run with the same settings"):
+        promote(at_10, "toy", 8, root=tmp_path)
+
+    client.log_metric(champion, "query_map", 0.60)  # the champion at mAP@10
+    for key, value in {"eval.map_at": "10", "eval.id": "again", "eval.complete": "again"}.items():
+        client.set_tag(champion, key, value)
+    r = promote(at_10, "toy", 8, root=tmp_path)
+    assert (r.record["decision"], r.record["run_id"], r.record["previous"]) == (
+        "promoted",
+        candidate,
+        {"version": 1, "run_id": champion, "value": 0.60},
+    )
+    assert client.get_model_version_by_alias(NAME, "champion").run_id == candidate

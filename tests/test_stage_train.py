@@ -246,7 +246,8 @@ model = mlflow.pyfunc.load_model(sys.argv[1])
 codes = model.predict(np.load(sys.argv[2]))
 import dpfah
 np.save(sys.argv[3], codes)
-print(json.dumps({"dpfah": dpfah.__file__, "pipeline": "pipeline" in sys.modules, "inputs": str(model.metadata.get_input_schema())}))
+inputs = str(model.metadata.get_input_schema())
+print(json.dumps({"dpfah": dpfah.__file__, "pipeline": "pipeline" in sys.modules, "inputs": inputs}))
 """
 
 
@@ -322,7 +323,8 @@ def test_the_logged_model_served_over_http_answers_with_its_codes(ray_trained, t
     }
     log = open(tmp_path / "serve.log", "w")
     proc = subprocess.Popen(
-        ["mlflow", "models", "serve", "-m", outcome.model_uri, "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
+        ["mlflow", "models", "serve", "-m", outcome.model_uri, "--env-manager", "local", "-h", "127.0.0.1",
+         "-p", str(port)],
         cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )  # fmt: skip
     try:

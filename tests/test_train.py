@@ -1,17 +1,23 @@
 """The training loop without Ray: the sharded objective, and short real runs."""
 
 import io
+import math
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torch import nn
 
 from dpfah.loss import DPFAHLoss
 from dpfah.model import DPFAH
 from dpfah.objective import Objective, Shard
 from dpfah.settings import ModelSettings
 from dpfah.train import Batch, TrainSettings, encode, fit, validation_map
+from tests.helpers import TinyNet, class_images
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _batch(n=8, bits=10, classes=4, seed=0, multi=False):
@@ -138,7 +144,7 @@ def test_step_and_forward_are_one_objective(world_size, pairs):
     assert reference.total(**values) == pytest.approx(ref.total.item(), rel=1e-12)
 
 
-def _toy_images(n, classes, size=32, seed=0):
+def _toyclass_images(n, classes, size=32, seed=0):
     """Class-coloured noise images: learnable in a few steps."""
     rng = np.random.default_rng(seed)
     y = np.arange(n) % classes
@@ -199,7 +205,7 @@ def test_fit_runs_reports_and_resumes(pairs):
     outputs at every step (including the bank's growth over the epochs); the validation mAP
     is the mAP of the epoch's checkpointed weights, encoded and ranked here; the best epoch
     is kept; and resuming from epoch 1's state runs only epoch 2, to the same loss."""
-    images, labels = _toy_images(48, 3)
+    images, labels = _toyclass_images(48, 3)
     settings = TrainSettings(epochs=3, batch_size=8, image_size=32, optimizer="adamw", lr=1e-3, schedule="constant")
 
     def parts():
@@ -273,7 +279,7 @@ def test_fit_runs_reports_and_resumes(pairs):
 
 
 def test_encode_accepts_encoded_bytes_and_sorts_by_index():
-    images, labels = _toy_images(6, 2)
+    images, labels = _toyclass_images(6, 2)
     encoded = []
     for img in images:
         buf = io.BytesIO()
@@ -306,7 +312,7 @@ def test_settings_reject_bad_values():
 
 
 def test_fit_takes_only_an_objective():
-    images, labels = _toy_images(16, 2)
+    images, labels = _toyclass_images(16, 2)
     with pytest.raises(TypeError, match="not an objective"):
         fit(
             TrainSettings(epochs=1, batch_size=8),
@@ -337,7 +343,7 @@ def test_a_non_finite_loss_stops_fit_before_the_update_and_names_the_step():
     weights are those of the last finite step (the update with the bad loss never ran)."""
     from dpfah.train import NonFiniteLoss
 
-    images, labels = _toy_images(32, 3)
+    images, labels = _toyclass_images(32, 3)
     settings = TrainSettings(epochs=2, batch_size=8, image_size=32, optimizer="sgd", lr=1e30, schedule="constant")
     model = DPFAH.build(16, 3, ModelSettings(), seed=0)
     objective = DPFAHLoss(eta=10, zeta=0.1)
@@ -419,3 +425,274 @@ def test_fit_from_the_shard_stream_learns_real_cifar10(cifar10_prepared):
 #: given its neighbour's label (a deliberate break) they reach 0.117. The bar sits between,
 #: 0.04 from each, so neither a small numerical drift nor a broken label path crosses it.
 CIFAR_EPOCHS, CIFAR_STEPS, CIFAR_MIN_MAP = 2, 40, 0.16
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _stream(images, labels, batch=8):
+    def batches(epoch):
+        order = np.random.default_rng(epoch).permutation(len(images))
+        for start in range(0, len(order) - batch + 1, batch):
+            idx = order[start : start + batch]
+            yield Batch(images[idx], labels[idx], torch.from_numpy(idx))
+
+    return batches
+
+
+class _StepRecorder:
+    """Every optimiser step of a fit, seen through torch's global optimiser hooks: the lr
+    the step uses, the parameters and gradients before it and the parameters after it."""
+
+    def __init__(self, params_too=False):
+        self.params_too = params_too
+        self.lrs, self.before, self.grads, self.after, self.groups = [], [], [], [], []
+
+    def __enter__(self):
+        from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
+
+        def pre(opt, args, kwargs):
+            group = opt.param_groups[0]
+            self.lrs.append(group["lr"])
+            self.groups.append({k: v for k, v in group.items() if k != "params"})
+            if self.params_too:
+                self.before.append([p.detach().double().clone() for p in group["params"]])
+                self.grads.append([p.grad.detach().double().clone() for p in group["params"]])
+
+        def post(opt, args, kwargs):
+            if self.params_too:
+                self.after.append([p.detach().double().clone() for p in opt.param_groups[0]["params"]])
+
+        self.handles = [register_optimizer_step_pre_hook(pre), register_optimizer_step_post_hook(post)]
+        return self
+
+    def __exit__(self, *exc):
+        for h in self.handles:
+            h.remove()
+
+
+def _fit(settings, model, objective, images, labels, steps, **kw):
+    reports = []
+    fit(settings, model, objective, train_batches=_stream(images, labels, settings.batch_size), steps_per_epoch=steps,
+        report=lambda m, s: reports.append(m), **kw)  # fmt: skip
+    return reports
+
+
+# ----------------------------------------------------------------------------- optimisers and schedules
+
+
+def _cosine(t, total, lr):
+    return lr * 0.5 * (1 + math.cos(math.pi * min(t, total) / total))
+
+
+def _onecycle(t, total, lr, pct_start=0.3, div_factor=25.0, final_div_factor=1e4):
+    """Smith's 1cycle with cosine annealing, torch.optim.lr_scheduler.OneCycleLR's defaults:
+    from lr/25 up to lr over the first 30 % of the steps, then down to lr/25/1e4."""
+    start = lr / div_factor
+    end = start / final_div_factor
+    peak = pct_start * total - 1
+
+    def anneal(a, b, pct):
+        return b + (a - b) / 2 * (1 + math.cos(math.pi * pct))
+
+    if t <= peak:
+        return anneal(start, lr, t / peak)
+    return anneal(lr, end, (t - peak) / (total - 1 - peak))
+
+
+SCHEDULE_FORMULAS = {"constant": lambda t, total, lr: lr, "cosine": _cosine, "onecycle": _onecycle}
+
+
+@pytest.mark.parametrize("schedule", ["onecycle", "cosine", "constant"])
+def test_each_schedule_sets_the_learning_rate_of_every_step_by_its_formula(schedule):
+    """train.schedule through fit: the lr the optimiser holds at each of the 12 steps, and
+    after the last step of each epoch (the epoch's reported lr), equals the formula."""
+    images, labels = class_images(32)
+    epochs, steps, lr = 3, 4, 3e-3
+    settings = TrainSettings(
+        epochs=epochs, batch_size=8, image_size=16, optimizer="adamw", lr=lr, schedule=schedule, precision="fp32"
+    )
+    torch.manual_seed(0)
+    with _StepRecorder() as rec:
+        reports = _fit(settings, TinyNet(8, 3), DPFAHLoss(eta=1, zeta=0.1), images, labels, steps)
+    total = epochs * steps
+    want = [SCHEDULE_FORMULAS[schedule](t, total, lr) for t in range(total)]
+    assert rec.lrs == pytest.approx(want, rel=1e-9, abs=1e-15)
+    for e, metrics in enumerate(reports):
+        assert metrics["lr"] == pytest.approx(
+            SCHEDULE_FORMULAS[schedule]((e + 1) * steps, total, lr), rel=1e-9, abs=1e-15
+        )
+    if schedule != "constant":  # the formula is not trivially flat over these steps
+        assert max(want) / min(want) > 2
+
+
+def test_rmsprop_with_the_cosine_schedule_updates_every_weight_by_the_rmsprop_rule():
+    """train.optimizer rmsprop (the paper's: lr 5e-5, weight decay 1e-5, no momentum) with
+    train.schedule cosine: every parameter after each of 6 steps equals an independent
+    RMSProp (alpha 0.99, eps 1e-8, L2 weight decay) at the cosine learning rate of the step."""
+    images, labels = class_images(32)
+    epochs, steps, lr, wd = 2, 3, 5e-5, 1e-5
+    settings = TrainSettings(
+        epochs=epochs,
+        batch_size=8,
+        image_size=16,
+        optimizer="rmsprop",
+        lr=lr,
+        weight_decay=wd,
+        schedule="cosine",
+        precision="fp32",
+    )
+    torch.manual_seed(0)
+    model = TinyNet(8, 3)
+    with _StepRecorder(params_too=True) as rec:
+        _fit(settings, model, DPFAHLoss(eta=1, zeta=0.1), images, labels, steps)
+    total = epochs * steps
+    assert len(rec.after) == total
+    alpha, eps = 0.99, 1e-8
+    square = [torch.zeros_like(p) for p in rec.before[0]]
+    for t in range(total):
+        lr_t = _cosine(t, total, lr)
+        assert rec.lrs[t] == pytest.approx(lr_t, rel=1e-12)
+        for i, (p, g, got) in enumerate(zip(rec.before[t], rec.grads[t], rec.after[t])):
+            g = g + wd * p
+            square[i] = alpha * square[i] + (1 - alpha) * g * g
+            want = p - lr_t * g / (square[i].sqrt() + eps)
+            torch.testing.assert_close(got, want, rtol=0, atol=2e-7, msg=f"step {t}, parameter {i}")
+    moved = [max((a - b).abs().max().item() for a, b in zip(rec.after[t], rec.before[t])) for t in range(total)]
+    assert moved[0] > 2e-4 and min(moved) > 1e-5  # updates far larger than the tolerance: the check is not vacuous
+
+
+def test_rmsprop_has_no_momentum_under_every_schedule():
+    images, labels = class_images(16)
+    for schedule in ("constant", "cosine", "onecycle"):
+        settings = TrainSettings(
+            epochs=1, batch_size=8, image_size=16, optimizer="rmsprop", lr=5e-5, schedule=schedule, precision="fp32"
+        )
+        with _StepRecorder() as rec:
+            _fit(settings, TinyNet(8, 3), DPFAHLoss(), images, labels, 2)
+        assert [g["momentum"] for g in rec.groups] == [0, 0], schedule
+
+
+def test_sgd_uses_train_momentum_under_every_schedule():
+    images, labels = class_images(16)
+    for schedule in ("constant", "cosine", "onecycle"):
+        settings = TrainSettings(
+            epochs=1,
+            batch_size=8,
+            image_size=16,
+            optimizer="sgd",
+            lr=1e-3,
+            momentum=0.5,
+            schedule=schedule,
+            precision="fp32",
+        )
+        with _StepRecorder() as rec:
+            _fit(settings, TinyNet(8, 3), DPFAHLoss(), images, labels, 2)
+        assert [g["momentum"] for g in rec.groups] == [0.5, 0.5], schedule
+
+
+# ----------------------------------------------------------------------------- precision
+
+
+def _fit_precision(precision):
+    images, labels = class_images(16, size=32)
+    settings = TrainSettings(
+        epochs=1, batch_size=8, image_size=32, optimizer="adamw", lr=1e-3, schedule="constant", precision=precision
+    )
+    model = DPFAH.build(16, 3, ModelSettings(), seed=0)
+    dtypes = set()
+    hooks = [
+        m.register_forward_hook(lambda m, i, o: dtypes.add(o.dtype))
+        for m in model.modules()
+        if isinstance(m, nn.Conv2d)
+    ]
+    reports = _fit(settings, model, DPFAHLoss(eta=1, zeta=0.1), images, labels, 2)
+    for h in hooks:
+        h.remove()
+    return reports[0], dtypes, model.state_dict()
+
+
+def test_precision_fp32_bf16_and_auto_through_fit_on_the_cpu():
+    """train.precision: bf16 runs the convolutions in bfloat16 on the CPU too (autocast), with a
+    finite loss close to fp32's but not equal to it; auto on a CPU is exactly fp32."""
+    fp32, fp32_types, fp32_weights = _fit_precision("fp32")
+    bf16, bf16_types, bf16_weights = _fit_precision("bf16")
+    auto, auto_types, auto_weights = _fit_precision("auto")
+    assert fp32_types == auto_types == {torch.float32} and bf16_types == {torch.bfloat16}
+    for m in (fp32, bf16, auto):
+        assert all(math.isfinite(m[k]) for k in ("loss", "loss_l1", "loss_l2", "loss_l3"))
+    assert bf16["loss"] != fp32["loss"] and bf16["loss"] == pytest.approx(fp32["loss"], rel=0.05)
+    assert auto["loss"] == fp32["loss"]
+    assert any(
+        not torch.equal(bf16_weights[k], fp32_weights[k]) for k in fp32_weights if fp32_weights[k].is_floating_point()
+    )
+    for k in fp32_weights:
+        assert torch.equal(auto_weights[k], fp32_weights[k]), k
+
+
+# ----------------------------------------------------------------------------- multi-label data
+
+
+def _shares(a, b):
+    return any(x > 0 and y > 0 for x, y in zip(a, b))
+
+
+def test_multi_label_batches_through_fit_use_shared_label_similarity():
+    """Multi-hot labels through fit: each epoch's reported L1, L2 and L3 equal the per-pair
+    formula on the codes the network produced, with similar = any shared label (a pair
+    sharing only a second label counts), and L3 against the whole label vector."""
+    images, _ = class_images(16)
+    labels = torch.tensor(
+        [[1, 1, 0], [0, 1, 1], [1, 0, 0], [0, 0, 1], [1, 0, 1], [0, 1, 0], [1, 1, 1], [0, 0, 1]] * 2,
+        dtype=torch.float32,
+    )
+    assert (
+        _shares(labels[0], labels[1]) and labels[0].argmax() != labels[1].argmax()
+    )  # similar only through a second label
+    settings = TrainSettings(
+        epochs=2, batch_size=8, image_size=16, optimizer="adamw", lr=1e-2, schedule="constant", precision="fp32"
+    )
+    torch.manual_seed(0)
+    model = TinyNet(8, 3)
+    seen = []
+    model.register_forward_hook(lambda m, i, o: seen.append((o[0].detach().double(), o[1].detach().double())))
+    batches, label_of = _stream(images, labels), {}
+
+    def stream(epoch):
+        for b in batches(epoch):
+            label_of[len(label_of)] = b.labels.double()
+            yield b
+
+    reports = []
+    fit(
+        settings,
+        model,
+        DPFAHLoss(eta=2.0, zeta=0.5),
+        train_batches=stream,
+        steps_per_epoch=2,
+        report=lambda m, s: reports.append(m),
+    )
+    assert len(seen) == 4
+    for e in range(2):
+        l1s, l2s, l3s = [], [], []
+        for step in (2 * e, 2 * e + 1):
+            u, logits = seen[step]
+            y = label_of[step]
+            pairs = [(i, j) for i in range(8) for j in range(8) if i != j]
+            l1 = 0.0
+            for i, j in pairs:
+                theta = 0.5 * float(u[i] @ u[j])
+                l1 += math.log1p(math.exp(theta)) - (1.0 if _shares(y[i], y[j]) else 0.0) * theta
+            l1s.append(l1 / len(pairs))
+            l2s.append(sum(max(0.0, -1.1 - float(v)) + max(0.0, float(v) - 1.1) for v in u.flatten()) / 8)
+
+            def bce(t, z):
+                p = 1 / (1 + math.exp(-z))
+                return -(t * math.log(p) + (1 - t) * math.log(1 - p))
+
+            l3s.append(sum(bce(float(y[i, c]), float(logits[i, c])) for i in range(8) for c in range(3)) / 8)
+        m = reports[e]
+        assert m["loss_l1"] == pytest.approx(np.mean(l1s), rel=1e-5)
+        assert m["loss_l2"] == pytest.approx(np.mean(l2s), rel=1e-5, abs=1e-7)
+        assert m["loss_l3"] == pytest.approx(np.mean(l3s), rel=1e-5)
+        assert m["loss"] == pytest.approx(np.mean(l1s) + 2.0 * np.mean(l2s) + 0.5 * np.mean(l3s), rel=1e-5)

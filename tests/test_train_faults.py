@@ -233,7 +233,8 @@ def test_a_variant_whose_network_cannot_take_the_image_size_is_refused_before_ra
     params = toy_params(work, images, f"mlflow.tracking_uri=sqlite:///{tmp_path / 'm.db'}")
     with pytest.raises(
         ConfigError,
-        match=r"^train.image_size: 32 px is too small for dbdh-alexnet's AlexNet backbone \(it needs >= 63\); e.g. --set train.image_size=64$",
+        match=r"^train.image_size: 32 px is too small for dbdh-alexnet's AlexNet backbone \(it needs >= 63\); "
+        r"e.g. --set train.image_size=64$",
     ):
         run_training(params, "toy", 8, method="dbdh-alexnet", write_run_file=False)
     recipe = resolve(params, "toy", 8, "dbdh-alexnet", root=tmp_path)

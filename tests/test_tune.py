@@ -19,8 +19,11 @@ from pathlib import Path
 import pytest
 import yaml
 
+from dpfah.model import DPFAH
 from pipeline.errors import ConfigError
 from tests.helpers import PARAMS_FILE, toy_overrides, toy_params
+
+REPO = Path(__file__).resolve().parents[1]
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -555,7 +558,6 @@ def test_search_is_one_mlflow_parent_with_a_child_run_per_trial(search):
 def test_best_configuration_file_and_summary(search):
     import mlflow.pytorch
 
-    from dpfah.model import DPFAH
     from pipeline import recipes
 
     outcome, out, _ = search
@@ -766,3 +768,72 @@ def test_use_tuned_takes_a_search_s_knobs_for_its_method_only(toy_dataset, tmp_p
     dpfah = recipes.resolve(params, "toy", 16, "dpfah", root=tmp_path)
     assert (dpfah.hparams, dpfah.source) == ({"eta": 1.0}, {"weights_from": "params"})
     assert "best.json is a search over dsh's knobs; dpfah keeps objectives.dpfah" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- tune: random search, no scheduler
+
+
+def test_tune_scheduler_none_runs_every_trial_to_the_end_and_asha_stops_before_the_last_epoch(toy_dataset):
+    """tune.scheduler: none is a FIFO scheduler (stops nothing), so a grace period as long as
+    the training is allowed; asha's rungs end before the last epoch."""
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    from pipeline.errors import ConfigError
+    from pipeline.tune import _check_search, _scheduler
+
+    work, images = toy_dataset
+    none = toy_params(work, images, "train.epochs=2", "tune.scheduler=none", "tune.grace_period=5")
+    assert type(_scheduler(none)) is FIFOScheduler
+    _check_search(none, "toy")  # no complaint about the grace period: nothing is stopped
+    asha = toy_params(work, images, "train.epochs=4", "tune.grace_period=2", "tune.reduction_factor=3")
+    scheduler = _scheduler(asha)
+    assert isinstance(scheduler, ASHAScheduler) and scheduler._max_t == 3 and scheduler._reduction_factor == 3
+    with pytest.raises(ConfigError, match="^tune.grace_period"):
+        _check_search(toy_params(work, images, "train.epochs=2", "tune.grace_period=2"), "toy")
+
+
+@pytest.mark.slow
+def test_random_search_without_scheduler_on_ray(ray_local, toy_dataset, tmp_path, monkeypatch):
+    """tune.search random with tune.ranges.eta and scheduler none, for real on the local Ray: the
+    one trial's eta is drawn log-uniformly inside the range (not a grid value), zeta
+    and bits come from their lists, the trial runs all its epochs, and best.json names it.
+    tune.ranges adds another of the method's knobs (DPFAH's delta), drawn and trained with."""
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.tune import run_search
+
+    work, images = toy_dataset
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    params = toy_params(
+        work,
+        images,
+        "train.epochs=2",
+        f"train.storage_path={tmp_path / 'ray'}",
+        f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
+        "tune.search=random",
+        "tune.ranges.eta=[0.3,3]",
+        "tune.space.zeta=[0.2]",
+        "tune.bits=[8]",
+        "tune.num_samples=1",
+        "tune.scheduler=none",
+        "tune.max_failures=0",
+        "tune.ranges.delta=[1.05,1.5]",
+    )
+    try:
+        outcome = run_search(params, "toy", out_dir=tmp_path / "out", verbose=0)
+    finally:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    (row,) = outcome.rows
+    assert row.status == "completed" and row.epochs == 2 and 0 <= row.val_map <= 1
+    eta = row.hparams["eta"]
+    assert 0.3 <= eta <= 3 and eta not in (1.0, 10.0) and (row.hparams["zeta"], row.bits) == (0.2, 8)
+    best = json.loads(Path(outcome.best_file).read_text())
+    assert (best["eta"], best["zeta"], best["bits"], best["run_id"]) == (eta, 0.2, 8, row.run_id)
+    delta = row.hparams["delta"]
+    assert 1.05 <= delta <= 1.5 and best["delta"] == delta and best["knobs"] == ["eta", "zeta", "delta"]
+    run = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(row.run_id)
+    assert float(run.data.params["loss.eta"]) == pytest.approx(eta) and run.info.status == "FINISHED"
+    assert float(run.data.params["loss.delta"]) == pytest.approx(delta)
+    parent = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(outcome.parent_run_id)
+    assert (parent.data.params["tune.search"], parent.data.params["tune.scheduler"]) == ("random", "none")

@@ -1,0 +1,141 @@
+"""The matrix stage (pipeline.matrix): every entry trained and evaluated as a Ray Tune trial in
+one warm process, entries with unchanged inputs skipped, a failed entry named and the others kept."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from pipeline.matrix import MatrixFailed, run_matrix
+from pipeline.runkey import RunKey
+from tests.helpers import toy_params
+
+pytestmark = pytest.mark.slow
+
+
+def _params(work, images, tmp_path, *extra):
+    return toy_params(
+        work,
+        images,
+        "train.epochs=1",
+        f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
+        f"train.storage_path={tmp_path / 'ray'}",
+        "bits=[8]",
+        *extra,
+    )
+
+
+def _most_at_once(reports) -> int:
+    """The largest number of trials that ran at the same moment."""
+    events = sorted([(r["started_at"], 1) for r in reports] + [(r["ended_at"], -1) for r in reports])
+    running = most = 0
+    for _, step in events:
+        running += step
+        most = max(most, running)
+    return most
+
+
+def test_each_entry_runs_once_and_only_what_changed_runs_again(ray_local, toy_dataset, tmp_path):
+    """Three entries on the session's 2-CPU Ray, one CPU a trial: two train at once, the third
+    queues; a rerun runs nothing, a new seed only itself, an evaluation setting only evaluations."""
+    work, images = toy_dataset
+    root = tmp_path / "repo"
+    root.mkdir()
+    first = run_matrix(_params(work, images, tmp_path, "train.seeds=[0,1,2]"), ["toy"], root)
+    keys = [RunKey("toy", 8, "dpfah", s) for s in (0, 1, 2)]
+    assert sorted(first.finished) == keys and not first.failed
+    assert _most_at_once(first.finished.values()) == 2
+    records = {k: json.loads(k.run_file(root).read_text()) for k in keys}
+    for key in keys:
+        evaluation = json.loads(key.evaluation_file(root).read_text())
+        metrics = json.loads(key.metrics_file(root).read_text())
+        assert evaluation["run_id"] == records[key]["run_id"] and evaluation["inputs"] == records[key]["inputs"]
+        assert metrics["query_map"] == pytest.approx(first.finished[key]["query_map"], abs=0)
+        assert key.query_codes_file(root).is_file() and (key.plots_dir(root) / "pr_radius.csv").is_file()
+    assert records[keys[0]]["run_id"] != records[keys[1]]["run_id"]
+
+    # nothing changed: nothing runs
+    again = run_matrix(_params(work, images, tmp_path, "train.seeds=[0,1,2]"), ["toy"], root)
+    assert sorted(again.plan.done) == keys and not again.finished
+
+    # one more seed: only it trains
+    more = run_matrix(_params(work, images, tmp_path, "train.seeds=[0,1,2,3]"), ["toy"], root)
+    assert more.plan.train == [RunKey("toy", 8, "dpfah", 3)] and sorted(more.plan.done) == keys
+    assert {k: json.loads(k.run_file(root).read_text())["run_id"] for k in keys} == {
+        k: r["run_id"] for k, r in records.items()
+    }
+
+    # an evaluation setting: evaluated again, not retrained
+    radius = run_matrix(_params(work, images, tmp_path, "train.seeds=[0]", "evaluate.radius=1"), ["toy"], root)
+    assert radius.plan.evaluate == [keys[0]] and not radius.plan.train
+    assert json.loads(keys[0].evaluation_file(root).read_text())["radius"] == 1
+    assert json.loads(keys[0].run_file(root).read_text())["run_id"] == records[keys[0]]["run_id"]
+
+
+def test_a_failing_entry_is_named_and_the_others_are_kept(ray_local, toy_dataset, tmp_path):
+    """An entry whose training cannot start (a method's knob out of range for it alone) fails
+    after its retries; the other entry finishes and keeps its records."""
+    work, images = toy_dataset
+    root = tmp_path / "repo"
+    root.mkdir()
+    params = _params(work, images, tmp_path, "train.methods=[dpfah,broken]", "train.max_failures=0",
+                     "variants={broken: {method: dsh, model: {backbone: alexnet}}}")  # fmt: skip
+    with pytest.raises(MatrixFailed) as e:
+        run_matrix(params, ["toy"], root)
+    message = str(e.value)
+    assert "\n" not in message
+    assert message.startswith("1 of 2 entries failed after 1 attempt(s) each (train.max_failures=0): toy-8-broken-s0 (")
+    assert "the 1 others are kept" in message
+    assert RunKey("toy", 8, "dpfah", 0).metrics_file(root).is_file()
+    assert not RunKey("toy", 8, "broken", 0).run_file(root).exists()
+
+
+def test_a_matrix_stopped_part_way_finishes_only_the_unfinished_entries(ray_local, toy_dataset, tmp_path):
+    """`python -m pipeline.matrix` stopped (SIGTERM, as a killed job or Ctrl-C) once its first
+    entry is done; the rerun trains only the entries without complete records, and the
+    finished ones keep their runs."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from pipeline.matrix import plan
+    from tests.helpers import PARAMS_FILE, toy_overrides
+
+    work, images = toy_dataset
+    root = tmp_path / "repo"
+    root.mkdir()
+    sets = toy_overrides(
+        work, images, "train.epochs=1", "bits=[8]", "train.seeds=[0,1,2]",
+        f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}", f"train.storage_path={tmp_path / 'ray'}",
+    )  # fmt: skip
+    argv = [sys.executable, "-m", "pipeline.matrix", "--params", str(PARAMS_FILE)]
+    for item in sets:
+        argv += ["--set", item]
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS",)}
+    env.update(RAY_ADDRESS="local", RAY_AUTH_MODE="disabled", PYTHONPATH=str(PARAMS_FILE.parent))
+    log = open(tmp_path / "matrix.log", "w")
+    proc = subprocess.Popen(argv, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    keys = [RunKey("toy", 8, "dpfah", s) for s in range(3)]
+    deadline = time.time() + 300
+    while not any(k.metrics_file(root).exists() for k in keys):
+        assert proc.poll() is None, (tmp_path / "matrix.log").read_text()[-3000:]
+        assert time.time() < deadline, "no entry finished in 300 s"
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) != 0
+    done = [k for k in keys if k.metrics_file(root).exists()]
+    assert 1 <= len(done) < len(keys), (tmp_path / "matrix.log").read_text()[-3000:]
+    runs = {k: json.loads(k.run_file(root).read_text())["run_id"] for k in done}
+
+    from pipeline.config import load_params
+
+    params = load_params(PARAMS_FILE, sets)
+    again = plan(params, keys, root)
+    assert sorted(again.done) == done and sorted(again.train) == [k for k in keys if k not in done]
+    rest = run_matrix(params, ["toy"], root)
+    assert sorted(rest.finished) == sorted(again.train) and not rest.failed
+    assert {k: json.loads(k.run_file(root).read_text())["run_id"] for k in done} == runs
+    assert all(k.metrics_file(root).is_file() for k in keys)
