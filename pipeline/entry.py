@@ -112,7 +112,7 @@ def train_and_evaluate(params: Params, key: RunKey, recipe: Recipe, inputs: dict
     curves and query codes. ``inputs`` (the digests :mod:`pipeline.matrix` compares) go into
     both records. With ``train.num_workers`` > 1 the training is Ray Train's DDP run, and the
     model is evaluated from MLflow."""
-    from .evaluate import evaluate
+    from .evaluation import evaluate
     from .train_driver import run_training
 
     t0 = time.perf_counter()
@@ -138,10 +138,7 @@ def train_and_evaluate(params: Params, key: RunKey, recipe: Recipe, inputs: dict
     subject = _subject(params, key, recipe, outcome, kept["state"], device) if kept else None
     evaluation = evaluate(
         params,
-        key.dataset,
-        key.bits,
-        method=key.method,
-        seed=key.seed,
+        key,
         root=root,
         progress=False,
         subject=subject,
@@ -154,15 +151,12 @@ def train_and_evaluate(params: Params, key: RunKey, recipe: Recipe, inputs: dict
 def evaluate_again(params: Params, key: RunKey, inputs: dict[str, str], root) -> EntryOutcome:
     """The training of ``key`` stands (its inputs unchanged); only what evaluates it changed:
     evaluate the model of its run record again (loaded from MLflow, without unpickling)."""
-    from .evaluate import evaluate
+    from .evaluation import evaluate
 
     t0 = time.perf_counter()
     evaluation = evaluate(
         params,
-        key.dataset,
-        key.bits,
-        method=key.method,
-        seed=key.seed,
+        key,
         root=root,
         progress=False,
         record_extra={"inputs": inputs},

@@ -10,15 +10,8 @@ from typing import Any
 
 import numpy as np
 
-from .artifacts import (
-    evaluation_file,
-    metric_values,
-    metrics_file,
-    plots_dir,
-    query_codes_file,
-    write_atomic,
-    write_json_atomic,
-)
+from .artifacts import metric_values, write_atomic, write_json_atomic
+from .runkey import RunKey
 
 __all__ = ["P_AT", "p_at_name", "count_rate", "exact_rates", "flat_metrics", "write_plots", "write_dvc_outputs"]
 
@@ -77,34 +70,34 @@ def _csv(path: Path, header: Sequence[str], columns: Sequence[np.ndarray]) -> No
     write_atomic(path, "\n".join(lines) + "\n")
 
 
-def write_plots(directory: Path, report: dict[str, Any]) -> list[Path]:
-    directory.mkdir(parents=True, exist_ok=True)
+def write_plots(key: RunKey, root, report: dict[str, Any]) -> dict[str, Path]:
+    """The curve data of ``key``, one CSV per curve (``plots/<curve>/<stem>.csv``)."""
     exact = exact_rates(report)
     pr, pn, rank = report["pr_by_radius"], exact["p_at_n"], exact["pr_by_rank"]
     files = {
-        "pr_radius.csv": (("radius", "precision", "recall"), (pr["radius"], pr["precision"], pr["recall"])),
-        "pr_rank.csv": (("rank", "precision", "recall"), (rank["ranks"], rank["precision"], rank["recall"])),
-        "p_at_n.csv": (("n", "precision"), (pn["n"], pn["precision"])),
+        "pr_radius": (("radius", "precision", "recall"), (pr["radius"], pr["precision"], pr["recall"])),
+        "pr_rank": (("rank", "precision", "recall"), (rank["ranks"], rank["precision"], rank["recall"])),
+        "p_at_n": (("n", "precision"), (pn["n"], pn["precision"])),
     }
-    for name, (header, columns) in files.items():
-        _csv(directory / name, header, columns)
-    return [directory / name for name in files]
+    assert tuple(files) == RunKey.CURVES
+    for curve, (header, columns) in files.items():
+        _csv(key.plot_file(curve, root), header, columns)
+    return {curve: key.plot_file(curve, root) for curve in files}
 
 
 def write_dvc_outputs(
-    root, dataset: str, bits: int, which: dict[str, Any], doc: dict[str, Any], report: dict[str, Any], query_table
-) -> tuple[Path, Path, list[Path]]:
+    root, key: RunKey, doc: dict[str, Any], report: dict[str, Any], query_table
+) -> tuple[Path, dict[str, Path]]:
     """The files DVC tracks, each written atomically: the curve data, the query codes (a
     :func:`codes_table`), the evaluation record (``doc`` but its ``query_*`` numbers), then
-    the metrics file (those numbers only). Returns (metrics file, plots dir, plot files)."""
+    the metrics file (those numbers only). Returns (metrics file, curve files)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    plot_dir = plots_dir(dataset, bits, root, **which)
-    plots = write_plots(plot_dir, report)
+    plots = write_plots(key, root, report)
     sink = pa.BufferOutputStream()
     pq.write_table(query_table, sink)
-    write_atomic(query_codes_file(dataset, bits, root, **which), sink.getvalue().to_pybytes())
+    write_atomic(key.query_codes_file(root), sink.getvalue().to_pybytes())
     metrics = metric_values(doc)
-    write_json_atomic(evaluation_file(dataset, bits, root, **which), {k: v for k, v in doc.items() if k not in metrics})
-    return write_json_atomic(metrics_file(dataset, bits, root, **which), metrics), plot_dir, plots
+    write_json_atomic(key.evaluation_file(root), {k: v for k, v in doc.items() if k not in metrics})
+    return write_json_atomic(key.metrics_file(root), metrics), plots

@@ -17,9 +17,9 @@ from typing import Any
 import numpy as np
 
 from . import paper
-from .artifacts import metrics_file, plots_dir, query_codes_file, run_file
 from .config import Params
 from .errors import PipelineError
+from .runkey import RunKey
 
 __all__ = [
     "MAP_KEY",
@@ -150,13 +150,9 @@ def collect(params: Params, dataset: str, root: str | os.PathLike = ".") -> list
     params.dataset(dataset)
     missing, members = [], []
     for method, bits, seed in _members(params):
-        which = {"method": method, "seed": seed}
-        files = [
-            metrics_file(dataset, bits, root, **which),
-            query_codes_file(dataset, bits, root, **which),
-            run_file(dataset, bits, root, **which),
-        ]
-        files += [plots_dir(dataset, bits, root, **which) / f"{name}.csv" for name in CURVES]
+        key = RunKey(dataset, bits, method, seed)
+        files = [key.metrics_file(root), key.query_codes_file(root), key.run_file(root)]
+        files += [key.plot_file(name, root) for name in CURVES]
         absent = [str(f) for f in files if not f.is_file()]
         if absent:
             missing.append(f"(method {method}, {bits} bits, seed {seed}): {', '.join(absent)}")
@@ -175,7 +171,7 @@ def collect(params: Params, dataset: str, root: str | os.PathLike = ".") -> list
         members.append(Member(method, bits, seed, doc, curves, files[1], val, record.get("run_id")))
     if missing:
         command = (
-            f"dvc repro evaluate (or python -m pipeline.evaluate --dataset {dataset} --bits B --method M --seed S)"
+            f"dvc repro train (or python -m pipeline.matrix --dataset {dataset})"
         )
         raise ReportError(
             f"{len(missing)} of {len(_members(params))} evaluated trainings of {dataset} are missing; "

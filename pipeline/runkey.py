@@ -13,7 +13,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from .artifacts import (
     CODES_DIR,
@@ -47,6 +47,9 @@ class RunKey:
     bits: int
     method: str = DEFAULT_METHOD
     seed: int = 0
+
+    #: The curves evaluate writes for DVC plots: PR by Hamming radius, PR by rank, P@N.
+    CURVES: ClassVar[tuple[str, ...]] = ("pr_radius", "pr_rank", "p_at_n")
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, params) -> RunKey:
@@ -88,8 +91,12 @@ class RunKey:
         """Which run, data and settings the metrics file's numbers measure."""
         return Path(root) / EVALUATIONS_DIR / f"{self.stem}.json"
 
-    def plots_dir(self, root: Root = ".") -> Path:
-        return Path(root) / PLOTS_DIR / self.stem
+    def plot_file(self, curve: str, root: Root = ".") -> Path:
+        """The data of one of this training's curves (:attr:`CURVES`): ``plots/<curve>/<stem>.csv``,
+        a folder per curve so that DVC draws every file of a folder the same way."""
+        if curve not in self.CURVES:
+            raise ValueError(f"unknown curve {curve!r} (curves: {', '.join(self.CURVES)})")
+        return Path(root) / PLOTS_DIR / curve / f"{self.stem}.csv"
 
     def query_codes_file(self, root: Root = ".") -> Path:
         return Path(root) / CODES_DIR / self.stem / "query.parquet"

@@ -20,6 +20,7 @@ from types import SimpleNamespace
 import pytest
 import yaml
 
+from pipeline.runkey import RunKey
 from tests.helpers import free_port, wait_answering
 
 pytestmark = pytest.mark.slow
@@ -361,7 +362,7 @@ def test_train_stage_runs_as_a_ray_job(ray_head, toy_dataset, tmp_path, monkeypa
     from mlflow.tracking import MlflowClient
 
     from pipeline.config import load_params
-    from pipeline.evaluate import evaluate
+    from pipeline.evaluation import evaluate
     from pipeline.promote import promote
 
     work, images = toy_dataset
@@ -428,7 +429,7 @@ def test_train_stage_runs_as_a_ray_job(ray_head, toy_dataset, tmp_path, monkeypa
         REPO / "params.yaml",
         [f"{k}={v}" for k, v in sets.items()] + ["evaluate.loader_workers=0", "evaluate.grid_queries=1"],
     )
-    result = evaluate(params, "toy", BITS, run_id=run_id, progress=False, root=tmp_path)
+    result = evaluate(params, RunKey("toy", BITS), run_id=run_id, progress=False, root=tmp_path)
     assert result.doc["run_id"] == run_id
     assert client.get_run(run_id).data.metrics["query_map"] == result.doc["query_map"]
     # ... of the model the job trained: its metrics are those of the MLflow model's codes,

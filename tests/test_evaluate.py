@@ -17,6 +17,7 @@ from PIL import Image
 from dpfah.model import DPFAH
 from dpfah.settings import ModelSettings
 from dpfah.train import Batch
+from pipeline.runkey import RunKey
 from tests.helpers import (
     BITS,
     class_images,
@@ -52,7 +53,7 @@ def _params_tracking_uri(monkeypatch):
 def trained(toy_dataset, tmp_path_factory):
     """A fake-trained toy model (MLflow run + run record) and its first evaluation."""
 
-    from pipeline.evaluate import evaluate
+    from pipeline.evaluation import evaluate
 
     os.environ.pop("MLFLOW_TRACKING_URI", None)  # see _params_tracking_uri
     work, images = toy_dataset
@@ -63,7 +64,7 @@ def trained(toy_dataset, tmp_path_factory):
     params = toy_params(
         work, images, f"mlflow.tracking_uri={uri}", "evaluate.loader_workers=0", "evaluate.grid_queries=3"
     )
-    result = evaluate(params, "toy", BITS, progress=False, root=out)
+    result = evaluate(params, RunKey("toy", BITS), progress=False, root=out)
     return {
         "work": work,
         "images": images,
@@ -141,8 +142,8 @@ def test_metrics_match_a_plain_reimplementation(trained):
     assert "query_p_at_0100" not in m  # the database has 78 items
 
     # The DVC plot data: PR by radius for r = 0..bits, P@N for N = 1..78.
-    plots = out / "plots" / f"toy-{BITS}-dpfah-s0"
-    pr = np.genfromtxt(plots / "pr_radius.csv", delimiter=",", names=True)
+    key = RunKey("toy", BITS)
+    pr = np.genfromtxt(key.plot_file("pr_radius", out), delimiter=",", names=True)
     assert list(pr["radius"]) == list(range(BITS + 1))
     dist, rel = ref["dist"], ref["rel"]
     for r in (0, 2, BITS):
@@ -150,9 +151,9 @@ def test_metrics_match_a_plain_reimplementation(trained):
         prec = np.where(inside.any(1), (rel & inside).sum(1) / np.maximum(inside.sum(1), 1), 0).mean()
         rec = ((rel & inside).sum(1) / rel.sum(1)).mean()
         assert pr["precision"][r] == pytest.approx(prec, abs=1e-12) and pr["recall"][r] == pytest.approx(rec, abs=1e-12)
-    pn = np.genfromtxt(plots / "p_at_n.csv", delimiter=",", names=True)
+    pn = np.genfromtxt(key.plot_file("p_at_n", out), delimiter=",", names=True)
     assert list(pn["n"]) == list(range(1, 79)) and pn["precision"][9] == pytest.approx(ref["p_at_n"], abs=1e-12)
-    rank = np.genfromtxt(plots / "pr_rank.csv", delimiter=",", names=True)
+    rank = np.genfromtxt(key.plot_file("pr_rank", out), delimiter=",", names=True)
     assert rank["rank"][0] == 1 and rank["rank"][-1] == 78 and rank["recall"][-1] == pytest.approx(1.0)
 
 
@@ -248,7 +249,7 @@ def test_rates_that_are_counts_are_stored_as_the_exact_fraction():
 
 def test_retrieval_grid_marks_wrong_results(trained):
     from dpfah.data import read_manifest
-    from pipeline.evaluate import _grid_rows
+    from pipeline.evaluation import _grid_rows
 
     manifest = read_manifest(trained["shards"])
     q_img, q_lab = read_split_plain(trained["shards"], "query")
@@ -277,7 +278,7 @@ def test_reevaluation_with_another_r_and_a_url_data_root(trained, tmp_path):
     of 2 queries replaces the first evaluation's of 3)."""
     from mlflow.tracking import MlflowClient
 
-    from pipeline.evaluate import evaluate
+    from pipeline.evaluation import evaluate
 
     out = tmp_path
     shutil.copytree(trained["out"] / "runs", out / "runs")
@@ -299,7 +300,7 @@ def test_reevaluation_with_another_r_and_a_url_data_root(trained, tmp_path):
         "evaluate.grid_queries=2",
         "evaluate.loader_workers=1",
     )
-    result = evaluate(params, "toy", BITS, progress=False, root=out)
+    result = evaluate(params, RunKey("toy", BITS), progress=False, root=out)
     doc = result.doc
     assert (doc["map_at"], doc["topk"], doc["radius"]) == (10, 10, 1)
     d = read_split_plain(trained["shards"], "database")
@@ -599,7 +600,7 @@ def test_evaluate_precision_bf16_encodes_in_bfloat16_on_the_cpu():
 
 def test_evaluate_device_choice(monkeypatch):
     from pipeline.errors import ConfigError
-    from pipeline.evaluate import _device
+    from pipeline.evaluation import _device
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert _device("cpu") == torch.device("cpu") and _device("auto") == torch.device("cpu")
@@ -617,7 +618,7 @@ def test_evaluate_with_device_cpu_stays_on_the_cpu_when_a_gpu_is_there(toy_datas
     claimed, as on a CPU machine, the default auto then fails: it would take the GPU.)"""
     import dpfah.train
     from dpfah.data import read_manifest
-    from pipeline.evaluate import evaluate
+    from pipeline.evaluation import evaluate
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     work, images = toy_dataset
@@ -634,15 +635,14 @@ def test_evaluate_with_device_cpu_stays_on_the_cpu_when_a_gpu_is_there(toy_datas
         return original(model, batches, device, image_size, precision)
 
     monkeypatch.setattr(dpfah.train, "encode", encode)
-    result = evaluate(params, "toy", 8, progress=False, root=tmp_path)
+    result = evaluate(params, RunKey("toy", 8), progress=False, root=tmp_path)
     assert calls == [(torch.device("cpu"), {torch.device("cpu")})] * 2  # query, then database
     assert result.doc["n_queries"] == 12 and 0 <= result.doc["query_map"] <= 1
     if not real_gpu:
         with pytest.raises(RuntimeError, match="NVIDIA driver"):
             evaluate(
                 toy_params(work, images, f"mlflow.tracking_uri={uri}", "evaluate.grid_queries=0"),
-                "toy",
-                8,
+                RunKey("toy", 8),
                 progress=False,
                 root=tmp_path,
             )

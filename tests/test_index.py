@@ -13,6 +13,7 @@ import torch
 from pipeline import index as index_stage
 from pipeline import index_format
 from pipeline import search as search_stage
+from pipeline.runkey import RunKey
 from tests.helpers import BITS, cli, fake_training_run, toy_params
 
 NAME = f"dpfah-toy-{BITS}b"
@@ -202,14 +203,14 @@ def test_a_split_the_evaluation_encoded_takes_its_codes_once_verified(champion, 
     import pyarrow.parquet as pq
     from mlflow.tracking import MlflowClient
 
-    from pipeline.evaluate import evaluate
+    from pipeline.evaluation import evaluate
     from pipeline.registry import EVAL_COMPLETE_TAG
     from pipeline.tracking import using_tracking_uri
 
     params, record, _ = champion
     uri, run_id = params.mlflow.tracking_uri, record["run_id"]
     quick = dataclasses.replace(params, evaluate=dataclasses.replace(params.evaluate, grid_queries=2))
-    eval_id = evaluate(quick, "toy", BITS, run_id=run_id, progress=False, root=tmp_path).doc["eval_id"]
+    eval_id = evaluate(quick, RunKey("toy", BITS), run_id=run_id, progress=False, root=tmp_path).doc["eval_id"]
     try:
         taken = index_stage.build_index(
             params, tmp_path / "taken", model=CHAMPION, dataset="toy", split="database", progress=False

@@ -52,7 +52,7 @@ def test_each_entry_runs_once_and_only_what_changed_runs_again(ray_local, toy_da
         metrics = json.loads(key.metrics_file(root).read_text())
         assert evaluation["run_id"] == records[key]["run_id"] and evaluation["inputs"] == records[key]["inputs"]
         assert metrics["query_map"] == pytest.approx(first.finished[key]["query_map"], abs=0)
-        assert key.query_codes_file(root).is_file() and (key.plots_dir(root) / "pr_radius.csv").is_file()
+        assert key.query_codes_file(root).is_file() and key.plot_file("pr_radius", root).is_file()
     assert records[keys[0]]["run_id"] != records[keys[1]]["run_id"]
 
     # nothing changed: nothing runs

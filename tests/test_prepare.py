@@ -27,6 +27,7 @@ from pipeline import prepare as prepare_module
 from pipeline.config import load_params
 from pipeline.errors import ConfigError, DataError, run_main
 from pipeline.prepare import main, prepare
+from pipeline.runkey import RunKey
 from pipeline.sources import Cifar10ArchiveSource, download, open_source
 from tests.helpers import PARAMS_FILE, fake_training_run
 
@@ -621,7 +622,7 @@ def test_lists_multi_label_through_fit_and_the_evaluate_stage(tmp_path, monkeypa
     from dpfah.settings import TrainSettings, pick
     from dpfah.train import validation_map
     from pipeline.codefiles import load_codes
-    from pipeline.evaluate import evaluate
+    from pipeline.evaluation import evaluate
     from tests.helpers import plain_metrics
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
@@ -657,7 +658,7 @@ def test_lists_multi_label_through_fit_and_the_evaluate_stage(tmp_path, monkeypa
         model=model.eval(),
         root=tmp_path,
     )
-    doc = evaluate(params, "nuswide21", 16, progress=False, root=tmp_path).doc
+    doc = evaluate(params, RunKey("nuswide21", 16), progress=False, root=tmp_path).doc
     assert (doc["n_queries"], doc["n_db"]) == (30, 100)
     local = Path(MlflowClient(uri).download_artifacts(doc["run_id"], "evaluation/codes", str(tmp_path / "dl")))
     (qp, ql, _, _), (dp, dl, _, _) = load_codes(local / "query.parquet"), load_codes(local / "database.parquet")

@@ -46,7 +46,7 @@ def test_every_file_of_a_training_is_where_dvc_yaml_says():
         str(KEY.query_codes_file()),
         str(KEY.promotion_file()),
         str(KEY.objective_file()),
-    } | {str(KEY.plots_dir() / f"{curve}.csv") for curve in ("pr_radius", "pr_rank", "p_at_n")}
+    } | {str(KEY.plot_file(curve)) for curve in RunKey.CURVES}
     assert expanded, "dvc.yaml names no per-training output"
     assert expanded <= ours, f"dvc.yaml writes files the run key does not know: {sorted(expanded - ours)}"
     assert KEY.stem == "cifar10-64-dsh-s2"

@@ -10,58 +10,17 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.codegraph import PACKAGES, RUNS_ALSO, graph, imports, module_name, stage_code
+
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("dpfah", "pipeline")
 
 
-def _module_name(path: Path) -> str:
-    parts = list(path.relative_to(ROOT).with_suffix("").parts)
-    if parts[-1] == "__init__":
-        parts.pop()
-    return ".".join(parts)
-
-
-def _is_module(name: str) -> bool:
-    path = ROOT / Path(*name.split("."))
-    return path.with_suffix(".py").exists() or (path / "__init__.py").exists()
-
-
-def _imports(path: Path) -> list[tuple[str, tuple[str, ...], int]]:
-    """(imported module, names imported from it, line) of every import in the file,
-    relative imports resolved."""
-    module = _module_name(path)
-    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
-    found = []
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
-        if isinstance(node, ast.Import):
-            found += [(alias.name, (), node.lineno) for alias in node.names]
-        elif isinstance(node, ast.ImportFrom):
-            if node.level:
-                base = package.split(".")[: len(package.split(".")) - node.level + 1]
-                target = ".".join(base + ([node.module] if node.module else []))
-            else:
-                target = node.module or ""
-            names = tuple(alias.name for alias in node.names)
-            found.append((target, names, node.lineno))
-            # `from . import x` imports the submodule (or subpackage) x
-            found += [(f"{target}.{n}", (), node.lineno) for n in names if _is_module(f"{target}.{n}")]
-    return found
+def _imports(path: Path):
+    return imports(path)
 
 
 def _graph() -> dict[str, set[str]]:
-    modules = {_module_name(p): p for pkg in PACKAGES for p in (ROOT / pkg).rglob("*.py")}
-    graph: dict[str, set[str]] = {m: set() for m in modules}
-    for module, path in modules.items():
-        for target, _, _ in _imports(path):
-            # the deepest project module the import names (a.b.c -> a.b.c, else a.b)
-            parts = target.split(".")
-            for n in range(len(parts), 0, -1):
-                candidate = ".".join(parts[:n])
-                if candidate in modules:
-                    if candidate != module:
-                        graph[module].add(candidate)
-                    break
-    return graph
+    return graph()
 
 
 def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
@@ -129,7 +88,7 @@ def _stages() -> set[str]:
         has_main = any(isinstance(n, ast.FunctionDef) and n.name == "main" for n in body)
         runs = any(isinstance(n, ast.If) and "__main__" in ast.unparse(n.test) for n in body)
         if has_main and runs:
-            found.add(_module_name(path))
+            found.add(module_name(path))
     return found
 
 
@@ -144,6 +103,7 @@ def test_no_stage_imports_another_stage():
         "pipeline.prepare",
         "pipeline.objective",
         "pipeline.train",
+        "pipeline.matrix",
         "pipeline.tune",
         "pipeline.evaluate",
         "pipeline.promote",
@@ -159,48 +119,6 @@ def test_no_stage_imports_another_stage():
 
 
 # ----------------------------------------------------------------------------- dvc.yaml's code deps
-
-#: Imports not followed when collecting what a stage runs, each with why its code cannot
-#: change what the stage writes. pipeline.config checks the objectives' knobs against the
-#: methods while it parses the parameters: it accepts or refuses params.yaml and returns
-#: nothing, so following it would rerun prepare, evaluate, promote, report and index on any
-#: edit of a method's loss. The stages that run a method import it themselves.
-NOT_FOLLOWED = {("pipeline.config", "pipeline.methods")}
-#: Files other than Python sources that a module runs: the C kernels dpfah.kernels loads.
-RUNS_ALSO = {"dpfah.kernels": ("dpfah/_hamming.c", "dpfah/_ranking.c", "dpfah/_cpu.h")}
-
-
-def _module_file(module: str) -> str:
-    path = ROOT / Path(*module.split("."))
-    return (path / "__init__.py" if path.is_dir() else path.with_suffix(".py")).relative_to(ROOT).as_posix()
-
-
-def _runs_code(module: str) -> bool:
-    """Whether importing ``module`` runs code (an __init__.py of a docstring alone does not)."""
-    body = ast.parse((ROOT / _module_file(module)).read_text()).body
-    return any(not (isinstance(n, ast.Expr) and isinstance(n.value, ast.Constant)) for n in body)
-
-
-def stage_code(module: str, graph: dict[str, set[str]] | None = None) -> set[str]:
-    """The files of the project that the stage ``module`` may run: the modules it imports,
-    transitively (imports inside functions included: stages import lazily), the packages
-    around them (Python runs their __init__), and the C sources of the kernels."""
-    graph = graph if graph is not None else _graph()
-    seen: set[str] = set()
-    todo = [module]
-    while todo:
-        current = todo.pop()
-        if current in seen:
-            continue
-        seen.add(current)
-        parts = current.split(".")
-        todo += [".".join(parts[:n]) for n in range(1, len(parts))]  # the enclosing packages
-        todo += [t for t in graph[current] if (current, t) not in NOT_FOLLOWED]
-    files = {_module_file(m) for m in seen if _runs_code(m)}
-    for m, extra in RUNS_ALSO.items():
-        if m in seen:
-            files.update(extra)
-    return files
 
 
 def _is_code_dep(dep: str) -> bool:
@@ -255,7 +173,7 @@ def test_each_dvc_stage_depends_on_exactly_the_code_it_runs():
     the deps, or a code dep the stage no longer runs, fails naming the stage."""
     graph = _graph()
     stages = _dvc_stages()
-    assert {m for m, _ in stages.values()} >= {"pipeline.train", "pipeline.tune", "pipeline.index"}
+    assert {m for m, _ in stages.values()} >= {"pipeline.matrix", "pipeline.tune", "pipeline.index"}
     problems = [
         f"{name}: {p}" for name, (module, deps) in stages.items() for p in code_dep_problems(module, deps, graph)
     ]
@@ -263,12 +181,12 @@ def test_each_dvc_stage_depends_on_exactly_the_code_it_runs():
 
 
 def test_the_code_deps_check_sees_a_missing_and_a_stale_entry():
-    """The check above can fail: train's deps without dpfah/metrics.py (its validation mAP)
-    and with a module it does not run."""
+    """The check above can fail: the matrix's deps without dpfah/metrics.py (its validation
+    mAP and the evaluation) and with a module it does not run."""
     module, deps = _dvc_stages()["train"]
-    assert "pipeline/train.py" in deps and not code_dep_problems(module, deps)
+    assert "pipeline/matrix.py" in deps and not code_dep_problems(module, deps)
     changed = [d for d in deps if d != "dpfah/metrics.py"] + ["pipeline/search.py"]
     assert code_dep_problems(module, changed) == [
-        "missing dpfah/metrics.py (run by pipeline.train)",
-        "stale pipeline/search.py (pipeline.train does not run it)",
+        "missing dpfah/metrics.py (run by pipeline.matrix)",
+        "stale pipeline/search.py (pipeline.matrix does not run it)",
     ]
