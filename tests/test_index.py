@@ -13,6 +13,7 @@ import torch
 from pipeline import index as index_stage
 from pipeline import index_format
 from pipeline import search as search_stage
+from pipeline.index_blocks import FAULT_ENV
 from tests.helpers import BITS, cli, fake_training_run, toy_params
 
 NAME = f"dpfah-toy-{BITS}b"
@@ -107,14 +108,14 @@ def test_a_killed_index_resumes_without_reencoding_and_equals_the_uninterrupted_
 ):
     params, _, _ = champion
     out = tmp_path / "toy-8"
-    monkeypatch.setenv(index_stage.FAULT_ENV, "after-blocks:2")
+    monkeypatch.setenv(FAULT_ENV, "after-blocks:2")
     with pytest.raises(RuntimeError, match="injected fault after 2 block"):
         index_stage.build_index(params, out, model=CHAMPION, dataset="toy", split="database", progress=False)
     assert not out.exists()  # nothing that looks like an index
     assert len(list((tmp_path / "toy-8.partial" / "blocks").glob("*.npz"))) == 2
     with pytest.raises(index_format.NotAnIndex, match="not complete"):
         index_format.load_index(out)
-    monkeypatch.delenv(index_stage.FAULT_ENV)
+    monkeypatch.delenv(FAULT_ENV)
     resumed = index_stage.build_index(params, out, model=CHAMPION, dataset="toy", split="database", progress=False)
     assert (resumed.blocks, resumed.encoded_blocks) == (5, 3)
     first = database_index.directory
