@@ -9,6 +9,7 @@ import io
 import json
 import logging
 import os
+import pickle
 import shutil
 import time
 from pathlib import Path
@@ -35,8 +36,9 @@ FAULT_ENV = "DPFAH_INDEX_FAULT"
 
 class BlockEncoder:
     """A Ray Data actor: reads, decodes and encodes whole blocks of a collection. A batch is
-    a few block numbers; each comes back as the block file's bytes (npz: ``codes`` packed,
-    ``ok`` mask, ``problems`` JSON)."""
+    a few block numbers (with their items' bytes, ``items``, when the driver holds the
+    collection in memory: a tar archive, read once; ``reader`` is then None); each comes back
+    as the block file's bytes (npz: ``codes`` packed, ``ok`` mask, ``problems`` JSON)."""
 
     def __init__(
         self,
@@ -59,16 +61,22 @@ class BlockEncoder:
         self.image_size, self.precision, self.batch_size, self.convert = image_size, precision, batch_size, convert
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        out = [encode_block(self, int(b)) for b in batch["block"]]
+        items = batch["items"] if "items" in batch else [None] * len(batch["block"])
+        out = [
+            encode_block(self, int(b), None if i is None else pickle.loads(i)) for b, i in zip(batch["block"], items)
+        ]
         return {"block": np.asarray(batch["block"], dtype=np.int64), "data": np.array(out, dtype=object)}
 
 
-def encode_block(enc: BlockEncoder, block: int) -> bytes:
+def encode_block(enc: BlockEncoder, block: int, read: list[tuple[bytes | None, str | None]] | None = None) -> bytes:
+    """The block file of block number ``block``: its items ``read`` (bytes or None, why),
+    else read by the actor's reader."""
     from dpfah.codes import pack_codes, words_for_bits
 
     start = block * enc.block_size
     stop = min(enc.count, start + enc.block_size)
-    read = enc.reader.read(start, stop)
+    if read is None:
+        read = enc.reader.read(start, stop)
     codes, ok, problems = [], np.zeros(stop - start, dtype=bool), {}
     for a in range(0, stop - start, enc.batch_size):
         part = read[a : a + enc.batch_size]
@@ -168,6 +176,18 @@ def _resources(workers: int | None) -> tuple[int, float, float, int]:
     return n, float(per), 1.0 if gpus else 0.0, per
 
 
+def _block_items(todo: list[int], collection: Collection, size: int) -> list[dict[str, Any]]:
+    """The dataset's rows: a block number each, and the block's items (pickled) when the
+    driver holds them in memory, so the actors get each block once rather than the whole
+    archive each (or reading it again)."""
+    if not getattr(collection.reader, "in_memory", False):
+        return [{"block": b} for b in todo]
+    count = len(collection.keys)
+    return [
+        {"block": b, "items": pickle.dumps(collection.reader.read(b * size, min(count, (b + 1) * size)))} for b in todo
+    ]
+
+
 def _encode_blocks(
     todo: list[int], model, collection: Collection, resolved: ResolvedModel, params: Params, partial: Path, bar
 ) -> float:
@@ -192,7 +212,8 @@ def _encode_blocks(
         fault = os.environ.get(FAULT_ENV, "")
         stop_after = int(fault.split(":", 1)[1]) if fault.startswith("after-blocks:") else None
         t0 = time.perf_counter()
-        ds = ray.data.from_items([{"block": b} for b in todo], override_num_blocks=len(todo))
+        ds = ray.data.from_items(_block_items(todo, collection, i.block_size), override_num_blocks=len(todo))
+        shipped = getattr(collection.reader, "in_memory", False)
         ds = ds.map_batches(
             BlockEncoder,
             batch_size=1,
@@ -202,7 +223,7 @@ def _encode_blocks(
             num_gpus=gpus,
             fn_constructor_kwargs={
                 "model": model,
-                "reader": collection.reader,
+                "reader": None if shipped else collection.reader,
                 "count": len(collection.keys),
                 "block_size": i.block_size,
                 "image_size": resolved.image_size,

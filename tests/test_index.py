@@ -227,6 +227,36 @@ def test_a_split_the_evaluation_encoded_takes_its_codes_once_verified(champion, 
         MlflowClient(uri).delete_tag(run_id, EVAL_COMPLETE_TAG)  # the champion unevaluated again
 
 
+def test_a_tar_archive_is_read_once_by_the_driver_not_again_by_each_worker(ray_local, champion, tmp_path, monkeypatch):
+    """The driver reads the archive while listing it and ships each block's bytes to the
+    actors: the archive removed once the collection is open (before any actor starts) is
+    indexed all the same, with the codes of the same images indexed from a folder."""
+    import dataclasses
+    import tarfile
+
+    params, _, images = champion
+    two = dataclasses.replace(params, index=dataclasses.replace(params.index, workers=2))
+    folder = images / sorted(p.name for p in images.iterdir())[0]
+    archive = tmp_path / "photos.tar"
+    with tarfile.open(archive, "w") as tar:
+        tar.add(folder, arcname="photos")
+    real = index_stage.resolve_model
+
+    def archive_gone_then_resolve(*args, **kwargs):
+        archive.unlink()  # after open_collection read it; the actors cannot read it again
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(index_stage, "resolve_model", archive_gone_then_resolve)
+    from_tar = index_stage.build_index(two, tmp_path / "t", model=CHAMPION, images=str(archive), progress=False)
+    assert not archive.exists() and from_tar.manifest["count"] == len(list(folder.iterdir())) == 30
+    assert from_tar.encoded_blocks == from_tar.blocks == 2
+    monkeypatch.undo()
+    from_folder = index_stage.build_index(two, tmp_path / "f", model=CHAMPION, images=str(folder), progress=False)
+    a, b = (index_format.load_index(r.directory) for r in (from_tar, from_folder))
+    assert [k.removeprefix("photos/") for k in a.keys.to_pylist()] == b.keys.to_pylist()
+    np.testing.assert_array_equal(np.asarray(a.codes), np.asarray(b.codes))
+
+
 def test_a_list_file_is_read_as_prepare_reads_one(tmp_path, capsys):
     """index reads a `<path> [labels]` list with prepare's reader (sources.list_tokens): a
     line that is not UTF-8 stops the stage with one line naming the file, the line and the
