@@ -11,11 +11,13 @@ files (:mod:`pipeline.index_format`): docs/serving.md and docs/data-formats.md; 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
 import os
 import shutil
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,7 +27,7 @@ import numpy as np
 from .artifacts import DEFAULT_METHOD, not_replaceable
 from .collection import open_collection
 from .config import Params, add_config_args, config_from_args
-from .errors import ConfigError, run_main
+from .errors import ConfigError, DataError, run_main
 from .index_blocks import PLAN, encode_collection, plan_of
 from .index_format import CODES, KEYS, LABELS, MANIFEST, NotAnIndex, read_manifest, write_index
 from .index_reuse import evaluation_codes
@@ -86,6 +88,54 @@ def check_out(out: str | os.PathLike) -> Path:
     return out
 
 
+def space_needed(collection, bits: int, *, encoding: bool) -> int:
+    """Bytes an index build writes at least: its codes and labels (.npy, their exact sizes;
+    the keys and the manifest come on top), and while ``encoding`` the blocks' codes and
+    masks beside them."""
+    count, words = len(collection.keys), -(-bits // 64)
+    codes = count * words * 8 + 128
+    labels = 0 if collection.labels is None else int(collection.labels.size) + 128
+    return codes + labels + (count * (words * 8 + 1) if encoding else 0)
+
+
+def _free_bytes(path: Path) -> int:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return shutil.disk_usage(path).free
+
+
+def _size(n: int) -> str:
+    for e, unit in ((30, "GiB"), (20, "MiB"), (10, "KiB")):
+        if n >= 2**e:
+            return f"{n / 2**e:,.1f} {unit}"
+    return f"{n:,} B"
+
+
+@contextlib.contextmanager
+def disk_full_is_an_error(out: Path, need: int, partial: Path) -> Iterator[None]:
+    """Refuse a build that cannot fit (``need`` bytes, at least, where ``out`` goes), and turn
+    a full disk met while writing into a :class:`DataError` naming ``out`` and the space: the
+    temporary index is removed by the caller, finished blocks are kept for the rerun (an
+    unfinished index with none is removed: it would only block the rerun)."""
+    free = _free_bytes(out.absolute().parent)
+    fix = "free some space (or choose another --out) and run the same command again"
+    if free < need:
+        raise DataError(f"{out}: {_size(free)} free on its device, the index needs at least {_size(need)}; {fix}")
+    try:
+        yield
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT) and "No space left on device" not in str(e):
+            raise
+        if partial.is_dir() and not any((partial / "blocks").glob("*.npz")):
+            shutil.rmtree(partial, ignore_errors=True)
+        kept = f"; the finished blocks in {partial} are kept" if partial.is_dir() else ""
+        free = _free_bytes(out.absolute().parent)
+        raise DataError(
+            f"{out}: no space left on its device while writing {Path(e.filename).name if e.filename else 'the index'} "
+            f"({_size(free)} free; the index needs at least {_size(need)}, and its keys){kept}; {fix}"
+        ) from None
+
+
 def _swap_into_place(tmp: Path, out: Path) -> None:
     """``tmp`` becomes ``out``; an older index there is removed only once the new one is in place."""
     old = out.with_name(f".{out.name}.old-{os.getpid()}")
@@ -110,9 +160,9 @@ def build_index(
     """Encode a collection with the model ``model`` (a ``models:/`` URI) into the index
     folder ``out``, resuming from ``<out>.partial`` when an earlier run of the same plan left
     finished blocks there. A prepared split that the model's evaluation encoded takes the
-    evaluation's codes instead, once verified (:func:`evaluation_codes`), unless ``reencode``."""
-    from dpfah.train import precision_used
-
+    evaluation's codes instead, once verified (:func:`evaluation_codes`), unless ``reencode``.
+    A full disk is a DataError naming ``out`` and the space needed; the index in ``out``, if
+    any, is left as it was."""
     t0 = time.perf_counter()
     out = check_out(out)
     collection = open_collection(params, dataset=dataset, split=split, images=images, root=root)
@@ -123,6 +173,31 @@ def build_index(
     count, size = len(collection.keys), params.index.block_size
     blocks = -(-count // size)
     reused, why = (None, None) if reencode else evaluation_codes(params, collection, resolved, loaded)
+    need = space_needed(collection, resolved.bits, encoding=reused is None)
+    with disk_full_is_an_error(out, need, partial):
+        packed, keep, skipped, device, seconds, done_items, todo, used, codes_from = _codes(
+            collection, resolved, loaded, params, partial, plan, progress, reused, why
+        )
+        tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            manifest = write_index(tmp, packed, keep, collection, resolved, skipped, plan, device, used, codes_from)
+            _swap_into_place(tmp, out)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    shutil.rmtree(partial, ignore_errors=True)
+    encoded = count - done_items
+    return IndexResult(
+        out, manifest, len(todo), blocks, time.perf_counter() - t0, encoded / seconds if seconds else 0.0
+    )
+
+
+def _codes(collection, resolved, loaded, params: Params, partial: Path, plan, progress, reused, why):
+    """The evaluation's codes (``reused``), else the collection encoded: (packed, kept rows,
+    skipped, device, encoding seconds, items resumed, blocks encoded, precision used, codes_from)."""
+    from dpfah.train import precision_used
+
+    count = len(collection.keys)
     if reused is not None:  # nothing to encode; an unfinished encoding in partial is not needed
         packed, keep, skipped, device, seconds, done_items, todo = (
             reused.packed,
@@ -141,18 +216,7 @@ def build_index(
             collection, resolved, loaded, params, partial, plan, progress
         )
         used, codes_from = precision_used(plan["precision"], device), "encoded"
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        manifest = write_index(tmp, packed, keep, collection, resolved, skipped, plan, device, used, codes_from)
-        _swap_into_place(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    shutil.rmtree(partial, ignore_errors=True)
-    encoded = count - done_items
-    return IndexResult(
-        out, manifest, len(todo), blocks, time.perf_counter() - t0, encoded / seconds if seconds else 0.0
-    )
+    return packed, keep, skipped, device, seconds, done_items, todo, used, codes_from
 
 
 # ----------------------------------------------------------------------------- command line

@@ -257,6 +257,72 @@ def test_a_tar_archive_is_read_once_by_the_driver_not_again_by_each_worker(ray_l
     np.testing.assert_array_equal(np.asarray(a.codes), np.asarray(b.codes))
 
 
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 1 MiB tmpfs (root only: skipped with the reason elsewhere), unmounted at the end."""
+    import os
+    import subprocess
+
+    if os.geteuid() != 0:
+        pytest.skip("a full disk is simulated with a 1 MiB tmpfs, which only root can mount (mount -t tmpfs)")
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)], capture_output=True, text=True)
+    if done.returncode:
+        pytest.skip(f"cannot mount a tmpfs here ({done.stderr.strip()})")
+    try:
+        yield disk
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)
+
+
+def _fill(disk, leave: int) -> None:
+    """Fill ``disk`` until ``leave`` bytes are free."""
+    filler = disk / "filler"
+    filler.unlink(missing_ok=True)
+    filler.write_bytes(b"\0" * max(0, shutil.disk_usage(disk).free - leave))
+
+
+def test_a_full_disk_is_one_line_naming_the_space_and_the_index_there_stays(ray_local, champion, small_disk, capsys):
+    """Index into a full file system: refused before any work when even the codes cannot fit;
+    a disk that fills while blocks are written ends in one line, exit 2, the index already in
+    --out as it was, no temporary file left, the finished block kept; with space again the
+    same command resumes."""
+    params, _, images = champion
+    folder = images / sorted(p.name for p in images.iterdir())[0]  # 30 images: 2 blocks of 16
+    out = small_disk / "photos"
+    index_stage.build_index(params, out, model=CHAMPION, images=str(folder), progress=False)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    argv = ["--images", str(folder), "--model", CHAMPION, "--out", str(out), "--quiet", "--set"]
+    argv += [f"mlflow.tracking_uri={params.mlflow.tracking_uri}", "--set", "index.block_size=16"]
+
+    _fill(small_disk, 0)
+    code, text = cli(index_stage, argv, capsys)
+    assert code == 2 and text == (
+        f"error: {out}: 0 B free on its device, the index needs at least 638 B; "
+        "free some space (or choose another --out) and run the same command again\n"
+    ), text
+
+    _fill(small_disk, 8192)  # the plan and one block fit (a 4 KiB page each), not the second block
+    code, text = cli(index_stage, argv, capsys)
+    partial = small_disk / "photos.partial"
+    assert code == 2 and len(text.splitlines()) == 1, text
+    assert text.startswith(
+        f"error: {out}: no space left on its device while writing the index (0 B free; the index needs at least 638 B, "
+        "and its keys); "
+    ), text
+    assert f"the finished blocks in {partial} are kept; free some space" in text, text
+    assert sorted(p.name for p in (partial / "blocks").iterdir()) == ["000000.npz"]
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # the index there as it was
+    assert sorted(p.name for p in small_disk.iterdir()) == ["filler", "photos", "photos.partial"]
+    index_format.load_index(out, verify=True)
+
+    (small_disk / "filler").unlink()
+    code, text = cli(index_stage, argv, capsys)
+    assert code == 0 and "1 of 2 blocks resumed" in text, text
+    assert sorted(p.name for p in small_disk.iterdir()) == ["photos"]
+
+
 def test_a_list_file_is_read_as_prepare_reads_one(tmp_path, capsys):
     """index reads a `<path> [labels]` list with prepare's reader (sources.list_tokens): a
     line that is not UTF-8 stops the stage with one line naming the file, the line and the
