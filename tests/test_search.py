@@ -134,7 +134,8 @@ def test_the_last_line_gives_the_time_in_all_and_its_parts(small_index, capsys):
     code, text = cli(search_stage, [str(small_index), "--key", "3", "--key", "7", "-k", "2"], capsys)
     last = text.splitlines()[-1]
     assert code == 0 and last.startswith("2 queries, top 2 of 40 items (16 bits): "), text
-    assert " in all since main started (index loaded in " in last and ", searched in " in last, last
+    assert " in all since main started (imports in " in last and ", index loaded in " in last, last
+    assert ", searched in " in last, last
     done = _run(str(small_index), "--key", "3")  # as a command: from the process's start, imports counted
     assert done.returncode == 0 and " in all since the process started (imports in " in done.stdout, done
 
