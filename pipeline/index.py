@@ -243,7 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
             "--bits and --method. A list file has one `<path> [0/1 label vector]` per line. Settings:\n"
             "index.workers, index.batch_size, index.block_size, index.precision, index.on_bad_image\n"
             "(--set index.on_bad_image=skip leaves unreadable images out, listed in the manifest).\n"
-            "Errors print one line and exit 2."
+            "Errors print one line and exit 2. More: docs/serving.md (Search and serving)."
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -1,20 +1,9 @@
 """Stage `search`: the nearest items of an index (``pipeline.index``) by Hamming distance.
 
-    python -m pipeline.search INDEX QUERY.jpg [QUERY2.png ...] [-k 10] [--grid out.png]
-    python -m pipeline.search INDEX --key 123 [--key 456] [--radius 2]
-
-Queries are image files (encoded with the very model version the index was built with, the
-same way as the index's items) or keys of items already in the index (their stored codes).
-The search is exact, through the project's kernel (``dpfah.codes.HammingIndex``): the top
-``-k`` items by (distance, row), rows being in key order, so ties go to the smaller key (a
-prepared split: the smaller index); ``--radius r``: every item within distance r, in the same
-order. Prints a table (query, rank, key, distance, and the label and source path when the
-index has them); ``--grid out.png`` draws the query and its results as a figure
-(:mod:`pipeline.search_grid`). A query file is read only if it is a regular file of at most
-``--max-query-bytes``.
-
-Loading is cheap at any size: the codes and labels are memory-mapped ``.npy`` files, the keys
-one Parquet column; nothing is read row by row in Python.
+Queries are image files (regular files up to ``--max-query-bytes``, encoded with the model
+version the index records) or keys of its items; the search is exact (top ``-k`` by distance
+then key, or all within ``--radius``), printed as a table, drawn with ``--grid``
+(:mod:`pipeline.search_grid`). How it works: docs/serving.md; usage: ``--help``.
 """
 
 from __future__ import annotations
@@ -161,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
             "the index's, unless MLFLOW_TRACKING_URI or --set mlflow.tracking_uri names another).\n"
             "Query files must be regular files of at most --max-query-bytes (a FIFO, a device or a\n"
             "larger file is refused). The last line gives the time in all, from the process's start.\n"
-            "Errors print one line and exit 2."
+            "Errors print one line and exit 2. More: docs/serving.md (Search and serving)."
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
