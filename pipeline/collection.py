@@ -61,11 +61,18 @@ class FileReader:
 
 
 class TarReader:
-    """Image files of a tar archive (read into memory once per actor, as prepare does)."""
+    """Image files of a tar archive, held in memory: ``files``, as the driver read them while
+    listing the archive (read once; index ships each block's bytes to its actors), else read
+    on first use."""
 
-    def __init__(self, path: str, refs: Sequence[str]):
+    def __init__(self, path: str, refs: Sequence[str], files: dict[str, bytes] | None = None):
         self.path, self.refs = path, list(refs)
-        self._files: dict[str, bytes] | None = None
+        self._files: dict[str, bytes] | None = files
+
+    @property
+    def in_memory(self) -> bool:
+        """Whether the items are held here: a reader to ship blocks from, not to ship."""
+        return self._files is not None
 
     def where(self, i: int) -> str:
         return f"{self.path}!{self.refs[i]}"
@@ -185,7 +192,7 @@ def open_collection(
         source = open_source(images, allow_cifar10=False)
         refs = source.refs()
         identity = {**source.identity, "path": str(path.resolve()), "images": len(refs)}
-        reader = TarReader(str(path.resolve()), refs)
+        reader = TarReader(str(path.resolve()), refs, source.files)  # read once, here
     else:
         refs, labels = _list_entries(path, images)
         base = Path(root).expanduser() if root else path.parent

@@ -4,11 +4,57 @@ the index, so a query and its copy in the index get the same code)."""
 
 from __future__ import annotations
 
+import os
+import stat
 from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = ["encode_images"]
+from .errors import DataError
+
+__all__ = ["encode_images", "read_image_file", "NotAnImageFile", "MAX_IMAGE_BYTES"]
+
+#: The default cap on an image file's size: far above any photo (a 24-megapixel JPEG is a
+#: few MB), far below what would strain memory.
+MAX_IMAGE_BYTES = 64 * 2**20
+
+
+class NotAnImageFile(DataError):
+    """A path that is not a regular file (a FIFO, a device, a folder) or is over the size cap."""
+
+
+_KINDS = {
+    stat.S_IFIFO: "a FIFO",
+    stat.S_IFCHR: "a character device",
+    stat.S_IFBLK: "a block device",
+    stat.S_IFSOCK: "a socket",
+    stat.S_IFDIR: "a folder",
+}
+
+
+def read_image_file(path: str | os.PathLike, max_bytes: int = MAX_IMAGE_BYTES) -> bytes:
+    """The bytes of the image file ``path``: a regular file of at most ``max_bytes``. Anything
+    else is refused before reading (:class:`NotAnImageFile`, naming the path): opened without
+    blocking (a FIFO with no writer would wait forever), checked on the open descriptor, and
+    read to at most ``max_bytes`` + 1 bytes (a file that grows while read is refused too).
+    OSError (missing, no permission) passes through."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    try:  # a folder opens too (Linux): its mode says what it is
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            kind = _KINDS.get(stat.S_IFMT(info.st_mode), "not a regular file")
+            raise NotAnImageFile(f"{path}: {kind}, not an image file (only regular files are read)")
+        if info.st_size > max_bytes:
+            raise NotAnImageFile(f"{path}: {info.st_size:,} bytes, over the cap of {max_bytes:,}")
+        f = os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+    with f:
+        data = f.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise NotAnImageFile(f"{path}: grew past the cap of {max_bytes:,} bytes while read")
+    return data
 
 
 def _decode_problem(data: bytes, error: Exception) -> str:

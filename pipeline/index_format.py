@@ -170,9 +170,62 @@ def read_manifest(directory: str | os.PathLike) -> dict[str, Any]:
     return manifest
 
 
+def _check_manifest(path: Path, manifest: dict[str, Any]) -> None:
+    """The fields a load reads are there and of their type: NotAnIndex naming the first that is not."""
+    for key, kind in (
+        ("count", int),
+        ("words", int),
+        ("bits", int),
+        ("files", dict),
+        ("model", dict),
+        ("source", dict),
+    ):
+        value = manifest.get(key)
+        if not isinstance(value, kind) or isinstance(value, bool) or (kind is int and value < 0):
+            got = "missing" if key not in manifest else f"{value!r}"[:40]
+            raise NotAnIndex(f"{path}: {key} is {got}, expected {'a count' if kind is int else 'an object'}")
+    for name in (CODES, KEYS, *([LABELS] if LABELS in manifest["files"] else [])):
+        info = manifest["files"].get(name)
+        if not (isinstance(info, dict) and isinstance(info.get("bytes"), int) and isinstance(info.get("sha256"), str)):
+            raise NotAnIndex(f"{path}: files.{name} lacks its size or sha256")
+
+
+def _check_sizes(directory: Path, manifest: dict[str, Any]) -> None:
+    """Each file of the index has the size its manifest records (cheap: no file is read)."""
+    for name, info in manifest["files"].items():
+        try:
+            size = (directory / name).stat().st_size
+        except OSError as e:
+            raise NotAnIndex(f"{directory / name}: {e.strerror or e} (the index lists it in {MANIFEST})") from None
+        if size != info["bytes"]:
+            raise NotAnIndex(
+                f"{directory / name}: {size:,} bytes, {MANIFEST} says {info['bytes']:,} (truncated or replaced; "
+                "rebuild the index with python -m pipeline.index)"
+            )
+
+
+def _load_array(path: Path, dtype, shape: tuple[int, ...]) -> np.ndarray:
+    """The .npy file memory-mapped, its dtype and shape checked (``-1``: any length there)."""
+    try:
+        array = np.load(path, mmap_mode="r")
+    except (OSError, ValueError, EOFError) as e:
+        raise NotAnIndex(f"{path}: not a readable .npy file ({type(e).__name__}: {e})") from None
+    if (
+        array.dtype != dtype
+        or len(array.shape) != len(shape)
+        or any(w not in (-1, g) for g, w in zip(array.shape, shape))
+    ):
+        want = tuple("*" if w == -1 else w for w in shape)
+        raise NotAnIndex(f"{path}: {array.dtype} {array.shape}, {MANIFEST} says {np.dtype(dtype)} {want}")
+    return array
+
+
 def load_index(directory: str | os.PathLike, *, verify: bool = False) -> Index:
-    """Open an index folder: the manifest checked, the codes and labels memory-mapped, the keys
-    read as one column. ``verify``: also check every file's sha256 against the manifest."""
+    """Open an index folder: the manifest checked, each file's size against it (every load;
+    ``verify``: also each file's sha256), the codes and labels memory-mapped with their
+    shapes checked, the keys read as one column. A corrupt or incomplete index is a
+    :class:`NotAnIndex` naming the file."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     directory = Path(directory)
@@ -181,24 +234,29 @@ def load_index(directory: str | os.PathLike, *, verify: bool = False) -> Index:
         partial = directory.with_name(directory.name + ".partial")
         if partial.exists():
             raise NotAnIndex(
-                f"{directory}: not complete (an indexing run stopped; run the same python -m pipeline.index again to resume)"
+                f"{directory}: not complete (an indexing run stopped; run the same python -m pipeline.index "
+                "again to resume)"
             )
         raise NotAnIndex(f"{directory}: no index ({MANIFEST} not found; build one with python -m pipeline.index)")
     manifest = read_manifest(directory)
+    _check_manifest(path, manifest)
+    _check_sizes(directory, manifest)
     if verify:
         for name, info in manifest["files"].items():
             if sha256_file(directory / name) != info["sha256"]:
-                raise NotAnIndex(f"{directory / name}: sha256 does not match {MANIFEST}")
-    n, words = int(manifest["count"]), int(manifest["words"])
-    codes = np.load(directory / CODES, mmap_mode="r")
-    if codes.shape != (n, words) or codes.dtype != np.uint64:
-        raise NotAnIndex(f"{directory / CODES}: {codes.dtype} {codes.shape}, the manifest says uint64 ({n}, {words})")
-    table = pq.read_table(directory / KEYS)
-    keys = table.column("key").combine_chunks()
-    paths = table.column("path").combine_chunks() if "path" in table.column_names else None
-    labels = np.load(directory / LABELS, mmap_mode="r") if LABELS in manifest["files"] else None
-    if len(keys) != n or (labels is not None and labels.shape[0] != n):
-        raise NotAnIndex(
-            f"{directory}: {len(keys)} keys and {None if labels is None else labels.shape[0]} label rows for {n} codes"
-        )
+                raise NotAnIndex(f"{directory / name}: sha256 does not match {MANIFEST} (the file changed)")
+    n, words = manifest["count"], manifest["words"]
+    codes = _load_array(directory / CODES, np.uint64, (n, words))
+    try:
+        table = pq.read_table(directory / KEYS)
+        keys = table.column("key").combine_chunks()
+        paths = table.column("path").combine_chunks() if "path" in table.column_names else None
+    except (OSError, KeyError, pa.ArrowException) as e:
+        raise NotAnIndex(f"{directory / KEYS}: unreadable ({type(e).__name__}: {e})") from None
+    if len(keys) != n or (paths is not None and len(paths) != n):
+        raise NotAnIndex(f"{directory / KEYS}: {len(keys)} keys, {MANIFEST} says {n}")
+    labels = None
+    if LABELS in manifest["files"]:
+        classes = manifest.get("classes")
+        labels = _load_array(directory / LABELS, np.uint8, (n, len(classes) if isinstance(classes, list) else -1))
     return Index(directory, manifest, codes, keys, labels, paths)

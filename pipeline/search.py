@@ -1,39 +1,32 @@
 """Stage `search`: the nearest items of an index (``pipeline.index``) by Hamming distance.
 
-    python -m pipeline.search INDEX QUERY.jpg [QUERY2.png ...] [-k 10] [--grid out.png]
-    python -m pipeline.search INDEX --key 123 [--key 456] [--radius 2]
-
-Queries are image files (encoded with the very model version the index was built with, the
-same way as the index's items) or keys of items already in the index (their stored codes).
-The search is exact, through the project's kernel (``dpfah.codes.HammingIndex``): the top
-``-k`` items by (distance, row), rows being in key order, so ties go to the smaller key (a
-prepared split: the smaller index); ``--radius r``: every item within distance r, in the same
-order. Prints a table (query, rank, key, distance, and the label and source path when the
-index has them); ``--grid out.png`` draws the query and its results as a figure.
-
-Loading is cheap at any size: the codes and labels are memory-mapped ``.npy`` files, the keys
-one Parquet column; nothing is read row by row in Python.
+Queries are image files (regular files up to ``--max-query-bytes``, encoded with the model
+version the index records) or keys of its items; the search is exact (top ``-k`` by distance
+then key, or all within ``--radius``), printed as a table, drawn with ``--grid``
+(:mod:`pipeline.search_grid`). How it works: docs/serving.md; usage: ``--help``.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
 from .config import Params, add_config_args, config_from_args
-from .encoding import encode_images
+from .encoding import MAX_IMAGE_BYTES, encode_images, read_image_file
 from .errors import ConfigError, DataError, run_main
 from .index_format import Index, load_index
 from .registry import MismatchError, load_model, record_tracking_uri, resolve_model
 
-__all__ = ["Hit", "search", "query_codes", "main"]
+__all__ = ["Hit", "search", "query_codes", "read_queries", "main", "MAX_QUERY_BYTES"]
+
+#: The largest query image file read (``--max-query-bytes``): an image of a few megapixels is
+#: a few MB; anything far larger is not a query and is refused before it is read.
+MAX_QUERY_BYTES = MAX_IMAGE_BYTES
 
 
 @dataclass(frozen=True)
@@ -60,9 +53,25 @@ def search(index: Index, packed: np.ndarray, *, k: int = 10, radius: int | None 
     return [Hit(i[:c], d[:c]) for i, d, c in zip(idx, dist, counts)]
 
 
-def query_codes(index: Index, images: Sequence[str], params: Params):
-    """Packed codes of query image files, encoded with the index's model version the way its
-    items were (device type and precision of the index); the files that failed, with why."""
+def read_queries(paths: Sequence[str], max_bytes: int = MAX_QUERY_BYTES) -> tuple[list[bytes | None], dict[str, str]]:
+    """The bytes of each query image file (None where it cannot be read, with why). A path
+    that is not a regular file (a FIFO, a device such as /dev/zero, a folder) or is over
+    ``max_bytes`` is refused: :class:`pipeline.encoding.NotAnImageFile`, before any is read."""
+    data: list[bytes | None] = []
+    problems: dict[str, str] = {}
+    for path in paths:
+        try:
+            data.append(read_image_file(path, max_bytes))
+        except OSError as e:
+            data.append(None)
+            problems[path] = f"cannot read ({e.strerror or e})"
+    return data, problems
+
+
+def query_codes(index: Index, images: Sequence[str], params: Params, data: Sequence[bytes | None] | None = None):
+    """Packed codes of query image files (their bytes ``data``, else read with
+    :func:`read_queries`), encoded with the index's model version the way its items were
+    (device type and precision of the index); the files that failed, with why."""
     import torch
 
     from dpfah.codes import pack_codes
@@ -72,18 +81,14 @@ def query_codes(index: Index, images: Sequence[str], params: Params):
     resolved = resolve_model(params, m["uri"], uri)
     if resolved.run_id != m["run_id"] or resolved.bits != index.bits:
         raise MismatchError(
-            f"{m['uri']} is now run {resolved.run_id} ({resolved.bits} bits); the index was built with run {m['run_id']} ({index.bits} bits)"
+            f"{m['uri']} is now run {resolved.run_id} ({resolved.bits} bits); "
+            f"the index was built with run {m['run_id']} ({index.bits} bits)"
         )
+    problems: dict[str, str] = {}
+    if data is None:
+        data, problems = read_queries(images)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = load_model(resolved, device)
-    data: list[bytes | None] = []
-    problems: dict[str, str] = {}
-    for path in images:
-        try:
-            data.append(Path(path).read_bytes())
-        except OSError as e:
-            data.append(None)
-            problems[path] = f"cannot read ({e.strerror or e})"
     codes, ok, bad = encode_images(
         model, data, device, resolved.image_size, index.manifest.get("precision_used", "fp32")
     )
@@ -126,61 +131,6 @@ def table(index: Index, names: Sequence[str], hits: Sequence[Hit]) -> str:
     return "\n".join(lines)
 
 
-def item_bytes(index: Index, rows: Sequence[int]) -> dict[int, bytes]:
-    """The encoded images of some rows, read from the index's source."""
-    src = index.manifest["source"]
-    keys = {int(r): index.key(r) for r in rows}
-    if src["type"] == "split":
-        from dpfah.data import ShardError, read_manifest, read_samples
-
-        try:
-            manifest = read_manifest(src["directory"])
-            if manifest.sha256 != src["manifest_sha256"]:
-                raise DataError(f"{src['directory']}: the prepared data changed since the index was built")
-            got = read_samples(manifest, src["split"], [int(k) for k in keys.values()])
-        except ShardError as e:
-            raise DataError(str(e)) from None
-        return {r: got[int(k)] for r, k in keys.items()}
-    if src["type"] == "tar":
-        from .sources import read_tar
-
-        _, files = read_tar(Path(src["path"]), src["path"], progress=False)
-        return {r: files[k] for r, k in keys.items()}
-    base = Path(src["root"] if src["type"] == "list" else src["path"])
-    return {r: (base / k).read_bytes() for r, k in keys.items()}
-
-
-def draw_grid(
-    path: str | os.PathLike, index: Index, queries: Sequence[tuple[str, bytes, np.ndarray | None]], hits: Sequence[Hit]
-) -> Path:
-    """A figure: a row per query (its image, then its results by rank, captioned with key and
-    distance; framed green/red when labels tell relevance)."""
-    from .figures import class_name, plot_grid, thumbnail
-
-    wanted = sorted({int(r) for h in hits for r in h.rows})
-    images = item_bytes(index, wanted)
-    classes = index.manifest.get("classes") or []
-    rows = []
-    for (name, data, labels), hit in zip(queries, hits):
-        results = []
-        for r, d in zip(hit.rows, hit.distances):
-            ok = None
-            if labels is not None and index.labels is not None:
-                ok = bool(np.any(labels.astype(bool) & index.labels[int(r)].astype(bool)))
-            results.append((thumbnail(images[int(r)]), ok, int(d), index.key(r)[-14:]))
-        title = name if labels is None or not classes else f"{name} ({class_name(labels, classes)})"
-        rows.append({"query": thumbnail(data), "name": title[-24:], "results": results})
-    if not any(r["results"] for r in rows):
-        raise DataError("nothing to draw: no query has a result")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    m = index.manifest
-    plot_grid(
-        path, rows, f"{index.directory.name}: {m['count']:,} items, {m['bits']} bits, {m['model']['uri']} (ties by key)"
-    )
-    return path
-
-
 # ----------------------------------------------------------------------------- command line
 
 
@@ -198,7 +148,9 @@ def build_parser() -> argparse.ArgumentParser:
             "  python -m pipeline.search index/photos --key holidays/img_0001.jpg --radius 3\n"
             "Query images are encoded with the model version recorded in the index (its MLflow store:\n"
             "the index's, unless MLFLOW_TRACKING_URI or --set mlflow.tracking_uri names another).\n"
-            "Errors print one line and exit 2."
+            "Query files must be regular files of at most --max-query-bytes (a FIFO, a device or a\n"
+            "larger file is refused). The last line gives the time in all, from the process's start.\n"
+            "Errors print one line and exit 2. More: docs/serving.md (Search and serving)."
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -213,13 +165,40 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--grid", metavar="PNG", help="also draw the queries and their results into this figure")
     parser.add_argument(
-        "--verify", action="store_true", help="check the index files' sha256 against its manifest first"
+        "--verify",
+        action="store_true",
+        help="also check each index file's sha256 against its manifest (sizes and shapes are checked on every load)",
+    )
+    parser.add_argument(
+        "--max-query-bytes",
+        type=int,
+        default=MAX_QUERY_BYTES,
+        metavar="N",
+        help=f"refuse a query image file over N bytes (default {MAX_QUERY_BYTES:,}); only regular files are read",
     )
     add_config_args(parser)
     return parser
 
 
+def _process_start() -> float | None:
+    """When this process started (time.time() scale), where the OS tells it (psutil, which Ray
+    installs); None elsewhere."""
+    try:
+        import psutil
+
+        return psutil.Process().create_time()
+    except Exception:  # psutil missing or the process table unreadable: no import time to show
+        return None
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1e3:.0f} ms" if seconds < 1 else f"{seconds:.1f} s"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    wall0, t0 = time.time(), time.perf_counter()
+    # run as `python -m pipeline.search`: the total counts from the process's start (imports too)
+    started = _process_start() if getattr(main, "__module__", None) == "__main__" else None
     args = build_parser().parse_args(argv)
     if not args.images and not args.key:
         raise ConfigError("give query images and/or --key KEY")
@@ -227,26 +206,32 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise ConfigError(f"-k {args.k}: must be >= 1")
     if args.radius is not None and args.radius < 0:
         raise ConfigError(f"--radius {args.radius}: must be >= 0")
+    if args.max_query_bytes < 1:
+        raise ConfigError(f"--max-query-bytes {args.max_query_bytes}: must be >= 1")
+    data, problems = read_queries(args.images, args.max_query_bytes)  # before any work: a FIFO is refused
+    t = time.perf_counter()
     import pyarrow.parquet  # noqa: F401  (the imports are not the index's load time)
 
     import dpfah.codes  # noqa: F401
 
+    spans: list[tuple[str, float]] = [("imports", time.perf_counter() - t)]
     t = time.perf_counter()
     index = load_index(args.index, verify=args.verify)
     index.hamming()  # the kernel's layout of the codes: part of loading
-    loaded = time.perf_counter() - t
+    spans.append(("index loaded", time.perf_counter() - t))
     names: list[str] = []
     packed: list[np.ndarray] = []
     queries: list[tuple[str, bytes | None, np.ndarray | None]] = []
     if args.images:
-        params = config_from_args(args)
-        codes, ok, problems = query_codes(index, args.images, params)
-        for path, why in problems.items():
+        t = time.perf_counter()
+        codes, ok, bad = query_codes(index, args.images, config_from_args(args), data)
+        spans.append(("model loaded and queries encoded", time.perf_counter() - t))
+        for path, why in {**problems, **bad}.items():
             print(f"skipped query {path}: {why}", file=sys.stderr)
-        good = [p for p, keep in zip(args.images, ok) if keep]
-        names += good
+        good = [(p, d) for p, d, keep in zip(args.images, data, ok) if keep]
+        names += [p for p, _ in good]
         packed.append(codes)
-        queries += [(p, Path(p).read_bytes() if args.grid else None, None) for p in good]
+        queries += [(p, d, None) for p, d in good]
     if args.key:
         rows = index.rows_of(args.key)
         names += [f"key {k}" for k in args.key]
@@ -259,20 +244,30 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise DataError("no usable query (every query image failed; see above)")
     t = time.perf_counter()
     hits = search(index, np.concatenate(packed), k=args.k, radius=args.radius)
-    took = time.perf_counter() - t
+    spans.append(("searched", time.perf_counter() - t))
     print(table(index, names, hits))
-    what = f"within distance {args.radius}" if args.radius is not None else f"top {args.k}"
-    print(
-        f"{len(names)} quer{'y' if len(names) == 1 else 'ies'}, {what} of {len(index):,} items ({index.bits} bits): loaded in {loaded * 1e3:.0f} ms, searched in {took * 1e3:.1f} ms"
-    )
     if args.grid:
+        from .search_grid import draw_grid, item_bytes
+
+        t = time.perf_counter()
         if args.key:  # the key queries' own images
-            key_rows = index.rows_of(args.key)
-            own = item_bytes(index, key_rows)
+            own = item_bytes(index, rows)
             offset = len(queries) - len(args.key)
-            queries[offset:] = [(n, own[int(r)], lab) for (n, _, lab), r in zip(queries[offset:], key_rows)]
+            queries[offset:] = [(n, own[int(r)], lab) for (n, _, lab), r in zip(queries[offset:], rows)]
         path = draw_grid(args.grid, index, queries, hits)
+        spans.append(("grid drawn", time.perf_counter() - t))
         print(f"wrote {path}")
+    what = f"within distance {args.radius}" if args.radius is not None else f"top {args.k}"
+    total = time.perf_counter() - t0
+    since = "since main started"
+    if started is not None and started <= wall0:
+        spans[0] = ("imports", spans[0][1] + wall0 - started)
+        total += wall0 - started
+        since = "since the process started"
+    print(
+        f"{len(names)} quer{'y' if len(names) == 1 else 'ies'}, {what} of {len(index):,} items ({index.bits} bits): "
+        f"{_ms(total)} in all {since} ({', '.join(f'{n} in {_ms(s)}' for n, s in spans)})"
+    )
     return 0
 
 

@@ -13,44 +13,13 @@ import torch
 from pipeline import index as index_stage
 from pipeline import index_format
 from pipeline import search as search_stage
+from pipeline.index_blocks import FAULT_ENV
 from pipeline.runkey import RunKey
-from tests.helpers import BITS, cli, fake_training_run, toy_params
+from tests import index_fixtures
+from tests.helpers import BITS, cli
+from tests.index_fixtures import CHAMPION, NAME
 
-NAME = f"dpfah-toy-{BITS}b"
-CHAMPION = f"models:/{NAME}@champion"
-
-
-@pytest.fixture(scope="module")
-def champion(toy_dataset, tmp_path_factory):
-    """The toy dataset's params (block size 16: 78 database items in 5 blocks) and a DPFAH
-    model registered as dpfah-toy-8b with the champion alias, in a store of its own."""
-    import mlflow
-    from mlflow.tracking import MlflowClient
-
-    from dpfah.data import read_manifest
-    from pipeline.tracking import using_tracking_uri
-
-    work, images = toy_dataset
-    store = tmp_path_factory.mktemp("index-store")
-    uri = f"sqlite:///{store / 'mlflow.db'}"
-    params = toy_params(work, images, f"mlflow.tracking_uri={uri}", "index.block_size=16", "index.batch_size=8")
-    record = fake_training_run(uri, read_manifest(params.shards_dir("toy")).sha256)
-    with using_tracking_uri(uri):
-        version = mlflow.register_model(record["model_uri"], NAME).version
-    MlflowClient(uri).set_registered_model_alias(NAME, "champion", version)
-    return params, record, images
-
-
-@pytest.fixture(scope="module")
-def database_index(ray_local, champion, tmp_path_factory):
-    """The toy database split indexed in one uninterrupted run, by two Ray Data actors."""
-    import dataclasses
-
-    params, record, _ = champion
-    two = dataclasses.replace(params, index=dataclasses.replace(params.index, workers=2))
-    out = tmp_path_factory.mktemp("indexes") / "toy-8"
-    result = index_stage.build_index(two, out, model=CHAMPION, dataset="toy", split="database", progress=False)
-    return result
+champion, database_index = index_fixtures.champion, index_fixtures.database_index  # this module's own
 
 
 def _evaluate_codes(params, record):
@@ -108,14 +77,14 @@ def test_a_killed_index_resumes_without_reencoding_and_equals_the_uninterrupted_
 ):
     params, _, _ = champion
     out = tmp_path / "toy-8"
-    monkeypatch.setenv(index_stage.FAULT_ENV, "after-blocks:2")
+    monkeypatch.setenv(FAULT_ENV, "after-blocks:2")
     with pytest.raises(RuntimeError, match="injected fault after 2 block"):
         index_stage.build_index(params, out, model=CHAMPION, dataset="toy", split="database", progress=False)
     assert not out.exists()  # nothing that looks like an index
     assert len(list((tmp_path / "toy-8.partial" / "blocks").glob("*.npz"))) == 2
     with pytest.raises(index_format.NotAnIndex, match="not complete"):
         index_format.load_index(out)
-    monkeypatch.delenv(index_stage.FAULT_ENV)
+    monkeypatch.delenv(FAULT_ENV)
     resumed = index_stage.build_index(params, out, model=CHAMPION, dataset="toy", split="database", progress=False)
     assert (resumed.blocks, resumed.encoded_blocks) == (5, 3)
     first = database_index.directory
@@ -257,6 +226,102 @@ def test_a_split_the_evaluation_encoded_takes_its_codes_once_verified(champion, 
         assert (again.directory / "codes.npy").read_bytes() == (encoded / "codes.npy").read_bytes()
     finally:
         MlflowClient(uri).delete_tag(run_id, EVAL_COMPLETE_TAG)  # the champion unevaluated again
+
+
+def test_a_tar_archive_is_read_once_by_the_driver_not_again_by_each_worker(ray_local, champion, tmp_path, monkeypatch):
+    """The driver reads the archive while listing it and ships each block's bytes to the
+    actors: the archive removed once the collection is open (before any actor starts) is
+    indexed all the same, with the codes of the same images indexed from a folder."""
+    import dataclasses
+    import tarfile
+
+    params, _, images = champion
+    two = dataclasses.replace(params, index=dataclasses.replace(params.index, workers=2))
+    folder = images / sorted(p.name for p in images.iterdir())[0]
+    archive = tmp_path / "photos.tar"
+    with tarfile.open(archive, "w") as tar:
+        tar.add(folder, arcname="photos")
+    real = index_stage.resolve_model
+
+    def archive_gone_then_resolve(*args, **kwargs):
+        archive.unlink()  # after open_collection read it; the actors cannot read it again
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(index_stage, "resolve_model", archive_gone_then_resolve)
+    from_tar = index_stage.build_index(two, tmp_path / "t", model=CHAMPION, images=str(archive), progress=False)
+    assert not archive.exists() and from_tar.manifest["count"] == len(list(folder.iterdir())) == 30
+    assert from_tar.encoded_blocks == from_tar.blocks == 2
+    monkeypatch.undo()
+    from_folder = index_stage.build_index(two, tmp_path / "f", model=CHAMPION, images=str(folder), progress=False)
+    a, b = (index_format.load_index(r.directory) for r in (from_tar, from_folder))
+    assert [k.removeprefix("photos/") for k in a.keys.to_pylist()] == b.keys.to_pylist()
+    np.testing.assert_array_equal(np.asarray(a.codes), np.asarray(b.codes))
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 1 MiB tmpfs (root only: skipped with the reason elsewhere), unmounted at the end."""
+    import os
+    import subprocess
+
+    if os.geteuid() != 0:
+        pytest.skip("a full disk is simulated with a 1 MiB tmpfs, which only root can mount (mount -t tmpfs)")
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)], capture_output=True, text=True)
+    if done.returncode:
+        pytest.skip(f"cannot mount a tmpfs here ({done.stderr.strip()})")
+    try:
+        yield disk
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)
+
+
+def _fill(disk, leave: int) -> None:
+    """Fill ``disk`` until ``leave`` bytes are free."""
+    filler = disk / "filler"
+    filler.unlink(missing_ok=True)
+    filler.write_bytes(b"\0" * max(0, shutil.disk_usage(disk).free - leave))
+
+
+def test_a_full_disk_is_one_line_naming_the_space_and_the_index_there_stays(ray_local, champion, small_disk, capsys):
+    """Index into a full file system: refused before any work when even the codes cannot fit;
+    a disk that fills while blocks are written ends in one line, exit 2, the index already in
+    --out as it was, no temporary file left, the finished block kept; with space again the
+    same command resumes."""
+    params, _, images = champion
+    folder = images / sorted(p.name for p in images.iterdir())[0]  # 30 images: 2 blocks of 16
+    out = small_disk / "photos"
+    index_stage.build_index(params, out, model=CHAMPION, images=str(folder), progress=False)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    argv = ["--images", str(folder), "--model", CHAMPION, "--out", str(out), "--quiet", "--set"]
+    argv += [f"mlflow.tracking_uri={params.mlflow.tracking_uri}", "--set", "index.block_size=16"]
+
+    _fill(small_disk, 0)
+    code, text = cli(index_stage, argv, capsys)
+    assert code == 2 and text == (
+        f"error: {out}: 0 B free on its device, the index needs at least 638 B; "
+        "free some space (or choose another --out) and run the same command again\n"
+    ), text
+
+    _fill(small_disk, 8192)  # the plan and one block fit (a 4 KiB page each), not the second block
+    code, text = cli(index_stage, argv, capsys)
+    partial = small_disk / "photos.partial"
+    assert code == 2 and len(text.splitlines()) == 1, text
+    assert text.startswith(
+        f"error: {out}: no space left on its device while writing the index (0 B free; the index needs at least 638 B, "
+        "and its keys); "
+    ), text
+    assert f"the finished blocks in {partial} are kept; free some space" in text, text
+    assert sorted(p.name for p in (partial / "blocks").iterdir()) == ["000000.npz"]
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # the index there as it was
+    assert sorted(p.name for p in small_disk.iterdir()) == ["filler", "photos", "photos.partial"]
+    index_format.load_index(out, verify=True)
+
+    (small_disk / "filler").unlink()
+    code, text = cli(index_stage, argv, capsys)
+    assert code == 0 and "1 of 2 blocks resumed" in text, text
+    assert sorted(p.name for p in small_disk.iterdir()) == ["photos"]
 
 
 def test_a_list_file_is_read_as_prepare_reads_one(tmp_path, capsys):
