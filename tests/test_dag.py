@@ -124,10 +124,16 @@ def _local_ray_sessions() -> set[str]:
     }
 
 
+def _matrix_line(output: str) -> str:
+    """The matrix stage's plan line: ``matrix of toy: N entries; a to train, b to evaluate again, c unchanged ...``."""
+    return next(line for line in output.splitlines() if line.startswith("matrix of "))
+
+
 def test_dvc_repro_runs_the_dag_then_nothing_then_only_what_a_parameter_touches(ray_head, tmp_path):
-    """The documented way to run many stages (docs/pipeline.md): a Ray head started once (`ray start --head`) that
-    every stage DVC runs joins (RAY_ADDRESS) instead of starting and stopping its own
-    instance; checked: no stage started a local instance."""
+    """The DAG under `dvc repro` and `dvc exp run`, with a Ray head started once (`ray start
+    --head`, docs/pipeline.md) that every stage joins instead of starting its own instance
+    (checked: none started a local one). The matrix stage reruns whenever an input changes,
+    and then trains only the entries whose inputs changed."""
     from mlflow.tracking import MlflowClient
 
     from pipeline.artifacts import metric_values
@@ -143,21 +149,18 @@ def test_dvc_repro_runs_the_dag_then_nothing_then_only_what_a_parameter_touches(
     run([str(BIN / "dvc"), "init", "-q"], repo, env)
     run([*git, "add", "-A"], repo, env)
     run([*git, "commit", "-qm", "project"], repo, env)
+    key = RunKey("toy", BITS)
 
-    # 1. The whole DAG.
+    # 1. The whole DAG up to promotion.
     first = run([str(BIN / "dvc"), "repro", "promote"], repo, env)
-    assert ran_stages(first) == {
-        "prepare@toy",
-        f"objective@toy-{BITS}-dpfah",
-        f"train@toy-{BITS}-dpfah-0",
-        f"evaluate@toy-{BITS}-dpfah-0",
-        f"promote@toy-{BITS}-dpfah-0",
-    }, first
-    record = json.loads((repo / "runs" / f"toy-{BITS}-dpfah-s0.json").read_text())
-    metrics = json.loads((repo / "metrics" / f"toy-{BITS}-dpfah-s0.json").read_text())
-    promotion = json.loads((repo / "promotions" / f"toy-{BITS}-dpfah-s0.json").read_text())
-    evaluation = json.loads((repo / "evaluations" / f"toy-{BITS}-dpfah-s0.json").read_text())
+    assert ran_stages(first) == {"prepare@toy", "train", "promote"}, first
+    assert _matrix_line(first).startswith("matrix of toy: 1 entries; 1 to train, 0 to evaluate again, 0 unchanged")
+    record = json.loads(key.run_file(repo).read_text())
+    metrics = json.loads(key.metrics_file(repo).read_text())
+    promotion = json.loads(key.promotion_file(repo).read_text())
+    evaluation = json.loads(key.evaluation_file(repo).read_text())
     assert evaluation["run_id"] == record["run_id"] == promotion["run_id"]
+    assert evaluation["inputs"] == record["inputs"]  # the digests the next runs compare
     assert set(metrics) == set(metric_values(metrics)), metrics  # the DVC metrics file: numbers only
     assert (promotion["decision"], promotion["version"], promotion["model_name"]) == (
         "promoted",
@@ -170,13 +173,11 @@ def test_dvc_repro_runs_the_dag_then_nothing_then_only_what_a_parameter_touches(
         assert run_data.metrics[name] == value, name
     assert run_data.tags["promote.decision"] == "promoted"
     assert client.get_model_version_by_alias(f"dpfah-toy-{BITS}b", "champion").run_id == record["run_id"]
-    for name in ("pr_radius.csv", "pr_rank.csv", "p_at_n.csv"):
-        assert (repo / "plots" / f"toy-{BITS}-dpfah-s0" / name).is_file()
     shown = run([str(BIN / "dvc"), "metrics", "show", "--json"], repo, env)
-    assert repr(metrics["query_map"]) in shown and f"metrics/toy-{BITS}-dpfah-s0.json" in shown, shown
+    assert repr(metrics["query_map"]) in shown and str(key.metrics_file()) in shown, shown
     plots = run([str(BIN / "dvc"), "plots", "show", "--json"], repo, env)
-    for name in ("pr_radius.csv", "pr_rank.csv", "p_at_n.csv"):
-        assert f"plots/toy-{BITS}-dpfah-s0/{name}" in plots, plots[-2000:]
+    for curve in RunKey.CURVES:
+        assert str(key.plot_file(curve)) in plots, plots[-2000:]
     run([*git, "add", "-A"], repo, env)
     run([*git, "commit", "-qm", "first repro"], repo, env)
 
@@ -185,59 +186,48 @@ def test_dvc_repro_runs_the_dag_then_nothing_then_only_what_a_parameter_touches(
     assert ran_stages(again) == set(), again
     assert "Data and pipelines are up to date." in again, again
 
-    # 3. An evaluation parameter: evaluate and promote rerun, prepare and train do not.
-    promotion_bytes = (repo / "promotions" / f"toy-{BITS}-dpfah-s0.json").read_bytes()
+    # 3. An evaluation parameter: the entry is evaluated again, not retrained; the same run
+    #    promoted again is no new version.
+    promotion_bytes = key.promotion_file(repo).read_bytes()
     exp = run([str(BIN / "dvc"), "exp", "run", "-S", "evaluate.radius=1", "promote"], repo, env)
-    assert ran_stages(exp) == {f"evaluate@toy-{BITS}-dpfah-0", f"promote@toy-{BITS}-dpfah-0"}, exp
-    assert (
-        "Stage 'prepare@toy' didn't change, skipping" in exp
-        and f"Stage 'train@toy-{BITS}-dpfah-0' didn't change, skipping" in exp
-    )
-    metrics2 = json.loads((repo / "metrics" / f"toy-{BITS}-dpfah-s0.json").read_text())
-    evaluation2 = json.loads((repo / "evaluations" / f"toy-{BITS}-dpfah-s0.json").read_text())
+    assert ran_stages(exp) == {"train", "promote"}, exp
+    assert _matrix_line(exp).startswith("matrix of toy: 1 entries; 0 to train, 1 to evaluate again, 0 unchanged")
+    evaluation2 = json.loads(key.evaluation_file(repo).read_text())
     assert evaluation2["radius"] == 1 and evaluation2["run_id"] == record["run_id"]
     run_data = client.get_run(record["run_id"]).data
-    for name, value in metric_values(metrics2).items():
+    for name, value in metric_values(json.loads(key.metrics_file(repo).read_text())).items():
         assert run_data.metrics[name] == value, name
-    # The same run promoted again: no new version, the recorded decision stands.
-    assert (repo / "promotions" / f"toy-{BITS}-dpfah-s0.json").read_bytes() == promotion_bytes
+    assert key.promotion_file(repo).read_bytes() == promotion_bytes
     assert [int(v.version) for v in client.search_model_versions(f"name = 'dpfah-toy-{BITS}b'")] == [1]
 
     # 4. A search result appears (what tune@toy writes): the trainings do not use it
-    #    (use_tuned is false), so only their cheap objective stage reruns.
+    #    (use_tuned is false), so the matrix trains nothing and promote does not run.
     best = {"eta": 5.0, "zeta": 0.5, "bits": BITS, "run_id": "trial", "search_run_id": "search", "by_bits": {}}
     (repo / "tune" / "toy").mkdir()
     (repo / "tune" / "toy" / "best.json").write_text(json.dumps(best))
     tuned = run([str(BIN / "dvc"), "repro", "promote"], repo, env)
-    assert ran_stages(tuned) == {f"objective@toy-{BITS}-dpfah"}, tuned
-    assert f"Stage 'train@toy-{BITS}-dpfah-0' didn't change, skipping" in tuned
+    assert ran_stages(tuned) == {"train"}, tuned
+    assert _matrix_line(tuned).startswith("matrix of toy: 1 entries; 0 to train, 0 to evaluate again, 1 unchanged")
 
-    # 5. One more code length: only its own stages run; the trained length is not retrained.
-    more = run([str(BIN / "dvc"), "exp", "run", "-S", f"bits=[{BITS},4]", "promote"], repo, env)
-    assert ran_stages(more) == {
-        "objective@toy-4-dpfah",
-        "train@toy-4-dpfah-0",
-        "evaluate@toy-4-dpfah-0",
-        "promote@toy-4-dpfah-0",
-    }, more
-    assert f"Stage 'train@toy-{BITS}-dpfah-0' didn't change, skipping" in more
-    assert json.loads((repo / "runs" / f"toy-{BITS}-dpfah-s0.json").read_text())["run_id"] == record["run_id"]
-    assert json.loads((repo / "evaluations" / "toy-4-dpfah-s0.json").read_text())["bits"] == 4
-
-    # 6. A second method beside DPFAH: only its own stages run, through the same loop, and it
-    #    is promoted into its own registered model; DPFAH's records and champion stay.
-    second = run(
-        [str(BIN / "dvc"), "exp", "run", "-S", f"bits=[{BITS}]", "-S", "train.methods=[dpfah,dsh]", "promote"],
-        repo,
-        env,
+    # 5. One more seed and one more code length: only the new entries train; the first keeps its run.
+    more = run(
+        [str(BIN / "dvc"), "exp", "run", "-S", "train.seeds=[0,1]", "-S", f"bits=[{BITS},4]", "promote"], repo, env
     )
-    assert ran_stages(second) == {
-        f"objective@toy-{BITS}-dsh",
-        f"train@toy-{BITS}-dsh-0",
-        f"evaluate@toy-{BITS}-dsh-0",
-        f"promote@toy-{BITS}-dsh-0",
-    }, second
-    dsh = json.loads((repo / "runs" / f"toy-{BITS}-dsh-s0.json").read_text())
+    assert ran_stages(more) == {"train", "promote"}, more
+    assert _matrix_line(more).startswith("matrix of toy: 4 entries; 3 to train, 0 to evaluate again, 1 unchanged")
+    assert json.loads(key.run_file(repo).read_text())["run_id"] == record["run_id"]
+    assert json.loads(RunKey("toy", 4, "dpfah", 1).evaluation_file(repo).read_text())["bits"] == 4
+
+    # 6. A second method beside DPFAH: only its entry trains, through the same loop, and it is
+    #    promoted into its own registered model; DPFAH's records and champion stay.
+    second = run(
+        [str(BIN / "dvc"), "exp", "run", "-S", f"bits=[{BITS}]", "-S", "train.seeds=[0]",
+         "-S", "train.methods=[dpfah,dsh]", "promote"],
+        repo, env,
+    )  # fmt: skip
+    assert _matrix_line(second).startswith("matrix of toy: 2 entries; 1 to train, 0 to evaluate again, 1 unchanged")
+    dsh_key = RunKey("toy", BITS, "dsh", 0)
+    dsh = json.loads(dsh_key.run_file(repo).read_text())
     assert (dsh["method"], dsh["method_base"], dsh["seed"]) == ("dsh", "dsh", 0) and dsh["run_id"] != record["run_id"]
     dsh_run = client.get_run(dsh["run_id"])
     assert (dsh_run.data.tags["method"], dsh_run.data.tags["backbone"], dsh_run.data.params["loss.alpha"]) == (
@@ -245,38 +235,30 @@ def test_dvc_repro_runs_the_dag_then_nothing_then_only_what_a_parameter_touches(
         "resnet18",
         "0.01",
     )
-    assert json.loads((repo / "promotions" / f"toy-{BITS}-dsh-s0.json").read_text())["model_name"] == f"dsh-toy-{BITS}b"
+    assert json.loads(dsh_key.promotion_file(repo).read_text())["model_name"] == f"dsh-toy-{BITS}b"
     assert client.get_model_version_by_alias(f"dsh-toy-{BITS}b", "champion").run_id == dsh["run_id"]
     assert client.get_model_version_by_alias(f"dpfah-toy-{BITS}b", "champion").run_id == record["run_id"]
-    # The three trainings and four evaluations (and the rest) joined the head: none started a
-    # local instance of its own.
+    # Every stage joined the head: none started a local instance of its own.
     assert _local_ray_sessions() == sessions_before
 
 
 def test_a_profile_written_into_params_is_what_dvc_plans(tmp_path):
     """`python -m pipeline.profile paper` puts the paper's code lengths (and every other
-    value of the profile) where DVC reads them: `dvc stage list` plans all four trainings."""
+    value of the profile) where DVC reads them: `dvc stage list` plans an index of each of the
+    four code lengths (the matrix stage trains them all)."""
     repo = copy_project(tmp_path / "repo")
     env = stage_env()
     run([str(BIN / "dvc"), "init", "--no-scm", "-q"], repo, env)
     listed = run([str(BIN / "dvc"), "stage", "list"], repo, env)
-    assert {line.split()[0] for line in listed.splitlines() if line.startswith("train@")} == {
-        "train@cifar10-64-dpfah-0"
-    }
-    # the index of the champion comes after its promotions (dvc repro ends with a searchable index)
+    assert {line.split()[0] for line in listed.splitlines() if line.split()} >= {"prepare@cifar10", "train", "promote"}
+    # the index of the champion comes after the promotions (dvc repro ends with a searchable index)
     assert {line.split()[0] for line in listed.splitlines() if line.startswith("index@")} == {"index@cifar10-64"}
     upstream = run([str(BIN / "dvc"), "dag", "--md", "index@cifar10-64"], repo, env)
-    assert "promote@cifar10-64-dpfah-0" in upstream and "prepare@cifar10" in upstream, upstream
+    assert "promote" in upstream and "train" in upstream and "prepare@cifar10" in upstream, upstream
     run([sys.executable, "-m", "pipeline.profile", "paper"], repo, env)
     listed = run([str(BIN / "dvc"), "stage", "list"], repo, env)
-    planned = {
-        line.split()[0]
-        for line in listed.splitlines()
-        if line.split() and line.split()[0].startswith(("train@", "evaluate@", "promote@"))
-    }
-    assert planned == {
-        f"{stage}@cifar10-{b}-dpfah-0" for stage in ("train", "evaluate", "promote") for b in (16, 32, 48, 64)
-    }, listed
+    indexes = {line.split()[0] for line in listed.splitlines() if line.startswith("index@")}
+    assert indexes == {f"index@cifar10-{b}" for b in (16, 32, 48, 64)}, listed
     params = yaml.safe_load((repo / "params.yaml").read_text())
     # DPFAH's eta and zeta back to its own defaults (null), the paper's 10 and 0.1
     assert (params["train"]["image_size"], params["train"]["optimizer"], params["objectives"]["dpfah"]) == (
