@@ -21,6 +21,7 @@ import numpy as np
 from .artifacts import prepared_manifest
 from .config import Params
 from .errors import ConfigError, DataError
+from .userfiles import DEFAULT_LIMITS, Limits, Unreadable, read_regular
 
 __all__ = ["SplitReader", "FileReader", "TarReader", "Collection", "open_collection"]
 
@@ -39,10 +40,11 @@ class SplitReader:
 
 
 class FileReader:
-    """Image files by path (``root``/ref)."""
+    """Image files by path (``root``/ref): regular files only, each at most ``limits.max_file``
+    bytes (a FIFO, a device or a bigger file is an unreadable item, named with the reason)."""
 
-    def __init__(self, root: str, refs: Sequence[str]):
-        self.root, self.refs = root, list(refs)
+    def __init__(self, root: str, refs: Sequence[str], limits: Limits = DEFAULT_LIMITS):
+        self.root, self.refs, self.limits = root, list(refs), limits
 
     def where(self, i: int) -> str:
         return os.path.join(self.root, self.refs[i])
@@ -51,10 +53,11 @@ class FileReader:
         out: list[tuple[bytes | None, str | None]] = []
         for i in range(start, stop):
             try:
-                with open(self.where(i), "rb") as f:
-                    out.append((f.read(), None))
+                out.append((read_regular(self.where(i), self.limits.max_file, self.limits.file_key), None))
             except FileNotFoundError:
                 out.append((None, "missing file"))
+            except Unreadable as e:
+                out.append((None, str(e)))
             except OSError as e:
                 out.append((None, f"cannot read ({e.strerror or e})"))
         return out
@@ -63,8 +66,8 @@ class FileReader:
 class TarReader:
     """Image files of a tar archive (read into memory once per actor, as prepare does)."""
 
-    def __init__(self, path: str, refs: Sequence[str]):
-        self.path, self.refs = path, list(refs)
+    def __init__(self, path: str, refs: Sequence[str], limits: Limits = DEFAULT_LIMITS):
+        self.path, self.refs, self.limits = path, list(refs), limits
         self._files: dict[str, bytes] | None = None
 
     def where(self, i: int) -> str:
@@ -74,7 +77,7 @@ class TarReader:
         from .sources import read_tar
 
         if self._files is None:
-            _, self._files = read_tar(Path(self.path), self.path, progress=False)
+            _, self._files = read_tar(Path(self.path), self.path, progress=False, limits=self.limits)
         return [
             (self._files.get(self.refs[i]), None if self.refs[i] in self._files else "missing file")
             for i in range(start, stop)
@@ -176,16 +179,17 @@ def open_collection(
     path = Path(images).expanduser()
     if not path.exists():
         raise ConfigError(f"--images {images}: not found")
+    limits = Limits.of(params.prepare)
     if path.is_dir():
-        source = DirectorySource(path, images)
+        source = DirectorySource(path, images, limits)
         refs = source.refs()
         identity = {"type": "directory", "path": str(path.resolve()), "images": len(refs)}
-        reader: Any = FileReader(str(path.resolve()), refs)
+        reader: Any = FileReader(str(path.resolve()), refs, limits)
     elif _is_tar(path):
-        source = open_source(images, allow_cifar10=False)
+        source = open_source(images, allow_cifar10=False, limits=limits)
         refs = source.refs()
         identity = {**source.identity, "path": str(path.resolve()), "images": len(refs)}
-        reader = TarReader(str(path.resolve()), refs)
+        reader = TarReader(str(path.resolve()), refs, limits)
     else:
         refs, labels = _list_entries(path, images)
         base = Path(root).expanduser() if root else path.parent
@@ -199,7 +203,7 @@ def open_collection(
             "root": str(base.resolve()),
             "images": len(refs),
         }
-        return Collection(refs, labels, None, FileReader(str(base.resolve()), refs), identity, True)
+        return Collection(refs, labels, None, FileReader(str(base.resolve()), refs, limits), identity, True)
     if not refs:
         raise DataError(f"{images}: no image files ({', '.join(sorted(IMAGE_EXTS))})")
     return Collection(refs, None, None, reader, identity, True)

@@ -2,23 +2,16 @@
 
     python -m pipeline.prepare --dataset cifar10 [--params params.yaml] [--set key=value ...]
 
-Reads the dataset's entry under ``datasets:`` in the parameters, draws (or reads) its
-train / validation / query / database splits with the recorded seed, and writes
-``<data.root>/shards/<dataset>/``: ``<split>-NNNNNN.tar`` shards (images as their original
-bytes, the label vector, the sample's index in its split), ``splits.parquet`` (split
-membership) and ``manifest.json`` (dataset, protocol, seed, classes, source, per split its
-count and shards with sha256). An image that the training decoder would not read to PIL's
-RGB pixels (BMP, TIFF, 16-bit PNG, CMYK JPEG, GIF, ...; ``dpfah.data.conversion_reason``)
-is stored as an 8-bit RGB PNG of those pixels instead, listed under ``converted`` in the
-manifest with the reason; one with no 8-bit form (32-bit pixels) is a bad image. Every split is stored in a seeded random order. The same
-inputs and seed give byte-identical files. The directory is written aside and renamed into
-place, so a failed or interrupted run leaves the previous result (or nothing) behind.
+Writes ``<data.root>/shards/<dataset>/`` (shards, ``splits.parquet``, ``manifest.json``; see
+docs/data-formats.md) aside and renames it into place: a failed run, a full disk included,
+leaves the previous result (or nothing). The same inputs and seed give byte-identical files.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import hashlib
 import json
 import os
@@ -67,13 +60,19 @@ from .sources import (
     ImageSource,
     check_image,
     download,
+    file_identity,
     folder_labels,
     is_url,
     open_source,
     read_list,
 )
+from .userfiles import Limits, Unreadable, mib
 
 __all__ = ["Catalog", "PrepareResult", "prepare", "main"]
+
+# A local copy of the CIFAR-10 download (the README's quick start): used instead of
+# downloading datasets.cifar10.source when its md5 is datasets.cifar10.md5.
+LOCAL_COPY_ENV = "DPFAH_CIFAR10_SOURCE"
 
 _THREADS = max(1, min(8, os.cpu_count() or 1))
 
@@ -122,11 +121,40 @@ def _required(cfg: DatasetConfig, name: str, attr: str, hint: str) -> str:
     return value
 
 
-def _source(given: str, key: str, *, allow_cifar10: bool, progress: bool | None) -> ImageSource:
+def _source(
+    given: str, key: str, *, allow_cifar10: bool, progress: bool | None, limits: Limits, bad: BadInput
+) -> ImageSource:
+    """The source ``given`` opened within ``limits``; the archive members it left out go to ``bad``."""
     try:
-        return open_source(given, allow_cifar10=allow_cifar10, progress=progress)
+        source = open_source(given, allow_cifar10=allow_cifar10, progress=progress, limits=limits)
     except FileNotFoundError:
         raise ConfigError(f"{key}: {given}: not found") from None
+    for where, why in source.rejected:
+        bad(where, why)
+    return source
+
+
+def _local_copy(cfg: Cifar10Dataset, name: str) -> Path | None:
+    """The local copy of the download named by $DPFAH_CIFAR10_SOURCE, checked against
+    ``datasets.<name>.md5`` (which DVC sees), or None when the variable is not set."""
+    given = os.environ.get(LOCAL_COPY_ENV)
+    if not given:
+        return None
+    path = Path(given).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"{LOCAL_COPY_ENV}={given}: not found (or not a file)")
+    if cfg.md5 is None:
+        raise ConfigError(
+            f"{LOCAL_COPY_ENV}={given}: datasets.{name}.md5 is null; the local copy stands in for the download "
+            "only when the md5 says which file it is"
+        )
+    md5 = file_identity(path, given)["md5"]
+    if md5 != cfg.md5:
+        raise DataError(
+            f"{LOCAL_COPY_ENV}={given}: md5 {md5} is not datasets.{name}.md5 ({cfg.md5}), so it is not "
+            f"{cfg.source}; for other CIFAR-10 files set datasets.{name}.source instead"
+        )
+    return path
 
 
 def _folder_catalog(source: ImageSource) -> Catalog:
@@ -139,15 +167,18 @@ def _folder_catalog(source: ImageSource) -> Catalog:
     return Catalog(source, classes, refs, labels)
 
 
-def _cifar10_catalog(cfg: Cifar10Dataset, params: Params, name: str, progress: bool | None) -> Catalog:
+def _cifar10_catalog(cfg: Cifar10Dataset, params: Params, name: str, bad: BadInput, progress: bool | None) -> Catalog:
     key = f"datasets.{name}.source"
     given = cfg.source
+    limits = Limits.of(params.prepare)
     if is_url(given):
-        local = download(given, Path(params.data.root) / "downloads", cfg.md5, progress=progress)
-        source = _source(str(local), key, allow_cifar10=True, progress=progress)
+        local = _local_copy(cfg, name) or download(
+            given, Path(params.data.root) / "downloads", cfg.md5, progress=progress
+        )
+        source = _source(str(local), key, allow_cifar10=True, progress=progress, limits=limits, bad=bad)
         source.identity = {k: v for k, v in source.identity.items() if k != "path"} | {"url": given}
     else:
-        source = _source(given, key, allow_cifar10=True, progress=progress)
+        source = _source(given, key, allow_cifar10=True, progress=progress, limits=limits, bad=bad)
     if not isinstance(source, Cifar10ArchiveSource):
         catalog = _folder_catalog(source)
         if len(catalog.classes) != 10:
@@ -205,7 +236,7 @@ def _class_names(cfg, num_classes: int) -> list[str]:
     return [f"{i:0{width}d}" for i in range(num_classes)]
 
 
-def _lists_catalog(cfg: ListsDataset, name: str, bad: BadInput, progress: bool | None) -> Catalog:
+def _lists_catalog(cfg: ListsDataset, name: str, bad: BadInput, progress: bool | None, limits: Limits) -> Catalog:
     images = _required(
         cfg,
         name,
@@ -225,7 +256,7 @@ def _lists_catalog(cfg: ListsDataset, name: str, bad: BadInput, progress: bool |
             f"datasets.{name}.all_list: not set; give the list of all images (the database is all of them but the "
             f"queries), or datasets.{name}.database_list"
         )
-    source = _source(images, f"datasets.{name}.images", allow_cifar10=False, progress=progress)
+    source = _source(images, f"datasets.{name}.images", allow_cifar10=False, progress=progress, limits=limits, bad=bad)
     entries, identity = _read_lists(named, name, cfg.num_classes, bad)
     refs, labels, listed, ids = _merge_lists(entries, bad)
     query, train = ids["query_list"], ids["train_list"]
@@ -243,14 +274,15 @@ def _lists_catalog(cfg: ListsDataset, name: str, bad: BadInput, progress: bool |
     return Catalog(source, _class_names(cfg, cfg.num_classes), refs, labels, listed, fixed, identity)
 
 
-def _custom_catalog(cfg: CustomDataset, name: str, bad: BadInput, progress: bool | None) -> Catalog:
+def _custom_catalog(cfg: CustomDataset, name: str, bad: BadInput, progress: bool | None, limits: Limits) -> Catalog:
     images = _required(
         cfg,
         name,
         "images",
-        f"give the image folder (one folder per class) or root of labels_list, e.g. --set datasets.{name}.images=/data/{name}",
+        "give the image folder (one folder per class) or root of labels_list, "
+        f"e.g. --set datasets.{name}.images=/data/{name}",
     )
-    source = _source(images, f"datasets.{name}.images", allow_cifar10=False, progress=progress)
+    source = _source(images, f"datasets.{name}.images", allow_cifar10=False, progress=progress, limits=limits, bad=bad)
     if cfg.labels_list is None:
         return _folder_catalog(source)
     entries, identity = _read_lists({"labels_list": cfg.labels_list}, name, cfg.num_classes, bad)
@@ -260,10 +292,10 @@ def _custom_catalog(cfg: CustomDataset, name: str, bad: BadInput, progress: bool
 
 def build_catalog(cfg: DatasetConfig, params: Params, name: str, bad: BadInput, progress: bool | None) -> Catalog:
     if isinstance(cfg, Cifar10Dataset):
-        return _cifar10_catalog(cfg, params, name, progress)
+        return _cifar10_catalog(cfg, params, name, bad, progress)
     if isinstance(cfg, ListsDataset):
-        return _lists_catalog(cfg, name, bad, progress)
-    return _custom_catalog(cfg, name, bad, progress)
+        return _lists_catalog(cfg, name, bad, progress, Limits.of(params.prepare))
+    return _custom_catalog(cfg, name, bad, progress, Limits.of(params.prepare))
 
 
 # ----------------------------------------------------------------------------- images
@@ -290,6 +322,8 @@ def _image_problem(source: ImageSource, ref: str) -> tuple[str | None, str | Non
         data = source.read(ref)
     except FileNotFoundError:
         return "missing file", None
+    except Unreadable as e:
+        return str(e), None
     except OSError as e:
         return f"cannot read ({e.strerror or e})", None
     problem = check_image(data)
@@ -526,14 +560,16 @@ def prepare(params: Params, name: str, *, progress: bool | None = None) -> Prepa
     seconds["split"] = time.perf_counter() - t
 
     final = Path(params.shards_dir(name))
-    final.parent.mkdir(parents=True, exist_ok=True)
-    _clean_stale(final.parent, name)
-    work = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-{os.getpid()}-", dir=final.parent))
+    total = sum(ids.size for ids in splits.values())
+    work: Path | None = None
+    bar = _Counted(tqdm(total=total, desc=f"{name}: writing shards", unit="img", disable=progress is False or None))
     try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        _clean_stale(final.parent, name)
+        work = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-{os.getpid()}-", dir=final.parent))
         t = time.perf_counter()
         infos = {}
-        total = sum(ids.size for ids in splits.values())
-        with tqdm(total=total, desc=f"{name}: writing shards", unit="img", disable=progress is False or None) as bar:
+        with bar.bar:
             for split in SPLITS:
                 infos[split] = _write_split(work, split, splits[split], catalog, cfg.shard_size, bar, convert)
         pq.write_table(_table(splits, catalog), work / TABLE_FILE, compression="zstd")
@@ -549,11 +585,46 @@ def prepare(params: Params, name: str, *, progress: bool | None = None) -> Prepa
             shutil.rmtree(old, ignore_errors=True)
         else:
             work.rename(final)
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        written = _size(work) if work is not None else 0
+        if work is not None:
+            shutil.rmtree(work, ignore_errors=True)
+        raise DataError(_no_space(final.parent, written, bar.n, total)) from None
     finally:
-        if work.exists():
+        if work is not None and work.exists():
             shutil.rmtree(work, ignore_errors=True)
     seconds["total"] = time.perf_counter() - t0
     return PrepareResult(final, manifest, seconds)
+
+
+class _Counted:
+    """A progress bar that counts even when it is not shown (for the disk-full estimate)."""
+
+    def __init__(self, bar):
+        self.bar, self.n = bar, 0
+
+    def update(self) -> None:
+        self.n += 1
+        self.bar.update()
+
+
+def _size(directory: Path) -> int:
+    return sum(p.stat().st_size for p in directory.iterdir() if p.is_file()) if directory.is_dir() else 0
+
+
+def _no_space(where: Path, written: int, done: int, total: int) -> str:
+    """The one line for a full file system: where, about how much the output needs, how much is free."""
+    need = f"about {mib(written * total // done)}" if done else f"more than {mib(written)}"
+    try:
+        free = f"{mib(shutil.disk_usage(where).free)} free"
+    except OSError:
+        free = "free space unknown"
+    return (
+        f"{where}: no space left on the device: the shards of {total:,} images need {need} ({free}); "
+        "nothing was written (free space there, or set data.root elsewhere)"
+    )
 
 
 def _manifest(cfg, params, name, catalog, splits, infos, bad, convert, work) -> dict[str, Any]:
@@ -647,7 +718,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             skipped += f", {m['converted']['count']} stored converted to PNG (see manifest)"
         rate = result.images_written / result.seconds["total"]
         print(
-            f"{name} ({m['protocol']}, seed {m['seed']}): {counts}{skipped} -> {result.directory} in {result.seconds['total']:.1f} s ({rate:,.0f} img/s)"
+            f"{name} ({m['protocol']}, seed {m['seed']}): {counts}{skipped} -> {result.directory} "
+            f"in {result.seconds['total']:.1f} s ({rate:,.0f} img/s)"
         )
     return 0
 
