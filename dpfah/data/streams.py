@@ -95,6 +95,14 @@ class _Layout:
             pos = (pos + n) % self.total
 
 
+def _open_split(directory: str | os.PathLike, split: str, batch_size: int):
+    """(the manifest, the split's entry) for a reader of ``batch_size`` batches."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    manifest = read_manifest(directory)
+    return manifest, manifest.split(split)
+
+
 class TrainStream(IterableDataset):
     """Training batches: the same number of full batches on every rank, whatever the shards.
 
@@ -127,10 +135,7 @@ class TrainStream(IterableDataset):
         world_size: int | None = None,
     ):
         super().__init__()
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        self.manifest = read_manifest(directory)
-        info = self.manifest.split(split)
+        self.manifest, info = _open_split(directory, split, batch_size)
         if info.count == 0:
             raise ShardError(f"{self.manifest.directory}: split {split!r} is empty")
         self.split = split
@@ -214,10 +219,7 @@ class EvalStream(IterableDataset):
         world_size: int | None = None,
     ):
         super().__init__()
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        self.manifest = read_manifest(directory)
-        info = self.manifest.split(split)
+        self.manifest, info = _open_split(directory, split, batch_size)
         self.split = split
         self.batch_size = batch_size
         self.decode = decode
