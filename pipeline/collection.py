@@ -2,7 +2,7 @@
 read by position in blocks. A prepared split (its items in stored order, keyed by their index
 in the split, with their labels), an image folder or a tar archive (every image file, keyed
 by its relative path / member name, sorted), or a list file (``<path> [0/1 labels]`` per
-line, read by :func:`pipeline.sources.list_tokens`; relative paths against ``root``, default
+line, read by :func:`pipeline.listfile.list_tokens`; relative paths against ``root``, default
 the list's folder; keyed by the path as listed, sorted).
 
 The readers are picklable: index's Ray Data actors each get one and read their blocks.
@@ -102,7 +102,7 @@ class Collection:
 
 def _list_entries(path: Path, given: str) -> tuple[list[str], np.ndarray | None]:
     """``<path> [0/1 ...]`` lines: the paths and, when every line has them, the label vectors."""
-    from .sources import list_tokens
+    from .listfile import list_tokens
 
     paths, vectors, seen = [], [], {}
     for lineno, tokens in list_tokens(path, given):
