@@ -69,19 +69,22 @@ class TarReader:
     def __init__(self, path: str, refs: Sequence[str], limits: Limits = DEFAULT_LIMITS):
         self.path, self.refs, self.limits = path, list(refs), limits
         self._files: dict[str, bytes] | None = None
+        self._left_out: dict[str, str] = {}
 
     def where(self, i: int) -> str:
         return f"{self.path}!{self.refs[i]}"
 
     def read(self, start: int, stop: int) -> list[tuple[bytes | None, str | None]]:
-        from .sources import read_tar
+        from .sources import read_archive
 
         if self._files is None:
-            _, self._files = read_tar(Path(self.path), self.path, progress=False, limits=self.limits)
-        return [
-            (self._files.get(self.refs[i]), None if self.refs[i] in self._files else "missing file")
-            for i in range(start, stop)
-        ]
+            contents = read_archive(Path(self.path), self.path, progress=False, limits=self.limits)
+            self._files, self._left_out = contents.files, contents.rejected
+        out: list[tuple[bytes | None, str | None]] = []
+        for ref in self.refs[start:stop]:
+            data = self._files.get(ref)
+            out.append((data, None) if data is not None else (None, self._left_out.get(ref, "missing file")))
+        return out
 
 
 @dataclass
@@ -187,7 +190,8 @@ def open_collection(
         reader: Any = FileReader(str(path.resolve()), refs, limits)
     elif _is_tar(path):
         source = open_source(images, allow_cifar10=False, limits=limits)
-        refs = source.refs()
+        # the members left out (too large, hostile names) stay items: index names them as bad
+        refs = sorted(source.refs() + list(getattr(source, "left_out", ())))
         identity = {**source.identity, "path": str(path.resolve()), "images": len(refs)}
         reader = TarReader(str(path.resolve()), refs, limits)
     else:

@@ -142,6 +142,7 @@ class MemorySource(ImageSource):
 
     def __init__(self, files: dict[str, bytes], given: str, identity: dict[str, Any]):
         self.files = files
+        self.left_out: dict[str, str] = {}  # image members not read, by name: why
         self.given = given
         self.identity = identity
 
@@ -267,7 +268,7 @@ class TarContents:
 
     pickles: dict[str, bytes]  # CIFAR-10 batches by name
     files: dict[str, bytes]  # image files by member name
-    rejected: list[tuple[str, str]]  # (where, why) of image members left out
+    rejected: dict[str, str]  # why each image member left out was, by member name
 
 
 def read_tar(
@@ -285,7 +286,7 @@ def read_archive(
     xz). Each member's size is checked from its header before it is read: an image member
     over ``limits.max_file``, or with an absolute or ``..`` name, is left out (``rejected``);
     members over ``limits.max_archive`` in all refuse the archive."""
-    out = TarContents({}, {}, [])
+    out = TarContents({}, {}, {})
     total = 0
     try:
         with (
@@ -306,9 +307,9 @@ def read_archive(
                     out.pickles[m.group(1)] = read()
                 elif image_ext(name):
                     if unsafe_name(name):
-                        out.rejected.append((f"{given}!{name}", "member name is absolute or climbs with ..: left out"))
+                        out.rejected[name] = "member name is absolute or climbs with ..: left out"
                     elif size > limits.max_file:
-                        out.rejected.append((f"{given}!{name}", too_large(size, limits.max_file, limits.file_key)))
+                        out.rejected[name] = too_large(size, limits.max_file, limits.file_key)
                     else:
                         out.files[name] = read()
                     bar.update()
@@ -341,7 +342,8 @@ def open_source(
     if not files and not contents.rejected:
         raise DataError(f"{given}: no image files ({', '.join(sorted(IMAGE_EXTS))}) in the archive")
     source = MemorySource(files, given, identity)
-    source.rejected = tuple(contents.rejected)
+    source.left_out = contents.rejected
+    source.rejected = tuple((source.where(name), why) for name, why in contents.rejected.items())
     return source
 
 

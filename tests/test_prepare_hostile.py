@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.collection import FileReader
+from pipeline.collection import FileReader, open_collection
+from pipeline.config import load_params
 from pipeline.errors import DataError
 from pipeline.userfiles import MIB, Limits
 from tests.test_prepare import PARAMS, custom, files_digest, jpeg, make_folder, run
@@ -184,6 +185,19 @@ def test_an_archive_bomb_and_hostile_member_names(tmp_path):
         f"{archive}: its members hold over 100 MiB uncompressed (prepare.max_archive_mb; an archive is read "
         "into memory): unpack it into a folder"
     )
+
+
+def test_index_names_the_members_an_archive_bomb_leaves_out(tmp_path):
+    """pipeline.index's collection of an archive: the members left out stay items, read as bad
+    with the reason (so index.on_bad_image refuses them or lists them as skipped)."""
+    archive = bomb(tmp_path / "bomb.tar.gz", 100)
+    collection = open_collection(load_params(PARAMS, []), images=str(archive))
+    assert len(collection.keys) == 24 + 3
+    got = dict(zip(collection.keys, collection.reader.read(0, len(collection.keys))))
+    assert got["imgs/bee/bomb.jpg"] == (None, "100 MiB, over the cap of 64 MiB (prepare.max_image_mb)")
+    assert got["../evil/x.jpg"] == (None, "member name is absolute or climbs with ..: left out")
+    assert got["/abs/rel/y.jpg"] == (None, "member name is absolute or climbs with ..: left out")
+    assert got["imgs/ant/000.jpg"] == (jpeg(0), None)
 
 
 # ----------------------------------------------------------------------------- a full file system
