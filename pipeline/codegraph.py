@@ -122,3 +122,15 @@ def code_digest(module: str, root: Path = ROOT) -> str:
         h.update(path.read_bytes() if path.is_file() else b"<absent>")
         h.update(b"\0")
     return h.hexdigest()
+
+
+def dvc_code_deps(module: str, root: Path = ROOT) -> list[str]:
+    """The code deps of a dvc.yaml stage that runs ``module``: :func:`stage_code`, with a package
+    folder named once where every module of it is run (``dpfah/methods``)."""
+    files = stage_code(module, root=root)
+    out = set(files)
+    for package in {str(Path(f).parent) for f in files if Path(f).parent.name not in PACKAGES}:
+        every = {p.relative_to(root).as_posix() for p in (root / package).rglob("*.py")}
+        if every and every <= files:
+            out = {f for f in out if not f.startswith(package + "/")} | {package}
+    return sorted(out)

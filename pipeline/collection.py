@@ -2,7 +2,7 @@
 read by position in blocks. A prepared split (its items in stored order, keyed by their index
 in the split, with their labels), an image folder or a tar archive (every image file, keyed
 by its relative path / member name, sorted), or a list file (``<path> [0/1 labels]`` per
-line, read by :func:`pipeline.sources.list_tokens`; relative paths against ``root``, default
+line, read by :func:`pipeline.listfile.list_tokens`; relative paths against ``root``, default
 the list's folder; keyed by the path as listed, sorted).
 
 The readers are picklable: index's Ray Data actors each get one and read their blocks.
@@ -21,6 +21,7 @@ import numpy as np
 from .artifacts import prepared_manifest
 from .config import Params
 from .errors import ConfigError, DataError
+from .userfiles import DEFAULT_LIMITS, Limits, Unreadable, read_regular
 
 __all__ = ["SplitReader", "FileReader", "TarReader", "Collection", "open_collection"]
 
@@ -39,10 +40,11 @@ class SplitReader:
 
 
 class FileReader:
-    """Image files by path (``root``/ref)."""
+    """Image files by path (``root``/ref): regular files only, each at most ``limits.max_file``
+    bytes (a FIFO, a device or a bigger file is an unreadable item, named with the reason)."""
 
-    def __init__(self, root: str, refs: Sequence[str]):
-        self.root, self.refs = root, list(refs)
+    def __init__(self, root: str, refs: Sequence[str], limits: Limits = DEFAULT_LIMITS):
+        self.root, self.refs, self.limits = root, list(refs), limits
 
     def where(self, i: int) -> str:
         return os.path.join(self.root, self.refs[i])
@@ -51,10 +53,11 @@ class FileReader:
         out: list[tuple[bytes | None, str | None]] = []
         for i in range(start, stop):
             try:
-                with open(self.where(i), "rb") as f:
-                    out.append((f.read(), None))
+                out.append((read_regular(self.where(i), self.limits.max_file, self.limits.file_key), None))
             except FileNotFoundError:
                 out.append((None, "missing file"))
+            except Unreadable as e:
+                out.append((None, str(e)))
             except OSError as e:
                 out.append((None, f"cannot read ({e.strerror or e})"))
         return out
@@ -65,9 +68,17 @@ class TarReader:
     listing the archive (read once; index ships each block's bytes to its actors), else read
     on first use."""
 
-    def __init__(self, path: str, refs: Sequence[str], files: dict[str, bytes] | None = None):
-        self.path, self.refs = path, list(refs)
+    def __init__(
+        self,
+        path: str,
+        refs: Sequence[str],
+        files: dict[str, bytes] | None = None,
+        limits: Limits = DEFAULT_LIMITS,
+        left_out: dict[str, str] | None = None,
+    ):
+        self.path, self.refs, self.limits = path, list(refs), limits
         self._files: dict[str, bytes] | None = files
+        self._left_out: dict[str, str] = dict(left_out or {})
 
     @property
     def in_memory(self) -> bool:
@@ -78,14 +89,16 @@ class TarReader:
         return f"{self.path}!{self.refs[i]}"
 
     def read(self, start: int, stop: int) -> list[tuple[bytes | None, str | None]]:
-        from .sources import read_tar
+        from .sources import read_archive
 
         if self._files is None:
-            _, self._files = read_tar(Path(self.path), self.path, progress=False)
-        return [
-            (self._files.get(self.refs[i]), None if self.refs[i] in self._files else "missing file")
-            for i in range(start, stop)
-        ]
+            contents = read_archive(Path(self.path), self.path, progress=False, limits=self.limits)
+            self._files, self._left_out = contents.files, contents.rejected
+        out: list[tuple[bytes | None, str | None]] = []
+        for ref in self.refs[start:stop]:
+            data = self._files.get(ref)
+            out.append((data, None) if data is not None else (None, self._left_out.get(ref, "missing file")))
+        return out
 
 
 @dataclass
@@ -106,7 +119,7 @@ class Collection:
 
 def _list_entries(path: Path, given: str) -> tuple[list[str], np.ndarray | None]:
     """``<path> [0/1 ...]`` lines: the paths and, when every line has them, the label vectors."""
-    from .sources import list_tokens
+    from .listfile import list_tokens
 
     paths, vectors, seen = [], [], {}
     for lineno, tokens in list_tokens(path, given):
@@ -183,16 +196,19 @@ def open_collection(
     path = Path(images).expanduser()
     if not path.exists():
         raise ConfigError(f"--images {images}: not found")
+    limits = Limits.of(params.prepare)
     if path.is_dir():
-        source = DirectorySource(path, images)
+        source = DirectorySource(path, images, limits)
         refs = source.refs()
         identity = {"type": "directory", "path": str(path.resolve()), "images": len(refs)}
-        reader: Any = FileReader(str(path.resolve()), refs)
+        reader: Any = FileReader(str(path.resolve()), refs, limits)
     elif _is_tar(path):
-        source = open_source(images, allow_cifar10=False)
-        refs = source.refs()
+        source = open_source(images, allow_cifar10=False, limits=limits)
+        # the members left out (too large, hostile names) stay items: index names them as bad
+        refs = sorted(source.refs() + list(getattr(source, "left_out", ())))
         identity = {**source.identity, "path": str(path.resolve()), "images": len(refs)}
-        reader = TarReader(str(path.resolve()), refs, source.files)  # read once, here
+        left_out = dict(getattr(source, "left_out", {}))
+        reader = TarReader(str(path.resolve()), refs, source.files, limits, left_out)  # read once, here
     else:
         refs, labels = _list_entries(path, images)
         base = Path(root).expanduser() if root else path.parent
@@ -206,7 +222,7 @@ def open_collection(
             "root": str(base.resolve()),
             "images": len(refs),
         }
-        return Collection(refs, labels, None, FileReader(str(base.resolve()), refs), identity, True)
+        return Collection(refs, labels, None, FileReader(str(base.resolve()), refs, limits), identity, True)
     if not refs:
         raise DataError(f"{images}: no image files ({', '.join(sorted(IMAGE_EXTS))})")
     return Collection(refs, None, None, reader, identity, True)

@@ -123,6 +123,12 @@ class DataConfig:
 class PrepareConfig:
     # The datasets `dvc repro` prepares (dvc.yaml's foreach reads this list).
     datasets: tuple[str, ...] = ("cifar10",)
+    # Read caps (issue 28): one image file or archive member, and an archive's members in all
+    # (archives are read into memory); a list line naming a path outside the images root
+    # (absolute, or climbing out with ..) is a bad item unless allow_outside_root.
+    max_image_mb: int = field(default=64, metadata=_check(at_least(1)))
+    max_archive_mb: int = field(default=4096, metadata=_check(at_least(1)))
+    allow_outside_root: bool = False
 
 
 OnBadImage = Literal["skip", "fail"]

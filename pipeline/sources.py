@@ -1,5 +1,5 @@
 """Where prepare's images come from: image folders (directories or tar archives), the
-official CIFAR-10 python archive, downloads, and list files.
+official CIFAR-10 python archive and downloads (list files: :mod:`pipeline.listfile`).
 
 Sources hand out each image's original bytes by a reference (``ref``): a relative path in
 a folder, a member name in a tar archive, or ``data_batch_N[row]`` in the CIFAR-10 archive
@@ -20,7 +20,6 @@ import re
 import tarfile
 import urllib.error
 import urllib.request
-import zlib
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -31,7 +30,11 @@ from tqdm import tqdm
 
 from dpfah.data import ShardError, tar_members
 
-from .errors import ConfigError, DataError
+from .errors import DataError
+
+# the list format, for the importers of sources (pipeline.collection, pipeline.catalog)
+from .listfile import ListEntry, list_lines, list_tokens, read_list  # noqa: F401
+from .userfiles import DEFAULT_LIMITS, Limits, Unreadable, file_kind, mib, read_regular, too_large, under_root
 
 IMAGE_EXTS = frozenset({"jpg", "jpeg", "png", "bmp", "gif", "webp", "tif", "tiff", "ppm", "pgm", "pbm"})
 CIFAR10_BATCHES = tuple(f"data_batch_{i}" for i in range(1, 6)) + ("test_batch",)
@@ -86,6 +89,9 @@ class ImageSource:
     parallel_reads = True
     # images made here from pixel arrays, so they need no decoding check
     generated = False
+    # (where, why) of the files left out when the source was opened (archive members too
+    # large, or with absolute or `..` names): bad items, reported by prepare
+    rejected: tuple[tuple[str, str], ...] = ()
 
     def refs(self) -> list[str]:
         raise NotImplementedError
@@ -101,9 +107,13 @@ class ImageSource:
 
 
 class DirectorySource(ImageSource):
-    def __init__(self, root: Path, given: str):
+    """Image files under ``root``: regular files only, each read capped, and (unless
+    ``limits.outside_root``) only refs that stay under the root (:mod:`pipeline.userfiles`)."""
+
+    def __init__(self, root: Path, given: str, limits: Limits = DEFAULT_LIMITS):
         self.root = root
         self.given = given
+        self.limits = limits
         self.identity = {"path": given, "type": "directory"}
 
     def refs(self) -> list[str]:
@@ -117,8 +127,9 @@ class DirectorySource(ImageSource):
         return out
 
     def read(self, ref: str) -> bytes:
-        with open(self.root / ref, "rb") as f:
-            return f.read()
+        if not self.limits.outside_root and not under_root(self.root, ref):
+            raise Unreadable("outside the images root (prepare.allow_outside_root: true reads it)")
+        return read_regular(self.root / ref, self.limits.max_file, self.limits.file_key)
 
     def where(self, ref: str) -> str:
         return str(Path(self.given) / ref)
@@ -131,6 +142,7 @@ class MemorySource(ImageSource):
 
     def __init__(self, files: dict[str, bytes], given: str, identity: dict[str, Any]):
         self.files = files
+        self.left_out: dict[str, str] = {}  # image members not read, by name: why
         self.given = given
         self.identity = identity
 
@@ -244,48 +256,95 @@ def _open_decompressed(path: Path):
     return open(path, "rb")
 
 
-def read_tar(path: Path, given: str, *, progress: bool | None = None) -> tuple[dict[str, bytes], dict[str, bytes]]:
-    """(CIFAR-10 batch pickles by name, image files by member name) of a tar archive
-    (plain, gzip, bzip2 or xz)."""
-    pickles: dict[str, bytes] = {}
-    files: dict[str, bytes] = {}
+def unsafe_name(name: str) -> bool:
+    """An archive member name that is absolute or climbs with ``..``: never a class folder."""
+    parts = name.split("/")
+    return name.startswith("/") or ".." in parts
+
+
+@dataclass
+class TarContents:
+    """What :func:`read_tar` took from an archive."""
+
+    pickles: dict[str, bytes]  # CIFAR-10 batches by name
+    files: dict[str, bytes]  # image files by member name
+    rejected: dict[str, str]  # why each image member left out was, by member name
+
+
+def read_tar(
+    path: Path, given: str, *, progress: bool | None = None, limits: Limits = DEFAULT_LIMITS
+) -> tuple[dict[str, bytes], dict[str, bytes]]:
+    """(CIFAR-10 batch pickles, image files) of :func:`read_archive`; the members it rejects are left out."""
+    contents = read_archive(path, given, progress=progress, limits=limits)
+    return contents.pickles, contents.files
+
+
+def read_archive(
+    path: Path, given: str, *, progress: bool | None = None, limits: Limits = DEFAULT_LIMITS
+) -> TarContents:
+    """The CIFAR-10 batch pickles and the image files of a tar archive (plain, gzip, bzip2 or
+    xz). Each member's size is checked from its header before it is read: an image member
+    over ``limits.max_file``, or with an absolute or ``..`` name, is left out (``rejected``);
+    members over ``limits.max_archive`` in all refuse the archive."""
+    out = TarContents({}, {}, {})
+    total = 0
     try:
         with (
             _open_decompressed(path) as f,
             tqdm(desc=f"reading {path.name}", unit=" files", disable=progress is False or None) as bar,
         ):
-            for name, _, read in tar_members(f, given):
+            for name, size, read in tar_members(f, given):
+                total += size
+                if total > limits.max_archive:
+                    raise DataError(
+                        f"{given}: its members hold over {mib(limits.max_archive)} uncompressed "
+                        f"({limits.archive_key}; an archive is read into memory): unpack it into a folder"
+                    )
                 m = _CIFAR10_MEMBER.search(name)
+                if m and size > limits.max_file:
+                    raise DataError(f"{given}!{name}: {too_large(size, limits.max_file, limits.file_key)}")
                 if m:
-                    pickles[m.group(1)] = read()
+                    out.pickles[m.group(1)] = read()
                 elif image_ext(name):
-                    files[name] = read()
+                    if unsafe_name(name):
+                        out.rejected[name] = "member name is absolute or climbs with ..: left out"
+                    elif size > limits.max_file:
+                        out.rejected[name] = too_large(size, limits.max_file, limits.file_key)
+                    else:
+                        out.files[name] = read()
                     bar.update()
     except (ShardError, tarfile.TarError, EOFError, OSError, lzma.LZMAError) as e:
         raise DataError(f"{given}: not a readable tar archive ({type(e).__name__}: {e})") from None
-    return pickles, files
+    return out
 
 
-def open_source(given: str, *, allow_cifar10: bool, progress: bool | None = None) -> ImageSource:
+def open_source(
+    given: str, *, allow_cifar10: bool, progress: bool | None = None, limits: Limits = DEFAULT_LIMITS
+) -> ImageSource:
     """A directory, a tar archive of image folders, or (``allow_cifar10``) the official
-    CIFAR-10 python archive."""
+    CIFAR-10 python archive; read within ``limits``."""
     path = Path(given).expanduser()
     if path.is_dir():
-        return DirectorySource(path, given)
+        return DirectorySource(path, given, limits)
     if not path.exists():
         raise FileNotFoundError(given)
-    if not tarfile.is_tarfile(path):
-        raise DataError(f"{given}: neither a directory nor a tar archive")
+    kind = file_kind(path.stat().st_mode)
+    if kind is not None or not tarfile.is_tarfile(path):
+        raise DataError(f"{given}: neither a directory nor a tar archive" + (f" ({kind})" if kind else ""))
     identity = {**file_identity(path, given), "type": "tar"}
-    pickles, files = read_tar(path, given, progress=progress)
+    contents = read_archive(path, given, progress=progress, limits=limits)
+    pickles, files = contents.pickles, contents.files
     if pickles and allow_cifar10:
         missing = [n for n in (*CIFAR10_BATCHES, "batches.meta") if n not in pickles]
         if missing:
             raise DataError(f"{given}: CIFAR-10 python archive without {_CIFAR10_DIR}/{missing[0]}")
         return Cifar10ArchiveSource(pickles, given, identity)
-    if not files:
+    if not files and not contents.rejected:
         raise DataError(f"{given}: no image files ({', '.join(sorted(IMAGE_EXTS))}) in the archive")
-    return MemorySource(files, given, identity)
+    source = MemorySource(files, given, identity)
+    source.left_out = contents.rejected
+    source.rejected = tuple((source.where(name), why) for name, why in contents.rejected.items())
+    return source
 
 
 def folder_labels(source: ImageSource, refs: list[str]) -> tuple[list[str], np.ndarray]:
@@ -331,82 +390,3 @@ def download(url: str, directory: Path, md5: str | None, *, progress: bool | Non
         raise DataError(f"{url}: md5 {digest.hexdigest()} does not match the expected {md5}")
     part.replace(target)
     return target
-
-
-# ----------------------------------------------------------------------------- list files
-
-
-@dataclass(frozen=True)
-class ListEntry:
-    ref: str
-    labels: np.ndarray  # uint8 (classes,)
-    where: str  # file:line
-
-
-_BOM = b"\xef\xbb\xbf"
-
-
-def list_lines(path: Path) -> list[bytes]:
-    """The lines of a list file (plain or gzipped; a UTF-8 byte order mark dropped), undecoded."""
-    with open(path, "rb") as f:
-        data = f.read()
-    if data[:2] == b"\x1f\x8b":
-        data = gzip.decompress(data)
-    return data.removeprefix(_BOM).splitlines()
-
-
-def list_tokens(path: Path, given: str) -> list[tuple[int, list[str]]]:
-    """(line number, whitespace-separated tokens) of each non-blank line of a `<path> <labels>`
-    list file (UTF-8, plain or gzipped): the one reader of the format, for prepare's lists and
-    index's. A file that cannot be read, or a line that is not UTF-8, is a DataError naming
-    the file (and the line, the byte and its column)."""
-    try:
-        lines = list_lines(path)
-    except (OSError, EOFError, zlib.error) as e:
-        raise DataError(f"{given}: cannot read the list ({type(e).__name__}: {e})") from None
-    out: list[tuple[int, list[str]]] = []
-    for lineno, raw in enumerate(lines, 1):
-        try:
-            line = raw.decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise DataError(
-                f"{given}:{lineno}: not UTF-8 text (byte 0x{raw[e.start]:02x} at column {e.start + 1}); save the list as UTF-8"
-            ) from None
-        if tokens := line.split():
-            out.append((lineno, tokens))
-    return out
-
-
-def read_list(path: Path, given: str, key: str, num_classes: int, report) -> list[ListEntry]:
-    """Entries of a `<path> <v_1> ... <v_C>` list (:func:`list_tokens`). A bad line goes to
-    ``report(where, reason)``, which raises or records it; blank lines are ignored."""
-    if not path.is_file():
-        raise ConfigError(f"{key}: {given}: not found")
-    entries: list[ListEntry] = []
-    seen: dict[str, int] = {}
-    for lineno, tokens in list_tokens(path, given):
-        where = f"{given}:{lineno}"
-        if all(t in ("0", "1") for t in tokens):
-            report(where, "no image path: the line is only a label vector (expected `<path> <0/1 label vector>`)")
-            continue
-        if len(tokens) < 2:
-            report(where, "malformed line (expected `<path> <0/1 label vector>`)")
-            continue
-        ref, values = tokens[0], tokens[1:]
-        if len(values) != num_classes:
-            report(where, f"label vector has {len(values)} entries, expected {num_classes}")
-            continue
-        if any(v not in ("0", "1") for v in values):
-            bad = next(v for v in values if v not in ("0", "1"))
-            report(where, f"label vector has a value {bad!r} (only 0 and 1)")
-            continue
-        labels = np.array([v == "1" for v in values], dtype=np.uint8)
-        if not labels.any():
-            report(where, "label vector has no 1 (every image needs a label)")
-            continue
-        if ref in seen:
-            report(where, f"{ref} is listed twice (first at line {seen[ref]})")
-            continue
-        seen[ref] = lineno
-        entries.append(ListEntry(ref, labels, where))
-    return entries

@@ -176,7 +176,8 @@ def test_cifar10_archive_protocols(tmp_path, cifar_archive):
     assert m54["protocol"] == "cifar10-54k" and m54["seed"] == 1
 
 
-def test_cifar10_download_by_url_checks_md5(tmp_path, cifar_archive):
+def test_cifar10_download_by_url_checks_md5(tmp_path, cifar_archive, monkeypatch):
+    monkeypatch.delenv("DPFAH_CIFAR10_SOURCE", raising=False)  # a local copy would stand in for the download
     url = cifar_archive.as_uri()
     md5 = hashlib.md5(cifar_archive.read_bytes()).hexdigest()
     got = download(url, tmp_path / "downloads", md5)
@@ -398,7 +399,8 @@ def test_what_prepare_stores_the_training_decoder_reads_as_pil_does(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith(
-        "toy (custom, seed 0): train 9, validation 3, query 6, database 33, 21 stored converted to PNG (see manifest) -> "
+        "toy (custom, seed 0): train 9, validation 3, query 6, database 33, "
+        "21 stored converted to PNG (see manifest) -> "
     )
     r = run(tmp_path / "again", "toy", *custom("toy", root))
     assert files_digest(r.directory) == files_digest(tmp_path / "data" / "shards" / "toy"), (
@@ -628,8 +630,9 @@ def test_lists_multi_label_through_fit_and_the_evaluate_stage(tmp_path, monkeypa
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     r, _, sets = _nuswide_subset(tmp_path)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    params = load_params(PARAMS, [f"data.root={tmp_path / 'data'}", *sets, "train.image_size=16", "train.batch_size=8", "train.epochs=1",
-                                  f"mlflow.tracking_uri={uri}", "evaluate.loader_workers=0", "evaluate.grid_queries=1"])  # fmt: skip
+    settings = ["train.image_size=16", "train.batch_size=8", "train.epochs=1", f"mlflow.tracking_uri={uri}"]
+    settings += ["evaluate.loader_workers=0", "evaluate.grid_queries=1"]
+    params = load_params(PARAMS, [f"data.root={tmp_path / 'data'}", *sets, *settings])
     stream = TrainStream(r.directory, 8, seed=0)
     model = DPFAH.build(16, 21, params.model, seed=0)
     objective = methods.build("dpfah", {"eta": 1.0, "zeta": 0.1}, bits=16, num_classes=21)
@@ -644,8 +647,15 @@ def test_lists_multi_label_through_fit_and_the_evaluate_stage(tmp_path, monkeypa
             16,
         )
 
-    fit(pick(TrainSettings, params.train), model, objective, train_batches=lambda epoch: stream, steps_per_epoch=len(stream),
-        report=lambda m, s: reports.append(m), validate=validate)  # fmt: skip
+    fit(
+        pick(TrainSettings, params.train),
+        model,
+        objective,
+        train_batches=lambda epoch: stream,
+        steps_per_epoch=len(stream),
+        report=lambda m, s: reports.append(m),
+        validate=validate,
+    )
     assert len(stream) == 6 and np.isfinite(reports[0]["loss"]) and 0 <= reports[0]["val_map"] <= 1
 
     fake_training_run(
