@@ -3,8 +3,10 @@ run shaped like the train stage's, and a stage's command line run in-process."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
+import os
 import tarfile
 from pathlib import Path
 
@@ -248,7 +250,8 @@ def start_mlflow_server(work: Path, env: dict[str, str] | None = None):
     mlflow_cli = Path(sys.executable).parent / "mlflow"
     with open(work / "server.log", "w") as log:
         proc = subprocess.Popen(
-            [str(mlflow_cli), "server", "--backend-store-uri", f"sqlite:///{work / 'server.db'}", "--artifacts-destination", str(work / "artifacts"),
+            [str(mlflow_cli), "server", "--backend-store-uri", f"sqlite:///{work / 'server.db'}",
+             "--artifacts-destination", str(work / "artifacts"),
              "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
             stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
         )  # fmt: skip
@@ -531,3 +534,21 @@ def plain_tie_aware_map(dist: np.ndarray, rel: np.ndarray) -> float:
             c, c_rel = c + n, c_rel + k
         aps.append(total / r.sum())
     return float(np.mean(aps))
+
+
+@contextlib.contextmanager
+def failing_at_epoch(epoch: int):
+    """The test hook of :mod:`pipeline.train_driver` (``DPFAH_FAIL_AT_EPOCH``), set while in
+    the block: the last worker dies once as epoch ``epoch + 1`` starts (the last epoch: no
+    fault, each worker only notes the epochs it starts)."""
+    from pipeline.train_driver import FAIL_AT_EPOCH_ENV
+
+    before = os.environ.get(FAIL_AT_EPOCH_ENV)
+    os.environ[FAIL_AT_EPOCH_ENV] = str(epoch)
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(FAIL_AT_EPOCH_ENV, None)
+        else:
+            os.environ[FAIL_AT_EPOCH_ENV] = before
