@@ -101,7 +101,8 @@ def bind(tp: Any, value: Any, where: str = "") -> Any:
     try:
         return _adapter(tp).validate_json(json.dumps({"value": value}, default=str), strict=True).value
     except ValidationError as e:
-        raise ConfigError(_message(tp, e.errors()[0], where)) from None
+        message = _message(tp, e.errors()[0], where)
+        raise ConfigError(message.removeprefix(": ")) from None  # the value itself: no key to name
 
 
 # ----------------------------------------------------------------------------- error messages
@@ -171,7 +172,9 @@ def _message(tp: Any, error: dict[str, Any], where: str) -> str:
                 "profile: not a parameter any more: apply a profile to params.yaml with `python -m pipeline.profile "
                 "NAME` (DVC then sees its values), or to one stage run with --profile NAME"
             )
-        return f"{key}: unknown {'key' if '.' in key else 'section'} (known: {known})"
+        return f"{key}: unknown {getattr(owner, 'KEYS_ARE', 'key')} (known: {known})"
+    if kind in ("missing", "missing_argument"):
+        return f"{key}: missing"
     if kind in ("union_tag_invalid", "union_tag_not_found"):
         tags = _choices(list(_kinds(_members(at))))
         if kind == "union_tag_not_found":

@@ -13,8 +13,9 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import field
-from typing import Literal
+from typing import Any, Literal
 
 from dpfah.settings import ModelSettings, TrainSettings, above, at_least, check_fields
 from dpfah.settings import checked as _check
@@ -33,6 +34,8 @@ __all__ = [
     "PromoteConfig",
     "VariantConfig",
     "Params",
+    "ObjectiveFile",
+    "check_objective",
 ]
 
 
@@ -212,6 +215,8 @@ class MlflowConfig:
 class Params:
     """All of params.yaml. A stage's section is one more field here."""
 
+    KEYS_ARE = "section"  # in the messages of pipeline.config_binder
+
     seed: int = field(default=0, metadata=_check(at_least(0)))
     data: DataConfig = field(default_factory=DataConfig)
     prepare: PrepareConfig = field(default_factory=PrepareConfig)
@@ -243,20 +248,16 @@ class Params:
     def validate(self) -> None:
         """The checks against the method registry (imported here: it needs torch) and across
         sections; run once, on loading (:func:`pipeline.config.parse_params`)."""
-        from .methods import check_hyperparameters, method_names
+        from .methods import method_names
 
         known = method_names()
         for name, variant in self.variants.items():
-            if variant.method not in known:
-                raise Invalid(
-                    f"variants.{name}.method", f"unknown method {variant.method!r} (known: {', '.join(known)})"
-                )
-        for name in self.variants:
+            at = f"variants.{name}"
+            check_objective(variant.method, variant.objective, variant.model, self.model, at, f"{at}.objective")
             if not NAME_RE.match(name) or name in known:
                 raise Invalid(
                     "variants", f"variant name {name!r} must match {NAME_RE.pattern} and not be a method's name"
                 )
-            self.variant_model(name)  # the network changes: known keys, valid values
         for key, names in (("train.method", (self.train.method,)), ("train.methods", self.train.methods)):
             for name in names:
                 if name not in known and name not in self.variants:
@@ -268,9 +269,7 @@ class Params:
             if name not in known:
                 raise Invalid("objectives", f"unknown method {name!r} (known: {', '.join(known)})")
         for name, values in self.objectives.items():
-            check_hyperparameters(name, values, f"objectives.{name}")
-        for name, variant in self.variants.items():
-            check_hyperparameters(variant.method, variant.objective, f"variants.{name}.objective")
+            check_objective(name, values, {}, self.model, "", f"objectives.{name}")
         for name in self.datasets:
             if not NAME_RE.match(name):
                 raise Invalid(
@@ -307,3 +306,37 @@ class Params:
         if "://" in root:
             return f"{root.rstrip('/')}/shards/{dataset}"
         return os.path.abspath(os.path.join(root, "shards", dataset))
+
+
+def check_objective(
+    method: str, hparams: Mapping[str, Any], model: Mapping[str, Any], base: ModelSettings, at: str, knobs: str
+) -> ModelSettings:
+    """A method with its knobs and network changes, as a variant or an objective file gives
+    them: the method is one of the registry (imported here: it needs torch), each knob one it
+    has, of its kind, among its choices and within its bounds, and ``model`` changes ``base``
+    with known keys and valid values (the network it gives). A ``ConfigError`` names the key:
+    ``<at>.method``, ``<knobs>.<knob>``, ``<at>.model.<key>``."""
+    from .methods import check_hyperparameters, method_names
+
+    dotted = f"{at}." if at else ""
+    if method not in method_names():
+        raise ConfigError(f"{dotted}method: unknown method {method!r} (known: {', '.join(method_names())})")
+    check_hyperparameters(method, hparams, knobs)
+    if not model:
+        return base
+    return bind(ModelSettings, {**dataclasses.asdict(base), **model}, f"{dotted}model")
+
+
+@section
+class ObjectiveFile:
+    """An objective file (``objectives/<dataset>-<bits>-<method>.json``, :mod:`pipeline.recipes`):
+    what one training optimises, checked as params.yaml's ``objectives`` and ``variants`` are
+    (:func:`check_objective`)."""
+
+    dataset: str
+    bits: int = field(metadata=_check(at_least(1)))
+    entry: str = field(metadata=_check(matches(NAME_RE.pattern, "a method or variant name")))
+    method: str
+    hparams: dict[str, Free]
+    model: dict[str, Free]
+    source: dict[str, str] = field(default_factory=dict)

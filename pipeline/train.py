@@ -1,6 +1,7 @@
 """Train a hashing model with Ray Train (DDP over N workers) and record it in MLflow.
 
-    python -m pipeline.train --dataset cifar10 --bits 64 [--method NAME] [--seed N] [--objective FILE] [--params FILE] [--profile NAME] [--set key=value ...]
+    python -m pipeline.train --dataset cifar10 --bits 64 [--method NAME] [--seed N] [--objective FILE]
+                             [--params FILE] [--profile NAME] [--set key=value ...]
 
 The driver (this process, :mod:`pipeline.train_driver`) reads the prepared dataset's manifest, resolves what to train
 (``--objective``, the file the ``objective`` stage writes under DVC, or ``--method`` /
@@ -70,8 +71,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     record("train: main entered", time.time())
     args = build_parser().parse_args(argv)
     params = config_from_args(args)
-    check_store(tracking_uri(params), create=True)  # before the imports and Ray: fail in a second
     recipe = recipes.read(args.objective, args.dataset, args.bits) if args.objective else None
+    check_store(tracking_uri(params), create=True)  # before the imports and Ray: fail in a second
     if recipe is not None and args.method and args.method != recipe.entry:
         raise ConfigError(f"--method {args.method}: {args.objective} is the objective of {recipe.entry}")
     with span("train: run_training"):
@@ -83,7 +84,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         else f"no validation split, the last epoch's model: {at}"
     )
     print(
-        f"trained {args.dataset} {args.bits} bits ({outcome.method}): {chosen}; MLflow run {outcome.run_id}; model {outcome.model_uri}; wrote {outcome.run_file}"
+        f"trained {args.dataset} {args.bits} bits ({outcome.method}): {chosen}; MLflow run {outcome.run_id}; model "
+        f"{outcome.model_uri}; wrote {outcome.run_file}"
     )
     return 0
 
