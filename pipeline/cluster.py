@@ -34,13 +34,26 @@ def started_here() -> bool:
     return bool(ray.is_initialized() and node is not None and getattr(node, "all_processes", None))
 
 
+class _TokenNotice(logging.Filter):
+    """Drops Ray's notice that a local instance it starts has token authentication on, printed
+    at the start of every stage: its default, which is kept (issue 29)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Token authentication is enabled for this Ray cluster" not in record.getMessage()
+
+
+#: The logger of Ray's token set-up (Ray's own module name).
+TOKEN_LOGGER = "ray._private.authentication.authentication_token_setup"
+
+
 def ensure_ray() -> None:
     """Connect this process to Ray once.
 
     With RAY_ADDRESS (``ray job submit`` sets it), that cluster; else the instance a
     ``ray start --head`` on this machine left running (Ray's own lookup), which saves every
     stage the start and the shutdown of its own instance (``bench/run_overhead.py``: about
-    11 s a training on 2 cores); else a new local instance on this machine's CPUs and GPUs."""
+    11 s a training on 2 cores); else a new local instance on this machine's CPUs and GPUs,
+    with Ray's token authentication (its default; its notice shown with --verbose only)."""
     import ray
 
     if ray.is_initialized():
@@ -53,6 +66,9 @@ def ensure_ray() -> None:
     loud = verbose()  # Ray's banner, and its controller's and workers' logs, with --verbose only
     if not loud:
         kwargs["logging_level"] = logging.WARNING
+        notices = logging.getLogger(TOKEN_LOGGER)
+        if not any(isinstance(f, _TokenNotice) for f in notices.filters):
+            notices.addFilter(_TokenNotice())
     ray.init(address=os.environ.get("RAY_ADDRESS") or None, log_to_driver=loud, **kwargs)
     if in_main_thread and callable(handler):
         # A local instance installs Ray's SIGTERM handler, which kills its processes and calls
