@@ -443,6 +443,13 @@ def test_exponents_without_a_dot_are_numbers(tmp_path):
     f = tmp_path / "params.yaml"
     f.write_text(PARAMS.read_text().replace("  lr: 0.001", "  lr: 5e-5"))
     assert load_params(f).train.lr == 5e-5
+    import shutil
+
+    from pipeline.profile import apply_profile
+
+    shutil.copytree(REPO / "profiles", tmp_path / "profiles")
+    changes = apply_profile("paper", f, dry_run=True)  # its result is checked with the same reader
+    assert changes and "train.lr" not in {key for key, _, _ in changes}  # 5e-5 already: the paper's
     assert load_params(PARAMS, ["data.root=1e3x"]).data.root == "1e3x"  # text stays text
 
 
