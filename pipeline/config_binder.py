@@ -99,7 +99,11 @@ def bind(tp: Any, value: Any, where: str = "") -> Any:
     """``value`` (parsed YAML) as a ``tp`` (a section, or any type of a field); a
     ``ConfigError`` naming the first wrong key below ``where``."""
     try:
-        return _adapter(tp).validate_json(json.dumps({"value": value}, default=str), strict=True).value
+        text = json.dumps({"value": value}, default=str)
+    except ValueError as e:  # a YAML anchor that contains itself
+        raise ConfigError(f"{where or 'params'}: not plain data ({e})") from None
+    try:
+        return _adapter(tp).validate_json(text, strict=True).value
     except ValidationError as e:
         message = _message(tp, e.errors()[0], where)
         raise ConfigError(message.removeprefix(": ")) from None  # the value itself: no key to name

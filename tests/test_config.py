@@ -250,6 +250,13 @@ def test_a_stage_refuses_inf_in_one_line(tmp_path):
     assert os.listdir(tmp_path) == [], "nothing started, nothing written"
 
 
+def test_a_yaml_anchor_that_contains_itself_is_one_line(tmp_path):
+    f = tmp_path / "params.yaml"
+    f.write_text("tune:\n  space: &a {eta: [*a]}\n")
+    with pytest.raises(ConfigError, match=r"^params: not plain data \(Circular reference detected\)$"):
+        load_params(f)
+
+
 def test_dataset_names_must_be_file_and_stage_safe():
     with pytest.raises(ConfigError, match=r"datasets: dataset name 'a b' must match"):
         parse_params({"datasets": {"a b": {"kind": "custom"}}, "prepare": {"datasets": []}})
