@@ -238,6 +238,11 @@ def parse_params(raw: Mapping[str, Any]) -> Params:
     """Typed, validated :class:`Params` from a parsed params mapping (an empty section, as
     ``train:`` alone, takes its defaults)."""
     raw = _translate(dict(raw))
+    if "profile" in raw:
+        raise ConfigError(
+            "profile: not a parameter any more: apply a profile to params.yaml with `python -m pipeline.profile NAME` "
+            "(DVC then sees its values), or to one stage run with --profile NAME"
+        )
     params = bind(Params, {k: {} if v is None and k in _SECTIONS else v for k, v in raw.items()})
     try:
         params.validate()

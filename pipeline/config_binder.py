@@ -67,10 +67,10 @@ def free_value(value: Any) -> Any:
     """A method's hyper-parameter value, whose type the method declares (checked on loading):
     here only a value, not a mapping, and finite; a list becomes a tuple."""
     if isinstance(value, dict):
-        raise PydanticCustomError("config", "expected a value, got a mapping {value}", {"value": repr(value)})
+        raise PydanticCustomError("config_value", "expected a value, got a mapping {value}", {"value": repr(value)})
     problem = finite(value)
     if problem:
-        raise PydanticCustomError("config", problem)
+        raise PydanticCustomError("config_value", problem)
     return tuple(value) if isinstance(value, list) else value
 
 
@@ -171,17 +171,12 @@ def _message(tp: Any, error: dict[str, Any], where: str) -> str:
     base = kind.split("_")[0]
     if kind in ("unexpected_keyword_argument", "extra_forbidden"):
         known = ", ".join(f.name for f in dataclasses.fields(owner)) if owner else ""
-        if key == "profile":
-            return (
-                "profile: not a parameter any more: apply a profile to params.yaml with `python -m pipeline.profile "
-                "NAME` (DVC then sees its values), or to one stage run with --profile NAME"
-            )
         return f"{key}: unknown {getattr(owner, 'KEYS_ARE', 'key')} (known: {known})"
     if kind in ("missing", "missing_argument"):
         return f"{key}: missing"
     if kind in ("union_tag_invalid", "union_tag_not_found"):
         tags = _choices(list(_kinds(_members(at))))
-        if kind == "union_tag_not_found":
+        if kind == "union_tag_not_found" or (isinstance(value, dict) and value.get("kind") is None):
             return f"{key}.kind: missing (choose {tags})"
         return f"{key}.kind: unknown kind {error['ctx']['tag']!r} (choose {tags})"
     if kind == "literal_error":
@@ -191,7 +186,7 @@ def _message(tp: Any, error: dict[str, Any], where: str) -> str:
         return f"{key}: must be a finite number, got {value!r}"
     if kind == "value_error":  # a section's check: "<key in the section>: what is wrong"
         return f"{key + '.' if key else ''}{error['ctx']['error']}"
-    if kind == "config":
+    if kind == "config_value":
         return f"{key}: {error['msg']}"
     if base in _EXPECTED and kind.endswith(("_type", "_parsing", "_from_float")):
         if value is None:

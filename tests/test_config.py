@@ -104,6 +104,10 @@ def test_overrides_are_yaml_scalars_and_can_add_entries():
         ("datasets.imagenet100.num_classes=null", "datasets.imagenet100.num_classes: missing"),
         ("datasets.nuswide21.class_names=[a, b]", "datasets.nuswide21.class_names: 2 names for num_classes 21"),
         ("datasets.mine.images=/x", "datasets.mine.kind: missing (choose cifar10, lists or custom)"),
+        ("datasets.cifar10.kind=null", "datasets.cifar10.kind: missing (choose cifar10, lists or custom)"),
+        ("datasets.x=3", "datasets.x: expected a mapping, got 3"),
+        ("use_tuned=1", "use_tuned: expected true or false, got 1"),
+        ("seed=1.5", "seed: expected an integer, got 1.5"),
         (
             "prepare.datasets=[cifar10, nope]",
             "prepare.datasets: unknown dataset 'nope' (defined: cifar10, nuswide21, imagenet100)",
