@@ -891,23 +891,25 @@ def test_the_mlflow_server_reaches_its_bucket_as_its_own_user_not_the_root():
     assert f"mc mb --ignore-existing local/{bucket}" in script
 
 
-@pytest.mark.parametrize("already_attached", [False, True])
-def test_minio_setup_makes_the_servers_user_and_runs_again(tmp_path, already_attached):
+@pytest.mark.parametrize("run", ["first", "again", "attach fails"])
+def test_minio_setup_makes_the_servers_user_and_runs_again(tmp_path, run):
     """minio-setup.sh against a stand-in `mc` (no MinIO here) that records its calls: the user is
     made and the bucket policy attached; on a second `docker compose up`, where `mc admin policy
-    attach` refuses a policy already attached, it checks the attachment and succeeds. It refuses
-    to make the root user the server's."""
+    attach` refuses a policy already attached, it checks the attachment and succeeds; an attach
+    that failed otherwise fails the job (and so the server does not start). It refuses to make
+    the root user the server's."""
     import subprocess
 
     bin_dir = tmp_path / "bin"
     calls = tmp_path / "calls"
+    attached = "mlflow-artifacts" if run == "again" else "readwrite"
     _fake_command(
         bin_dir,
         "mc",
         f'echo "$@" >> {calls}\n'
         'case "$1 $2 $3" in\n'
-        f'  "admin policy attach") exit {1 if already_attached else 0};;\n'
-        '  "admin user info") echo "AccessKey: $4"; echo "PolicyName: mlflow-artifacts";;\n'
+        f'  "admin policy attach") exit {0 if run == "first" else 1};;\n'
+        f'  "--json admin user") echo "{{\\"accessKey\\":\\"$5\\",\\"policyName\\":\\"{attached}\\"}}";;\n'
         "esac\n",
     )
     env = {
@@ -919,13 +921,13 @@ def test_minio_setup_makes_the_servers_user_and_runs_again(tmp_path, already_att
     }
     script = str(INFRA / "mlflow" / "minio-setup.sh")
     proc = subprocess.run(["sh", script], env=env, capture_output=True, text=True, timeout=30)
-    assert proc.returncode == 0, proc.stderr
+    assert (proc.returncode == 0) == (run != "attach fails"), proc.stderr
     made = calls.read_text().splitlines()
     assert made[0] == "alias set local http://minio:9000 root-user root-password"
     assert "admin user add local mlflow-server server-secret" in made
     assert "admin policy create local mlflow-artifacts /setup/minio-policy.json" in made
     assert "admin policy attach local mlflow-artifacts --user mlflow-server" in made
-    assert ("admin user info local mlflow-server" in made) == already_attached
+    assert ("--json admin user info local mlflow-server" in made) == (run != "first")
     calls.unlink()
     proc = subprocess.run(
         ["sh", script], env={**env, "MLFLOW_S3_ACCESS_KEY": "root-user"}, capture_output=True, text=True, timeout=30
