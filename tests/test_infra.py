@@ -4,7 +4,11 @@ KubeRay resources against tests/data/kuberay-v1.schema.json, the MLflow server s
 versions equal pyproject's pin. Then the facts that span files, which no schema sees: the trials
 a search runs at once, the object store within /dev/shm, secrets kept out of every upload (with
 Ray's own upload code), the compiled kernels a job imports from its uploaded sources, one MLflow
-name, shared storage on the launcher's nodes, the image's layers. No cluster, nothing downloaded."""
+name, shared storage on the launcher's nodes, the image's layers. And who reaches what (issue 28):
+the MLflow server behind its login in every deployment (serve.sh run for real, and the real server
+where MLflow's auth extra is installed), secrets never in the repository, compose on 127.0.0.1, the
+server's own bucket user, the NetworkPolicies, Ray's token and its dashboard kept inside. No
+cluster, nothing downloaded."""
 
 from __future__ import annotations
 
