@@ -730,6 +730,29 @@ def _fake_command(bin_dir: Path, name: str, script: str) -> None:
     (bin_dir / name).chmod(0o755)
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _http_status(url: str, authorization: str | None = None) -> int:
+    """The HTTP status of a GET (an error status too); OSError when nothing answers."""
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(url)
+    if authorization:
+        request.add_header("Authorization", authorization)
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:  # 2 busy cores: slow
+            return response.status
+    except urllib.error.HTTPError as e:
+        return e.code
+
+
 def test_serve_script_refuses_to_start_without_its_login_and_writes_mlflows_auth_config(tmp_path, monkeypatch):
     """serve.sh names the first missing setting (exit 2, one line, mlflow never started); with all
     set it starts `mlflow server --app-name basic-auth` with an auth config that MLflow's own
@@ -791,17 +814,12 @@ def test_the_team_server_refuses_requests_without_a_login(tmp_path):
     MLflow client through MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD."""
     pytest.importorskip("flask_wtf", reason="MLflow's login needs its auth extra: pip install 'mlflow[auth]'")
     import signal
-    import socket
     import subprocess
     import sys
     import time
-    import urllib.error
-    import urllib.request
     from base64 import b64encode
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = _free_port()
     url = f"http://127.0.0.1:{port}"
     env = {
         **os.environ,
@@ -817,14 +835,8 @@ def test_the_team_server_refuses_requests_without_a_login(tmp_path):
     try:
 
         def get(path: str, user: str | None = None, password: str = "") -> int:
-            request = urllib.request.Request(url + path)
-            if user:
-                request.add_header("Authorization", "Basic " + b64encode(f"{user}:{password}".encode()).decode())
-            try:
-                with urllib.request.urlopen(request, timeout=60) as response:  # 2 busy cores: slow
-                    return response.status
-            except urllib.error.HTTPError as e:
-                return e.code
+            login = "Basic " + b64encode(f"{user}:{password}".encode()).decode() if user else None
+            return _http_status(url + path, login)
 
         deadline = time.monotonic() + 120
         while True:
@@ -1022,3 +1034,122 @@ def test_the_docs_say_how_to_submit_through_the_authenticated_dashboard():
             "MLFLOW_TRACKING_PASSWORD",
         ):
             assert needle in text, f"{path.relative_to(ROOT)}: {needle}"
+
+
+@pytest.mark.slow
+def test_a_ray_head_started_as_the_launcher_starts_it_runs_jobs_only_with_the_token(tmp_path):
+    """`ray start --head` with the launcher's auth mode and dashboard host (read from
+    infra/aws/cluster.yaml) and the token where its file_mounts put it: the Jobs API answers 401
+    without the token and 403 with a wrong one, and `ray job submit` works the two ways the docs
+    give (the token file of `ray get-auth-token --generate`; RAY_AUTH_TOKEN from a Secret); the
+    dashboard is not reachable on another address of this machine. Private temp dir and ports:
+    nothing of another Ray on this machine is touched."""
+    import secrets
+    import shutil
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import tempfile
+    import time
+
+    config = _load(INFRA / "aws" / "cluster.yaml")
+    (auth_env,) = [o for o in config["docker"]["run_options"] if o.startswith("--env=RAY_AUTH_MODE=")]
+    mode = auth_env.split("=", 2)[2]
+    (head_start,) = [c for c in config["head_start_ray_commands"] if "ray start" in c]
+    host = re.search(r"--dashboard-host=(\S+)", head_start).group(1)
+    assert (mode, host) == ("token", "127.0.0.1")
+
+    temp = Path(tempfile.mkdtemp(prefix="rt", dir="/tmp"))  # short: Ray's socket paths have a length limit
+    home, no_token_home = tmp_path / "home", tmp_path / "elsewhere"
+    (home / ".ray").mkdir(parents=True)
+    no_token_home.mkdir()
+    token = secrets.token_hex(32)
+    (home / ".ray" / "auth_token").write_text(token + "\n")
+    ray = str(Path(sys.executable).parent / "ray")
+    base = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    base.update(RAY_TMPDIR=str(temp), PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+    dashboard = _free_port()
+    log = open(tmp_path / "head.log", "w")  # closed in finally
+    head = subprocess.Popen(
+        [
+            ray,
+            "start",
+            "--head",
+            "--block",
+            f"--port={_free_port()}",
+            f"--dashboard-host={host}",
+            f"--dashboard-port={dashboard}",
+            f"--dashboard-agent-listen-port={_free_port()}",
+            f"--ray-client-server-port={_free_port()}",
+            "--num-cpus=1",
+            "--disable-usage-stats",
+        ],
+        env={**base, "HOME": str(home), "RAY_AUTH_MODE": mode},
+        stdout=subprocess.DEVNULL,
+        stderr=log,
+        start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{dashboard}"
+    try:
+
+        def status(address: str, token: str | None = None) -> int:
+            return _http_status(f"http://{address}:{dashboard}/api/jobs/", f"Bearer {token}" if token else None)
+
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                status("127.0.0.1")
+                break
+            except OSError:
+                assert head.poll() is None and time.monotonic() < deadline, (tmp_path / "head.log").read_text()
+                time.sleep(1)
+        assert status("127.0.0.1") == 401
+        assert status("127.0.0.1", "not-the-token") in (401, 403)
+        assert status("127.0.0.1", token) == 200
+
+        def submit(**env: str) -> subprocess.CompletedProcess:
+            return subprocess.run(
+                [ray, "job", "submit", "--address", url, "--", "python", "-c", "print('job ran', 6 * 7)"],
+                env={**base, **env},
+                capture_output=True,
+                text=True,
+                timeout=300,
+            )
+
+        for env in (
+            {"HOME": str(home), "RAY_AUTH_MODE": "token"},  # the launcher's way: ~/.ray/auth_token
+            {"HOME": str(no_token_home), "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token},  # KubeRay's
+        ):
+            job = submit(**env)
+            assert job.returncode == 0 and "job ran 42" in job.stdout, job.stdout + job.stderr
+        for env in (
+            {"HOME": str(no_token_home)},
+            {"HOME": str(no_token_home), "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "not-the-token"},
+        ):
+            job = submit(**env)
+            assert job.returncode != 0 and "AuthenticationError" in job.stderr, job.stdout + job.stderr
+            assert "job ran" not in job.stdout
+        # another address of this machine, if it has one: nothing listens there
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            try:
+                s.connect(("192.0.2.1", 9))  # no packet is sent: only picks the outgoing interface
+                address = s.getsockname()[0]
+            except OSError:
+                address = "127.0.0.1"
+        if not address.startswith("127."):
+            with pytest.raises(OSError):
+                status(address)
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            pass
+        time.sleep(2)
+        try:
+            os.killpg(head.pid, signal.SIGKILL)  # whatever of the group is left
+        except ProcessLookupError:
+            pass
+        log.close()
+        shutil.rmtree(temp, ignore_errors=True)
