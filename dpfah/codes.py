@@ -1,24 +1,9 @@
-"""Binary codes: binarisation, bit packing and Hamming distance.
+"""Exact Hamming search on packed codes (``dpfah.packing`` holds the code format).
 
-Conventions used everywhere in the project:
-
-* a code is a row of +1/-1 values; ``binarize`` maps 0 to +1 so codes are never ternary;
-* a packed code is a row of ``ceil(bits / 64)`` little-endian ``uint64`` words: bit ``j`` of
-  the code (``+1`` -> 1, ``-1`` -> 0) is bit ``j % 64`` of word ``j // 64``; padding bits
-  are 0 in every code, so they never add to a distance.
-
-Exact top-k Hamming search (``topk_hamming``, ``HammingIndex``) ranks by (distance, database
-index), both ascending: ties go to the smaller database index, on every backend:
-
-* ``"compiled"``: the C kernels of ``_dpfah_hamming`` (built by ``setup.py``, imported through
-  ``dpfah.kernels``; SIMD chosen at run time), with Python threads splitting the queries (the
-  kernels release the GIL);
-* ``"numpy"``: chunked ``np.bitwise_count``, used when the extension is not built (logged
-  once per process by ``dpfah.kernels.announce_fallback``);
-* ``"torch"``: torch only, on the tensors' device (GPU), no host round trip.
-
-``HAVE_COMPILED_KERNEL`` tells whether the extension imported; ``compiled_kernel()`` names the
-instruction set it picked.
+``topk_hamming`` and ``HammingIndex`` rank by (distance, database index), ties to the smaller
+index, on every backend: the C kernels of ``_dpfah_hamming`` (through ``dpfah.kernels``; SIMD
+picked at run time; Python threads over queries), chunked ``np.bitwise_count`` where they are
+not built (``HAVE_COMPILED_KERNEL`` False), or torch on the tensors' device.
 """
 
 from __future__ import annotations
@@ -31,6 +16,7 @@ import numpy as np
 import torch
 
 from . import kernels as _kernels
+from .packing import as_packed, binarize, check_packed, pack_codes, unpack_codes, words_for_bits
 
 # Optional C extension (setup.py builds it where a compiler exists); None without it.
 _kernel = _kernels.hamming
@@ -51,90 +37,6 @@ __all__ = [
     "unpack_codes",
     "words_for_bits",
 ]
-
-
-def words_for_bits(bits: int) -> int:
-    """Number of uint64 words a packed ``bits``-bit code takes."""
-    if bits < 1:
-        raise ValueError(f"bits must be >= 1, got {bits}")
-    return (bits + 63) // 64
-
-
-def binarize(u):
-    """sign(u) with sign(0) = +1, keeping the container (numpy or torch) and float dtype.
-
-    Integer and boolean numpy inputs give int8 codes.
-    """
-    if isinstance(u, torch.Tensor):
-        one = torch.ones((), dtype=u.dtype if u.is_floating_point() else torch.int8, device=u.device)
-        return torch.where(u >= 0, one, -one)
-    u = np.asarray(u)
-    dtype = u.dtype if np.issubdtype(u.dtype, np.floating) else np.int8
-    return np.where(u >= 0, 1, -1).astype(dtype, copy=False)
-
-
-def _as_numpy(x) -> np.ndarray:
-    if isinstance(x, torch.Tensor):
-        return x.detach().cpu().numpy()
-    return np.asarray(x)
-
-
-def pack_codes(codes) -> np.ndarray:
-    """Pack +1/-1 codes of shape (n, bits) into uint64 words of shape (n, ceil(bits/64)).
-
-    Accepts numpy arrays or torch tensors of any numeric dtype. Values must be +1 or -1
-    (binarize real-valued outputs first): anything else raises, since a 0 would silently
-    become a third symbol.
-    """
-    c = _as_numpy(codes)
-    if c.ndim != 2:
-        raise ValueError(f"codes must have shape (n, bits), got {c.shape}")
-    n, bits = c.shape
-    if bits < 1:
-        raise ValueError("codes must have at least one bit")
-    positive = c > 0
-    if not np.all(positive | (c < 0)) or (np.issubdtype(c.dtype, np.floating) and not np.all(np.abs(c) == 1)):
-        raise ValueError("codes must contain only +1 and -1 (use dpfah.codes.binarize first)")
-    words = words_for_bits(bits)
-    padded = np.zeros((n, words * 64), dtype=bool)
-    padded[:, :bits] = positive
-    packed_bytes = np.packbits(padded, axis=1, bitorder="little")  # (n, words * 8)
-    return np.ascontiguousarray(packed_bytes).view("<u8").astype(np.uint64, copy=False).reshape(n, words)
-
-
-def unpack_codes(packed, bits: int) -> np.ndarray:
-    """Inverse of ``pack_codes``: int8 +1/-1 codes of shape (n, bits)."""
-    p = np.ascontiguousarray(_as_numpy(packed), dtype=np.uint64)
-    if p.ndim != 2 or p.shape[1] != words_for_bits(bits):
-        raise ValueError(f"packed codes of {bits} bits must have shape (n, {words_for_bits(bits)}), got {p.shape}")
-    as_bytes = p.astype("<u8", copy=False).view(np.uint8).reshape(p.shape[0], -1)
-    bits01 = np.unpackbits(as_bytes, axis=1, bitorder="little")[:, :bits]
-    return (bits01.astype(np.int8) * 2 - 1).astype(np.int8)
-
-
-def _as_packed(x, name: str) -> np.ndarray:
-    """Packed codes as a C-contiguous (n, words) uint64 array (int64 is taken bit for bit)."""
-    a = _as_numpy(x)
-    if a.dtype == np.int64:
-        a = a.view(np.uint64)
-    elif a.dtype != np.uint64:
-        raise TypeError(f"{name}: packed codes must be uint64 (or int64) words from pack_codes, got dtype {a.dtype}")
-    if a.ndim != 2:
-        raise ValueError(f"{name}: packed codes must be 2-D (n, words), got shape {a.shape}")
-    if a.shape[1] < 1:
-        raise ValueError(f"{name}: packed codes need at least one word per code, got shape {a.shape}")
-    return np.ascontiguousarray(a)
-
-
-def _check_packed(query_packed, db_packed) -> tuple[np.ndarray, np.ndarray]:
-    q = _as_packed(query_packed, "query_packed")
-    d = _as_packed(db_packed, "db_packed")
-    if q.shape[1] != d.shape[1]:
-        raise ValueError(
-            f"query and database codes differ in length: {q.shape[1]} vs {d.shape[1]} words "
-            f"(shapes {q.shape} and {d.shape})"
-        )
-    return q, d
 
 
 def compiled_kernel() -> str | None:
@@ -216,7 +118,7 @@ class HammingIndex:
     """
 
     def __init__(self, db_packed, *, threads: int | None = None, backend: str = "auto"):
-        self.db = _as_packed(db_packed, "db_packed")
+        self.db = as_packed(db_packed, "db_packed")
         self.n_db, self.words = self.db.shape
         if self.words > 1023:
             raise ValueError(f"codes of at most 1023 words (65,472 bits) are supported, got {self.words}")
@@ -230,7 +132,8 @@ class HammingIndex:
         if backend == "compiled" and (not HAVE_COMPILED_KERNEL or _kernel is None):
             raise RuntimeError(
                 f"backend='compiled' but {_kernels.MODULES['hamming']} is not built or not in use "
-                f"({_kernels.import_error('hamming') or 'HAVE_COMPILED_KERNEL is False'}); build it with pip install -e ."
+                f"({_kernels.import_error('hamming') or 'HAVE_COMPILED_KERNEL is False'}); "
+                "build it with pip install -e ."
             )
         self.backend = backend
         self.kernel = None
@@ -241,7 +144,7 @@ class HammingIndex:
             _kernel.prepare(self.db, self.words, self._prepared)
 
     def _queries(self, query_packed) -> np.ndarray:
-        q = _as_packed(query_packed, "query_packed")
+        q = as_packed(query_packed, "query_packed")
         if q.shape[1] != self.words:
             raise ValueError(f"query and database codes differ in length: {q.shape[1]} vs {self.words} words")
         return q
@@ -346,7 +249,7 @@ def hamming_distance(query_packed, db_packed) -> np.ndarray:
     Meant for blocks that fit in memory; top-k search and the metrics work in chunks. Uses
     the compiled kernel when it is built (all threads), numpy otherwise.
     """
-    q, d = _check_packed(query_packed, db_packed)
+    q, d = check_packed(query_packed, db_packed)
     if HAVE_COMPILED_KERNEL and _kernel is not None and d.shape[1] <= 1023 and q.shape[0] * d.shape[0] > 0:
         return HammingIndex(d).distances(q)
     if not HAVE_COMPILED_KERNEL or _kernel is None:
@@ -400,7 +303,7 @@ def topk_hamming(
         return topk_hamming_torch(_unpack_torch(qw), _unpack_torch(dw), k, chunk=query_chunk)
     if backend not in ("compiled", "numpy"):
         raise ValueError(f"backend must be 'auto', 'compiled', 'numpy' or 'torch', got {backend!r}")
-    q, d = _check_packed(query_packed, db_packed)
+    q, d = check_packed(query_packed, db_packed)
     idx, dist = HammingIndex(d, threads=threads, backend=backend).search(q, k, query_chunk=query_chunk)
     if is_torch:
         device = next(x.device for x in (query_packed, db_packed) if isinstance(x, torch.Tensor))

@@ -8,9 +8,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .objective import PAIR_SETS, Memory, Shard, Step, check_hparams
+from .hyperparameters import REGISTRY
+from .objective import Memory, Shard, Step, check_hparams
 
 __all__ = ["DPFAHLoss", "LossParts", "similarity"]
+
+_DECLARED = REGISTRY["dpfah"]
 
 
 class LossParts(NamedTuple):
@@ -48,15 +51,14 @@ class DPFAHLoss(nn.Module):
     """
 
     terms = ("l1", "l2", "l3")
-    #: The hyper-parameters and their defaults, declared here once (the registry entry
-    #: :class:`dpfah.methods.DPFAH` is this class): the paper's best weights eta = 10 and
-    #: zeta = 0.1 (its Tables 3 and 4, Eq. 15), the band delta = 1.1, in-batch pairs (the
-    #: paper does not say which pairs; ``bank``: the batch against every training item seen
-    #: so far, this project's memory choice for DPFAH; ``memory``: against every training
-    #: item, unseen ones as zero rows, as the comparison methods' code zoo does).
-    defaults = {"eta": 10.0, "zeta": 0.1, "delta": 1.1, "pairs": "batch"}
-    choices = {"pairs": PAIR_SETS}
-    at_least = {"eta": 0.0, "zeta": 0.0, "delta": 0.0}
+    #: The hyper-parameters, their defaults, choices and bounds: the registry's entry
+    #: (:data:`dpfah.hyperparameters.REGISTRY`, torch-free), which says where each comes from:
+    #: the paper's best weights eta = 10 and zeta = 0.1, the band delta = 1.1, in-batch pairs
+    #: (``bank``: the batch against every training item seen so far, this project's memory
+    #: choice for DPFAH; ``memory``: against every training item, unseen ones as zero rows).
+    defaults = _DECLARED.defaults
+    choices = _DECLARED.choices
+    at_least = _DECLARED.at_least
 
     def __init__(
         self,
@@ -174,9 +176,9 @@ class DPFAHLoss(nn.Module):
 
         The columns are the global batch gathered from every rank, or, with ``bank``
         (``memory``), the rows of the memory seen so far (all of them) after the global batch
-        has been written into it (so the batch meets itself, as in DPSH). ``stats``: the pair sum over this rank's pairs, and the
-        rank's mean L2 and L3 (weight 1 each: the epoch value is their mean over steps and
-        ranks, equal local batches)."""
+        has been written into it (so the batch meets itself, as in DPSH). ``stats``: the pair
+        sum over this rank's pairs, and the rank's mean L2 and L3 (weight 1 each: the epoch
+        value is their mean over steps and ranks, equal local batches)."""
         all_u = shard.gather(u.detach())
         all_labels = shard.gather(labels)
         if self.pairs != "batch":

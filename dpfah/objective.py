@@ -29,14 +29,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-__all__ = ["Memory", "PAIR_SETS", "Shard", "Step", "Objective", "check_hparams", "world"]
+from .hyperparameters import PAIR_SETS
 
-#: Which pairs a pairwise objective sees (every method's ``pairs`` hyper-parameter):
-#: ``batch``: the (global) mini-batch, ordered pairs i != j; ``memory``: the batch against
-#: every row of a :class:`Memory`, rows not written yet included (zero codes, no label: they
-#: count as dissimilar pairs with theta = 0; DeepHash-pytorch's U, DPSH style); ``bank``:
-#: the batch against only the rows written so far.
-PAIR_SETS = ("batch", "memory", "bank")
+__all__ = ["Memory", "PAIR_SETS", "Shard", "Step", "Objective", "check_hparams", "world"]
 
 
 def check_hparams(name: str, values: dict, choices: dict, at_least: dict) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import sys
 import threading
 
 from .console import verbose
@@ -18,6 +19,7 @@ __all__ = [
     "shutdown_if_started",
     "shutdown_before_exit",
     "train_run_defaults",
+    "PlacementGroupJanitor",
 ]
 
 
@@ -32,13 +34,26 @@ def started_here() -> bool:
     return bool(ray.is_initialized() and node is not None and getattr(node, "all_processes", None))
 
 
+class _TokenNotice(logging.Filter):
+    """Drops Ray's notice that a local instance it starts has token authentication on, printed
+    at the start of every stage: its default, which is kept (issue 29)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Token authentication is enabled for this Ray cluster" not in record.getMessage()
+
+
+#: The logger of Ray's token set-up (Ray's own module name).
+TOKEN_LOGGER = "ray._private.authentication.authentication_token_setup"
+
+
 def ensure_ray() -> None:
     """Connect this process to Ray once.
 
     With RAY_ADDRESS (``ray job submit`` sets it), that cluster; else the instance a
     ``ray start --head`` on this machine left running (Ray's own lookup), which saves every
     stage the start and the shutdown of its own instance (``bench/run_overhead.py``: about
-    11 s a training on 2 cores); else a new local instance on this machine's CPUs and GPUs."""
+    11 s a training on 2 cores); else a new local instance on this machine's CPUs and GPUs,
+    with Ray's token authentication (its default; its notice shown with --verbose only)."""
     import ray
 
     if ray.is_initialized():
@@ -51,6 +66,9 @@ def ensure_ray() -> None:
     loud = verbose()  # Ray's banner, and its controller's and workers' logs, with --verbose only
     if not loud:
         kwargs["logging_level"] = logging.WARNING
+        notices = logging.getLogger(TOKEN_LOGGER)
+        if not any(isinstance(f, _TokenNotice) for f in notices.filters):
+            notices.addFilter(_TokenNotice())
     ray.init(address=os.environ.get("RAY_ADDRESS") or None, log_to_driver=loud, **kwargs)
     if in_main_thread and callable(handler):
         # A local instance installs Ray's SIGTERM handler, which kills its processes and calls
@@ -120,3 +138,66 @@ def train_run_defaults() -> None:
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", HEALTH_CHECK_INTERVAL_S)
     if len([n for n in ray.nodes() if n.get("Alive")]) <= 1:
         os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+
+
+class PlacementGroupJanitor:
+    """Removes the placement groups of this job whose creator actor has died.
+
+    When ASHA stops a trial, its Ray Train controller dies with it, and the worker group's
+    placement group outlives it (non-detached placement groups live as long as their job).
+    Ray Train's own cleaner, a detached actor, finds the cluster through the State API, which
+    fails wherever more than one local Ray instance runs on the machine ("Found multiple
+    active Ray instances"): the stopped trial's CPUs/GPUs then stay reserved and the next
+    trial never starts its workers. This thread, in the driver, does the cleaner's job. It
+    reads the GCS placement group table through Ray's internal accessor (the public table
+    lacks the creator fields); if that API moves, it only warns.
+    """
+
+    def __init__(self, interval_s: float = 2.0):
+        import threading
+
+        self.interval_s = interval_s
+        self.removed = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="placement-group-janitor", daemon=True)
+
+    def __enter__(self) -> PlacementGroupJanitor:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+        self.sweep()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            try:
+                self.sweep()
+            except Exception as e:  # never take the search down
+                print(f"warning: placement group janitor stopped: {type(e).__name__}: {e}", file=sys.stderr)
+                return
+
+    def sweep(self) -> int:
+        import ray
+        from ray._private import state as ray_state
+        from ray.core.generated import gcs_pb2
+        from ray.util.placement_group import PlacementGroup, remove_placement_group
+
+        accessor = ray_state.state._connect_and_get_accessor()
+        job = ray.get_runtime_context().get_job_id()
+        removed = 0
+        for raw in accessor.get_placement_group_table():
+            pg = gcs_pb2.PlacementGroupTableData.FromString(raw)
+            # created by an actor (a driver's have no creator actor) that died, in this job
+            by_actor = pg.creator_actor_id and not ray.ActorID(pg.creator_actor_id).is_nil()
+            orphaned = by_actor and pg.creator_actor_dead and not pg.is_detached and pg.creator_job_id.hex() == job
+            if not orphaned or pg.state == gcs_pb2.PlacementGroupTableData.REMOVED:
+                continue
+            try:
+                remove_placement_group(PlacementGroup(ray.PlacementGroupID(pg.placement_group_id)))
+                removed += 1
+            except Exception:  # removed meanwhile (by Ray Train's cleaner)
+                pass
+        self.removed += removed
+        return removed

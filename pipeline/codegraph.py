@@ -20,10 +20,10 @@ PACKAGES = ("dpfah", "pipeline")
 
 #: Imports not followed when collecting what a stage runs, each with why its code cannot
 #: change what the stage writes. pipeline.config checks the objectives' knobs against the
-#: methods while it parses the parameters: it accepts or refuses params.yaml and returns
+#: methods while it parses the parameters (pipeline.config_schema): it accepts or refuses params.yaml and returns
 #: nothing, so following it would rerun prepare, evaluate, promote, report and index on any
 #: edit of a method's loss. The stages that run a method import it themselves.
-NOT_FOLLOWED = {("pipeline.config", "pipeline.methods")}
+NOT_FOLLOWED = {("pipeline.config_schema", "pipeline.methods")}
 #: Files other than Python sources that a module runs: the C kernels dpfah.kernels loads.
 RUNS_ALSO = {"dpfah.kernels": ("dpfah/_hamming.c", "dpfah/_ranking.c", "dpfah/_cpu.h")}
 

@@ -42,16 +42,16 @@ def _kind(default: Any) -> tuple[type | tuple[type, ...], str]:
 
 def declared_hyperparameters(method: str) -> dict[str, Any]:
     """``method``'s hyper-parameters and their defaults."""
-    from dpfah.methods import get
+    from dpfah.methods import declared
 
-    return dict(get(method).defaults)
+    return dict(declared(method).defaults)
 
 
 def tunable_hyperparameters(method: str) -> tuple[str, ...]:
     """The knobs ``method`` declares worth searching."""
-    from dpfah.methods import get
+    from dpfah.methods import declared
 
-    return tuple(get(method).tunable)
+    return tuple(declared(method).tunable)
 
 
 def check_hyperparameters(method: str, values: Mapping[str, Any], where: str) -> None:
@@ -60,9 +60,9 @@ def check_hyperparameters(method: str, values: Mapping[str, Any], where: str) ->
     bounds."""
     if not values:
         return
-    from dpfah.methods import get
+    from dpfah.methods import declared
 
-    cls = get(method)
+    cls = declared(method)  # no torch: the parameters are checked before anything starts
     defaults, choices = cls.defaults, cls.choices
     for key, value in values.items():
         if key not in defaults:

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from .artifacts import write_atomic
-from .config import DEFAULT_PARAMS, parse_params, profile_overlay, read_params_file
+from .config import DEFAULT_PARAMS, parse_params, profile_overlay, read_params_file, read_yaml
 from .errors import run_main
 
 __all__ = ["apply_profile", "main"]
@@ -73,9 +73,7 @@ def apply_profile(
     buf = io.StringIO()
     yaml.dump(doc, buf)
     text = buf.getvalue()
-    import yaml as pyyaml
-
-    parse_params(pyyaml.safe_load(text) or {})  # the result must be valid params
+    parse_params(read_yaml(text) or {})  # the result must be valid params
     if not dry_run and changes:
         write_atomic(path, text)
     return changes

@@ -17,7 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from .artifacts import DEFAULT_METHOD, best_file, objective_file, write_json_atomic
-from .config import Params
+from .config import ModelSettings, Params
+from .config_binder import bind
+from .config_schema import ObjectiveFile, check_objective
 from .errors import ConfigError
 from .methods import as_declared, method_names
 
@@ -75,7 +77,8 @@ def resolve(
     variant = params.variants.get(entry)
     if variant is None and entry not in method_names():
         raise ConfigError(
-            f"--method {entry}: unknown method or variant (methods: {', '.join(method_names())}; variants: {', '.join(params.variants) or 'none'})"
+            f"--method {entry}: unknown method or variant (methods: {', '.join(method_names())}; variants: "
+            f"{', '.join(params.variants) or 'none'})"
         )
     base = variant.method if variant else entry
     hparams, source = dict(params.objectives.get(base, {})), {"weights_from": "params"}
@@ -86,7 +89,8 @@ def resolve(
             source = {"weights_from": "tune", **tuned_source}
         else:
             print(
-                f"note: use_tuned: {tuned_source['tuned_from']} is a search over {searched}'s knobs; {entry} keeps objectives.{base}",
+                f"note: use_tuned: {tuned_source['tuned_from']} is a search over {searched}'s knobs; {entry} keeps "
+                f"objectives.{base}",
                 file=sys.stderr,
             )
     if variant is not None:
@@ -103,24 +107,23 @@ def write(recipe: Recipe, dataset: str, bits: int, root: str | os.PathLike = "."
 
 
 def read(path: str | os.PathLike, dataset: str, bits: int) -> Recipe:
-    """The recipe of an objective file, checked to belong to ``dataset`` at ``bits``."""
+    """The recipe of an objective file, checked as params.yaml's objectives are (its method,
+    its knobs, its network changes: one line naming the key) and to belong to ``dataset`` at
+    ``bits``."""
     path = Path(path)
     try:
-        doc: dict[str, Any] = json.loads(path.read_text())
-        if (doc["dataset"], doc["bits"]) != (dataset, bits):
-            raise ConfigError(
-                f"{path}: the objective of {doc['dataset']!r} at {doc['bits']} bits, not {dataset!r} at {bits}"
-            )
-        return Recipe(
-            doc["entry"],
-            doc["method"],
-            dict(doc["hparams"]),
-            dict(doc["model"]),
-            {k: str(v) for k, v in doc.get("source", {}).items()},
-        )
+        doc: Any = json.loads(path.read_text())
     except FileNotFoundError:
         raise ConfigError(
             f"{path}: not found (python -m pipeline.objective --dataset {dataset} --bits {bits} writes it)"
         ) from None
-    except (OSError, ValueError, KeyError, TypeError) as e:
+    except (OSError, ValueError) as e:
         raise ConfigError(f"{path}: not an objective file ({type(e).__name__}: {e})") from None
+    try:
+        f = bind(ObjectiveFile, doc)
+        check_objective(f.method, f.hparams, f.model, ModelSettings(), "", "hparams")
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+    if (f.dataset, f.bits) != (dataset, bits):
+        raise ConfigError(f"{path}: the objective of {f.dataset!r} at {f.bits} bits, not {dataset!r} at {bits}")
+    return Recipe(f.entry, f.method, dict(f.hparams), dict(f.model), dict(f.source))

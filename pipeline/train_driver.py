@@ -37,7 +37,15 @@ from .tracking import (
 )
 from .train_worker import DIVERGED, STATE_FILE, Job, load_state, process_start_time, worker_loop
 
-__all__ = ["TrainOutcome", "TrainingFailed", "run_training", "log_model_artifact"]
+__all__ = [
+    "FAIL_AT_EPOCH_ENV",
+    "TrainOutcome",
+    "TrainingFailed",
+    "absolute",
+    "fail_at_epoch",
+    "log_model_artifact",
+    "run_training",
+]
 
 
 #: AlexNet's stem and pools leave nothing of an image smaller than this (dpfah.model).
@@ -306,12 +314,13 @@ def run_training(
     model = dataclasses.replace(params.model, **recipe.model)  # a variant's network changes
     if model.backbone == "alexnet" and t.image_size < ALEXNET_MIN_SIZE:
         raise ConfigError(
-            f"train.image_size: {t.image_size} px is too small for {recipe.entry}'s AlexNet backbone (it needs >= {ALEXNET_MIN_SIZE}); "
+            f"train.image_size: {t.image_size} px is too small for {recipe.entry}'s AlexNet backbone (it needs >= "
+            f"{ALEXNET_MIN_SIZE}); "
             f"e.g. --set train.image_size=64"
         )
     job = Job(
         train=pick(TrainSettings, t),
-        model=dataclasses.replace(model, backbone_weights=_absolute(model.backbone_weights)),
+        model=dataclasses.replace(model, backbone_weights=absolute(model.backbone_weights)),
         method=recipe.method,
         hparams=dict(recipe.hparams),
         bits=bits,
@@ -324,7 +333,7 @@ def run_training(
         validate=validate,
         batch_source=batch_source,
         steps_per_epoch=steps_per_epoch,
-        fail_at_epoch=t.fail_at_epoch,
+        fail_at_epoch=fail_at_epoch(t.epochs),
         fault_marker=os.path.join(storage, name, ".fault-injected") if "://" not in storage else None,
     )
     if job.fault_marker:
@@ -333,7 +342,8 @@ def run_training(
     validating = validate and manifest.splits.get("validation") is not None and manifest.split("validation").count > 0
     if validate and not validating:
         print(
-            f"{dataset} has no validation split (validation: 0): training without validation; the last epoch's model stands"
+            f"{dataset} has no validation split (validation: 0): training without validation; the last epoch's model "
+            "stands"
         )
     job = dataclasses.replace(job, validate=validating)
 
@@ -367,7 +377,8 @@ def run_training(
                 )
             if parent_run_id is None:  # a stage run: a line per epoch (Tune reports its own way)
                 print(
-                    f"training {dataset} {bits} bits: {t.num_workers} worker(s) on {'GPU' if t.use_gpu else 'CPU'}, {t.epochs} epochs; MLflow run {run_id} ({uri})",
+                    f"training {dataset} {bits} bits: {t.num_workers} worker(s) on {'GPU' if t.use_gpu else 'CPU'}, "
+                    f"{t.epochs} epochs; MLflow run {run_id} ({uri})",
                     flush=True,
                 )
             with span("ray train: fit"), _epoch_printer(uri, run_id, t.epochs, enabled=parent_run_id is None):
@@ -502,5 +513,24 @@ def log_model_artifact(net, image_size: int, name: str, *, step: int = 0, **limi
     return info.model_uri
 
 
-def _absolute(path: str | None) -> str | None:
+def absolute(path: str | None) -> str | None:
+    """A local path made absolute (Ray workers run in another directory); None stays None."""
     return os.path.abspath(path) if path else None
+
+
+#: A test hook, not a parameter: with it set to N, the last rank dies once as epoch N + 1
+#: starts (epochs count from 0; N the last epoch: no fault, each rank only notes the epochs it
+#: starts), and Ray Train must resume from epoch N's checkpoint (:mod:`pipeline.train_worker`).
+FAIL_AT_EPOCH_ENV = "DPFAH_FAIL_AT_EPOCH"
+
+
+def fail_at_epoch(epochs: int) -> int | None:
+    """The epoch of ``$DPFAH_FAIL_AT_EPOCH`` (None when unset), checked against ``epochs``."""
+    text = os.environ.get(FAIL_AT_EPOCH_ENV, "").strip()
+    if not text:
+        return None
+    if not text.isdigit() or int(text) >= epochs:
+        raise ConfigError(
+            f"{FAIL_AT_EPOCH_ENV}={text}: not an epoch of this training (epochs count from 0: 0..{epochs - 1})"
+        )
+    return int(text)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import make_class_folder, toy_params
+from tests.helpers import failing_at_epoch, make_class_folder, toy_params
 
 
 @pytest.fixture(autouse=True)
@@ -51,8 +51,8 @@ def _writes_only_under_tmp(request):
     if new:
         _ROOT_AT_START.update(new)
         pytest.fail(
-            f"{request.node.nodeid} (or a fixture it set up) left {new} in the repository root {_REPO}; write under "
-            "tmp_path",
+            f"{request.node.nodeid} (or a fixture it set up) left {new} in the repository root {_REPO}; "
+            "write under tmp_path",
             pytrace=False,
         )
 
@@ -158,33 +158,30 @@ def ray_trained(ray_local, mlflow_server, tmp_path_factory):
     # lr 1e-3: a stable descent, so the 1- and 2-worker runs stay equal to rounding; at 1e-2
     # the loss rose and rounding (another CPU, another reduction order) grew to 9 % of the weights
     settings = ["train.epochs=3", "train.image_size=16", "train.freeze_bn=true", "train.optimizer=sgd",
-                "train.lr=0.001",
-                "objectives.dpfah.pairs=bank", "use_tuned=true", "objectives.dpfah.delta=0.05",
+                "train.lr=0.001", "objectives.dpfah.pairs=bank", "use_tuned=true", "objectives.dpfah.delta=0.05",
                 f"train.storage_path={out / 'ray'}"]  # fmt: skip
     runs = {}
     cwd, before = os.getcwd(), os.environ.pop("MLFLOW_TRACKING_URI", None)
     os.chdir(out)  # the run record goes to ./runs/
     try:
-        for name, extra, uri in (
-            (
-                "uninterrupted",
-                ["train.num_workers=1", "train.fail_at_epoch=2"],
-                f"sqlite:///{out / 'mlflow.db'}",
-            ),  # the last epoch: the epoch log, no fault
-            ("resumed", ["train.num_workers=2", "train.fail_at_epoch=1", "train.max_failures=1"], mlflow_server),
+        for name, extra, fault, uri in (
+            # the last epoch: the epoch log, no fault
+            ("uninterrupted", ["train.num_workers=1"], 2, f"sqlite:///{out / 'mlflow.db'}"),
+            ("resumed", ["train.num_workers=2", "train.max_failures=1"], 1, mlflow_server),
         ):
             params = toy_params(out, images, *settings, *extra, f"mlflow.tracking_uri={uri}")
             assert uri != mlflow_server or wait_healthy(uri), f"the mlflow server at {uri} stopped answering"
-            outcome = run_training(
-                params,
-                "toy",
-                16,
-                run_name=name,
-                write_run_file=name == "resumed",
-                log_model=name == "resumed",
-                batch_source=source,
-                steps_per_epoch=3,
-            )
+            with failing_at_epoch(fault):
+                outcome = run_training(
+                    params,
+                    "toy",
+                    16,
+                    run_name=name,
+                    write_run_file=name == "resumed",
+                    log_model=name == "resumed",
+                    batch_source=source,
+                    steps_per_epoch=3,
+                )
             runs[name] = {"params": params, "outcome": outcome, "uri": uri}
     finally:
         os.chdir(cwd)

@@ -3,8 +3,10 @@ run shaped like the train stage's, and a stage's command line run in-process."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
+import os
 import tarfile
 from pathlib import Path
 
@@ -541,3 +543,21 @@ def class_images(n, classes=3, size=16, seed=0):
     base = rng.integers(0, 256, size=(classes, 3, 1, 1))
     x = np.clip(base[y] + rng.normal(0, 30, size=(n, 3, size, size)), 0, 255).astype(np.uint8)
     return torch.from_numpy(x), torch.eye(classes)[torch.from_numpy(y)]
+
+
+@contextlib.contextmanager
+def failing_at_epoch(epoch: int):
+    """The test hook of :mod:`pipeline.train_driver` (``DPFAH_FAIL_AT_EPOCH``), set while in
+    the block: the last worker dies once as epoch ``epoch + 1`` starts (the last epoch: no
+    fault, each worker only notes the epochs it starts)."""
+    from pipeline.train_driver import FAIL_AT_EPOCH_ENV
+
+    before = os.environ.get(FAIL_AT_EPOCH_ENV)
+    os.environ[FAIL_AT_EPOCH_ENV] = str(epoch)
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(FAIL_AT_EPOCH_ENV, None)
+        else:
+            os.environ[FAIL_AT_EPOCH_ENV] = before

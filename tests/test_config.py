@@ -85,7 +85,9 @@ def test_overrides_are_yaml_scalars_and_can_add_entries():
         ("objectives.dpfah.pairs=all", "objectives.dpfah.pairs: 'all' is not one of batch, memory, bank"),
         ("train.crop_scale=[0.5, 2]", "train.crop_scale: must be [lo, hi] with 0 < lo <= hi <= 1, got [0.5, 2.0]"),
         ("model.lam=0", "model.lam: must be > 0, got 0.0"),
-        ("bits=[]", "bits: must list code lengths >= 1"),
+        ("bits=[]", "bits: must list distinct code lengths >= 1"),
+        ("bits=[64, 64]", "bits: must list distinct code lengths >= 1"),
+        ("tune.bits=[16, 16]", "tune.bits: must list distinct code lengths >= 1"),
         ("seed=-1", "seed: must be >= 0"),
         ("seed=abc", "seed: expected an integer, got 'abc'"),
         ("datasets.cifar10.shard_size=0", "datasets.cifar10.shard_size: must be >= 1"),
@@ -102,6 +104,10 @@ def test_overrides_are_yaml_scalars_and_can_add_entries():
         ("datasets.imagenet100.num_classes=null", "datasets.imagenet100.num_classes: missing"),
         ("datasets.nuswide21.class_names=[a, b]", "datasets.nuswide21.class_names: 2 names for num_classes 21"),
         ("datasets.mine.images=/x", "datasets.mine.kind: missing (choose cifar10, lists or custom)"),
+        ("datasets.cifar10.kind=null", "datasets.cifar10.kind: missing (choose cifar10, lists or custom)"),
+        ("datasets.x=3", "datasets.x: expected a mapping, got 3"),
+        ("use_tuned=1", "use_tuned: expected true or false, got 1"),
+        ("seed=1.5", "seed: expected an integer, got 1.5"),
         (
             "prepare.datasets=[cifar10, nope]",
             "prepare.datasets: unknown dataset 'nope' (defined: cifar10, nuswide21, imagenet100)",
@@ -120,16 +126,18 @@ def test_overrides_are_yaml_scalars_and_can_add_entries():
         ("train.lr=.nan", "train.lr: must be a finite number, got nan"),
         ("train.crop_scale=[0.5, .inf]", "train.crop_scale[1]: must be a finite number, got inf"),
         ("tune.space.eta=[1, .inf]", "tune.space.eta[1]: must be a finite number, got inf"),
-        ("train.fail_at_epoch=-3", "train.fail_at_epoch: must be >= 0, got -3"),
         (
-            "train.fail_at_epoch=8",
-            "train.fail_at_epoch: 8 is not an epoch of this training (epochs count from 0: 0..7)",
+            "train.fail_at_epoch=1",
+            "train.fail_at_epoch: not a parameter any more (fault injection is a test hook now: the environment "
+            "variable DPFAH_FAIL_AT_EPOCH)",
         ),
+        ("train.lr=1e-3x", "train.lr: expected a number, got '1e-3x'"),
         ('train.storage_path=""', "train.storage_path: '' is not a path or URI (where Ray Train keeps checkpoints)"),
         ("train.storage_path=' '", "train.storage_path: ' ' is not a path or URI"),
         (
             "train.method=nosuch",
-            "train.method: unknown method or variant 'nosuch' (methods: dpfah, dpsh, dsh, dhn, hashnet, dsdh, dfh, idhn, dbdh, lcdsh;",
+            "train.method: unknown method or variant 'nosuch' "
+            "(methods: dpfah, dpsh, dsh, dhn, hashnet, dsdh, dfh, idhn, dbdh, lcdsh;",
         ),
         ("train.methods=[dpfah,dsh,dpfah]", "train.methods: must list distinct names"),
         ("train.seeds=[]", "train.seeds: must list distinct seeds >= 0"),
@@ -220,7 +228,7 @@ def test_a_stage_refuses_inf_in_one_line(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     for override, line in (
         ("train.lr=.inf", "error: train.lr: must be a finite number, got inf\n"),
-        ("train.fail_at_epoch=-3", "error: train.fail_at_epoch: must be >= 0, got -3\n"),
+        ("bits=[64, 64]", "error: bits: must list distinct code lengths >= 1\n"),
     ):
         proc = subprocess.run(
             [
@@ -244,6 +252,13 @@ def test_a_stage_refuses_inf_in_one_line(tmp_path):
         )
         assert (proc.returncode, proc.stderr) == (2, line)
     assert os.listdir(tmp_path) == [], "nothing started, nothing written"
+
+
+def test_a_yaml_anchor_that_contains_itself_is_one_line(tmp_path):
+    f = tmp_path / "params.yaml"
+    f.write_text("tune:\n  space: &a {eta: [*a]}\n")
+    with pytest.raises(ConfigError, match=r"^params: not plain data \(Circular reference detected\)$"):
+        load_params(f)
 
 
 def test_dataset_names_must_be_file_and_stage_safe():
@@ -404,7 +419,8 @@ def test_old_keys_are_read_as_their_new_ones_with_a_warning(tmp_path):
         pytest.warns(FutureWarning),
         pytest.raises(
             ConfigError,
-            match=r"^loss.eta: an old name of objectives.dpfah.eta, which is also given: give objectives.dpfah.eta only$",
+            match=r"^loss.eta: an old name of objectives.dpfah.eta, which is also given: "
+            r"give objectives.dpfah.eta only$",
         ),
     ):
         parse_params({**raw, "loss": {"eta": 2.0}})
@@ -428,3 +444,56 @@ def test_variants_resolve_to_their_method_network_and_hyper_parameters():
     )
     with pytest.raises(ConfigError, match="--method nosuch: unknown method or variant"):
         resolve(params, "cifar10", 48, "nosuch")
+
+
+def test_exponents_without_a_dot_are_numbers(tmp_path):
+    """YAML 1.1 reads 1e-3 as text (it wants 1.0e-3); YAML 1.2 and DVC read a number: so does
+    the loader, in --set and in the file (issue 28, case 8)."""
+    p = load_params(PARAMS, ["train.lr=1e-3", "model.lam=2E-4", "tune.space.eta=[1e1, 5]"])
+    assert (p.train.lr, p.model.lam, p.tune.space["eta"]) == (0.001, 2e-4, (10.0, 5))
+    f = tmp_path / "params.yaml"
+    f.write_text(PARAMS.read_text().replace("  lr: 0.001", "  lr: 5e-5"))
+    assert load_params(f).train.lr == 5e-5
+    import shutil
+
+    from pipeline.profile import apply_profile
+
+    shutil.copytree(REPO / "profiles", tmp_path / "profiles")
+    changes = apply_profile("paper", f, dry_run=True)  # its result is checked with the same reader
+    assert changes and "train.lr" not in {key for key, _, _ in changes}  # 5e-5 already: the paper's
+    assert load_params(PARAMS, ["data.root=1e3x"]).data.root == "1e3x"  # text stays text
+
+
+def test_fail_at_epoch_is_a_test_hook_not_a_parameter(tmp_path, monkeypatch):
+    """An old params.yaml's `train.fail_at_epoch: null` is dropped with a warning; the hook is
+    DPFAH_FAIL_AT_EPOCH, checked against the training's epochs in one line."""
+    from pipeline.train_driver import FAIL_AT_EPOCH_ENV, fail_at_epoch
+
+    f = tmp_path / "params.yaml"
+    f.write_text(PARAMS.read_text().replace("  seeds: [0]\n", "  seeds: [0]\n  fail_at_epoch: null\n"))
+    with pytest.warns(FutureWarning, match=r"params: train.fail_at_epoch is not a parameter any more \(fault"):
+        assert load_params(f) == load_params(PARAMS)
+    assert fail_at_epoch(8) is None
+    monkeypatch.setenv(FAIL_AT_EPOCH_ENV, "7")
+    assert fail_at_epoch(8) == 7
+    for bad in ("8", "-1", "x"):
+        monkeypatch.setenv(FAIL_AT_EPOCH_ENV, bad)
+        with pytest.raises(ConfigError, match=rf"^DPFAH_FAIL_AT_EPOCH={bad}: not an epoch of this training \(epochs"):
+            fail_at_epoch(8)
+
+
+def test_loading_the_parameters_imports_no_torch():
+    """params.yaml, its objectives and variants checked against the method registry, without
+    importing torch (1.3 s of CPU on 2 cores): the registry's declarations are torch-free."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from pipeline.config import load_params; load_params(sys.argv[1]); print('torch' in sys.modules)"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run(
+        [sys.executable, "-c", code, str(PARAMS)], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert (proc.returncode, proc.stdout.strip()) == (0, "False"), proc.stderr

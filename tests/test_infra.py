@@ -4,7 +4,11 @@ KubeRay resources against tests/data/kuberay-v1.schema.json, the MLflow server s
 versions equal pyproject's pin. Then the facts that span files, which no schema sees: the trials
 a search runs at once, the object store within /dev/shm, secrets kept out of every upload (with
 Ray's own upload code), the compiled kernels a job imports from its uploaded sources, one MLflow
-name, shared storage on the launcher's nodes, the image's layers. No cluster, nothing downloaded."""
+name, shared storage on the launcher's nodes, the image's layers. And who reaches what (issue 28):
+the MLflow server behind its login in every deployment (serve.sh run for real, and the real server
+where MLflow's auth extra is installed), secrets never in the repository, compose on 127.0.0.1, the
+server's own bucket user, the NetworkPolicies, Ray's token and its dashboard kept inside. No
+cluster, nothing downloaded."""
 
 from __future__ import annotations
 
@@ -166,7 +170,7 @@ def test_mlflow_server_uses_a_database_and_an_object_store():
     assert {"Deployment", "Service"} <= set(docs)
     container = docs["Deployment"]["spec"]["template"]["spec"]["containers"][0]
     args = container["args"]
-    assert args[:2] == ["mlflow", "server"]
+    assert container["command"] == ["dpfah-mlflow-serve"]  # serve.sh: `mlflow server --app-name basic-auth`
     assert any(a.startswith("--backend-store-uri=") for a in args)
     assert any(a.startswith("--artifacts-destination=s3://") for a in args)
     assert "--serve-artifacts" in args
@@ -176,7 +180,7 @@ def test_mlflow_server_uses_a_database_and_an_object_store():
     port = service["spec"]["ports"][0]["port"]
     expected = f"http://{service['metadata']['name']}.{service['metadata']['namespace']}.svc.cluster.local:{port}"
     cluster = _load(INFRA / "kuberay" / "raycluster.yaml")["spec"]
-    head_env = {e["name"]: e["value"] for e in cluster["headGroupSpec"]["template"]["spec"]["containers"][0]["env"]}
+    head_env = {e["name"]: e.get("value") for e in cluster["headGroupSpec"]["template"]["spec"]["containers"][0]["env"]}
     assert head_env["MLFLOW_TRACKING_URI"] == expected
     allowed = next(a for a in args if a.startswith("--allowed-hosts="))
     assert f"{service['metadata']['name']}.{service['metadata']['namespace']}.svc.cluster.local:*" in allowed.split(
@@ -189,6 +193,7 @@ def test_mlflow_server_uses_a_database_and_an_object_store():
 
     compose = _load(INFRA / "mlflow" / "docker-compose.yml")
     command = compose["services"]["mlflow"]["command"]
+    assert command[0] == "dpfah-mlflow-serve"
     assert any(c.startswith("--backend-store-uri=postgresql://") for c in command)
     assert any(c.startswith("--artifacts-destination=s3://") for c in command)
     assert "postgres" in compose["services"]
@@ -212,7 +217,11 @@ def test_readme_walks_through_a_gpu_cluster_run():
 
 KUBERNETES_VERSIONS = [f"1.{minor}.0" for minor in range(30, 38)]
 KUBERAY_SCHEMA = ROOT / "tests" / "data" / "kuberay-v1.schema.json"
-K8S_MANIFESTS = [INFRA / "kuberay" / "shared-storage.yaml", INFRA / "mlflow" / "kubernetes.yaml"]
+K8S_MANIFESTS = [
+    INFRA / "kuberay" / "shared-storage.yaml",
+    INFRA / "kuberay" / "network-policy.yaml",
+    INFRA / "mlflow" / "kubernetes.yaml",
+]
 KUBERAY_MANIFESTS = [INFRA / "kuberay" / "raycluster.yaml", INFRA / "kuberay" / "rayjob.yaml"]
 
 
@@ -284,6 +293,8 @@ def test_the_schemas_reject_what_the_api_server_would():
         lambda d: cluster(d)["workerGroupSpecs"][0].update(maxReplica=4),
         lambda d: worker_container(d).update(volumeMount=[]),  # Kubernetes' Container
         lambda d: worker_container(d)["resources"].update(limit={}),
+        lambda d: cluster(d)["authOptions"].update(mode="tokens"),  # KubeRay's enum
+        lambda d: cluster(d)["authOptions"].update(secret="dpfah-ray-token"),
     ):
         assert not validator.is_valid(broken(edit))
     claim = _load(INFRA / "kuberay" / "shared-storage.yaml")
@@ -645,3 +656,500 @@ def test_compose_images_are_pinned():
     assert re.fullmatch(
         r"RELEASE\.\d{4}-\d\d-\d\dT\d\d-\d\d-\d\dZ", compose["services"]["minio"]["image"].split(":")[1]
     )
+
+
+# ----------------------------------------------------------------------------- who reaches what (issue 28)
+
+SERVE = INFRA / "mlflow" / "serve.sh"
+AUTH_ENV = (
+    "MLFLOW_AUTH_ADMIN_USERNAME",
+    "MLFLOW_AUTH_ADMIN_PASSWORD",
+    "MLFLOW_FLASK_SERVER_SECRET_KEY",
+    "MLFLOW_AUTH_DATABASE_URI",
+)
+SECRET_NAME = re.compile(r"PASSWORD|SECRET|ACCESS_KEY|TOKEN|ROOT_USER|ADMIN_USERNAME")
+
+
+def _ray_pod_templates() -> dict[str, dict]:
+    """Every pod template of the KubeRay manifests, by file and group."""
+    return {
+        f"{name}: {group.get('groupName', 'head')}": group["template"]
+        for name, spec in _cluster_specs().items()
+        for group in [spec["headGroupSpec"], *spec["workerGroupSpecs"]]
+    }
+
+
+def _selects(selector: dict, labels: dict) -> bool:
+    assert set(selector) == {"matchLabels"}, selector  # the only form these manifests use
+    return selector["matchLabels"].items() <= labels.items()
+
+
+def test_every_mlflow_deployment_starts_the_server_behind_its_login():
+    """The image runs serve.sh (`mlflow server --app-name basic-auth`) in every deployment, and its
+    credentials come from a Secret (Kubernetes) or the environment (compose), never from the
+    repository: compose's `${VAR:?message}` stops `docker compose up` when one is unset or empty."""
+    dockerfile = (INFRA / "mlflow" / "Dockerfile").read_text()
+    assert "COPY --chmod=755 serve.sh /usr/local/bin/dpfah-mlflow-serve" in dockerfile
+    assert re.search(r"\bFlask-WTF==[\d.]+", dockerfile)  # MLflow's auth extra: without it the app cannot start
+    assert SERVE.read_text().rstrip().endswith('exec mlflow server --app-name basic-auth "$@"')
+
+    docs = {d["kind"]: d for d in _load(INFRA / "mlflow" / "kubernetes.yaml")}
+    container = docs["Deployment"]["spec"]["template"]["spec"]["containers"][0]
+    assert container["command"] == ["dpfah-mlflow-serve"] and "--app-name" not in " ".join(container["args"])
+    env = {e["name"]: e for e in container["env"]}
+    for name in AUTH_ENV:
+        ref = env[name]["valueFrom"]["secretKeyRef"]
+        assert ref["name"] == "mlflow-auth" and not ref.get("optional"), name
+    for name, entry in env.items():
+        if SECRET_NAME.search(name) or name.endswith("URI"):
+            assert "value" not in entry and "secretKeyRef" in entry["valueFrom"], f"{name} is not from a Secret"
+
+    text = (INFRA / "mlflow" / "docker-compose.yml").read_text()
+    service = _load(INFRA / "mlflow" / "docker-compose.yml")["services"]["mlflow"]
+    assert service["command"][0] == "dpfah-mlflow-serve"
+    for name in AUTH_ENV[:3]:
+        assert re.fullmatch(rf"\$\{{{name}:\?set {name} in infra/mlflow/\.env\}}", service["environment"][name])
+    assert service["environment"]["MLFLOW_AUTH_DATABASE_URI"] == "sqlite:////mlflow-auth/basic_auth.db"
+    assert "mlflow-auth:/mlflow-auth" in service["volumes"]  # users and permissions outlive the container
+    # every secret compose substitutes is required wherever it is used: no default, no silent empty
+    used = re.findall(r"\$\{(\w+)([^}]*)\}", text)
+    secrets = {name for name, _ in used if SECRET_NAME.search(name)}
+    assert set(AUTH_ENV[:3]) | {"POSTGRES_PASSWORD", "MINIO_ROOT_PASSWORD", "MLFLOW_S3_SECRET_KEY"} <= secrets
+    for name, rest in used:
+        if name in secrets:
+            assert rest.startswith(":?"), f"${{{name}{rest}}}: compose would start without it"
+    for svc in _load(INFRA / "mlflow" / "docker-compose.yml")["services"].values():
+        for name, value in (svc.get("environment") or {}).items():
+            if SECRET_NAME.search(name):
+                assert str(value).startswith("${"), f"{name} has a value in the repository"
+
+
+def _fake_command(bin_dir: Path, name: str, script: str) -> None:
+    bin_dir.mkdir(exist_ok=True)
+    (bin_dir / name).write_text("#!/bin/sh\n" + script)
+    (bin_dir / name).chmod(0o755)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _http_status(url: str, authorization: str | None = None) -> int:
+    """The HTTP status of a GET (an error status too); OSError when nothing answers."""
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(url)
+    if authorization:
+        request.add_header("Authorization", authorization)
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:  # 2 busy cores: slow
+            return response.status
+    except urllib.error.HTTPError as e:
+        return e.code
+
+
+def test_serve_script_refuses_to_start_without_its_login_and_writes_mlflows_auth_config(tmp_path, monkeypatch):
+    """serve.sh names the first missing setting (exit 2, one line, mlflow never started); with all
+    set it starts `mlflow server --app-name basic-auth` with an auth config that MLflow's own
+    reader reads back: the database URI exactly (a URL-encoded password holds %, which
+    configparser would take for interpolation), and no admin password in the file."""
+    import importlib.util
+    import subprocess
+
+    import mlflow
+
+    # MLflow's reader of that file, without the auth app around it (which needs Flask-WTF)
+    spec = importlib.util.spec_from_file_location(
+        "mlflow_auth_config", Path(mlflow.__file__).parent / "server" / "auth" / "config.py"
+    )
+    auth_config = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(auth_config)
+    bin_dir = tmp_path / "bin"
+    # `mlflow` here records what it was started with: the real one is started in the next test
+    _fake_command(bin_dir, "mlflow", f'echo "$@" > {tmp_path}/argv; cp "$MLFLOW_AUTH_CONFIG_PATH" {tmp_path}/ini\n')
+    uri = "postgresql://mlflow:p%40ss%25word@db:5432/mlflow_auth"
+    full = {
+        "PATH": f"{bin_dir}:{os.environ['PATH']}",
+        "MLFLOW_AUTH_ADMIN_USERNAME": "team-admin",
+        "MLFLOW_AUTH_ADMIN_PASSWORD": "a-long-admin-password",
+        "MLFLOW_FLASK_SERVER_SECRET_KEY": "0123456789abcdef",
+        "MLFLOW_AUTH_DATABASE_URI": uri,
+    }
+
+    def serve(env):
+        return subprocess.run(["sh", str(SERVE), "--port", "5999"], env=env, capture_output=True, text=True, timeout=30)
+
+    for name in AUTH_ENV:
+        for env in ({k: v for k, v in full.items() if k != name}, {**full, name: ""}):
+            proc = serve(env)
+            assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+            assert proc.stderr.startswith(f"dpfah-mlflow-serve: {name} is not set;"), proc.stderr
+            assert not (tmp_path / "argv").exists()
+    proc = serve({**full, "MLFLOW_AUTH_DEFAULT_PERMISSION": "ALL"})
+    assert proc.returncode == 2 and "MLFLOW_AUTH_DEFAULT_PERMISSION=ALL is not one of" in proc.stderr
+
+    proc = serve(full)
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "argv").read_text().split() == ["server", "--app-name", "basic-auth", "--port", "5999"]
+    ini = (tmp_path / "ini").read_text()
+    assert "a-long-admin-password" not in ini and "0123456789abcdef" not in ini
+    monkeypatch.setenv("MLFLOW_AUTH_CONFIG_PATH", str(tmp_path / "ini"))
+    for name in AUTH_ENV[:2]:
+        monkeypatch.setenv(name, full[name])
+    config = auth_config.read_auth_config()
+    assert config.database_uri == uri
+    assert config.default_permission == "READ"
+    assert (config.admin_username, config.admin_password) == ("team-admin", "a-long-admin-password")
+
+
+@pytest.mark.slow
+def test_the_team_server_refuses_requests_without_a_login(tmp_path):
+    """The real server started by serve.sh (SQLite stores here): no login or a wrong one gets 401
+    and creates nothing; the admin of MLFLOW_AUTH_ADMIN_* gets in, and so does the pipeline's
+    MLflow client through MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD."""
+    pytest.importorskip("flask_wtf", reason="MLflow's login needs its auth extra: pip install 'mlflow[auth]'")
+    import signal
+    import subprocess
+    import sys
+    import time
+    from base64 import b64encode
+
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+        "MLFLOW_AUTH_ADMIN_USERNAME": "team-admin",
+        "MLFLOW_AUTH_ADMIN_PASSWORD": "a-long-admin-password",
+        "MLFLOW_FLASK_SERVER_SECRET_KEY": "0123456789abcdef",
+        "MLFLOW_AUTH_DATABASE_URI": f"sqlite:///{tmp_path}/auth.db",
+    }
+    args = [f"--backend-store-uri=sqlite:///{tmp_path}/mlflow.db", "--host=127.0.0.1", f"--port={port}", "--workers=1"]
+    with open(tmp_path / "server.log", "w") as log:
+        server = subprocess.Popen(["sh", str(SERVE), *args], env=env, stdout=log, stderr=log, start_new_session=True)
+    try:
+
+        def get(path: str, user: str | None = None, password: str = "") -> int:
+            login = "Basic " + b64encode(f"{user}:{password}".encode()).decode() if user else None
+            return _http_status(url + path, login)
+
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if get("/health") == 200:
+                    break
+            except OSError:
+                pass
+            assert server.poll() is None and time.monotonic() < deadline, (tmp_path / "server.log").read_text()
+            time.sleep(1)
+        search = "/api/2.0/mlflow/experiments/search?max_results=10"
+        assert get(search) == 401
+        assert get(search, "team-admin", "wrong-password") == 401
+        assert get(search, "nobody", "a-long-admin-password") == 401
+        assert get(search, "team-admin", "a-long-admin-password") == 200
+
+        def create_experiment(name: str, **login: str) -> subprocess.CompletedProcess:
+            return subprocess.run(
+                [sys.executable, "-c", f"import mlflow; print(mlflow.create_experiment({name!r}))"],
+                env={**os.environ, "MLFLOW_TRACKING_URI": url, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", **login},
+                capture_output=True,
+                text=True,
+                timeout=120,
+            )
+
+        admin = {"MLFLOW_TRACKING_USERNAME": "team-admin", "MLFLOW_TRACKING_PASSWORD": "a-long-admin-password"}
+        client = create_experiment("dpfah-check", **admin)
+        assert client.returncode == 0, client.stderr
+        anonymous = create_experiment("anonymous")
+        assert anonymous.returncode != 0 and "401" in anonymous.stderr
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=60)
+
+
+def test_the_mlflow_server_reaches_its_bucket_as_its_own_user_not_the_root():
+    """compose: MinIO's root credentials reach only MinIO and the setup job, which makes the
+    server's own user with a policy for its bucket alone (list it; read, write, delete its
+    objects); the server gets that user's keys."""
+    compose = _load(INFRA / "mlflow" / "docker-compose.yml")
+    services = compose["services"]
+    for name, service in services.items():
+        if name not in ("minio", "minio-setup"):
+            assert "MINIO_ROOT" not in yaml.safe_dump(service), f"{name} sees MinIO's root credentials"
+    server_env = services["mlflow"]["environment"]
+    assert server_env["AWS_ACCESS_KEY_ID"].startswith("${MLFLOW_S3_ACCESS_KEY:?")
+    assert server_env["AWS_SECRET_ACCESS_KEY"].startswith("${MLFLOW_S3_SECRET_KEY:?")
+    assert services["mlflow"]["depends_on"]["minio-setup"] == {"condition": "service_completed_successfully"}
+    setup = services["minio-setup"]
+    assert setup["entrypoint"] == ["sh", "/setup/minio-setup.sh"]
+    assert set(setup["volumes"]) == {
+        "./minio-setup.sh:/setup/minio-setup.sh:ro",
+        "./minio-policy.json:/setup/minio-policy.json:ro",
+    }
+    bucket = next(c for c in services["mlflow"]["command"] if c.startswith("--artifacts-destination=s3://"))
+    bucket = bucket.removeprefix("--artifacts-destination=s3://").split("/")[0]
+    policy = json.loads((INFRA / "mlflow" / "minio-policy.json").read_text())
+    granted = {}
+    for statement in policy["Statement"]:
+        assert statement["Effect"] == "Allow"
+        for resource in statement["Resource"]:
+            granted.setdefault(resource, set()).update(statement["Action"])
+    assert granted == {
+        f"arn:aws:s3:::{bucket}": {"s3:GetBucketLocation", "s3:ListBucket"},
+        f"arn:aws:s3:::{bucket}/*": {"s3:GetObject", "s3:PutObject", "s3:DeleteObject"},
+    }
+    script = (INFRA / "mlflow" / "minio-setup.sh").read_text()
+    assert f"mc mb --ignore-existing local/{bucket}" in script
+
+
+@pytest.mark.parametrize("run", ["first", "again", "attach fails"])
+def test_minio_setup_makes_the_servers_user_and_runs_again(tmp_path, run):
+    """minio-setup.sh against a stand-in `mc` (no MinIO here) that records its calls: the user is
+    made and the bucket policy attached; on a second `docker compose up`, where `mc admin policy
+    attach` refuses a policy already attached, it checks the attachment and succeeds; an attach
+    that failed otherwise fails the job (and so the server does not start). It refuses to make
+    the root user the server's."""
+    import subprocess
+
+    bin_dir = tmp_path / "bin"
+    calls = tmp_path / "calls"
+    attached = "mlflow-artifacts" if run == "again" else "readwrite"
+    _fake_command(
+        bin_dir,
+        "mc",
+        f'echo "$@" >> {calls}\n'
+        'case "$1 $2 $3" in\n'
+        f'  "admin policy attach") exit {0 if run == "first" else 1};;\n'
+        f'  "--json admin user") echo "{{\\"accessKey\\":\\"$5\\",\\"policyName\\":\\"{attached}\\"}}";;\n'
+        "esac\n",
+    )
+    env = {
+        "PATH": f"{bin_dir}:{os.environ['PATH']}",
+        "MINIO_ROOT_USER": "root-user",
+        "MINIO_ROOT_PASSWORD": "root-password",
+        "MLFLOW_S3_ACCESS_KEY": "mlflow-server",
+        "MLFLOW_S3_SECRET_KEY": "server-secret",
+    }
+    script = str(INFRA / "mlflow" / "minio-setup.sh")
+    proc = subprocess.run(["sh", script], env=env, capture_output=True, text=True, timeout=30)
+    assert (proc.returncode == 0) == (run != "attach fails"), proc.stderr
+    made = calls.read_text().splitlines()
+    assert made[0] == "alias set local http://minio:9000 root-user root-password"
+    assert "admin user add local mlflow-server server-secret" in made
+    assert "admin policy create local mlflow-artifacts /setup/minio-policy.json" in made
+    assert "admin policy attach local mlflow-artifacts --user mlflow-server" in made
+    assert ("--json admin user info local mlflow-server" in made) == (run != "first")
+    calls.unlink()
+    proc = subprocess.run(
+        ["sh", script], env={**env, "MLFLOW_S3_ACCESS_KEY": "root-user"}, capture_output=True, text=True, timeout=30
+    )
+    assert proc.returncode == 2 and "must not be MinIO's root user" in proc.stderr
+    assert not any("user add" in line for line in calls.read_text().splitlines())
+
+
+def test_compose_publishes_the_server_on_the_hosts_loopback_unless_told_otherwise():
+    services = _load(INFRA / "mlflow" / "docker-compose.yml")["services"]
+    published = {name: s["ports"] for name, s in services.items() if s.get("ports")}
+    assert published == {"mlflow": ["${MLFLOW_BIND:-127.0.0.1}:5000:5000"]}
+    assert not [name for name, s in services.items() if s.get("network_mode") == "host"]
+
+
+def test_network_policies_admit_only_the_ray_pods_and_the_ingress_to_mlflow_and_nothing_outside_to_ray():
+    docs = {d["kind"]: d for d in _load(INFRA / "mlflow" / "kubernetes.yaml")}
+    pod = docs["Deployment"]["spec"]["template"]
+    policy = docs["NetworkPolicy"]["spec"]
+    assert docs["NetworkPolicy"]["metadata"]["namespace"] == docs["Deployment"]["metadata"]["namespace"]
+    assert _selects(policy["podSelector"], pod["metadata"]["labels"]) and policy["policyTypes"] == ["Ingress"]
+    (rule,) = policy["ingress"]
+    port = pod["spec"]["containers"][0]["ports"][0]["containerPort"]
+    assert rule["ports"] == [{"protocol": "TCP", "port": port}]
+    ray_peer, ingress_peer = rule["from"]
+    assert not [p for p in rule["from"] if "ipBlock" in p]
+    # the Ray pods, in whatever namespace they run
+    assert ray_peer["namespaceSelector"] == {}
+    for where, template in _ray_pod_templates().items():
+        assert _selects(ray_peer["podSelector"], template["metadata"]["labels"]), f"{where} cannot reach MLflow"
+        env = {e["name"]: e for e in template["spec"]["containers"][0]["env"]}
+        for name, key in (("MLFLOW_TRACKING_USERNAME", "username"), ("MLFLOW_TRACKING_PASSWORD", "password")):
+            assert env[name]["valueFrom"]["secretKeyRef"] == {"name": "mlflow-client", "key": key}, where
+    # the ingress controller's namespace, and none of its other pods' namespaces
+    assert set(ingress_peer) == {"namespaceSelector"}
+    assert set(ingress_peer["namespaceSelector"]["matchLabels"]) == {"kubernetes.io/metadata.name"}
+    assert docs["Service"]["spec"].get("type", "ClusterIP") == "ClusterIP"
+
+    ray_policy = _load(INFRA / "kuberay" / "network-policy.yaml")
+    spec = ray_policy["spec"]
+    assert "namespace" not in ray_policy["metadata"]  # applied beside the Ray pods
+    for where, template in _ray_pod_templates().items():
+        assert _selects(spec["podSelector"], template["metadata"]["labels"]), f"{where} is not covered"
+    assert spec["policyTypes"] == ["Ingress"]
+    assert spec["ingress"] == [{"from": [{"namespaceSelector": {}}]}]  # in-cluster peers only, no ipBlock
+
+
+def test_ray_requires_its_token_and_its_dashboard_stays_inside_the_cluster(tmp_path):
+    """KubeRay: token authentication with a named Secret on both manifests, the head Service
+    ClusterIP and no Ingress. Launcher: RAY_AUTH_MODE=token in every node's container, the token
+    copied to every node (setup stops, saying what to run, without one), and the dashboard on the
+    head's loopback, reached through `ray dashboard`'s SSH tunnel."""
+    import subprocess
+
+    for name, spec in _cluster_specs().items():
+        assert spec["authOptions"] == {"mode": "token", "secretName": "dpfah-ray-token"}, name
+        assert tuple(map(int, spec["rayVersion"].split("."))) >= (2, 52, 0)  # KubeRay needs it for authOptions
+        head = spec["headGroupSpec"]
+        assert head.get("serviceType", "ClusterIP") == "ClusterIP" and not head.get("enableIngress"), name
+        assert head.get("headService", {}).get("spec", {}).get("type", "ClusterIP") == "ClusterIP", name
+
+    config = _load(INFRA / "aws" / "cluster.yaml")
+    assert "--env=RAY_AUTH_MODE=token" in config["docker"]["run_options"]
+    assert config["file_mounts"]["~/.ray/auth_token"] == "~/.ray/auth_token"
+    (head_start,) = [c for c in config["head_start_ray_commands"] if "ray start" in c]
+    assert "--dashboard-host=127.0.0.1" in head_start
+    for command in config["head_start_ray_commands"] + config["worker_start_ray_commands"]:
+        assert "0.0.0.0" not in command, command
+    (check,) = [c for c in config["setup_commands"] if "auth_token" in c]
+    assert config["setup_commands"].index(check) == 0
+    proc = subprocess.run(["bash", "-c", check], env={"HOME": str(tmp_path)}, capture_output=True, text=True)
+    assert proc.returncode == 1 and "ray get-auth-token --generate" in proc.stderr, proc.stderr
+    (tmp_path / ".ray").mkdir()
+    (tmp_path / ".ray" / "auth_token").write_text("0123456789abcdef")
+    assert subprocess.run(["bash", "-c", check], env={"HOME": str(tmp_path)}).returncode == 0
+
+
+def test_the_docs_say_how_to_submit_through_the_authenticated_dashboard():
+    for path in (ROOT / "docs" / "cluster.md", INFRA / "README.md"):
+        text = path.read_text()
+        for needle in (
+            "kubectl port-forward svc/dpfah-head-svc 8265:8265",
+            "RAY_AUTH_MODE=token",
+            "RAY_AUTH_TOKEN=$(kubectl get secret dpfah-ray-token",
+            "ray get-auth-token --generate",
+            "ray dashboard infra/aws/cluster.yaml",
+            "MLFLOW_TRACKING_USERNAME",
+            "MLFLOW_TRACKING_PASSWORD",
+        ):
+            assert needle in text, f"{path.relative_to(ROOT)}: {needle}"
+
+
+@pytest.mark.slow
+def test_a_ray_head_started_as_the_launcher_starts_it_runs_jobs_only_with_the_token(tmp_path):
+    """`ray start --head` with the launcher's auth mode and dashboard host (read from
+    infra/aws/cluster.yaml) and the token where its file_mounts put it: the Jobs API answers 401
+    without the token and 403 with a wrong one, and `ray job submit` works the two ways the docs
+    give (the token file of `ray get-auth-token --generate`; RAY_AUTH_TOKEN from a Secret); the
+    dashboard is not reachable on another address of this machine. Private temp dir and ports:
+    nothing of another Ray on this machine is touched."""
+    import secrets
+    import shutil
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import tempfile
+    import time
+
+    config = _load(INFRA / "aws" / "cluster.yaml")
+    (auth_env,) = [o for o in config["docker"]["run_options"] if o.startswith("--env=RAY_AUTH_MODE=")]
+    mode = auth_env.split("=", 2)[2]
+    (head_start,) = [c for c in config["head_start_ray_commands"] if "ray start" in c]
+    host = re.search(r"--dashboard-host=(\S+)", head_start).group(1)
+    assert (mode, host) == ("token", "127.0.0.1")
+
+    temp = Path(tempfile.mkdtemp(prefix="rt", dir="/tmp"))  # short: Ray's socket paths have a length limit
+    home, no_token_home = tmp_path / "home", tmp_path / "elsewhere"
+    (home / ".ray").mkdir(parents=True)
+    no_token_home.mkdir()
+    token = secrets.token_hex(32)
+    (home / ".ray" / "auth_token").write_text(token + "\n")
+    ray = str(Path(sys.executable).parent / "ray")
+    base = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    base.update(RAY_TMPDIR=str(temp), PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+    dashboard = _free_port()
+    log = open(tmp_path / "head.log", "w")  # closed in finally
+    head = subprocess.Popen(
+        [
+            ray,
+            "start",
+            "--head",
+            "--block",
+            f"--port={_free_port()}",
+            f"--dashboard-host={host}",
+            f"--dashboard-port={dashboard}",
+            f"--dashboard-agent-listen-port={_free_port()}",
+            f"--ray-client-server-port={_free_port()}",
+            "--num-cpus=1",
+            "--disable-usage-stats",
+        ],
+        env={**base, "HOME": str(home), "RAY_AUTH_MODE": mode},
+        stdout=subprocess.DEVNULL,
+        stderr=log,
+        start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{dashboard}"
+    try:
+
+        def status(address: str, token: str | None = None) -> int:
+            return _http_status(f"http://{address}:{dashboard}/api/jobs/", f"Bearer {token}" if token else None)
+
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                status("127.0.0.1")
+                break
+            except OSError:
+                assert head.poll() is None and time.monotonic() < deadline, (tmp_path / "head.log").read_text()
+                time.sleep(1)
+        assert status("127.0.0.1") == 401
+        assert status("127.0.0.1", "not-the-token") in (401, 403)
+        assert status("127.0.0.1", token) == 200
+
+        def submit(**env: str) -> subprocess.CompletedProcess:
+            return subprocess.run(
+                [ray, "job", "submit", "--address", url, "--", "python", "-c", "print('job ran', 6 * 7)"],
+                env={**base, **env},
+                capture_output=True,
+                text=True,
+                timeout=300,
+            )
+
+        for env in (
+            {"HOME": str(home), "RAY_AUTH_MODE": "token"},  # the launcher's way: ~/.ray/auth_token
+            {"HOME": str(no_token_home), "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token},  # KubeRay's
+        ):
+            job = submit(**env)
+            assert job.returncode == 0 and "job ran 42" in job.stdout, job.stdout + job.stderr
+        for env in (
+            {"HOME": str(no_token_home)},
+            {"HOME": str(no_token_home), "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "not-the-token"},
+        ):
+            job = submit(**env)
+            assert job.returncode != 0 and "AuthenticationError" in job.stderr, job.stdout + job.stderr
+            assert "job ran" not in job.stdout
+        # another address of this machine, if it has one: nothing listens there
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            try:
+                s.connect(("192.0.2.1", 9))  # no packet is sent: only picks the outgoing interface
+                address = s.getsockname()[0]
+            except OSError:
+                address = "127.0.0.1"
+        if not address.startswith("127."):
+            with pytest.raises(OSError):
+                status(address)
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            pass
+        time.sleep(2)
+        try:
+            os.killpg(head.pid, signal.SIGKILL)  # whatever of the group is left
+        except ProcessLookupError:
+            pass
+        log.close()
+        shutil.rmtree(temp, ignore_errors=True)

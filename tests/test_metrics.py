@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 import torch
 
-from dpfah import kernels
+from dpfah import kernels, ranking_scan
 from dpfah import metrics as M
+from dpfah.tie_aware import harmonic_diff
 
 # --------------------------------------------------------------------------------------------
 # plain references
@@ -120,8 +121,8 @@ def impl(request, monkeypatch):
         request.addfinalizer(lambda: ranking.set_kernel(previous))
         monkeypatch.setattr(M, "_USE_COMPILED", True)
     # small chunks so that chunking and threading are exercised
-    monkeypatch.setattr(M, "_C_CHUNK", 3)
-    monkeypatch.setattr(M, "_NUMPY_CHUNK_ELEMENTS", 500)
+    monkeypatch.setattr(ranking_scan, "_C_CHUNK", 3)
+    monkeypatch.setattr(ranking_scan, "_NUMPY_CHUNK_ELEMENTS", 500)
     return request.param
 
 
@@ -217,7 +218,7 @@ def test_tie_aware_large_groups_before(impl):
 def test_harmonic_differences_exact():
     """H_a - H_b (used by the closed form) against exact rational sums, table and asymptotic range."""
     pairs = [(a, b) for b in [0, 1, 5, 63, 64, 65, 100, 1000, 128000] for a in [b, b + 1, b + 2, b + 10, b + 1000]]
-    got = M._harmonic_diff(np.array([p[0] for p in pairs]), np.array([p[1] for p in pairs]))
+    got = harmonic_diff(np.array([p[0] for p in pairs]), np.array([p[1] for p in pairs]))
     for (a, b), g in zip(pairs, got):
         ref = float(sum(Fraction(1, i) for i in range(b + 1, a + 1)))
         assert g == pytest.approx(ref, rel=1e-14, abs=0), (a, b)

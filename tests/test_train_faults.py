@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import toy_overrides, toy_params
+from pipeline.train_driver import FAIL_AT_EPOCH_ENV
+from tests.helpers import failing_at_epoch, toy_overrides, toy_params
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,11 +40,10 @@ def test_non_finite_loss_stops_training_once_with_the_step(ray_local, toy_datase
         "train.lr=1.0e+30",  # config refuses inf itself; this overflows to inf in the first update
         "train.schedule=constant",
         "train.max_failures=2",
-        "train.fail_at_epoch=1",  # the last epoch: the epoch log only
         f"train.storage_path={tmp_path / 'ray'}",
         f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
     )
-    with pytest.raises(TrainingFailed) as e:
+    with pytest.raises(TrainingFailed) as e, failing_at_epoch(1):  # the last epoch: the epoch log only
         run_training(params, "toy", 16, run_name="diverges", write_run_file=False)
     message = str(e.value)
     assert "the loss became non-finite at epoch 0, step " in message and "training stopped" in message, message
@@ -135,12 +135,16 @@ def test_sigterm_ends_the_run_killed_and_leaves_no_ray_processes(toy_dataset, tm
         work,
         images,
         "train.epochs=50",
-        "train.fail_at_epoch=49",
         f"train.storage_path={storage}",
         f"mlflow.tracking_uri={uri}",
     )
     proc = subprocess.Popen(
-        cmd, cwd=tmp_path, env=_stage_env(work), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        cmd,
+        cwd=tmp_path,
+        env={**_stage_env(work), FAIL_AT_EPOCH_ENV: "49"},  # the epoch log only
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     try:
         deadline = time.time() + 240

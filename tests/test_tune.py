@@ -21,7 +21,7 @@ import yaml
 
 from dpfah.model import DPFAH
 from pipeline.errors import ConfigError
-from tests.helpers import PARAMS_FILE, toy_overrides, toy_params
+from tests.helpers import PARAMS_FILE, failing_at_epoch, toy_overrides, toy_params
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -128,7 +128,7 @@ def test_concurrency_is_bounded_by_gpus_or_cpus_per_trial():
 
 
 def test_summary_tables_like_the_papers_tables_3_and_4():
-    from pipeline.tune import _select_best, summary_csv, summary_markdown
+    from pipeline.tune_results import select_best, summary_csv, summary_markdown
 
     rows = [
         _row(1.0, 0.1, 16, 0.50),
@@ -140,7 +140,7 @@ def test_summary_tables_like_the_papers_tables_3_and_4():
         _row(10.0, 0.1, 64, 0.75),
         _row(10.0, 1.0, 64, math.nan, status="error", epochs=0),
     ]
-    best = _select_best(rows)
+    best = select_best(rows)
     assert (best.hparams, best.bits) == ({"eta": 10.0, "zeta": 0.1}, 64)  # 0.80 was stopped early: completed trials win
     meta = {
         "name": "s",
@@ -179,7 +179,10 @@ def test_objective_takes_the_tuned_weights_at_the_same_code_length(toy_dataset, 
     path.parent.mkdir(parents=True)
     record = {
         "eta": 10.0, "zeta": 0.1, "bits": 64, "run_id": "r64", "search_run_id": "parent",
-        "by_bits": {"16": {"eta": 1.0, "zeta": 1.0, "bits": 16, "run_id": "r16"}, "64": {"eta": 10.0, "zeta": 0.1, "bits": 64, "run_id": "r64"}},
+        "by_bits": {
+            "16": {"eta": 1.0, "zeta": 1.0, "bits": 16, "run_id": "r16"},
+            "64": {"eta": 10.0, "zeta": 0.1, "bits": 64, "run_id": "r64"},
+        },
     }  # fmt: skip
     path.write_text(json.dumps(record))
     got = recipes.resolve(tuned, "toy", 16, root=tmp_path)  # a record without "method"/"knobs": DPFAH's eta, zeta
@@ -342,9 +345,9 @@ SEARCH = "search"  # the search's name: its trials' Ray Train runs are <storage>
 
 def _trial_dir(out: Path, index: int, bits: int) -> Path:
     """The Ray Train run folder of trial ``index`` (Tune numbers a grid's trials 00000, 00001, ...)."""
-    from pipeline.tune import _trial_run_name
+    from pipeline.tune_space import trial_run_name
 
-    return out / "ray" / SEARCH / _trial_run_name(SEARCH, f"t_{index:05d}", {"eta": 1.0, "zeta": 1.0, "bits": bits})
+    return out / "ray" / SEARCH / trial_run_name(SEARCH, f"t_{index:05d}", {"eta": 1.0, "zeta": 1.0, "bits": bits})
 
 
 @contextlib.contextmanager
@@ -370,7 +373,7 @@ def search(ray_local, toy_dataset, tmp_path_factory):
     16-bit trial's.
 
     The 16-bit trial fails once for real: its last worker dies as epoch 1 starts
-    (``train.fail_at_epoch=0``), Ray Train does not replace it (``train.max_failures=0``), so
+    (``DPFAH_FAIL_AT_EPOCH=0``), Ray Train does not replace it (``train.max_failures=0``), so
     the trial itself fails and Tune retries it (``tune.max_failures=1``). The 1-bit trial's
     fault is marked done beforehand, so ASHA alone ends it."""
     from pipeline.tune import run_search
@@ -389,7 +392,6 @@ def search(ray_local, toy_dataset, tmp_path_factory):
         "tune.bits=[16,1]",
         "tune.grace_period=1",
         "tune.reduction_factor=2",
-        "train.fail_at_epoch=0",
         "train.max_failures=0",
         "tune.max_failures=1",
     )
@@ -397,7 +399,7 @@ def search(ray_local, toy_dataset, tmp_path_factory):
     spared.mkdir(parents=True)
     (spared / ".fault-injected").write_text("no fault in the 1-bit trial\n")
     live_before = _live_placement_groups()
-    with _searching_in(out):
+    with _searching_in(out), failing_at_epoch(0):
         outcome = run_search(params, "toy", out_dir=out / "tune" / "toy", name=SEARCH, verbose=0)
     return outcome, out, live_before
 
@@ -476,10 +478,11 @@ def test_without_retries_a_failed_trial_fails_the_search_and_says_why(ray_local,
 
     work, images = toy_dataset
     overrides = toy_overrides(
-        work, images, "train.num_workers=1", "train.epochs=2", f"train.storage_path={tmp_path / 'ray'}", f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
-        "tune.space.eta=[1]", "tune.space.zeta=[1]", "tune.bits=[16]", "tune.scheduler=none", "train.fail_at_epoch=0", "train.max_failures=0", "tune.max_failures=0",
+        work, images, "train.num_workers=1", "train.epochs=2", f"train.storage_path={tmp_path / 'ray'}",
+        f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}", "tune.space.eta=[1]", "tune.space.zeta=[1]",
+        "tune.bits=[16]", "tune.scheduler=none", "train.max_failures=0", "tune.max_failures=0",
     )  # fmt: skip
-    with _searching_in(tmp_path):
+    with _searching_in(tmp_path), failing_at_epoch(0):
         code = run_main(
             main,
             [
@@ -495,7 +498,8 @@ def test_without_retries_a_failed_trial_fails_the_search_and_says_why(ray_local,
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2, err
     assert re.match(
-        r"error: search \S+: no trial completed or was stopped early with a validation mAP; 1 of 1 trial\(s\) failed after 1 attempts each \(tune.max_failures=0\), e\.g\. (\S+-16b): TrainingFailed: training \1 failed: ",
+        r"error: search \S+: no trial completed or was stopped early with a validation mAP; 1 of 1 trial\(s\) "
+        r"failed after 1 attempts each \(tune.max_failures=0\), e\.g\. (\S+-16b): TrainingFailed: training \1 failed: ",
         err[-1],
     ), err[-1]
     (run_dir,) = [p.parent for p in (tmp_path / "ray").glob("*/*/.fault-injected")]
@@ -607,7 +611,8 @@ def test_search_refuses_knobs_the_method_does_not_have(toy_dataset):
     work, images = toy_dataset
     with pytest.raises(
         ConfigError,
-        match=r"^tune.space.zeta: dsh has no hyper-parameter 'zeta' \(it has: alpha, margin, pairs; worth searching: alpha\)",
+        match=r"^tune.space.zeta: dsh has no hyper-parameter 'zeta' "
+        r"\(it has: alpha, margin, pairs; worth searching: alpha\)",
     ):
         run_search(toy_params(work, images, "train.method=dsh", "tune.space={zeta: [0.1]}"), "toy")
     # params.yaml's space is DPFAH's knobs: another method replaces the mapping, or is told
@@ -629,7 +634,8 @@ def test_search_refuses_knobs_the_method_does_not_have(toy_dataset):
         run_search(toy_params(work, images, "train.method=dsh", "tune.space={}"), "toy")
     with pytest.raises(
         ConfigError,
-        match=r"^tune.space.lam: dpfah has no hyper-parameter 'lam' \(it has: delta, eta, pairs, zeta; worth searching: eta, zeta\)",
+        match=r"^tune.space.lam: dpfah has no hyper-parameter 'lam' "
+        r"\(it has: delta, eta, pairs, zeta; worth searching: eta, zeta\)",
     ):
         run_search(toy_params(work, images, "tune.space.lam=[1]"), "toy")
     with pytest.raises(ConfigError, match=r"^tune.space.pairs: 'nope' is not one of"):

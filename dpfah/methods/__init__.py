@@ -2,8 +2,10 @@
 each, every one an objective for :func:`dpfah.train.fit` (the :mod:`dpfah.objective`
 protocol) on any network of :mod:`dpfah.model` (ResNet-18 or AlexNet, PFA on or off).
 
-``get(name)`` gives the class; each declares ``defaults`` (hyper-parameter -> default),
-``tunable`` (the names worth searching), ``choices`` (categorical values), ``terms`` (the
+The registry is :data:`dpfah.hyperparameters.REGISTRY` (torch-free: ``names()`` and
+``declared(name)`` import no torch): each method's ``defaults`` (hyper-parameter -> default),
+``tunable`` (the names worth searching), ``choices`` (categorical values) and ``at_least``
+(bounds). ``get(name)`` gives the class (importing its module), which also has ``terms`` (the
 reported parts) and ``needs_train_size(params)``; ``build(name, params, bits=...,
 num_classes=..., train_size=...)`` makes one (``params``: a mapping of hyper-parameters, or
 an object whose attributes named like them are taken). Each class's docstring gives the
@@ -15,36 +17,41 @@ from __future__ import annotations
 
 from typing import Any
 
-from .base import Declared, Method
-from .dbdh import DBDH
-from .dfh import DFH
-from .dhn import DHN
-from .dpfah import DPFAH
-from .dpsh import DPSH
-from .dsdh import DSDH
-from .dsh import DSH
-from .hashnet import HashNet
-from .idhn import IDHN
-from .lcdsh import LCDSH
+from ..hyperparameters import REGISTRY, Declaration
 
-__all__ = ["METHODS", "Declared", "Method", "build", "get", "names"]
-
-METHODS: dict[str, type] = {cls.name: cls for cls in (DPFAH, DPSH, DSH, DHN, HashNet, DSDH, DFH, IDHN, DBDH, LCDSH)}
+__all__ = ["Declaration", "Declared", "Method", "build", "declared", "get", "names"]
 
 
 def names() -> tuple[str, ...]:
-    """The registry names, in the order above (DPFAH first, then the paper's Table 6)."""
-    return tuple(METHODS)
+    """The registry names, in its order (DPFAH first, then the paper's Table 6); no torch."""
+    return tuple(REGISTRY)
+
+
+def declared(name: str) -> Declaration:
+    """The declaration of method ``name`` (case-insensitive): its hyper-parameters, without torch."""
+    try:
+        return REGISTRY[str(name).lower()]
+    except KeyError:
+        raise ValueError(f"unknown method {name!r}; known methods: {', '.join(REGISTRY)}") from None
 
 
 def get(name: str) -> type:
-    """The method class registered as ``name`` (case-insensitive)."""
-    try:
-        return METHODS[str(name).lower()]
-    except KeyError:
-        raise ValueError(f"unknown method {name!r}; known methods: {', '.join(METHODS)}") from None
+    """The method class registered as ``name`` (case-insensitive; its module imported now)."""
+    declared(name)  # the error for an unknown name
+    from .classes import CLASSES
+
+    return CLASSES[str(name).lower()]
 
 
 def build(name: str, params: Any = None, *, bits: int, num_classes: int, train_size: int | None = None):
     """The objective of method ``name`` with ``params`` over its defaults."""
     return get(name).from_settings(params, bits=bits, num_classes=num_classes, train_size=train_size)
+
+
+def __getattr__(name: str) -> Any:
+    """``Declared`` and ``Method`` (the bases, with torch) on first use."""
+    if name in ("Declared", "Method"):
+        from . import base
+
+        return getattr(base, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

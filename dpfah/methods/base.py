@@ -35,8 +35,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..codes import binarize
+from ..hyperparameters import REGISTRY
 from ..loss import similarity
-from ..objective import PAIR_SETS, Memory, Shard, Step, check_hparams, world
+from ..objective import Memory, Shard, Step, check_hparams, world
 
 __all__ = ["Declared", "Method", "PairwiseMethod", "Pairs", "Part", "double_grad", "likelihood", "broadcast_"]
 
@@ -77,7 +78,8 @@ class Declared:
     """Hyper-parameters declared on the class, checked on construction (shared by
     :class:`Method` and the DPFAH objective's registry entry).
 
-    Class attributes a pipeline can read without building one:
+    Class attributes (a registered class takes all but ``name`` and ``terms`` from its entry in
+    :data:`dpfah.hyperparameters.REGISTRY`, which a pipeline reads without torch):
 
     * ``name``: the registry name; ``defaults``: every hyper-parameter and its default (the
       paper's where it gives one, see each docstring); ``tunable``: the ones worth searching;
@@ -93,6 +95,14 @@ class Declared:
     choices: ClassVar[dict[str, tuple[Any, ...]]] = {}
     at_least: ClassVar[dict[str, float]] = {}
     terms: ClassVar[tuple[str, ...]]
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """A registered class (its own ``name``) takes its declaration from the registry."""
+        super().__init_subclass__(**kwargs)
+        declared = REGISTRY.get(cls.__dict__.get("name", ""))
+        if declared is not None:
+            cls.defaults, cls.tunable = declared.defaults, declared.tunable
+            cls.choices, cls.at_least = declared.choices, declared.at_least
 
     @classmethod
     def resolve(cls, params: Mapping[str, Any], bits: int, num_classes: int, train_size: int | None) -> dict[str, Any]:
@@ -224,8 +234,6 @@ class Pairs(NamedTuple):
 class PairwiseMethod(Method):
     """A method whose main term is over pairs (in-batch or against a memory); ``code(u)``
     maps the network output to what the pairs see (tanh, softsign, ...); the memory holds it."""
-
-    choices: ClassVar[dict[str, tuple[Any, ...]]] = {"pairs": PAIR_SETS}
 
     def __init__(self, **kw: Any) -> None:
         super().__init__(**kw)

@@ -26,8 +26,6 @@ class DBDH(PairwiseMethod):
     """
 
     name = "dbdh"
-    defaults = {"alpha": 0.1, "p": 2, "pairs": "memory"}
-    tunable = ("alpha",)
     term_weights = {"likelihood": 1.0, "balance": "alpha"}
 
     def code(self, u):

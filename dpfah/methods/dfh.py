@@ -64,19 +64,6 @@ class DFH(PairwiseMethod):
     """
 
     name = "dfh"
-    defaults = {
-        "mu": 1.0,
-        "vul": 1.0,
-        "nta": 1.0,
-        "eta": 0.5,
-        "margin": 3.0,
-        "center_steps": 200,
-        "center_lr": 0.03,
-        "center_milestones": (150, 180),
-        "seed": 0,
-        "pairs": "memory",
-    }
-    tunable = ("mu", "eta", "margin")
     term_weights = {"likelihood": 1.0, "quantization": "eta"}
 
     def __init__(self, **kw) -> None:

@@ -36,8 +36,6 @@ class DHN(PairwiseMethod):
     """
 
     name = "dhn"
-    defaults = {"lam": 0.1, "pairs": "batch"}
-    tunable = ("lam",)
     term_weights = {"likelihood": 1.0, "quantization": "lam"}
 
     def code(self, u):

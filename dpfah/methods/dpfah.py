@@ -21,10 +21,6 @@ class DPFAH(Declared, DPFAHLoss):
     """
 
     name = "dpfah"
-    tunable = ("eta", "zeta")
-    # (Declared's empty defaults would hide DPFAHLoss's: name them.)
-    choices = DPFAHLoss.choices
-    at_least = DPFAHLoss.at_least
 
     def __init__(self, *, bits: int, num_classes: int, train_size: int | None = None, **params: Any) -> None:
         p = self.resolve(params, bits, num_classes, train_size)

@@ -26,8 +26,6 @@ class DPSH(PairwiseMethod):
     """
 
     name = "dpsh"
-    defaults = {"eta": 10.0, "pairs": "memory"}
-    tunable = ("eta",)
     term_weights = {"likelihood": 1.0, "quantization": "eta"}
 
     def parts(self, u, logits, labels, index, shard) -> dict[str, Part]:

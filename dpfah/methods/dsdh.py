@@ -57,9 +57,6 @@ class DSDH(PairwiseMethod):
     """
 
     name = "dsdh"
-    defaults = {"mu": 1.0, "nu": 0.1, "eta": 55.0, "dcc_iter": 10, "seed": 0, "pairs": "memory"}
-    tunable = ("mu", "nu", "eta")
-    choices = {"pairs": ("memory",)}
     term_weights = {"likelihood": 1.0, "coupling": "eta"}
 
     def __init__(self, **kw) -> None:

@@ -29,8 +29,6 @@ class DSH(PairwiseMethod):
     """
 
     name = "dsh"
-    defaults = {"margin": None, "alpha": 0.01, "pairs": "batch"}
-    tunable = ("alpha",)
     term_weights = {"contrastive": 1.0, "regularizer": "alpha"}
 
     def weights(self):

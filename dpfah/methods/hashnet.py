@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from .base import PAIR_SETS, PairwiseMethod, Part, likelihood
+from .base import PairwiseMethod, Part, likelihood
 
 __all__ = ["HashNet", "continuation_beta"]
 
@@ -51,17 +51,6 @@ class HashNet(PairwiseMethod):
     """
 
     name = "hashnet"
-    defaults = {
-        "alpha": None,
-        "schedule": "iteration",
-        "gamma": 0.005,
-        "power": 0.5,
-        "step_size": 200,
-        "label_cosine": True,
-        "pairs": "batch",
-    }
-    tunable = ("alpha", "gamma")
-    choices = {"pairs": PAIR_SETS, "schedule": ("iteration", "epoch"), "label_cosine": (True, False)}
     term_weights = {"similar": 1.0, "dissimilar": 1.0}
 
     def __init__(self, **kw) -> None:

@@ -36,8 +36,6 @@ class IDHN(PairwiseMethod):
     """
 
     name = "idhn"
-    defaults = {"beta": 5.0, "gamma": 0.1, "lam": 0.1, "pairs": "batch"}
-    tunable = ("gamma", "lam")
     term_weights = {"likelihood": 1.0, "soft": "gamma", "quantization": "lam"}
 
     def code(self, u):

@@ -28,8 +28,6 @@ class LCDSH(PairwiseMethod):
     """
 
     name = "lcdsh"
-    defaults = {"lam": 3.0, "pairs": "batch"}
-    tunable = ("lam",)
     term_weights = {"likelihood": 1.0, "locality": "lam"}
 
     def parts(self, u, logits, labels, index, shard) -> dict[str, Part]:
