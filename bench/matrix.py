@@ -43,8 +43,12 @@ def _run(module: str, args: list[str], cwd: Path, env: dict[str, str]) -> float:
     return time.perf_counter() - start
 
 
+def _sets(work: Path, images: Path, steps: int) -> list[str]:
+    return ["--params", str(REPO / "params.yaml"), *_settings(work, images, steps)]
+
+
 def per_stage(work: Path, images: Path, entries: int, steps: int, env: dict[str, str]) -> dict:
-    sets = _settings(work, images, steps)
+    sets = _sets(work, images, steps)
     _run("pipeline.prepare", ["--dataset", "toy", *sets], work, env)
     times = []
     for seed in range(entries):
@@ -60,7 +64,7 @@ def per_stage(work: Path, images: Path, entries: int, steps: int, env: dict[str,
 
 
 def matrix(work: Path, images: Path, entries: int, steps: int, env: dict[str, str]) -> dict:
-    sets = _settings(work, images, steps)
+    sets = _sets(work, images, steps)
     _run("pipeline.prepare", ["--dataset", "toy", *sets], work, env)
     seeds = f"[{','.join(str(s) for s in range(entries))}]"
     total = _run("pipeline.matrix", [*sets, "--set", "bits=[8]", "--set", f"train.seeds={seeds}"], work, env)
