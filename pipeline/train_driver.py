@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import shutil
-import tempfile
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -22,14 +20,13 @@ from .artifacts import run_file, write_json_atomic
 from .cluster import check_request, ensure_ray, shutdown_if_started, started_here, train_run_defaults
 from .config import Params
 from .errors import ConfigError, PipelineError
+from .model_logging import log_trained_model
 from .recipes import Recipe
 from .registry import MODEL_NAME_TAG, model_name
 from .timing import record, span
 from .tracking import (
     git_commit,
     log_dataset,
-    model_requirements,
-    requirements_known,
     resolve_uri,
     tracked_run,
     tracking_uri,
@@ -37,7 +34,7 @@ from .tracking import (
 )
 from .train_worker import DIVERGED, STATE_FILE, Job, load_state, process_start_time, worker_loop
 
-__all__ = ["TrainOutcome", "TrainingFailed", "run_training", "log_model_artifact"]
+__all__ = ["TrainOutcome", "TrainingFailed", "run_training"]
 
 
 #: AlexNet's stem and pools leave nothing of an image smaller than this (dpfah.model).
@@ -300,7 +297,8 @@ def run_training(
     model = dataclasses.replace(params.model, **recipe.model)  # a variant's network changes
     if model.backbone == "alexnet" and t.image_size < ALEXNET_MIN_SIZE:
         raise ConfigError(
-            f"train.image_size: {t.image_size} px is too small for {recipe.entry}'s AlexNet backbone (it needs >= {ALEXNET_MIN_SIZE}); "
+            f"train.image_size: {t.image_size} px is too small for {recipe.entry}'s AlexNet backbone (it needs >= "
+            f"{ALEXNET_MIN_SIZE}); "
             f"e.g. --set train.image_size=64"
         )
     job = Job(
@@ -327,7 +325,8 @@ def run_training(
     validating = validate and manifest.splits.get("validation") is not None and manifest.split("validation").count > 0
     if validate and not validating:
         print(
-            f"{dataset} has no validation split (validation: 0): training without validation; the last epoch's model stands"
+            f"{dataset} has no validation split (validation: 0): training without validation; the last epoch's model "
+            "stands"
         )
     job = dataclasses.replace(job, validate=validating)
 
@@ -359,7 +358,8 @@ def run_training(
                 )
             if parent_run_id is None:  # a stage run: a line per epoch (Tune reports its own way)
                 print(
-                    f"training {dataset} {bits} bits: {t.num_workers} worker(s) on {'GPU' if t.use_gpu else 'CPU'}, {t.epochs} epochs; MLflow run {run_id} ({uri})",
+                    f"training {dataset} {bits} bits: {t.num_workers} worker(s) on {'GPU' if t.use_gpu else 'CPU'}, "
+                    f"{t.epochs} epochs; MLflow run {run_id} ({uri})",
                     flush=True,
                 )
             with span("ray train: fit"), _epoch_printer(uri, run_id, t.epochs, enabled=parent_run_id is None):
@@ -381,7 +381,7 @@ def run_training(
                 logged_name = model_name(params, dataset, bits, recipe.entry)
                 mlflow.set_tag(MODEL_NAME_TAG, logged_name)
                 model_uri = (
-                    _log_model(job, state, logged_name, t.image_size, last_epoch)
+                    log_trained_model(job, state, logged_name, t.image_size, last_epoch)
                     if log_model
                     else f"runs:/{run_id}/{logged_name}"
                 )
@@ -417,74 +417,6 @@ def run_training(
         path = write_json_atomic(run_file(dataset, bits, method=recipe.entry, seed=seed), run_record)
         outcome = dataclasses.replace(outcome, run_file=str(path))
     return outcome
-
-
-#: Side of the images in the logged model's input example (any size is accepted: the model resizes).
-EXAMPLE_SIZE = 32
-
-
-def _log_model(job: Job, state: dict[str, Any], name: str, image_size: int, step: int) -> str:
-    """The best-validation weights (the last epoch's without validation) as the run's model."""
-    from dpfah.model import DPFAH
-
-    net = DPFAH.build(job.bits, job.num_classes, dataclasses.replace(job.model, backbone_weights=None))
-    net.load_state_dict(state.get("best_model") or state["model"])
-    return log_model_artifact(net, image_size, name, step=step)
-
-
-def log_model_artifact(net, image_size: int, name: str, *, step: int = 0, **limits: int) -> str:
-    """Log the trained network ``net`` to the active MLflow run as the model ``name`` (the
-    registry name): a pickled :class:`dpfah.encoder.ImageEncoder` (RGB images (N, H, W, 3)
-    of integers 0..255 in, int8 {-1, +1} codes (N, bits) out) with an output signature and an
-    input example, the ``dpfah`` package packaged with it (``code/dpfah``: it loads where the
-    project is not installed, with only its requirements.txt). ``limits``: the encoder's
-    (``max_image_pixels``, ``max_image_side``, ``max_request_pixels``; its defaults
-    otherwise), also logged as tags. The signature has no input schema on purpose: with one,
-    MLflow's server casts the request's numbers to its dtype before the model can refuse
-    them (floats in 0..1 became a black image); see dpfah/encoder.py. Returns its URI
-    (``models:/m-...``)."""
-    import mlflow.pytorch
-    import numpy as np
-    from mlflow.exceptions import MlflowException
-    from mlflow.models import ModelSignature
-    from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
-    from mlflow.types.schema import Schema, TensorSpec
-
-    import dpfah
-    from dpfah.encoder import ImageEncoder
-
-    # refusals of bad input are MLflow's INVALID_PARAMETER_VALUE: a 400 from its scoring server
-    refusal = {"refusal_base": MlflowException, "refusal_kwargs": {"error_code": INVALID_PARAMETER_VALUE}}
-    model = ImageEncoder(net, image_size, **limits, **refusal).eval()
-    signature = ModelSignature(outputs=Schema([TensorSpec(np.dtype(np.int8), (-1, model.bits))]))
-    example = np.random.default_rng(0).integers(0, 256, (2, EXAMPLE_SIZE, EXAMPLE_SIZE, 3), dtype=np.uint8)
-    tags = {
-        "bits": str(model.bits),
-        "image_size": str(image_size),
-        "input": "RGB images (N, H, W, 3) of integers 0..255 (uint8), any H, W within the max_* limits",
-        "output": f"int8 codes (N, {model.bits}) in {{-1, +1}}",
-        **{key: str(value) for key, value in model.limits.items()},
-    }
-    with tempfile.TemporaryDirectory(prefix="dpfah-code-") as tmp:
-        # the package's Python sources only (no caches, no C sources of the optional kernels)
-        package = shutil.copytree(
-            os.path.dirname(dpfah.__file__),
-            os.path.join(tmp, "dpfah"),
-            ignore=shutil.ignore_patterns("__pycache__", "*.c", "*.h", "*.so"),
-        )
-        with requirements_known():
-            info = mlflow.pytorch.log_model(
-                model,
-                name=name,
-                serialization_format="pickle",
-                pip_requirements=model_requirements(),
-                code_paths=[package],
-                signature=signature,
-                input_example=example,
-                step=step,
-                tags=tags,
-            )
-    return info.model_uri
 
 
 def _absolute(path: str | None) -> str | None:

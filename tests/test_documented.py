@@ -723,7 +723,7 @@ def _evaluated(uri, root, query_map, tie_aware, sha="cd" * 32):
     given separately (they rank runs differently below)."""
     from mlflow.tracking import MlflowClient
 
-    record = fake_training_run(uri, sha, model=nn.Linear(2, 2))
+    record = fake_training_run(uri, sha)
     client = MlflowClient(uri)
     run_id = record["run_id"]
     client.log_metric(run_id, "query_map", query_map)

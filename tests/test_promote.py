@@ -105,12 +105,13 @@ def test_champion_moves_only_to_a_better_model(store):
     del tie
 
     # The champion loads by alias.
-    import mlflow.pytorch
+    import mlflow
 
+    from pipeline.model_files import load_encoder
     from pipeline.tracking import using_tracking_uri
 
     with using_tracking_uri(uri):
-        assert isinstance(mlflow.pytorch.load_model(f"models:/{NAME}@champion"), torch.nn.Linear)
+        assert load_encoder(f"models:/{NAME}@champion", mlflow.get_tracking_uri()).bits == 8
 
 
 def test_missing_or_foreign_evaluation_moves_nothing(store, monkeypatch, capsys):
@@ -152,7 +153,7 @@ def test_missing_or_foreign_evaluation_moves_nothing(store, monkeypatch, capsys)
     assert registry_state(uri) == state
 
     # A run never evaluated (no metric in MLflow), by run id.
-    bare = fake_training_run(uri, SHA, model=torch.nn.Linear(2, 2))
+    bare = fake_training_run(uri, SHA)
     code, text = cli(stage, [*base, "--run-id", bare["run_id"]], capsys)
     assert code == 2 and f"error: MLflow run {bare['run_id']} (from --run-id) has no evaluation (query_map)" in text
     assert registry_state(uri) == state
@@ -253,16 +254,40 @@ def test_model_with_non_finite_weights_is_never_registered(store, monkeypatch, c
 
     uri, root = store
     monkeypatch.chdir(root)
-    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2))
+    from dpfah.model import DPFAH
+
+    model = DPFAH(8, 3).eval()
     with torch.no_grad():
-        model[1].bias[0] = float("nan")  # a parameter: the first bad tensor in state-dict order
-        model[1].running_var[1] = float("inf")  # a buffer after it
+        model.stem[1].bias[0] = float("nan")  # a parameter: the first bad tensor in state-dict order
+        model.stem[1].running_var[1] = float("inf")  # a buffer after it
     run = evaluated_run(uri, root, 0.9, model=model)
     code, text = cli(stage, _stage_args(uri), capsys)
     assert code == 2 and text.count("\n") == 1
     assert text.startswith(f"error: MLflow run {run['run_id']}: model models:/m-")
     assert (
-        "has non-finite weights: parameter 1.bias holds 1 NaN and 0 infinite of 2 values (the training diverged)"
+        "has non-finite weights: parameter stem.1.bias holds 1 NaN and 0 infinite of 64 values (the training diverged)"
         in text
     )
     assert not MlflowClient(uri).search_registered_models()
+
+
+def test_a_tampered_model_is_refused_in_one_line_and_its_pickle_never_runs(store, monkeypatch, capsys):
+    """Issue 28, case 2: the model's weights replaced by a pickle of code in the artifact
+    store; promote loads the model (its weight check) before registering anything."""
+    import pickle
+
+    from mlflow.tracking import MlflowClient
+
+    from pipeline import promote as stage
+    from tests.helpers import MarkerPayload
+
+    uri, root = store
+    monkeypatch.chdir(root)
+    run = evaluated_run(uri, root, 0.9)
+    location = MlflowClient(uri).get_logged_model(run["model_uri"].split("/")[-1]).artifact_location
+    marker = root / "pwned"
+    Path(location.removeprefix("file://"), "artifacts", "weights.pt").write_bytes(pickle.dumps(MarkerPayload(marker)))
+    code, text = cli(stage, _stage_args(uri), capsys)
+    assert code == 2 and text.count("\n") == 1, text
+    assert text.startswith(f"error: model {run['model_uri']}: artifacts/weights.pt: not a file of plain tensors"), text
+    assert not marker.exists() and not MlflowClient(uri).search_registered_models()
