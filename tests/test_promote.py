@@ -52,11 +52,11 @@ def test_champion_moves_only_to_a_better_model(store):
     tags = client.get_run(first["run_id"]).data.tags
     assert "promote.champion_query_map" not in tags and "promote.champion_version" not in tags  # no empty tags
     description = client.get_model_version(NAME, "1").description  # what the version is, in words
-    assert (
-        "**toy**" in description
-        and "Query mAP@ALL: **0.6000**" in description
-        and "evaluation/pr_curves.png" in description
-    )
+    first_line = description.splitlines()[0]  # what the version list shows, raw: no markdown there
+    assert first_line.startswith("dpfah on toy, 8 bits: query mAP@ALL 0.6000, P@H<=2 not measured (protocol custom")
+    assert not any(mark in first_line for mark in ("**", "`", "#"))
+    assert "Query mAP@ALL: **0.6000**" in description and "evaluation/pr_curves.png" in description
+    assert client.get_run(first["run_id"]).data.tags["champion"] == NAME  # the runs table shows who holds it
 
     second = evaluated_run(uri, root, 0.55)  # worse
     result = promote(params, "toy", 8, root=root)
@@ -83,6 +83,20 @@ def test_champion_moves_only_to_a_better_model(store):
     aliases, versions = registry_state(uri)
     assert aliases == {"champion": 4} and [v for v, _ in versions] == [1, 2, 3, 4]
     assert client.get_model_version_by_alias(NAME, "champion").run_id == third["run_id"]
+    # The run tag moved with the alias: the runs table filters the champion's run.
+    experiment = client.get_run(third["run_id"]).info.experiment_id
+    holders = client.search_runs([experiment], filter_string=f"tags.champion = '{NAME}'")
+    assert [r.info.run_id for r in holders] == [third["run_id"]]
+    assert "champion" not in client.get_run(first["run_id"]).data.tags
+    # The alias moved by hand (outside promote): the next promotion puts the tag right.
+    client.set_registered_model_alias(NAME, "champion", "2")
+    assert promote(params, "toy", 8, run_id=second["run_id"], root=root).record["decision"] == "unchanged"
+    holders = client.search_runs([experiment], filter_string="tags.champion LIKE '%'")
+    assert [r.info.run_id for r in holders] == [second["run_id"]]
+    client.set_registered_model_alias(NAME, "champion", "4")
+    assert promote(params, "toy", 8, root=root).record["alias_version"] == 4
+    assert client.get_run(third["run_id"]).data.tags["champion"] == NAME
+    assert "champion" not in client.get_run(second["run_id"]).data.tags
     tags = client.get_run(third["run_id"]).data.tags
     assert (tags["promote.decision"], tags["promote.query_map"], tags["promote.champion_query_map"]) == (
         "promoted",
@@ -138,8 +152,8 @@ def test_missing_or_foreign_evaluation_moves_nothing(store, monkeypatch, capsys)
     code, text = cli(stage, base, capsys)
     assert code == 2 and text.count("\n") == 1
     assert (
-        f"error: evaluations/toy-8-dpfah-s0.json: evaluation of run {champion['run_id']}, but runs/toy-8-dpfah-s0.json names run {fresh['run_id']}"
-        in text
+        f"error: evaluations/toy-8-dpfah-s0.json: evaluation of run {champion['run_id']}, but "
+        f"runs/toy-8-dpfah-s0.json names run {fresh['run_id']}" in text
     )
     assert registry_state(uri) == state
 
@@ -147,7 +161,8 @@ def test_missing_or_foreign_evaluation_moves_nothing(store, monkeypatch, capsys)
     code, text = cli(stage, base, capsys)
     assert (
         code == 2
-        and "error: metrics/toy-8-dpfah-s0.json: no evaluation metrics (run python -m pipeline.evaluate --dataset toy --bits 8 first)"
+        and "error: metrics/toy-8-dpfah-s0.json: no evaluation metrics "
+        "(run python -m pipeline.evaluate --dataset toy --bits 8 --seed 0 first)"
         in text
     )
     assert registry_state(uri) == state
@@ -173,7 +188,8 @@ def test_missing_or_foreign_evaluation_moves_nothing(store, monkeypatch, capsys)
     code, text = cli(stage, [*base, "--set", "evaluate.map_at.toy=10"], capsys)
     assert (
         code == 2
-        and "error: evaluations/toy-8-dpfah-s0.json: evaluated at mAP@ALL but evaluate.map_at gives mAP@10 now: re-run evaluate"
+        and "error: evaluations/toy-8-dpfah-s0.json: evaluated at mAP@ALL but evaluate.map_at gives mAP@10 now: "
+        "re-run evaluate"
         in text
     )
     assert registry_state(uri) == state
@@ -227,8 +243,10 @@ def test_incomplete_evaluation_is_refused(store, monkeypatch, capsys):
     code, text = cli(stage, _stage_args(uri), capsys)
     assert code == 2 and text.count("\n") == 1
     assert text == (
-        f"error: MLflow run {run['run_id']} (from runs/toy-8-dpfah-s0.json): its last evaluation (no eval.id) has no completion "
-        "marker (the evaluate that logged it failed part-way): re-run python -m pipeline.evaluate --dataset toy --bits 8, "
+        f"error: MLflow run {run['run_id']} (from runs/toy-8-dpfah-s0.json): its last evaluation (no eval.id) has no "
+        "completion "
+        "marker (the evaluate that logged it failed part-way): re-run python -m pipeline.evaluate --dataset toy "
+        "--bits 8 --seed 0, "
         "then promote\n"
     )
     client = MlflowClient(uri)
@@ -236,9 +254,11 @@ def test_incomplete_evaluation_is_refused(store, monkeypatch, capsys):
     client.set_tag(run["run_id"], "eval.id", "eval-2")  # ...a later one logged its metrics, then failed
     code, text = cli(stage, [*_stage_args(uri), "--run-id", run["run_id"]], capsys)
     assert code == 2 and text == (
-        f"error: MLflow run {run['run_id']} (from --run-id): its last evaluation (eval-2) has no completion marker (the "
-        "evaluate that logged it failed part-way; the last one that did was eval-1): re-run python -m pipeline.evaluate "
-        f"--dataset toy --bits 8 --run-id {run['run_id']}, then promote\n"
+        f"error: MLflow run {run['run_id']} (from --run-id): its last evaluation (eval-2) has no completion marker "
+        "(the "
+        "evaluate that logged it failed part-way; the last one that did was eval-1): re-run python -m "
+        "pipeline.evaluate "
+        f"--dataset toy --bits 8 --seed 0 --run-id {run['run_id']}, then promote\n"
     )
     assert not client.search_registered_models()
 
