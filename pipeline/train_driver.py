@@ -20,6 +20,7 @@ from .artifacts import run_file, write_json_atomic
 from .cluster import check_request, ensure_ray, shutdown_if_started, started_here, train_run_defaults
 from .config import Params
 from .errors import ConfigError, PipelineError
+from .leftovers import claim_run_folder, driver_tags, fail_abandoned_runs, remove_ended_run_folders
 from .model_logging import log_trained_model
 from .recipes import Recipe
 from .registry import MODEL_NAME_TAG, model_name
@@ -32,7 +33,7 @@ from .tracking import (
     tracking_uri,
     training_metric,
 )
-from .train_worker import DIVERGED, STATE_FILE, Job, load_state, process_start_time, worker_loop
+from .train_worker import DIVERGED, STATE_FILE, Job, load_state, worker_loop
 
 __all__ = ["TrainOutcome", "TrainingFailed", "run_training"]
 
@@ -149,7 +150,7 @@ def _log_params(job: Job, params: Params, dataset: str, manifest, name: str, rec
             "manifest_sha256": manifest.sha256,
             "split_seed": str(manifest.seed),
             "ray_run_name": name,
-            **_driver_tags(),
+            **driver_tags(),
             **{f"kernel.{k}": v for k, v in kernels.status().items()},
             "method": recipe.entry,  # what train.methods lists: a method or a variant
             "method.base": recipe.method,  # the dpfah.methods objective it runs
@@ -185,61 +186,6 @@ def _epoch_printer(uri: str, run_id: str, epochs: int, *, enabled: bool):
         return {step: values for step, values in seen.items() if "loss" in values}
 
     return EpochPrinter(fetch, epochs)
-
-
-def _driver_tags() -> dict[str, str]:
-    """Which process owns the run: a later training on the same host can tell a run whose
-    driver died (SIGKILL, a lost machine) from one still going."""
-    import socket
-
-    return {
-        "driver.host": socket.gethostname(),
-        "driver.pid": str(os.getpid()),
-        "driver.started": f"{process_start_time() or 0:.0f}",
-    }
-
-
-def _alive(pid: int, started: str) -> bool:
-    """Whether process ``pid`` runs and is the one that started at ``started`` (pids recycle)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # someone else's process: not ours to judge
-    began = process_start_time(str(pid))
-    return began is None or not float(started) or abs(began - float(started)) < 2
-
-
-def _fail_abandoned_runs(experiment_id: str, current_run_id: str, uri: str) -> list[str]:
-    """Mark FAILED the runs of this experiment that a training driver on this host left
-    RUNNING when it died without closing them (killed with SIGKILL, out of memory); says so."""
-    from mlflow.tracking import MlflowClient
-
-    host = _driver_tags()["driver.host"]
-    client = MlflowClient(uri)
-    runs = client.search_runs(
-        [experiment_id],
-        filter_string=f"attributes.status = 'RUNNING' and tags.`driver.host` = '{host}'",
-        max_results=200,
-    )
-    failed = []
-    for r in runs:
-        tags = r.data.tags
-        if r.info.run_id == current_run_id or "driver.pid" not in tags:
-            continue
-        if _alive(int(tags["driver.pid"]), tags.get("driver.started", "0")):
-            continue
-        client.set_tag(
-            r.info.run_id, "failed_reason", f"its driver (pid {tags['driver.pid']} on {host}) ended without closing it"
-        )
-        client.set_terminated(r.info.run_id, "FAILED")
-        failed.append(r.info.run_id)
-    if failed:
-        print(
-            f"marked {len(failed)} run(s) FAILED whose training driver died without closing them: {', '.join(failed)}"
-        )
-    return failed
 
 
 def run_training(
@@ -319,8 +265,9 @@ def run_training(
         fail_at_epoch=t.fail_at_epoch,
         fault_marker=os.path.join(storage, name, ".fault-injected") if "://" not in storage else None,
     )
-    if job.fault_marker:
-        os.makedirs(os.path.dirname(job.fault_marker), exist_ok=True)
+    if run_name is None:  # a stage's training (a Tune trial's folder is Tune's: it resumes from it)
+        claim_run_folder(storage, name)  # ours: a later training removes it once this driver has ended
+        remove_ended_run_folders(storage, f"{dataset}-{bits}b-{recipe.entry}-s{seed}-", keep=name)
 
     validating = validate and manifest.splits.get("validation") is not None and manifest.split("validation").count > 0
     if validate and not validating:
@@ -348,7 +295,7 @@ def run_training(
                 _log_params(job, params, dataset, manifest, name, recipe)
                 log_dataset(mlflow.tracking.MlflowClient(uri), run_id, dataset, manifest, shards)
                 if parent_run_id is None:
-                    _fail_abandoned_runs(run.info.experiment_id, run_id, uri)
+                    fail_abandoned_runs(run.info.experiment_id, run_id, uri)
             with span("ray train: build the trainer"):
                 # MLflow first: a Tune scheduler may stop the trial as soon as it sees the report
                 from .train_callbacks import EpochMetricsToMlflow  # imports Ray Train: only when training

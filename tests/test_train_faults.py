@@ -169,7 +169,7 @@ def test_runs_left_running_by_a_dead_driver_are_marked_failed(tmp_path):
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    from pipeline.train_driver import _driver_tags, _fail_abandoned_runs
+    from pipeline.leftovers import driver_tags, fail_abandoned_runs
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(uri)
@@ -177,7 +177,7 @@ def test_runs_left_running_by_a_dead_driver_are_marked_failed(tmp_path):
     dead = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     dead.send_signal(signal.SIGKILL)
     dead.wait()
-    tags = _driver_tags()
+    tags = driver_tags()
     abandoned = client.create_run(
         experiment, tags={**tags, "driver.pid": str(dead.pid)}, run_name="abandoned"
     ).info.run_id
@@ -186,11 +186,47 @@ def test_runs_left_running_by_a_dead_driver_are_marked_failed(tmp_path):
         experiment, tags={**tags, "driver.pid": str(dead.pid), "driver.host": "elsewhere"}
     ).info.run_id
     current = client.create_run(experiment, tags=tags).info.run_id
-    assert _fail_abandoned_runs(experiment, current, uri) == [abandoned]
+    assert fail_abandoned_runs(experiment, current, uri) == [abandoned]
     assert client.get_run(abandoned).info.status == "FAILED"
     assert "ended without closing it" in client.get_run(abandoned).data.tags["failed_reason"]
     assert {client.get_run(r).info.status for r in (live, other_host, current)} == {"RUNNING"}
     del mlflow
+
+
+def test_a_killed_trainings_folder_is_removed_by_the_next_training_of_its_entry(tmp_path, capsys):
+    """Issue 28, case 8: a training killed with SIGKILL leaves its Ray Train folder (its
+    checkpoints) under train.storage_path for good. The next training of the same entry
+    (dataset, bits, method, seed) removes the folders its earlier drivers on this host left
+    once those drivers have ended; nothing that is not ours, nor a live driver's, nor another
+    entry's."""
+    from pipeline.leftovers import OWNER_FILE, claim_run_folder, driver_tags, remove_ended_run_folders
+
+    dead = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    dead.send_signal(signal.SIGKILL)
+    dead.wait()
+    storage = tmp_path / "ray_results"
+    owners = {
+        "toy-8b-dpfah-s0-20261207-000000-aaaaaa": {**driver_tags(), "driver.pid": str(dead.pid)},  # killed
+        "toy-8b-dpfah-s0-20261207-000001-bbbbbb": driver_tags(),  # this process: still running
+        "toy-8b-dpfah-s0-20261207-000002-cccccc": {**driver_tags(), "driver.pid": str(dead.pid), "driver.host": "h2"},
+        "toy-8b-dpfah-s1-20261207-000003-dddddd": {**driver_tags(), "driver.pid": str(dead.pid)},  # another seed
+        "toy-8b-dpfah-s0-user-notes": None,  # not ours: no owner file
+    }
+    for name, owner in owners.items():
+        (storage / name / "checkpoint_000001").mkdir(parents=True)
+        (storage / name / "checkpoint_000001" / "state.pt").write_bytes(b"x" * 100)
+        if owner is not None:
+            (storage / name / OWNER_FILE).write_text(json.dumps(owner))
+    new = "toy-8b-dpfah-s0-20261207-000009-eeeeee"
+    claim_run_folder(str(storage), new)
+    assert json.loads((storage / new / OWNER_FILE).read_text())["driver.pid"] == str(os.getpid())
+    removed = remove_ended_run_folders(str(storage), "toy-8b-dpfah-s0-", keep=new)
+    assert removed == [str(storage / "toy-8b-dpfah-s0-20261207-000000-aaaaaa")]
+    assert sorted(p.name for p in storage.iterdir()) == sorted(
+        {*owners, new} - {"toy-8b-dpfah-s0-20261207-000000-aaaaaa"}
+    )
+    assert capsys.readouterr().out.startswith("removed 1 Ray Train folder(s) of earlier trainings of toy-8b-dpfah-s0: ")
+    assert remove_ended_run_folders("s3://bucket/ray", "toy-8b-dpfah-s0-", keep=new) == []  # remote: not ours to list
 
 
 def test_checkpoints_the_controller_never_registered_are_deleted(tmp_path):
