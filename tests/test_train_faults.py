@@ -162,6 +162,15 @@ def test_sigterm_ends_the_run_killed_and_leaves_no_ray_processes(toy_dataset, tm
     (run,) = client.search_runs([client.get_experiment_by_name("dpfah-toy").experiment_id])
     assert run.info.status == "KILLED"
 
+    # Its Ray Train folder (checkpoints) stays until the next training of the same entry.
+    (killed,) = [p for p in storage.iterdir() if p.is_dir()]
+    assert list(killed.glob("checkpoint_*"))
+    again = _train_cmd(work, images, "train.epochs=1", f"train.storage_path={storage}", f"mlflow.tracking_uri={uri}")
+    done = subprocess.run(again, cwd=tmp_path, env=_stage_env(work), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"removed 1 Ray Train folder(s) of earlier trainings of toy-8b-dpfah-s0: {killed}" in done.stdout
+    assert not killed.exists() and len([p for p in storage.iterdir() if p.is_dir()]) == 1
+
 
 def test_runs_left_running_by_a_dead_driver_are_marked_failed(tmp_path):
     """A run whose driver died (SIGKILL) stays RUNNING; the next training on the host finds
