@@ -6,13 +6,19 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
+import logging
 import os
 import shutil
 import tempfile
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
+from .errors import PipelineError
+
 __all__ = [
+    "StoreFull",
     "EXAMPLE_SIZE",
     "MODEL_PACKAGES",
     "log_model_artifact",
@@ -72,19 +78,96 @@ def log_model_artifact(net, image_size: int, name: str, *, step: int = 0, **limi
             os.path.join(tmp, "dpfah"),
             ignore=shutil.ignore_patterns("__pycache__", "*.c", "*.h", "*.so"),
         )
-        with requirements_known():
-            info = mlflow.pyfunc.log_model(
-                name=name,
-                python_model=served_model.__file__,
-                artifacts={WEIGHTS_FILE: weights, SETTINGS_FILE: settings},
-                pip_requirements=model_requirements(),
-                code_paths=[package],
-                signature=signature,
-                input_example=example,
-                step=step,
-                tags=tags,
-            )
+        needed = sum(f.stat().st_size for f in Path(tmp).rglob("*") if f.is_file())
+        try:
+            with requirements_known(), _store_errors_unlogged():
+                info = mlflow.pyfunc.log_model(
+                    name=name,
+                    python_model=served_model.__file__,
+                    artifacts={WEIGHTS_FILE: weights, SETTINGS_FILE: settings},
+                    pip_requirements=model_requirements(),
+                    code_paths=[package],
+                    signature=signature,
+                    input_example=example,
+                    step=step,
+                    tags=tags,
+                )
+        except Exception as e:
+            full = _no_space(e)
+            where = _discard_partial_model(name)
+            if full is None:
+                raise
+            while full.startswith("/") and not os.path.exists(full):  # the partial model's files are gone
+                full = os.path.dirname(full)
+            raise StoreFull(
+                f"{full}: no space left on device while logging the model {name} to MLflow (it needs about "
+                f"{needed / 1e6:.1f} MB{' at ' + where if where and where not in full else ''}); the partial model "
+                "was removed; free space there and train again"
+            ) from None
     return info.model_uri
+
+
+@contextlib.contextmanager
+def _store_errors_unlogged() -> Iterator[None]:
+    """MLflow's SQL store logs every database error with its traceback (ERROR) before it
+    raises it; a failed log_model is reported here in one line instead (unless --verbose)."""
+    from .console import verbose
+
+    logger = logging.getLogger("mlflow.store.db.utils")
+    before = logger.level
+    if not verbose():
+        logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(before)
+
+
+class StoreFull(PipelineError):
+    """The MLflow store (its artifacts or its database) ran out of space while logging."""
+
+
+def _no_space(error: BaseException) -> str | None:
+    """The path a disk-full error in ``error``'s chain names (the file MLflow was writing),
+    "the MLflow database" when only the database says it is full; else None."""
+    chain, seen = [], set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        chain.append(error)
+        error = error.__cause__ or error.__context__
+    for e in chain:
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+            return str(getattr(e, "filename2", None) or e.filename or "the MLflow store")
+    return "the MLflow database" if any("database or disk is full" in str(e) for e in chain) else None
+
+
+def _discard_partial_model(name: str) -> str | None:
+    """After a failed log_model: delete the files of the active run's logged model ``name``
+    that MLflow left PENDING, then the logged model itself, so that no partial model stays
+    listed (deleting the files first frees the space the store needs to record it). Returns
+    where its files were; best effort, one store call each."""
+    import mlflow
+    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+    run = mlflow.active_run()
+    if run is None:
+        return None
+    client = mlflow.tracking.MlflowClient()
+    location = None
+    with contextlib.suppress(Exception):
+        models = client.search_logged_models(
+            [run.info.experiment_id], filter_string=f"source_run_id = '{run.info.run_id}' AND name = '{name}'"
+        )
+        for model in models:
+            location = model.artifact_location
+            if location.startswith("file://"):  # .../models/<model_id>/artifacts: the model's own folder
+                folder = Path(location.removeprefix("file://"))
+                shutil.rmtree(folder.parent if folder.parent.name == model.model_id else folder, ignore_errors=True)
+            else:
+                with contextlib.suppress(Exception):
+                    get_artifact_repository(location).delete_artifacts()
+            client.delete_logged_model(model.model_id)
+    return location.removeprefix("file://") if location else None
 
 
 def model_requirements() -> list[str]:

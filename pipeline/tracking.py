@@ -315,7 +315,12 @@ def tracked_run(
             yield run
         except BaseException:
             interrupted = isinstance(sys.exc_info()[1], KeyboardInterrupt)
-            mlflow.end_run(_failed_status(run.info.run_id, "KILLED" if interrupted else "FAILED"))
+            status = _failed_status(run.info.run_id, "KILLED" if interrupted else "FAILED")
+            try:
+                mlflow.end_run(status)
+            except Exception as e:  # the store itself failed (full, gone): say so, keep the first error
+                cause = (str(e).strip().splitlines() or [type(e).__name__])[0]
+                print(f"warning: MLflow run {run.info.run_id} could not be marked {status}: {cause}", file=sys.stderr)
             raise
         mlflow.end_run("FINISHED")
 

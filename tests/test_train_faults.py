@@ -278,7 +278,8 @@ def test_a_variant_whose_network_cannot_take_the_image_size_is_refused_before_ra
     params = toy_params(work, images, f"mlflow.tracking_uri=sqlite:///{tmp_path / 'm.db'}")
     with pytest.raises(
         ConfigError,
-        match=r"^train.image_size: 32 px is too small for dbdh-alexnet's AlexNet backbone \(it needs >= 63\); e.g. --set train.image_size=64$",
+        match=r"^train.image_size: 32 px is too small for dbdh-alexnet's AlexNet backbone \(it needs >= 63\); "
+        r"e.g. --set train.image_size=64$",
     ):
         run_training(params, "toy", 8, method="dbdh-alexnet", write_run_file=False)
     recipe = resolve(params, "toy", 8, "dbdh-alexnet", root=tmp_path)
@@ -287,3 +288,51 @@ def test_a_variant_whose_network_cannot_take_the_image_size_is_refused_before_ra
         "backbone": "alexnet",
         "pfa": False,
     }
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 6 MB tmpfs (root only): room for a fresh MLflow database and a training's metrics,
+    not for a model's 45 MB of weights."""
+    folder = tmp_path / "small"
+    folder.mkdir()
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=6m", "tmpfs", str(folder)], capture_output=True, text=True
+    )
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
+def test_a_full_mlflow_store_fails_the_run_in_one_line_and_keeps_no_partial_model(toy_dataset, tmp_path, small_disk):
+    """Issue 28, case 5: the store's disk fills while the model is logged. Was: 646 lines of
+    tracebacks, the run left RUNNING, a PENDING logged model with its partial files kept.
+    Now: one line naming the path and the space needed (exit 2), the partial files and the
+    logged model removed, the run FAILED, no run record."""
+    from mlflow.tracking import MlflowClient
+
+    work, images = toy_dataset
+    uri = f"sqlite:///{small_disk / 'mlflow.db'}"
+    cmd = _train_cmd(
+        work, images, "train.epochs=1", f"train.storage_path={tmp_path / 'ray'}", f"mlflow.tracking_uri={uri}"
+    )
+    done = subprocess.run(cmd, cwd=tmp_path, env=_stage_env(work), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 2, done.stderr[-3000:]
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert (
+        errors[0].startswith(f"error: {small_disk}/mlruns/")
+        and "no space left on device while logging the model" in errors[0]
+    )
+    assert "(it needs about 45." in errors[0] and "the partial model was removed" in errors[0], errors[0]
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("dpfah-toy").experiment_id
+    assert [r.info.status for r in client.search_runs([experiment])] == ["FAILED"]
+    assert client.search_logged_models([experiment]) == []
+    assert not [p for p in (small_disk / "mlruns").rglob("*") if p.is_file()]
+    assert not (tmp_path / "runs").exists()
