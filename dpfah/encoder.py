@@ -14,6 +14,8 @@ import functools
 import json
 import math
 import os
+import re
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -199,13 +201,16 @@ class ImageEncoder(nn.Module):
             raise ModelFileError(f"{os.fspath(settings)}: {e}") from None
         path = os.fspath(weights)
         try:
-            state = torch.load(path, map_location=map_location, weights_only=True)
+            with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": the refusal says enough
+                warnings.simplefilter("ignore")
+                state = torch.load(path, map_location=map_location, weights_only=True)
         except FileNotFoundError:
             raise ModelFileError(f"{path}: no such file (the model's weights)") from None
-        except Exception as e:  # noqa: BLE001 - a pickle of code ends here, refused unread
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        except Exception as e:  # a pickle of code ends here, refused unread
+            found = re.search(r"Unsupported (global: GLOBAL \S+|operand \d+)", str(e))
+            detail = found.group(0) if found else type(e).__name__
             raise ModelFileError(
-                f"{path}: not a file of plain tensors; refused without running it ({type(e).__name__}: {first})"
+                f"{path}: not a file of plain tensors; refused without running it (torch.load weights_only: {detail})"
             ) from None
         if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
             raise ModelFileError(f"{path}: expected a dict of tensors (a state dict), got {type(state).__name__}")

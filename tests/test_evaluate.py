@@ -369,9 +369,7 @@ def test_shards_the_model_was_not_trained_on(trained, tmp_path, monkeypatch, cap
 def test_unfinished_run_and_unprepared_shards(trained, tmp_path, monkeypatch, capsys):
     from pipeline import evaluate
 
-    failed = fake_training_run(
-        trained["uri"], trained["record"]["manifest_sha256"], status="FAILED", model=torch.nn.Linear(2, 2)
-    )
+    failed = fake_training_run(trained["uri"], trained["record"]["manifest_sha256"], status="FAILED")
     monkeypatch.chdir(tmp_path)
     args = ["--dataset", "toy", "--bits", "8", "--params", str(_params_file()), *_sets(trained)]
     code, text = cli(evaluate, [*args, "--run-id", failed["run_id"]], capsys)
