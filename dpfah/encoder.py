@@ -1,60 +1,21 @@
-"""A trained network as one callable: images in, binary codes out.
+"""A trained network as one callable: images in, binary codes out, and its files.
 
-:class:`ImageEncoder` is what the pipeline logs to MLflow as the model (``pipeline.train``):
-it holds the trained :class:`dpfah.model.DPFAH` network (``.net``) and the input side that
-evaluation uses, so that whoever loads the model (``mlflow.pyfunc.load_model``, a REST
-request to ``mlflow models serve``, an index build) gets exactly the codes the pipeline
-evaluated, without the pipeline.
-
-Input: RGB images, channels last, ``(N, H, W, 3)`` (what ``numpy.asarray`` of a PIL image
-gives, stacked), as ``uint8`` or any integer type holding values 0..255; they are resized
-(bilinear, antialiased) to the network's ``image_size`` and normalised with the ImageNet
-statistics, as evaluation does (the codes are bit for bit those of evaluation's resize).
-Output: ``int8`` codes ``(N, bits)`` in {-1, +1} (sign of the hash layer, sign(0) = +1), one
-row per image, bit j in column j. :func:`dpfah.codes.pack_codes` packs them into
-``ceil(bits / 64)`` ``uint64`` words per image (bit j of the code in bit j % 64 of word
-j // 64, set for +1): the form the evaluation's ``codes/*.parquet`` and the Hamming search use.
-
-Refused, each with one sentence that says what was expected
-(:meth:`ImageEncoder.check_images`): no images; an array that is not ``(N, H, W, 3)``;
-floating-point values (floats in 0..1 read as 0..255 would be a black image: scale by 255
-and round first); integers outside 0..255; an image over ``max_image_pixels`` pixels or
-with a side over ``max_image_side``; a request over ``max_request_pixels`` pixels in all
-(N * H * W). The limits are attributes of the encoder (so of the logged model; train logs
-them as its tags too), checked before any pixel is converted; :data:`MAX_IMAGE_PIXELS`,
-:data:`MAX_IMAGE_SIDE` and :data:`MAX_REQUEST_PIXELS` are the defaults, and what an encoder
-pickled before the limits existed gets. The resize holds one image at a time and, on the
-CPU, a float copy of at most ``_STRIP_VALUES`` values of it (a strip of rows), never a float
-copy of the whole image or request.
-
-Serving (``mlflow models serve``, MLflow 3.17): ``POST /invocations`` with
-``{"inputs": [image, ...]}``, each image a list of H rows of W ``[r, g, b]`` integers. The
-logged signature has outputs only, on purpose: with an input schema MLflow casts the JSON
-numbers to its dtype before the model sees them (floats in 0..1 became 0, a black image,
-answered 200) and answers an empty list or a 2-D array with its own message, which echoes
-the input. A refusal here is a 400 ``INVALID_PARAMETER_VALUE`` whose ``message`` is the one
-sentence (MLflow's server would otherwise prefix "Failed to predict data '<the input>'").
-What stays MLflow's: an empty list and images of different sizes never reach the model.
-``{"inputs": []}`` is a 400 "Encountered an unexpected error while evaluating the model"
-with a stack trace (its PyTorch wrapper refuses the list MLflow makes of it); images of
-different sizes fail in its JSON parse, a 400 in numpy's words ("inhomogeneous shape"):
-send them one per request, or resized to one size. Its server has no 413 and no limit on
-the body size, and parses the whole body (reported: 2.7 s for one 1024 x 1024 image, 7.3 GB
-of server memory for a 4000 x 4000 one, about 0.45 GB a megapixel) before the model checks
-the limits: bound the body in a proxy in front (JSON takes about 16 bytes a pixel, so
-``client_max_body_size 80m`` in nginx for the default request limit) and the time with
-``mlflow models serve -t`` (``MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT``, 60 s by default: it
-answers 504 but the request's thread runs on).
-
-A refusal is a ``ValueError``, and also an instance of ``refusal_base`` when the encoder has
-one: ``pipeline.train`` logs it with MLflow's ``MlflowException`` and INVALID_PARAMETER_VALUE
-(a 400 in the scoring server), pickled by reference, so that this module imports nothing of
-MLflow (torch and torchvision only, like the rest of ``dpfah``).
+:class:`ImageEncoder` holds the trained :class:`dpfah.model.DPFAH` network (``.net``) and
+evaluation's input side: ``(N, H, W, 3)`` integers 0..255 in (resized to ``image_size``,
+normalised), ``int8`` codes ``(N, bits)`` in {-1, +1} out; bad input is refused with one
+sentence (:meth:`ImageEncoder.check_images`). :meth:`ImageEncoder.save` writes it as two
+files, the weights as plain tensors and the settings the network is rebuilt from, and
+:meth:`ImageEncoder.load` reads them back without unpickling code. See docs/serving.md.
 """
 
 from __future__ import annotations
 
 import functools
+import json
+import math
+import os
+import re
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -64,7 +25,40 @@ from .augment import DeviceAugment, resize_uint8
 from .codes import binarize
 from .model import DPFAH
 
-__all__ = ["ImageEncoder", "MAX_IMAGE_PIXELS", "MAX_IMAGE_SIDE", "MAX_REQUEST_PIXELS"]
+__all__ = [
+    "ImageEncoder",
+    "ModelFileError",
+    "FORMAT",
+    "WEIGHTS_FILE",
+    "SETTINGS_FILE",
+    "MAX_IMAGE_PIXELS",
+    "MAX_IMAGE_SIDE",
+    "MAX_REQUEST_PIXELS",
+]
+
+#: The files of a saved encoder (:meth:`ImageEncoder.save`) and the format they record.
+WEIGHTS_FILE = "weights.pt"
+SETTINGS_FILE = "settings.json"
+FORMAT = "dpfah-image-encoder/1"
+#: The settings file's keys and their types: what the network is rebuilt from.
+_SETTINGS = {
+    "format": str,
+    "bits": int,
+    "num_classes": int,
+    "image_size": int,
+    "backbone": str,
+    "pfa": bool,
+    "lam": float,
+    "max_image_pixels": int,
+    "max_image_side": int,
+    "max_request_pixels": int,
+}
+
+
+class ModelFileError(ValueError):
+    """A saved encoder's file is missing, unreadable or not what :meth:`ImageEncoder.save`
+    writes (a pickle of code, another network): refused, never unpickled."""
+
 
 #: Pixels (H * W) one image may have: a 2048 x 2048 image, 4.2 MP. The network sees
 #: ``image_size`` pixels a side (224 in the paper's profile), so larger images only cost the
@@ -160,6 +154,76 @@ class ImageEncoder(nn.Module):
             "max_request_pixels": self.max_request_pixels,
         }
 
+    def settings(self) -> dict:
+        """What :meth:`load` rebuilds this encoder from (JSON: numbers, strings, booleans)."""
+        pfa = self.net.attention
+        return {
+            "format": FORMAT,
+            "bits": self.bits,
+            "num_classes": self.num_classes,
+            "image_size": self.image_size,
+            "backbone": self.net.backbone,
+            "pfa": pfa is not None,
+            "lam": pfa.lam if pfa is not None else 1e-4,
+            **self.limits,
+        }
+
+    def save(self, folder: str | os.PathLike) -> tuple[str, str]:
+        """Write ``folder/weights.pt`` (the network's state dict: tensors only) and
+        ``folder/settings.json``; returns their paths."""
+        os.makedirs(folder, exist_ok=True)
+        weights, settings = os.path.join(folder, WEIGHTS_FILE), os.path.join(folder, SETTINGS_FILE)
+        state = {key: value.detach().cpu().contiguous() for key, value in self.net.state_dict().items()}
+        torch.save(state, weights)
+        with open(settings, "w") as f:
+            json.dump(self.settings(), f, indent=1, sort_keys=True)
+        return weights, settings
+
+    @classmethod
+    def load(
+        cls,
+        weights: str | os.PathLike,
+        settings: str | os.PathLike,
+        *,
+        map_location="cpu",
+        refusal_base: type[Exception] | None = None,
+        refusal_kwargs: dict | None = None,
+    ) -> ImageEncoder:
+        """The encoder :meth:`save` wrote: the network built by this code from the settings
+        file, its weights read with ``torch.load(weights_only=True)`` (tensors, no code).
+        Anything else is a :class:`ModelFileError` in one line naming the file."""
+        config = _read_settings(os.fspath(settings))
+        try:
+            net = DPFAH(
+                config["bits"], config["num_classes"], pfa=config["pfa"], lam=config["lam"], backbone=config["backbone"]
+            )
+        except ValueError as e:
+            raise ModelFileError(f"{os.fspath(settings)}: {e}") from None
+        path = os.fspath(weights)
+        try:
+            with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": the refusal says enough
+                warnings.simplefilter("ignore")
+                state = torch.load(path, map_location=map_location, weights_only=True)
+        except FileNotFoundError:
+            raise ModelFileError(f"{path}: no such file (the model's weights)") from None
+        except Exception as e:  # a pickle of code ends here, refused unread
+            found = re.search(r"Unsupported (global: GLOBAL \S+|operand \d+)", str(e))
+            detail = found.group(0) if found else type(e).__name__
+            raise ModelFileError(
+                f"{path}: not a file of plain tensors; refused without running it (torch.load weights_only: {detail})"
+            ) from None
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise ModelFileError(f"{path}: expected a dict of tensors (a state dict), got {type(state).__name__}")
+        try:
+            net.load_state_dict(state)
+        except RuntimeError as e:  # "Error(s) in loading state_dict ...:", then what differs
+            lines = [line.strip() for line in str(e).strip().splitlines()]
+            raise ModelFileError(
+                f"{path}: not the weights of the network {os.fspath(settings)} describes ({lines[-1][:200]})"
+            ) from None
+        limits = {key: config[key] for key in ("max_image_pixels", "max_image_side", "max_request_pixels")}
+        return cls(net, config["image_size"], **limits, refusal_base=refusal_base, refusal_kwargs=refusal_kwargs)
+
     def _refuse(self, sentence: str) -> ValueError:
         return _refusal_class(self.refusal_base)(sentence, **(self.refusal_kwargs or {}))
 
@@ -178,7 +242,8 @@ class ImageEncoder(nn.Module):
             )
         if images.is_floating_point() or images.is_complex() or images.dtype == torch.bool:
             raise self._refuse(
-                f"Got {str(images.dtype).replace('torch.', '')} values: {expected}; floats in 0..1 must be multiplied by 255 and rounded first."
+                f"Got {str(images.dtype).replace('torch.', '')} values: {expected}; "
+                "floats in 0..1 must be multiplied by 255 and rounded first."
             )
         n, h, w, _ = shape
         if h * w == 0:
@@ -239,3 +304,29 @@ class ImageEncoder(nn.Module):
         finally:
             self.net.train(was_training)
         return binarize(u.float()).to(torch.int8)
+
+
+def _read_settings(path: str) -> dict:
+    """The settings file, checked key by key (:data:`_SETTINGS`); one line naming it otherwise."""
+    try:
+        with open(path, "rb") as f:
+            config = json.loads(f.read(1 << 16))
+    except FileNotFoundError:
+        raise ModelFileError(f"{path}: no such file (the model's settings)") from None
+    except (OSError, ValueError) as e:
+        raise ModelFileError(f"{path}: unreadable model settings ({type(e).__name__}: {e})") from None
+    if not isinstance(config, dict) or config.get("format") != FORMAT:
+        found = config.get("format") if isinstance(config, dict) else type(config).__name__
+        raise ModelFileError(f"{path}: not a {FORMAT} settings file (format {found!r})")
+    if set(config) != set(_SETTINGS):
+        raise ModelFileError(f"{path}: expected the keys {sorted(_SETTINGS)}, got {sorted(config)}")
+    for key, kind in _SETTINGS.items():
+        value = config[key]
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            value = config[key] = float(value)
+        wrong = not isinstance(value, kind) or (kind is int and isinstance(value, bool))
+        if wrong or (kind is float and not math.isfinite(value)) or (kind is int and value < 1):
+            raise ModelFileError(
+                f"{path}: {key} must be a {'positive ' if kind is int else ''}{kind.__name__}, got {value!r}"
+            )
+    return config

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -87,7 +86,8 @@ def read_run_record(
         record = json.loads(path.read_text())
     except FileNotFoundError:
         raise RunRecordError(
-            f"{path}: no run record (train first: python -m pipeline.train --dataset {dataset} --bits {bits} --method {method} --seed {seed}; or give --run-id)"
+            f"{path}: no run record (train first: python -m pipeline.train --dataset {dataset} --bits {bits} --method "
+            f"{method} --seed {seed}; or give --run-id)"
         ) from None
     except (OSError, json.JSONDecodeError) as e:
         raise RunRecordError(f"{path}: unreadable run record ({type(e).__name__}: {e})") from None
@@ -98,7 +98,8 @@ def read_run_record(
         raise RunRecordError(f"{path}: no run_id")
     if record.get("dataset") != dataset or record.get("bits") != bits:
         raise RunRecordError(
-            f"{path}: records dataset {record.get('dataset')!r} at {record.get('bits')!r} bits, not {dataset!r} at {bits} bits"
+            f"{path}: records dataset {record.get('dataset')!r} at {record.get('bits')!r} bits, not {dataset!r} at "
+            f"{bits} bits"
         )
     return record, path
 
@@ -129,7 +130,8 @@ def check_training_run(run, dataset: str, bits: int, source: str) -> None:
         raise MismatchError(f"MLflow run {run_id} (from {source}) has no dataset/bits params: not a pipeline.train run")
     if trained != (dataset, str(bits)):
         raise MismatchError(
-            f"MLflow run {run_id} (from {source}) trained {trained[0]!r} at {trained[1]} bits, not {dataset!r} at {bits} bits"
+            f"MLflow run {run_id} (from {source}) trained {trained[0]!r} at {trained[1]} bits, not {dataset!r} at "
+            f"{bits} bits"
         )
 
 
@@ -182,26 +184,17 @@ def check_finite_weights(model, run_id: str, model_uri: str) -> None:
 
 
 def load_checked_model(model_uri: str, run_id: str, uri: str, map_location="cpu"):
-    """The network of the logged model at ``model_uri`` (``mlflow.pytorch``; the DPFAH
-    network inside the :class:`dpfah.encoder.ImageEncoder` that train logs), checked to
-    have finite weights."""
-    import mlflow.pytorch
+    """The DPFAH network of the logged model at ``model_uri``, loaded by the one loader
+    (:func:`pipeline.model_files.load_encoder`: nothing unpickled), checked to have finite
+    weights."""
+    from .model_files import load_encoder
 
-    from dpfah.encoder import ImageEncoder
-
-    from .tracking import using_tracking_uri
-
-    path = list(sys.path)
-    with mlflow_errors(f"loading model {model_uri}", uri), using_tracking_uri(uri):
-        try:
-            model = mlflow.pytorch.load_model(model_uri, map_location=map_location)
-        finally:
-            sys.path[:] = path  # MLflow prepends the model's packaged code (code/dpfah): ours stays first
-    check_finite_weights(model, run_id, model_uri)
-    return model.net if isinstance(model, ImageEncoder) else model
+    net = load_encoder(model_uri, uri, map_location=map_location).net
+    check_finite_weights(net, run_id, model_uri)
+    return net
 
 
-# ----------------------------------------------------------------------------- a run with its model, for evaluate and the report
+# ---------------------------------------------- a run with its model, for evaluate and the report
 
 
 def _read_manifest(shards: str):
@@ -252,19 +245,23 @@ def load_subject(
     trained_on = run.data.tags.get("manifest_sha256")
     if trained_on != sha:
         raise MismatchError(
-            f"the shards at {shards} (manifest sha256 {sha[:12]}, {manifest.dataset}/{manifest.protocol}) are not the ones "
-            f"MLflow run {run_id} was trained on (sha256 {str(trained_on)[:12]}): re-run train, or point data.root at its data"
+            f"the shards at {shards} (manifest sha256 {sha[:12]}, {manifest.dataset}/{manifest.protocol}) are not the "
+            "ones "
+            f"MLflow run {run_id} was trained on (sha256 {str(trained_on)[:12]}): re-run train, or point data.root at "
+            "its data"
         )
     if record is not None and record.get("manifest_sha256") not in (None, sha):
         raise MismatchError(
-            f"{source}: manifest_sha256 {str(record['manifest_sha256'])[:12]} does not match the shards at {shards} ({sha[:12]})"
+            f"{source}: manifest_sha256 {str(record['manifest_sha256'])[:12]} does not match the shards at {shards} "
+            f"({sha[:12]})"
         )
 
     model_uri = run_model_uri(client, run, uri, record.get("model_uri") if record else None)
     model = load_checked_model(model_uri, run_id, uri, map_location=device)  # finite weights, or a refusal
     if getattr(model, "bits", None) != bits or getattr(model, "num_classes", None) != manifest.num_classes:
         raise MismatchError(
-            f"model {model_uri} has {getattr(model, 'bits', '?')} bits and {getattr(model, 'num_classes', '?')} classes; "
+            f"model {model_uri} has {getattr(model, 'bits', '?')} bits and {getattr(model, 'num_classes', '?')} "
+            "classes; "
             f"the {dataset} shards need {bits} bits and {manifest.num_classes} classes"
         )
     model.to(device)
@@ -272,7 +269,7 @@ def load_subject(
     return Subject(run_id, record, uri, client, manifest, shards, model_uri, model, image_size, device)
 
 
-# ----------------------------------------------------------------------------- a models:/ URI resolved to its version, for index and search
+# ---------------------------------------------- a models:/ URI resolved to its version, for index and search
 
 
 class ModelNotFound(PipelineError):

@@ -32,8 +32,6 @@ __all__ = [
     "tracked_run",
     "get_run",
     "git_commit",
-    "model_requirements",
-    "requirements_known",
     "dataset_name",
     "training_metric",
     "dataset_digest",
@@ -103,7 +101,8 @@ def _check_sqlite(uri: str, create: bool) -> None:
     if not os.path.exists(path):
         if not create:
             raise RegistryUnreachable(
-                f"MLflow store {uri}: no such file (train first, or point mlflow.tracking_uri / MLFLOW_TRACKING_URI at the store that holds the runs)"
+                f"MLflow store {uri}: no such file (train first, or point mlflow.tracking_uri / MLFLOW_TRACKING_URI "
+                "at the store that holds the runs)"
             )
         # MLflow creates the missing directories and the file: the deepest existing ancestor
         # must be a directory we can create files in (probed with a file, not os.access:
@@ -316,7 +315,12 @@ def tracked_run(
             yield run
         except BaseException:
             interrupted = isinstance(sys.exc_info()[1], KeyboardInterrupt)
-            mlflow.end_run(_failed_status(run.info.run_id, "KILLED" if interrupted else "FAILED"))
+            status = _failed_status(run.info.run_id, "KILLED" if interrupted else "FAILED")
+            try:
+                mlflow.end_run(status)
+            except Exception as e:  # the store itself failed (full, gone): say so, keep the first error
+                cause = (str(e).strip().splitlines() or [type(e).__name__])[0]
+                print(f"warning: MLflow run {run.info.run_id} could not be marked {status}: {cause}", file=sys.stderr)
             raise
         mlflow.end_run("FINISHED")
 
@@ -375,49 +379,6 @@ def git_commit() -> str:
         return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
     except (OSError, subprocess.SubprocessError):
         return "unknown"
-
-
-def model_requirements() -> list[str]:
-    """What loading a logged model needs, pinned to what trained it.
-
-    Given explicitly: MLflow's inference loads the model in a subprocess, 9-12 s a training.
-    The pickle also needs ``dpfah`` itself importable (this repository, or the cluster image).
-    """
-    from importlib.metadata import version
-
-    return [f"{name}=={version(name)}" for name in MODEL_PACKAGES]
-
-
-#: The packages a logged model needs besides ``dpfah`` (each imports under its own name).
-MODEL_PACKAGES = ("torch", "torchvision", "numpy")
-
-
-@contextlib.contextmanager
-def requirements_known() -> Iterator[None]:
-    """Inside the block, MLflow checks a model's pip requirements against what is installed
-    without first mapping every module of every installed distribution to its package
-    (``importlib.metadata.packages_distributions()``: reading the file lists of all ~200
-    distributions, 3 s of ``log_model`` on 2 cores). That map only serves to find the module
-    of a package whose metadata is missing; our requirements are :data:`MODEL_PACKAGES`,
-    whose modules have their names, so MLflow gets exactly that much of it; its check of the
-    versions (``importlib.metadata.version``) is unchanged. MLflow's map is private: where it
-    is already built, or no longer there, nothing is changed. Put back as it was after."""
-    try:
-        from mlflow.utils import requirements_utils as reqs
-    except ImportError:
-        yield
-        return
-    if getattr(reqs, "_MODULES_TO_PACKAGES", False) is not None:
-        yield
-        return
-    seeded = {name: [name] for name in MODEL_PACKAGES}
-    reqs._MODULES_TO_PACKAGES = seeded
-    try:
-        yield
-    finally:
-        if reqs._MODULES_TO_PACKAGES is seeded:
-            reqs._MODULES_TO_PACKAGES = None
-            reqs._PACKAGES_TO_MODULES = None
 
 
 #: The names of the training's metrics in MLflow, grouped by prefix (the runs table and the

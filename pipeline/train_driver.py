@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import shutil
-import tempfile
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -22,30 +20,22 @@ from .artifacts import run_file, write_json_atomic
 from .cluster import check_request, ensure_ray, shutdown_if_started, started_here, train_run_defaults
 from .config import Params
 from .errors import ConfigError, PipelineError
+from .leftovers import claim_run_folder, driver_tags, fail_abandoned_runs, remove_ended_run_folders
+from .model_logging import log_trained_model
 from .recipes import Recipe
 from .registry import MODEL_NAME_TAG, model_name
 from .timing import record, span
 from .tracking import (
     git_commit,
     log_dataset,
-    model_requirements,
-    requirements_known,
     resolve_uri,
     tracked_run,
     tracking_uri,
     training_metric,
 )
-from .train_worker import DIVERGED, STATE_FILE, Job, load_state, process_start_time, worker_loop
+from .train_worker import DIVERGED, STATE_FILE, Job, load_state, worker_loop
 
-__all__ = [
-    "FAIL_AT_EPOCH_ENV",
-    "TrainOutcome",
-    "TrainingFailed",
-    "absolute",
-    "fail_at_epoch",
-    "log_model_artifact",
-    "run_training",
-]
+__all__ = ["FAIL_AT_EPOCH_ENV", "TrainOutcome", "TrainingFailed", "absolute", "fail_at_epoch", "run_training"]
 
 
 #: AlexNet's stem and pools leave nothing of an image smaller than this (dpfah.model).
@@ -160,7 +150,7 @@ def _log_params(job: Job, params: Params, dataset: str, manifest, name: str, rec
             "manifest_sha256": manifest.sha256,
             "split_seed": str(manifest.seed),
             "ray_run_name": name,
-            **_driver_tags(),
+            **driver_tags(),
             **{f"kernel.{k}": v for k, v in kernels.status().items()},
             "method": recipe.entry,  # what train.methods lists: a method or a variant
             "method.base": recipe.method,  # the dpfah.methods objective it runs
@@ -196,61 +186,6 @@ def _epoch_printer(uri: str, run_id: str, epochs: int, *, enabled: bool):
         return {step: values for step, values in seen.items() if "loss" in values}
 
     return EpochPrinter(fetch, epochs)
-
-
-def _driver_tags() -> dict[str, str]:
-    """Which process owns the run: a later training on the same host can tell a run whose
-    driver died (SIGKILL, a lost machine) from one still going."""
-    import socket
-
-    return {
-        "driver.host": socket.gethostname(),
-        "driver.pid": str(os.getpid()),
-        "driver.started": f"{process_start_time() or 0:.0f}",
-    }
-
-
-def _alive(pid: int, started: str) -> bool:
-    """Whether process ``pid`` runs and is the one that started at ``started`` (pids recycle)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # someone else's process: not ours to judge
-    began = process_start_time(str(pid))
-    return began is None or not float(started) or abs(began - float(started)) < 2
-
-
-def _fail_abandoned_runs(experiment_id: str, current_run_id: str, uri: str) -> list[str]:
-    """Mark FAILED the runs of this experiment that a training driver on this host left
-    RUNNING when it died without closing them (killed with SIGKILL, out of memory); says so."""
-    from mlflow.tracking import MlflowClient
-
-    host = _driver_tags()["driver.host"]
-    client = MlflowClient(uri)
-    runs = client.search_runs(
-        [experiment_id],
-        filter_string=f"attributes.status = 'RUNNING' and tags.`driver.host` = '{host}'",
-        max_results=200,
-    )
-    failed = []
-    for r in runs:
-        tags = r.data.tags
-        if r.info.run_id == current_run_id or "driver.pid" not in tags:
-            continue
-        if _alive(int(tags["driver.pid"]), tags.get("driver.started", "0")):
-            continue
-        client.set_tag(
-            r.info.run_id, "failed_reason", f"its driver (pid {tags['driver.pid']} on {host}) ended without closing it"
-        )
-        client.set_terminated(r.info.run_id, "FAILED")
-        failed.append(r.info.run_id)
-    if failed:
-        print(
-            f"marked {len(failed)} run(s) FAILED whose training driver died without closing them: {', '.join(failed)}"
-        )
-    return failed
 
 
 def run_training(
@@ -336,8 +271,9 @@ def run_training(
         fail_at_epoch=fail_at_epoch(t.epochs),
         fault_marker=os.path.join(storage, name, ".fault-injected") if "://" not in storage else None,
     )
-    if job.fault_marker:
-        os.makedirs(os.path.dirname(job.fault_marker), exist_ok=True)
+    if run_name is None:  # a stage's training (a Tune trial's folder is Tune's: it resumes from it)
+        claim_run_folder(storage, name)  # ours: a later training removes it once this driver has ended
+        remove_ended_run_folders(storage, f"{dataset}-{bits}b-{recipe.entry}-s{seed}-", keep=name)
 
     validating = validate and manifest.splits.get("validation") is not None and manifest.split("validation").count > 0
     if validate and not validating:
@@ -365,7 +301,7 @@ def run_training(
                 _log_params(job, params, dataset, manifest, name, recipe)
                 log_dataset(mlflow.tracking.MlflowClient(uri), run_id, dataset, manifest, shards)
                 if parent_run_id is None:
-                    _fail_abandoned_runs(run.info.experiment_id, run_id, uri)
+                    fail_abandoned_runs(run.info.experiment_id, run_id, uri)
             with span("ray train: build the trainer"):
                 # MLflow first: a Tune scheduler may stop the trial as soon as it sees the report
                 from .train_callbacks import EpochMetricsToMlflow  # imports Ray Train: only when training
@@ -406,7 +342,7 @@ def run_training(
                 logged_name = model_name(params, dataset, bits, recipe.entry)
                 mlflow.set_tag(MODEL_NAME_TAG, logged_name)
                 model_uri = (
-                    _log_model(job, state, logged_name, t.image_size, last_epoch)
+                    log_trained_model(job, state, logged_name, t.image_size, last_epoch)
                     if log_model
                     else f"runs:/{run_id}/{logged_name}"
                 )
@@ -443,74 +379,6 @@ def run_training(
         path = write_json_atomic(run_file(dataset, bits, root, method=recipe.entry, seed=seed), run_record)
         outcome = dataclasses.replace(outcome, run_file=str(path))
     return outcome
-
-
-#: Side of the images in the logged model's input example (any size is accepted: the model resizes).
-EXAMPLE_SIZE = 32
-
-
-def _log_model(job: Job, state: dict[str, Any], name: str, image_size: int, step: int) -> str:
-    """The best-validation weights (the last epoch's without validation) as the run's model."""
-    from dpfah.model import DPFAH
-
-    net = DPFAH.build(job.bits, job.num_classes, dataclasses.replace(job.model, backbone_weights=None))
-    net.load_state_dict(state.get("best_model") or state["model"])
-    return log_model_artifact(net, image_size, name, step=step)
-
-
-def log_model_artifact(net, image_size: int, name: str, *, step: int = 0, **limits: int) -> str:
-    """Log the trained network ``net`` to the active MLflow run as the model ``name`` (the
-    registry name): a pickled :class:`dpfah.encoder.ImageEncoder` (RGB images (N, H, W, 3)
-    of integers 0..255 in, int8 {-1, +1} codes (N, bits) out) with an output signature and an
-    input example, the ``dpfah`` package packaged with it (``code/dpfah``: it loads where the
-    project is not installed, with only its requirements.txt). ``limits``: the encoder's
-    (``max_image_pixels``, ``max_image_side``, ``max_request_pixels``; its defaults
-    otherwise), also logged as tags. The signature has no input schema on purpose: with one,
-    MLflow's server casts the request's numbers to its dtype before the model can refuse
-    them (floats in 0..1 became a black image); see dpfah/encoder.py. Returns its URI
-    (``models:/m-...``)."""
-    import mlflow.pytorch
-    import numpy as np
-    from mlflow.exceptions import MlflowException
-    from mlflow.models import ModelSignature
-    from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
-    from mlflow.types.schema import Schema, TensorSpec
-
-    import dpfah
-    from dpfah.encoder import ImageEncoder
-
-    # refusals of bad input are MLflow's INVALID_PARAMETER_VALUE: a 400 from its scoring server
-    refusal = {"refusal_base": MlflowException, "refusal_kwargs": {"error_code": INVALID_PARAMETER_VALUE}}
-    model = ImageEncoder(net, image_size, **limits, **refusal).eval()
-    signature = ModelSignature(outputs=Schema([TensorSpec(np.dtype(np.int8), (-1, model.bits))]))
-    example = np.random.default_rng(0).integers(0, 256, (2, EXAMPLE_SIZE, EXAMPLE_SIZE, 3), dtype=np.uint8)
-    tags = {
-        "bits": str(model.bits),
-        "image_size": str(image_size),
-        "input": "RGB images (N, H, W, 3) of integers 0..255 (uint8), any H, W within the max_* limits",
-        "output": f"int8 codes (N, {model.bits}) in {{-1, +1}}",
-        **{key: str(value) for key, value in model.limits.items()},
-    }
-    with tempfile.TemporaryDirectory(prefix="dpfah-code-") as tmp:
-        # the package's Python sources only (no caches, no C sources of the optional kernels)
-        package = shutil.copytree(
-            os.path.dirname(dpfah.__file__),
-            os.path.join(tmp, "dpfah"),
-            ignore=shutil.ignore_patterns("__pycache__", "*.c", "*.h", "*.so"),
-        )
-        with requirements_known():
-            info = mlflow.pytorch.log_model(
-                model,
-                name=name,
-                serialization_format="pickle",
-                pip_requirements=model_requirements(),
-                code_paths=[package],
-                signature=signature,
-                input_example=example,
-                step=step,
-                tags=tags,
-            )
-    return info.model_uri
 
 
 def absolute(path: str | None) -> str | None:

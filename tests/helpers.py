@@ -92,12 +92,13 @@ def fake_training_run(
     status: str = "FINISHED",
     model=None,
 ) -> dict:
-    """An MLflow run shaped like pipeline.train's (params, tags, a pickled DPFAH model) without
-    Ray; writes the run record under ``root`` when given. Returns the record."""
+    """An MLflow run shaped like pipeline.train's (params, tags, its DPFAH model ``model``
+    logged as train logs it) without Ray; writes the run record under ``root`` when given.
+    Returns the record."""
     import mlflow
-    import mlflow.pytorch
 
     from dpfah.model import DPFAH
+    from pipeline.model_logging import log_model_artifact
     from pipeline.tracking import open_experiment, using_tracking_uri
 
     if model is None:
@@ -110,15 +111,13 @@ def fake_training_run(
             mlflow.set_tags(
                 {"dataset": dataset, "protocol": "custom", "manifest_sha256": manifest_sha256, "git_commit": "test"}
             )
-            info = mlflow.pytorch.log_model(
-                model, name="model", serialization_format="pickle", pip_requirements=["torch"]
-            )
+            model_uri = log_model_artifact(model, image_size, "model")
             run_id = run.info.run_id
     if status != "FINISHED":
         mlflow.tracking.MlflowClient(tracking_uri).set_terminated(run_id, status)
     record = {
         "run_id": run_id,
-        "model_uri": info.model_uri,
+        "model_uri": model_uri,
         "tracking_uri": tracking_uri,
         "experiment": experiment.name,
         "dataset": dataset,
@@ -132,6 +131,16 @@ def fake_training_run(
     if root is not None:
         write_record(root, record)
     return record
+
+
+class MarkerPayload:
+    """Unpickling this writes the file ``marker``: what an attacker's pickle would do."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (exec, (f"open({self.marker!r}, 'w').write('ran')",))
 
 
 def write_record(root: Path, record: dict, name: str | None = None) -> Path:
@@ -171,7 +180,7 @@ def evaluated_run(
     ``eval.*`` tags on the run, the run record and metrics/toy-8-dpfah-s0.json under ``root``."""
     from mlflow.tracking import MlflowClient
 
-    record = fake_training_run(uri, sha, model=model if model is not None else torch.nn.Linear(2, 2))
+    record = fake_training_run(uri, sha, model=model)
     client = MlflowClient(uri)
     client.log_metric(record["run_id"], "query_map", value)
     client.log_metric(record["run_id"], "query_map_tie_aware", value - 0.01)

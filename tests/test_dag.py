@@ -416,13 +416,14 @@ def test_train_stage_runs_as_a_ray_job(ray_head, toy_dataset, tmp_path, monkeypa
     assert client.get_run(run_id).data.metrics["query_map"] == result.doc["query_map"]
     # ... of the model the job trained: its metrics are those of the MLflow model's codes,
     # computed here (tarfile, PIL, per-query loops; 32 px, the stored size)
-    import mlflow.pytorch
+    import mlflow
 
+    from pipeline.model_files import load_encoder
     from pipeline.tracking import using_tracking_uri
     from tests.helpers import plain_codes, plain_metrics, read_split_plain
 
     with using_tracking_uri(f"sqlite:///{db}"):
-        model = mlflow.pytorch.load_model(line.split("; model ")[1].split(";")[0]).net  # the ImageEncoder's network
+        model = load_encoder(line.split("; model ")[1].split(";")[0], mlflow.get_tracking_uri()).net
     shards = work / "data" / "shards" / "toy"
     (q_img, q_lab), (d_img, d_lab) = read_split_plain(shards, "query"), read_split_plain(shards, "database")
     from dpfah.codes import unpack_codes

@@ -81,10 +81,11 @@ def trained(toy_dataset, tmp_path_factory):
 
 
 def test_metrics_match_a_plain_reimplementation(trained):
-    import mlflow.pytorch
+    import mlflow
 
     from dpfah.codes import unpack_codes
     from pipeline.codefiles import load_codes
+    from pipeline.model_files import load_encoder
 
     out, shards, result = trained["out"], trained["shards"], trained["result"]
     from pipeline.artifacts import metric_values
@@ -106,7 +107,7 @@ def test_metrics_match_a_plain_reimplementation(trained):
     from pipeline.tracking import using_tracking_uri
 
     with using_tracking_uri(trained["uri"]):
-        model = mlflow.pytorch.load_model(trained["record"]["model_uri"])
+        model = load_encoder(trained["record"]["model_uri"], mlflow.get_tracking_uri()).net
     q_img, q_lab = read_split_plain(shards, "query")
     d_img, d_lab = read_split_plain(shards, "database")
 
@@ -419,9 +420,7 @@ def test_shards_the_model_was_not_trained_on(trained, tmp_path, monkeypatch, cap
 def test_unfinished_run_and_unprepared_shards(trained, tmp_path, monkeypatch, capsys):
     from pipeline import evaluate
 
-    failed = fake_training_run(
-        trained["uri"], trained["record"]["manifest_sha256"], status="FAILED", model=torch.nn.Linear(2, 2)
-    )
+    failed = fake_training_run(trained["uri"], trained["record"]["manifest_sha256"], status="FAILED")
     monkeypatch.chdir(tmp_path)
     args = ["--dataset", "toy", "--bits", "8", "--params", str(_params_file()), *_sets(trained)]
     code, text = cli(evaluate, [*args, "--run-id", failed["run_id"]], capsys)
@@ -508,12 +507,13 @@ def test_a_trained_model_evaluated_and_promoted_on_a_tracking_server(ray_trained
     mAP, tie-aware mAP, P@H<=2 and P@10 are exactly those of a plain per-query
     implementation on those codes. Then the model is promoted and the champion alias serves
     the same codes."""
-    import mlflow.pytorch
+    import mlflow
     from mlflow.tracking import MlflowClient
 
     from dpfah.codes import unpack_codes
     from pipeline import evaluate, promote
     from pipeline.codefiles import load_codes
+    from pipeline.model_files import load_encoder
     from pipeline.tracking import using_tracking_uri
 
     out, server = ray_trained["out"], ray_trained["server"]
@@ -534,7 +534,7 @@ def test_a_trained_model_evaluated_and_promoted_on_a_tracking_server(ray_trained
 
     shards = out / "data" / "shards" / "toy"
     with using_tracking_uri(server):
-        model = mlflow.pytorch.load_model(outcome.model_uri).net.double().eval()
+        model = load_encoder(outcome.model_uri, mlflow.get_tracking_uri()).net.double().eval()
     mean, std = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
     splits = {}
     for split, logged in (("query", qc), ("database", dc)):
@@ -570,7 +570,7 @@ def test_a_trained_model_evaluated_and_promoted_on_a_tracking_server(ray_trained
     champion = client.get_model_version_by_alias("dpfah-toy-16b", "champion")
     assert champion.run_id == outcome.run_id and champion.version == "1"
     with using_tracking_uri(server):
-        served = mlflow.pytorch.load_model("models:/dpfah-toy-16b@champion").net.eval()
+        served = load_encoder("models:/dpfah-toy-16b@champion", mlflow.get_tracking_uri()).net.eval()
     x = torch.from_numpy(
         plain_resize(read_split_plain(shards, "query")[0], 16).transpose(0, 3, 1, 2).astype(np.float32) / 255
     )

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch import nn
 
 from tests.helpers import (
     NAME,
@@ -65,11 +64,11 @@ def test_champion_moves_only_to_a_better_model(store):
     tags = client.get_run(first["run_id"]).data.tags
     assert "promote.champion_query_map" not in tags and "promote.champion_version" not in tags  # no empty tags
     description = client.get_model_version(NAME, "1").description  # what the version is, in words
-    assert (
-        "**toy**" in description
-        and "Query mAP@ALL: **0.6000**" in description
-        and "evaluation/pr_curves.png" in description
-    )
+    first_line = description.splitlines()[0]  # what the version list shows, raw: no markdown there
+    assert first_line.startswith("dpfah on toy, 8 bits: query mAP@ALL 0.6000, P@H<=2 not measured (protocol custom")
+    assert not any(mark in first_line for mark in ("**", "`", "#"))
+    assert "Query mAP@ALL: **0.6000**" in description and "evaluation/pr_curves.png" in description
+    assert client.get_run(first["run_id"]).data.tags["champion"] == NAME  # the runs table shows who holds it
 
     second = evaluated_run(uri, root, 0.55)  # worse
     result = promote(params, "toy", 8, root=root)
@@ -96,6 +95,20 @@ def test_champion_moves_only_to_a_better_model(store):
     aliases, versions = registry_state(uri)
     assert aliases == {"champion": 4} and [v for v, _ in versions] == [1, 2, 3, 4]
     assert client.get_model_version_by_alias(NAME, "champion").run_id == third["run_id"]
+    # The run tag moved with the alias: the runs table filters the champion's run.
+    experiment = client.get_run(third["run_id"]).info.experiment_id
+    holders = client.search_runs([experiment], filter_string=f"tags.champion = '{NAME}'")
+    assert [r.info.run_id for r in holders] == [third["run_id"]]
+    assert "champion" not in client.get_run(first["run_id"]).data.tags
+    # The alias moved by hand (outside promote): the next promotion puts the tag right.
+    client.set_registered_model_alias(NAME, "champion", "2")
+    assert promote(params, "toy", 8, run_id=second["run_id"], root=root).record["decision"] == "unchanged"
+    holders = client.search_runs([experiment], filter_string="tags.champion LIKE '%'")
+    assert [r.info.run_id for r in holders] == [second["run_id"]]
+    client.set_registered_model_alias(NAME, "champion", "4")
+    assert promote(params, "toy", 8, root=root).record["alias_version"] == 4
+    assert client.get_run(third["run_id"]).data.tags["champion"] == NAME
+    assert "champion" not in client.get_run(second["run_id"]).data.tags
     tags = client.get_run(third["run_id"]).data.tags
     assert (tags["promote.decision"], tags["promote.query_map"], tags["promote.champion_query_map"]) == (
         "promoted",
@@ -118,12 +131,13 @@ def test_champion_moves_only_to_a_better_model(store):
     del tie
 
     # The champion loads by alias.
-    import mlflow.pytorch
+    import mlflow
 
+    from pipeline.model_files import load_encoder
     from pipeline.tracking import using_tracking_uri
 
     with using_tracking_uri(uri):
-        assert isinstance(mlflow.pytorch.load_model(f"models:/{NAME}@champion"), torch.nn.Linear)
+        assert load_encoder(f"models:/{NAME}@champion", mlflow.get_tracking_uri()).bits == 8
 
 
 def test_missing_or_foreign_evaluation_moves_nothing(store, monkeypatch, capsys):
@@ -150,8 +164,8 @@ def test_missing_or_foreign_evaluation_moves_nothing(store, monkeypatch, capsys)
     code, text = cli(stage, base, capsys)
     assert code == 2 and text.count("\n") == 1
     assert (
-        f"error: evaluations/toy-8-dpfah-s0.json: evaluation of run {champion['run_id']}, but runs/toy-8-dpfah-s0.json names run {fresh['run_id']}"
-        in text
+        f"error: evaluations/toy-8-dpfah-s0.json: evaluation of run {champion['run_id']}, but "
+        f"runs/toy-8-dpfah-s0.json names run {fresh['run_id']}" in text
     )
     assert registry_state(uri) == state
 
@@ -159,13 +173,14 @@ def test_missing_or_foreign_evaluation_moves_nothing(store, monkeypatch, capsys)
     code, text = cli(stage, base, capsys)
     assert (
         code == 2
-        and "error: metrics/toy-8-dpfah-s0.json: no evaluation metrics (run python -m pipeline.evaluate --dataset toy --bits 8 first)"
+        and "error: metrics/toy-8-dpfah-s0.json: no evaluation metrics "
+        "(run python -m pipeline.evaluate --dataset toy --bits 8 --seed 0 first)"
         in text
     )
     assert registry_state(uri) == state
 
     # A run never evaluated (no metric in MLflow), by run id.
-    bare = fake_training_run(uri, SHA, model=torch.nn.Linear(2, 2))
+    bare = fake_training_run(uri, SHA)
     code, text = cli(stage, [*base, "--run-id", bare["run_id"]], capsys)
     assert code == 2 and f"error: MLflow run {bare['run_id']} (from --run-id) has no evaluation (query_map)" in text
     assert registry_state(uri) == state
@@ -185,7 +200,8 @@ def test_missing_or_foreign_evaluation_moves_nothing(store, monkeypatch, capsys)
     code, text = cli(stage, [*base, "--set", "evaluate.map_at.toy=10"], capsys)
     assert (
         code == 2
-        and "error: evaluations/toy-8-dpfah-s0.json: evaluated at mAP@ALL but evaluate.map_at gives mAP@10 now: re-run evaluate"
+        and "error: evaluations/toy-8-dpfah-s0.json: evaluated at mAP@ALL but evaluate.map_at gives mAP@10 now: "
+        "re-run evaluate"
         in text
     )
     assert registry_state(uri) == state
@@ -239,8 +255,10 @@ def test_incomplete_evaluation_is_refused(store, monkeypatch, capsys):
     code, text = cli(stage, _stage_args(uri), capsys)
     assert code == 2 and text.count("\n") == 1
     assert text == (
-        f"error: MLflow run {run['run_id']} (from runs/toy-8-dpfah-s0.json): its last evaluation (no eval.id) has no completion "
-        "marker (the evaluate that logged it failed part-way): re-run python -m pipeline.evaluate --dataset toy --bits 8, "
+        f"error: MLflow run {run['run_id']} (from runs/toy-8-dpfah-s0.json): its last evaluation (no eval.id) has no "
+        "completion "
+        "marker (the evaluate that logged it failed part-way): re-run python -m pipeline.evaluate --dataset toy "
+        "--bits 8 --seed 0, "
         "then promote\n"
     )
     client = MlflowClient(uri)
@@ -248,9 +266,11 @@ def test_incomplete_evaluation_is_refused(store, monkeypatch, capsys):
     client.set_tag(run["run_id"], "eval.id", "eval-2")  # ...a later one logged its metrics, then failed
     code, text = cli(stage, [*_stage_args(uri), "--run-id", run["run_id"]], capsys)
     assert code == 2 and text == (
-        f"error: MLflow run {run['run_id']} (from --run-id): its last evaluation (eval-2) has no completion marker (the "
-        "evaluate that logged it failed part-way; the last one that did was eval-1): re-run python -m pipeline.evaluate "
-        f"--dataset toy --bits 8 --run-id {run['run_id']}, then promote\n"
+        f"error: MLflow run {run['run_id']} (from --run-id): its last evaluation (eval-2) has no completion marker "
+        "(the "
+        "evaluate that logged it failed part-way; the last one that did was eval-1): re-run python -m "
+        "pipeline.evaluate "
+        f"--dataset toy --bits 8 --seed 0 --run-id {run['run_id']}, then promote\n"
     )
     assert not client.search_registered_models()
 
@@ -266,16 +286,18 @@ def test_model_with_non_finite_weights_is_never_registered(store, monkeypatch, c
 
     uri, root = store
     monkeypatch.chdir(root)
-    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2))
+    from dpfah.model import DPFAH
+
+    model = DPFAH(8, 3).eval()
     with torch.no_grad():
-        model[1].bias[0] = float("nan")  # a parameter: the first bad tensor in state-dict order
-        model[1].running_var[1] = float("inf")  # a buffer after it
+        model.stem[1].bias[0] = float("nan")  # a parameter: the first bad tensor in state-dict order
+        model.stem[1].running_var[1] = float("inf")  # a buffer after it
     run = evaluated_run(uri, root, 0.9, model=model)
     code, text = cli(stage, _stage_args(uri), capsys)
     assert code == 2 and text.count("\n") == 1
     assert text.startswith(f"error: MLflow run {run['run_id']}: model models:/m-")
     assert (
-        "has non-finite weights: parameter 1.bias holds 1 NaN and 0 infinite of 2 values (the training diverged)"
+        "has non-finite weights: parameter stem.1.bias holds 1 NaN and 0 infinite of 64 values (the training diverged)"
         in text
     )
     assert not MlflowClient(uri).search_registered_models()
@@ -289,7 +311,7 @@ def _evaluated(uri, root, query_map, tie_aware, sha="cd" * 32):
     given separately (they rank runs differently below)."""
     from mlflow.tracking import MlflowClient
 
-    record = fake_training_run(uri, sha, model=nn.Linear(2, 2))
+    record = fake_training_run(uri, sha)
     client = MlflowClient(uri)
     run_id = record["run_id"]
     client.log_metric(run_id, "query_map", query_map)
@@ -417,3 +439,25 @@ def test_promote_compares_with_the_champion_as_re_evaluated(tmp_path, monkeypatc
         {"version": 1, "run_id": champion, "value": 0.60},
     )
     assert client.get_model_version_by_alias(NAME, "champion").run_id == candidate
+
+
+def test_a_tampered_model_is_refused_in_one_line_and_its_pickle_never_runs(store, monkeypatch, capsys):
+    """Issue 28, case 2: the model's weights replaced by a pickle of code in the artifact
+    store; promote loads the model (its weight check) before registering anything."""
+    import pickle
+
+    from mlflow.tracking import MlflowClient
+
+    from pipeline import promote as stage
+    from tests.helpers import MarkerPayload
+
+    uri, root = store
+    monkeypatch.chdir(root)
+    run = evaluated_run(uri, root, 0.9)
+    location = MlflowClient(uri).get_logged_model(run["model_uri"].split("/")[-1]).artifact_location
+    marker = root / "pwned"
+    Path(location.removeprefix("file://"), "artifacts", "weights.pt").write_bytes(pickle.dumps(MarkerPayload(marker)))
+    code, text = cli(stage, _stage_args(uri), capsys)
+    assert code == 2 and text.count("\n") == 1, text
+    assert text.startswith(f"error: model {run['model_uri']}: artifacts/weights.pt: not a file of plain tensors"), text
+    assert not marker.exists() and not MlflowClient(uri).search_registered_models()

@@ -236,7 +236,7 @@ def test_registry_lock_released_while_the_store_words_its_conflict(tmp_path, mon
     from mlflow.store.model_registry.sqlalchemy_store import SqlAlchemyStore
     from mlflow.tracking import MlflowClient
 
-    from pipeline.promote import LOCK_SUFFIX, _registry_lock
+    from pipeline.promotion_lock import LOCK_SUFFIX, registry_lock
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     holder, waiter = MlflowClient(uri, registry_uri=uri), MlflowClient(uri, registry_uri=uri)
@@ -252,7 +252,7 @@ def test_registry_lock_released_while_the_store_words_its_conflict(tmp_path, mon
         return read_back(store, name)
 
     monkeypatch.setattr(SqlAlchemyStore, "get_registered_model", holder_releases_first)
-    with _registry_lock(waiter, uri, "m"):
+    with registry_lock(waiter, uri, "m"):
         owner = waiter.get_registered_model(lock).tags["owner"]
     assert released == [lock], "the interleaving did not happen: the test proves nothing"
     assert owner.startswith(f"{socket.gethostname()} pid {os.getpid()} ")
@@ -307,7 +307,7 @@ def test_failed_evaluation_is_not_promoted(toy_dataset, tmp_path, monkeypatch):
     assert text.startswith(
         f"error: MLflow run {run_id} (from runs/toy-8-dpfah-s0.json): its last evaluation ({tags['eval.id']}) has no completion marker"
     )
-    assert text.rstrip().endswith("re-run python -m pipeline.evaluate --dataset toy --bits 8, then promote")
+    assert text.rstrip().endswith("re-run python -m pipeline.evaluate --dataset toy --bits 8 --seed 0, then promote")
     assert not MlflowClient(uri).search_registered_models()
 
     code, text, _ = _stage("evaluate", _evaluate_args(toy_dataset, uri), tmp_path)

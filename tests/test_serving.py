@@ -1,7 +1,7 @@
 """Serving the logged model: what ``dpfah.encoder.ImageEncoder`` refuses and how, in process
 and behind the real ``mlflow models serve`` (one server for the module, 127.0.0.1 only).
 
-The model is logged by ``pipeline.train_driver.log_model_artifact`` (the train stage's logging)
+The model is logged by ``pipeline.model_logging.log_model_artifact`` (the train stage's logging)
 from an untrained DPFAH network, without Ray, with small limits so that a request over them
 is a few kilobytes. Each refusal must be a 400 whose message is one sentence naming what
 was expected, not an echo of the input; afterwards the server still answers a good request
@@ -143,8 +143,8 @@ def served(tmp_path_factory):
     the good images computed here from the network)."""
     import mlflow
 
+    from pipeline.model_logging import log_model_artifact
     from pipeline.tracking import open_experiment, using_tracking_uri
-    from pipeline.train_driver import log_model_artifact
     from tests.helpers import free_port, wait_answering
 
     work = tmp_path_factory.mktemp("serving")
@@ -215,13 +215,15 @@ def test_served_arrays_not_of_images_are_a_400_without_the_array(served):
     assert "values from 0 to 300" in _refused(served, [[[[0, 0, 300]]]])
 
 
-def test_served_requests_that_mlflow_refuses_before_the_model_are_400s(served):
-    """An empty list and images of different sizes never reach the model: MLflow 3.17's JSON
-    parse turns them into a list / fails on them. Both are 400s in MLflow's own words (the
-    issue's wanted sentences are not reachable from the model; see dpfah/encoder.py)."""
-    status, answer = _post(served, {"inputs": []})
-    assert status == 400 and "unexpected error while evaluating the model" in answer["message"], answer
-    assert "does not support List or Dict input types" in answer["stack_trace"], answer
+def test_served_empty_request_is_a_400_in_one_sentence(served):
+    """Was MLflow's "unexpected error while evaluating the model" with a stack trace (its
+    PyTorch flavour refused the list); the pyfunc model gets an empty array and says so."""
+    assert "The request holds no images" in _refused(served, [])
+
+
+def test_served_images_of_different_sizes_stay_mlflows_400(served):
+    """Images of different sizes never reach the model: MLflow 3.17's JSON parse fails on
+    them, a 400 in numpy's words (docs/serving.md: send them one per request)."""
     ragged = [np.zeros((8, 8, 3), np.uint8).tolist(), np.zeros((4, 6, 3), np.uint8).tolist()]
     status, answer = _post(served, {"inputs": ragged})
     assert status == 400 and "inhomogeneous shape" in answer["message"] and len(answer["message"]) < 250, answer

@@ -173,17 +173,18 @@ def test_resumed_run_is_recorded_once_in_mlflow(ray_trained):
 
 
 def test_logged_model_reloads_as_dpfah_with_the_same_codes(ray_trained):
+    import mlflow
     import mlflow.artifacts
-    import mlflow.pytorch
 
     from dpfah.encoder import ImageEncoder
     from dpfah.model import DPFAH
+    from pipeline.model_files import load_encoder
     from pipeline.tracking import using_tracking_uri
 
     resumed = ray_trained["resumed"]
     params, outcome = resumed["params"], resumed["outcome"]
     with using_tracking_uri(ray_trained["server"]):
-        loaded = mlflow.pytorch.load_model(outcome.model_uri)
+        loaded = load_encoder(outcome.model_uri, mlflow.get_tracking_uri())
         model_dir = Path(mlflow.artifacts.download_artifacts(artifact_uri=outcome.model_uri))
     assert isinstance(loaded, ImageEncoder) and isinstance(loaded.net, DPFAH) and loaded.bits == 16
     assert loaded.image_size == params.train.image_size == 16
@@ -260,14 +261,14 @@ def test_logged_model_loads_and_encodes_without_the_project(ray_trained, tmp_pat
     import sys
 
     import mlflow
-    import mlflow.pytorch
 
+    from pipeline.model_files import load_encoder
     from pipeline.tracking import using_tracking_uri
 
     outcome = ray_trained["resumed"]["outcome"]
     with using_tracking_uri(ray_trained["server"]):
         local = mlflow.artifacts.download_artifacts(artifact_uri=outcome.model_uri, dst_path=str(tmp_path / "model"))
-        encoder = mlflow.pytorch.load_model(outcome.model_uri)
+        encoder = load_encoder(outcome.model_uri, mlflow.get_tracking_uri())
     images = np.random.default_rng(1).integers(0, 256, (4, 40, 40, 3), dtype=np.uint8)  # resized to 16 by the model
     np.save(tmp_path / "images.npy", images)
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "MLFLOW_TRACKING_URI")}
@@ -302,15 +303,16 @@ def test_the_logged_model_served_over_http_answers_with_its_codes(ray_trained, t
     import sys
     import urllib.request
 
-    import mlflow.pytorch
+    import mlflow
 
     from dpfah.augment import DeviceAugment, resize_uint8
+    from pipeline.model_files import load_encoder
     from pipeline.tracking import using_tracking_uri
     from tests.helpers import distinct_clear_images, free_port, wait_answering
 
     outcome = ray_trained["resumed"]["outcome"]
     with using_tracking_uri(ray_trained["server"]):
-        encoder = mlflow.pytorch.load_model(outcome.model_uri)
+        encoder = load_encoder(outcome.model_uri, mlflow.get_tracking_uri())
     # three images this model gives different codes, none within 1e-3 of a sign change: the
     # served codes must equal the network's exactly, and one code for all would not
     images = distinct_clear_images(encoder.net, 16, n=3)

@@ -84,7 +84,7 @@ def test_model_requirements_are_checked_without_scanning_every_distribution(monk
     import numpy
     from mlflow.utils import requirements_utils as reqs
 
-    from pipeline.tracking import model_requirements, requirements_known
+    from pipeline.model_logging import model_requirements, requirements_known
 
     monkeypatch.setattr(reqs, "_MODULES_TO_PACKAGES", None)
     monkeypatch.setattr(reqs, "_PACKAGES_TO_MODULES", None)

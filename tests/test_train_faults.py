@@ -166,6 +166,15 @@ def test_sigterm_ends_the_run_killed_and_leaves_no_ray_processes(toy_dataset, tm
     (run,) = client.search_runs([client.get_experiment_by_name("dpfah-toy").experiment_id])
     assert run.info.status == "KILLED"
 
+    # Its Ray Train folder (checkpoints) stays until the next training of the same entry.
+    (killed,) = [p for p in storage.iterdir() if p.is_dir()]
+    assert list(killed.glob("checkpoint_*"))
+    again = _train_cmd(work, images, "train.epochs=1", f"train.storage_path={storage}", f"mlflow.tracking_uri={uri}")
+    done = subprocess.run(again, cwd=tmp_path, env=_stage_env(work), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"removed 1 Ray Train folder(s) of earlier trainings of toy-8b-dpfah-s0: {killed}" in done.stdout
+    assert not killed.exists() and len([p for p in storage.iterdir() if p.is_dir()]) == 1
+
 
 def test_runs_left_running_by_a_dead_driver_are_marked_failed(tmp_path):
     """A run whose driver died (SIGKILL) stays RUNNING; the next training on the host finds
@@ -173,7 +182,7 @@ def test_runs_left_running_by_a_dead_driver_are_marked_failed(tmp_path):
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    from pipeline.train_driver import _driver_tags, _fail_abandoned_runs
+    from pipeline.leftovers import driver_tags, fail_abandoned_runs
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(uri)
@@ -181,7 +190,7 @@ def test_runs_left_running_by_a_dead_driver_are_marked_failed(tmp_path):
     dead = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     dead.send_signal(signal.SIGKILL)
     dead.wait()
-    tags = _driver_tags()
+    tags = driver_tags()
     abandoned = client.create_run(
         experiment, tags={**tags, "driver.pid": str(dead.pid)}, run_name="abandoned"
     ).info.run_id
@@ -190,11 +199,47 @@ def test_runs_left_running_by_a_dead_driver_are_marked_failed(tmp_path):
         experiment, tags={**tags, "driver.pid": str(dead.pid), "driver.host": "elsewhere"}
     ).info.run_id
     current = client.create_run(experiment, tags=tags).info.run_id
-    assert _fail_abandoned_runs(experiment, current, uri) == [abandoned]
+    assert fail_abandoned_runs(experiment, current, uri) == [abandoned]
     assert client.get_run(abandoned).info.status == "FAILED"
     assert "ended without closing it" in client.get_run(abandoned).data.tags["failed_reason"]
     assert {client.get_run(r).info.status for r in (live, other_host, current)} == {"RUNNING"}
     del mlflow
+
+
+def test_a_killed_trainings_folder_is_removed_by_the_next_training_of_its_entry(tmp_path, capsys):
+    """Issue 28, case 8: a training killed with SIGKILL leaves its Ray Train folder (its
+    checkpoints) under train.storage_path for good. The next training of the same entry
+    (dataset, bits, method, seed) removes the folders its earlier drivers on this host left
+    once those drivers have ended; nothing that is not ours, nor a live driver's, nor another
+    entry's."""
+    from pipeline.leftovers import OWNER_FILE, claim_run_folder, driver_tags, remove_ended_run_folders
+
+    dead = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    dead.send_signal(signal.SIGKILL)
+    dead.wait()
+    storage = tmp_path / "ray_results"
+    owners = {
+        "toy-8b-dpfah-s0-20261207-000000-aaaaaa": {**driver_tags(), "driver.pid": str(dead.pid)},  # killed
+        "toy-8b-dpfah-s0-20261207-000001-bbbbbb": driver_tags(),  # this process: still running
+        "toy-8b-dpfah-s0-20261207-000002-cccccc": {**driver_tags(), "driver.pid": str(dead.pid), "driver.host": "h2"},
+        "toy-8b-dpfah-s1-20261207-000003-dddddd": {**driver_tags(), "driver.pid": str(dead.pid)},  # another seed
+        "toy-8b-dpfah-s0-user-notes": None,  # not ours: no owner file
+    }
+    for name, owner in owners.items():
+        (storage / name / "checkpoint_000001").mkdir(parents=True)
+        (storage / name / "checkpoint_000001" / "state.pt").write_bytes(b"x" * 100)
+        if owner is not None:
+            (storage / name / OWNER_FILE).write_text(json.dumps(owner))
+    new = "toy-8b-dpfah-s0-20261207-000009-eeeeee"
+    claim_run_folder(str(storage), new)
+    assert json.loads((storage / new / OWNER_FILE).read_text())["driver.pid"] == str(os.getpid())
+    removed = remove_ended_run_folders(str(storage), "toy-8b-dpfah-s0-", keep=new)
+    assert removed == [str(storage / "toy-8b-dpfah-s0-20261207-000000-aaaaaa")]
+    assert sorted(p.name for p in storage.iterdir()) == sorted(
+        {*owners, new} - {"toy-8b-dpfah-s0-20261207-000000-aaaaaa"}
+    )
+    assert capsys.readouterr().out.startswith("removed 1 Ray Train folder(s) of earlier trainings of toy-8b-dpfah-s0: ")
+    assert remove_ended_run_folders("s3://bucket/ray", "toy-8b-dpfah-s0-", keep=new) == []  # remote: not ours to list
 
 
 def test_checkpoints_the_controller_never_registered_are_deleted(tmp_path):
@@ -247,3 +292,51 @@ def test_a_variant_whose_network_cannot_take_the_image_size_is_refused_before_ra
         "backbone": "alexnet",
         "pfa": False,
     }
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 6 MB tmpfs (root only): room for a fresh MLflow database and a training's metrics,
+    not for a model's 45 MB of weights."""
+    folder = tmp_path / "small"
+    folder.mkdir()
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=6m", "tmpfs", str(folder)], capture_output=True, text=True
+    )
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
+def test_a_full_mlflow_store_fails_the_run_in_one_line_and_keeps_no_partial_model(toy_dataset, tmp_path, small_disk):
+    """Issue 28, case 5: the store's disk fills while the model is logged. Was: 646 lines of
+    tracebacks, the run left RUNNING, a PENDING logged model with its partial files kept.
+    Now: one line naming the path and the space needed (exit 2), the partial files and the
+    logged model removed, the run FAILED, no run record."""
+    from mlflow.tracking import MlflowClient
+
+    work, images = toy_dataset
+    uri = f"sqlite:///{small_disk / 'mlflow.db'}"
+    cmd = _train_cmd(
+        work, images, "train.epochs=1", f"train.storage_path={tmp_path / 'ray'}", f"mlflow.tracking_uri={uri}"
+    )
+    done = subprocess.run(cmd, cwd=tmp_path, env=_stage_env(work), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 2, done.stderr[-3000:]
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert (
+        errors[0].startswith(f"error: {small_disk}/mlruns/")
+        and "no space left on device while logging the model" in errors[0]
+    )
+    assert "(it needs about 45." in errors[0] and "the partial model was removed" in errors[0], errors[0]
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("dpfah-toy").experiment_id
+    assert [r.info.status for r in client.search_runs([experiment])] == ["FAILED"]
+    assert client.search_logged_models([experiment]) == []
+    assert not [p for p in (small_disk / "mlruns").rglob("*") if p.is_file()]
+    assert not (tmp_path / "runs").exists()

@@ -560,9 +560,10 @@ def test_search_is_one_mlflow_parent_with_a_child_run_per_trial(search):
 
 @pytest.mark.slow
 def test_best_configuration_file_and_summary(search):
-    import mlflow.pytorch
+    import mlflow
 
     from pipeline import recipes
+    from pipeline.model_files import load_encoder
 
     outcome, out, _ = search
     best = json.loads(Path(outcome.best_file).read_text())
@@ -579,7 +580,7 @@ def test_best_configuration_file_and_summary(search):
     assert recipe.hparams == {"eta": 1.0, "zeta": 1.0} and recipe.source["tuned_trial_run_id"] == top.run_id
     # The best trial's model is in MLflow.
     with _tracking(f"sqlite:///{out / 'mlflow.db'}"):
-        model = mlflow.pytorch.load_model(best["model_uri"])
+        model = load_encoder(best["model_uri"], mlflow.get_tracking_uri())
     assert isinstance(model.net, DPFAH) and model.bits == 16
 
     table = list(csv.DictReader(open(outcome.summary_csv)))
