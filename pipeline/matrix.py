@@ -28,7 +28,7 @@ from .config import Params, add_config_args, config_from_args
 from .errors import ConfigError, PipelineError, run_main
 from .runkey import RecordError, RunKey, read_record
 
-__all__ = ["MatrixFailed", "Plan", "entries", "inputs_of", "plan", "run_matrix", "main"]
+__all__ = ["MatrixFailed", "Plan", "inputs_of", "plan", "run_matrix", "main"]
 
 #: The keys of ``train`` that list the matrix (or name its default entry) rather than set how
 #: one entry trains: changing them adds or drops entries, never retrains one.
@@ -39,12 +39,6 @@ ENTRY_MODULE = "pipeline.entry"
 
 class MatrixFailed(PipelineError):
     """Some entries failed for good (after their retries); the others are kept."""
-
-
-def entries(params: Params, datasets: Sequence[str]) -> list[RunKey]:
-    """Every training of ``datasets``: bits x train.methods x train.seeds, in that order."""
-    t = params.train
-    return [RunKey(d, b, m, s) for d in datasets for b in params.bits for m in t.methods for s in t.seeds]
 
 
 def _plain(value: Any) -> Any:
@@ -178,7 +172,7 @@ def run_matrix(params: Params, datasets: Sequence[str], root: str | os.PathLike 
     root = os.path.abspath(root)
     for name in datasets:
         params.dataset(name)
-    keys = entries(params, datasets)
+    keys = RunKey.matrix(params, datasets)
     chosen = plan(params, keys, root)
     pending = chosen.train + chosen.evaluate
     print(

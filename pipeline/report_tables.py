@@ -170,9 +170,7 @@ def collect(params: Params, dataset: str, root: str | os.PathLike = ".") -> list
         val = float("nan") if val is None else float(val)
         members.append(Member(method, bits, seed, doc, curves, files[1], val, record.get("run_id")))
     if missing:
-        command = (
-            f"dvc repro train (or python -m pipeline.matrix --dataset {dataset})"
-        )
+        command = f"dvc repro train (or python -m pipeline.matrix --dataset {dataset})"
         raise ReportError(
             f"{len(missing)} of {len(_members(params))} evaluated trainings of {dataset} are missing; "
             f"run {command}:\n  " + "\n  ".join(missing)

@@ -52,6 +52,12 @@ class RunKey:
     CURVES: ClassVar[tuple[str, ...]] = ("pr_radius", "pr_rank", "p_at_n")
 
     @classmethod
+    def matrix(cls, params, datasets) -> list[RunKey]:
+        """Every training of ``datasets``: bits x train.methods x train.seeds, in that order."""
+        t = params.train
+        return [cls(d, b, m, s) for d in datasets for b in params.bits for m in t.methods for s in t.seeds]
+
+    @classmethod
     def from_args(cls, args: argparse.Namespace, params) -> RunKey:
         """The key a stage's ``--dataset/--bits/--method/--seed`` name; an omitted method or seed
         is ``train.method`` / the top-level ``seed`` of the parameters."""

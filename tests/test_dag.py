@@ -345,7 +345,7 @@ def test_train_stage_runs_as_a_ray_job(ray_head, toy_dataset, tmp_path, monkeypa
 
     from pipeline.config import load_params
     from pipeline.evaluation import evaluate
-    from pipeline.promote import promote
+    from pipeline.promotion import promote
 
     work, images = toy_dataset
     project = copy_project(tmp_path / "project")
@@ -435,6 +435,6 @@ def test_train_stage_runs_as_a_ray_job(ray_head, toy_dataset, tmp_path, monkeypa
     ref = plain_metrics(qc, dc, q_lab, d_lab, topk=78, radius=2, n=10)
     assert result.doc["query_map"] == pytest.approx(ref["map"], abs=1e-12)
     assert result.doc["query_precision_within_radius"] == pytest.approx(ref["ball"], abs=1e-12)
-    promoted = promote(params, "toy", BITS, run_id=run_id, root=tmp_path)
+    promoted = promote(params, RunKey("toy", BITS), run_id=run_id, root=tmp_path)
     assert promoted.record["decision"] == "promoted" and promoted.record["version"] == 1
     assert client.get_model_version_by_alias(f"dpfah-toy-{BITS}b", "champion").run_id == run_id

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from pipeline.runkey import RunKey
 from tests.helpers import (
     NAME,
     PARAMS_FILE,
@@ -51,14 +52,14 @@ def store(tmp_path, monkeypatch):
 def test_champion_moves_only_to_a_better_model(store):
     from mlflow.tracking import MlflowClient
 
-    from pipeline.promote import promote
+    from pipeline.promotion import promote
 
     uri, root = store
     params = toy_params(uri)
     client = MlflowClient(uri)
 
     first = evaluated_run(uri, root, 0.60)
-    result = promote(params, "toy", 8, root=root)
+    result = promote(params, RunKey("toy", 8), root=root)
     assert result.registered and result.moved and result.record["decision"] == "promoted"
     assert registry_state(uri) == ({"champion": 1}, [(1, first["run_id"])])
     tags = client.get_run(first["run_id"]).data.tags
@@ -71,7 +72,7 @@ def test_champion_moves_only_to_a_better_model(store):
     assert client.get_run(first["run_id"]).data.tags["champion"] == NAME  # the runs table shows who holds it
 
     second = evaluated_run(uri, root, 0.55)  # worse
-    result = promote(params, "toy", 8, root=root)
+    result = promote(params, RunKey("toy", 8), root=root)
     assert result.registered and not result.moved
     rec = json.loads((root / "promotions" / "toy-8-dpfah-s0.json").read_text())
     assert rec == result.record
@@ -87,10 +88,10 @@ def test_champion_moves_only_to_a_better_model(store):
     assert (tags["promote.version"], tags["promote.champion_version"], tags["promote.alias_version"]) == ("2", "1", "1")
 
     tie = evaluated_run(uri, root, 0.60)  # equal is not better
-    assert promote(params, "toy", 8, root=root).record["decision"] == "kept"
+    assert promote(params, RunKey("toy", 8), root=root).record["decision"] == "kept"
 
     third = evaluated_run(uri, root, 0.70)  # better
-    result = promote(params, "toy", 8, root=root)
+    result = promote(params, RunKey("toy", 8), root=root)
     assert result.moved and result.record["decision"] == "promoted" and result.record["previous"]["version"] == 1
     aliases, versions = registry_state(uri)
     assert aliases == {"champion": 4} and [v for v, _ in versions] == [1, 2, 3, 4]
@@ -102,11 +103,11 @@ def test_champion_moves_only_to_a_better_model(store):
     assert "champion" not in client.get_run(first["run_id"]).data.tags
     # The alias moved by hand (outside promote): the next promotion puts the tag right.
     client.set_registered_model_alias(NAME, "champion", "2")
-    assert promote(params, "toy", 8, run_id=second["run_id"], root=root).record["decision"] == "unchanged"
+    assert promote(params, RunKey("toy", 8), run_id=second["run_id"], root=root).record["decision"] == "unchanged"
     holders = client.search_runs([experiment], filter_string="tags.champion LIKE '%'")
     assert [r.info.run_id for r in holders] == [second["run_id"]]
     client.set_registered_model_alias(NAME, "champion", "4")
-    assert promote(params, "toy", 8, root=root).record["alias_version"] == 4
+    assert promote(params, RunKey("toy", 8), root=root).record["alias_version"] == 4
     assert client.get_run(third["run_id"]).data.tags["champion"] == NAME
     assert "champion" not in client.get_run(second["run_id"]).data.tags
     tags = client.get_run(third["run_id"]).data.tags
@@ -118,14 +119,14 @@ def test_champion_moves_only_to_a_better_model(store):
 
     # Idempotent: the same run again registers nothing, moves nothing, rewrites the same file.
     before = (root / "promotions" / "toy-8-dpfah-s0.json").read_bytes()
-    result = promote(params, "toy", 8, root=root)
+    result = promote(params, RunKey("toy", 8), root=root)
     assert not result.registered and not result.moved
     assert (root / "promotions" / "toy-8-dpfah-s0.json").read_bytes() == before
     assert registry_state(uri) == (aliases, versions)
 
     # An earlier, worse run promoted again (by run id): found again by its run id, and now
     # compared with the new champion.
-    result = promote(params, "toy", 8, run_id=second["run_id"], root=root)
+    result = promote(params, RunKey("toy", 8), run_id=second["run_id"], root=root)
     assert not result.registered and result.record["decision"] == "kept" and result.record["previous"]["version"] == 4
     assert registry_state(uri) == (aliases, versions)
     del tie
@@ -342,7 +343,7 @@ def test_promote_by_tie_aware_map_to_a_custom_alias_and_model_name(tmp_path, mon
     from mlflow.tracking import MlflowClient
 
     from pipeline.config import load_params
-    from pipeline.promote import promote
+    from pipeline.promotion import promote
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -362,7 +363,7 @@ def test_promote_by_tie_aware_map_to_a_custom_alias_and_model_name(tmp_path, mon
     name = "team-toy-8bit"
 
     first = _evaluated(uri, tmp_path, query_map=0.70, tie_aware=0.50)
-    r = promote(params, "toy", 8, root=tmp_path)
+    r = promote(params, RunKey("toy", 8), root=tmp_path)
     assert r.moved and (r.record["model_name"], r.record["alias"], r.record["metric"], r.record["value"]) == (
         name,
         "best",
@@ -371,7 +372,7 @@ def test_promote_by_tie_aware_map_to_a_custom_alias_and_model_name(tmp_path, mon
     )
 
     second = _evaluated(uri, tmp_path, query_map=0.60, tie_aware=0.55)  # worse by query_map, better tie-aware
-    r = promote(params, "toy", 8, root=tmp_path)
+    r = promote(params, RunKey("toy", 8), root=tmp_path)
     assert (
         r.moved
         and r.record["decision"] == "promoted"
@@ -380,7 +381,7 @@ def test_promote_by_tie_aware_map_to_a_custom_alias_and_model_name(tmp_path, mon
     assert client.get_model_version_by_alias(name, "best").run_id == second
 
     third = _evaluated(uri, tmp_path, query_map=0.90, tie_aware=0.54)  # better by query_map, worse tie-aware
-    r = promote(params, "toy", 8, root=tmp_path)
+    r = promote(params, RunKey("toy", 8), root=tmp_path)
     assert not r.moved and r.record["decision"] == "kept" and r.record["alias_version"] == 2
     assert client.get_model_version_by_alias(name, "best").run_id == second
 
@@ -409,7 +410,7 @@ def test_promote_compares_with_the_champion_as_re_evaluated(tmp_path, monkeypatc
     from mlflow.tracking import MlflowClient
 
     from pipeline.config import load_params
-    from pipeline.promote import promote
+    from pipeline.promotion import promote
     from tests.helpers import NAME, evaluated_run
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
@@ -424,15 +425,15 @@ def test_promote_compares_with_the_champion_as_re_evaluated(tmp_path, monkeypatc
     client = MlflowClient(uri)
 
     champion = evaluated_run(uri, tmp_path, 0.80)["run_id"]
-    assert promote(at_all, "toy", 8, root=tmp_path).record["decision"] == "promoted"
+    assert promote(at_all, RunKey("toy", 8), root=tmp_path).record["decision"] == "promoted"
     candidate = evaluated_run(uri, tmp_path, 0.70, map_at=10)["run_id"]
     with pytest.raises(Exception, match="not comparable; re-evaluate the champion's run with the same settings"):
-        promote(at_10, "toy", 8, root=tmp_path)
+        promote(at_10, RunKey("toy", 8), root=tmp_path)
 
     client.log_metric(champion, "query_map", 0.60)  # the champion at mAP@10
     for key, value in {"eval.map_at": "10", "eval.id": "again", "eval.complete": "again"}.items():
         client.set_tag(champion, key, value)
-    r = promote(at_10, "toy", 8, root=tmp_path)
+    r = promote(at_10, RunKey("toy", 8), root=tmp_path)
     assert (r.record["decision"], r.record["run_id"], r.record["previous"]) == (
         "promoted",
         candidate,
