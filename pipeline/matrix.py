@@ -123,12 +123,14 @@ def plan(params: Params, keys: Sequence[RunKey], root: str | os.PathLike = ".") 
 
 def trial_resources(params: Params) -> dict[str, float]:
     """What one trial holds: with ``train.num_workers`` 1 the entry trains in the trial's own
-    process (a GPU with train.use_gpu, and 1 + train.loader_workers CPUs); with more, the
-    trial only drives a Ray Train group that requests its own workers."""
+    process, holding what one Ray Train worker holds (one CPU, and one GPU with train.use_gpu;
+    its train.loader_workers reader processes are not reserved, as under Ray Train), so it
+    trains with the same threads, and numbers, as ``python -m pipeline.train``; with more
+    workers the trial only drives a Ray Train group that requests its own."""
     t = params.train
     if t.num_workers > 1:
         return {"cpu": 0.01}
-    return {"cpu": 1 + t.loader_workers, "gpu": 1 if t.use_gpu else 0}
+    return {"cpu": 1, "gpu": 1 if t.use_gpu else 0}
 
 
 def _trial(config: dict[str, Any], *, params: Params, root: str, chosen: Plan) -> None:
