@@ -195,7 +195,8 @@ def not_replaceable(
             if len(others) == 3:
                 break
     if others:
-        return f"{folder} holds files that are not {what} ({', '.join(sorted(others))}{', ...' if len(others) == 3 else ''})"
+        listed = ", ".join(sorted(others)) + (", ..." if len(others) == 3 else "")
+        return f"{folder} holds files that are not {what} ({listed})"
     if names and marker is not None and marker not in names:
         return f"{folder} is not {what} (no {marker})"
     return None

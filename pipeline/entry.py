@@ -125,10 +125,7 @@ def train_and_evaluate(params: Params, key: RunKey, recipe: Recipe, inputs: dict
 
     outcome = run_training(
         params,
-        key.dataset,
-        key.bits,
-        method=key.method,
-        seed=key.seed,
+        key,
         recipe=recipe,
         fit_here=here if params.train.num_workers == 1 else None,
         record_extra={"inputs": inputs},

@@ -261,7 +261,7 @@ def evaluate(
     device = _device(params.evaluate.device)
     with span("mlflow: find the run, load the model"):
         if subject is None:
-            subject = load_subject(params, dataset, bits, run_id, root, device, which)
+            subject = load_subject(params, key, run_id, root, device)
         else:
             device = subject.device
     seconds["load"] = time.perf_counter() - t0

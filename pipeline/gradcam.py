@@ -207,13 +207,14 @@ def compute(
 
     from .figures import class_name
     from .registry import load_subject
+    from .runkey import RunKey
 
     seed = min(params.train.seeds)
     cpu = torch.device("cpu")
     subjects = []
     for method, pfa in zip(chosen, (False, True)):
         try:
-            subject = load_subject(params, dataset, bits, None, root, cpu, {"method": method, "seed": seed})
+            subject = load_subject(params, RunKey(dataset, bits, method, seed), None, root, cpu)
         except PipelineError as e:
             return f"the model of {method} ({bits} bits, seed {seed}) could not be loaded: {e}"
         if subject.model.uses_pfa != pfa:

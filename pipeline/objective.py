@@ -34,7 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m pipeline.objective",
         description="Resolve what one training optimises - the method (or variant), its hyper-parameters (for DPFAH "
         "params.yaml's `objectives.<method>` over the method's defaults, with use_tuned the search's best knobs) "
-        "and a variant's network changes - into objectives/<dataset>-<bits>-<method>.json, the file the train stage reads under DVC.",
+        "and a variant's network changes - into objectives/<dataset>-<bits>-<method>.json, a file `python -m "
+        "pipeline.train --objective FILE` reads (the matrix resolves the same in its own process).",
     )
     parser.add_argument("--dataset", required=True, help="dataset name from params.yaml")
     parser.add_argument("--bits", type=int, required=True, help="code length of the training")

@@ -4,26 +4,21 @@ parameters ask (the same mAP@R, the shards the run was trained on)."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
-from .artifacts import DEFAULT_METHOD, evaluation_file, metric_values, metrics_file
+from .artifacts import metric_values
 from .errors import PipelineError
 from .registry import EVAL_COMPLETE_TAG, EVAL_ID_TAG, MismatchError, read_run_record
+from .runkey import RunKey, read_record
 
 __all__ = ["EvaluationMissing", "EvaluationIncomplete", "evaluate_command", "from_dvc_files", "evaluated_value"]
 
 
-def evaluate_command(dataset: str, bits: int, which: dict[str, Any], run_id: str | None = None) -> str:
-    """The evaluate command that writes what promote reads for this training: its method
-    (when not the default) and seed name the files (issue 28: the seed was left out)."""
-    method = which.get("method", DEFAULT_METHOD)
-    return (
-        f"python -m pipeline.evaluate --dataset {dataset} --bits {bits}"
-        f"{'' if method == DEFAULT_METHOD else ' --method ' + method} --seed {which['seed']}"
-        f"{' --run-id ' + run_id if run_id else ''}"
-    )
+def evaluate_command(key: RunKey, run_id: str | None = None) -> str:
+    """The evaluate command that writes what promote reads for this training: its method and
+    seed name the files (issue 28: the seed was left out)."""
+    return key.command("evaluate") + (f" --run-id {run_id}" if run_id else "")
 
 
 class EvaluationMissing(PipelineError):
@@ -34,46 +29,37 @@ class EvaluationIncomplete(EvaluationMissing):
     """The run's last evaluation did not finish: no completion marker for it."""
 
 
-def _read_json(path: Path, what: str, hint: str) -> Any:
-    """The JSON document at ``path`` (``what`` it is), or EvaluationMissing in one line."""
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise EvaluationMissing(f"{path}: no {what} (run {hint} first)") from None
-    except (OSError, json.JSONDecodeError) as e:
-        raise EvaluationMissing(f"{path}: unreadable {what} ({type(e).__name__}: {e})") from None
-
-
-def _read_metrics(dataset: str, bits: int, root, which: dict[str, Any]) -> tuple[dict[str, Any], Path]:
-    path = metrics_file(dataset, bits, root, **which)
-    doc = _read_json(path, "evaluation metrics", evaluate_command(dataset, bits, which))
-    if not isinstance(doc, dict) or not metric_values(doc):
-        raise EvaluationMissing(f"{path}: not an evaluation metrics file (no query_* metrics)")
+def _read_metrics(key: RunKey, root) -> tuple[dict[str, Any], Path]:
+    path = key.metrics_file(root)
+    doc = read_record(
+        path, "evaluation metrics", missing=f"run {evaluate_command(key)} first", error=EvaluationMissing,
+        valid=lambda d: None if metric_values(d) else "not an evaluation metrics file (no query_* metrics)",
+    )  # fmt: skip
     return doc, path
 
 
-def _read_evaluation(dataset: str, bits: int, root, which: dict[str, Any]) -> tuple[dict[str, Any], Path]:
+def _read_evaluation(key: RunKey, root) -> tuple[dict[str, Any], Path]:
     """The evaluation record beside the metrics file: the run, data and settings measured."""
-    path = evaluation_file(dataset, bits, root, **which)
-    doc = _read_json(path, "evaluation record", evaluate_command(dataset, bits, which))
-    if not isinstance(doc, dict) or "run_id" not in doc:
-        raise EvaluationMissing(f"{path}: not an evaluation record (no run_id)")
+    path = key.evaluation_file(root)
+    doc = read_record(
+        path, "evaluation record", missing=f"run {evaluate_command(key)} first", error=EvaluationMissing,
+        valid=lambda d: None if "run_id" in d else "not an evaluation record (no run_id)",
+    )  # fmt: skip
     return doc, path
 
 
-def from_dvc_files(
-    dataset: str, bits: int, root, map_at, metric: str, which: dict[str, Any]
-) -> tuple[dict[str, Any], str, dict[str, Any]]:
+def from_dvc_files(key: RunKey, root, map_at, metric: str) -> tuple[dict[str, Any], str, dict[str, Any]]:
     """(run record, where it is, metrics file): the DVC way, where the two must agree."""
-    record, record_path = read_run_record(dataset, bits, root, **which)
+    dataset, bits = key.dataset, key.bits
+    record, record_path = read_run_record(key, root)
     run_id = record["run_id"]
-    values, _ = _read_metrics(dataset, bits, root, which)
-    facts, doc_path = _read_evaluation(dataset, bits, root, which)
+    values, _ = _read_metrics(key, root)
+    facts, doc_path = _read_evaluation(key, root)
     doc = {**facts, **values}
     if doc.get("run_id") != run_id:
         raise MismatchError(
             f"{doc_path}: evaluation of run {doc.get('run_id')}, but {record_path} names run {run_id} "
-            f"(evaluate that run first: {evaluate_command(dataset, bits, which)})"
+            f"(evaluate that run first: {evaluate_command(key)})"
         )
     if (doc.get("dataset"), doc.get("bits")) != (dataset, bits):
         raise MismatchError(
@@ -89,9 +75,7 @@ def from_dvc_files(
     return record, str(record_path), doc
 
 
-def evaluated_value(
-    run, doc, dataset: str, bits: int, root, metric: str, map_at, source: str, by_id: bool, which: dict[str, Any]
-) -> tuple[float, str]:
+def evaluated_value(run, doc, key: RunKey, root, metric: str, map_at, source: str, by_id: bool) -> tuple[float, str]:
     """(the run's ``metric``, the shards' sha256 it was measured on), checked to be the
     evaluation of this run on the data it was trained on, as the metrics file says, and
     complete: its ``eval.complete`` marker, written last by evaluate, names its ``eval.id``."""
@@ -100,7 +84,7 @@ def evaluated_value(
     if value is None or "eval.map_at" not in tags:
         raise EvaluationMissing(
             f"MLflow run {run_id} (from {source}) has no evaluation ({metric}): "
-            f"run {evaluate_command(dataset, bits, which, run_id if by_id else None)} first"
+            f"run {evaluate_command(key, run_id if by_id else None)} first"
         )
     marker, eval_id = tags.get(EVAL_COMPLETE_TAG), tags.get(EVAL_ID_TAG)
     if not marker or marker != eval_id:
@@ -108,17 +92,17 @@ def evaluated_value(
         raise EvaluationIncomplete(
             f"MLflow run {run_id} (from {source}): its last evaluation ({eval_id or 'no eval.id'}) has no completion "
             f"marker (the evaluate that logged it failed part-way{earlier}): "
-            f"re-run {evaluate_command(dataset, bits, which, run_id if by_id else None)}, then promote"
+            f"re-run {evaluate_command(key, run_id if by_id else None)}, then promote"
         )
     if doc is not None and doc.get("eval_id") not in (None, marker):
         raise MismatchError(
-            f"{metrics_file(dataset, bits, root, **which)}: evaluation {doc['eval_id']}, but MLflow run {run_id}'s "
+            f"{key.metrics_file(root)}: evaluation {doc['eval_id']}, but MLflow run {run_id}'s "
             "last completed "
             f"evaluation is {marker}: re-run evaluate"
         )
     if doc is not None and doc[metric] != value:
         raise MismatchError(
-            f"{metrics_file(dataset, bits, root, **which)}: {metric} {doc[metric]!r} differs from MLflow run "
+            f"{key.metrics_file(root)}: {metric} {doc[metric]!r} differs from MLflow run "
             f"{run_id}'s "
             f"{value!r} (another evaluation was logged since): re-run evaluate"
         )

@@ -118,7 +118,6 @@ def promote(params: Params, key: RunKey, *, run_id: str | None = None, root: str
     ``promote.model_name`` (default ``<method>-<dataset>-<bits>b``: each method has its own
     champion) and move the alias to it when it beats the holder; write ``key``'s promotion record."""
     dataset, bits, method = key.dataset, key.bits, key.method
-    which = {"method": method, "seed": key.seed}
     params.dataset(dataset)
     cfg = params.promote
     metric, alias = cfg.metric, cfg.alias
@@ -128,7 +127,7 @@ def promote(params: Params, key: RunKey, *, run_id: str | None = None, root: str
     record: dict[str, Any] | None = None
     doc: dict[str, Any] | None = None
     if run_id is None:
-        record, source, doc = from_dvc_files(dataset, bits, root, map_at, metric, which)
+        record, source, doc = from_dvc_files(key, root, map_at, metric)
         run_id = record["run_id"]
     else:
         source = "--run-id"
@@ -138,9 +137,7 @@ def promote(params: Params, key: RunKey, *, run_id: str | None = None, root: str
         quiet_libraries()  # MLflow's "Registered model ... already exists" and the like: ours says what happened
         run = get_run(client, run_id, uri, source)
     check_training_run(run, dataset, bits, source)
-    value, sha = evaluated_value(
-        run, doc, dataset, bits, root, metric, map_at, source, by_id=record is None, which=which
-    )
+    value, sha = evaluated_value(run, doc, key, root, metric, map_at, source, by_id=record is None)
     tags = run.data.tags
     model_uri = run_model_uri(client, run, uri, record.get("model_uri") if record else None)
     with span("mlflow: load the model, check its weights"):

@@ -9,16 +9,16 @@ search name a model by a ``models:/`` URI instead (:func:`resolve_model`: pinned
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .artifacts import DEFAULT_METHOD, run_file
+from .artifacts import DEFAULT_METHOD
 from .config import MlflowConfig, Params
 from .errors import ConfigError, DataError, PipelineError
+from .runkey import RecordError, RunKey, read_record
 from .tracking import connect, get_run, mlflow_errors, resolve_uri, tracking_uri
 
 __all__ = [
@@ -76,31 +76,22 @@ class NonFiniteWeights(PipelineError):
     """A model has NaN or infinite values in a parameter or buffer (its training diverged)."""
 
 
-def read_run_record(
-    dataset: str, bits: int, root: str | os.PathLike = ".", *, method: str = DEFAULT_METHOD, seed: int = 0
-) -> tuple[dict[str, Any], Path]:
-    """The training run record ``runs/<dataset>-<bits>-<method>-s<seed>.json``, checked to
-    describe that dataset and code length."""
-    path = run_file(dataset, bits, root, method=method, seed=seed)
+def read_run_record(key: RunKey, root: str | os.PathLike = ".") -> tuple[dict[str, Any], Path]:
+    """The training run record of ``key``, checked to describe that training."""
+    path = key.run_file(root)
+
+    def valid(doc: dict[str, Any]) -> str | None:
+        run_id = doc.get("run_id")
+        return None if isinstance(run_id, str) and run_id else "no run_id"
+
+    record = read_record(
+        path, "run record", missing=f"train first: {key.command('train')}; or give --run-id", error=RunRecordError,
+        valid=valid,
+    )  # fmt: skip
     try:
-        record = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise RunRecordError(
-            f"{path}: no run record (train first: python -m pipeline.train --dataset {dataset} --bits {bits} --method "
-            f"{method} --seed {seed}; or give --run-id)"
-        ) from None
-    except (OSError, json.JSONDecodeError) as e:
-        raise RunRecordError(f"{path}: unreadable run record ({type(e).__name__}: {e})") from None
-    if not isinstance(record, dict):
-        raise RunRecordError(f"{path}: expected a JSON object")
-    run_id = record.get("run_id")
-    if not isinstance(run_id, str) or not run_id:
-        raise RunRecordError(f"{path}: no run_id")
-    if record.get("dataset") != dataset or record.get("bits") != bits:
-        raise RunRecordError(
-            f"{path}: records dataset {record.get('dataset')!r} at {record.get('bits')!r} bits, not {dataset!r} at "
-            f"{bits} bits"
-        )
+        key.check(record, path)
+    except RecordError as e:
+        raise RunRecordError(str(e)) from None
     return record, path
 
 
@@ -223,14 +214,13 @@ class Subject:
     device: Any  # torch.device the splits are encoded on
 
 
-def load_subject(
-    params: Params, dataset: str, bits: int, run_id: str | None, root, device, which: dict[str, Any]
-) -> Subject:
+def load_subject(params: Params, key: RunKey, run_id: str | None, root, device) -> Subject:
     """The run of the record (or ``run_id``), checked to be a finished training of this
     dataset and length on these very shards, with its model loaded on ``device``."""
+    dataset, bits = key.dataset, key.bits
     record: dict[str, Any] | None = None
     if run_id is None:
-        record, record_path = read_run_record(dataset, bits, root, **which)
+        record, record_path = read_run_record(key, root)
         run_id, source = record["run_id"], str(record_path)
     else:
         source = "--run-id"

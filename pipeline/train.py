@@ -28,6 +28,7 @@ from . import recipes
 from .cluster import shutdown_before_exit
 from .config import add_config_args, config_from_args
 from .errors import ConfigError, run_main
+from .runkey import RunKey, add_key_args
 from .timing import record, span
 from .tracking import check_store, tracking_uri
 from .train_driver import run_training
@@ -44,19 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Profiles: the defaults in params.yaml train on a CPU in minutes; "
         "`--profile paper` selects the paper's settings (224 px, RMSProp 5e-5, batch 128, GPUs) for this run.",
     )
-    parser.add_argument("--dataset", required=True, help="dataset name from params.yaml (its shards must be prepared)")
-    parser.add_argument("--bits", type=int, required=True, help="code length, e.g. 16, 32, 48 or 64")
-    parser.add_argument(
-        "--method",
-        metavar="NAME",
-        help="a method (dpfah, dsh, hashnet, ...) or a variant of params.yaml (default: train.method)",
-    )
-    parser.add_argument(
-        "--seed",
-        type=int,
-        metavar="N",
-        help="training seed: weights, data order, augmentation (default: params.yaml's seed)",
-    )
+    add_key_args(parser, what="the codes to learn (16, 32, 48 or 64 in the paper)")
     parser.add_argument(
         "--objective",
         metavar="FILE",
@@ -75,8 +64,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     recipe = recipes.read(args.objective, args.dataset, args.bits) if args.objective else None
     if recipe is not None and args.method and args.method != recipe.entry:
         raise ConfigError(f"--method {args.method}: {args.objective} is the objective of {recipe.entry}")
+    key = RunKey.from_args(args, params)
+    if recipe is not None:
+        key = RunKey(key.dataset, key.bits, recipe.entry, key.seed)
     with span("train: run_training"):
-        outcome = run_training(params, args.dataset, args.bits, method=args.method, seed=args.seed, recipe=recipe)
+        outcome = run_training(params, key, recipe=recipe)
     at = f"epoch {outcome.best_epoch} of 0..{outcome.epochs - 1} (numbered from 0, as MLflow's steps)"
     chosen = (
         f"best validation mAP {outcome.best_val_map:.4f} at {at}"

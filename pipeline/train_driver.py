@@ -16,7 +16,7 @@ from typing import Any
 from dpfah.settings import TrainSettings, pick
 
 from . import recipes
-from .artifacts import run_file, write_json_atomic
+from .artifacts import write_json_atomic
 from .cluster import check_request, ensure_ray, shutdown_if_started, started_here, train_run_defaults
 from .config import Params
 from .errors import ConfigError, PipelineError
@@ -24,6 +24,7 @@ from .leftovers import claim_run_folder, driver_tags, fail_abandoned_runs, remov
 from .model_logging import log_trained_model
 from .recipes import Recipe
 from .registry import MODEL_NAME_TAG, model_name
+from .runkey import RunKey
 from .timing import record, span
 from .tracking import (
     git_commit,
@@ -190,11 +191,8 @@ def _epoch_printer(uri: str, run_id: str, epochs: int, *, enabled: bool):
 
 def run_training(
     params: Params,
-    dataset: str,
-    bits: int,
+    key: RunKey,
     *,
-    method: str | None = None,
-    seed: int | None = None,
     recipe: Recipe | None = None,
     run_name: str | None = None,
     write_run_file: bool = True,
@@ -210,10 +208,9 @@ def run_training(
 ) -> TrainOutcome:
     """Fit one hashing model on Ray Train and record it in MLflow; returns the run's outcome.
 
-    ``method`` (a method or variant; default train.method) is resolved by
+    ``key`` names the training: its method (a method or variant) is resolved by
     ``pipeline.recipes`` unless ``recipe`` (an objective file's, or a Tune trial's) is
-    given. ``seed``: the training seed (weights, data order,
-    augmentation; default: params.yaml's ``seed``).
+    given; its seed drives the weights, the data order and the augmentation.
     ``batch_source(epoch, rank, world_size)`` replaces the shard stream (tests use it to give
     every worker count the same global batches); ``callbacks`` go to Ray Train's RunConfig
     (Tune passes its report callback); ``parent_run_id`` nests the MLflow run (a run of the
@@ -233,6 +230,7 @@ def run_training(
 
     quiet_libraries()
     t = params.train
+    dataset, bits, method, seed = key.dataset, key.bits, key.method, key.seed
     params.dataset(dataset)
     if bits < 1:
         raise ConfigError(f"--bits {bits}: must be >= 1")
@@ -240,7 +238,6 @@ def run_training(
     manifest = prepared_manifest(params, dataset)  # one line naming the directory when prepare has not run
     if recipe is None:
         recipe = recipes.resolve(params, dataset, bits, method)
-    seed = params.seed if seed is None else seed
     uri = tracking_uri(params)
     storage = resolve_uri(t.storage_path)
     name = (
@@ -376,7 +373,7 @@ def run_training(
             "epochs": len(history),
             **(record_extra or {}),
         }
-        path = write_json_atomic(run_file(dataset, bits, root, method=recipe.entry, seed=seed), run_record)
+        path = write_json_atomic(RunKey(dataset, bits, recipe.entry, seed).run_file(root), run_record)
         outcome = dataclasses.replace(outcome, run_file=str(path))
     return outcome
 

@@ -26,6 +26,7 @@ from .artifacts import TUNE_DIR, tune_dir, write_atomic, write_json_atomic
 from .cluster import PlacementGroupJanitor, ensure_ray
 from .config import Params, add_config_args, config_from_args
 from .errors import ConfigError, PipelineError, run_main
+from .runkey import RunKey
 from .tracking import connect, git_commit, resolve_uri, tracked_run
 from .train_driver import FAIL_AT_EPOCH_ENV, absolute, run_training
 from .tune_results import (
@@ -92,13 +93,13 @@ def _trial(
 
     os.environ.update(env)  # from the driver (the trial's process may belong to a cluster started before)
     trial_id = tune.get_context().get_trial_id()
+    recipe = trial_recipe(params, dataset, config)
     run_training(
         params,
-        dataset,
-        int(config["bits"]),
+        RunKey(dataset, int(config["bits"]), recipe.entry, params.seed),
         run_name=trial_run_name(search_name, trial_id, config),
         write_run_file=False,
-        recipe=trial_recipe(params, dataset, config),
+        recipe=recipe,
         parent_run_id=parent_run_id,
         callbacks=[TuneReportCallback()],
     )

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.runkey import RunKey
 from tests.helpers import failing_at_epoch, make_class_folder, toy_params
 
 
@@ -174,8 +175,7 @@ def ray_trained(ray_local, mlflow_server, tmp_path_factory):
             with failing_at_epoch(fault):
                 outcome = run_training(
                     params,
-                    "toy",
-                    16,
+                    RunKey("toy", 16),
                     run_name=name,
                     write_run_file=name == "resumed",
                     log_model=name == "resumed",

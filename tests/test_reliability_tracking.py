@@ -149,7 +149,8 @@ def _race(uri: str, root: Path, values: list[float], copies: int) -> tuple[dict,
     # model ... already exists. Creating a new version", INFO lines, warnings): stdout and stderr.
     assert (code, text) == (
         0,
-        f"{NAME} version 1 (new): query_map 0.6000 (no champion before): champion -> version 1; wrote promotions/toy-8-dpfah-s0.json\n",
+        f"{NAME} version 1 (new): query_map 0.6000 (no champion before): champion -> version 1; "
+        "wrote promotions/toy-8-dpfah-s0.json\n",
     )
     runs = {0.6: champion["run_id"], **{v: evaluated_run(uri, root, v, write_files=False)["run_id"] for v in values}}
     go = root / "go"
@@ -305,9 +306,12 @@ def test_failed_evaluation_is_not_promoted(toy_dataset, tmp_path, monkeypatch):
     code, text, _ = _stage("promote", _promote_args(uri), tmp_path)
     assert code == 2 and text.count("\n") == 1 and "Traceback" not in text
     assert text.startswith(
-        f"error: MLflow run {run_id} (from runs/toy-8-dpfah-s0.json): its last evaluation ({tags['eval.id']}) has no completion marker"
+        f"error: MLflow run {run_id} (from runs/toy-8-dpfah-s0.json): its last evaluation ({tags['eval.id']}) "
+        "has no completion marker"
     )
-    assert text.rstrip().endswith("re-run python -m pipeline.evaluate --dataset toy --bits 8 --seed 0, then promote")
+    assert text.rstrip().endswith(
+        "re-run python -m pipeline.evaluate --dataset toy --bits 8 --method dpfah --seed 0, then promote"
+    )
     assert not MlflowClient(uri).search_registered_models()
 
     code, text, _ = _stage("evaluate", _evaluate_args(toy_dataset, uri), tmp_path)
@@ -330,7 +334,8 @@ def test_evaluate_refuses_non_finite_weights(toy_dataset, tmp_path, monkeypatch)
     code, text, _ = _stage("evaluate", _evaluate_args(toy_dataset, uri), tmp_path)
     assert code == 2 and text.count("\n") == 1 and "Traceback" not in text
     assert text.startswith(
-        f"error: MLflow run {record['run_id']}: model {record['model_uri']} has non-finite weights: parameter {name} holds 1 NaN"
+        f"error: MLflow run {record['run_id']}: model {record['model_uri']} has non-finite weights: "
+        f"parameter {name} holds 1 NaN"
     )
     assert not (tmp_path / "metrics").exists()
 
@@ -350,17 +355,42 @@ def _store_cases(server, tmp_path: Path) -> list[tuple[str, str, dict[str, str]]
     blocker = tmp_path / "a-file"
     blocker.write_text("not a directory")
     under_file = f"sqlite:///{blocker / 'sub' / 'mlflow.db'}"
-    no_file = "no such file (train first, or point mlflow.tracking_uri / MLFLOW_TRACKING_URI at the store that holds the runs)"
+    no_file = (
+        "no such file (train first, or point mlflow.tracking_uri / MLFLOW_TRACKING_URI at the store that holds the "
+        "runs)"
+    )
     cases = [
         ("dead server", server["uri"], dict.fromkeys(("train", "tune", "evaluate", "promote"), refused)),
-        ("closed port", f"http://127.0.0.1:{_free_port()}", dict.fromkeys(("train", "tune", "evaluate", "promote"), refused)),
-        ("corrupt sqlite", f"sqlite:///{corrupt}", dict.fromkeys(("train", "tune", "evaluate", "promote"), "cannot be used: file is not a database (corrupt, or not an MLflow SQLite store)")),
-        ("sqlite under a file", under_file, {"train": f"cannot be created: {blocker} is a file, not a directory", "tune": f"cannot be created: {blocker} is a file, not a directory", "evaluate": no_file, "promote": no_file}),
-    ]  # fmt: skip
+        (
+            "closed port",
+            f"http://127.0.0.1:{_free_port()}",
+            dict.fromkeys(("train", "tune", "evaluate", "promote"), refused),
+        ),
+        (
+            "corrupt sqlite",
+            f"sqlite:///{corrupt}",
+            dict.fromkeys(
+                ("train", "tune", "evaluate", "promote"),
+                "cannot be used: file is not a database (corrupt, or not an MLflow SQLite store)",
+            ),
+        ),
+        (
+            "sqlite under a file",
+            under_file,
+            {
+                "train": f"cannot be created: {blocker} is a file, not a directory",
+                "tune": f"cannot be created: {blocker} is a file, not a directory",
+                "evaluate": no_file,
+                "promote": no_file,
+            },
+        ),
+    ]
     if os.geteuid() != 0:  # root creates files in a directory without write permission
         locked = tmp_path / "no-write"
         locked.mkdir(mode=0o555)
-        cases.append(("directory without write permission", f"sqlite:///{locked / 'mlflow.db'}", {"train": f"cannot be created: Permission denied: {locked}", "tune": f"cannot be created: Permission denied: {locked}", "evaluate": no_file, "promote": no_file}))  # fmt: skip
+        denied = f"cannot be created: Permission denied: {locked}"
+        expected = {"train": denied, "tune": denied, "evaluate": no_file, "promote": no_file}
+        cases.append(("directory without write permission", f"sqlite:///{locked / 'mlflow.db'}", expected))
     return cases
 
 

@@ -31,7 +31,8 @@ def test_train_and_tune_before_prepare_say_what_to_run(tmp_path):
         proc = _stage(module, ["--dataset", "cifar10", *(["--bits", "64"] if module == "train" else [])], tmp_path)
         assert (proc.returncode, proc.stderr) == (
             2,
-            f"error: {shards}: no prepared dataset (no manifest.json); prepare it first: python -m pipeline.prepare --dataset cifar10\n",
+            f"error: {shards}: no prepared dataset (no manifest.json); "
+            "prepare it first: python -m pipeline.prepare --dataset cifar10\n",
         ), module
     elsewhere = tmp_path / "elsewhere"
     proc = _stage("train", ["--dataset", "cifar10", "--bits", "64", "--set", f"data.root={elsewhere}"], tmp_path)
@@ -64,7 +65,8 @@ def test_evaluate_uses_the_tracking_uri_of_the_run_record(toy_dataset, tmp_path)
     proc = _stage("evaluate", argv, tmp_path, MLFLOW_TRACKING_URI=f"sqlite:///{other}")
     assert (proc.returncode, proc.stderr.splitlines()[-1]) == (
         2,
-        f"error: MLflow store sqlite:///{other}: no such file (train first, or point mlflow.tracking_uri / MLFLOW_TRACKING_URI at the store that holds the runs)",
+        f"error: MLflow store sqlite:///{other}: no such file (train first, or point mlflow.tracking_uri / "
+        "MLFLOW_TRACKING_URI at the store that holds the runs)",
     )
     proc = _stage("evaluate", [*argv, "--set", f"mlflow.tracking_uri=sqlite:///{other}"], tmp_path)
     assert proc.returncode == 2 and f"error: MLflow store sqlite:///{other}: no such file" in proc.stderr

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.runkey import RunKey
 from pipeline.train_driver import FAIL_AT_EPOCH_ENV
 from tests.helpers import failing_at_epoch, toy_overrides, toy_params
 
@@ -44,7 +45,7 @@ def test_non_finite_loss_stops_training_once_with_the_step(ray_local, toy_datase
         f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
     )
     with pytest.raises(TrainingFailed) as e, failing_at_epoch(1):  # the last epoch: the epoch log only
-        run_training(params, "toy", 16, run_name="diverges", write_run_file=False)
+        run_training(params, RunKey("toy", 16), run_name="diverges", write_run_file=False)
     message = str(e.value)
     assert "the loss became non-finite at epoch 0, step " in message and "training stopped" in message, message
     assert sorted(_epochs_started(tmp_path / "ray" / "diverges")) == [(0, 0), (0, 1)]  # one attempt: not retried
@@ -68,7 +69,7 @@ def test_training_without_a_validation_split_keeps_the_last_epoch(ray_local, tmp
     cwd = os.getcwd()
     os.chdir(tmp_path)
     try:
-        outcome = run_training(params, "toy", 8, run_name="no-validation")
+        outcome = run_training(params, RunKey("toy", 8), run_name="no-validation")
     finally:
         os.chdir(cwd)
     assert outcome.best_val_map is None and outcome.best_epoch == 1 and outcome.epochs == 2
@@ -285,7 +286,7 @@ def test_a_variant_whose_network_cannot_take_the_image_size_is_refused_before_ra
         match=r"^train.image_size: 32 px is too small for dbdh-alexnet's AlexNet backbone \(it needs >= 63\); "
         r"e.g. --set train.image_size=64$",
     ):
-        run_training(params, "toy", 8, method="dbdh-alexnet", write_run_file=False)
+        run_training(params, RunKey("toy", 8, "dbdh-alexnet"), write_run_file=False)
     recipe = resolve(params, "toy", 8, "dbdh-alexnet", root=tmp_path)
     path = write(recipe, "toy", 8, root=tmp_path)
     assert path.name == "toy-8-dbdh-alexnet.json" and read(path, "toy", 8).model == {

@@ -21,6 +21,7 @@ import yaml
 
 from dpfah.model import DPFAH
 from pipeline.errors import ConfigError
+from pipeline.runkey import RunKey
 from tests.helpers import PARAMS_FILE, failing_at_epoch, toy_overrides, toy_params
 
 REPO = Path(__file__).resolve().parents[1]
@@ -235,7 +236,7 @@ def test_train_without_the_search_result_it_is_told_to_use_stops_before_ray(toy_
     monkeypatch.chdir(tmp_path)
     params = toy_params(work, images, "use_tuned=true", f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}")
     with pytest.raises(ConfigError, match="^use_tuned: .*best.json not found"):
-        train.run_training(params, "toy", 16, write_run_file=False)
+        train.run_training(params, RunKey("toy", 16), write_run_file=False)
     assert not (tmp_path / "mlflow.db").exists()
 
 
