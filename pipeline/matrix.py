@@ -184,6 +184,7 @@ def run_matrix(params: Params, datasets: Sequence[str], root: str | os.PathLike 
     )
     if not pending:
         return MatrixOutcome(chosen, {}, {}, time.perf_counter() - t0)
+    _open_store(params, datasets)
     finished, failed = _run_trials(params, chosen, pending, root)
     outcome = MatrixOutcome(chosen, finished, failed, time.perf_counter() - t0)
     if failed:
@@ -197,11 +198,30 @@ def run_matrix(params: Params, datasets: Sequence[str], root: str | os.PathLike 
     return outcome
 
 
+def _open_store(params: Params, datasets: Sequence[str]) -> None:
+    """The tracking store and each dataset's experiment, created here, in the driver, before the
+    trials open their runs: trials creating a fresh SQLite store (its tables) or an experiment at
+    the same moment race."""
+    from .tracking import check_store, mlflow_errors, open_experiment, tracking_uri, using_tracking_uri
+
+    uri = tracking_uri(params)
+    check_store(uri, create=True)
+    with using_tracking_uri(uri):
+        for name in datasets:
+            experiment = f"{params.mlflow.experiment}-{name}"
+            with mlflow_errors(f"creating experiment {experiment}", uri):
+                open_experiment(experiment, uri)
+
+
 def _run_trials(
     params: Params, chosen: Plan, pending: list[RunKey], root: str
 ) -> tuple[dict[RunKey, dict[str, Any]], dict[RunKey, str]]:
     import functools
 
+    # Tune's own console output (its configuration box, the results folder, a TensorBoard hint, the
+    # trial table) off: the stage prints a line per entry. Read when Tune starts, so set first.
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    os.environ.setdefault("AIR_VERBOSITY", "0")
     from ray import tune
 
     from .cluster import ensure_ray, shutdown_if_started, started_here

@@ -126,6 +126,9 @@ def test_a_matrix_stopped_part_way_finishes_only_the_unfinished_entries(ray_loca
         time.sleep(0.5)
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=120) != 0
+    log_text = (tmp_path / "matrix.log").read_text()
+    assert "matrix of toy: 3 entries; 3 to train, 0 to evaluate again, 0 unchanged" in log_text, log_text[-3000:]
+    assert "Configuration for experiment" not in log_text and "tensorboard" not in log_text, log_text[-3000:]
     done = [k for k in keys if k.metrics_file(root).exists()]
     assert 1 <= len(done) < len(keys), (tmp_path / "matrix.log").read_text()[-3000:]
     runs = {k: json.loads(k.run_file(root).read_text())["run_id"] for k in done}

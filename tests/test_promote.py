@@ -175,7 +175,7 @@ def test_missing_or_foreign_evaluation_moves_nothing(store, monkeypatch, capsys)
     assert (
         code == 2
         and "error: metrics/toy-8-dpfah-s0.json: no evaluation metrics "
-        "(run python -m pipeline.evaluate --dataset toy --bits 8 --seed 0 first)"
+        "(run python -m pipeline.evaluate --dataset toy --bits 8 --method dpfah --seed 0 first)"
         in text
     )
     assert registry_state(uri) == state
@@ -259,8 +259,7 @@ def test_incomplete_evaluation_is_refused(store, monkeypatch, capsys):
         f"error: MLflow run {run['run_id']} (from runs/toy-8-dpfah-s0.json): its last evaluation (no eval.id) has no "
         "completion "
         "marker (the evaluate that logged it failed part-way): re-run python -m pipeline.evaluate --dataset toy "
-        "--bits 8 --seed 0, "
-        "then promote\n"
+        "--bits 8 --method dpfah --seed 0, then promote\n"
     )
     client = MlflowClient(uri)
     client.set_tag(run["run_id"], "eval.complete", "eval-1")  # an earlier evaluation completed...
@@ -271,7 +270,7 @@ def test_incomplete_evaluation_is_refused(store, monkeypatch, capsys):
         "(the "
         "evaluate that logged it failed part-way; the last one that did was eval-1): re-run python -m "
         "pipeline.evaluate "
-        f"--dataset toy --bits 8 --seed 0 --run-id {run['run_id']}, then promote\n"
+        f"--dataset toy --bits 8 --method dpfah --seed 0 --run-id {run['run_id']}, then promote\n"
     )
     assert not client.search_registered_models()
 
