@@ -9,7 +9,9 @@ dataset of 32 px images), each then evaluated, both ways against one running Ray
 * ``per stage``: `python -m pipeline.train` then `python -m pipeline.evaluate` per entry, one
   after the other (what the DAG of one stage per training ran);
 * ``matrix``: one `python -m pipeline.matrix`, its entries Ray Tune trials, as many at once as
-  the head holds (one CPU each), each trained and evaluated in one process.
+  the head holds (one CPU each), each trained and evaluated in one process, a trial's process
+  taking the next entry (Tune's actor reuse, the default);
+* ``matrix, fresh processes``: the same with a new process per entry (DPFAH_MATRIX_REUSE_PROCESSES=0).
 
 The table gives the wall time of each way, per entry, and the ratio; the JSON has the raw times.
 """
@@ -90,10 +92,15 @@ def main(argv=None) -> int:
         head.start(env)
         env["RAY_ADDRESS"] = head.address
         results = {}
-        for name, run in (("per stage", per_stage), ("matrix", matrix)):
-            work = base / name.replace(" ", "-")
+        ways = (
+            ("per stage", per_stage, {}),
+            ("matrix", matrix, {}),
+            ("matrix, fresh processes", matrix, {"DPFAH_MATRIX_REUSE_PROCESSES": "0"}),
+        )
+        for name, run, extra in ways:
+            work = base / name.replace(" ", "-").replace(",", "")
             work.mkdir()
-            results[name] = run(work, images, args.entries, args.steps, env)
+            results[name] = run(work, images, args.entries, args.steps, {**env, **extra})
     finally:
         head.stop()
         shutil.rmtree(base, ignore_errors=True)
@@ -104,11 +111,12 @@ def main(argv=None) -> int:
         f"{n} trainings of one epoch ({args.steps} steps) each evaluated, toy dataset, one Ray head of 2 CPUs, on "
         f"{machine} (load average at the end {load[0]:.1f} {load[1]:.1f} {load[2]:.1f})"
     )
-    print(f"{'way':12s} {'wall s':>8s} {'s/entry':>8s}")
+    print(f"{'way':24s} {'wall s':>8s} {'s/entry':>8s} {'speed-up':>9s}")
+    base_s = results["per stage"]["total_s"]
     for name, r in results.items():
-        print(f"{name:12s} {r['total_s']:8.1f} {r['total_s'] / n:8.1f}")
-    ratio = results["per stage"]["total_s"] / results["matrix"]["total_s"]
-    print(f"matrix {ratio:.2f}x faster than one training per stage")
+        r["speedup"] = base_s / r["total_s"]
+        print(f"{name:24s} {r['total_s']:8.1f} {r['total_s'] / n:8.1f} {r['speedup']:8.2f}x")
+    ratio = results["matrix"]["speedup"]
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     doc = {"machine": machine, "load_average_at_end": load, "entries": n, "steps": args.steps, "results": results}

@@ -198,6 +198,15 @@ def run_matrix(params: Params, datasets: Sequence[str], root: str | os.PathLike 
     return outcome
 
 
+#: Off ("0") runs each entry in a fresh process; on (the default) a trial's process, its imports
+#: done, takes the next entry that fits it (Tune's actor reuse). bench/matrix.py compares both.
+REUSE_ENV = "DPFAH_MATRIX_REUSE_PROCESSES"
+
+
+def _reuse_processes() -> bool:
+    return os.environ.get(REUSE_ENV, "1").strip() != "0"
+
+
 def _open_store(params: Params, datasets: Sequence[str]) -> None:
     """The tracking store and each dataset's experiment, created here, in the driver, before the
     trials open their runs: trials creating a fresh SQLite store (its tables) or an experiment at
@@ -240,7 +249,7 @@ def _run_trials(
         tuner = tune.Tuner(
             trainable,
             param_space={"key": tune.grid_search([dataclasses.asdict(k) for k in pending])},
-            tune_config=tune.TuneConfig(num_samples=1, reuse_actors=False),
+            tune_config=tune.TuneConfig(num_samples=1, reuse_actors=_reuse_processes()),
             run_config=tune.RunConfig(
                 name=f"matrix-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}",
                 storage_path=resolve_uri(t.storage_path),
