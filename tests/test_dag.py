@@ -238,6 +238,17 @@ def test_dvc_repro_runs_the_dag_then_nothing_then_only_what_a_parameter_touches(
     assert json.loads(dsh_key.promotion_file(repo).read_text())["model_name"] == f"dsh-toy-{BITS}b"
     assert client.get_model_version_by_alias(f"dsh-toy-{BITS}b", "champion").run_id == dsh["run_id"]
     assert client.get_model_version_by_alias(f"dpfah-toy-{BITS}b", "champion").run_id == record["run_id"]
+
+    # 7. One method's knob: only that method's entry retrains.
+    knob = run(
+        [str(BIN / "dvc"), "exp", "run", "-S", f"bits=[{BITS}]", "-S", "train.seeds=[0]",
+         "-S", "train.methods=[dpfah,dsh]", "-S", "objectives.dsh.alpha=0.05", "promote"],
+        repo, env,
+    )  # fmt: skip
+    assert _matrix_line(knob).startswith("matrix of toy: 2 entries; 1 to train, 0 to evaluate again, 1 unchanged")
+    assert json.loads(dsh_key.run_file(repo).read_text())["run_id"] != dsh["run_id"]
+    assert json.loads(key.run_file(repo).read_text())["run_id"] == record["run_id"]
+    assert client.get_run(json.loads(dsh_key.run_file(repo).read_text())["run_id"]).data.params["loss.alpha"] == "0.05"
     # Every stage joined the head: none started a local instance of its own.
     assert _local_ray_sessions() == sessions_before
 
