@@ -203,7 +203,9 @@ class ImageEncoder(nn.Module):
         try:
             with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": the refusal says enough
                 warnings.simplefilter("ignore")
-                state = torch.load(path, map_location=map_location, weights_only=True)
+                # read on the CPU: a device that cannot be used is an error of its own (below), never
+                # mistaken for a file that is not plain tensors
+                state = torch.load(path, map_location="cpu", weights_only=True)
         except FileNotFoundError:
             raise ModelFileError(f"{path}: no such file (the model's weights)") from None
         except Exception as e:  # a pickle of code ends here, refused unread
@@ -222,7 +224,8 @@ class ImageEncoder(nn.Module):
                 f"{path}: not the weights of the network {os.fspath(settings)} describes ({lines[-1][:200]})"
             ) from None
         limits = {key: config[key] for key in ("max_image_pixels", "max_image_side", "max_request_pixels")}
-        return cls(net, config["image_size"], **limits, refusal_base=refusal_base, refusal_kwargs=refusal_kwargs)
+        encoder = cls(net, config["image_size"], **limits, refusal_base=refusal_base, refusal_kwargs=refusal_kwargs)
+        return encoder if str(map_location) == "cpu" else encoder.to(map_location)
 
     def _refuse(self, sentence: str) -> ValueError:
         return _refusal_class(self.refusal_base)(sentence, **(self.refusal_kwargs or {}))

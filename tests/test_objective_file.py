@@ -5,7 +5,6 @@ objectives are: one line naming the file and the key, exit 2, before MLflow or R
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -78,8 +77,13 @@ def test_not_an_objective_file(tmp_path, text):
 def test_train_refuses_it_before_mlflow_or_ray_start(tmp_path, capsys, monkeypatch):
     """What a user sees: `python -m pipeline.train ... --objective X.json` exits 2 with the
     line, at once; no MLflow store is made and no Ray instance started."""
+    from pipeline import cluster
     from pipeline.train import main
 
+    def no_ray(*args, **kwargs):
+        raise AssertionError("train started or joined Ray before refusing the objective file")
+
+    monkeypatch.setattr(cluster, "ensure_ray", no_ray)  # the one way a stage starts or joins Ray
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     store = tmp_path / "mlflow.db"
@@ -94,4 +98,3 @@ def test_train_refuses_it_before_mlflow_or_ray_start(tmp_path, capsys, monkeypat
         err = capsys.readouterr().err
         assert (code, err) == (2, f"error: {path}: {line}" + err.split(line, 1)[1]) and err.count("\n") == 1, err
     assert not store.exists(), "no MLflow store made"
-    assert "ray" not in sys.modules or not sys.modules["ray"].is_initialized(), "no Ray started"

@@ -149,9 +149,10 @@ def test_sigterm_ends_the_run_killed_and_leaves_no_ray_processes(toy_dataset, tm
     )
     try:
         deadline = time.time() + 240
-        while not list(storage.glob("*/.epochs-started")) and time.time() < deadline and proc.poll() is None:
+        # killed once an epoch has been checkpointed (the folder the next training removes)
+        while not list(storage.glob("*/checkpoint_*")) and time.time() < deadline and proc.poll() is None:
             time.sleep(0.5)
-        assert proc.poll() is None and list(storage.glob("*/.epochs-started")), "training did not start"
+        assert proc.poll() is None and list(storage.glob("*/checkpoint_*")), "no epoch was checkpointed"
         children = psutil.Process(proc.pid).children(recursive=True)
         assert any("raylet" in " ".join(c.cmdline()) for c in children if c.is_running())
         proc.send_signal(signal.SIGTERM)
