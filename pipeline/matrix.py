@@ -184,6 +184,7 @@ def run_matrix(params: Params, datasets: Sequence[str], root: str | os.PathLike 
     )
     if not pending:
         return MatrixOutcome(chosen, {}, {}, time.perf_counter() - t0)
+    open_experiments(params, datasets)
     finished, failed = _run_trials(params, chosen, pending, root)
     outcome = MatrixOutcome(chosen, finished, failed, time.perf_counter() - t0)
     if failed:
@@ -195,6 +196,18 @@ def run_matrix(params: Params, datasets: Sequence[str], root: str | os.PathLike 
             "runs only the unfinished entries"
         )
     return outcome
+
+
+def open_experiments(params: Params, datasets: Sequence[str]) -> None:
+    """Create the MLflow store (its tables) and each dataset's experiment here, before any
+    trial: trials that found a new SQLite store each created its tables at once and raced
+    ("table webhooks already exists"), which could leave it half-migrated for every retry."""
+    from .tracking import open_experiment, tracking_uri, using_tracking_uri
+
+    uri = tracking_uri(params)
+    with using_tracking_uri(uri):
+        for name in datasets:
+            open_experiment(f"{params.mlflow.experiment}-{name}", uri)
 
 
 def _run_trials(
