@@ -17,6 +17,7 @@ import os
 import re
 import warnings
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -230,13 +231,30 @@ class ImageEncoder(nn.Module):
     def _refuse(self, sentence: str) -> ValueError:
         return _refusal_class(self.refusal_base)(sentence, **(self.refusal_kwargs or {}))
 
+    def _as_tensor(self, images, expected: str) -> torch.Tensor:
+        """A tensor of what a request holds (a served model gets the JSON's nested lists as
+        they are): nested lists of unequal lengths and values that are not numbers refused."""
+        if isinstance(images, torch.Tensor):
+            return images
+        try:
+            array = np.asarray(images)
+        except ValueError:  # numpy: "... inhomogeneous shape ...": images of different sizes
+            raise self._refuse(
+                "Got images of different sizes (nested lists of unequal lengths): images in one request must share "
+                "H and W, or be sent one per request."
+            ) from None
+        if array.dtype.kind not in "biufc":
+            what = {"U": "text", "S": "text"}.get(array.dtype.kind, "non-numeric (null, object or over 64-bit)")
+            raise self._refuse(f"Got {what} values: {expected}.")
+        return torch.as_tensor(array)
+
     def check_images(self, images) -> torch.Tensor:
         """``images`` as a uint8 (N, H, W, 3) tensor, or a refusal (a ValueError, see the
         module) that says in one sentence what was expected. Shape, type and limits are
         checked before any pixel is read; the values (0..255) before any is converted."""
-        images = torch.as_tensor(images)
-        shape = tuple(images.shape)
         expected = "expected RGB images as an array (N, H, W, 3) of integers 0..255 (uint8)"
+        images = self._as_tensor(images, expected)
+        shape = tuple(images.shape)
         if (images.dim() <= 1 and images.numel() == 0) or (images.dim() > 1 and shape[0] == 0):
             raise self._refuse(f"The request holds no images: {expected}, with N >= 1.")
         if images.dim() != 4 or shape[-1] != 3:

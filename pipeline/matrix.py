@@ -184,7 +184,7 @@ def run_matrix(params: Params, datasets: Sequence[str], root: str | os.PathLike 
     )
     if not pending:
         return MatrixOutcome(chosen, {}, {}, time.perf_counter() - t0)
-    _open_store(params, datasets)
+    open_experiments(params, datasets)
     finished, failed = _run_trials(params, chosen, pending, root)
     outcome = MatrixOutcome(chosen, finished, failed, time.perf_counter() - t0)
     if failed:
@@ -207,10 +207,11 @@ def _reuse_processes() -> bool:
     return os.environ.get(REUSE_ENV, "1").strip() != "0"
 
 
-def _open_store(params: Params, datasets: Sequence[str]) -> None:
-    """The tracking store and each dataset's experiment, created here, in the driver, before the
-    trials open their runs: trials creating a fresh SQLite store (its tables) or an experiment at
-    the same moment race."""
+def open_experiments(params: Params, datasets: Sequence[str]) -> None:
+    """The tracking store (its tables) and each dataset's experiment, created here, in the driver,
+    before the trials open their runs: trials that each found a new SQLite store created its
+    tables at once and raced ("table webhooks already exists"), which could leave it
+    half-migrated for every retry."""
     from .tracking import check_store, mlflow_errors, open_experiment, tracking_uri, using_tracking_uri
 
     uri = tracking_uri(params)

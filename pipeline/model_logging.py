@@ -61,6 +61,11 @@ def log_model_artifact(net, image_size: int, name: str, *, step: int = 0, **limi
 
     model = ImageEncoder(net, image_size, **limits).eval()
     signature = ModelSignature(outputs=Schema([TensorSpec(np.dtype(np.int8), (-1, model.bits))]))
+    # MLflow's scoring server then hands the request's "inputs" to the model as JSON gave them,
+    # as for a model typed by its predict's hints: its own parse (np.array of the lists) would
+    # refuse images of different sizes in numpy's words before the model could name the problem
+    # (docs/serving.md). The flag is MLflow 3's (mlflow.models.signature), read by its server.
+    signature._is_signature_from_type_hint = True
     example = np.random.default_rng(0).integers(0, 256, (2, EXAMPLE_SIZE, EXAMPLE_SIZE, 3), dtype=np.uint8)
     tags = {
         "bits": str(model.bits),

@@ -29,8 +29,10 @@ class ServedEncoder(mlflow.pyfunc.PythonModel):
             refusal_kwargs={"error_code": INVALID_PARAMETER_VALUE},
         )
 
-    def predict(self, context, model_input: np.ndarray, params=None) -> np.ndarray:
-        return self.encoder(np.asarray(model_input)).numpy()
+    def predict(self, context, model_input, params=None) -> np.ndarray:
+        """``model_input``: an array, or the request's ``inputs`` as JSON gave them (nested
+        lists: the encoder reads them and names what is wrong, images of different sizes too)."""
+        return self.encoder(model_input).numpy()
 
 
 mlflow.models.set_model(ServedEncoder())

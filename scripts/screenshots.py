@@ -3,14 +3,15 @@
     python scripts/screenshots.py [--out DIR] [--store DIR [--dataset NAME]] [--work DIR] [--images DIR]
 
 Without ``--store``: builds a tiny store with the pipeline itself, as a user would (prepare,
-train, evaluate and promote as ``python -m pipeline.<stage>`` in ``--work``, a fresh
-temporary folder by default): a custom dataset of 10 classes taken from the CIFAR-10 archive
-named by ``$DPFAH_CIFAR10_SOURCE`` (60 images a class), or of ``--images`` (one folder per
-class), or, without either, of generated colour patches; 16 bits, 3 epochs on the CPU
-(about 2 minutes here). ``--store DIR``: a folder holding ``mlflow.db`` (and the
-artifacts where its runs recorded them) that the pipeline wrote, e.g. the repository after
-``dvc repro``; ``--dataset`` names the experiment ``dpfah-<dataset>`` to show (default:
-cifar10 with ``--store``).
+the matrix (train and evaluate), promote ``--all`` and the report as ``python -m
+pipeline.<stage>`` in ``--work``, a fresh temporary folder by default): a custom dataset of
+10 classes taken from the CIFAR-10 archive named by ``$DPFAH_CIFAR10_SOURCE`` (60 images a
+class), or of ``--images`` (one folder per class), or, without either, of generated colour
+patches; 16 bits, methods dpfah and dsh, seeds 0 and 1 (two registered models of two
+versions each), 3 epochs on the CPU (about 3 minutes here). ``--store DIR``: a folder holding
+``mlflow.db`` (and the artifacts where its runs recorded them) that the pipeline wrote, e.g.
+the repository after ``dvc repro``; ``--dataset`` names the experiment ``dpfah-<dataset>`` to
+show (default: cifar10 with ``--store``).
 
 Then starts a real ``mlflow server`` on that store (a free local port), and with headless
 Chromium (``apt-get install -y chromium``, driven over its DevTools protocol) saves into
@@ -18,15 +19,21 @@ Chromium (``apt-get install -y chromium``, driven over its DevTools protocol) sa
 Assistant side panel once (a fresh browser opens it over a third of the page) and picked
 "Model training" at the top left (docs/mlflow-ui.md):
 
-* ``1-runs-table.png``: the experiment's training runs with the ``query_map`` column added
-  (docs/mlflow-ui.md: Columns -> Metrics), sorted by it, best first;
-* ``2-run.png``: the training run (metrics, dataset, tags);
+* ``1-runs-table.png``: the experiment's runs with the ``query_map`` column (Columns ->
+  Metrics) and the ``champion`` tag (Columns -> Tags) added, sorted by ``query_map``;
+* ``2-run.png``: the champion's training run (metrics, dataset, tags: ``champion`` among them);
 * ``3-run-artifacts.png``: its ``evaluation/`` artifacts (the figures);
 * ``4-logged-model.png``: the logged model, its metric search set to ``query`` (the
   evaluation's metrics, linked to it and to the dataset);
 * ``5-model-version.png``: the registered model version (its description, the alias, the
-  signature under Schema, opened).
+  signature under Schema, opened);
+* ``6-champion-runs.png``: the runs table filtered by ``tags.champion LIKE '%'``;
+* ``7-model-versions.png``: the registered model's version list (alias, tags, the first
+  line of each description);
+* ``8-report.png``, ``9-report-grids.png``: the report run's ``report/report.html`` in its
+  Artifacts tab (tables and figures), at the top and scrolled to the retrieval grids.
 
+docs/mlflow-ui.md shows them (docs/images/mlflow-ui/, taken with this script).
 A script, not a test: starting MLflow's server and a browser costs a minute. Look at the
 pictures: that is the point.
 """
@@ -100,7 +107,7 @@ def _images(work: Path, given: str | None) -> Path:
 
 
 def build_store(work: Path, images: str | None) -> Path:
-    """prepare, train, evaluate, promote: the pipeline's own commands, in ``work``."""
+    """prepare, the matrix, promote --all, report: the pipeline's own commands, in ``work``."""
     work.mkdir(parents=True, exist_ok=True)
     folder = _images(work, images)
     sets = [
@@ -114,6 +121,9 @@ def build_store(work: Path, images: str | None) -> Path:
         "datasets.toy.shard_size=100",
         f"mlflow.tracking_uri=sqlite:///{work / 'mlflow.db'}",
         f"train.storage_path={work / 'ray_results'}",
+        f"bits=[{BITS}]",
+        "train.methods=[dpfah,dsh]",  # two registered models, each with its champion
+        "train.seeds=[0,1]",  # two versions of each: the alias on the better one
         "train.epochs=3",
         "train.batch_size=16",
         "train.image_size=32",
@@ -124,11 +134,11 @@ def build_store(work: Path, images: str | None) -> Path:
     ]
     args = ["--params", str(REPO / "params.yaml"), *(a for s in sets for a in ("--set", s))]
     which = ["--dataset", DATASET]
-    for stage, extra in (
+    for stage, extra in (  # what dvc.yaml runs: the matrix trains and evaluates every entry
         ("prepare", []),
-        ("train", ["--bits", str(BITS)]),
-        ("evaluate", ["--bits", str(BITS), "--quiet"]),
-        ("promote", ["--bits", str(BITS)]),
+        ("matrix", []),
+        ("promote", ["--all"]),
+        ("report", []),
     ):
         print(f"$ python -m pipeline.{stage} {' '.join(which + extra)} ...", flush=True)
         subprocess.run(
@@ -369,14 +379,21 @@ def take(url: str, out: Path, dataset: str = DATASET) -> list[Path]:
     experiment = client.get_experiment_by_name(f"dpfah-{dataset}")
     if experiment is None:
         raise SystemExit(f"{url}: no experiment dpfah-{dataset} in this store (--dataset names it)")
-    runs = client.search_runs([experiment.experiment_id], "tags.`promote.version` != ''", max_results=100) or [
-        r
-        for r in client.search_runs([experiment.experiment_id], max_results=100)
-        if r.outputs and r.outputs.model_outputs
-    ]  # the promoted trainings, else any with a logged model
+    runs = client.search_runs([experiment.experiment_id], "tags.champion LIKE '%'", max_results=100)
+    runs = sorted(runs, key=lambda r: not r.data.tags["champion"].startswith("dpfah-"))  # DPFAH's champion first
+    runs = (
+        runs
+        or client.search_runs([experiment.experiment_id], "tags.`promote.version` != ''", max_results=100)
+        or [
+            r
+            for r in client.search_runs([experiment.experiment_id], max_results=100)
+            if r.outputs and r.outputs.model_outputs
+        ]
+    )  # the promoted trainings, else any with a logged model
     if not runs:
         raise SystemExit(f"{url}: experiment dpfah-{dataset} has no training run with a logged model")
-    run = runs[0]  # the latest promoted training, if any
+    run = runs[0]  # the champion's training (DPFAH's), else the latest promoted training, if any
+    reports = client.search_runs([experiment.experiment_id], "tags.kind = 'report'", max_results=1)
     model = client.get_logged_model(run.outputs.model_outputs[0].model_id)
     name = run.data.tags.get("promote.model_name", model.name)
     version = run.data.tags.get("promote.version", "1")
@@ -406,10 +423,10 @@ def take(url: str, out: Path, dataset: str = DATASET) -> list[Path]:
                 "the MLflow UI kept no runs-table state: this script knows MLflow 3.17's UI (docs/mlflow-ui.md says "
                 "how to add the column by hand)"
             )
-        column = json.dumps("metrics.`query_map`")
+        columns = json.dumps(["metrics.`query_map`", "tags.`champion`"])  # Columns -> Metrics, Columns -> Tags
         browser.run(
             f"(() => {{ const k = {json.dumps(key)}, s = JSON.parse(localStorage.getItem(k));"
-            f" if (!s.selectedColumns.includes({column})) s.selectedColumns.push({column});"
+            f" for (const c of {columns}) if (!s.selectedColumns.includes(c)) s.selectedColumns.push(c);"
             f" localStorage.setItem(k, JSON.stringify(s)); return true; }})()"
         )
         browser.call("Page.reload", session=True)
@@ -421,7 +438,17 @@ def take(url: str, out: Path, dataset: str = DATASET) -> list[Path]:
             "the query_map column",
         )
         time.sleep(2)
-        shot("1-runs-table.png")
+        shot("1-runs-table.png", 600)
+        # Which run holds the champion: the search box's filter, as docs/mlflow-ui.md says.
+        champions = "tags.champion LIKE '%'"
+        browser.open(f"{table}&searchFilter={quote(champions)}", run_name, "the runs holding a champion")
+        browser.wait_for(
+            "[...document.querySelectorAll('[role=row], .ag-row')].filter(r => r.innerText.includes('-s')).length "
+            f"<= {len(runs)}",
+            "the filtered runs table",
+        )
+        time.sleep(2)
+        shot("6-champion-runs.png", 400)
         browser.open(f"{url}/#/experiments/{exp}/runs/{run_id}", "Metrics", "the run's page")
         shot("2-run.png", 1300)
         browser.open(
@@ -446,9 +473,60 @@ def take(url: str, out: Path, dataset: str = DATASET) -> list[Path]:
         browser.click(r"^Outputs \(\d+\)$", "Schema -> Outputs")
         time.sleep(1)
         shot("5-model-version.png", 1300)
+        # The registered model's versions: the alias and each description's first line.
+        browser.open(f"{url}/#/models/{quote(name)}", "Version", "the registered model's versions")
+        browser.wait_for(
+            f"document.body.innerText.includes({json.dumps(model_description(client, name, version))})",
+            "the versions' descriptions",
+        )
+        shot("7-model-versions.png", 1000)
+        # The report run's report.html (its figures embedded) in the Artifacts tab.
+        if reports:
+            report = reports[0].info.run_id
+            browser.open(
+                f"{url}/#/experiments/{exp}/runs/{report}/artifacts/report/report.html",
+                "report.html",
+                "the report run's artifacts",
+                settle_s=5,
+            )
+            shot("8-report.png", 1300)
+            # Further down the same page: the retrieval grids. The page is in a sandboxed
+            # iframe (no script reaches into it), so a mouse wheel scrolls it, by as much as
+            # the grids' heading lies down the page at the iframe's width.
+            frame = browser.run(
+                "(() => { const r = document.querySelector('iframe').getBoundingClientRect();"
+                " return [r.x, r.y, r.width, r.height]; })()"
+            )
+            with tempfile.TemporaryDirectory(prefix="dpfah-report-") as tmp:
+                page = client.download_artifacts(report, "report/report.html", tmp)
+                browser.size(int(frame[2]), int(frame[3]))
+                browser.open(Path(page).as_uri(), "Retrieval grids", "the report alone")
+                down = browser.run(
+                    "(() => { const h = [...document.querySelectorAll('p')].find(e =>"
+                    " e.innerText.startsWith('Retrieval grids')); return h.getBoundingClientRect().top - 16; })()"
+                )
+            browser.size(1600, 1100)
+            browser.open(
+                f"{url}/#/experiments/{exp}/runs/{report}/artifacts/report/report.html",
+                "report.html",
+                "the report run's artifacts",
+                settle_s=5,
+            )
+            x, y = frame[0] + frame[2] / 2, frame[1] + min(frame[3], 800) / 2
+            browser.call("Input.dispatchMouseEvent", session=True, type="mouseWheel", x=x, y=y, deltaX=0, deltaY=down)
+            time.sleep(2)
+            shot("9-report-grids.png", 880)
+        else:
+            print(f"no report run in dpfah-{dataset}: no 8-report.png (python -m pipeline.report --dataset {dataset})")
     finally:
         browser.close()
     return shots
+
+
+def model_description(client, name: str, version: str) -> str:
+    """The start of a version's description: its row in the version list shows the first 32
+    characters or so of the first line, then "..." (MLflow 3.17)."""
+    return (client.get_model_version(name, version).description or "").splitlines()[0][:20]
 
 
 def main(argv: list[str] | None = None) -> int:

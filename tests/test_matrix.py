@@ -148,3 +148,33 @@ def test_a_matrix_stopped_part_way_finishes_only_the_unfinished_entries(ray_loca
     assert sorted(rest.finished) == sorted(again.train) and not rest.failed
     assert {k: json.loads(k.run_file(root).read_text())["run_id"] for k in done} == runs
     assert all(k.metrics_file(root).is_file() for k in keys)
+
+
+def test_the_store_and_experiments_exist_before_any_trial_opens_a_run(toy_dataset, tmp_path):
+    """Trials that each found a new SQLite store created its tables at once and raced ("table
+    webhooks already exists", or a half-migrated store that failed every retry): the matrix
+    now creates the store and the experiments first, so concurrent trials only open runs."""
+    import subprocess
+    import sys
+
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.matrix import open_experiments
+
+    work, images = toy_dataset
+    params = _params(work, images, tmp_path)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    open_experiments(params, ["toy"])
+    assert MlflowClient(uri).get_experiment_by_name("dpfah-toy") is not None
+    opener = (
+        "import sys, mlflow; mlflow.set_tracking_uri(sys.argv[1]); mlflow.set_experiment('dpfah-toy');"
+        " mlflow.start_run(run_name=sys.argv[2]); mlflow.end_run()"
+    )
+    procs = [
+        subprocess.Popen([sys.executable, "-c", opener, uri, f"trial-{i}"], stderr=subprocess.PIPE, text=True)
+        for i in range(4)
+    ]
+    errors = [p.communicate(timeout=120)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0] * 4, errors
+    runs = MlflowClient(uri).search_runs([MlflowClient(uri).get_experiment_by_name("dpfah-toy").experiment_id])
+    assert sorted(r.info.run_name for r in runs) == [f"trial-{i}" for i in range(4)]

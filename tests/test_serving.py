@@ -113,6 +113,10 @@ def test_a_refusal_is_also_the_given_base_and_keeps_its_sentence():
     [
         (np.zeros((0,)), "no images"),
         (np.zeros((0, 4, 4, 3), np.uint8), "no images"),
+        ([], "no images"),
+        ([np.zeros((8, 8, 3), int).tolist(), np.zeros((4, 6, 3), int).tolist()], "must share H and W"),
+        ([[[[0, 0, "a"]]]], "Got text values"),
+        ([[[[0, 0, None]]]], "Got non-numeric (null, object or over 64-bit) values"),
         (np.zeros((4, 5), np.int64), "shape (4, 5)"),
         (np.zeros((4, 5, 3), np.uint8), "shape (4, 5, 3)"),
         (np.full((1, 4, 4, 3), 0.5, np.float32), "float32"),
@@ -130,7 +134,7 @@ def test_refusals_in_process_are_one_sentence_value_errors(images, words):
         encoder(images)
     message = str(refused.value)
     assert words in message and _one_sentence(message), message
-    assert "(N, H, W, 3)" in message or "limit" in message, message
+    assert "(N, H, W, 3)" in message or "limit" in message or "one per request" in message, message
 
 
 # ----------------------------------------------------------------------------- served
@@ -216,17 +220,34 @@ def test_served_arrays_not_of_images_are_a_400_without_the_array(served):
 
 
 def test_served_empty_request_is_a_400_in_one_sentence(served):
-    """Was MLflow's "unexpected error while evaluating the model" with a stack trace (its
-    PyTorch flavour refused the list); the pyfunc model gets an empty array and says so."""
-    assert "The request holds no images" in _refused(served, [])
+    """Was MLflow's "tensor-based model signature with no input names" (its parse of an empty
+    list); the model gets the empty list and says so."""
+    message = _refused(served, [])
+    assert message == (
+        "The request holds no images: expected RGB images as an array (N, H, W, 3) of integers 0..255 (uint8), "
+        "with N >= 1."
+    ), message
 
 
-def test_served_images_of_different_sizes_stay_mlflows_400(served):
-    """Images of different sizes never reach the model: MLflow 3.17's JSON parse fails on
-    them, a 400 in numpy's words (docs/serving.md: send them one per request)."""
+def test_served_images_of_different_sizes_are_a_400_that_says_to_send_them_one_per_request(served):
+    """Was numpy's "inhomogeneous shape" from MLflow's JSON parse, before the model ran: the
+    signature now has MLflow hand the request's lists to the model as they are."""
     ragged = [np.zeros((8, 8, 3), np.uint8).tolist(), np.zeros((4, 6, 3), np.uint8).tolist()]
-    status, answer = _post(served, {"inputs": ragged})
-    assert status == 400 and "inhomogeneous shape" in answer["message"] and len(answer["message"]) < 250, answer
+    message = _refused(served, ragged)
+    assert message == (
+        "Got images of different sizes (nested lists of unequal lengths): images in one request must share "
+        "H and W, or be sent one per request."
+    ), message
+    assert "Got text values" in _refused(served, [[[[0, 0, "red"]]]])
+
+
+def test_served_two_dimensional_array_names_its_shape_and_what_was_expected(served):
+    flat = np.random.default_rng(5).integers(0, 256, (4, 6)).tolist()
+    message = _refused(served, flat)
+    assert message == (
+        "Got an array of shape (4, 6): expected RGB images as an array (N, H, W, 3) of integers 0..255 (uint8) "
+        "(send a single image as a list of one image)."
+    ), message
 
 
 def test_the_server_still_answers_good_requests_with_the_networks_codes(served):
