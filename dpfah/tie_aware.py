@@ -60,14 +60,25 @@ def group_expectation(n, r, n_before, r_before, h=None):
     return np.where((n > 0) & (r > 0), e, 0.0)
 
 
-def tie_aware_ap(hist_all: np.ndarray, hist_rel: np.ndarray, topk: int) -> np.ndarray:
-    """Per-query expected AP@topk over all orders inside tie groups (0 with nothing relevant)."""
+def tie_aware_ap(hist_all: np.ndarray, hist_rel: np.ndarray, topk: int, *, every_group: bool = False) -> np.ndarray:
+    """Per-query expected AP@topk over all orders inside tie groups (0 with nothing relevant).
+
+    ``every_group=True`` computes the group expectation on every group, as before the work of
+    issue 30 (same bits, slower; bench/metrics.py times both).
+    """
     nq = hist_all.shape[0]
     n_before = np.cumsum(hist_all, axis=1) - hist_all
     r_before = np.cumsum(hist_rel, axis=1) - hist_rel
     full = n_before + hist_all <= topk  # groups entirely inside the top R
-    e = group_expectation(hist_all, hist_rel, n_before, r_before)
-    s_full = np.where(full, e, 0.0).sum(axis=1)
+    # the expectation only where it is not 0 (a group inside the top R holding relevant items):
+    # the same numbers in the same places as on the whole array, a fraction of the work
+    if every_group:
+        e = np.where(full, group_expectation(hist_all, hist_rel, n_before, r_before), 0.0)
+    else:
+        some = full & (hist_all > 0) & (hist_rel > 0)
+        e = np.zeros(hist_all.shape)
+        e[some] = group_expectation(hist_all[some], hist_rel[some], n_before[some], r_before[some])
+    s_full = e.sum(axis=1)
     r_full = np.where(full, hist_rel, 0).sum(axis=1)
     ap = np.zeros(nq)
     # the group cut by rank R, if any (at most one per query)

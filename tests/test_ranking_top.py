@@ -11,6 +11,7 @@ import pytest
 
 from dpfah import metrics as M
 from dpfah import ranking_scan
+from dpfah.tie_aware import tie_aware_ap
 
 
 def require_ranking():
@@ -109,3 +110,16 @@ def test_scan_top_needs_a_cutoff_or_point():
     )
     with pytest.raises(ValueError, match="at least one cutoff or point"):
         ranking_scan.scan(data, kernel=ranking.scan_top)
+
+
+def test_tie_aware_ap_same_bits_as_on_every_group():
+    """tie_aware_ap computes the group expectation only where it is not 0: the same bits as the
+    computation on every group (the one before; every_group=True), on random histograms."""
+    rng = np.random.default_rng(3)
+    for _ in range(100):
+        nq, nb = int(rng.integers(1, 40)), int(rng.integers(2, 70))
+        hist_all = rng.integers(0, int(rng.integers(1, 3000)), (nq, nb))
+        hist_rel = (hist_all * rng.random((nq, nb))).astype(np.int64)
+        for r in (1, 10, 100, 1000, int(hist_all.sum(axis=1).max())):
+            a = tie_aware_ap(hist_all, hist_rel, r)
+            assert np.array_equal(a, tie_aware_ap(hist_all, hist_rel, r, every_group=True))
