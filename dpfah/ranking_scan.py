@@ -59,6 +59,15 @@ class Data:
         return self.dc.shape[0]
 
 
+def _zero_one(a: np.ndarray) -> bool:
+    """Whether every value is 0 or 1 (integers: two reductions instead of three passes)."""
+    if a.dtype == bool:
+        return True
+    if np.issubdtype(a.dtype, np.integer):
+        return a.size == 0 or (int(a.min()) >= 0 and int(a.max()) <= 1)
+    return bool(np.all((a == 0) | (a == 1)))
+
+
 def prepare(query_codes, db_codes, query_labels, db_labels) -> Data:
     arrays = {}
     for name, x in (
@@ -85,7 +94,7 @@ def prepare(query_codes, db_codes, query_labels, db_labels) -> Data:
     if ql.shape[1] < 1:
         raise ValueError("labels must have at least one class column")
     for name, a in (("query_labels", ql), ("db_labels", dl)):
-        if not np.all((a == 0) | (a == 1)):
+        if not _zero_one(a):
             raise ValueError(f"{name} must contain only 0 and 1")
     packed = []
     for name, a in (("query_codes", qc), ("db_codes", dc)):

@@ -123,3 +123,13 @@ def test_tie_aware_ap_same_bits_as_on_every_group():
         for r in (1, 10, 100, 1000, int(hist_all.sum(axis=1).max())):
             a = tie_aware_ap(hist_all, hist_rel, r)
             assert np.array_equal(a, tie_aware_ap(hist_all, hist_rel, r, every_group=True))
+
+
+@pytest.mark.parametrize("bad", [-1, 2, 0.5])
+def test_labels_other_than_zero_and_one_are_refused(bad):
+    rng = np.random.default_rng(4)
+    ql, dl = labels(rng, 3, 4, False), labels(rng, 9, 4, False)
+    dl = dl.astype(np.float32) if isinstance(bad, float) else dl
+    dl[5, 2] = bad
+    with pytest.raises(ValueError, match="db_labels must contain only 0 and 1"):
+        ranking_scan.prepare(np.ones((3, 8), np.int8), np.ones((9, 8), np.int8), ql, dl)
