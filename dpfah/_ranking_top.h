@@ -200,7 +200,7 @@ FORCE_INLINE void finish_query(scan_args *a, top_scratch *s, Py_ssize_t qi, uint
             const int64_t hits = (rcur[d] += rel);
             const int take = rel & (rank <= maxcut);
             const double prec = (double)hits / (double)rank;
-            ap += take ? prec : 0.0; /* + 0.0 leaves ap (>= +0.0) bit for bit as it was */
+            ap += prec * (double)take; /* prec or +0.0: adding +0.0 leaves ap (>= +0.0) bit for bit */
             nrel += take;
         }
         st.ap[0] = ap;
@@ -232,14 +232,17 @@ FORCE_INLINE void collect_block(const scan_args *a, top_scratch *s, collect_fn c
 /* First threshold of query q: one above the distance at which an even sample of SAMPLE items
  * reaches the share kmax / ndb (measured on benchmark codes: few re-collections, few spare
  * candidates). Any value is correct; a low one costs a second collection. */
-#define SAMPLE 2048
+#define SAMPLE_LOG2 11
+#define SAMPLE (1 << SAMPLE_LOG2)
 FORCE_INLINE unsigned guess_t(const scan_args *a, const uint64_t *q, uint32_t *h, int64_t kmax)
 {
     const Py_ssize_t nb = (Py_ssize_t)a->bits + 1, W = a->W, ndb = a->ndb;
     const Py_ssize_t S = ndb < SAMPLE ? ndb : SAMPLE;
+    const int shift = ndb < SAMPLE ? 0 : SAMPLE_LOG2; /* item k * ndb / S, without a division */
+    const int64_t mul = ndb < SAMPLE ? 1 : ndb;
     memset(h, 0, sizeof(uint32_t) * (size_t)nb);
     for (Py_ssize_t k = 0; k < S; k++) {
-        const Py_ssize_t i = (Py_ssize_t)(((int64_t)k * ndb) / S);
+        const Py_ssize_t i = (Py_ssize_t)(((int64_t)k * mul) >> shift);
         unsigned d = 0;
         for (Py_ssize_t w = 0; w < W; w++) d += POPCOUNT64(q[w] ^ a->dc[i * W + w]);
         h[d]++;
