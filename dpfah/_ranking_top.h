@@ -20,6 +20,12 @@
  * the scalar loop (POPCNT or plain C).
  */
 
+#if defined(__GNUC__) || defined(__clang__)
+#define PREFETCH(p) __builtin_prefetch((p), 0, 3)
+#else
+#define PREFETCH(p) ((void)(p))
+#endif
+
 typedef void (*collect_fn)(const uint64_t *q, const uint64_t *ql, const uint64_t *dc, const uint64_t *dl,
                            Py_ssize_t t0, Py_ssize_t n, Py_ssize_t W, Py_ssize_t L, unsigned T, uint16_t *keys,
                            Py_ssize_t *cn, uint32_t *cnt);
@@ -220,6 +226,13 @@ FORCE_INLINE void collect_block(const scan_args *a, top_scratch *s, collect_fn c
     for (Py_ssize_t qq = 0; qq < nqb; qq++) cn[qq] = 0;
     for (Py_ssize_t t0 = 0; t0 < ndb; t0 += TILE) {
         const Py_ssize_t tn = ndb - t0 < TILE ? ndb - t0 : TILE;
+        /* the candidates read labels here and there: bring the next tile's labels closer (the
+         * codes are read in order, which the hardware prefetcher sees) */
+        if (nqb > 1 && t0 + TILE < ndb) {
+            const char *next = (const char *)(a->dl + (t0 + TILE) * L);
+            const Py_ssize_t nn = ndb - t0 - TILE < TILE ? ndb - t0 - TILE : TILE;
+            for (Py_ssize_t off = 0; off < nn * L * 8; off += 64) PREFETCH(next + off);
+        }
         for (Py_ssize_t qq = 0; qq < nqb; qq++) {
             uint32_t *cnt = s->cnt + qq * nb;
             collect(a->qc + (q0 + qq) * W, a->ql + (q0 + qq) * L, a->dc, a->dl, t0, tn, W, L, T[qq],
