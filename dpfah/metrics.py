@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import kernels as _kernels
-from .ranking_scan import Data, check_ties, prepare, resolve_ranks, resolve_topk, scan
+from .ranking_scan import Data, check_ties, prepare, resolve_ranks, resolve_topk, scan, threads
 from .tie_aware import tie_aware_ap
 
 # Optional compiled kernel (setup.py builds it where a compiler exists); None without it.
@@ -88,7 +88,7 @@ def mean_average_precision(
     else:
         # tie_aware_ap reads the groups up to the one that rank r cuts: scan_top's histogram
         sc = _scan(data, cutoffs=[r] if top else (), n_threads=n_threads, top=top)
-        per_q = tie_aware_ap(sc.hist_all, sc.hist_rel, r)
+        per_q = tie_aware_ap(sc.hist_all, sc.hist_rel, r, n_threads=threads(n_threads))
     mean = float(per_q.mean())
     return (mean, per_q) if return_per_query else mean
 
@@ -236,7 +236,7 @@ def retrieval_report(
         "topk": r,
         "topk_is_all": r == data.ndb,
         "map": float(per_q.mean()),
-        "map_tie_aware": float(tie_aware_ap(sc.hist_all, sc.hist_rel, r).mean()),
+        "map_tie_aware": float(tie_aware_ap(sc.hist_all, sc.hist_rel, r, n_threads=threads(n_threads)).mean()),
         "zero_relevant_share": float((sc.nrel[:, 0] == 0).mean()),
         "radius": radius,
         "precision_within_radius": float(ball.mean()),

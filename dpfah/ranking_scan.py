@@ -133,7 +133,8 @@ def resolve_ranks(values, name: str) -> np.ndarray:
     return v
 
 
-def _threads(n_threads) -> int:
+def threads(n_threads) -> int:
+    """Threads to use: all cores this process may run on for None, else n_threads (>= 1)."""
     if n_threads is None:
         try:
             return max(1, len(os.sched_getaffinity(0)))
@@ -197,9 +198,9 @@ def scan(data: Data, cutoffs=(), points=(), n_threads=None, *, kernel=None) -> S
     use_c = kernel is not None
     kernel = kernel if use_c else scan_chunk_numpy
     chunk = _C_CHUNK if use_c else max(1, _NUMPY_CHUNK_ELEMENTS // ndb)
-    threads = _threads(n_threads)
+    n_workers = threads(n_threads)
     # enough chunks to balance the threads, never more than `chunk` queries per call
-    chunk = max(1, min(chunk, -(-nq // (4 * threads))))
+    chunk = max(1, min(chunk, -(-nq // (4 * n_workers))))
     starts = range(0, nq, chunk)
 
     def work(s: int):
@@ -225,9 +226,9 @@ def scan(data: Data, cutoffs=(), points=(), n_threads=None, *, kernel=None) -> S
                 prec_sum[:] += r[0]
                 rec_sum[:] += r[1]
 
-    if threads == 1 or len(starts) == 1:
+    if n_workers == 1 or len(starts) == 1:
         add(map(work, starts))
     else:
-        with ThreadPoolExecutor(max_workers=threads) as pool:  # the kernel releases the GIL
+        with ThreadPoolExecutor(max_workers=n_workers) as pool:  # the kernel releases the GIL
             add(pool.map(work, starts))
     return Scan(hist[:, 0::2] + hist[:, 1::2], hist[:, 1::2].copy(), ap, nrel, prec_sum, rec_sum)

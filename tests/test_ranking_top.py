@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from dpfah import metrics as M
-from dpfah import ranking_scan
+from dpfah import ranking_scan, tie_aware
 from dpfah.tie_aware import tie_aware_ap
 
 
@@ -133,3 +133,15 @@ def test_labels_other_than_zero_and_one_are_refused(bad):
     dl[5, 2] = bad
     with pytest.raises(ValueError, match="db_labels must contain only 0 and 1"):
         ranking_scan.prepare(np.ones((3, 8), np.int8), np.ones((9, 8), np.int8), ql, dl)
+
+
+def test_tie_aware_ap_same_bits_with_threads(monkeypatch):
+    """The straddling queries' blocks cut into parts of rows for threads: the same bits."""
+    monkeypatch.setattr(tie_aware, "_PART_ELEMENTS", 64)
+    rng = np.random.default_rng(6)
+    hist_all = rng.integers(0, 400, (300, 33))
+    hist_rel = (hist_all * rng.random((300, 33))).astype(np.int64)
+    for r in (5, 100, 1000, 3000):
+        one = tie_aware_ap(hist_all, hist_rel, r)
+        for n in (2, 3, 7):
+            assert np.array_equal(one, tie_aware_ap(hist_all, hist_rel, r, n_threads=n))
