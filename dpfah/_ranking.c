@@ -20,6 +20,10 @@
  *   ap[q, c] = sum of precision@rank over relevant items of rank <= R, nrel[q, c] = their
  *   count. For each point p: relcount[q, j] = #relevant items in the top p.
  *
+ * scan_top (dpfah/_ranking_top.h) is the variant for mAP@R with R small beside the database:
+ * distances first, only the items up to the distance that reaches rank R are kept, then the
+ * same pass 2 over them (the same values, bit for bit; the histogram stops at that distance).
+ *
  * Buffers come through the buffer protocol (C-contiguous; uint64 codes and labels, int64
  * histogram/cutoffs/points/counts, float64 ap), all outputs are allocated by the caller,
  * and the scan runs without the GIL so Python threads over query chunks use every core.
