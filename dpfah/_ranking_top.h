@@ -148,9 +148,10 @@ DPFAH_AVX512_VPOPCNT static NOINLINE void collect_avx512_vpopcnt(const uint64_t 
     collect512(q, ql, dc, dl, t0, n, W, L, T, keys, cn, cnt, popcnt512_vp);
 }
 
+#endif
+
 /* whether the AVX-512 kernel uses VPOPCNTQ (set at import where the CPU has it; set_vpopcnt) */
 static int use_vpopcnt = 0;
-#endif
 
 typedef struct {
     uint16_t *keys; /* QBLOCK x ndb: keys of the candidates, in index order */
