@@ -72,8 +72,9 @@ def tie_aware_ap(
     """Per-query expected AP@topk over all orders inside tie groups (0 with nothing relevant).
 
     ``n_threads``: threads for the queries whose top R cuts a tie group (the same bits with
-    any number). ``every_group=True`` computes the group expectation on every group, as before the work of
-    issue 30 (same bits, slower; bench/metrics.py times both).
+    any number). ``every_group=True`` computes as before the work of issue 30: the group
+    expectation on every group, each block of those queries in one piece on one thread (the
+    same bits, slower; bench/metrics.py times both).
     """
     nq = hist_all.shape[0]
     n_before = np.cumsum(hist_all, axis=1) - hist_all
@@ -123,7 +124,7 @@ def tie_aware_ap(
         # row sums, so a block may be cut into parts of rows (threads), never regrouped
         w = int(width_all[rows].max())
         # parts of about _PART_ELEMENTS elements: their temporaries stay in the cache
-        step = max(_MIN_PART_ROWS, _PART_ELEMENTS // w)
+        step = rows.size if every_group else max(_MIN_PART_ROWS, _PART_ELEMENTS // w)
         blocks += [(rows[a : a + step], w) for a in range(0, rows.size, step)]
         i = j
 
@@ -133,7 +134,7 @@ def tie_aware_ap(
             n[rows], r[rows], m[rows], lo[rows], hi[rows], nb4[rows], rb4[rows], sf[rows], h_m[rows], w
         )
 
-    if len(blocks) > 1 and n_threads > 1:
+    if len(blocks) > 1 and n_threads > 1 and not every_group:
         with ThreadPoolExecutor(max_workers=n_threads) as pool:  # numpy releases the GIL
             list(pool.map(run, blocks))
     else:
