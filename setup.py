@@ -27,7 +27,7 @@ def _kernel(name: str, source: str) -> Extension:
     return Extension(
         name,
         [source],
-        depends=["dpfah/_cpu.h"],
+        depends=["dpfah/_cpu.h", "dpfah/_ranking_top.h"],
         extra_compile_args=_FLAGS,
         optional=not _REQUIRED,
     )

@@ -15,6 +15,11 @@ queries with no relevant item count as 0. It is timed on a subset of the queries
 values of ours and plain are checked equal, query by query, on that subset. The tie-aware mAP
 is printed beside the index-tie one.
 
+"before" is dpfah's path before the speed work of issue 30, timed in the same run: the full
+scan (``dpfah.metrics._USE_TOP = False``) and ``tie_aware_ap(..., every_group=True)``; its
+values must equal ours bit for bit (column "same bits"). The load average (1 min) is recorded
+before and after each case: the machine is shared, compare numbers taken at a low load.
+
 If bench/search.py exists and exposes run_search_benchmark(...), its rows are printed and
 stored under "search" in the JSON.
 
@@ -26,6 +31,8 @@ stored under "search" in the JSON.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import importlib.util
 import json
 import os
@@ -40,7 +47,9 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from bench.search import _cpu_model  # noqa: E402
 from dpfah import metrics as M  # noqa: E402
+from dpfah import tie_aware as TA  # noqa: E402
 
 CASES = [
     {"name": "imagenet100", "n_queries": 5000, "n_db": 128_503, "classes": 100, "topk": 1000},
@@ -89,13 +98,29 @@ def plain_map_per_query(q_codes, db_codes, q_labels, db_labels, topk=None) -> np
     return out
 
 
-def timed(fn, repeats: int):
-    best, value = float("inf"), None
+def timed(fn, repeats: int, cpu: list | None = None):
+    """Best wall time of `repeats` calls and the last value; `cpu` gets the least process CPU
+    seconds of a call (all threads: steadier than the wall time when others load the machine)."""
+    best, best_cpu, value = float("inf"), float("inf"), None
     for _ in range(repeats):
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         value = fn()
         best = min(best, time.perf_counter() - t)
+        best_cpu = min(best_cpu, time.process_time() - c)
+    if cpu is not None:
+        cpu.append(best_cpu)
     return best, value
+
+
+@contextlib.contextmanager
+def before_issue30():
+    """dpfah.metrics as before issue 30: the full scan, the tie-aware expectation on every group."""
+    saved = M._USE_TOP, M.tie_aware_ap
+    M._USE_TOP, M.tie_aware_ap = False, functools.partial(TA.tie_aware_ap, every_group=True)
+    try:
+        yield
+    finally:
+        M._USE_TOP, M.tie_aware_ap = saved
 
 
 def run_case(case: dict, args) -> dict:
@@ -107,13 +132,20 @@ def run_case(case: dict, args) -> dict:
     M._USE_COMPILED = M._ranking is not None
     backend = M.backend()
     kernel = M._ranking.get_kernel() if backend == "c" else "-"
-    ours_s, (ours_map, ours_pq) = timed(
-        lambda: M.mean_average_precision(qc, dc, ql, dl, topk=topk, return_per_query=True, n_threads=args.threads),
-        args.repeats,
-    )
-    tie_s, tie_map = timed(
-        lambda: M.mean_average_precision(qc, dc, ql, dl, topk=topk, ties="average", n_threads=args.threads), 1
-    )
+    load_start = os.getloadavg()[0]
+
+    def map_of(ties):
+        return lambda: M.mean_average_precision(
+            qc, dc, ql, dl, topk=topk, ties=ties, return_per_query=True, n_threads=args.threads
+        )
+
+    cpu: list[float] = []  # CPU seconds: ours, tie-aware, before, tie-aware before
+    ours_s, (ours_map, ours_pq) = timed(map_of("index"), args.repeats, cpu)
+    tie_s, (tie_map, tie_pq) = timed(map_of("average"), args.repeats, cpu)
+    with before_issue30():
+        before_s, (_, before_pq) = timed(map_of("index"), args.repeats, cpu)
+        tie_before_s, (_, tie_before_pq) = timed(map_of("average"), args.repeats, cpu)
+    same_bits = bool(np.array_equal(ours_pq, before_pq) and np.array_equal(tie_pq, tie_before_pq))
     report_s, report = timed(
         lambda: M.retrieval_report(qc, dc, ql, dl, topk=topk, max_n=1000, n_threads=args.threads), 1
     )
@@ -134,10 +166,17 @@ def run_case(case: dict, args) -> dict:
         "kernel": kernel,
         "threads": args.threads or len(os.sched_getaffinity(0)),
         "ours_s": ours_s,
+        "before_s": before_s,
+        "ours_cpu_s": cpu[0],
+        "before_cpu_s": cpu[2],
         "ours_repeats": args.repeats,
         "map_index": ours_map,
         "map_tie_aware": tie_map,
         "tie_aware_s": tie_s,
+        "tie_aware_before_s": tie_before_s,
+        "tie_aware_cpu_s": cpu[1],
+        "tie_aware_before_cpu_s": cpu[3],
+        "same_bits_as_before": same_bits,
         "retrieval_report_s": report_s,
         "p_at_h2": report["precision_within_radius"],
         "empty_share_h2": report["empty_share"],
@@ -159,6 +198,7 @@ def run_case(case: dict, args) -> dict:
             M._USE_COMPILED = M._ranking is not None
         row["numpy_fallback_s"] = np_s
         row["numpy_fallback_equal"] = bool(abs(np_map - ours_map) <= 1e-12)
+    row["loadavg_1min_start"], row["loadavg_1min_end"] = load_start, os.getloadavg()[0]
     return row
 
 
@@ -221,6 +261,9 @@ def main(argv=None) -> int:
             ("n_queries", "queries", "d"),
             ("n_db", "db", "d"),
             ("ours_s", "ours s", ".3f"),
+            ("before_s", "before s", ".3f"),
+            ("ours_cpu_s", "ours CPU s", ".3f"),
+            ("before_cpu_s", "before CPU s", ".3f"),
             ("plain_queries_timed", "queries timed", "d"),
             ("plain_s_timed", "plain s (timed)", ".2f"),
             ("plain_s_full_estimate", "plain s (full, est.)", ".1f"),
@@ -241,12 +284,18 @@ def main(argv=None) -> int:
             [
                 ("case", "case", ""),
                 ("tie_aware_s", "tie-aware s", ".3f"),
+                ("tie_aware_before_s", "tie-aware before s", ".3f"),
+                ("tie_aware_cpu_s", "CPU s", ".3f"),
+                ("tie_aware_before_cpu_s", "before CPU s", ".3f"),
+                ("same_bits_as_before", "same bits", ""),
                 ("retrieval_report_s", "retrieval_report s", ".3f"),
                 ("numpy_fallback_s", "numpy fallback s", ".2f"),
                 ("numpy_fallback_equal", "fallback equal", ""),
                 ("p_at_h2", "P@H<=2", ".4f"),
                 ("empty_share_h2", "empty balls", ".4f"),
                 ("max_abs_diff_per_query", "max |AP diff|", ".1e"),
+                ("loadavg_1min_start", "load start", ".2f"),
+                ("loadavg_1min_end", "load end", ".2f"),
             ],
         )
 
@@ -256,6 +305,7 @@ def main(argv=None) -> int:
             "cpus": os.cpu_count(),
             "affinity": len(os.sched_getaffinity(0)),
             "processor": platform.processor() or platform.machine(),
+            "cpu_model": _cpu_model(),
             "python": platform.python_version(),
             "numpy": np.__version__,
         },
@@ -285,7 +335,7 @@ def main(argv=None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2, default=_json_default) + "\n")
     print(f"\nwrote {out}")
-    ok = all(r["equal"] for r in rows)
+    ok = all(r["equal"] and r["same_bits_as_before"] for r in rows)
     if not ok:
         print("MISMATCH between ours and plain", file=sys.stderr)
     return 0 if ok else 1

@@ -20,6 +20,10 @@
  *   ap[q, c] = sum of precision@rank over relevant items of rank <= R, nrel[q, c] = their
  *   count. For each point p: relcount[q, j] = #relevant items in the top p.
  *
+ * scan_top (dpfah/_ranking_top.h) is the variant for mAP@R with R small beside the database:
+ * distances first, only the items up to the distance that reaches rank R are kept, then the
+ * same pass 2 over them (the same values, bit for bit; the histogram stops at that distance).
+ *
  * Buffers come through the buffer protocol (C-contiguous; uint64 codes and labels, int64
  * histogram/cutoffs/points/counts, float64 ap), all outputs are allocated by the caller,
  * and the scan runs without the GIL so Python threads over query chunks use every core.
@@ -450,6 +454,39 @@ DPFAH_AVX512 static NOINLINE void query_avx512(const pass2_state *stp, const voi
 /* ---------------------------------------------------------------------------------------- */
 /* driver                                                                                    */
 
+/* pass 2 state of query qi, its ap and nrel zeroed (cur, rcur: set by the caller) */
+FORCE_INLINE pass2_state pass2_start(scan_args *a, Py_ssize_t qi, int64_t *cur, int64_t *rcur, int64_t maxcut,
+                                     int64_t maxpt)
+{
+    pass2_state st;
+    st.cur = cur;
+    st.rcur = rcur;
+    st.maxpt = maxpt;
+    st.maxcut = maxcut;
+    st.relrank = a->relrank;
+    st.cut = a->cut;
+    st.ncut = a->ncut;
+    st.ap = a->ap + qi * a->ncut;
+    st.nrel = a->nrel + qi * a->ncut;
+    for (Py_ssize_t c = 0; c < a->ncut; c++) {
+        st.ap[c] = 0.0;
+        st.nrel[c] = 0;
+    }
+    return st;
+}
+
+/* relcount of query qi at the rank points, from the relevance of ranks 1..maxpt */
+FORCE_INLINE void rank_points(scan_args *a, Py_ssize_t qi)
+{
+    if (!a->npts) return;
+    int64_t *rc = a->relcnt + qi * a->npts;
+    int64_t run = 0, r = 0;
+    for (Py_ssize_t j = 0; j < a->npts; j++) {
+        for (; r < a->pts[j]; r++) run += a->relrank[r];
+        rc[j] = run;
+    }
+}
+
 FORCE_INLINE void scan_impl(scan_args *a, tile_fn tile, query_fn query)
 {
     const Py_ssize_t nb = (Py_ssize_t)a->bits + 1, nkeys = 2 * nb;
@@ -495,29 +532,9 @@ FORCE_INLINE void scan_impl(scan_args *a, tile_fn tile, query_fn query)
                     need = n_before; /* items at distance <= dcut */
                 }
             }
-            pass2_state st;
-            st.cur = cur;
-            st.rcur = rcur;
-            st.maxpt = maxpt;
-            st.maxcut = maxcut;
-            st.relrank = a->relrank;
-            st.cut = a->cut;
-            st.ncut = a->ncut;
-            st.ap = a->ap + qi * a->ncut;
-            st.nrel = a->nrel + qi * a->ncut;
-            for (Py_ssize_t c = 0; c < a->ncut; c++) {
-                st.ap[c] = 0.0;
-                st.nrel[c] = 0;
-            }
+            pass2_state st = pass2_start(a, qi, cur, rcur, maxcut, maxpt);
             query(&st, (const uint8_t *)a->keys + qq * kstride, kb, ndb, 2u * (unsigned)dcut + 1u, need);
-            if (a->npts) {
-                int64_t *rc = a->relcnt + qi * a->npts;
-                int64_t run = 0, r = 0;
-                for (Py_ssize_t j = 0; j < a->npts; j++) {
-                    for (; r < a->pts[j]; r++) run += a->relrank[r];
-                    rc[j] = run;
-                }
-            }
+            rank_points(a, qi);
         }
     }
 }
@@ -538,6 +555,21 @@ static const scan_fn scan_fns[DPFAH_K_COUNT] = {scan_portable, NULL, NULL, NULL}
 #define RANK_BUILT DPFAH_KBIT(DPFAH_K_PORTABLE)
 #endif
 static int current_kernel = DPFAH_K_PORTABLE;
+
+#include "_ranking_top.h"
+
+typedef void (*scan_top_fn)(scan_args *, top_scratch *);
+static void scan_top_portable(scan_args *a, top_scratch *s) { scan_top_impl(a, s, collect_portable); }
+#ifdef DPFAH_X86_DISPATCH
+DPFAH_POPCNT static void scan_top_popcnt(scan_args *a, top_scratch *s) { scan_top_impl(a, s, collect_popcnt); }
+DPFAH_AVX512 static void scan_top_avx512(scan_args *a, top_scratch *s)
+{
+    scan_top_impl(a, s, use_vpopcnt ? collect_avx512_vpopcnt : collect_avx512);
+}
+static const scan_top_fn scan_top_fns[DPFAH_K_COUNT] = {scan_top_portable, scan_top_popcnt, NULL, scan_top_avx512};
+#else
+static const scan_top_fn scan_top_fns[DPFAH_K_COUNT] = {scan_top_portable, NULL, NULL, NULL};
+#endif
 
 /* ------------------------------------------------------------------------------------------ */
 
@@ -563,9 +595,8 @@ static int get_buf(PyObject *obj, Py_buffer *view, int writable, Py_ssize_t item
 
 #define NBUF 11
 
-static PyObject *scan(PyObject *self, PyObject *args)
+static PyObject *scan_common(PyObject *args, int top)
 {
-    (void)self;
     PyObject *o[NBUF - 1];
     int bits;
     if (!PyArg_ParseTuple(args, "OOOOiOOOOOO:scan", &o[0], &o[1], &o[2], &o[3], &bits, &o[4], &o[5], &o[6], &o[7],
@@ -581,7 +612,9 @@ static PyObject *scan(PyObject *self, PyObject *args)
     int got = 0;
     PyObject *result = NULL;
     scan_args a;
+    top_scratch ts;
     memset(&a, 0, sizeof(a));
+    memset(&ts, 0, sizeof(ts));
 
     for (; got < NBUF - 1; got++)
         if (get_buf(o[got], &v[got], writable[got], isz[got], kinds[got], ndims[got], names[got]) < 0) goto done;
@@ -616,6 +649,10 @@ static PyObject *scan(PyObject *self, PyObject *args)
         PyErr_SetString(PyExc_ValueError, "relcount must have shape (n_query, len(points))");
         goto done;
     }
+    if (top && ncut == 0 && npts == 0) {
+        PyErr_SetString(PyExc_ValueError, "scan_top needs at least one cutoff or point");
+        goto done;
+    }
     const int64_t *cut = (const int64_t *)v[5].buf, *pts = (const int64_t *)v[8].buf;
     for (Py_ssize_t j = 0; j < ncut; j++)
         if (cut[j] < 1 || cut[j] > ndb || (j && cut[j] <= cut[j - 1])) {
@@ -648,30 +685,78 @@ static PyObject *scan(PyObject *self, PyObject *args)
     {
         const size_t nb = (size_t)bits + 1;
         a.kb = 2 * bits + 1 <= 255 ? 1 : 2;
-        a.keys = malloc((size_t)QBLOCK * (size_t)a.kb * ((size_t)ndb + 8));
+        if (top) {
+            ts.keys = (uint16_t *)malloc(sizeof(uint16_t) * QBLOCK * (size_t)ndb);
+            ts.cnt = (uint32_t *)malloc(sizeof(uint32_t) * QBLOCK * nb);
+            ts.relc = (int64_t *)malloc(sizeof(int64_t) * nb);
+        } else {
+            a.keys = malloc((size_t)QBLOCK * (size_t)a.kb * ((size_t)ndb + 8));
+            a.sub = (uint32_t *)malloc(sizeof(uint32_t) * QBLOCK * NSUB * 2 * nb);
+        }
         a.relrank = (uint8_t *)malloc(npts ? (size_t)pts[npts - 1] : 1);
-        a.sub = (uint32_t *)malloc(sizeof(uint32_t) * QBLOCK * NSUB * 2 * nb);
         a.work = (int64_t *)malloc(sizeof(int64_t) * 2 * nb);
-        if (!a.keys || !a.relrank || !a.sub || !a.work) {
+        if ((top ? (!ts.keys || !ts.cnt || !ts.relc) : (!a.keys || !a.sub)) || !a.relrank || !a.work) {
             PyErr_NoMemory();
             goto done;
         }
     }
     if (nq > 0) {
-        const scan_fn fn = scan_fns[current_kernel];
-        Py_BEGIN_ALLOW_THREADS fn(&a);
-        Py_END_ALLOW_THREADS
+        if (top) {
+            const scan_top_fn fn = scan_top_fns[current_kernel];
+            Py_BEGIN_ALLOW_THREADS fn(&a, &ts);
+            Py_END_ALLOW_THREADS
+        } else {
+            const scan_fn fn = scan_fns[current_kernel];
+            Py_BEGIN_ALLOW_THREADS fn(&a);
+            Py_END_ALLOW_THREADS
+        }
     }
     Py_INCREF(Py_None);
     result = Py_None;
 
 done:
+    free(ts.keys);
+    free(ts.cnt);
+    free(ts.relc);
     free(a.keys);
     free(a.relrank);
     free(a.sub);
     free(a.work);
     for (int k = 0; k < got; k++) PyBuffer_Release(&v[k]);
     return result;
+}
+
+static PyObject *scan(PyObject *self, PyObject *args)
+{
+    (void)self;
+    return scan_common(args, 0);
+}
+
+static PyObject *scan_top(PyObject *self, PyObject *args)
+{
+    (void)self;
+    return scan_common(args, 1);
+}
+
+static PyObject *set_vpopcnt(PyObject *self, PyObject *args)
+{
+    (void)self;
+    int on;
+    if (!PyArg_ParseTuple(args, "p:set_vpopcnt", &on)) return NULL;
+    const int prev = use_vpopcnt;
+#ifdef DPFAH_X86_DISPATCH
+    if (on && !__builtin_cpu_supports("avx512vpopcntdq")) {
+        PyErr_SetString(PyExc_ValueError, "this CPU has no VPOPCNTQ (avx512vpopcntdq)");
+        return NULL;
+    }
+    use_vpopcnt = on;
+#else
+    if (on) {
+        PyErr_SetString(PyExc_ValueError, "VPOPCNTQ is an x86 instruction");
+        return NULL;
+    }
+#endif
+    return PyBool_FromLong(prev);
 }
 
 static PyObject *set_kernel(PyObject *self, PyObject *args)
@@ -725,6 +810,9 @@ static PyMethodDef methods[] = {
      "set_kernel(name) -> previous name. 'portable' (plain C), 'popcnt' or 'avx512bw' (x86, where the\n"
      "CPU supports them). The best one is chosen at import; this is for tests and benchmarks."},
     {"get_kernel", get_kernel, METH_NOARGS, "Name of the kernel in use."},
+    {"set_vpopcnt", set_vpopcnt, METH_VARARGS,
+     "set_vpopcnt(on) -> previous setting. Whether the avx512bw scan_top counts bits with VPOPCNTQ (chosen at\n"
+     "import where the CPU has it) or by nibble lookup; for tests and benchmarks."},
     {"scan", scan, METH_VARARGS,
      "scan(query_codes, db_codes, query_labels, db_labels, bits, hist, cutoffs, ap, nrel, points, relcount)\n\n"
      "One pass of a query chunk over the database (see dpfah/_ranking.c). Inputs: uint64 packed\n"
@@ -732,6 +820,10 @@ static PyMethodDef methods[] = {
      "1..n_db. Outputs (caller-allocated, overwritten): hist int64 (n_q, 2 (bits+1)), index\n"
      "2 d + rel; ap float64 and nrel int64 (n_q, len(cutoffs)); relcount int64 (n_q, len(points)).\n"
      "Releases the GIL."},
+    {"scan_top", scan_top, METH_VARARGS,
+     "scan_top(...): the arguments and outputs of scan, for top-K metrics (K = the largest cutoff or point,\n"
+     "at least one given): ap, nrel and relcount are those of scan, bit for bit; hist is exact for the\n"
+     "distances up to the one that reaches rank K, 0 beyond (dpfah/_ranking_top.h). Releases the GIL."},
     {NULL, NULL, 0, NULL}};
 
 static struct PyModuleDef moduledef = {PyModuleDef_HEAD_INIT, "_dpfah_ranking",
@@ -739,11 +831,14 @@ static struct PyModuleDef moduledef = {PyModuleDef_HEAD_INIT, "_dpfah_ranking",
 
 /* Version of the Python-visible interface; dpfah.kernels refuses a module with another one
  * (a job's dpfah/ sources may be newer or older than the installed kernels). */
-#define RANK_API_VERSION 1
+#define RANK_API_VERSION 2
 
 PyMODINIT_FUNC PyInit__dpfah_ranking(void)
 {
     current_kernel = dpfah_select_kernel(RANK_BUILT);
+#ifdef DPFAH_X86_DISPATCH
+    use_vpopcnt = __builtin_cpu_supports("avx512vpopcntdq") ? 1 : 0;
+#endif
     PyObject *m = PyModule_Create(&moduledef);
     if (m && PyModule_AddIntConstant(m, "API_VERSION", RANK_API_VERSION) < 0) Py_CLEAR(m);
     return m;

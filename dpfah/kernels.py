@@ -50,7 +50,7 @@ log = logging.getLogger("dpfah.kernels")
 MODULES: dict[str, str] = {"hamming": "_dpfah_hamming", "ranking": "_dpfah_ranking"}
 #: Python-visible interface version each C module must report (``API_VERSION`` in the C
 #: files): a job's ``dpfah/`` sources may be newer or older than the installed kernels.
-API_VERSIONS: dict[str, int] = {"hamming": 1, "ranking": 1}
+API_VERSIONS: dict[str, int] = {"hamming": 1, "ranking": 2}
 #: Users of each part, for the fallback message.
 _USERS = {"hamming": "dpfah.codes", "ranking": "dpfah.metrics"}
 #: Set to 1 (CI) to make the kernels required: setup.py fails on a compile error and the

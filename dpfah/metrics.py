@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import kernels as _kernels
-from .ranking_scan import Data, check_ties, prepare, resolve_ranks, resolve_topk, scan
+from .ranking_scan import Data, check_ties, prepare, resolve_ranks, resolve_topk, scan, threads
 from .tie_aware import tie_aware_ap
 
 # Optional compiled kernel (setup.py builds it where a compiler exists); None without it.
@@ -37,11 +37,26 @@ def backend() -> str:
     return "c" if (_USE_COMPILED and _ranking is not None) else "numpy"
 
 
-def _scan(data: Data, cutoffs=(), points=(), n_threads=None):
-    """``ranking_scan.scan`` with the kernel ``backend()`` names (the fallback announced once)."""
+#: The top-K scan (``_dpfah_ranking.scan_top``) serves mAP@R when R * _TOP_SHARE <= n_db: it
+#: reads only the items of the distances up to the one that reaches rank R, so its histogram
+#: stops there (all the index-tie and tie-aware AP@R use). Larger R: the full scan.
+_TOP_SHARE = 4
+#: Tests and benchmarks set this to False to take the full scan (the path before scan_top).
+_USE_TOP = True
+
+
+def _scan(data: Data, cutoffs=(), points=(), n_threads=None, *, top: bool = False):
+    """``ranking_scan.scan`` with the kernel ``backend()`` names (the fallback announced once).
+
+    ``top=True`` (mAP@R only): the C kernel's top-K scan, whose histogram is exact only up to
+    the distance that reaches the largest cutoff; the numpy twin always gives the full one.
+    """
     if _ranking is None:
         _kernels.announce_fallback()
-    return scan(data, cutoffs, points, n_threads, kernel=_ranking.scan if backend() == "c" else None)
+    if backend() != "c":
+        return scan(data, cutoffs, points, n_threads, kernel=None)
+    kernel = _ranking.scan_top if top and _USE_TOP else _ranking.scan
+    return scan(data, cutoffs, points, n_threads, kernel=kernel)
 
 
 def mean_average_precision(
@@ -66,12 +81,14 @@ def mean_average_precision(
     check_ties(ties)
     data = prepare(query_codes, db_codes, query_labels, db_labels)
     r = resolve_topk(topk, data.ndb)
+    top = r * _TOP_SHARE <= data.ndb
     if ties == "index":
-        sc = _scan(data, cutoffs=[r], n_threads=n_threads)
+        sc = _scan(data, cutoffs=[r], n_threads=n_threads, top=top)
         per_q = _ap_from_sums(sc.ap_sum[:, 0], sc.nrel[:, 0])
     else:
-        sc = _scan(data, n_threads=n_threads)
-        per_q = tie_aware_ap(sc.hist_all, sc.hist_rel, r)
+        # tie_aware_ap reads the groups up to the one that rank r cuts: scan_top's histogram
+        sc = _scan(data, cutoffs=[r] if top else (), n_threads=n_threads, top=top)
+        per_q = tie_aware_ap(sc.hist_all, sc.hist_rel, r, n_threads=threads(n_threads))
     mean = float(per_q.mean())
     return (mean, per_q) if return_per_query else mean
 
@@ -219,7 +236,7 @@ def retrieval_report(
         "topk": r,
         "topk_is_all": r == data.ndb,
         "map": float(per_q.mean()),
-        "map_tie_aware": float(tie_aware_ap(sc.hist_all, sc.hist_rel, r).mean()),
+        "map_tie_aware": float(tie_aware_ap(sc.hist_all, sc.hist_rel, r, n_threads=threads(n_threads)).mean()),
         "zero_relevant_share": float((sc.nrel[:, 0] == 0).mean()),
         "radius": radius,
         "precision_within_radius": float(ball.mean()),

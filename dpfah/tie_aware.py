@@ -7,10 +7,16 @@ of its relevant items land in the top R. ``dpfah.metrics`` calls it with ``ties=
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 
 # H_n exactly from a table below this; the asymptotic expansion above
 _HARMONIC_TABLE = 64
+# straddling queries are computed in parts of rows of about this many elements (cache-sized
+# temporaries), at least _MIN_PART_ROWS rows, parts spread over the threads
+_PART_ELEMENTS = 1 << 15
+_MIN_PART_ROWS = 8
 
 
 def harmonic_diff(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -60,14 +66,29 @@ def group_expectation(n, r, n_before, r_before, h=None):
     return np.where((n > 0) & (r > 0), e, 0.0)
 
 
-def tie_aware_ap(hist_all: np.ndarray, hist_rel: np.ndarray, topk: int) -> np.ndarray:
-    """Per-query expected AP@topk over all orders inside tie groups (0 with nothing relevant)."""
+def tie_aware_ap(
+    hist_all: np.ndarray, hist_rel: np.ndarray, topk: int, *, every_group: bool = False, n_threads: int = 1
+) -> np.ndarray:
+    """Per-query expected AP@topk over all orders inside tie groups (0 with nothing relevant).
+
+    ``n_threads``: threads for the queries whose top R cuts a tie group (the same bits with
+    any number). ``every_group=True`` computes as before the work of issue 30: the group
+    expectation on every group, each block of those queries in one piece on one thread (the
+    same bits, slower; bench/metrics.py times both).
+    """
     nq = hist_all.shape[0]
     n_before = np.cumsum(hist_all, axis=1) - hist_all
     r_before = np.cumsum(hist_rel, axis=1) - hist_rel
     full = n_before + hist_all <= topk  # groups entirely inside the top R
-    e = group_expectation(hist_all, hist_rel, n_before, r_before)
-    s_full = np.where(full, e, 0.0).sum(axis=1)
+    # the expectation only where it is not 0 (a group inside the top R holding relevant items):
+    # the same numbers in the same places as on the whole array, a fraction of the work
+    if every_group:
+        e = np.where(full, group_expectation(hist_all, hist_rel, n_before, r_before), 0.0)
+    else:
+        some = full & (hist_all > 0) & (hist_rel > 0)
+        e = np.zeros(hist_all.shape)
+        e[some] = group_expectation(hist_all[some], hist_rel[some], n_before[some], r_before[some])
+    s_full = e.sum(axis=1)
     r_full = np.where(full, hist_rel, 0).sum(axis=1)
     ap = np.zeros(nq)
     # the group cut by rank R, if any (at most one per query)
@@ -92,32 +113,55 @@ def tie_aware_ap(hist_all: np.ndarray, hist_rel: np.ndarray, topk: int) -> np.nd
     width_all = hi - lo + 1
     order = np.argsort(width_all, kind="stable")  # blocks of rows of similar width
     budget = 1 << 21  # elements per block
+    blocks = []
     i = 0
     while i < order.size:
         j = i + 1
         while j < order.size and (j + 1 - i) * int(width_all[order[j]]) <= budget:
             j += 1
         rows = order[i:j]
+        # a block's rows are padded to its widest one: that width decides the order of the
+        # row sums, so a block may be cut into parts of rows (threads), never regrouped
         w = int(width_all[rows].max())
-        k = lo[rows, None] + np.arange(w)[None, :]
-        valid = k <= hi[rows, None]
-        kk = np.minimum(k, hi[rows, None])
-        nn, rr, mm = n[rows, None], r[rows, None], m[rows, None]
-        # log pmf up to a constant via the ratio P(k+1)/P(k) = (r-k)(m-k) / ((k+1)(n-r-m+k+1))
-        kp = kk[:, :-1]
-        kf = kp.astype(np.float64)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            lr = np.log(((rr - kf) * (mm - kf)) / ((kf + 1) * (nn - rr - mm + kf + 1)))
-        lr = np.where(valid[:, 1:], lr, 0.0)
-        logp = np.concatenate([np.zeros((rows.size, 1)), np.cumsum(lr, axis=1)], axis=1)
-        logp = np.where(valid, logp, -np.inf)
-        p = np.exp(logp - logp.max(axis=1, keepdims=True))
-        p /= p.sum(axis=1, keepdims=True)
-        # the k in-range relevant items sit uniformly in the group's first m positions
-        e_k = group_expectation(mm, kk, nb4[rows, None], rb4[rows, None], h=h_m[rows, None])
-        denom = rb4[rows, None] + kk
-        with np.errstate(divide="ignore", invalid="ignore"):
-            val = np.where(denom > 0, (sf[rows, None] + e_k) / np.maximum(denom, 1), 0.0)
-        ap[qs[rows]] = np.where(valid, p * val, 0.0).sum(axis=1)
+        # parts of about _PART_ELEMENTS elements: their temporaries stay in the cache
+        step = rows.size if every_group else max(_MIN_PART_ROWS, _PART_ELEMENTS // w)
+        blocks += [(rows[a : a + step], w) for a in range(0, rows.size, step)]
         i = j
+
+    def run(block):
+        rows, w = block
+        ap[qs[rows]] = _straddle_rows(
+            n[rows], r[rows], m[rows], lo[rows], hi[rows], nb4[rows], rb4[rows], sf[rows], h_m[rows], w
+        )
+
+    if len(blocks) > 1 and n_threads > 1 and not every_group:
+        with ThreadPoolExecutor(max_workers=n_threads) as pool:  # numpy releases the GIL
+            list(pool.map(run, blocks))
+    else:
+        for block in blocks:
+            run(block)
     return ap
+
+
+def _straddle_rows(n, r, m, lo, hi, nb4, rb4, sf, h_m, w: int) -> np.ndarray:
+    """AP of straddling queries (1-D arrays, one entry each) from the rows k = lo..lo + w - 1."""
+    k = lo[:, None] + np.arange(w)[None, :]
+    valid = k <= hi[:, None]
+    kk = np.minimum(k, hi[:, None])
+    nn, rr, mm = n[:, None], r[:, None], m[:, None]
+    # log pmf up to a constant via the ratio P(k+1)/P(k) = (r-k)(m-k) / ((k+1)(n-r-m+k+1))
+    kp = kk[:, :-1]
+    kf = kp.astype(np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        lr = np.log(((rr - kf) * (mm - kf)) / ((kf + 1) * (nn - rr - mm + kf + 1)))
+    lr = np.where(valid[:, 1:], lr, 0.0)
+    logp = np.concatenate([np.zeros((n.size, 1)), np.cumsum(lr, axis=1)], axis=1)
+    logp = np.where(valid, logp, -np.inf)
+    p = np.exp(logp - logp.max(axis=1, keepdims=True))
+    p /= p.sum(axis=1, keepdims=True)
+    # the k in-range relevant items sit uniformly in the group's first m positions
+    e_k = group_expectation(mm, kk, nb4[:, None], rb4[:, None], h=h_m[:, None])
+    denom = rb4[:, None] + kk
+    with np.errstate(divide="ignore", invalid="ignore"):
+        val = np.where(denom > 0, (sf[:, None] + e_k) / np.maximum(denom, 1), 0.0)
+    return np.where(valid, p * val, 0.0).sum(axis=1)
