@@ -1,6 +1,7 @@
 """The compiled kernels of ``dpfah``: the one place that knows their module names.
 
-Two C extensions, built by ``setup.py`` from ``dpfah/_hamming.c`` and ``dpfah/_ranking.c``:
+Two C extensions, built by ``setup.py`` from ``dpfah/_hamming.c`` and ``dpfah/_ranking.c`` (with
+``dpfah/_ranking_top.h``, the scan of the nearest items for mAP@R):
 
 * ``_dpfah_hamming``: exact Hamming search (``dpfah.codes``);
 * ``_dpfah_ranking``: the ranking scan of the retrieval metrics (``dpfah.metrics``).

@@ -25,7 +25,7 @@ PACKAGES = ("dpfah", "pipeline")
 #: edit of a method's loss. The stages that run a method import it themselves.
 NOT_FOLLOWED = {("pipeline.config_schema", "pipeline.methods")}
 #: Files other than Python sources that a module runs: the C kernels dpfah.kernels loads.
-RUNS_ALSO = {"dpfah.kernels": ("dpfah/_hamming.c", "dpfah/_ranking.c", "dpfah/_cpu.h")}
+RUNS_ALSO = {"dpfah.kernels": ("dpfah/_hamming.c", "dpfah/_ranking.c", "dpfah/_cpu.h", "dpfah/_ranking_top.h")}
 
 
 def module_name(path: Path, root: Path = ROOT) -> str:
