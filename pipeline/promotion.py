@@ -236,10 +236,11 @@ def _version_description(
         if "query_empty_ball_share" in metrics
         else ""
     )
-    # The first line is plain text: MLflow's version list shows it raw (issue 29).
+    # The first line is plain text, numbers first: MLflow's version list shows it raw and cut after
+    # about 32 characters (issue 29).
     return (
-        f"{tags.get('method', 'dpfah')} on {dataset}, {bits} bits: query mAP@{map_at} {number('query_map')}, "
-        f"P@H<={radius} {number('query_precision_within_radius')} (protocol {tags.get('protocol', '?')}, shards "
+        f"mAP@{map_at} {number('query_map')}, P@H<={radius} {number('query_precision_within_radius')}: "
+        f"{tags.get('method', 'dpfah')} on {dataset}, {bits} bits (protocol {tags.get('protocol', '?')}, shards "
         f"{tags.get('manifest_sha256', '?')[:12]}).\n\n"
         f"Query mAP@{map_at}: **{number('query_map')}** (tie-aware {number('query_map_tie_aware')}); "
         f"P@H<={radius}: **{number('query_precision_within_radius')}**{empty}.\n\n"
