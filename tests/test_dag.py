@@ -247,7 +247,7 @@ def test_dvc_repro_runs_the_dag_then_nothing_then_only_what_a_parameter_touches(
     # 7. One method's knob: only that method's entry retrains.
     knob = run(
         [str(BIN / "dvc"), "exp", "run", "-S", f"bits=[{BITS}]", "-S", "train.seeds=[0]",
-         "-S", "train.methods=[dpfah,dsh]", "-S", "objectives.dsh.alpha=0.05", "promote"],
+         "-S", "train.methods=[dpfah,dsh]", "-S", "+objectives.dsh.alpha=0.05", "promote"],
         repo, env,
     )  # fmt: skip
     assert _matrix_line(knob).startswith("matrix of toy: 2 entries; 1 to train, 0 to evaluate again, 1 unchanged")
