@@ -33,6 +33,8 @@ __all__ = ["MatrixFailed", "Plan", "inputs_of", "plan", "run_matrix", "main"]
 #: The keys of ``train`` that list the matrix (or name its default entry) rather than set how
 #: one entry trains: changing them adds or drops entries, never retrains one.
 MATRIX_KEYS = ("methods", "seeds", "method")
+#: A trial that only drives a Ray Train group: its (logical) memory request, in bytes.
+TRIAL_MEMORY = 1 << 20
 #: What an entry runs (its code digest covers every module this one imports, transitively).
 ENTRY_MODULE = "pipeline.entry"
 
@@ -126,10 +128,12 @@ def trial_resources(params: Params) -> dict[str, float]:
     process, holding what one Ray Train worker holds (one CPU, and one GPU with train.use_gpu;
     its train.loader_workers reader processes are not reserved, as under Ray Train), so it
     trains with the same threads, and numbers, as ``python -m pipeline.train``; with more
-    workers the trial only drives a Ray Train group that requests its own."""
+    workers the trial only drives a Ray Train group that requests its own (the trial holds no CPU)."""
     t = params.train
     if t.num_workers > 1:
-        return {"cpu": 0.01}
+        # no CPU (even 0.01 would leave a node one CPU short of its last worker); a logical byte
+        # of memory, as Tune wants some resource per trial (pipeline.tune does the same)
+        return {"cpu": 0, "memory": TRIAL_MEMORY}
     return {"cpu": 1, "gpu": 1 if t.use_gpu else 0}
 
 

@@ -178,3 +178,24 @@ def test_the_store_and_experiments_exist_before_any_trial_opens_a_run(toy_datase
     assert [p.returncode for p in procs] == [0] * 4, errors
     runs = MlflowClient(uri).search_runs([MlflowClient(uri).get_experiment_by_name("dpfah-toy").experiment_id])
     assert sorted(r.info.run_name for r in runs) == [f"trial-{i}" for i in range(4)]
+
+
+def test_an_entry_of_several_workers_trains_as_a_ray_train_group_from_its_trial(ray_local, toy_dataset, tmp_path):
+    """train.num_workers 2: the trial holds no CPU and drives a Ray Train DDP group (as
+    `python -m pipeline.train` runs it), then evaluates the logged model; the records are the same."""
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.matrix import trial_resources
+
+    work, images = toy_dataset
+    root = tmp_path / "repo"
+    root.mkdir()
+    params = _params(work, images, tmp_path, "train.num_workers=2", "train.seeds=[0]")
+    assert trial_resources(params)["cpu"] == 0
+    outcome = run_matrix(params, ["toy"], root)
+    key = RunKey("toy", 8, "dpfah", 0)
+    assert sorted(outcome.finished) == [key] and not outcome.failed
+    record = json.loads(key.run_file(root).read_text())
+    assert json.loads(key.evaluation_file(root).read_text())["run_id"] == record["run_id"]
+    run = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(record["run_id"])
+    assert run.data.params["num_workers"] == "2" and run.info.status == "FINISHED"
