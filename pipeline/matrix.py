@@ -11,11 +11,14 @@ See docs/pipeline.md ("The matrix").
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import hashlib
 import json
 import os
+import signal
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -25,7 +28,7 @@ from typing import Any
 from . import recipes
 from .codegraph import code_digest
 from .config import Params, add_config_args, config_from_args
-from .errors import ConfigError, PipelineError, run_main
+from .errors import ConfigError, PipelineError, Terminated, run_main
 from .runkey import RecordError, RunKey, read_record
 
 __all__ = ["MatrixFailed", "Plan", "inputs_of", "plan", "run_matrix", "main"]
@@ -216,8 +219,10 @@ def open_experiments(params: Params, datasets: Sequence[str]) -> None:
     before the trials open their runs: trials that each found a new SQLite store created its
     tables at once and raced ("table webhooks already exists"), which could leave it
     half-migrated for every retry."""
+    from .console import quiet_libraries
     from .tracking import check_store, mlflow_errors, open_experiment, tracking_uri, using_tracking_uri
 
+    quiet_libraries()  # MLflow's INFO lines as it creates a store's tables
     uri = tracking_uri(params)
     check_store(uri, create=True)
     with using_tracking_uri(uri):
@@ -225,6 +230,28 @@ def open_experiments(params: Params, datasets: Sequence[str]) -> None:
             experiment = f"{params.mlflow.experiment}-{name}"
             with mlflow_errors(f"creating experiment {experiment}", uri):
                 open_experiment(experiment, uri)
+
+
+@contextlib.contextmanager
+def _stopped_by_sigterm():
+    """Inside the block, SIGTERM asks Tune to stop (its SIGUSR1 handler: a flag it checks, so the
+    trials end and fit returns) and is noted in the yielded list; the stage then exits as
+    terminated. An exception raised from a signal handler, as errors.terminate does, can land in
+    a finalizer (an actor handle's __del__) where Python ignores it: the matrix then ran on."""
+    stopped: list[int] = []
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "SIGUSR1"):
+        yield stopped
+        return
+
+    def on_sigterm(signum, frame):
+        stopped.append(signum)
+        os.kill(os.getpid(), signal.SIGUSR1)
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        yield stopped
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _run_trials(
@@ -263,7 +290,10 @@ def _run_trials(
                 verbose=0,
             ),
         )
-        results = tuner.fit()
+        with _stopped_by_sigterm() as stopped:
+            results = tuner.fit()
+        if stopped:
+            raise Terminated()
     except KeyboardInterrupt:
         shutdown_if_started(started)
         raise

@@ -93,7 +93,8 @@ def test_a_failing_entry_is_named_and_the_others_are_kept(ray_local, toy_dataset
 
 def test_a_matrix_stopped_part_way_finishes_only_the_unfinished_entries(ray_local, toy_dataset, tmp_path):
     """`python -m pipeline.matrix` stopped (SIGTERM, as a killed job or Ctrl-C) once its first
-    entry is done; the rerun trains only the entries without complete records, and the
+    entry is done: Tune stops (the entries in flight may finish, a queued one never starts) and
+    the stage exits 143; the rerun runs only the entries without complete records, and the
     finished ones keep their runs."""
     import os
     import signal
@@ -108,7 +109,7 @@ def test_a_matrix_stopped_part_way_finishes_only_the_unfinished_entries(ray_loca
     root = tmp_path / "repo"
     root.mkdir()
     sets = toy_overrides(
-        work, images, "train.epochs=1", "bits=[8]", "train.seeds=[0,1,2]",
+        work, images, "train.epochs=1", "bits=[8]", "train.seeds=[0,1,2,3]",
         f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}", f"train.storage_path={tmp_path / 'ray'}",
     )  # fmt: skip
     argv = [sys.executable, "-m", "pipeline.matrix", "--params", str(PARAMS_FILE)]
@@ -118,7 +119,7 @@ def test_a_matrix_stopped_part_way_finishes_only_the_unfinished_entries(ray_loca
     env.update(RAY_ADDRESS="local", RAY_AUTH_MODE="disabled", PYTHONPATH=str(PARAMS_FILE.parent))
     log = open(tmp_path / "matrix.log", "w")
     proc = subprocess.Popen(argv, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    keys = [RunKey("toy", 8, "dpfah", s) for s in range(3)]
+    keys = [RunKey("toy", 8, "dpfah", s) for s in range(4)]
     deadline = time.time() + 300
     while not any(k.metrics_file(root).exists() for k in keys):
         assert proc.poll() is None, (tmp_path / "matrix.log").read_text()[-3000:]
@@ -127,7 +128,7 @@ def test_a_matrix_stopped_part_way_finishes_only_the_unfinished_entries(ray_loca
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=120) != 0
     log_text = (tmp_path / "matrix.log").read_text()
-    assert "matrix of toy: 3 entries; 3 to train, 0 to evaluate again, 0 unchanged" in log_text, log_text[-3000:]
+    assert "matrix of toy: 4 entries; 4 to train, 0 to evaluate again, 0 unchanged" in log_text, log_text[-3000:]
     assert "Configuration for experiment" not in log_text and "tensorboard" not in log_text, log_text[-3000:]
     # an entry that was writing its last file as the job stopped may still finish: settle first
     done, settled = None, time.time() + 10
@@ -136,16 +137,20 @@ def test_a_matrix_stopped_part_way_finishes_only_the_unfinished_entries(ray_loca
         if now != done:
             done, settled = now, time.time() + 10
         time.sleep(0.5)
-    assert 1 <= len(done) < len(keys), (tmp_path / "matrix.log").read_text()[-3000:]
+    assert 1 <= len(done) < len(keys), (done, (tmp_path / "matrix.log").read_text()[-3000:])
     runs = {k: json.loads(k.run_file(root).read_text())["run_id"] for k in done}
 
     from pipeline.config import load_params
 
     params = load_params(PARAMS_FILE, sets)
     again = plan(params, keys, root)
-    assert sorted(again.done) == done and sorted(again.train) == [k for k in keys if k not in done]
+    # an entry stopped after its training (its run record written) is only evaluated again
+    assert sorted(again.done) == done and sorted(again.train + again.evaluate) == [k for k in keys if k not in done]
+    for key in again.evaluate:
+        assert json.loads(key.run_file(root).read_text())["inputs"]["train"] == again.inputs[key]["train"]
     rest = run_matrix(params, ["toy"], root)
-    assert sorted(rest.finished) == sorted(again.train) and not rest.failed
+    assert sorted(rest.finished) == sorted(again.train + again.evaluate) and not rest.failed
+    assert all(rest.finished[k]["trained"] is False for k in again.evaluate)
     assert {k: json.loads(k.run_file(root).read_text())["run_id"] for k in done} == runs
     assert all(k.metrics_file(root).is_file() for k in keys)
 
