@@ -11,7 +11,15 @@ import shutil
 
 from .train_worker import process_start_time
 
-__all__ = ["OWNER_FILE", "alive", "claim_run_folder", "driver_tags", "fail_abandoned_runs", "remove_ended_run_folders"]
+__all__ = [
+    "OWNER_FILE",
+    "alive",
+    "claim_run_folder",
+    "driver_tags",
+    "fail_abandoned_runs",
+    "remove_ended_run_folders",
+    "wait_for_drivers",
+]
 
 #: The file in a Ray Train run folder naming the driver that started it (JSON: driver_tags).
 OWNER_FILE = ".dpfah-driver.json"
@@ -37,8 +45,45 @@ def alive(pid: int, started: str) -> bool:
         return False
     except PermissionError:
         return True  # someone else's process: not ours to judge
+    if _zombie(pid):  # ended, not yet reaped by its parent: it runs no code
+        return False
     began = process_start_time(str(pid))
     return began is None or not float(started) or abs(began - float(started)) < 2
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except (OSError, IndexError):
+        return False
+
+
+def wait_for_drivers(runs, timeout_s: float = 60.0, poll_s: float = 0.25) -> list[str]:
+    """Wait until the driver processes of ``runs`` (MLflow runs tagged by :func:`driver_tags`)
+    on this host have ended, at most ``timeout_s``; returns the ids of runs whose driver still
+    runs. A Tune trial that the scheduler stopped is ended asynchronously: its process may
+    still mark its run FAILED (its training interrupted) after fit() returned, so the search
+    marks the run KILLED only once that process is gone. Drivers on other hosts can't be
+    watched from here and are not waited for."""
+    import time
+
+    host = driver_tags()["driver.host"]
+    watched = {}
+    for r in runs:
+        tags = r.data.tags
+        if (
+            tags.get("driver.host") == host
+            and tags.get("driver.pid", "").isdigit()
+            and int(tags["driver.pid"]) != os.getpid()
+        ):
+            watched[r.info.run_id] = (int(tags["driver.pid"]), tags.get("driver.started", "0"))
+    deadline = time.monotonic() + timeout_s
+    while True:
+        running = [run_id for run_id, (pid, started) in watched.items() if alive(pid, started)]
+        if not running or time.monotonic() >= deadline:
+            return running
+        time.sleep(poll_s)
 
 
 def fail_abandoned_runs(experiment_id: str, current_run_id: str, uri: str) -> list[str]:

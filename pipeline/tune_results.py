@@ -6,11 +6,13 @@ from __future__ import annotations
 import csv
 import io
 import math
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .leftovers import wait_for_drivers
 from .registry import model_name
 from .tune_space import trial_run_name
 
@@ -69,6 +71,15 @@ def close_children(client, experiment_id: str, parent_id: str) -> None:
 def collect(
     results, client, experiment_id: str, parent_id: str, search_name: str, epochs: int, knobs: Sequence[str]
 ) -> list[TrialRow]:
+    # A trial the scheduler stopped ends after fit() returns: its process, as it exits, may still
+    # mark its run FAILED. Its final status is written here only once that process is gone.
+    lingering = wait_for_drivers(children(client, experiment_id, parent_id))
+    if lingering:
+        print(
+            f"warning: the processes of {len(lingering)} trial run(s) still run after 60 s: {', '.join(lingering)}; "
+            "their runs may end with the status those processes give them",
+            file=sys.stderr,
+        )
     by_name: dict[str, list] = {}
     for run in children(client, experiment_id, parent_id):
         by_name.setdefault(run.data.tags.get("ray_run_name", ""), []).append(run)

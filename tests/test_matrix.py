@@ -60,7 +60,7 @@ def test_each_entry_runs_once_and_only_what_changed_runs_again(ray_local, toy_da
     assert sorted(again.plan.done) == keys and not again.finished
 
     # one more seed: only it trains
-    more = run_matrix(_params(work, images, tmp_path, "train.seeds=[0,1,2,3]"), ["toy"], root)
+    more = run_matrix(_params(work, images, tmp_path, "train.seeds=[0,1,2,3,4,5]"), ["toy"], root)
     assert more.plan.train == [RunKey("toy", 8, "dpfah", 3)] and sorted(more.plan.done) == keys
     assert {k: json.loads(k.run_file(root).read_text())["run_id"] for k in keys} == {
         k: r["run_id"] for k, r in records.items()
@@ -95,7 +95,11 @@ def test_a_matrix_stopped_part_way_finishes_only_the_unfinished_entries(ray_loca
     """`python -m pipeline.matrix` stopped (SIGTERM, as a killed job or Ctrl-C) once its first
     entry is done: Tune stops (the entries in flight may finish, a queued one never starts) and
     the stage exits 143; the rerun runs only the entries without complete records, and the
-    finished ones keep their runs."""
+    finished ones keep their runs.
+
+    Six entries, two at a time on 2 CPUs: the first two finish together and the next two start
+    at once, so with four all of them were in flight by the SIGTERM and all finished (CI,
+    2026-12-07); with six, two are still queued then."""
     import os
     import signal
     import subprocess
@@ -109,7 +113,7 @@ def test_a_matrix_stopped_part_way_finishes_only_the_unfinished_entries(ray_loca
     root = tmp_path / "repo"
     root.mkdir()
     sets = toy_overrides(
-        work, images, "train.epochs=1", "bits=[8]", "train.seeds=[0,1,2,3]",
+        work, images, "train.epochs=1", "bits=[8]", "train.seeds=[0,1,2,3,4,5]",
         f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}", f"train.storage_path={tmp_path / 'ray'}",
     )  # fmt: skip
     argv = [sys.executable, "-m", "pipeline.matrix", "--params", str(PARAMS_FILE)]
@@ -119,7 +123,7 @@ def test_a_matrix_stopped_part_way_finishes_only_the_unfinished_entries(ray_loca
     env.update(RAY_ADDRESS="local", RAY_AUTH_MODE="disabled", PYTHONPATH=str(PARAMS_FILE.parent))
     log = open(tmp_path / "matrix.log", "w")
     proc = subprocess.Popen(argv, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    keys = [RunKey("toy", 8, "dpfah", s) for s in range(4)]
+    keys = [RunKey("toy", 8, "dpfah", s) for s in range(6)]
     deadline = time.time() + 300
     while not any(k.metrics_file(root).exists() for k in keys):
         assert proc.poll() is None, (tmp_path / "matrix.log").read_text()[-3000:]
@@ -128,7 +132,7 @@ def test_a_matrix_stopped_part_way_finishes_only_the_unfinished_entries(ray_loca
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=120) != 0
     log_text = (tmp_path / "matrix.log").read_text()
-    assert "matrix of toy: 4 entries; 4 to train, 0 to evaluate again, 0 unchanged" in log_text, log_text[-3000:]
+    assert "matrix of toy: 6 entries; 6 to train, 0 to evaluate again, 0 unchanged" in log_text, log_text[-3000:]
     assert "Configuration for experiment" not in log_text and "tensorboard" not in log_text, log_text[-3000:]
     # an entry that was writing its last file as the job stopped may still finish: settle first
     done, settled = None, time.time() + 10

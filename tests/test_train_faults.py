@@ -208,6 +208,44 @@ def test_runs_left_running_by_a_dead_driver_are_marked_failed(tmp_path):
     del mlflow
 
 
+def test_a_search_marks_a_stopped_trial_only_once_its_process_has_ended(tmp_path):
+    """A trial the scheduler stopped ends after Tune's fit() returns: its exiting process marked
+    its run FAILED once after the search had marked it KILLED (CI, 2026-12-07). The search now
+    waits for the runs' driver processes on this host to end first; one on another host is
+    not waited for."""
+    import time
+
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.leftovers import driver_tags, wait_for_drivers
+    from pipeline.train_worker import process_start_time
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    experiment = client.create_experiment("dpfah-toy")
+    run_id = client.create_run(experiment, run_name="trial").info.run_id
+    # the stopped trial: marks its run FAILED 2 s from now, as its interrupted training would
+    script = (
+        "import sys, time; from mlflow.tracking import MlflowClient; time.sleep(2); "
+        "MlflowClient(sys.argv[1]).set_terminated(sys.argv[2], 'FAILED')"
+    )
+    trial = subprocess.Popen([sys.executable, "-c", script, uri, run_id])
+    started = process_start_time(str(trial.pid))
+    tags = {**driver_tags(), "driver.pid": str(trial.pid), "driver.started": f"{started or 0:.0f}"}
+    for k, v in tags.items():
+        client.set_tag(run_id, k, v)
+    elsewhere = client.create_run(experiment, tags={**tags, "driver.host": "elsewhere"}).info.run_id
+    runs = [client.get_run(run_id), client.get_run(elsewhere)]
+    assert wait_for_drivers(runs, timeout_s=0) == [run_id]  # alive, not waited for
+    t0 = time.monotonic()
+    assert wait_for_drivers(runs, timeout_s=60) == []
+    assert trial.wait(timeout=5) == 0 and time.monotonic() - t0 < 60
+    assert client.get_run(run_id).info.status == "FAILED"  # its last word came before the wait ended
+    client.set_terminated(run_id, "KILLED")  # what the search then writes stands
+    time.sleep(0.5)
+    assert client.get_run(run_id).info.status == "KILLED"
+
+
 def test_a_killed_trainings_folder_is_removed_by_the_next_training_of_its_entry(tmp_path, capsys):
     """Issue 28, case 8: a training killed with SIGKILL leaves its Ray Train folder (its
     checkpoints) under train.storage_path for good. The next training of the same entry
