@@ -3,6 +3,8 @@
     codes.npy       (n, ceil(bits/64)) uint64 packed codes (dpfah.codes.pack_codes), row i = item i
     keys.parquet    key (string) of each row, and for a prepared split its source path
     labels.npy      (n, classes) uint8, when the source has labels
+    sublinear.faiss with ``pipeline.index --sublinear``: a faiss binary IVF of the codes (faiss's format),
+                    its parameters and measured recall under the manifest's ``sublinear``
     manifest.json   format, model (URI, version, run), bits, count, source, skipped, sha256 of each file,
                     codes_from (encoded, or the evaluation whose codes were taken), created
 
@@ -32,6 +34,7 @@ __all__ = [
     "CODES",
     "KEYS",
     "LABELS",
+    "SUBLINEAR",
     "NotAnIndex",
     "Index",
     "read_manifest",
@@ -46,6 +49,7 @@ MANIFEST = "manifest.json"
 CODES = "codes.npy"
 KEYS = "keys.parquet"
 LABELS = "labels.npy"
+SUBLINEAR = "sublinear.faiss"
 
 
 def sha256_file(path: Path) -> str:
