@@ -41,6 +41,8 @@ RECALL_K = (10, 100)
 RECALL_QUERIES = 1000
 #: Training items per list (faiss warns below 39).
 TRAIN_PER_LIST = 40
+#: Below this many queries a search runs on one thread (faiss splits queries over threads).
+FEW_QUERIES = 16
 INSTALL = "pip install 'dpfah-pipeline[faiss]'"
 
 
@@ -54,11 +56,9 @@ def import_faiss(what: str):
 
 
 def default_nlist(n: int) -> int:
-    """Inverted lists for ``n`` codes: a power of two near 2 sqrt(n), at least 1, at most n / 40
-    (each list trained on 40 codes)."""
-    if n < 2 * TRAIN_PER_LIST:
-        return 1
-    nlist = 1 << max(0, round(np.log2(2 * np.sqrt(n))))
+    """Inverted lists for ``n`` codes: the power of two nearest sqrt(n) (1,024 for 1M codes,
+    4,096 for 10M), at most n / 40 (each list trained on 40 codes), at least 1."""
+    nlist = 1 << max(0, round(np.log2(np.sqrt(max(n, 1)))))
     return int(max(1, min(nlist, n // TRAIN_PER_LIST)))
 
 
@@ -127,9 +127,16 @@ def distance_recall(exact: np.ndarray, approx: np.ndarray) -> np.ndarray:
 def search_sublinear(index, packed: np.ndarray, k: int, nprobe: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """Per query, the approximate top ``k`` rows and distances from the faiss ``index``
     probing ``nprobe`` lists, ordered by (distance, row) like the exact search."""
+    faiss = import_faiss("a sub-linear index")
     index.nprobe = int(nprobe)
     k = min(int(k), int(index.ntotal))
-    dist, rows = index.search(np.ascontiguousarray(packed, dtype=np.uint64).view(np.uint8), k)
+    threads = faiss.omp_get_max_threads()
+    if len(packed) < FEW_QUERIES:  # one thread per query: idle OpenMP threads only spin (and slow a busy machine)
+        faiss.omp_set_num_threads(1)
+    try:
+        dist, rows = index.search(np.ascontiguousarray(packed, dtype=np.uint64).view(np.uint8), k)
+    finally:
+        faiss.omp_set_num_threads(threads)
     out_rows, out_dist = [], []
     for r, d in zip(rows, dist):
         keep = r >= 0
