@@ -188,7 +188,7 @@ def _check_manifest(path: Path, manifest: dict[str, Any]) -> None:
         if not isinstance(value, kind) or isinstance(value, bool) or (kind is int and value < 0):
             got = "missing" if key not in manifest else f"{value!r}"[:40]
             raise NotAnIndex(f"{path}: {key} is {got}, expected {'a count' if kind is int else 'an object'}")
-    for name in (CODES, KEYS, *([LABELS] if LABELS in manifest["files"] else [])):
+    for name in dict.fromkeys((CODES, KEYS, *manifest["files"])):  # each file it lists, these two at least
         info = manifest["files"].get(name)
         if not (isinstance(info, dict) and isinstance(info.get("bytes"), int) and isinstance(info.get("sha256"), str)):
             raise NotAnIndex(f"{path}: files.{name} lacks its size or sha256")

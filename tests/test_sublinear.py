@@ -115,6 +115,11 @@ def _damage(index: Path, how: str) -> str:
     if how == "changed":
         path.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
         return f"{path}: sha256 does not match manifest.json (the file changed; rebuild the index)"
+    doc = json.loads((index / "manifest.json").read_text())
+    if how == "no size in the manifest":
+        del doc["files"]["sublinear.faiss"]["bytes"]
+        (index / "manifest.json").write_text(json.dumps(doc))
+        return f"{index / 'manifest.json'}: files.sublinear.faiss lacks its size or sha256"
     # a file the manifest agrees with that is no binary IVF of the codes: garbage, or another index
     if how == "garbage":
         path.write_bytes(b"IBxF" + bytes(4000))
@@ -124,13 +129,12 @@ def _damage(index: Path, how: str) -> str:
         flat.add(np.zeros((N, 8), np.uint8))
         path.write_bytes(faiss.serialize_index_binary(flat).tobytes())
         expected = f"{path}: not a binary IVF of the index's 20,000 codes"
-    doc = json.loads((index / "manifest.json").read_text())
     doc["files"]["sublinear.faiss"] = {"sha256": index_format.sha256_file(path), "bytes": path.stat().st_size}
     (index / "manifest.json").write_text(json.dumps(doc))
     return expected
 
 
-@pytest.mark.parametrize("how", ["truncated", "changed", "garbage", "another index"])
+@pytest.mark.parametrize("how", ["truncated", "changed", "no size in the manifest", "garbage", "another index"])
 def test_a_damaged_faiss_file_is_one_line_naming_it(copy, capsys, how):
     expected = _damage(copy, how)
     code, text = cli(search_stage, [str(copy), "--key", "3"], capsys)
