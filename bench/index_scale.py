@@ -204,10 +204,12 @@ class Runner:
             faiss.omp_set_num_threads(1)
             lat = _single(lambda x, k=k: index.search(x, k), self.qb[: a.single], a.budget)
             faiss.omp_set_num_threads(a.threads)
-            if len(lat) < min(a.single, len(self.q)) or np.median(lat) * len(self.q) > a.budget * a.threads:
+            stopped = len(lat) < min(a.single, len(self.q))
+            if stopped or np.median(lat) * len(self.q) > a.budget * a.threads:
                 _, rows = index.search(self.qb[: len(lat)], k)
                 recall = self.recall(k, rows, len(lat))
-                self.row(method, params, k, built, lat, None, recall, f"stopped at the {a.budget:g} s budget")
+                note = f"stopped at the {a.budget:g} s budget" if stopped else "no batch: over the budget"
+                self.row(method, params, k, built, lat, None, recall, note)
                 continue
             batch_s, (_, rows) = _batch(lambda x, k=k: index.search(x, k), self.qb, a.repeat)
             self.row(method, params, k, built, lat, batch_s, self.recall(k, rows, len(self.q)))

@@ -294,7 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="also build a faiss binary IVF index beside the codes, which pipeline.search then uses (approximate, "
         "its recall@10/@100 measured here; for collections of millions; needs the faiss extra)",
     )  # fmt: skip
-    parser.add_argument("--nlist", type=int, metavar="N", help="--sublinear's lists (default: about sqrt(items))")
+    parser.add_argument("--nlist", type=int, metavar="N", help="--sublinear's lists (default: about sqrt(items) / 4)")
     parser.add_argument(
         "--nprobe", type=int, metavar="N",
         help=f"lists a search probes by default (default {SublinearSpec.nprobe}; pipeline.search --nprobe overrides)",

@@ -62,13 +62,13 @@ def test_the_manifest_records_the_sublinear_index_and_its_recall(built):
     out, _ = built
     m = index_format.read_manifest(out)
     s = m["sublinear"]
-    assert (s["kind"], s["file"], s["nlist"], s["nprobe"]) == ("ivf", "sublinear.faiss", 128, 8)  # ~sqrt(20,000)
+    assert (s["kind"], s["file"], s["nlist"], s["nprobe"]) == ("ivf", "sublinear.faiss", 32, 8)  # ~sqrt(20,000) / 4
     assert s["library"] == f"faiss {faiss.__version__} IndexBinaryIVF" and s["recall_queries"] == 1000
     assert set(s["recall"]) == {"10", "100"} and all(0.5 < v <= 1 for v in s["recall"].values()), s
     info = m["files"]["sublinear.faiss"]
     assert info["bytes"] == (out / "sublinear.faiss").stat().st_size and len(info["sha256"]) == 64
     index = load_sublinear(out, m)
-    assert isinstance(index, faiss.IndexBinaryIVF) and (index.ntotal, index.d, index.nlist) == (N, 64, 128)
+    assert isinstance(index, faiss.IndexBinaryIVF) and (index.ntotal, index.d, index.nlist) == (N, 64, 32)
     assert index_stage.check_out(out) == out  # an index with its faiss file may be rebuilt in place
 
 
@@ -78,7 +78,7 @@ def test_probing_every_list_is_exact_and_the_recall_is_measured_against_the_scan
     approx = load_sublinear(out, index.manifest)
     queries = packed[:50]
     exact = search_stage.search(index, queries, k=100)
-    every = search_stage.search(index, queries, k=100, sublinear=approx, nprobe=128)
+    every = search_stage.search(index, queries, k=100, sublinear=approx, nprobe=32)
     assert all(np.array_equal(e.distances, a.distances) for e, a in zip(exact, every))
     few = search_stage.search(index, queries, k=100, sublinear=approx, nprobe=1)
     found = np.full((50, 100), -1)  # a list may hold fewer than k codes: -1, a miss
@@ -86,7 +86,7 @@ def test_probing_every_list_is_exact_and_the_recall_is_measured_against_the_scan
         row[: len(hit.distances)] = hit.distances
         assert np.array_equal(np.lexsort((hit.rows, hit.distances)), np.arange(len(hit.rows)))  # as the exact search
     recall = distance_recall(np.stack([h.distances for h in exact]), found)
-    assert 0 < recall.mean() < 1  # one list of 128 misses some
+    assert 0 < recall.mean() < 1  # one list of 32 misses some
 
 
 def test_search_uses_it_and_prints_the_recall_measured_at_build(built, capsys):
@@ -96,7 +96,7 @@ def test_search_uses_it_and_prints_the_recall_measured_at_build(built, capsys):
     lines = text.splitlines()
     assert code == 0 and lines[1].split()[:4] == ["key", "17", "1", "17"], text  # itself first, at distance 0
     assert lines[-2] == (
-        f"approximate (--exact scans every code): faiss {faiss.__version__} IndexBinaryIVF, nlist 128, nprobe 8: "
+        f"approximate (--exact scans every code): faiss {faiss.__version__} IndexBinaryIVF, nlist 32, nprobe 8: "
         f"recall@10 {recall['10']:.3f}, recall@100 {recall['100']:.3f}, measured at build on 1,000 of its own codes"
     ), text
     assert lines[-1].startswith(f"1 query, top 5 (approximate) of {N:,} items (64 bits): "), text
