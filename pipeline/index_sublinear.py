@@ -57,7 +57,7 @@ def import_faiss(what: str):
 
 def default_nlist(n: int) -> int:
     """Inverted lists for ``n`` codes: the power of two nearest sqrt(n) / 4 (1,024 for 10M codes:
-    as good as 4,096 at the same latency in bench/index_scale.py, and built 4x faster), at most
+    as good as 4,096 at the same latency in bench/index_scale.py, and built 3-4x faster), at most
     n / 40 (each list trained on 40 codes), at least 1."""
     nlist = 1 << max(0, round(np.log2(np.sqrt(max(n, 1)) / 4)))
     return int(max(1, min(nlist, n // TRAIN_PER_LIST)))
