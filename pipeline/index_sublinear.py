@@ -98,6 +98,7 @@ def build_ivf(packed: np.ndarray, nlist: int, *, seed: int = 0):
     train = packed[np.sort(rng.choice(n, min(n, TRAIN_PER_LIST * nlist), replace=False))]
     index = faiss.IndexBinaryIVF(faiss.IndexBinaryFlat(bits), bits, nlist)
     index.cp.seed = seed
+    index.cp.min_points_per_centroid = 1  # no warning for a small collection's few lists (else 40 codes a list)
     index.train(train.view(np.uint8))
     if n:
         centroids = np.ascontiguousarray(index.quantizer.reconstruct_n(0, nlist)).view(np.uint64)
