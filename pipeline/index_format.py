@@ -3,6 +3,8 @@
     codes.npy       (n, ceil(bits/64)) uint64 packed codes (dpfah.codes.pack_codes), row i = item i
     keys.parquet    key (string) of each row, and for a prepared split its source path
     labels.npy      (n, classes) uint8, when the source has labels
+    sublinear.faiss with ``pipeline.index --sublinear``: a faiss binary IVF of the codes (faiss's format),
+                    its parameters and measured recall under the manifest's ``sublinear``
     manifest.json   format, model (URI, version, run), bits, count, source, skipped, sha256 of each file,
                     codes_from (encoded, or the evaluation whose codes were taken), created
 
@@ -32,6 +34,7 @@ __all__ = [
     "CODES",
     "KEYS",
     "LABELS",
+    "SUBLINEAR",
     "NotAnIndex",
     "Index",
     "read_manifest",
@@ -46,6 +49,7 @@ MANIFEST = "manifest.json"
 CODES = "codes.npy"
 KEYS = "keys.parquet"
 LABELS = "labels.npy"
+SUBLINEAR = "sublinear.faiss"
 
 
 def sha256_file(path: Path) -> str:
@@ -184,7 +188,7 @@ def _check_manifest(path: Path, manifest: dict[str, Any]) -> None:
         if not isinstance(value, kind) or isinstance(value, bool) or (kind is int and value < 0):
             got = "missing" if key not in manifest else f"{value!r}"[:40]
             raise NotAnIndex(f"{path}: {key} is {got}, expected {'a count' if kind is int else 'an object'}")
-    for name in (CODES, KEYS, *([LABELS] if LABELS in manifest["files"] else [])):
+    for name in dict.fromkeys((CODES, KEYS, *manifest["files"])):  # each file it lists, these two at least
         info = manifest["files"].get(name)
         if not (isinstance(info, dict) and isinstance(info.get("bytes"), int) and isinstance(info.get("sha256"), str)):
             raise NotAnIndex(f"{path}: files.{name} lacks its size or sha256")

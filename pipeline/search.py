@@ -2,7 +2,8 @@
 
 Queries are image files (regular files up to ``--max-query-bytes``, encoded with the model
 version the index records) or keys of its items; the search is exact (top ``-k`` by distance
-then key, or all within ``--radius``), printed as a table, drawn with ``--grid``
+then key, or all within ``--radius``), or approximate where the index has a sub-linear index
+(:mod:`pipeline.index_sublinear`; ``--exact`` scans), printed as a table, drawn with ``--grid``
 (:mod:`pipeline.search_grid`). How it works: docs/serving.md; usage: ``--help``.
 """
 
@@ -20,6 +21,7 @@ from .config import Params, add_config_args, config_from_args
 from .encoding import MAX_IMAGE_BYTES, encode_images, read_image_file
 from .errors import ConfigError, DataError, run_main
 from .index_format import Index, load_index
+from .index_sublinear import describe, load_sublinear, search_sublinear
 from .registry import MismatchError, load_model, record_tracking_uri, resolve_model
 
 __all__ = ["Hit", "search", "query_codes", "read_queries", "main", "MAX_QUERY_BYTES"]
@@ -35,13 +37,19 @@ class Hit:
     distances: np.ndarray  # int32
 
 
-def search(index: Index, packed: np.ndarray, *, k: int = 10, radius: int | None = None) -> list[Hit]:
+def search(
+    index: Index, packed: np.ndarray, *, k: int = 10, radius: int | None = None, sublinear=None, nprobe: int = 1
+) -> list[Hit]:
     """Per query (packed codes, (n_q, words) uint64): the top ``k`` rows by (distance, row),
-    or with ``radius`` every row within it, in the same order. Exact."""
-    h = index.hamming()
+    or with ``radius`` every row within it, in the same order. Exact, but for the top ``k``
+    with ``sublinear`` (the index's faiss index, :func:`pipeline.index_sublinear.load_sublinear`),
+    approximate, probing ``nprobe`` lists."""
     packed = np.ascontiguousarray(packed, dtype=np.uint64)
     if len(index) == 0 or len(packed) == 0:
         return [Hit(np.zeros(0, np.int64), np.zeros(0, np.int32)) for _ in range(len(packed))]
+    if sublinear is not None and radius is None:
+        return [Hit(r, d) for r, d in zip(*search_sublinear(sublinear, packed, k, nprobe))]
+    h = index.hamming()
     if radius is None:
         idx, dist = h.search(packed, k)
         return [Hit(i, d) for i, d in zip(idx, dist)]
@@ -146,6 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
             "  python -m pipeline.search index/cifar10-64 cat.jpg dog.png -k 5\n"
             "  python -m pipeline.search index/cifar10-64 --key 17 --key 4242 --grid results.png\n"
             "  python -m pipeline.search index/photos --key holidays/img_0001.jpg --radius 3\n"
+            "An index built with --sublinear ivf is searched through it (top k, approximate: its recall,\n"
+            "measured at build time, is printed; needs the faiss extra); --exact scans every code.\n"
             "Query images are encoded with the model version recorded in the index (its MLflow store:\n"
             "the index's, unless MLFLOW_TRACKING_URI or --set mlflow.tracking_uri names another).\n"
             "Query files must be regular files of at most --max-query-bytes (a FIFO, a device or a\n"
@@ -162,6 +172,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-k", type=int, default=10, metavar="K", help="results per query (default 10)")
     parser.add_argument(
         "--radius", type=int, metavar="R", help="every item within Hamming distance R instead of the top k"
+    )
+    parser.add_argument(
+        "--exact", action="store_true", help="scan every code even where the index has a sub-linear index"
+    )
+    parser.add_argument(
+        "--nprobe", type=int, metavar="N", help="lists the sub-linear index probes (default: the one it was built with)"
     )
     parser.add_argument("--grid", metavar="PNG", help="also draw the queries and their results into this figure")
     parser.add_argument(
@@ -206,6 +222,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise ConfigError(f"-k {args.k}: must be >= 1")
     if args.radius is not None and args.radius < 0:
         raise ConfigError(f"--radius {args.radius}: must be >= 0")
+    if args.nprobe is not None and args.nprobe < 1:
+        raise ConfigError(f"--nprobe {args.nprobe}: must be >= 1")
     if args.max_query_bytes < 1:
         raise ConfigError(f"--max-query-bytes {args.max_query_bytes}: must be >= 1")
     data, problems = read_queries(args.images, args.max_query_bytes)  # before any work: a FIFO is refused
@@ -217,7 +235,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     spans: list[tuple[str, float]] = [("imports", time.perf_counter() - t)]
     t = time.perf_counter()
     index = load_index(args.index, verify=args.verify)
-    index.hamming()  # the kernel's layout of the codes: part of loading
+    info = index.manifest.get("sublinear") if not args.exact and args.radius is None else None
+    approx = load_sublinear(index.directory, index.manifest) if info is not None else None
+    if approx is None:
+        index.hamming()  # the kernel's layout of the codes: part of loading
+    nprobe = args.nprobe or (info or {}).get("nprobe", 1)
     spans.append(("index loaded", time.perf_counter() - t))
     names: list[str] = []
     packed: list[np.ndarray] = []
@@ -243,7 +265,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not names:
         raise DataError("no usable query (every query image failed; see above)")
     t = time.perf_counter()
-    hits = search(index, np.concatenate(packed), k=args.k, radius=args.radius)
+    hits = search(index, np.concatenate(packed), k=args.k, radius=args.radius, sublinear=approx, nprobe=nprobe)
     spans.append(("searched", time.perf_counter() - t))
     print(table(index, names, hits))
     if args.grid:
@@ -258,6 +280,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         spans.append(("grid drawn", time.perf_counter() - t))
         print(f"wrote {path}")
     what = f"within distance {args.radius}" if args.radius is not None else f"top {args.k}"
+    if approx is not None:
+        print(f"approximate (--exact scans every code): {describe(info, nprobe)}")
+        what += " (approximate)"
     total = time.perf_counter() - t0
     since = "since main started"
     if started is not None and started <= wall0:

@@ -324,6 +324,33 @@ def test_a_full_disk_is_one_line_naming_the_space_and_the_index_there_stays(ray_
     assert sorted(p.name for p in small_disk.iterdir()) == ["photos"]
 
 
+def test_sublinear_ivf_is_written_beside_the_codes_and_search_goes_through_it(ray_local, champion, tmp_path, capsys):
+    """--sublinear ivf (issue 30): the faiss file listed in the manifest with its parameters
+    and the recall measured on the index's own codes, said by the command; a search goes
+    through it and says so (30 images: one list, so the same rows as --exact)."""
+    pytest.importorskip("faiss")
+    params, _, images = champion
+    folder = images / sorted(p.name for p in images.iterdir())[0]
+    out = tmp_path / "photos"
+    argv = ["--images", str(folder), "--model", CHAMPION, "--out", str(out), "--quiet", "--sublinear", "ivf"]
+    argv += ["--set", f"mlflow.tracking_uri={params.mlflow.tracking_uri}"]
+    code, text = cli(index_stage, argv, capsys)
+    last = text.splitlines()[-1]
+    assert code == 0 and last.startswith("sub-linear index in "), text
+    assert last.endswith(
+        "IndexBinaryIVF, nlist 1, nprobe 1: recall@10 1.000, recall@100 1.000, measured at build on 30 of its own codes"
+    ), text
+    index = index_format.load_index(out, verify=True)
+    assert index.manifest["sublinear"]["nlist"] == 1 and "sublinear.faiss" in index.manifest["files"]
+    key = index.key(4)
+    code, approx = cli(search_stage, [str(out), "--key", key, "-k", "5"], capsys)
+    assert code == 0 and "approximate (--exact scans every code): faiss " in approx, approx
+    code, exact = cli(search_stage, [str(out), "--key", key, "-k", "5", "--exact"], capsys)
+    assert code == 0 and approx.splitlines()[:6] == exact.splitlines()[:6], (approx, exact)
+    code, text = cli(index_stage, argv, capsys)  # an index with its faiss file is replaced like any index
+    assert code == 0, text
+
+
 def test_a_list_file_is_read_as_prepare_reads_one(tmp_path, capsys):
     """index reads a `<path> [labels]` list with prepare's reader (sources.list_tokens): a
     line that is not UTF-8 stops the stage with one line naming the file, the line and the
