@@ -11,15 +11,7 @@ Search (always): an index folder of 1,000,000 random 64-bit codes (seeded) is wr
   against ``HammingIndex.search`` on the same index, in the same run (the rate bench/search.py
   reports for "ours, compiled"), and the ratio.
 
-Index (with ``--data-root`` and ``--model``): a split of a prepared dataset (``--split``,
-default train) encoded by
-
-* evaluate's own encoder (``pipeline.evaluate``'s reader and ``dpfah.train.encode``, the
-  loader workers of ``evaluate.loader_workers``), the reference rate;
-* ``pipeline.index.build_index`` with 1 and with 2 Ray Data actors on the same machine: the
-  encoding rate (first block requested to last block written, actor start-up included) and
-  the whole command's wall time (model loading, assembling the index), each against the
-  reference.
+Indexing (``pipeline.index`` against evaluate's encoder): ``bench/index_throughput.py``.
 
 Prints a table, writes JSON (``bench/results/index_search.json`` by default). Run from the
 repository root: ``python -m bench.index_search --help``.
@@ -28,7 +20,6 @@ repository root: ``python -m bench.index_search --help``.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime
 import json
 import os
@@ -128,64 +119,6 @@ def bench_search(n: int, queries: int, repeat: int, seed: int) -> dict:
         }
 
 
-def bench_index(data_root: str, dataset: str, split: str, model: str, tracking: str) -> dict:
-    import torch
-
-    from dpfah.codes import pack_codes
-    from pipeline import evaluate as evaluate_stage
-    from pipeline.config import load_params
-    from pipeline.index import build_index
-    from pipeline.registry import load_model, resolve_model
-
-    params = load_params(
-        Path(__file__).resolve().parents[1] / "params.yaml",
-        [f"data.root={data_root}", f"mlflow.tracking_uri={tracking}"],
-    )
-    resolved = resolve_model(params, model)
-    loaded = load_model(resolved)
-    shards = params.shards_dir(dataset)
-    t = time.perf_counter()
-    codes, _, _ = evaluate_stage._encode_split(
-        loaded, shards, split, params, torch.device("cpu"), resolved.image_size, False
-    )
-    t_eval = time.perf_counter() - t
-    n = len(codes)
-    out: dict = {
-        "dataset": dataset,
-        "split": split,
-        "items": n,
-        "model": resolved.uri,
-        "image_size": resolved.image_size,
-        "evaluate": {
-            "seconds": t_eval,
-            "images_per_s": n / t_eval,
-            "loader_workers": params.evaluate.loader_workers,
-            "torch_threads": torch.get_num_threads(),
-        },
-    }
-    from pipeline.cluster import ensure_ray
-
-    ensure_ray()  # one local Ray for both runs (as a `ray start --head` would be)
-    with tempfile.TemporaryDirectory(prefix="dpfah-bench-idx-") as tmp:
-        for workers in (1, 2):
-            p = dataclasses.replace(params, index=dataclasses.replace(params.index, workers=workers))
-            t = time.perf_counter()
-            result = build_index(
-                p, Path(tmp) / f"w{workers}", model=model, dataset=dataset, split=split, progress=False
-            )
-            wall = time.perf_counter() - t
-            same = np.array_equal(np.load(Path(tmp) / f"w{workers}" / "codes.npy"), pack_codes(codes))
-            out[f"index_{workers}_workers"] = {
-                "encode_images_per_s": result.images_per_s,
-                "encode_ratio_to_evaluate": result.images_per_s / (n / t_eval),
-                "wall_s": wall,
-                "wall_images_per_s": n / wall,
-                "wall_ratio_to_evaluate": (n / wall) / (n / t_eval),
-                "codes_equal_evaluate": bool(same),
-            }
-    return out
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m bench.index_search", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -194,19 +127,6 @@ def main(argv=None) -> int:
     parser.add_argument("--queries", type=int, default=1000, help="queries in the batch (default 1,000)")
     parser.add_argument("--repeat", type=int, default=2000, help="single-query repetitions for p50/p99 (default 2,000)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument(
-        "--data-root", help="data.root of a prepared dataset: also bench indexing one of its splits (--split)"
-    )
-    parser.add_argument("--dataset", default="cifar10")
-    parser.add_argument(
-        "--split",
-        default="train",
-        help="the split to encode (default train: 4,500 CIFAR-10 images, a minute a run on 2 cores; database: 59,000)",
-    )
-    parser.add_argument(
-        "--model", help="models:/ URI of the model that indexes (e.g. models:/dpfah-cifar10-64b@champion)"
-    )
-    parser.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db"))
     parser.add_argument("--out", default=str(DEFAULT_OUT))
     args = parser.parse_args(argv)
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -240,35 +160,6 @@ def main(argv=None) -> int:
         ),
         ("  same, HammingIndex.search", "bench/search.py's row", f"{s['hammingindex_top1000_qps']:,.0f} q/s", "1.00x"),
     ]
-    if args.data_root and args.model:
-        doc["index"] = ix = bench_index(args.data_root, args.dataset, args.split, args.model, args.tracking_uri)
-        ref = ix["evaluate"]["images_per_s"]
-        rows.append(
-            (
-                f"encode {ix['dataset']} {ix['split']}: evaluate's encoder",
-                f"{ix['items']:,} img, {ix['evaluate']['loader_workers']} loader workers",
-                f"{ref:,.0f} img/s",
-                "1.00x",
-            )
-        )
-        for w in (1, 2):
-            r = ix[f"index_{w}_workers"]
-            rows.append(
-                (
-                    f"pipeline.index, {w} Ray worker(s): encoding",
-                    "codes equal" if r["codes_equal_evaluate"] else "CODES DIFFER",
-                    f"{r['encode_images_per_s']:,.0f} img/s",
-                    f"{r['encode_ratio_to_evaluate']:.2f}x (target >= 0.9x)",
-                )
-            )
-            rows.append(
-                (
-                    f"pipeline.index, {w} Ray worker(s): whole run",
-                    "",
-                    f"{r['wall_images_per_s']:,.0f} img/s ({r['wall_s']:.1f} s)",
-                    f"{r['wall_ratio_to_evaluate']:.2f}x",
-                )
-            )
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     for r in rows:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())

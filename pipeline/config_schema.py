@@ -155,7 +155,8 @@ class EvaluateConfig:
 class IndexConfig:
     """The `index` stage: encode a collection with a registered model into a searchable index."""
 
-    # Ray Data actors that encode; null: one per GPU of the cluster (one GPU each), else 1.
+    # Ray Data actors that encode; null: one per GPU of the cluster (one GPU each), else one per
+    # CPU up to 4 (pipeline.index_blocks.CPU_ACTORS), the CPUs shared out as their threads.
     workers: int | None = field(
         default=None, metadata=_check(lambda v: None if v is None or v >= 1 else "must be >= 1 or null")
     )

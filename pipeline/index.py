@@ -28,7 +28,7 @@ from .artifacts import DEFAULT_METHOD, not_replaceable
 from .collection import open_collection
 from .config import Params, add_config_args, config_from_args
 from .errors import ConfigError, DataError, run_main
-from .index_blocks import PLAN, encode_collection, plan_of
+from .index_blocks import PLAN, EncodeTiming, encode_collection, plan_of
 from .index_format import CODES, KEYS, LABELS, MANIFEST, SUBLINEAR, NotAnIndex, read_manifest, write_index
 from .index_reuse import evaluation_codes
 from .index_sublinear import KINDS, SublinearSpec, add_sublinear, describe, import_faiss
@@ -58,6 +58,7 @@ class IndexResult:
     blocks: int
     seconds: float
     images_per_s: float  # items encoded by this run / encoding time
+    timing: EncodeTiming = EncodeTiming()  # the encoding's actor start-up and steady state
 
 
 #: What an index folder and an unfinished build (``<out>.partial``) hold: nothing else is
@@ -178,7 +179,7 @@ def build_index(
     reused, why = (None, None) if reencode else evaluation_codes(params, collection, resolved, loaded)
     need = space_needed(collection, resolved.bits, encoding=reused is None)
     with disk_full_is_an_error(out, need, partial):
-        packed, keep, skipped, device, seconds, done_items, todo, used, codes_from = _codes(
+        packed, keep, skipped, device, timing, done_items, todo, used, codes_from = _codes(
             collection, resolved, loaded, params, partial, plan, progress, reused, why
         )
         tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
@@ -192,24 +193,23 @@ def build_index(
             shutil.rmtree(tmp, ignore_errors=True)
     shutil.rmtree(partial, ignore_errors=True)
     encoded = count - done_items
-    return IndexResult(
-        out, manifest, len(todo), blocks, time.perf_counter() - t0, encoded / seconds if seconds else 0.0
-    )
+    rate = encoded / timing.seconds if timing.seconds else 0.0
+    return IndexResult(out, manifest, len(todo), blocks, time.perf_counter() - t0, rate, timing)
 
 
 def _codes(collection, resolved, loaded, params: Params, partial: Path, plan, progress, reused, why):
     """The evaluation's codes (``reused``), else the collection encoded: (packed, kept rows,
-    skipped, device, encoding seconds, items resumed, blocks encoded, precision used, codes_from)."""
+    skipped, device, encoding timing, items resumed, blocks encoded, precision used, codes_from)."""
     from dpfah.train import precision_used
 
     count = len(collection.keys)
     if reused is not None:  # nothing to encode; an unfinished encoding in partial is not needed
-        packed, keep, skipped, device, seconds, done_items, todo = (
+        packed, keep, skipped, device, timing, done_items, todo = (
             reused.packed,
             np.arange(count, dtype=np.int64),
             [],
             reused.device,
-            0.0,
+            EncodeTiming(),
             count,
             [],
         )
@@ -217,11 +217,11 @@ def _codes(collection, resolved, loaded, params: Params, partial: Path, plan, pr
     else:
         if why:
             print(f"not reusing the evaluation's codes: {why}; encoding", flush=True)
-        packed, keep, skipped, device, seconds, done_items, todo = encode_collection(
+        packed, keep, skipped, device, timing, done_items, todo = encode_collection(
             collection, resolved, loaded, params, partial, plan, progress
         )
         used, codes_from = precision_used(plan["precision"], device), "encoded"
-    return packed, keep, skipped, device, seconds, done_items, todo, used, codes_from
+    return packed, keep, skipped, device, timing, done_items, todo, used, codes_from
 
 
 # ----------------------------------------------------------------------------- command line
@@ -340,7 +340,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             if result.encoded_blocks < result.blocks
             else ""
         )
-    rate = f" ({result.images_per_s:,.0f} img/s encoding)" if result.images_per_s else ""
+    t = result.timing
+    rate = (
+        f" ({result.images_per_s:,.0f} img/s encoding: {t.startup_s:.1f} s actor start-up, "
+        f"then {t.steady_images_per_s:,.0f} img/s)"
+        if result.images_per_s
+        else ""
+    )
     print(
         f"indexed {m['count']:,} items with {m['model']['uri']} ({m['bits']} bits){skipped}{resumed} "
         f"-> {result.directory} in {result.seconds:.1f} s{rate}"

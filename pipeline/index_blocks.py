@@ -12,6 +12,7 @@ import os
 import pickle
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,13 +26,35 @@ from .errors import ConfigError, DataError
 from .index_format import FORMAT
 from .registry import ResolvedModel
 
-__all__ = ["PLAN", "FAULT_ENV", "BlockEncoder", "plan_of", "encode_collection"]
+__all__ = ["PLAN", "FAULT_ENV", "BlockEncoder", "EncodeTiming", "plan_of", "encode_collection"]
 
 PLAN = "plan.json"
 #: Fault injection for tests: ``after-blocks:N`` stops the run (an error) once N blocks are written.
 FAULT_ENV = "DPFAH_INDEX_FAULT"
 
 # ----------------------------------------------------------------------------- encoding
+
+
+@dataclass(frozen=True)
+class EncodeTiming:
+    """Where an encoding run's time went: ``seconds`` from the first block requested to the
+    last block written, of which ``startup_s`` before the first block's encoding began (the
+    actors started, the model shipped to them and loaded); the rest is the steady state.
+    ``busy_s``: the actors' time inside :func:`encode_block`, summed over the actors."""
+
+    seconds: float = 0.0
+    startup_s: float = 0.0
+    items: int = 0
+    busy_s: float = 0.0
+    actors: int = 0
+
+    @property
+    def steady_s(self) -> float:
+        return self.seconds - self.startup_s
+
+    @property
+    def steady_images_per_s(self) -> float:
+        return self.items / self.steady_s if self.steady_s > 0 else 0.0
 
 
 class BlockEncoder:
@@ -62,10 +85,16 @@ class BlockEncoder:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         items = batch["items"] if "items" in batch else [None] * len(batch["block"])
-        out = [
-            encode_block(self, int(b), None if i is None else pickle.loads(i)) for b, i in zip(batch["block"], items)
-        ]
-        return {"block": np.asarray(batch["block"], dtype=np.int64), "data": np.array(out, dtype=object)}
+        out, seconds = [], []
+        for b, i in zip(batch["block"], items):
+            t = time.perf_counter()
+            out.append(encode_block(self, int(b), None if i is None else pickle.loads(i)))
+            seconds.append(time.perf_counter() - t)
+        return {
+            "block": np.asarray(batch["block"], dtype=np.int64),
+            "data": np.array(out, dtype=object),
+            "seconds": np.asarray(seconds, dtype=np.float64),  # in the actor: for EncodeTiming
+        }
 
 
 def encode_block(enc: BlockEncoder, block: int, read: list[tuple[bytes | None, str | None]] | None = None) -> bytes:
@@ -160,19 +189,28 @@ def _fail_on(problems: dict[int, str], start: int, collection: Collection) -> No
     )
 
 
-def _resources(workers: int | None) -> tuple[int, float, float, int]:
-    """(actors, CPUs each, GPUs each, torch threads each) for the cluster this process joined."""
+#: ``index.workers: null`` on a cluster without GPUs: one single-threaded actor per CPU, up to
+#: this many (the CPUs then shared out as threads): on 2 cores shared with other work, two
+#: actors of one thread each encoded 2.4x faster than one of two threads (docs/benchmarks.md);
+#: each actor holds the model and a batch's activations, hence the cap.
+CPU_ACTORS = 4
+
+
+def _resources(workers: int | None, blocks: int) -> tuple[int, float, float, int]:
+    """(actors, CPUs each, GPUs each, torch threads each) for the cluster this process joined,
+    to encode ``blocks`` blocks (never more actors than blocks)."""
     import ray
 
     have = ray.cluster_resources()
     cpus, gpus = int(have.get("CPU", 1)), int(have.get("GPU", 0))
-    n = workers or max(1, gpus)
-    node_cpus = max((int(nd["Resources"].get("CPU", 0)) for nd in ray.nodes() if nd.get("Alive")), default=cpus)
-    per = max(1, min(cpus // n, node_cpus)) if cpus >= n else 1
+    n = workers or (gpus if gpus else max(1, min(cpus, CPU_ACTORS)))
     if gpus and n > gpus:
         raise ConfigError(
             f"index.workers={n}, but the cluster has {gpus} GPU(s): one GPU each (set index.workers <= {gpus})"
         )
+    n = max(1, min(n, blocks))
+    node_cpus = max((int(nd["Resources"].get("CPU", 0)) for nd in ray.nodes() if nd.get("Alive")), default=cpus)
+    per = max(1, min(cpus // n, node_cpus)) if cpus >= n else 1
     return n, float(per), 1.0 if gpus else 0.0, per
 
 
@@ -190,8 +228,8 @@ def _block_items(todo: list[int], collection: Collection, size: int) -> list[dic
 
 def _encode_blocks(
     todo: list[int], model, collection: Collection, resolved: ResolvedModel, params: Params, partial: Path, bar
-) -> float:
-    """Encode the blocks ``todo`` on Ray Data, writing each as it comes; seconds spent."""
+) -> EncodeTiming:
+    """Encode the blocks ``todo`` on Ray Data, writing each as it comes; where the time went."""
     import ray
     import ray.data
     from ray.data import ActorPoolStrategy, DataContext
@@ -204,7 +242,7 @@ def _encode_blocks(
     ensure_ray()
     started = not was_up and started_here()
     try:
-        n, cpus, gpus, threads = _resources(i.workers)
+        actors, cpus, gpus, threads = _resources(i.workers, len(todo))
         ctx = DataContext.get_current()
         ctx.enable_progress_bars = verbose()  # ours counts images; Ray Data's with --verbose
         if not verbose():  # nor Ray Data's INFO lines (and its note that its bars are off)
@@ -218,7 +256,7 @@ def _encode_blocks(
             BlockEncoder,
             batch_size=1,
             batch_format="numpy",
-            compute=ActorPoolStrategy(size=min(n, len(todo))),
+            compute=ActorPoolStrategy(size=actors),
             num_cpus=cpus,
             num_gpus=gpus,
             fn_constructor_kwargs={
@@ -233,18 +271,21 @@ def _encode_blocks(
                 "threads": threads,
             },
         )
-        written = 0
+        written = items = 0
+        busy, first = 0.0, None
         for batch in ds.iter_batches(batch_size=1, batch_format="numpy", prefetch_batches=1):
-            block, data = int(batch["block"][0]), batch["data"][0]
+            block, data, took = int(batch["block"][0]), batch["data"][0], float(batch["seconds"][0])
+            if first is None:  # when the first block's encoding began, on the driver's clock
+                first = time.perf_counter() - took - t0
             path = write_atomic(_block_file(partial, block), bytes(data))
             _, ok, problems = _read_block(path)
             bar.update(len(ok))
-            written += 1
+            written, items, busy = written + 1, items + len(ok), busy + took
             if problems and i.on_bad_image == "fail":
                 _fail_on(problems, block * i.block_size, collection)
             if stop_after is not None and written >= stop_after:
                 raise RuntimeError(f"{FAULT_ENV}={fault}: injected fault after {written} block(s)")
-        return time.perf_counter() - t0
+        return EncodeTiming(time.perf_counter() - t0, max(0.0, first or 0.0), items, busy, actors)
     finally:
         if started:
             ray.shutdown()
@@ -271,7 +312,7 @@ def encode_collection(
     collection: Collection, resolved: ResolvedModel, loaded, params: Params, partial: Path, plan, progress: bool | None
 ):
     """Encode the blocks ``partial`` lacks (on Ray Data) and assemble all of them: (packed
-    codes, kept positions, skipped, device, encoding seconds, items resumed, blocks encoded)."""
+    codes, kept positions, skipped, device, encoding timing, items resumed, blocks encoded)."""
     from tqdm import tqdm
 
     _start_partial(partial, plan)
@@ -279,7 +320,7 @@ def encode_collection(
     blocks = -(-count // size)
     todo = [b for b in range(blocks) if not _block_file(partial, b).exists()]
     done_items = sum(min(count, (b + 1) * size) - b * size for b in range(blocks) if b not in set(todo))
-    seconds = 0.0
+    timing = EncodeTiming()
     if todo:
         what = f"index {collection.identity.get('split') or Path(collection.identity.get('path', '')).name}"
         with tqdm(
@@ -289,7 +330,7 @@ def encode_collection(
             unit="img",
             disable=False if progress else None if progress is None else True,
         ) as bar:
-            seconds = _encode_blocks(todo, loaded, collection, resolved, params, partial, bar)
+            timing = _encode_blocks(todo, loaded, collection, resolved, params, partial, bar)
     packed, keep, skipped = _assemble(partial, blocks, collection, params)
     device = _block_device(_block_file(partial, 0)) if blocks else "cpu"
-    return packed, keep, skipped, device, seconds, done_items, todo
+    return packed, keep, skipped, device, timing, done_items, todo

@@ -4,6 +4,7 @@ pipeline.search on the toy dataset, with a registered (untrained) DPFAH model.""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import numpy as np
@@ -47,12 +48,27 @@ def test_the_index_holds_evaluates_codes_keys_and_labels_of_the_split(champion, 
     )
     assert m["model"]["given"] == CHAMPION and m["source"]["split"] == "database" and m["skipped"]["count"] == 0
     assert (database_index.blocks, database_index.encoded_blocks) == (5, 5)
+    t = database_index.timing  # the actors' start-up apart from the steady state
+    assert (t.items, t.actors) == (78, 2) and 0 < t.startup_s < t.seconds and 0 < t.busy_s, t
+    assert t.steady_images_per_s == pytest.approx(78 / (t.seconds - t.startup_s))
+    assert database_index.images_per_s == pytest.approx(78 / t.seconds)
     index = index_format.load_index(database_index.directory, verify=True)
     packed, labels = _evaluate_codes(params, record)
     np.testing.assert_array_equal(np.asarray(index.codes), packed)
     np.testing.assert_array_equal(np.asarray(index.labels), labels)
     assert index.keys.to_pylist() == [str(i) for i in range(78)]
     assert not database_index.directory.with_name("toy-8.partial").exists()
+
+
+def test_on_cpus_the_default_is_one_single_threaded_actor_per_cpu(ray_local):
+    """index.workers null on a cluster without GPUs (ray_local: 2 CPUs): one actor per CPU,
+    one thread each (2.4x one actor of two threads on 2 busy cores, docs/benchmarks.md); never
+    more actors than blocks, the CPUs then shared out as threads."""
+    from pipeline.index_blocks import _resources
+
+    assert _resources(None, 15) == (2, 1.0, 0.0, 1)
+    assert _resources(None, 1) == (1, 2.0, 0.0, 2)
+    assert _resources(1, 15) == (1, 2.0, 0.0, 2)
 
 
 def test_search_by_key_and_radius_is_exact_with_ties_by_key(database_index):
@@ -321,6 +337,7 @@ def test_a_full_disk_is_one_line_naming_the_space_and_the_index_there_stays(ray_
     (small_disk / "filler").unlink()
     code, text = cli(index_stage, argv, capsys)
     assert code == 0 and "1 of 2 blocks resumed" in text, text
+    assert re.search(r"img/s encoding: \d+\.\d s actor start-up, then [\d,]+ img/s\) *$", text, re.M), text
     assert sorted(p.name for p in small_disk.iterdir()) == ["photos"]
 
 
