@@ -317,7 +317,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         model = default_model_uri(params, args.dataset, args.bits, args.method)
     sublinear = None
     if args.sublinear:
-        sublinear = SublinearSpec(args.sublinear, args.nlist, args.nprobe or SublinearSpec.nprobe).check()
+        nprobe = SublinearSpec.nprobe if args.nprobe is None else args.nprobe
+        sublinear = SublinearSpec(args.sublinear, args.nlist, nprobe).check()
         import_faiss("--sublinear")  # before any work
     elif args.nlist is not None or args.nprobe is not None:
         raise ConfigError("--nlist and --nprobe go with --sublinear ivf")

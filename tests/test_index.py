@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from dpfah.packing import unpack_codes
 from pipeline import index as index_stage
 from pipeline import index_format
 from pipeline import search as search_stage
@@ -23,17 +24,30 @@ from tests.index_fixtures import CHAMPION, NAME
 champion, database_index = index_fixtures.champion, index_fixtures.database_index  # this module's own
 
 
+#: A code bit whose network output is this close to 0 may take either sign when another
+#: thread count or batch size sums the output in another order (the index's single-threaded
+#: actors against evaluate's threads; any x86-64 CPU's kernels).
+SIGN_MARGIN = 1e-4
+
+
 def _evaluate_codes(params, record):
-    """The database codes as evaluate computes them (its reader, dpfah.train.encode)."""
+    """The database codes as evaluate computes them (its reader, dpfah.train.encode), and
+    where each bit's output is within SIGN_MARGIN of 0 (rows in the stream's index order)."""
     from dpfah.codes import pack_codes
     from dpfah.data import EvalStream
     from dpfah.train import encode
     from pipeline.registry import load_checked_model
 
     model = load_checked_model(record["model_uri"], record["run_id"], params.mlflow.tracking_uri)
+    outputs = []
+    hook = model.register_forward_hook(lambda _m, _i, out: outputs.append(out[0].detach().float().abs()))
     stream = EvalStream(params.shards_dir("toy"), "database", batch_size=32, rank=0, world_size=1)
-    codes, labels, _ = encode(model, stream, torch.device("cpu"), 32, "fp32")
-    return pack_codes(codes), labels
+    try:
+        codes, labels, _ = encode(model, stream, torch.device("cpu"), 32, "fp32")
+    finally:
+        hook.remove()
+    near_zero = torch.cat(outputs).numpy()[np.argsort(np.concatenate([b.index for b in stream]), kind="stable")]
+    return pack_codes(codes), labels, near_zero < SIGN_MARGIN
 
 
 def test_the_index_holds_evaluates_codes_keys_and_labels_of_the_split(champion, database_index):
@@ -53,8 +67,9 @@ def test_the_index_holds_evaluates_codes_keys_and_labels_of_the_split(champion, 
     assert t.steady_images_per_s == pytest.approx(78 / (t.seconds - t.startup_s))
     assert database_index.images_per_s == pytest.approx(78 / t.seconds)
     index = index_format.load_index(database_index.directory, verify=True)
-    packed, labels = _evaluate_codes(params, record)
-    np.testing.assert_array_equal(np.asarray(index.codes), packed)
+    packed, labels, unsure = _evaluate_codes(params, record)
+    differ = unpack_codes(np.asarray(index.codes), BITS) != unpack_codes(packed, BITS)
+    assert not (differ & ~unsure).any(), np.argwhere(differ & ~unsure)  # equal wherever the sign is clear
     np.testing.assert_array_equal(np.asarray(index.labels), labels)
     assert index.keys.to_pylist() == [str(i) for i in range(78)]
     assert not database_index.directory.with_name("toy-8.partial").exists()

@@ -160,3 +160,12 @@ def test_without_faiss_both_commands_say_which_extra_installs_it(built, monkeypa
     )
     code, text = cli(index_stage, argv[:-2] + ["--nlist", "8"], capsys)
     assert (code, text) == (2, "error: --nlist and --nprobe go with --sublinear ivf\n")
+
+
+@pytest.mark.parametrize("flag", ["--nprobe", "--nlist"])
+def test_a_zero_nprobe_or_nlist_is_refused_not_replaced_by_the_default(flag, tmp_path, capsys):
+    """`--nprobe 0` was read as "not given" and became the default 32; now it is an error."""
+    argv = ["--images", str(tmp_path), "--model", "models:/x/1", "--out", str(tmp_path / "o"), "--sublinear", "ivf"]
+    code, text = cli(index_stage, [*argv, flag, "0"], capsys)
+    assert (code, text) == (2, f"error: {flag} 0: must be >= 1\n")
+    assert not (tmp_path / "o").exists()
