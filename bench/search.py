@@ -35,7 +35,7 @@ import numpy as np
 if __package__ in (None, ""):  # `python bench/search.py`: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dpfah import codes  # noqa: E402
+from dpfah import codes, kernels  # noqa: E402
 
 REFERENCE_GCPS = 16.0  # notes: popcount limit of 2 AVX-512 VPOPCNTQ cores, G comparisons/s
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "search.json"
@@ -74,6 +74,69 @@ def _cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+def _compiled_rows(row, kernel, db, queries, k, threads, repeat, single_thread, reference, first_dist):
+    """Rows of one compiled kernel, already selected: its distance pass (the ceiling), then
+    ``HammingIndex.search`` and ``topk_hamming`` on `threads` threads and on one. Results are
+    checked against the numpy `reference` (first queries) and against `first_dist`, the
+    distances of the first kernel run (None for that one). Returns this kernel's distances."""
+    n_queries = queries.shape[0]
+    ref_idx, ref_dist = reference
+    n_ref = ref_idx.shape[0]
+    t_prep = time.perf_counter()
+    index = codes.HammingIndex(db, threads=threads)
+    t_prep = time.perf_counter() - t_prep
+    index.count_within(queries[:8], 0)  # warm up (pages, threads)
+    t, _ = _timed(lambda: index.count_within(queries, 0), repeat)
+    row(
+        f"kernel scan, no selection ({kernel}, {threads} threads)",
+        n_queries,
+        t,
+        "popcount ceiling measured here: the distance pass alone (codes within radius 0)",
+        n_threads=threads,
+        kernel=kernel,
+    )
+    index.search(queries[:8], k)
+    t, (idx, dist) = _timed(lambda: index.search(queries, k), repeat)
+    ok = bool(np.array_equal(idx[:n_ref], ref_idx) and np.array_equal(dist[:n_ref], ref_dist))
+    if first_dist is not None:
+        ok = ok and bool(np.array_equal(dist, first_dist))
+    row(
+        f"ours: HammingIndex.search ({kernel}, {threads} threads)",
+        n_queries,
+        t,
+        f"database prepared once beforehand ({t_prep * 1e3:.0f} ms, not counted), like faiss's add",
+        ok,
+        n_threads=threads,
+        kernel=kernel,
+    )
+    t, (idx2, dist2) = _timed(lambda: codes.topk_hamming(queries, db, k, threads=threads), repeat)
+    ok2 = bool(np.array_equal(idx2, idx) and np.array_equal(dist2, dist))
+    row(
+        f"ours: topk_hamming ({kernel}, {threads} threads)",
+        n_queries,
+        t,
+        "end to end, preparing the database in the call",
+        ok2,
+        n_threads=threads,
+        kernel=kernel,
+    )
+    if single_thread and threads > 1:
+        index1 = codes.HammingIndex(db, threads=1)
+        t, _ = _timed(lambda: index1.count_within(queries, 0), repeat)
+        row(
+            f"kernel scan, no selection ({kernel}, 1 thread)",
+            n_queries,
+            t,
+            "the ceiling on one core",
+            n_threads=1,
+            kernel=kernel,
+        )
+        t, (idx1, dist1) = _timed(lambda: index1.search(queries, k), repeat)
+        ok1 = bool(np.array_equal(idx1, idx) and np.array_equal(dist1, dist))
+        row(f"ours: HammingIndex.search ({kernel}, 1 thread)", n_queries, t, "", ok1, n_threads=1, kernel=kernel)
+    return dist
+
+
 def run_search_benchmark(
     n_db: int = 1_000_000,
     n_queries: int = 1000,
@@ -86,6 +149,7 @@ def run_search_benchmark(
     check_queries: int = 5,
     with_faiss: bool = True,
     single_thread: bool = True,
+    kernel_names: list[str] | None = None,
 ) -> list[dict]:
     """Run the benchmark; return one dict per table row.
 
@@ -94,6 +158,7 @@ def run_search_benchmark(
     ratio_to_faiss (throughput over faiss's with all threads, None without faiss), verified
     (None where not checked), note. With `single_thread` (and threads > 1), ours and faiss
     also run on one thread: per-core numbers, less disturbed by other processes.
+    `kernel_names`: the compiled kernels to run, side by side (default: the one in use).
     """
     threads = threads or codes._default_threads()
     rng = np.random.default_rng(seed)
@@ -102,11 +167,12 @@ def run_search_benchmark(
     k = min(k, n_db)
     rows: list[dict] = []
 
-    def row(method, n_q, seconds, note="", verified=None, gcps=None, n_threads=None):
+    def row(method, n_q, seconds, note="", verified=None, gcps=None, n_threads=None, kernel=None):
         gcps = gcps if gcps is not None else (n_q * n_db / seconds / 1e9 if seconds else None)
         rows.append(
             {
                 "method": method,
+                "kernel": kernel,
                 "threads": n_threads,
                 "queries": n_q,
                 "seconds": seconds,
@@ -122,49 +188,16 @@ def run_search_benchmark(
     ref_idx, ref_dist = _reference_ranking(queries[:check_queries], db, k)
 
     ours_dist = None
-    if codes.HAVE_COMPILED_KERNEL:
-        kernel = codes.compiled_kernel()
-        t_prep = time.perf_counter()
-        index = codes.HammingIndex(db, threads=threads)
-        t_prep = time.perf_counter() - t_prep
-        index.count_within(queries[:8], 0)  # warm up (pages, threads)
-        t, _ = _timed(lambda: index.count_within(queries, 0), repeat)
-        row(
-            f"kernel scan, no selection ({kernel}, {threads} threads)",
-            n_queries,
-            t,
-            "popcount ceiling measured here: the distance pass alone (codes within radius 0)",
-            n_threads=threads,
-        )
-        index.search(queries[:8], k)
-        t, (idx, dist) = _timed(lambda: index.search(queries, k), repeat)
-        ok = bool(np.array_equal(idx[:check_queries], ref_idx) and np.array_equal(dist[:check_queries], ref_dist))
-        ours_dist = dist
-        row(
-            f"ours: HammingIndex.search ({kernel}, {threads} threads)",
-            n_queries,
-            t,
-            f"database prepared once beforehand ({t_prep * 1e3:.0f} ms, not counted), like faiss's add",
-            ok,
-            n_threads=threads,
-        )
-        t, (idx2, dist2) = _timed(lambda: codes.topk_hamming(queries, db, k, threads=threads), repeat)
-        ok2 = bool(np.array_equal(idx2, idx) and np.array_equal(dist2, dist))
-        row(
-            f"ours: topk_hamming ({kernel}, {threads} threads)",
-            n_queries,
-            t,
-            "end to end, preparing the database in the call",
-            ok2,
-            n_threads=threads,
-        )
-        if single_thread and threads > 1:
-            index1 = codes.HammingIndex(db, threads=1)
-            t, _ = _timed(lambda: index1.count_within(queries, 0), repeat)
-            row(f"kernel scan, no selection ({kernel}, 1 thread)", n_queries, t, "the ceiling on one core", n_threads=1)
-            t, (idx1, dist1) = _timed(lambda: index1.search(queries, k), repeat)
-            ok1 = bool(np.array_equal(idx1, idx) and np.array_equal(dist1, dist))
-            row(f"ours: HammingIndex.search ({kernel}, 1 thread)", n_queries, t, "", ok1, n_threads=1)
+    mod = kernels.hamming if codes.HAVE_COMPILED_KERNEL else None
+    for kernel in (kernel_names or [codes.compiled_kernel()]) if mod is not None else []:
+        before = mod.set_kernel(kernel)
+        try:
+            dist = _compiled_rows(
+                row, kernel, db, queries, k, threads, repeat, single_thread, (ref_idx, ref_dist), ours_dist
+            )
+        finally:
+            mod.set_kernel(before)
+        ours_dist = dist if ours_dist is None else ours_dist
 
     nq_np = min(numpy_queries, n_queries)
     if nq_np > 0:
@@ -220,9 +253,10 @@ def run_search_benchmark(
         "from the project notes (measured on another machine of this kind), not here",
         gcps=REFERENCE_GCPS,
     )
-    ceilings = {r["threads"]: r["gcomp_per_s"] for r in rows if r["method"].startswith("kernel scan")}
-    for r in rows:  # issue 30's target: HammingIndex.search at >= 85 % of the scan, same threads
-        ceiling = ceilings.get(r["threads"]) if r["method"].startswith("ours: HammingIndex.search") else None
+    ceilings = {(r["kernel"], r["threads"]): r["gcomp_per_s"] for r in rows if r["method"].startswith("kernel scan")}
+    for r in rows:  # issue 30's target: HammingIndex.search at >= 85 % of the scan, same kernel and threads
+        search = r["method"].startswith("ours: HammingIndex.search")
+        ceiling = ceilings.get((r["kernel"], r["threads"])) if search else None
         r["share_of_ceiling"] = r["gcomp_per_s"] / ceiling if ceiling else None
     if faiss_row is not None:
         for r in rows:
@@ -255,6 +289,18 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _kernel_names(p: argparse.ArgumentParser, spec: str | None) -> list[str] | None:
+    if spec is None:
+        return None
+    have = list(kernels.hamming.kernels()) if kernels.hamming is not None else []
+    names = have if spec.strip() == "all" else [x.strip() for x in spec.split(",") if x.strip()]
+    bad = [x for x in names if x not in have]
+    if bad or not names:
+        missing = ", ".join(bad) or "none given"
+        p.error(f"--kernels: {missing} not among this CPU's compiled kernels ({', '.join(have)})")
+    return names
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         description="Exact top-k Hamming search over random packed 64-bit codes: dpfah vs faiss IndexBinaryFlat."
@@ -268,6 +314,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeat", type=int, default=3, help="timed runs per method, best kept (default 3)")
     p.add_argument("--no-faiss", action="store_true", help="skip faiss")
     p.add_argument("--no-single-thread", action="store_true", help="skip the 1-thread rows")
+    p.add_argument(
+        "--kernels",
+        default=None,
+        help="compiled kernels to run side by side, comma-separated, e.g. avx512vpopcntdq,avx512bw "
+        "(default: the one this CPU selects; `all`: every kernel it supports)",
+    )
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"JSON output (default {DEFAULT_OUT})")
     a = p.parse_args(argv)
 
@@ -281,6 +333,7 @@ def main(argv: list[str] | None = None) -> int:
         repeat=a.repeat,
         with_faiss=not a.no_faiss,
         single_thread=not a.no_single_thread,
+        kernel_names=_kernel_names(p, a.kernels),
     )
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
     print(

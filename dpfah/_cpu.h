@@ -8,6 +8,8 @@
  *   popcnt     scalar POPCNT instruction                       (x86: popcnt)
  *   avx2       256-bit vectors                                 (x86: popcnt, avx2)
  *   avx512bw   512-bit vectors with byte/word instructions     (x86: popcnt, avx2, avx512f, avx512bw)
+ *   avx512vpopcntdq  the same, with the vector popcount VPOPCNTQ   (x86: the above, avx512vl,
+ *                    avx512vpopcntdq: Ice Lake and later Intel, AMD Zen 4 and later)
  *
  * The CPU is asked once per module (GCC/Clang __builtin_cpu_supports on x86); on any other
  * architecture or compiler only "portable" is available. A module passes the set of families
@@ -26,11 +28,19 @@
 #define DPFAH_CPU_X86 0
 #endif
 
-enum { DPFAH_K_PORTABLE = 0, DPFAH_K_POPCNT = 1, DPFAH_K_AVX2 = 2, DPFAH_K_AVX512BW = 3, DPFAH_K_COUNT = 4 };
+enum {
+    DPFAH_K_PORTABLE = 0,
+    DPFAH_K_POPCNT = 1,
+    DPFAH_K_AVX2 = 2,
+    DPFAH_K_AVX512BW = 3,
+    DPFAH_K_AVX512VPOPCNT = 4,
+    DPFAH_K_COUNT = 5
+};
 
 #define DPFAH_KBIT(k) (1u << (k))
 
-static const char *const dpfah_kernel_names[DPFAH_K_COUNT] = {"portable", "popcnt", "avx2", "avx512bw"};
+static const char *const dpfah_kernel_names[DPFAH_K_COUNT] = {"portable", "popcnt", "avx2", "avx512bw",
+                                                                   "avx512vpopcntdq"};
 
 /* Bit mask of the kernel families this CPU can run (DPFAH_KBIT(k) set for family k);
  * computed on the first call, then cached (module init runs under the GIL). */
@@ -46,8 +56,11 @@ static inline unsigned dpfah_cpu_kernels(void)
             mask |= DPFAH_KBIT(DPFAH_K_POPCNT);
             if (__builtin_cpu_supports("avx2")) {
                 mask |= DPFAH_KBIT(DPFAH_K_AVX2);
-                if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw"))
+                if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")) {
                     mask |= DPFAH_KBIT(DPFAH_K_AVX512BW);
+                    if (__builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vpopcntdq"))
+                        mask |= DPFAH_KBIT(DPFAH_K_AVX512VPOPCNT);
+                }
             }
         }
 #endif

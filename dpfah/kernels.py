@@ -12,7 +12,8 @@ a ``dpfah/`` extension would be shadowed by it, so the job would quietly run the
 fallback. Nothing shadows ``_dpfah_*``: the job's ``dpfah`` sources use the installed kernels.
 
 Each picks its instruction set at import with the same routine (``dpfah/_cpu.h``): one of
-``"portable"`` (plain C), ``"popcnt"``, ``"avx2"`` (Hamming only), ``"avx512bw"``.
+``"portable"`` (plain C), ``"popcnt"``, ``"avx2"`` (Hamming only), ``"avx512bw"``,
+``"avx512vpopcntdq"`` (Hamming only: CPUs with the vector popcount, Ice Lake and Zen 4 on).
 ``status()`` says which kernel each part uses, or ``"numpy"`` where the extension did not
 import; ``announce_fallback()`` logs that once per process (logger ``dpfah.kernels``).
 

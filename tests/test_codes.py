@@ -57,7 +57,7 @@ def large_case():
 
 @pytest.fixture(params=_kernels() or ["missing"])
 def kernel(request):
-    """Each compiled kernel this CPU supports (avx512bw, avx2, popcnt, portable), in turn."""
+    """Each compiled kernel this CPU supports (avx512vpopcntdq, avx512bw, avx2, popcnt, portable), in turn."""
     _hamming = require_compiled()
     before = _hamming.set_kernel(request.param)
     yield request.param
@@ -279,6 +279,21 @@ def test_topk_wide_codes_large_database(kernel):
     rng = np.random.default_rng(12)
     q, d = random_codes(rng, 3, 300), random_codes(rng, 5_000, 300)
     _check_topk(topk_hamming(pack_codes(q), pack_codes(d), 50, backend="compiled"), q, d, 50)
+
+
+@pytest.mark.parametrize("bits,n_db,n_q,k", [(64, 70_000, 101, 1000), (64, 70_000, 37, 10), (130, 20_000, 45, 300)])
+def test_topk_many_queries_split_into_batches(kernel, bits, n_db, n_q, k):
+    """More queries than one batch holds (the SIMD kernels split a call into batches of equal
+    size, in whole groups of queries where they can), in one call and in uneven chunks."""
+    rng = np.random.default_rng(n_q)
+    q, d = random_codes(rng, n_q, bits), random_codes(rng, n_db, bits)
+    dist = plain_distances(q, d)
+    idx = np.stack([np.lexsort((np.arange(n_db), row))[:k] for row in dist])
+    ranking = (idx, np.take_along_axis(dist, idx, axis=1))
+    index = HammingIndex(pack_codes(d), threads=1)
+    assert index.kernel == kernel
+    _check_topk(index.search(pack_codes(q), k), q, d, k, ranking)
+    _check_topk(index.search(pack_codes(q), k, query_chunk=n_q - 2), q, d, k, ranking)
 
 
 def test_topk_same_result_for_any_threads_and_chunks():
