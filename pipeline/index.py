@@ -29,9 +29,19 @@ from .collection import open_collection
 from .config import Params, add_config_args, config_from_args
 from .errors import ConfigError, DataError, run_main
 from .index_blocks import PLAN, EncodeTiming, encode_collection, plan_of
-from .index_format import CODES, KEYS, LABELS, MANIFEST, SUBLINEAR, NotAnIndex, read_manifest, write_index
+from .index_format import (
+    CODES,
+    KEYS,
+    LABELS,
+    MANIFEST,
+    SUBLINEAR,
+    NotAnIndex,
+    load_index,
+    read_manifest,
+    write_index,
+)
 from .index_reuse import evaluation_codes
-from .index_sublinear import KINDS, SublinearSpec, add_sublinear, describe, import_faiss
+from .index_sublinear import KINDS, SublinearSpec, add_sublinear, describe, import_faiss, sublinear_bytes
 from .registry import default_model_uri, load_model, resolve_model
 
 __all__ = [
@@ -90,14 +100,15 @@ def check_out(out: str | os.PathLike) -> Path:
     return out
 
 
-def space_needed(collection, bits: int, *, encoding: bool) -> int:
+def space_needed(collection, bits: int, *, encoding: bool, sublinear: SublinearSpec | None = None) -> int:
     """Bytes an index build writes at least: its codes and labels (.npy, their exact sizes;
-    the keys and the manifest come on top), and while ``encoding`` the blocks' codes and
-    masks beside them."""
+    the keys and the manifest come on top), while ``encoding`` the blocks' codes and masks
+    beside them, and the ``sublinear`` index's faiss file."""
     count, words = len(collection.keys), -(-bits // 64)
     codes = count * words * 8 + 128
     labels = 0 if collection.labels is None else int(collection.labels.size) + 128
-    return codes + labels + (count * (words * 8 + 1) if encoding else 0)
+    faiss_file = 0 if sublinear is None else sublinear_bytes(count, words, sublinear)
+    return codes + labels + faiss_file + (count * (words * 8 + 1) if encoding else 0)
 
 
 def _free_bytes(path: Path) -> int:
@@ -177,7 +188,7 @@ def build_index(
     count, size = len(collection.keys), params.index.block_size
     blocks = -(-count // size)
     reused, why = (None, None) if reencode else evaluation_codes(params, collection, resolved, loaded)
-    need = space_needed(collection, resolved.bits, encoding=reused is None)
+    need = space_needed(collection, resolved.bits, encoding=reused is None, sublinear=sublinear)
     with disk_full_is_an_error(out, need, partial):
         packed, keep, skipped, device, timing, done_items, todo, used, codes_from = _codes(
             collection, resolved, loaded, params, partial, plan, progress, reused, why
@@ -195,6 +206,30 @@ def build_index(
     encoded = count - done_items
     rate = encoded / timing.seconds if timing.seconds else 0.0
     return IndexResult(out, manifest, len(todo), blocks, time.perf_counter() - t0, rate, timing)
+
+
+def add_sublinear_to(out: str | os.PathLike, spec: SublinearSpec) -> tuple[dict, float]:
+    """Build the sub-linear index ``spec`` of the index already in ``out`` from its codes (no
+    model, nothing encoded): its files are verified (sha256) first, the space checked, then
+    the faiss file is written beside the codes and the manifest rewritten, each atomically
+    (one there before is replaced). Returns the manifest and the seconds taken."""
+    t0 = time.perf_counter()
+    out = Path(out)
+    if not (out / MANIFEST).is_file():
+        raise ConfigError(
+            f"--out {out}: no index there to add a sub-linear index to ({MANIFEST} not found); "
+            "give --split or --images to build one"
+        )
+    index = load_index(out, verify=True)
+    manifest = {k: v for k, v in index.manifest.items() if k != "sublinear"}
+    manifest["files"] = {k: v for k, v in manifest["files"].items() if k != SUBLINEAR}
+    n, words = index.codes.shape
+    need = sublinear_bytes(n, words, spec)
+    free = _free_bytes(out)
+    if free < need:
+        raise DataError(f"{out}: {_size(free)} free on its device, the sub-linear index needs at least {_size(need)}")
+    manifest = add_sublinear(out, manifest, np.asarray(index.codes), spec)
+    return manifest, time.perf_counter() - t0
 
 
 def _codes(collection, resolved, loaded, params: Params, partial: Path, plan, progress, reused, why):
@@ -243,6 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
             "  python -m pipeline.index --images photos.tar --model models:/dpfah-cifar10-64b/3 --out index/photos\n"
             "  python -m pipeline.index --images list.txt --root /data/images \\\n"
             "      --model models:/dpfah-cifar10-64b@champion --out index/mine\n"
+            "  python -m pipeline.index --out index/photos --sublinear ivf      # add a faiss index, no re-encoding\n"
             "  ray job submit --address http://HEAD:8265 --working-dir . -- python -m pipeline.index ...\n"
             "The model: --model, else the champion (promote.alias) of promote.model_name for --dataset,\n"
             "--bits and --method. A list file has one `<path> [0/1 label vector]` per line. Settings:\n"
@@ -292,7 +328,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--sublinear", choices=KINDS,
         help="also build a faiss binary IVF index beside the codes, which pipeline.search then uses (approximate, "
-        "its recall@10/@100 measured here; for collections of millions; needs the faiss extra)",
+        "its recall@10/@100 measured here; for collections of millions; needs the faiss extra); with --out alone "
+        "(no --split or --images), add it to the index already in --out, from its codes",
     )  # fmt: skip
     parser.add_argument("--nlist", type=int, metavar="N", help="--sublinear's lists (default: about sqrt(items) / 4)")
     parser.add_argument(
@@ -308,20 +345,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     params = config_from_args(args)
     if args.split is None and args.images is None:
-        raise ConfigError("give --split (with --dataset) or --images (a folder, a .tar archive or a list file)")
+        if args.sublinear and args.out:  # to the index already there, from its codes
+            manifest, seconds = add_sublinear_to(args.out, _sublinear_spec(args))
+            if "sublinear" not in manifest:
+                print(f"{args.out}: the index holds no codes; no sub-linear index needed")
+                return 0
+            print(
+                f"added a sub-linear index to {args.out} ({manifest['count']:,} codes, none encoded) in "
+                f"{seconds:.1f} s: {describe(manifest['sublinear'])}"
+            )
+            return 0
+        raise ConfigError(
+            "give --split (with --dataset) or --images (a folder, a .tar archive or a list file); "
+            "or --out DIR --sublinear ivf alone to add a sub-linear index to the index in DIR"
+        )
     model = args.model
     if model is None:
         if args.dataset is None or args.bits is None:
             raise ConfigError("give --dataset and --bits (their champion encodes) or --model models:/...")
         params.dataset(args.dataset)
         model = default_model_uri(params, args.dataset, args.bits, args.method)
-    sublinear = None
-    if args.sublinear:
-        nprobe = SublinearSpec.nprobe if args.nprobe is None else args.nprobe
-        sublinear = SublinearSpec(args.sublinear, args.nlist, nprobe).check()
-        import_faiss("--sublinear")  # before any work
-    elif args.nlist is not None or args.nprobe is not None:
-        raise ConfigError("--nlist and --nprobe go with --sublinear ivf")
+    sublinear = _sublinear_spec(args)
     out = args.out
     if out is None:
         if args.split is None or args.bits is None:
@@ -355,6 +399,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     if "sublinear" in m:
         print(f"sub-linear index in {m['sublinear']['build_s']:.1f} s: {describe(m['sublinear'])}")
     return 0
+
+
+def _sublinear_spec(args: argparse.Namespace) -> SublinearSpec | None:
+    """--sublinear, --nlist and --nprobe, checked (faiss importable) before any work."""
+    if args.sublinear:
+        nprobe = SublinearSpec.nprobe if args.nprobe is None else args.nprobe
+        spec = SublinearSpec(args.sublinear, args.nlist, nprobe).check()
+        import_faiss("--sublinear")
+        return spec
+    if args.nlist is not None or args.nprobe is not None:
+        raise ConfigError("--nlist and --nprobe go with --sublinear ivf")
+    return None
 
 
 if __name__ == "__main__":

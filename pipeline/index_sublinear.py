@@ -30,6 +30,7 @@ __all__ = [
     "import_faiss",
     "load_sublinear",
     "search_sublinear",
+    "sublinear_bytes",
 ]
 
 #: The sub-linear indexes offered (bench/index_scale.py: multi-index hashing lost to the exact
@@ -80,6 +81,17 @@ class SublinearSpec:
         if self.nprobe < 1:
             raise ConfigError(f"--nprobe {self.nprobe}: must be >= 1")
         return self
+
+
+def sublinear_bytes(n: int, words: int, spec: SublinearSpec) -> int:
+    """At least the bytes of the faiss file ``spec`` writes for ``n`` codes of ``words`` words:
+    a binary IVF stores each code with its 8-byte id, and each list's centroid (faiss 1.15
+    wrote n (8 words + 8) + nlist (8 words + 8 to 31) + about 100 bytes; checked in
+    tests/test_sublinear.py)."""
+    if n <= 0:
+        return 0
+    nlist = spec.nlist or default_nlist(n)
+    return n * (8 * words + 8) + nlist * (8 * words + 64) + 4096
 
 
 def build_ivf(packed: np.ndarray, nlist: int, *, seed: int = 0):

@@ -18,7 +18,14 @@ from bench.index_scale import make_packed_codes
 from pipeline import index as index_stage
 from pipeline import index_format
 from pipeline import search as search_stage
-from pipeline.index_sublinear import SublinearSpec, add_sublinear, distance_recall, load_sublinear
+from pipeline.index_sublinear import (
+    SublinearSpec,
+    add_sublinear,
+    build_ivf,
+    distance_recall,
+    load_sublinear,
+    sublinear_bytes,
+)
 from tests.helpers import cli
 
 faiss = pytest.importorskip("faiss")
@@ -70,6 +77,68 @@ def test_the_manifest_records_the_sublinear_index_and_its_recall(built):
     index = load_sublinear(out, m)
     assert isinstance(index, faiss.IndexBinaryIVF) and (index.ntotal, index.d, index.nlist) == (N, 64, 32)
     assert index_stage.check_out(out) == out  # an index with its faiss file may be rebuilt in place
+
+
+def test_the_disk_space_check_counts_the_faiss_file(built, tmp_path):
+    """pipeline.index refuses a build that cannot fit before any work; with --sublinear the faiss
+    file is part of what must fit: at least its size, and not much more."""
+    out, packed = built
+    written = (out / "sublinear.faiss").stat().st_size
+    bound = sublinear_bytes(N, 1, SublinearSpec(nprobe=8))
+    assert written <= bound <= written + 8192, (written, bound)
+    for n, words, nlist in [(3_000, 1, 1), (5_000, 2, 16)]:
+        codes = np.random.default_rng(n).integers(0, 2**63, size=(n, words), dtype=np.uint64)
+        size = len(faiss.serialize_index_binary(build_ivf(codes, nlist)).tobytes())
+        assert size <= sublinear_bytes(n, words, SublinearSpec(nlist=nlist)) <= size + 8192
+    collection = SimpleNamespace(keys=[str(i) for i in range(N)], labels=None)
+    plain = index_stage.space_needed(collection, 64, encoding=False)
+    assert index_stage.space_needed(collection, 64, encoding=False, sublinear=SublinearSpec()) == plain + bound
+
+
+def test_a_sublinear_index_is_added_to_an_existing_index_from_its_codes(built, tmp_path, capsys):
+    """`pipeline.index --out DIR --sublinear ivf` alone: the faiss index is built from the codes
+    already in DIR (no model, nothing encoded), the codes untouched; again with other lists, it
+    replaces the first; a folder that is no index, or one whose codes changed, is refused in
+    one line with nothing written."""
+    out, packed = tmp_path / "idx", built[1]
+    _write(out, packed)
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.name != "manifest.json"}
+    code, text = cli(index_stage, ["--out", str(out), "--sublinear", "ivf", "--nprobe", "8"], capsys)
+    assert code == 0 and text.startswith(f"added a sub-linear index to {out} (20,000 codes, none encoded) in "), text
+    assert "IndexBinaryIVF, nlist 32, nprobe 8: recall@10 " in text, text
+    m = index_format.read_manifest(out)
+    assert (
+        m["sublinear"]["nlist"] == 32
+        and m["sublinear"]["recall"] == index_format.read_manifest(built[0])["sublinear"]["recall"]
+    )  # the same index as one built with the codes
+    assert all((out / name).read_bytes() == data for name, data in before.items())
+    index = index_format.load_index(out, verify=True)
+    assert load_sublinear(out, index.manifest).nlist == 32
+
+    code, text = cli(index_stage, ["--out", str(out), "--sublinear", "ivf", "--nlist", "16"], capsys)
+    assert code == 0 and "nlist 16, nprobe 16" in text, text  # nprobe: at most the lists
+    m = index_format.read_manifest(out)
+    assert m["sublinear"]["nlist"] == 16 and load_sublinear(out, m).nlist == 16
+    assert sorted(m["files"]) == sorted([*before, "sublinear.faiss"])
+
+    other = tmp_path / "photos"
+    other.mkdir()
+    (other / "a.jpg").write_bytes(b"x")
+    code, text = cli(index_stage, ["--out", str(other), "--sublinear", "ivf"], capsys)
+    assert code == 2 and text == (
+        f"error: --out {other}: no index there to add a sub-linear index to (manifest.json not found); "
+        "give --split or --images to build one\n"
+    ), text
+    assert sorted(p.name for p in other.iterdir()) == ["a.jpg"]
+    codes = out / "codes.npy"
+    data = codes.read_bytes()
+    codes.write_bytes(data[:-8] + bytes(8))  # same size, other codes
+    manifest = (out / "manifest.json").read_bytes()
+    code, text = cli(index_stage, ["--out", str(out), "--sublinear", "ivf"], capsys)
+    assert code == 2 and text == f"error: {codes}: sha256 does not match manifest.json (the file changed)\n", text
+    assert (out / "manifest.json").read_bytes() == manifest
+    code, text = cli(index_stage, ["--out", str(out)], capsys)
+    assert code == 2 and "or --out DIR --sublinear ivf alone to add a sub-linear index to the index in DIR" in text
 
 
 def test_probing_every_list_is_exact_and_the_recall_is_measured_against_the_scan(built):
