@@ -92,12 +92,26 @@ def _cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+def _scan_and_search(row, kernel, index, queries, k, repeat, notes, check):
+    """The rows of one thread count: `index`'s distance pass (the ceiling) and its search, timed
+    alternating; `notes` for the two rows; `check(idx, dist)` verifies the search. Returns its
+    (indices, distances)."""
+    n, n_queries = index.threads, queries.shape[0]
+    on = f"{kernel}, {n} thread{'s' if n > 1 else ''}"
+    (t, _), (t_search, (idx, dist)) = _timed_pair(
+        lambda: index.count_within(queries, 0), lambda: index.search(queries, k), repeat
+    )
+    row(f"kernel scan, no selection ({on})", n_queries, t, notes[0], n_threads=n, kernel=kernel)
+    ok = check(idx, dist)
+    row(f"ours: HammingIndex.search ({on})", n_queries, t_search, notes[1], ok, n_threads=n, kernel=kernel)
+    return idx, dist
+
+
 def _compiled_rows(row, kernel, db, queries, k, threads, repeat, single_thread, reference, first_dist):
     """Rows of one compiled kernel, already selected: its distance pass (the ceiling), then
     ``HammingIndex.search`` and ``topk_hamming`` on `threads` threads and on one. Results are
     checked against the numpy `reference` (first queries) and against `first_dist`, the
     distances of the first kernel run (None for that one). Returns this kernel's distances."""
-    n_queries = queries.shape[0]
     ref_idx, ref_dist = reference
     n_ref = ref_idx.shape[0]
     t_prep = time.perf_counter()
@@ -105,64 +119,34 @@ def _compiled_rows(row, kernel, db, queries, k, threads, repeat, single_thread, 
     t_prep = time.perf_counter() - t_prep
     index.count_within(queries[:8], 0)  # warm up (pages, threads)
     index.search(queries[:8], k)
-    (t, _), (t_search, (idx, dist)) = _timed_pair(
-        lambda: index.count_within(queries, 0), lambda: index.search(queries, k), repeat
-    )
-    row(
-        f"kernel scan, no selection ({kernel}, {threads} threads)",
-        n_queries,
-        t,
+
+    def first(idx, dist):
+        ok = bool(np.array_equal(idx[:n_ref], ref_idx) and np.array_equal(dist[:n_ref], ref_dist))
+        return ok and (first_dist is None or bool(np.array_equal(dist, first_dist)))
+
+    notes = (
         "popcount ceiling measured here: the distance pass alone (codes within radius 0)",
-        n_threads=threads,
-        kernel=kernel,
-    )
-    ok = bool(np.array_equal(idx[:n_ref], ref_idx) and np.array_equal(dist[:n_ref], ref_dist))
-    if first_dist is not None:
-        ok = ok and bool(np.array_equal(dist, first_dist))
-    row(
-        f"ours: HammingIndex.search ({kernel}, {threads} threads)",
-        n_queries,
-        t_search,
         f"database prepared once beforehand ({t_prep * 1e3:.0f} ms, not counted), like faiss's add; "
         "timed alternating with the scan above",
-        ok,
-        n_threads=threads,
-        kernel=kernel,
     )
-    t, (idx2, dist2) = _timed(lambda: codes.topk_hamming(queries, db, k, threads=threads), repeat)
-    ok2 = bool(np.array_equal(idx2, idx) and np.array_equal(dist2, dist))
+    idx, dist = _scan_and_search(row, kernel, index, queries, k, repeat, notes, first)
+
+    def same(i, d):
+        return bool(np.array_equal(i, idx) and np.array_equal(d, dist))
+
+    t, got = _timed(lambda: codes.topk_hamming(queries, db, k, threads=threads), repeat)
     row(
         f"ours: topk_hamming ({kernel}, {threads} threads)",
-        n_queries,
+        queries.shape[0],
         t,
         "end to end, preparing the database in the call",
-        ok2,
+        same(*got),
         n_threads=threads,
         kernel=kernel,
     )
     if single_thread and threads > 1:
-        index1 = codes.HammingIndex(db, threads=1)
-        (t, _), (t_search, (idx1, dist1)) = _timed_pair(
-            lambda: index1.count_within(queries, 0), lambda: index1.search(queries, k), repeat
-        )
-        row(
-            f"kernel scan, no selection ({kernel}, 1 thread)",
-            n_queries,
-            t,
-            "the ceiling on one core",
-            n_threads=1,
-            kernel=kernel,
-        )
-        ok1 = bool(np.array_equal(idx1, idx) and np.array_equal(dist1, dist))
-        row(
-            f"ours: HammingIndex.search ({kernel}, 1 thread)",
-            n_queries,
-            t_search,
-            "timed alternating with the scan above",
-            ok1,
-            n_threads=1,
-            kernel=kernel,
-        )
+        notes = ("the ceiling on one core", "timed alternating with the scan above")
+        _scan_and_search(row, kernel, codes.HammingIndex(db, threads=1), queries, k, repeat, notes, same)
     return dist
 
 
