@@ -344,7 +344,9 @@ def test_a_full_disk_is_one_line_naming_the_space_and_the_index_there_stays(ray_
         "and its keys); "
     ), text
     assert f"the finished blocks in {partial} are kept; free some space" in text, text
-    assert sorted(p.name for p in (partial / "blocks").iterdir()) == ["000000.npz"]
+    # one block fitted; which one is a race: the CPU default encodes with one actor per CPU
+    kept = sorted(p.name for p in (partial / "blocks").iterdir())
+    assert len(kept) == 1 and kept[0] in ("000000.npz", "000001.npz"), kept
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # the index there as it was
     assert sorted(p.name for p in small_disk.iterdir()) == ["filler", "photos", "photos.partial"]
     index_format.load_index(out, verify=True)
